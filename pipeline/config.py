@@ -1,0 +1,182 @@
+"""Job configuration: YAML in, frozen typed dataclasses out.
+
+Unknown keys are an error that names the key and where it was found, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    #: URL list files (parquet, csv, tsv, jsonl); globs are expanded
+    paths: tuple[str, ...]
+    #: ``auto`` picks by file extension
+    format: str = "auto"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    #: value of the ``source`` column; default: the input file's stem
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str
+    #: rows of the URL list per shard (img2dataset's number_sample_per_shard)
+    samples_per_shard: int = 10000
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    #: ``None`` starts a local Ray; ``auto`` or ``host:port`` joins a cluster
+    address: str | None = None
+    #: CPUs for a local Ray (``None``: all of this machine's)
+    num_cpus: int | None = None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    config: Any
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    input: InputConfig
+    output: OutputConfig
+    stages: tuple[StageSpec, ...]
+    ray: RayConfig = field(default_factory=RayConfig)
+    #: ``ray`` (default) or ``local`` (in-process, for tests and debugging)
+    runner: str = "ray"
+
+
+def build(cls, data: Any, where: str):
+    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in names.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key {name!r}")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def stage_specs(raw: Any) -> tuple[StageSpec, ...]:
+    from pipeline.registry import stage_class
+
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("stages: expected a non-empty list of {name: ..., <options>}")
+    specs = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"stages[{i}]: each stage needs a 'name'")
+        opts = {k: v for k, v in item.items() if k != "name"}
+        try:
+            cls = stage_class(item["name"])
+        except ValueError as e:
+            raise ConfigError(f"stages[{i}]: {e}") from None
+        specs.append(StageSpec(item["name"], build(cls.Config, opts, f"stages[{i}]({item['name']})")))
+    names = [s.name for s in specs]
+    if names[-1] != "shard" or names.count("shard") != 1:
+        raise ConfigError("stages: the last stage must be 'shard', and only the last")
+    return tuple(specs)
+
+
+def load_job(source: str | Path | dict, base_dir: Path | None = None) -> JobConfig:
+    """Read a job from a YAML file (or a dict). Relative input and output paths
+    are taken relative to the YAML file's folder."""
+    if isinstance(source, dict):
+        data = dict(source)
+        base = base_dir or Path.cwd()
+    else:
+        path = Path(source)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"job file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        base = path.resolve().parent
+    if not isinstance(data, dict):
+        raise ConfigError("job: expected a mapping at the top level")
+    raw_stages = data.pop("stages", None)
+    job = build(_JobNoStages, data, "job")
+    inp = dataclasses.replace(job.input, paths=tuple(str(_abs(base, p)) for p in job.input.paths))
+    out = dataclasses.replace(job.output, dir=str(_abs(base, job.output.dir)))
+    if job.runner not in ("ray", "local"):
+        raise ConfigError(f"job.runner: expected 'ray' or 'local', got {job.runner!r}")
+    if out.samples_per_shard < 1:
+        raise ConfigError("job.output.samples_per_shard: must be >= 1")
+    return JobConfig(input=inp, output=out, stages=stage_specs(raw_stages), ray=job.ray, runner=job.runner)
+
+
+@dataclass(frozen=True)
+class _JobNoStages:
+    input: InputConfig
+    output: OutputConfig
+    ray: RayConfig = field(default_factory=RayConfig)
+    runner: str = "ray"
+
+
+def _abs(base: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else (base / q)
+
+
+def to_dict(job: JobConfig) -> dict:
+    """The job as plain data (for the manifest)."""
+    d = dataclasses.asdict(job)
+    d["stages"] = [{"name": s.name, **dataclasses.asdict(s.config)} for s in job.stages]
+    return d
