@@ -55,3 +55,38 @@ def run_global(stage: GlobalStage, batch: Batch, prior: Batch | None = None) -> 
         rows = concat([rows, {c: prior[c] for c in stage.fit_columns}])
     decisions = decisions_from_batch(fit_global(stage, rows) or {})
     return apply_decisions(batch, decisions, stage.name)
+
+
+def run_local(
+    input_paths: list[str],
+    stages: list[Stage],
+    shard_stage,
+    out_dir: str,
+    prior: dict[str, Batch] | None = None,
+) -> list[dict]:
+    """Run every stage in this process over the input shard files and write
+    the shards. Same contract as :func:`pipeline.plan.build_and_run`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from pipeline.batches import table_to_batch
+
+    tables = [pq.read_table(p) for p in input_paths]
+    batch = table_to_batch(pa.concat_tables(tables, promote_options="permissive")) if tables else {}
+    for stage in tqdm(stages, desc="stages", unit="stage", disable=None):
+        stage.setup()
+        try:
+            batch = map_stage(stage, batch)
+            if isinstance(stage, GlobalStage):
+                batch = run_global(stage, batch, (prior or {}).get(stage.name))
+        finally:
+            stage.teardown()
+    stats = []
+    if not batch_len(batch):
+        return stats
+    shard_ids = batch["shard_id"]
+    for sid in tqdm(np.unique(shard_ids), desc="shards", unit="shard", disable=None):
+        rows = take(batch, np.flatnonzero(shard_ids == sid))
+        stats.append(shard_stage.write_group(rows, out_dir, int(sid)))
+    return stats

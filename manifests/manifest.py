@@ -1,0 +1,169 @@
+"""The run manifest: what a run was asked to do, with what, and what it wrote.
+
+``build_manifest`` assembles it from the shards' stats files; ``verify``
+re-reads every file it lists and checks the accounting: every input row is in
+exactly one shard or one reject file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from importlib import metadata
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from manifests import layout
+
+FORMAT = "pairforge-manifest/1"
+KEY_PACKAGES = (
+    "pairforge", "ray", "torch", "torchvision", "open_clip_torch", "img2dataset",
+    "webdataset", "pyarrow", "numpy", "pillow", "imagehash",
+)  # fmt: skip
+
+
+def versions() -> dict[str, str | None]:
+    import platform
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in KEY_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def stage_counters(stage_names: list[str], total: int, shard_stats: list[dict]) -> list[dict]:
+    """Per stage: rows in, rows out, rows dropped by reason, seconds of work.
+    A row rejected by a stage is counted there and by no later stage."""
+    dropped: dict[str, dict[str, int]] = {}
+    seconds: dict[str, float] = {}
+    for st in shard_stats:
+        for stage, reasons in st["rejects_by_stage"].items():
+            for reason, n in reasons.items():
+                dropped.setdefault(stage, {}).setdefault(reason, 0)
+                dropped[stage][reason] += n
+        for stage, s in st.get("stage_seconds", {}).items():
+            seconds[stage] = seconds.get(stage, 0.0) + s
+    out, alive = [], total
+    for name in stage_names:
+        d = dict(sorted(dropped.pop(name, {}).items()))
+        n_drop = sum(d.values())
+        out.append({"name": name, "in": alive, "out": alive - n_drop, "dropped": d, "seconds": round(seconds.get(name, 0.0), 3)})
+        alive -= n_drop
+    if dropped:  # a reject from a stage not in the list would break the accounting
+        out.append({"name": "unknown", "in": alive, "out": alive - sum(sum(d.values()) for d in dropped.values()), "dropped": dropped})
+    return out
+
+
+def _sha256_file(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def build_manifest(out_dir, job: dict, index: dict, stage_names: list[str], shard_stats: list[dict], ray_info: dict, timing: dict) -> dict:
+    out = Path(out_dir)
+    shard_stats = sorted(shard_stats, key=lambda s: s["shard_id"])
+    shards = []
+    for st in shard_stats:
+        files = dict(st["files"])
+        stats_path = layout.shard_stats(out, st["shard_id"])
+        size, digest = _sha256_file(stats_path)
+        files[str(stats_path.relative_to(out))] = {"bytes": size, "sha256": digest}
+        shards.append({"name": st["shard"], "shard_id": st["shard_id"], "samples": st["successes"], "rejects": st["rejected"], "files": files})
+    ok = sum(s["successes"] for s in shard_stats)
+    return {
+        "format": FORMAT,
+        "job": job,
+        "versions": versions(),
+        "ray": ray_info,
+        "input": index,
+        "counts": {"input": index["total_rows"], "ok": ok, "rejected": sum(s["rejected"] for s in shard_stats)},
+        "stages": stage_counters(stage_names, index["total_rows"], shard_stats),
+        "shards": shards,
+        "timing": timing,
+    }
+
+
+def write_sizes(out_dir, shard_stats: list[dict]) -> dict:
+    sizes = {f"{s['shard']}.tar": s["successes"] for s in sorted(shard_stats, key=lambda s: s["shard_id"])}
+    layout.atomic_write_bytes(layout.sizes_json(out_dir), json.dumps(sizes, indent=1).encode())
+    return sizes
+
+
+def write_manifest(out_dir, manifest: dict) -> Path:
+    path = layout.manifest_json(out_dir)
+    layout.atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=False, default=str).encode())
+    return path
+
+
+def read_manifest(out_dir) -> dict:
+    path = layout.manifest_json(out_dir)
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no manifest at {path}: is {out_dir} the output folder of a finished run?") from None
+
+
+def _tar_keys(path: Path) -> list[str]:
+    keys = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            if m.name.endswith(".json"):
+                keys.append(m.name[: -len(".json")])
+    return keys
+
+
+def verify(out_dir) -> list[str]:
+    """Every problem found, as a sentence; an empty list means the run is whole."""
+    out = Path(out_dir)
+    try:
+        man = read_manifest(out)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        return [str(e)]
+    problems: list[str] = []
+    try:
+        sizes = json.loads(layout.sizes_json(out).read_text())
+    except FileNotFoundError:
+        sizes, _ = {}, problems.append("shards/sizes.json is missing")
+    seen: set[str] = set()
+    total = 0
+    for sh in man["shards"]:
+        for name, want in sh["files"].items():
+            path = out / name
+            if not path.exists():
+                problems.append(f"{name}: missing")
+                continue
+            size, digest = _sha256_file(path)
+            if (size, digest) != (want["bytes"], want["sha256"]):
+                problems.append(f"{name}: checksum mismatch (manifest {want['sha256'][:12]}…, {want['bytes']} B; file {digest[:12]}…, {size} B)")
+        sid = sh["shard_id"]
+        tar, par, rej = layout.shard_tar(out, sid), layout.shard_parquet(out, sid), layout.rejects_parquet(out, sid)
+        if not (tar.exists() and par.exists() and rej.exists()):
+            continue
+        tar_keys = _tar_keys(tar)
+        par_keys = pq.read_table(par, columns=["key"]).column("key").to_pylist()
+        rej_keys = pq.read_table(rej, columns=["key"]).column("key").to_pylist()
+        if sorted(tar_keys) != sorted(par_keys):
+            problems.append(f"shard {sh['name']}: tar and parquet hold different keys ({len(tar_keys)} vs {len(par_keys)})")
+        if len(par_keys) != sh["samples"] or sizes.get(f"{sh['name']}.tar") != sh["samples"]:
+            problems.append(f"shard {sh['name']}: {len(par_keys)} parquet rows, manifest says {sh['samples']}, sizes.json says {sizes.get(sh['name'] + '.tar')}")
+        if len(rej_keys) != sh["rejects"]:
+            problems.append(f"shard {sh['name']}: {len(rej_keys)} reject rows, manifest says {sh['rejects']}")
+        for k in par_keys + rej_keys:
+            if k in seen:
+                problems.append(f"key {k} appears more than once")
+            seen.add(k)
+        total += len(par_keys) + len(rej_keys)
+    want_rows = man["input"]["total_rows"]
+    if total != want_rows:
+        problems.append(f"input had {want_rows} rows but shards + rejects hold {total}")
+    return problems

@@ -1,0 +1,165 @@
+"""Write one shard of a run in the LAION / img2dataset layout, atomically and
+deterministically: the same rows give the same bytes whatever order they
+arrived in, so a resumed run equals an uninterrupted one.
+
+For shard ``S`` of output ``OUT`` (see :mod:`manifests.layout`):
+
+* ``shards/S.tar``: per ok row ``{key}.{ext}``, ``{key}.txt``, ``{key}.json``
+* ``shards/S.parquet``: the same rows and metadata, in key order
+* ``embeddings/<col>/<col>_S.npy``: every 2-D ``*_emb`` column, float16
+* ``rejects/S.parquet``: every other row, with ``stage``, ``reason``, ``detail``
+* ``shards/S_stats.json``: counters and checksums, written last: its presence
+  (with the files it lists) marks the shard finished
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from manifests import layout
+from stages.base import IMAGE_COLUMN, STATUS_OK, TIMING_PREFIX, Batch, batch_len, take
+
+#: Columns that only make sense on rejected rows.
+REJECT_ONLY = ("stage", "reason", "detail")
+#: Columns never written as metadata (bytes, bookkeeping).
+NOT_METADATA = (IMAGE_COLUMN,)
+STATS_VERSION = 1
+
+
+def metadata_columns(rows: Batch) -> list[str]:
+    return [
+        c
+        for c, v in rows.items()
+        if c not in NOT_METADATA and not c.startswith(TIMING_PREFIX) and not c.startswith("_") and v.ndim == 1
+    ]
+
+
+def embedding_columns(rows: Batch) -> list[str]:
+    return [c for c, v in rows.items() if v.ndim == 2 and c.endswith("_emb")]
+
+
+def to_arrow(rows: Batch, columns: list[str]) -> pa.Table:
+    arrays = {}
+    for c in columns:
+        v = rows[c]
+        arrays[c] = pa.array(v.tolist() if v.dtype == object else v)
+    return pa.table(arrays)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _tar_bytes(rows: Batch, meta: pa.Table) -> bytes:
+    """A tar with fixed member metadata (mtime 0, root owner) so its bytes
+    depend only on the rows."""
+    buf = io.BytesIO()
+    records = meta.to_pylist()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, rec in enumerate(records):
+            key = rec["key"]
+            ext = rows["image_ext"][i] if "image_ext" in rows else "jpg"
+            image = rows[IMAGE_COLUMN][i] if IMAGE_COLUMN in rows else None
+            members = (
+                *(((f"{key}.{ext}", image),) if image is not None else ()),
+                (f"{key}.txt", str(rec.get("caption") or "").encode("utf-8")),
+                (f"{key}.json", json.dumps(rec, sort_keys=True, default=str).encode("utf-8")),
+            )
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _file_entry(out: Path, path: Path, data: bytes) -> tuple[str, dict]:
+    layout.atomic_write_bytes(path, data)
+    return str(path.relative_to(out)), {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_shard(rows: Batch, out_dir: str | Path, shard_id: int, write_embeddings: bool = True) -> dict:
+    """Write all files of shard ``shard_id`` from ``rows`` (every row of that
+    shard, ok or not) and return its stats (also written as ``S_stats.json``)."""
+    out = Path(out_dir)
+    n = batch_len(rows)
+    if n:
+        rows = take(rows, np.argsort(rows["key"].astype(str), kind="stable"))
+        ok = rows["status"] == STATUS_OK
+    else:
+        ok = np.zeros(0, dtype=bool)
+    ok_rows = take(rows, np.flatnonzero(ok)) if n else {}
+    cols = metadata_columns(rows) if n else ["key"]
+    table = to_arrow(rows, cols) if n else pa.table({"key": pa.array([], pa.string())})
+    ok_arr = pa.array(ok)
+    shard_table = table.filter(ok_arr).drop_columns([c for c in REJECT_ONLY if c in table.column_names])
+    reject_table = table.filter(pc.invert(ok_arr))
+
+    files: dict[str, dict] = {}
+    for path, data in (
+        (layout.shard_tar(out, shard_id), _tar_bytes(ok_rows, shard_table) if n else _tar_bytes({}, shard_table)),
+        (layout.shard_parquet(out, shard_id), _parquet_bytes(shard_table)),
+        (layout.rejects_parquet(out, shard_id), _parquet_bytes(reject_table)),
+    ):
+        name, entry = _file_entry(out, path, data)
+        files[name] = entry
+    if write_embeddings and n:
+        for col in embedding_columns(rows):
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(ok_rows[col], dtype=np.float16))
+            name, entry = _file_entry(out, layout.embedding_npy(out, col, shard_id), buf.getvalue())
+            files[name] = entry
+
+    rejected = Counter(zip(rows["stage"][~ok], rows["reason"][~ok])) if n else Counter()
+    stats = {
+        "version": STATS_VERSION,
+        "shard": layout.shard_name(shard_id),
+        "shard_id": int(shard_id),
+        "count": int(n),
+        "successes": int(ok.sum()),
+        "rejected": int(n - ok.sum()),
+        "status": dict(sorted(Counter(map(str, rows["status"])).items())) if n else {},
+        "rejects_by_stage": _nested(rejected),
+        "stage_seconds": {
+            c[len(TIMING_PREFIX) :]: float(np.sum(rows[c])) for c in (rows if n else {}) if c.startswith(TIMING_PREFIX)
+        },
+        "files": files,
+    }
+    layout.atomic_write_bytes(
+        layout.shard_stats(out, shard_id), json.dumps(stats, indent=1, sort_keys=True).encode("utf-8")
+    )
+    return stats
+
+
+def _nested(counter: Counter) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (stage, reason), count in sorted(counter.items()):
+        out.setdefault(str(stage), {})[str(reason)] = int(count)
+    return out
+
+
+def read_stats(out_dir: str | Path, shard_id: int) -> dict | None:
+    """The stats of a finished shard, or ``None`` when the shard is not
+    finished (no stats file, or a file it lists is missing)."""
+    out = Path(out_dir)
+    path = layout.shard_stats(out, shard_id)
+    try:
+        stats = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if not all((out / name).exists() for name in stats.get("files", {})):
+        return None
+    return stats

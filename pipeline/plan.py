@@ -1,0 +1,176 @@
+"""The Ray Data plan: the stage list as one streaming Ray Data pipeline.
+
+* a stateless stage -> ``map_batches`` with a function (Ray tasks)
+* a stateful stage (a model in ``setup``) -> ``map_batches`` with a callable
+  class: an actor pool sized by the stage's declared ``Resources``, with the
+  actor class named after the stage so the Ray dashboard reads well
+* a global stage -> its per-row part as above, then the dataset is
+  materialised once and the fit runs as Ray Data ops:
+  ``map_batches(candidates) -> groupby(group).map_groups(reduce_group)``;
+  only the reduced rows (pairs, histograms) reach the driver for ``resolve``
+* the shard stage -> ``groupby(shard_id).map_groups(write)``: each shard is
+  written by one task, rows sorted by key, so output bytes are deterministic
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+
+from stages.base import (
+    Batch,
+    GlobalStage,
+    Stage,
+    apply_decisions,
+    batch_len,
+    concat,
+    decisions_from_batch,
+    ok_mask,
+    run_stage_batch,
+)
+
+#: rows of fit columns the driver samples for ``GlobalStage.prepare``
+PREPARE_SAMPLE_ROWS = 100_000
+
+_TASK_STAGES: dict[tuple, Stage] = {}
+
+
+def _run_task_stage(batch: Batch, stage: Stage) -> Batch:
+    # Stateless stages still get one ``setup`` per worker process: the stage
+    # arrives pickled with every task, so cache it by class and config.
+    key = (type(stage).__qualname__, stage.config)
+    st = _TASK_STAGES.get(key)
+    if st is None:
+        st = _TASK_STAGES[key] = stage
+        st.setup()
+    return run_stage_batch(st, batch)
+
+
+class _StageActor:
+    def __init__(self, stage_cls: type[Stage], config: Any):
+        self.stage = stage_cls(config)
+        self.stage.setup()
+
+    def __call__(self, batch: Batch) -> Batch:
+        return run_stage_batch(self.stage, batch)
+
+
+def _actor_class(stage: Stage) -> type:
+    title = "".join(p.title() for p in stage.name.split("_"))
+    return type(f"{title}Actor", (_StageActor,), {"__module__": __name__})
+
+
+def map_stage(ds: "ray.data.Dataset", stage: Stage) -> "ray.data.Dataset":
+    res = stage.resources()
+    common = dict(batch_format="numpy", batch_size=res.batch_size, zero_copy_batch=False)
+    if stage.stateful:
+        lo, hi = res.concurrency
+        return ds.map_batches(
+            _actor_class(stage),
+            fn_constructor_kwargs={"stage_cls": type(stage), "config": stage.config},
+            concurrency=(lo, hi) if hi > lo else lo,
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus or None,
+            **common,
+        )
+    return ds.map_batches(
+        _run_task_stage, fn_kwargs={"stage": stage}, num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, **common
+    )
+
+
+# ------------------------------------------------------------------ global fit
+
+
+def _fit_rows(batch: Batch, columns: tuple[str, ...]) -> Batch:
+    idx = np.flatnonzero(ok_mask(batch))
+    return {c: batch[c][idx] for c in columns}
+
+
+def _candidates(batch: Batch, stage: GlobalStage) -> Batch:
+    out = stage.candidates(batch) if batch_len(batch) else {}
+    return out if batch_len(out) else {"group": np.zeros(0, dtype=np.int64)}
+
+
+def _reduce(group: Batch, stage: GlobalStage) -> Batch:
+    return stage.reduce_group(group)
+
+
+def fit_global_ray(stage: GlobalStage, rows: "ray.data.Dataset") -> Batch:
+    """Fit ``stage`` on ``rows`` (ok rows, fit columns only) with Ray Data and
+    return its decisions batch. Same calls as :func:`pipeline.local.fit_global`."""
+    sample = concat(list(rows.limit(PREPARE_SAMPLE_ROWS).iter_batches(batch_format="numpy", batch_size=None)))
+    if not batch_len(sample):
+        return {}
+    stage.prepare(sample)
+    res = stage.resources()
+    cands = rows.map_batches(
+        _candidates, fn_kwargs={"stage": stage}, batch_format="numpy", batch_size=max(res.batch_size, 4096)
+    )
+    reduced = cands.groupby("group").map_groups(_reduce, fn_kwargs={"stage": stage}, batch_format="numpy")
+    parts = [b for b in reduced.iter_batches(batch_format="numpy", batch_size=None) if batch_len(b)]
+    return stage.resolve(concat(parts))
+
+
+def _apply(batch: Batch, decisions: dict, stage_name: str) -> Batch:
+    return apply_decisions(batch, decisions, stage_name)
+
+
+def run_global_ray(
+    ds: "ray.data.Dataset", stage: GlobalStage, prior: "ray.data.Dataset | None" = None
+) -> "ray.data.Dataset":
+    """Materialise ``ds`` (the fit and the apply both read it), fit, apply."""
+    ds = ds.materialize()
+    rows = ds.map_batches(_fit_rows, fn_kwargs={"columns": stage.fit_columns}, batch_format="numpy")
+    if prior is not None:
+        rows = rows.union(prior)
+    decisions = decisions_from_batch(fit_global_ray(stage, rows) or {})
+    if not decisions:
+        return ds
+    return ds.map_batches(
+        _apply, fn_kwargs={"decisions": decisions, "stage_name": stage.name}, batch_format="numpy", zero_copy_batch=False
+    )
+
+
+# ------------------------------------------------------------------ whole plan
+
+
+def _write_group(rows: Batch, shard_stage, out_dir: str) -> dict:
+    import json
+
+    sid = int(rows["shard_id"][0])
+    stats = shard_stage.write_group(rows, out_dir, sid)
+    return {"shard_id": np.array([sid]), "stats": np.array([json.dumps(stats)], dtype=object)}
+
+
+def build_and_run(
+    input_paths: list[str],
+    stages: list[Stage],
+    shard_stage,
+    out_dir: str,
+    prior: dict[str, Batch] | None = None,
+) -> list[dict]:
+    """Run the plan over the input shard files; returns the new shards' stats."""
+    import json
+
+    ds = ray.data.read_parquet(input_paths, override_num_blocks=len(input_paths))
+    for stage in stages:
+        ds = map_stage(ds, stage)
+        if isinstance(stage, GlobalStage):
+            prior_rows = (prior or {}).get(stage.name)
+            prior_ds = _batch_to_ds(prior_rows) if prior_rows is not None and batch_len(prior_rows) else None
+            ds = run_global_ray(ds, stage, prior_ds)
+    written = ds.groupby("shard_id").map_groups(
+        _write_group,
+        fn_kwargs={"shard_stage": shard_stage, "out_dir": out_dir},
+        batch_format="numpy",
+        num_cpus=shard_stage.resources().num_cpus,
+    )
+    return [json.loads(s) for b in written.iter_batches(batch_format="numpy", batch_size=None) for s in b["stats"]]
+
+
+def _batch_to_ds(batch: Batch) -> "ray.data.Dataset":
+    import pyarrow as pa
+
+    return ray.data.from_arrow(pa.table({c: pa.array(v.tolist() if v.dtype == object else v) for c, v in batch.items()}))
