@@ -1,0 +1,119 @@
+"""The ``pairforge`` command line.
+
+    pairforge run JOB.yaml [--address ADDR] [--resume]
+    pairforge demo [--out DIR] [--runner ray|local]
+    pairforge manifest show DIR
+    pairforge manifest verify DIR
+    pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home on import
+
+
+def _cmd_run(args) -> int:
+    from pipeline.config import load_job
+    from pipeline.job import run_job
+
+    job = load_job(args.job)
+    run_job(job, address=args.address, resume=args.resume)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    run_demo(out_dir=args.out, runner=args.runner, resume=args.resume)
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from manifests.manifest import read_manifest
+
+    man = read_manifest(args.dir)
+    if args.json:
+        print(json.dumps(man, indent=1))
+        return 0
+    c = man["counts"]
+    print(f"run:      {os.path.abspath(args.dir)}")
+    print(f"format:   {man['format']}   pairforge {man['versions'].get('pairforge')}   ray {man['versions'].get('ray')}")
+    ray = man["ray"]
+    where = f"ray at {ray.get('address')} ({ray.get('nodes')} nodes)" if ray.get("runner") == "ray" else "in process"
+    print(f"ran:      {man['timing']['started']}  {man['timing']['wall_seconds']:.1f}s  {where}")
+    print(f"rows:     {c['input']} in, {c['ok']} in shards, {c['rejected']} rejected")
+    print(f"shards:   {len(man['shards'])}")
+    print()
+    print(f"{'stage':<16}{'in':>10}{'out':>10}{'seconds':>10}  dropped")
+    for st in man["stages"]:
+        dropped = ", ".join(f"{r}={n}" for r, n in st["dropped"].items()) or "-"
+        print(f"{st['name']:<16}{st['in']:>10}{st['out']:>10}{st.get('seconds', 0):>10.1f}  {dropped}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from manifests.manifest import verify
+
+    problems = verify(args.dir)
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
+        for p in problems[:50]:
+            print(f"  - {p}", file=sys.stderr)
+        if len(problems) > 50:
+            print(f"  ... and {len(problems) - 50} more", file=sys.stderr)
+        return 1
+    print(f"OK: {args.dir} is whole (every file's checksum matches; every input row is in a shard or a reject)")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pairforge", description="Build image-text datasets on Ray.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run a job file")
+    r.add_argument("job", help="job YAML file")
+    r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--resume", action="store_true", help="finish an interrupted run, skipping finished shards")
+    r.set_defaults(fn=_cmd_run)
+
+    d = sub.add_parser("demo", help="build a small dataset from local data, served over local HTTP")
+    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    d.add_argument("--runner", choices=("ray", "local"), default="ray")
+    d.add_argument("--resume", action="store_true")
+    d.set_defaults(fn=_cmd_demo)
+
+    m = sub.add_parser("manifest", help="inspect a run's manifest")
+    msub = m.add_subparsers(dest="mcmd", required=True)
+    s = msub.add_parser("show", help="summarise a run")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true", help="print the whole manifest")
+    s.set_defaults(fn=_cmd_show)
+    v = msub.add_parser("verify", help="recompute checksums and check the row accounting")
+    v.add_argument("dir")
+    v.set_defaults(fn=_cmd_verify)
+
+    t = sub.add_parser("train", help="train a small CLIP on a run's shards", add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=lambda a: __import__("trainer.cli", fromlist=["main"]).main(a.rest))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from pipeline.config import ConfigError
+    from pipeline.job import JobError
+
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, JobError, FileNotFoundError) as e:
+        print(f"pairforge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+import pytest
+
+from pipeline.config import ConfigError, load_job
+
+
+def _job(**over):
+    d = {"input": {"paths": ["urls.parquet"]}, "output": {"dir": "out"}, "stages": ["shard"]}
+    d.update(over)
+    return d
+
+
+def test_relative_paths_resolve_against_job_folder(tmp_path):
+    job = load_job(_job(), base_dir=tmp_path)
+    assert job.input.paths == (str(tmp_path / "urls.parquet"),)
+    assert job.output.dir == str(tmp_path / "out")
+    assert job.output.samples_per_shard == 10000
+
+
+def test_unknown_top_level_key_is_named():
+    with pytest.raises(ConfigError, match="unknown key 'outptu'"):
+        load_job(_job(outptu={}))
+
+
+def test_unknown_nested_key_is_named():
+    with pytest.raises(ConfigError, match=r"job.output: unknown key 'samples_per_shards'"):
+        load_job(_job(output={"dir": "o", "samples_per_shards": 3}))
+
+
+def test_unknown_stage_option_is_named():
+    with pytest.raises(ConfigError, match=r"stages\[0\]\(shard\): unknown key 'write_embedings'"):
+        load_job(_job(stages=[{"name": "shard", "write_embedings": False}]))
+
+
+def test_unknown_stage_name_lists_known():
+    with pytest.raises(ConfigError, match="unknown stage 'downlaod'.*download"):
+        load_job(_job(stages=["downlaod", "shard"]))
+
+
+def test_shard_must_be_last():
+    with pytest.raises(ConfigError, match="last stage must be 'shard'"):
+        load_job(_job(stages=["shard", "shard"]))
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_job(_job(stages=[]))
+
+
+def test_types_are_checked():
+    with pytest.raises(ConfigError, match="samples_per_shard: expected int"):
+        load_job(_job(output={"dir": "o", "samples_per_shard": "many"}))
+
+
+def test_yaml_file(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("input: {paths: [a.csv], caption_col: text}\noutput: {dir: o, samples_per_shard: 5}\nstages: [shard]\n")
+    job = load_job(p)
+    assert job.input.caption_col == "text" and job.output.samples_per_shard == 5
+    assert job.stages[0].name == "shard" and job.stages[0].config.write_embeddings is True
