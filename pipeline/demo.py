@@ -1,0 +1,168 @@
+"""``pairforge demo``: the main job on the embedded default, with no network.
+
+It builds a small corpus of real image-caption pairs (skimage's photos and
+Debian's Fashion-MNIST product photos), plants what the stages must find
+(exact and near-duplicate images, captions that do not match their image, and
+URLs that fail in every way a web crawl fails), serves it from a local HTTP
+server, writes the URL list, and runs every stage that exists on local Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.datasets import FASHION_CLASSES, fashion_mnist, skimage_photos
+from pipeline.httpserver import LocalHTTPServer, Route
+
+FASHION_TEMPLATES = (
+    "a photo of a {c}",
+    "product photo of a {c} on a plain background",
+    "{c} for sale, studio shot",
+    "a black and white picture of a {c}",
+    "catalogue image: {c}",
+    "buy this {c} online",
+)
+N_FASHION = 240
+SCORER_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "pf-tiny-scorer.pt"
+
+
+def _jpeg(img: np.ndarray | Image.Image, quality: int = 90) -> bytes:
+    im = img if isinstance(img, Image.Image) else Image.fromarray(img)
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def build_corpus(seed: int = 0) -> tuple[dict[str, Route], list[dict]]:
+    """Routes to serve and URL-list rows (with a ``planted`` column saying
+    what each row is, carried through to the output metadata)."""
+    rng = random.Random(seed)
+    routes: dict[str, Route] = {}
+    rows: list[dict] = []
+
+    def add(path: str, route: Route, caption: str, planted: str) -> None:
+        routes[path] = route
+        rows.append({"path": path, "caption": caption, "planted": planted})
+
+    originals: list[tuple[str, Image.Image, str]] = []
+    for name, caption, arr in skimage_photos():
+        im = Image.fromarray(arr)
+        im.thumbnail((384, 384))
+        add(f"/photo/{name}.jpg", Route(_jpeg(im), "image/jpeg"), caption, "original")
+        originals.append((f"/photo/{name}.jpg", im, caption))
+    images, labels = fashion_mnist("t10k", N_FASHION)
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        im = Image.fromarray(255 - img).resize((112, 112), Image.BICUBIC)  # dark product on white, like a catalogue
+        caption = rng.choice(FASHION_TEMPLATES).format(c=FASHION_CLASSES[lab])
+        add(f"/fashion/{i:04d}.jpg", Route(_jpeg(im), "image/jpeg"), caption, "original")
+        originals.append((f"/fashion/{i:04d}.jpg", im, caption))
+
+    picks = rng.sample(originals, 40)
+    for j, (path, im, caption) in enumerate(picks[:10]):  # the same bytes at another URL
+        add(f"/mirror/{j}.jpg", routes[path], caption, f"exact_copy_of:{path}")
+    for j, (path, im, caption) in enumerate(picks[10:20]):  # re-encoded at another quality
+        add(f"/reencode/{j}.jpg", Route(_jpeg(im, quality=60), "image/jpeg"), caption, f"reencode_of:{path}")
+    for j, (path, im, caption) in enumerate(picks[20:28]):  # resized
+        small = im.resize((max(8, im.width * 3 // 4), max(8, im.height * 3 // 4)), Image.BICUBIC)
+        add(f"/resized/{j}.jpg", Route(_jpeg(small), "image/jpeg"), caption, f"resize_of:{path}")
+    fashion_rows = [r for r in rows if r["path"].startswith("/fashion/") and r["planted"] == "original"]
+    for r in rng.sample(fashion_rows, 20):  # a caption that names another class
+        own = next(c for c in FASHION_CLASSES if c in r["caption"])
+        other = rng.choice([c for c in FASHION_CLASSES if c != own and own not in c and c not in own])
+        r["caption"] = r["caption"].replace(own, other)
+        r["planted"] = f"mismatched_caption:{own}"
+
+    ok_jpeg = routes[originals[0][0]].body
+    failures = {
+        "/missing/1.jpg": Route(b"no", "text/plain", status=404),
+        "/missing/2.jpg": Route(b"no", "text/plain", status=404),
+        "/error/500.jpg": Route(b"oops", "text/plain", status=500),
+        "/slow/1.jpg": Route(ok_jpeg, "image/jpeg", delay=3.0),
+        "/slow/2.jpg": Route(ok_jpeg, "image/jpeg", delay=3.0),
+        "/page/1.jpg": Route(b"<html><body>not an image</body></html>", "text/html"),
+        "/page/2.jpg": Route(b"\x00" * 512, "image/jpeg"),
+        "/truncated/1.jpg": Route(ok_jpeg, "image/jpeg", truncate_after=len(ok_jpeg) // 3),
+        "/truncated/2.jpg": Route(ok_jpeg[: len(ok_jpeg) // 2], "image/jpeg"),
+        "/noai/1.jpg": Route(ok_jpeg, "image/jpeg", headers={"X-Robots-Tag": "noai"}),
+        "/noai/2.jpg": Route(ok_jpeg, "image/jpeg", headers={"X-Robots-Tag": "otherbot: noindex, noimageai"}),
+    }
+    for path, route in failures.items():
+        add(path, route, "a picture that will not arrive", f"failure:{path.split('/')[1]}")
+    for j, (path, _, caption) in enumerate(picks[28:30]):
+        add(f"/redirect/{j}.jpg", Route(redirect=path), caption, f"redirect_to:{path}")
+    return routes, rows
+
+
+def write_url_list(server: LocalHTTPServer, rows: list[dict], path: Path) -> int:
+    urls = [server.url(r["path"]) for r in rows]
+    captions = [r["caption"] for r in rows]
+    planted = [r["planted"] for r in rows]
+    # URLs no download may follow: another loopback address, and no URL at all
+    urls += [f"http://127.0.0.2:{server.port}/photo/astronaut.jpg", "not a url", ""]
+    captions += ["a blocked address", "a broken url", "an empty url"]
+    planted += ["failure:blocked_address", "failure:invalid_url", "failure:empty_url"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"url": urls, "caption": captions, "planted": planted}), path)
+    return len(urls)
+
+
+def demo_stages(scorer: Path | None) -> list[dict]:
+    """Every stage that exists, configured for the demo's small images."""
+    from pipeline.registry import stage_class
+
+    def have(name: str) -> bool:
+        try:
+            stage_class(name)
+            return True
+        except (ImportError, AttributeError):
+            return False
+
+    stages: list[dict] = [
+        {"name": "download", "image_size": 128, "timeout": 1.0, "retries": 0, "allow_networks": ["127.0.0.1/32"]}
+    ]
+    if have("basic_filter"):
+        stages.append({"name": "basic_filter", "min_image_size": 64, "min_caption_words": 2})
+    if have("dedup_exact"):
+        stages.append({"name": "dedup_exact"})
+    if have("dedup_phash"):
+        stages.append({"name": "dedup_phash"})
+    if have("clip_score") and scorer is not None and scorer.exists():
+        stages.append({"name": "clip_score", "model": "pf-tiny", "pretrained": str(scorer), "threshold": 0.2})
+    stages.append({"name": "shard"})
+    return stages
+
+
+def run_demo(out_dir: str = "demo_out", runner: str = "ray", resume: bool = False) -> dict:
+    from pipeline.config import load_job
+    from pipeline.job import run_job
+
+    out = Path(out_dir).resolve()
+    routes, rows = build_corpus()
+    with LocalHTTPServer(routes) as server:
+        url_list = out / "input" / "urls.parquet"
+        n = write_url_list(server, rows, url_list)
+        print(f"[demo] serving {len(routes)} paths on {server.url('/')}; {n} URLs in {url_list}", file=sys.stderr)
+        job = load_job(
+            {
+                "input": {"paths": [str(url_list)], "source": "pairforge-demo"},
+                "output": {"dir": str(out / "run"), "samples_per_shard": 100},
+                "ray": {"num_cpus": os.cpu_count()},
+                "runner": runner,
+                "stages": demo_stages(SCORER_CHECKPOINT),
+            }
+        )
+        manifest = run_job(job, resume=resume)
+    from pipeline.cli import main as cli_main
+
+    cli_main(["manifest", "show", str(out / "run")])
+    print(f"\nshards:   {out / 'run' / 'shards'}\nrejects:  {out / 'run' / 'rejects'}\nmanifest: {out / 'run' / 'manifest.json'}")
+    return manifest
