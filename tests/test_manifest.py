@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from manifests import layout
+from manifests.manifest import read_manifest, verify
+from pipeline.cli import main as cli_main
+from pipeline.config import load_job
+from pipeline.job import JobError, run_job
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    pq.write_table(pa.table({"url": [f"http://h/{i}" for i in range(23)], "caption": ["c"] * 23}), tmp_path / "u.parquet")
+    job = load_job(
+        {"input": {"paths": ["u.parquet"]}, "output": {"dir": "out", "samples_per_shard": 10}, "stages": ["shard"], "runner": "local"},
+        base_dir=tmp_path,
+    )
+    run_job(job)
+    return tmp_path / "out"
+
+
+def test_manifest_contents(run_dir):
+    man = read_manifest(run_dir)
+    assert man["format"] == "pairforge-manifest/1"
+    assert man["counts"] == {"input": 23, "ok": 23, "rejected": 0}
+    assert [s["samples"] for s in man["shards"]] == [10, 10, 3]
+    assert man["stages"][-1] == {"name": "shard", "in": 23, "out": 23, "dropped": {}, "seconds": 0.0}
+    assert man["versions"]["ray"] and man["versions"]["pyarrow"]
+    assert man["job"]["output"]["samples_per_shard"] == 10
+    assert json.loads(layout.sizes_json(run_dir).read_text()) == {"00000.tar": 10, "00001.tar": 10, "00002.tar": 3}
+    assert verify(run_dir) == []
+
+
+def test_verify_catches_an_altered_tar(run_dir, capsys):
+    assert cli_main(["manifest", "verify", str(run_dir)]) == 0
+    tar = layout.shard_tar(run_dir, 1)
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    problems = verify(run_dir)
+    assert any("shards/00001.tar: checksum mismatch" in p for p in problems)
+    assert cli_main(["manifest", "verify", str(run_dir)]) == 1
+    assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_verify_catches_lost_rows(run_dir):
+    rej = layout.rejects_parquet(run_dir, 2)
+    par = layout.shard_parquet(run_dir, 2)
+    t = pq.read_table(par)
+    pq.write_table(t.slice(0, 2), par)
+    problems = verify(run_dir)
+    assert any("input had 23 rows but shards + rejects hold 22" in p for p in problems)
+    assert any("00002.parquet: checksum mismatch" in p for p in problems)
+    rej.unlink()
+    assert any("rejects/00002.parquet: missing" in p for p in verify(run_dir))
+
+
+def test_rerun_into_a_finished_run_needs_resume(run_dir):
+    job = load_job(json.loads(json.dumps(read_manifest(run_dir)["job"])) | {"stages": ["shard"]})
+    with pytest.raises(JobError, match="--resume"):
+        run_job(job)
+    man = run_job(job, resume=True)
+    assert man["timing"]["resumed_shards"] == 3 and verify(run_dir) == []
+
+
+def test_cli_show_and_verify_as_a_user_runs_them(run_dir):
+    show = subprocess.run([sys.executable, "-m", "pipeline.cli", "manifest", "show", str(run_dir)], capture_output=True, text=True)
+    assert show.returncode == 0 and "23 in, 23 in shards, 0 rejected" in show.stdout
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "manifest", "verify", str(run_dir / "nope")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no manifest" in bad.stderr
