@@ -1,0 +1,180 @@
+"""A small threaded HTTP server on 127.0.0.1 for tests, the demo and benchmarks.
+
+It serves a table of paths -> :class:`Route`; a route can misbehave on
+purpose (wrong status, slow start, slow drip, redirect, cut-off transfer,
+opt-out headers), so a download run can be tested against every failure a
+real URL list holds without reaching the internet::
+
+    routes = {"/cat.jpg": Route(jpeg_bytes, "image/jpeg"),
+              "/gone": Route(status=404),
+              "/slow": Route(jpeg_bytes, delay=5.0),
+              "/moved": Route(redirect="/cat.jpg")}
+    with LocalHTTPServer(routes) as server:
+        url = server.url("/cat.jpg")
+        ...
+        server.hits["/slow"]          # how many requests reached a path
+
+Unknown paths answer 404. The server speaks HTTP/1.1 with keep-alive, so a
+client that pools connections can reuse them, and it has a deep listen
+backlog, so hundreds of clients connecting at once are not dropped.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+Headers = Mapping[str, str] | Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one path answers."""
+
+    body: bytes = b""
+    content_type: str = "application/octet-stream"
+    #: 200 by default; 302 when ``redirect`` is set and status is left at 200
+    status: int = 200
+    #: extra headers, a mapping or (name, value) pairs (pairs may repeat a name,
+    #: e.g. two ``X-Robots-Tag`` lines)
+    headers: Headers = ()
+    #: seconds to wait before the status line (a client with a shorter timeout
+    #: times out)
+    delay: float = 0.0
+    #: path on this server or absolute URL for the ``Location`` header
+    redirect: str | None = None
+    #: declare the full ``Content-Length`` but send only this many bytes of the
+    #: body, then close the connection (a transfer cut short)
+    truncate_after: int | None = None
+    #: seconds to sleep between ``chunk_size`` pieces of the body (slow drip)
+    drip: float = 0.0
+    chunk_size: int = 65536
+    #: ``False``: send no ``Content-Length``; the body ends when the
+    #: connection closes (the client cannot know the size up front)
+    content_length: bool = True
+
+
+class LocalHTTPServer:
+    """Serve ``routes`` on 127.0.0.1 from a background thread; a context
+    manager. ``routes`` may be changed while it runs (``server.routes[p] = r``)."""
+
+    def __init__(self, routes: Mapping[str, Route] | None = None, host: str = "127.0.0.1", port: int = 0):
+        self.routes: dict[str, Route] = dict(routes or {})
+        self.hits: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._httpd = _Server((host, port), _handler_for(self))
+        self.host, self.port = self._httpd.server_address[:2]
+        self._thread: threading.Thread | None = None
+
+    def url(self, path: str) -> str:
+        if not path.startswith("/"):
+            path = "/" + path
+        return f"http://{self.host}:{self.port}{path}"
+
+    def start(self) -> LocalHTTPServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="pairforge-httpserver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread (for a server in its own process)."""
+        self._httpd.serve_forever()
+
+    def __enter__(self) -> LocalHTTPServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _record(self, path: str) -> Route | None:
+        with self._lock:
+            self.hits[path] += 1
+        return self.routes.get(path)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # the default backlog of 5 drops connections when many clients connect at
+    # once (each drop costs the client a one-second SYN retransmit)
+    request_queue_size = 1024
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address) -> None:
+        # clients that hang up (timeouts, byte caps) are expected here
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
+def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("#", 1)[0]
+            route = server._record(path)
+            if route is None and "?" in path:
+                route = server._record(path.split("?", 1)[0])
+            if route is None:
+                route = Route(b"not found", "text/plain", status=404)
+            try:
+                self._answer(route)
+            except (BrokenPipeError, ConnectionResetError):
+                # the client gave up (timed out, or stopped at its byte cap)
+                self.close_connection = True
+
+        def _answer(self, route: Route) -> None:
+            if route.delay:
+                time.sleep(route.delay)
+            status = route.status
+            if route.redirect is not None and status == 200:
+                status = 302
+            self.send_response(status)
+            self.send_header("Content-Type", route.content_type)
+            pairs = route.headers.items() if isinstance(route.headers, Mapping) else route.headers
+            for name, value in pairs:
+                self.send_header(name, value)
+            if route.redirect is not None:
+                self.send_header("Location", route.redirect)
+            body = route.body
+            if route.content_length:
+                self.send_header("Content-Length", str(len(body)))
+            else:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            if route.truncate_after is not None:
+                body = body[: route.truncate_after]
+                self.close_connection = True
+            self.end_headers()
+            self._send_body(body, route)
+            if route.truncate_after is not None:
+                # a hard close, so the client sees the body end early
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+        def _send_body(self, body: bytes, route: Route) -> None:
+            if not route.drip:
+                self.wfile.write(body)
+                return
+            step = max(1, route.chunk_size)
+            for i in range(0, len(body), step):
+                self.wfile.write(body[i : i + step])
+                self.wfile.flush()
+                time.sleep(route.drip)
+
+        def log_message(self, format, *args) -> None:  # noqa: A002 (stdlib signature)
+            pass
+
+    return Handler

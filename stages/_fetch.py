@@ -1,0 +1,420 @@
+"""An HTTP client that is safe to point at an untrusted URL list.
+
+Why not img2dataset's ``download_image`` (``urllib.request.urlopen``): it
+follows redirects by itself and connects wherever DNS says, so a URL list (or
+any server it names) can make the downloader fetch from loopback, the private
+network or a cloud metadata service (``169.254.169.254``). Here:
+
+* every connection resolves the host once, drops the addresses the
+  :class:`AddressPolicy` refuses, and connects to a vetted address literal,
+  then checks the connected socket's peer address again. What was checked is
+  what is connected to, so DNS rebinding (a second answer between check and
+  connect) has no window.
+* redirects are followed here, one hop at a time, each through the same
+  checked connections, up to ``max_redirects``.
+* bodies are streamed and cut at ``max_bytes``; a whole attempt has a
+  ``deadline`` so a server dripping one byte per ``timeout`` cannot hold a
+  thread for ever.
+* no proxy from the environment is used (a proxy would fetch the blocked
+  address for us).
+
+The HTTP itself is urllib3 (a well-kept library: pooling, keep-alive, TLS
+with certificate and hostname checks); we only replace how a connection
+picks its address. The ``X-Robots-Tag`` opt-out test is img2dataset's own
+``is_disallowed``.
+
+:meth:`SafeFetcher.fetch` never raises for anything a URL or a server can do:
+it returns a :class:`Fetched` whose ``reason`` is ``""`` or one of
+``invalid_url``, ``blocked_address``, ``timeout``, ``connection_error``,
+``truncated``, ``http_<status>``, ``too_many_redirects``, ``too_many_bytes``,
+``opted_out``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urljoin
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    IncompleteRead,
+    LocationValueError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[..., list]
+
+#: Cloud metadata services, named for clear reasons (all are also non-global).
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200")
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_RETRYABLE = frozenset({"timeout", "connection_error", "truncated"})
+_CHUNK = 1 << 16
+_DRAIN_LIMIT = 1 << 16
+DEFAULT_USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+
+
+class AddressPolicy:
+    """Which IP addresses may be connected to: global unicast only, unless an
+    ``allow_networks`` CIDR (e.g. ``"127.0.0.1/32"``) names them."""
+
+    def __init__(self, allow_networks: Iterable[str] = ()):
+        self.allow = tuple(ipaddress.ip_network(n, strict=False) for n in allow_networks)
+
+    def refusal(self, ip: IPAddress) -> str:
+        """``""`` when ``ip`` may be connected to, else why not."""
+        for candidate in _embedded(ip):
+            if any(candidate in net for net in self.allow if net.version == candidate.version):
+                return ""
+        for candidate in _embedded(ip):
+            why = _why_not_global(candidate)
+            if why:
+                return why
+        return ""
+
+
+def _embedded(ip: IPAddress) -> list[IPAddress]:
+    """``ip`` and any IPv4 address it carries (mapped, 6to4, Teredo, NAT64):
+    each must pass, since the packets end up there."""
+    out: list[IPAddress] = [ip]
+    if ip.version == 6:
+        inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if inner is None and ip in _NAT64:
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            out.insert(0, inner)
+    return out
+
+
+def _why_not_global(ip: IPAddress) -> str:
+    if ip in METADATA_ADDRESSES:
+        return "metadata"
+    for name in ("loopback", "link_local", "multicast", "private", "reserved", "unspecified"):
+        if getattr(ip, f"is_{name}"):
+            return name
+    if not ip.is_global:
+        return "not_global"
+    return ""
+
+
+class BlockedAddress(Exception):
+    """Every address of a host is refused by the policy. Deliberately not an
+    ``OSError``: urllib3 lets it through unwrapped and never retries it."""
+
+    def __init__(self, host: str, refused: list[tuple[str, str]]):
+        super().__init__(f"{host}: no allowed address ({', '.join(f'{a} {w}' for a, w in refused)})")
+        self.host = host
+        self.refused = refused
+
+
+class _VettedConnectionMixin:
+    """Replaces urllib3's ``_new_conn``: resolve once, vet, connect to the
+    vetted literal, verify the peer. ``policy`` and ``resolver`` are bound by
+    :func:`_bind` per fetcher."""
+
+    policy: AddressPolicy
+    resolver: Resolver
+
+    def _new_conn(self) -> socket.socket:
+        host = self._dns_host.strip("[]")
+        try:
+            infos = self.resolver(host, self.port, 0, socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise NameResolutionError(self.host, self, e) from e
+        allowed, refused = [], []
+        for family, _, _, _, sockaddr in infos:
+            ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+            why = self.policy.refusal(ip)
+            if why:
+                refused.append((str(ip), why))
+            elif family in (socket.AF_INET, socket.AF_INET6):
+                allowed.append((family, sockaddr, ip))
+        if not allowed:
+            raise BlockedAddress(self.host, refused)
+        last: OSError | None = None
+        for family, sockaddr, ip in allowed:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                for opt in self.socket_options or ():
+                    sock.setsockopt(*opt)
+                if isinstance(self.timeout, (int, float)):
+                    sock.settimeout(self.timeout)
+                sock.connect(sockaddr)
+                peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
+            except OSError as e:
+                sock.close()
+                last = e
+                continue
+            if peer != ip or self.policy.refusal(peer):
+                sock.close()
+                raise BlockedAddress(self.host, [(str(peer), "peer_changed")])
+            return sock
+        if isinstance(last, (socket.timeout, TimeoutError)):
+            raise ConnectTimeoutError(self, f"connect to {self.host} timed out") from last
+        raise NewConnectionError(self, f"failed to connect to {self.host}: {last}") from last
+
+
+class _VettedHTTPConnection(_VettedConnectionMixin, HTTPConnection):
+    pass
+
+
+class _VettedHTTPSConnection(_VettedConnectionMixin, HTTPSConnection):
+    pass
+
+
+def _bind(policy: AddressPolicy, resolver: Resolver) -> dict[str, type]:
+    attrs = {"policy": policy, "resolver": staticmethod(resolver)}
+    http_conn = type("VettedHTTPConnection", (_VettedHTTPConnection,), attrs)
+    https_conn = type("VettedHTTPSConnection", (_VettedHTTPSConnection,), attrs)
+    return {
+        "http": type("VettedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+        "https": type("VettedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+    }
+
+
+@dataclass
+class Fetched:
+    """The outcome of one URL. ``reason`` is ``""`` when ``body`` holds the
+    image bytes; else ``detail`` holds the values behind the reason."""
+
+    url: str
+    reason: str = ""
+    body: bytes | None = None
+    http_status: int = 0
+    final_url: str = ""
+    detail: dict = field(default_factory=dict)
+
+
+class _Failure(Exception):
+    def __init__(self, reason: str, http_status: int = 0, **detail):
+        super().__init__(reason)
+        self.reason, self.http_status, self.detail = reason, http_status, detail
+
+
+class _HeaderView:
+    """img2dataset's ``is_disallowed`` reads ``headers.get_all`` (the stdlib
+    message API); urllib3 names it ``getlist``."""
+
+    def __init__(self, headers):
+        self._h = headers
+
+    def get_all(self, name: str, default=None):
+        return self._h.getlist(name) or default
+
+
+class SafeFetcher:
+    """Thread-safe; one per worker, shared by its download threads so
+    connections are pooled and reused per host."""
+
+    def __init__(
+        self,
+        *,
+        allow_networks: Sequence[str] = (),
+        timeout: float = 10.0,
+        deadline: float = 60.0,
+        retries: int = 0,
+        max_redirects: int = 5,
+        max_bytes: int = 20_000_000,
+        user_agent_token: str | None = None,
+        disallowed_header_directives: Sequence[str] = ("noai", "noimageai", "noindex", "noimageindex"),
+        pool_size: int = 32,
+        resolver: Resolver = socket.getaddrinfo,
+    ):
+        from img2dataset.downloader import is_disallowed
+
+        self._is_disallowed = is_disallowed
+        self.policy = AddressPolicy(allow_networks)
+        self.timeout, self.deadline = timeout, deadline
+        self.retries, self.max_redirects, self.max_bytes = retries, max_redirects, max_bytes
+        self.token = user_agent_token.strip().lower() if user_agent_token else None
+        self.directives = {d.strip().lower() for d in disallowed_header_directives} or None
+        agent = DEFAULT_USER_AGENT
+        if user_agent_token:
+            agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+        # maxsize = threads: no connection is ever discarded for a full pool
+        self._pm = urllib3.PoolManager(
+            num_pools=max(64, 4 * pool_size),
+            maxsize=pool_size,
+            block=False,
+            retries=False,
+            headers={"User-Agent": agent},
+        )
+        self._pm.pool_classes_by_scheme = _bind(self.policy, resolver)
+
+    def close(self) -> None:
+        self._pm.clear()
+
+    def fetch(self, url) -> Fetched:
+        """Download ``url`` with retries on timeouts, broken connections and
+        5xx/429 answers. One free extra try is given to a connection that
+        broke before any answer (a keep-alive connection the server closed)."""
+        tries, free = 0, 1
+        while True:
+            got = self._attempt(url)
+            retryable = got.reason in _RETRYABLE or got.http_status >= 500 or got.http_status == 429
+            if not got.reason or not retryable:
+                return got
+            if got.detail.pop("stale", False) and free:
+                free -= 1
+                continue
+            if tries >= self.retries:
+                if tries:
+                    got.detail["attempts"] = tries + 1
+                return got
+            tries += 1
+
+    def _attempt(self, url) -> Fetched:
+        out = Fetched(url=url if isinstance(url, str) else repr(url))
+        started = time.monotonic()
+        try:
+            out.final_url = _checked_url(url)
+            for _ in range(self.max_redirects + 1):
+                resp = self._get(out.final_url, started)
+                out.http_status = resp.status
+                if resp.status not in REDIRECT_CODES:
+                    out.body = self._read_body(resp, started)
+                    return out
+                location = resp.headers.get("Location")
+                _discard(resp)
+                if not location:
+                    raise _Failure(f"http_{resp.status}", resp.status, error="redirect without Location")
+                out.final_url = _checked_url(urljoin(out.final_url, location.strip()), redirect_from=out.final_url)
+            raise _Failure("too_many_redirects", out.http_status, max_redirects=self.max_redirects)
+        except _Failure as f:
+            out.reason, out.detail = f.reason, dict(f.detail)
+            out.http_status = f.http_status or out.http_status
+        except Exception as e:  # noqa: BLE001 - classified into a reason, never raised
+            out.reason, out.detail = _classify(e)
+        out.body = None
+        out.detail["url"] = out.url
+        if out.http_status:
+            out.detail["http_status"] = out.http_status
+        if out.final_url and out.final_url != out.url:
+            out.detail["final_url"] = out.final_url
+        return out
+
+    def _get(self, url: str, started: float):
+        left = self.deadline - (time.monotonic() - started)
+        if left <= 0:
+            raise _Failure("timeout", error=f"deadline of {self.deadline}s exceeded")
+        t = min(self.timeout, left)
+        return self._pm.urlopen(
+            "GET",
+            url,
+            redirect=False,
+            retries=False,
+            preload_content=False,
+            timeout=urllib3.Timeout(connect=t, read=t),
+        )
+
+    def _read_body(self, resp, started: float) -> bytes:
+        status = resp.status
+        if not 200 <= status < 300:
+            _discard(resp)
+            raise _Failure(f"http_{status}", status)
+        if self.directives and self._is_disallowed(_HeaderView(resp.headers), self.token, self.directives):
+            _discard(resp)
+            raise _Failure("opted_out", status, x_robots_tag=resp.headers.getlist("X-Robots-Tag"))
+        length = resp.headers.get("Content-Length")
+        if length and length.strip().isdigit() and int(length) > self.max_bytes:
+            _close(resp)
+            raise _Failure("too_many_bytes", status, content_length=int(length), max_bytes=self.max_bytes)
+        chunks, total = [], 0
+        while True:
+            if time.monotonic() - started > self.deadline:
+                _close(resp)
+                raise _Failure("timeout", status, error=f"deadline of {self.deadline}s exceeded", bytes_read=total)
+            chunk = resp.read1(min(_CHUNK, self.max_bytes + 1 - total))
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > self.max_bytes:
+                _close(resp)
+                raise _Failure("too_many_bytes", status, bytes_read=total, max_bytes=self.max_bytes)
+            chunks.append(chunk)
+        resp.release_conn()
+        return b"".join(chunks)
+
+
+def _checked_url(url, redirect_from: str | None = None) -> str:
+    where = {"redirect_from": redirect_from} if redirect_from else {}
+    if not isinstance(url, str) or not url.strip():
+        raise _Failure("invalid_url", error="empty or not a string", **where)
+    url = url.strip()
+    try:
+        parsed = urllib3.util.parse_url(url)
+    except LocationValueError as e:
+        raise _Failure("invalid_url", error=str(e), **where) from None
+    if (parsed.scheme or "").lower() not in ("http", "https"):
+        raise _Failure("invalid_url", error=f"unsupported scheme {parsed.scheme!r}", target=url, **where)
+    if not parsed.host:
+        raise _Failure("invalid_url", error="no host", target=url, **where)
+    return url
+
+
+def _causes(e: BaseException) -> Iterable[BaseException]:
+    """``e`` and what it wraps (urllib3 wraps errors in args or ``__cause__``)."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop(0)
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
+        todo += [c for c in (x.__cause__, x.__context__) if c is not None]
+
+
+def _classify(e: Exception) -> tuple[str, dict]:
+    chain = list(_causes(e))
+    detail: dict = {"error": f"{type(e).__name__}: {e}"[:500]}
+    for x in chain:
+        if isinstance(x, BlockedAddress):
+            return "blocked_address", {"error": str(x), "host": x.host, "refused": x.refused}
+    kinds = [
+        ("invalid_url", (LocationValueError, http.client.InvalidURL, UnicodeError)),
+        ("truncated", (IncompleteRead, http.client.IncompleteRead)),
+        ("connection_error", (NameResolutionError, NewConnectionError, SSLError)),
+        ("timeout", (ReadTimeoutError, ConnectTimeoutError, socket.timeout, TimeoutError)),
+    ]
+    for reason, types in kinds:
+        if any(isinstance(x, types) for x in chain):
+            return reason, detail
+    # the connection broke before any answer: often a keep-alive connection
+    # the server had closed, worth one free retry
+    if isinstance(e, ProtocolError) and "aborted" in str(e):
+        detail["stale"] = True
+    return "connection_error", detail
+
+
+def _discard(resp) -> None:
+    """Finish a response we do not want; keep the connection when that is cheap."""
+    length = resp.headers.get("Content-Length")
+    if length and length.strip().isdigit() and int(length) <= _DRAIN_LIMIT:
+        try:
+            resp.drain_conn()
+            resp.release_conn()
+            return
+        except Exception:  # noqa: BLE001 - a broken connection is closed below
+            pass
+    _close(resp)
+
+
+def _close(resp) -> None:
+    resp.close()
+    resp.release_conn()

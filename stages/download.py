@@ -1,0 +1,279 @@
+"""Download, check, resize and re-encode the images of a URL list.
+
+Per batch, ``thread_count`` threads fetch the URLs (:mod:`stages._fetch`:
+address checks on every connection and redirect, byte cap, opt-outs) and
+read each image's header (:mod:`stages._resize`: pixel cap); the calling
+thread resizes and re-encodes the results with img2dataset's own
+``Resizer`` as they arrive, so downloading and resizing overlap.
+
+Every row ends ``ok`` with an image, or ``failed`` with one reason:
+``invalid_url``, ``blocked_address``, ``timeout``, ``connection_error``,
+``truncated`` (the transfer ended before its ``Content-Length``),
+``http_<status>``, ``too_many_redirects``, ``too_many_bytes``,
+``opted_out`` (``X-Robots-Tag``), ``decode_error`` (not an image, or a
+truncated file), ``too_many_pixels``, ``image_too_small``,
+``image_area_too_large``, ``aspect_ratio_too_large``, ``internal_error``.
+The row's ``detail`` holds the url, the HTTP status, the error and the
+sizes behind the decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stages.base import STATUS_FAILED, Batch, Resources, Stage, batch_len, object_array, reject
+
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+INTERPOLATIONS = ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4")
+
+
+@dataclass(frozen=True)
+class Config:
+    # what img2dataset users expect, with its defaults
+    image_size: int = 256
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    upscale_interpolation: str = "lanczos"
+    downscale_interpolation: str = "area"
+    encode_format: str = "jpg"
+    #: jpg/webp quality 0-100; png compression 0-9
+    encode_quality: int = 95
+    skip_reencode: bool = False
+    min_image_size: int = 0
+    max_image_area: float | None = None
+    max_aspect_ratio: float | None = None
+    #: seconds to connect and between bytes (img2dataset's meaning)
+    timeout: float = 10.0
+    #: wall seconds for one attempt, redirects included (slow-drip servers)
+    deadline: float = 60.0
+    #: extra tries after a timeout, broken connection or 5xx/429 answer
+    retries: int = 0
+    user_agent_token: str | None = None
+    #: ``X-Robots-Tag`` directives that opt an image out; ``[]`` ignores them
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    # safety against untrusted URL lists
+    max_redirects: int = 5
+    max_bytes: int = 20_000_000
+    #: refused from the header, before any decoding
+    max_pixels: int = 80_000_000
+    #: CIDRs allowed although not global (e.g. ``["127.0.0.1/32"]`` for a
+    #: local test server); loopback, private, link-local, multicast, reserved
+    #: and metadata addresses are refused otherwise
+    allow_networks: tuple[str, ...] = ()
+    # throughput
+    thread_count: int = 32
+    batch_size: int = 256
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"download.resize_mode: {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+        if self.encode_format not in ENCODE_FORMATS:
+            raise ValueError(f"download.encode_format: {self.encode_format!r} is not one of {', '.join(ENCODE_FORMATS)}")
+        for name in ("upscale_interpolation", "downscale_interpolation"):
+            if getattr(self, name).lower() not in INTERPOLATIONS:
+                raise ValueError(f"download.{name}: {getattr(self, name)!r} is not one of {', '.join(INTERPOLATIONS)}")
+        top = 9 if self.encode_format == "png" else 100
+        if not 0 <= self.encode_quality <= top:
+            raise ValueError(f"download.encode_quality: must be 0-{top} for {self.encode_format}")
+        for name in ("image_size", "thread_count", "batch_size", "max_bytes", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"download.{name}: must be >= 1")
+        if self.timeout <= 0 or self.deadline <= 0 or self.retries < 0 or self.max_redirects < 0:
+            raise ValueError("download: timeout and deadline must be > 0, retries and max_redirects >= 0")
+        from stages._fetch import AddressPolicy
+
+        try:
+            AddressPolicy(self.allow_networks)
+        except ValueError as e:
+            raise ValueError(f"download.allow_networks: {e}") from None
+
+
+class _Worker:
+    """What one worker process keeps between batches: the HTTP pool, the
+    thread pool and the Resizer."""
+
+    def __init__(self, cfg: Config):
+        from stages._fetch import SafeFetcher
+        from stages._resize import Resize
+
+        self.fetcher = SafeFetcher(
+            allow_networks=cfg.allow_networks,
+            timeout=cfg.timeout,
+            deadline=cfg.deadline,
+            retries=cfg.retries,
+            max_redirects=cfg.max_redirects,
+            max_bytes=cfg.max_bytes,
+            user_agent_token=cfg.user_agent_token,
+            disallowed_header_directives=cfg.disallowed_header_directives,
+            pool_size=cfg.thread_count,
+        )
+        self.resize = Resize(
+            image_size=cfg.image_size,
+            resize_mode=cfg.resize_mode,
+            resize_only_if_bigger=cfg.resize_only_if_bigger,
+            upscale_interpolation=cfg.upscale_interpolation,
+            downscale_interpolation=cfg.downscale_interpolation,
+            encode_format=cfg.encode_format,
+            encode_quality=cfg.encode_quality,
+            skip_reencode=cfg.skip_reencode,
+            min_image_size=cfg.min_image_size,
+            max_image_area=cfg.max_image_area,
+            max_aspect_ratio=cfg.max_aspect_ratio,
+        )
+        self.threads = ThreadPoolExecutor(cfg.thread_count, thread_name_prefix="pairforge-download")
+
+
+# Stateless stages run as Ray tasks: a worker process runs many of them, so
+# its pools live here, one per distinct config, for the life of the process.
+_WORKERS: dict[Config, _Worker] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def _worker_for(cfg: Config) -> _Worker:
+    with _WORKERS_LOCK:
+        if cfg not in _WORKERS:
+            _WORKERS[cfg] = _Worker(cfg)
+        return _WORKERS[cfg]
+
+
+@dataclass
+class _Row:
+    """One row's outcome, filled by a download thread then the resizer."""
+
+    reason: str = ""
+    detail: dict | None = None
+    image: bytes | None = None
+    width: int = -1
+    height: int = -1
+    original_width: int = -1
+    original_height: int = -1
+    sha256: str = ""
+    http_status: int = 0
+
+
+class DownloadStage(Stage):
+    name = "download"
+    Config = Config
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self._worker: _Worker | None = None
+
+    def __getstate__(self) -> dict:
+        # the worker's pools stay in the process that made them
+        return {**self.__dict__, "_worker": None}
+
+    def resources(self) -> Resources:
+        return Resources(num_cpus=1.0, batch_size=self.config.batch_size)
+
+    def setup(self) -> None:
+        self._worker = _worker_for(self.config)
+
+    def output_defaults(self) -> dict[str, Any]:
+        return {
+            "image": None,
+            "image_ext": "",
+            "width": -1,
+            "height": -1,
+            "original_width": -1,
+            "original_height": -1,
+            "sha256": "",
+            "http_status": 0,
+        }
+
+    def process_batch(self, batch: Batch) -> Batch:
+        if self._worker is None:
+            self.setup()
+        w = self._worker
+        n = batch_len(batch)
+        urls = batch["url"] if "url" in batch else np.full(n, None, dtype=object)
+        rows: list[_Row | None] = [None] * n
+        pending: dict = {}
+        todo = iter(range(n))
+        window = 2 * self.config.thread_count  # bounds bytes held waiting for the resizer
+
+        def submit_more():
+            for i in todo:
+                pending[w.threads.submit(self._fetch_one, urls[i])] = i
+                if len(pending) >= window:
+                    return
+
+        submit_more()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                rows[i] = self._finish(fut, urls[i])
+            submit_more()
+        return self._write(batch, rows)
+
+    # ------------------------------------------------------------ per row
+
+    def _fetch_one(self, url) -> _Row:
+        """In a download thread: fetch, hash, read the header."""
+        from stages._resize import probe
+
+        got = self._worker.fetcher.fetch(url)
+        row = _Row(reason=got.reason, detail=got.detail, http_status=got.http_status)
+        if got.reason:
+            return row
+        data = got.body
+        row.image = data
+        row.sha256 = hashlib.sha256(data).hexdigest()
+        head = probe(data, self.config.max_pixels)
+        row.original_width, row.original_height = head.width, head.height
+        if head.reason:
+            row.reason, row.image = head.reason, None
+            row.detail = {"url": got.url, "http_status": got.http_status, "bytes": len(data), **(head.detail or {})}
+        return row
+
+    def _finish(self, fut, url) -> _Row:
+        """In the calling thread: resize what downloaded; never raise."""
+        try:
+            row = fut.result()
+            if not row.reason:
+                self._resize_row(row, url)
+            return row
+        except Exception as e:  # noqa: BLE001 - one bad row never fails the batch
+            return _Row(reason="internal_error", detail={"url": _text(url), "error": f"{type(e).__name__}: {e}"[:500]})
+
+    def _resize_row(self, row: _Row, url) -> None:
+        out = self._worker.resize(row.image)
+        row.image = out.image
+        if out.reason:
+            row.reason = out.reason
+            row.detail = {
+                "url": _text(url),
+                "http_status": row.http_status,
+                "original_width": row.original_width,
+                "original_height": row.original_height,
+                **(out.detail or {}),
+            }
+            return
+        row.width, row.height = out.width, out.height
+        row.original_width, row.original_height = out.original_width, out.original_height
+
+    # ------------------------------------------------------------ columns
+
+    def _write(self, batch: Batch, rows: list[_Row]) -> Batch:
+        ext = self._worker.resize.ext
+        batch["image"] = object_array([r.image for r in rows])
+        batch["image_ext"] = object_array([ext if r.image is not None else "" for r in rows])
+        for col in ("width", "height", "original_width", "original_height", "http_status"):
+            batch[col] = np.array([getattr(r, col) for r in rows], dtype=np.int64)
+        batch["sha256"] = object_array([r.sha256 for r in rows])
+        failed = np.array([bool(r.reason) for r in rows], dtype=bool)
+        bad = [r for r in rows if r.reason]
+        reject(batch, failed, self.name, [r.reason for r in bad], [r.detail or {} for r in bad], status=STATUS_FAILED)
+        return batch
+
+
+def _text(url) -> str:
+    return url if isinstance(url, str) else repr(url)
