@@ -1,0 +1,204 @@
+"""Semantic dedup (SemDeDup, Abbas et al. 2023) on any 2-D float embedding
+column, by default the CLIP image embeddings ``img_emb`` that ``clip_score``
+stores.
+
+* ``prepare``: spherical k-means on a sample of the embeddings (rows
+  ordered by key and subsampled by a hash of the key, so the centroids do not
+  depend on the order rows arrive in).
+* ``candidates``: each row goes to the group of its nearest centroid (or its
+  ``probes`` nearest, to also catch pairs split by a cluster border).
+* ``reduce_group``: all pairs of one cluster with cosine similarity
+  ``> 1 - eps``, computed block by block.
+* ``resolve``: connected components over those pairs, one survivor per
+  component by the keep policy; the others are dropped as
+  ``duplicate_semantic`` with the similarity in the detail.
+
+``eps`` has no measured default for CLIP here (no weights are available in
+this project's tests): 0.05 is a conservative start (near-copies and light
+edits); the SemDeDup paper drops up to half of LAION-440M with larger
+values. Tune it on your data with the ``detail.similarity`` of a first run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from stages import _dedup as dd
+from stages.base import Batch, GlobalStage, Resources, batch_len, object_array
+
+
+@dataclass(frozen=True)
+class Config:
+    #: the embedding column (2-D float); any float embedding works
+    column: str = "img_emb"
+    #: pairs with cosine similarity above ``1 - eps`` are duplicates
+    eps: float = 0.05
+    #: k-means clusters (SemDeDup used tens of thousands for LAION-440M)
+    n_clusters: int = 100
+    #: each row joins its ``probes`` nearest clusters (1 = plain SemDeDup)
+    probes: int = 1
+    kmeans_iters: int = 20
+    #: rows of the sample the centroids are fitted on
+    fit_sample: int = 100_000
+    seed: int = 0
+    #: which row of a cluster survives: ``largest`` or ``first`` (see ``_dedup.KEEP_POLICIES``)
+    keep: str = "largest"
+
+
+class SemanticDedupStage(GlobalStage):
+    name: ClassVar[str] = "dedup_semantic"
+    Config = Config
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        if not 0.0 <= config.eps < 2.0:
+            raise ValueError(f"eps: expected 0 <= eps < 2, got {config.eps}")
+        if config.n_clusters < 1 or config.probes < 1:
+            raise ValueError("n_clusters and probes must be >= 1")
+        dd.check_keep(config.keep)
+        self.fit_columns = dd.fit_columns_for(config.keep, config.column)
+        self.centroids: np.ndarray | None = None
+
+    def resources(self) -> Resources:
+        return Resources(num_cpus=1, batch_size=4096)
+
+    def output_defaults(self) -> dict[str, Any]:
+        return {dd.DUPLICATE_OF: ""}
+
+    def process_batch(self, batch: Batch) -> Batch:
+        out = dict(batch)
+        out[dd.DUPLICATE_OF] = object_array([""] * batch_len(batch))
+        return out
+
+    # ---------------------------------------------------------- global fit
+
+    def prepare(self, sample: Batch) -> None:
+        keys = dd.str_keys(sample["key"])
+        emb, valid = _unit_rows(sample[self.config.column])
+        keys, emb = keys[valid], emb[valid]
+        if len(keys) > self.config.fit_sample:
+            pick = np.argsort(_key_hash(keys), kind="stable")[: self.config.fit_sample]
+            keys, emb = keys[pick], emb[pick]
+        order = np.argsort(keys, kind="stable")
+        self.centroids = spherical_kmeans(emb[order], self.config.n_clusters, self.config.kmeans_iters, self.config.seed)
+
+    def candidates(self, batch: Batch) -> Batch:
+        if self.centroids is None:
+            raise RuntimeError("dedup_semantic: prepare() must run before candidates()")
+        emb, valid = _unit_rows(batch[self.config.column])
+        idx = np.flatnonzero(valid)
+        emb = emb[idx]
+        probes = min(self.config.probes, len(self.centroids))
+        sims = emb @ self.centroids.T
+        near = np.argsort(-sims, axis=1, kind="stable")[:, :probes]  # (n, probes)
+        rows = np.repeat(idx, probes)
+        area = dd.row_area(batch, self.config.keep)
+        return {
+            "group": near.ravel().astype(np.int64),
+            "key": object_array([str(k) for k in batch["key"][rows]]),
+            "area": area[rows],
+            "emb": np.repeat(emb, probes, axis=0),
+        }
+
+    def reduce_group(self, group: Batch) -> Batch:
+        keys, first = np.unique(dd.str_keys(group["key"]), return_index=True)
+        emb = np.asarray(group["emb"], dtype=np.float32)[first]
+        area = np.asarray(group["area"], dtype=np.int64)[first]
+        cut = np.float32(1.0 - self.config.eps)
+        block = max(1, (1 << 22) // max(1, len(keys)))
+        a_parts, b_parts, s_parts = [], [], []
+        for lo in range(0, len(keys), block):
+            s = emb[lo : lo + block] @ emb.T  # (block, m)
+            i, j = np.nonzero(s > cut)
+            i = i + lo
+            upper = j > i
+            a_parts.append(i[upper])
+            b_parts.append(j[upper])
+            s_parts.append(s[i[upper] - lo, j[upper]].astype(np.float64))
+        a = np.concatenate(a_parts) if a_parts else np.zeros(0, dtype=np.int64)
+        b = np.concatenate(b_parts) if b_parts else np.zeros(0, dtype=np.int64)
+        return {
+            "key_a": object_array([str(k) for k in keys[a]]),
+            "key_b": object_array([str(k) for k in keys[b]]),
+            "area_a": area[a],
+            "area_b": area[b],
+            "similarity": np.concatenate(s_parts) if s_parts else np.zeros(0),
+        }
+
+    def resolve(self, reduced: Batch) -> Batch:
+        if not reduced or not batch_len(reduced):
+            return dd.no_decisions()
+        c = dd.cluster_pairs(reduced["key_a"], reduced["key_b"], reduced["area_a"], reduced["area_b"])
+        sim = np.asarray(reduced["similarity"], dtype=np.float64)
+        ends = np.concatenate([c["a"], c["b"]])
+        other = np.concatenate([c["b"], c["a"]])
+        sims = np.concatenate([sim, sim])
+        # per node: its most similar neighbour, preferring the survivor itself
+        direct = other == c["survivor"][ends]
+        order = np.lexsort((c["key"][other], -sims, ~direct, ends))
+        ends, other, sims, direct = ends[order], other[order], sims[order], direct[order]
+        first = np.r_[True, ends[1:] != ends[:-1]]
+        best_other = np.empty(len(c["key"]), dtype=np.int64)
+        best_sim = np.empty(len(c["key"]))
+        is_direct = np.zeros(len(c["key"]), dtype=bool)
+        best_other[ends[first]], best_sim[ends[first]], is_direct[ends[first]] = other[first], sims[first], direct[first]
+        drop = np.flatnonzero(c["dropped"])
+        details = []
+        for i in drop:
+            d = {"similarity": round(float(best_sim[i]), 6), "cluster_size": int(c["size"][i]), "eps": self.config.eps}
+            if not is_direct[i]:
+                d["via"] = str(c["key"][best_other[i]])
+            details.append(d)
+        return dd.decisions(c["key"][drop], "duplicate_semantic", details, c["key"][c["survivor"][drop]])
+
+
+def _unit_rows(emb) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length (float32), and which rows could be (finite,
+    non-zero)."""
+    e = np.asarray(emb, dtype=np.float32)
+    if e.ndim != 2:
+        e = np.stack([np.asarray(r, dtype=np.float32) for r in emb]) if len(emb) else e.reshape(0, 0)
+    norm = np.linalg.norm(e, axis=1) if e.size else np.zeros(len(e), dtype=np.float32)
+    valid = np.isfinite(norm) & (norm > 0)
+    out = np.zeros_like(e)
+    out[valid] = e[valid] / norm[valid, None]
+    return out, valid
+
+
+def _key_hash(keys: np.ndarray) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "big") for k in keys],
+                    dtype=np.uint64)
+
+
+def spherical_kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
+    """k-means on unit vectors by cosine similarity (k-means++ start), fully
+    determined by the row order of ``x`` and ``seed``. Returns unit centroids."""
+    n = len(x)
+    if n == 0:
+        raise ValueError("dedup_semantic: no valid embeddings to cluster")
+    k = min(k, n)
+    rng = np.random.default_rng(seed)
+    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
+    centroids[0] = x[rng.integers(n)]
+    dist = np.maximum(0.0, 1.0 - x @ centroids[0]).astype(np.float64)
+    for c in range(1, k):
+        total = float(dist.sum())
+        pick = int(rng.choice(n, p=dist / total)) if total > 0 else int(rng.integers(n))
+        centroids[c] = x[pick]
+        dist = np.minimum(dist, np.maximum(0.0, 1.0 - x @ centroids[c]))
+    for _ in range(iters):
+        assign = np.argmax(x @ centroids.T, axis=1)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assign, x)
+        norms = np.linalg.norm(sums, axis=1)
+        moved = norms > 0  # an emptied cluster keeps its old centroid
+        new = centroids.copy()
+        new[moved] = sums[moved] / norms[moved, None]
+        if np.allclose(new, centroids, atol=1e-6):
+            break
+        centroids = new
+    return centroids
