@@ -79,7 +79,10 @@ def build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         kwargs[name] = _coerce(hints[name], data[name], f"{where}.{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # a config's own checks (__post_init__)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _coerce(tp, value, where):

@@ -161,7 +161,9 @@ def build_and_run(
             prior_rows = (prior or {}).get(stage.name)
             prior_ds = _batch_to_ds(prior_rows) if prior_rows is not None and batch_len(prior_rows) else None
             ds = run_global_ray(ds, stage, prior_ds)
-    written = ds.groupby("shard_id").map_groups(
+    # one shuffle partition per shard (at most 200): each shard is written by
+    # exactly one task, and a small run does not pay for 200 empty partitions
+    written = ds.groupby("shard_id", num_partitions=max(1, min(len(input_paths), 200))).map_groups(
         _write_group,
         fn_kwargs={"shard_stage": shard_stage, "out_dir": out_dir},
         batch_format="numpy",
