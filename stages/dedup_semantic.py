@@ -93,7 +93,8 @@ class SemanticDedupStage(GlobalStage):
         idx = np.flatnonzero(valid)
         emb = emb[idx]
         probes = min(self.config.probes, len(self.centroids))
-        sims = emb @ self.centroids.T
+        # float64: a row near a cluster border must land on the same side in any batch
+        sims = emb.astype(np.float64) @ self.centroids.astype(np.float64).T
         near = np.argsort(-sims, axis=1, kind="stable")[:, :probes]  # (n, probes)
         rows = np.repeat(idx, probes)
         area = dd.row_area(batch, self.config.keep)
@@ -108,25 +109,30 @@ class SemanticDedupStage(GlobalStage):
         keys, first = np.unique(dd.str_keys(group["key"]), return_index=True)
         emb = np.asarray(group["emb"], dtype=np.float32)[first]
         area = np.asarray(group["area"], dtype=np.int64)[first]
-        cut = np.float32(1.0 - self.config.eps)
+        cut = 1.0 - self.config.eps
+        # float32 matrix products round differently with the block's shape, so
+        # they only prefilter (with slack); each candidate pair is then scored
+        # again row by row in float64, which makes the decision and the
+        # reported similarity independent of how rows were grouped
+        loose = np.float32(cut - 1e-4)
         block = max(1, (1 << 22) // max(1, len(keys)))
-        a_parts, b_parts, s_parts = [], [], []
+        a_parts, b_parts = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
         for lo in range(0, len(keys), block):
-            s = emb[lo : lo + block] @ emb.T  # (block, m)
-            i, j = np.nonzero(s > cut)
+            i, j = np.nonzero(emb[lo : lo + block] @ emb.T > loose)
             i = i + lo
             upper = j > i
             a_parts.append(i[upper])
             b_parts.append(j[upper])
-            s_parts.append(s[i[upper] - lo, j[upper]].astype(np.float64))
-        a = np.concatenate(a_parts) if a_parts else np.zeros(0, dtype=np.int64)
-        b = np.concatenate(b_parts) if b_parts else np.zeros(0, dtype=np.int64)
+        a, b = np.concatenate(a_parts), np.concatenate(b_parts)
+        sim = (emb[a].astype(np.float64) * emb[b].astype(np.float64)).sum(axis=1)
+        hit = sim > cut
+        a, b = a[hit], b[hit]
         return {
             "key_a": object_array([str(k) for k in keys[a]]),
             "key_b": object_array([str(k) for k in keys[b]]),
             "area_a": area[a],
             "area_b": area[b],
-            "similarity": np.concatenate(s_parts) if s_parts else np.zeros(0),
+            "similarity": sim[hit],
         }
 
     def resolve(self, reduced: Batch) -> Batch:
