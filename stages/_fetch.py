@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -367,6 +368,15 @@ def _checked_url(url, redirect_from: str | None = None) -> str:
     return url
 
 
+_OBJECT_AT = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def error_text(e: BaseException, limit: int = 500) -> str:
+    """``Type: message`` without memory addresses, so the same failure reads
+    the same in every run (rejects files are compared byte for byte)."""
+    return _OBJECT_AT.sub(r"<\1>", f"{type(e).__name__}: {e}")[:limit]
+
+
 def _causes(e: BaseException) -> Iterable[BaseException]:
     """``e`` and what it wraps (urllib3 wraps errors in args or ``__cause__``)."""
     seen, todo = set(), [e]
@@ -382,7 +392,7 @@ def _causes(e: BaseException) -> Iterable[BaseException]:
 
 def _classify(e: Exception) -> tuple[str, dict]:
     chain = list(_causes(e))
-    detail: dict = {"error": f"{type(e).__name__}: {e}"[:500]}
+    detail: dict = {"error": error_text(e)}
     for x in chain:
         if isinstance(x, BlockedAddress):
             return "blocked_address", {"error": str(x), "host": x.host, "refused": x.refused}

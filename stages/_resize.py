@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from stages._fetch import error_text
+
 #: img2dataset's Resizer error strings -> our reasons
 _RESIZER_ERRORS = {
     "image too small": "image_too_small",
@@ -46,8 +48,10 @@ def probe(data: bytes, max_pixels: int) -> Probe:
     except Image.DecompressionBombError as e:
         # PIL refuses above twice its own limit before we see the size
         return Probe(reason="too_many_pixels", detail={"error": str(e), "max_pixels": max_pixels})
+    except Image.UnidentifiedImageError:
+        return Probe(reason="decode_error", detail={"error": "not an image format PIL recognises", "bytes": len(data)})
     except Exception as e:  # noqa: BLE001 - any header PIL cannot read is not an image we can use
-        return Probe(reason="decode_error", detail={"error": f"{type(e).__name__}: {e}"[:300], "bytes": len(data)})
+        return Probe(reason="decode_error", detail={"error": error_text(e, 300), "bytes": len(data)})
     if width * height > max_pixels:
         return Probe(
             width,

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from stages._fetch import AddressPolicy, SafeFetcher, error_text
+from stages._resize import Resize, probe
 from stages.base import STATUS_FAILED, Batch, Resources, Stage, batch_len, object_array, reject
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -87,8 +89,6 @@ class Config:
                 raise ValueError(f"download.{name}: must be >= 1")
         if self.timeout <= 0 or self.deadline <= 0 or self.retries < 0 or self.max_redirects < 0:
             raise ValueError("download: timeout and deadline must be > 0, retries and max_redirects >= 0")
-        from stages._fetch import AddressPolicy
-
         try:
             AddressPolicy(self.allow_networks)
         except ValueError as e:
@@ -100,9 +100,6 @@ class _Worker:
     thread pool and the Resizer."""
 
     def __init__(self, cfg: Config):
-        from stages._fetch import SafeFetcher
-        from stages._resize import Resize
-
         self.fetcher = SafeFetcher(
             allow_networks=cfg.allow_networks,
             timeout=cfg.timeout,
@@ -218,8 +215,6 @@ class DownloadStage(Stage):
 
     def _fetch_one(self, url) -> _Row:
         """In a download thread: fetch, hash, read the header."""
-        from stages._resize import probe
-
         got = self._worker.fetcher.fetch(url)
         row = _Row(reason=got.reason, detail=got.detail, http_status=got.http_status)
         if got.reason:
@@ -242,7 +237,7 @@ class DownloadStage(Stage):
                 self._resize_row(row, url)
             return row
         except Exception as e:  # noqa: BLE001 - one bad row never fails the batch
-            return _Row(reason="internal_error", detail={"url": _text(url), "error": f"{type(e).__name__}: {e}"[:500]})
+            return _Row(reason="internal_error", detail={"url": _text(url), "error": error_text(e)})
 
     def _resize_row(self, row: _Row, url) -> None:
         out = self._worker.resize(row.image)

@@ -409,3 +409,16 @@ def test_config_rejects_bad_values():
     for bad in ({"resize_mode": "stretch"}, {"encode_format": "gif"}, {"encode_format": "png", "encode_quality": 95}, {"allow_networks": ("nonsense",)}, {"thread_count": 0}):
         with pytest.raises(ValueError):
             Config(**bad)
+
+
+def test_reasons_and_details_read_the_same_in_every_run(server):
+    """Rejects files are compared byte for byte on resume: no memory
+    addresses or timings may leak into a detail."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/x.jpg"
+    urls = [server.url(p) for p in ("/page.html", "/half.png", "/missing.jpg", "/cut.jpg")] + [closed, "http://10.0.0.1/"]
+    first = download(urls)
+    second = download(urls, thread_count=3)  # another worker, same decisions
+    assert list(first["detail"]) == list(second["detail"])
+    assert all(" at 0x" not in d for d in first["detail"])
