@@ -136,14 +136,16 @@ def cluster_pairs(key_a, key_b, area_a, area_b) -> dict[str, np.ndarray]:
 
 
 def decisions(keys, reason, details, duplicate_of) -> Batch:
-    """A ``resolve`` result: one row per dropped key, sorted by key."""
+    """A ``resolve`` result: one row per dropped key, sorted by key. A detail
+    is a dict or an already serialised JSON object (sorted keys)."""
     keys = str_keys(keys)
     order = np.argsort(keys, kind="stable")
     reasons = [reason] * len(keys) if isinstance(reason, str) else list(reason)
     return {
         "key": object_array([str(keys[i]) for i in order]),
         "reason": object_array([reasons[i] for i in order]),
-        "detail": object_array([json.dumps(details[i], sort_keys=True) for i in order]),
+        "detail": object_array([d if isinstance(d := details[i], str) else json.dumps(d, sort_keys=True)
+                                for i in order]),
         DUPLICATE_OF: object_array([str(duplicate_of[i]) for i in order]),
     }
 

@@ -148,7 +148,7 @@ class PerceptualDedupStage(GlobalStage):
             "band": band,
             "bval": bval,
             "hash": hashes[rep],
-            "key": object_array(list(keys[rep])),
+            "key": np.asarray(keys, dtype=object)[rep],
             "area": area[rep],
         }
 
@@ -156,13 +156,15 @@ class PerceptualDedupStage(GlobalStage):
         band = np.asarray(group["band"], dtype=np.int64)
         bval = np.asarray(group["bval"], dtype=np.uint64)
         h = np.asarray(group["hash"], dtype=np.uint64)
-        keys = dd.str_keys(group["key"])
-        area = np.asarray(group["area"], dtype=np.int64)
-        order = np.lexsort((keys, h, bval, band))
-        band, bval, h, keys, area = band[order], bval[order], h[order], keys[order], area[order]
+        # no need to order by key: whichever row represents a hash, the
+        # clusters (and so resolve's survivors) come out the same
+        order = np.lexsort((h, bval, band))
+        band, bval, h = band[order], bval[order], h[order]
+        keys = np.asarray(group["key"], dtype=object)[order]
+        area = np.asarray(group["area"], dtype=np.int64)[order]
         edges_a, edges_b, dists = [], [], []
 
-        # identical hashes: every member to the first (smallest key); emitted
+        # identical hashes: every member to the first; emitted
         # in band 0 only, where all rows with one hash always meet
         new_hash = np.r_[True, (h[1:] != h[:-1]) | (band[1:] != band[:-1])] if len(h) else np.zeros(0, bool)
         rep_of = np.maximum.accumulate(np.where(new_hash, np.arange(len(h)), 0))
@@ -185,8 +187,8 @@ class PerceptualDedupStage(GlobalStage):
             dists.append(d[keep])
         a, b = np.concatenate(edges_a), np.concatenate(edges_b)
         return {
-            "key_a": object_array(list(keys[a])),
-            "key_b": object_array(list(keys[b])),
+            "key_a": keys[a],
+            "key_b": keys[b],
             "hash_a": h[a],
             "hash_b": h[b],
             "area_a": area[a],
@@ -204,8 +206,9 @@ class PerceptualDedupStage(GlobalStage):
         drop = np.flatnonzero(c["dropped"])
         surv = c["survivor"][drop]
         dist = dd.popcount(h[drop] ^ h[surv])
-        details = [{"distance": int(d), "cluster_size": int(s), "max_distance": self.config.max_distance}
-                   for d, s in zip(dist, c["size"][drop])]
+        m = self.config.max_distance
+        details = [f'{{"cluster_size": {s}, "distance": {d}, "max_distance": {m}}}'
+                   for d, s in zip(dist.tolist(), c["size"][drop].tolist())]
         return dd.decisions(c["key"][drop], f"duplicate_{self.column}", details, c["key"][surv])
 
 
