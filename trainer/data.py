@@ -1,0 +1,296 @@
+"""Stream a run's shards with webdataset, and hold out an evaluation split.
+
+The stream is a pure function of ``(shards, seed, step)``: every epoch shuffles
+the shard list with the same seed on every rank, splits it by node (rank) and
+by DataLoader worker, shuffles samples in a buffer seeded per epoch, rank and
+worker, and decodes. A run resumed at step ``k`` skips exactly the samples the
+first ``k`` batches used, *before* decoding them, so it sees the same batches
+an uninterrupted run would have seen.
+
+Which samples are held out for evaluation is decided by a hash of the sample's
+*group*: its own key, or for a confounder the key it is a confounder of, so
+both halves of a Winoground-style pair land on the same side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+#: metadata field naming the key of the sample this one is a confounder of
+CONFOUNDER_OF = "confounder_of"
+#: metadata field holding a caption that does *not* describe the image
+NEGATIVE_CAPTION = "confounder_caption"
+
+
+# ------------------------------------------------------------------ shard lists
+
+
+def find_shards(inputs: Sequence[str | Path]) -> list[str]:
+    """Tar paths from run folders (``OUT``), shard folders, tar files or
+    brace patterns (``shards/{00000..00009}.tar``), sorted and deduplicated."""
+    found: list[str] = []
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if "{" in text:
+            found.extend(wds.shardlists.expand_urls(text))
+        elif path.is_dir():
+            folder = path / "shards" if (path / "shards").is_dir() else path
+            found.extend(str(p) for p in sorted(folder.glob("*.tar")))
+        elif path.suffix == ".tar" and path.exists():
+            found.append(text)
+        else:
+            raise FileNotFoundError(f"{text}: not a run folder, a shard folder, a .tar or a brace pattern")
+    shards = sorted(set(found))
+    if not shards:
+        raise FileNotFoundError(f"no .tar shards under {', '.join(map(str, inputs))}")
+    return shards
+
+
+def shard_sizes(shards: Sequence[str]) -> dict[str, int]:
+    """Samples per shard from the ``sizes.json`` beside each shard (the file
+    open_clip's reader relies on); a shard it does not list is counted by
+    scanning its tar."""
+    cache: dict[Path, dict] = {}
+    sizes = {}
+    for s in shards:
+        folder = Path(s).parent
+        if folder not in cache:
+            f = folder / "sizes.json"
+            cache[folder] = json.loads(f.read_text()) if f.exists() else {}
+        n = cache[folder].get(Path(s).name)
+        sizes[s] = int(n) if n is not None else _count_samples(s)
+    return sizes
+
+
+def _count_samples(tar: str) -> int:
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        return sum(1 for m in t.getmembers() if m.name.rsplit(".", 1)[-1] == "txt")
+
+
+# ------------------------------------------------------------------- the split
+
+
+def sample_group(key: str, meta: dict) -> str:
+    return str(meta.get(CONFOUNDER_OF) or key)
+
+
+def is_held_out(group: str, fraction: float, seed: int = 0) -> bool:
+    digest = hashlib.sha1(f"{seed}:{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _parse(sample: dict) -> dict:
+    """Decode the cheap members (caption, metadata) and find the image."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    return {
+        "key": sample["__key__"],
+        "caption": sample.get("txt", b"").decode("utf-8"),
+        "meta": meta,
+        "image_bytes": sample[ext] if ext else None,
+    }
+
+
+# ------------------------------------------------------------- sample decoding
+
+
+@dataclass(frozen=True)
+class Prep:
+    """Turns a parsed sample into tensors: a uint8 ``[3, S, S]`` image (resized
+    on its shorter side and centre-cropped like open_clip's preprocess; the
+    float conversion and normalisation happen on the device) and tokens."""
+
+    model_name: str
+    image_size: int
+    augment: bool = False
+    seed: int = 0
+
+    def image(self, data: bytes, key: str = "", epoch: int = 0) -> torch.Tensor:
+        im = Image.open(io.BytesIO(data))
+        if im.format == "JPEG":
+            im.draft("RGB", (self.image_size, self.image_size))  # decode big JPEGs at a reduced scale
+        im = im.convert("RGB")
+        s = self.image_size
+        if self.augment:  # a seeded random crop of 90-100% of the area: the same for the same (seed, epoch, key)
+            rng = random.Random(f"{self.seed}:{epoch}:{key}")
+            frac = rng.uniform(0.9, 1.0) ** 0.5
+            w, h = max(1, round(im.width * frac)), max(1, round(im.height * frac))
+            x, y = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
+            im = im.crop((x, y, x + w, y + h))
+        scale = s / min(im.size)
+        im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        arr = np.asarray(im.crop((left, top, left + s, top + s)), dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def tokens(self, captions: list[str]) -> torch.Tensor:
+        return tokenizer(self.model_name)(captions)
+
+    def __call__(self, parsed: dict, epoch: int = 0) -> dict:
+        neg = parsed["meta"].get(NEGATIVE_CAPTION)
+        toks = self.tokens([parsed["caption"], neg or ""])
+        return {
+            "image": self.image(parsed["image_bytes"], parsed["key"], epoch),
+            "text": toks[0],
+            "neg_text": toks[1],
+            "has_neg": torch.tensor(bool(neg)),
+        }
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def tokenizer(model_name: str):
+    """open_clip's tokenizer for ``model_name``, built once per process."""
+    if model_name not in _TOKENIZERS:
+        from trainer.model import register_configs
+
+        import open_clip
+
+        register_configs()
+        _TOKENIZERS[model_name] = open_clip.get_tokenizer(model_name)
+    return _TOKENIZERS[model_name]
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+# ----------------------------------------------------------------- the stream
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    batch_size: int = 128
+    shuffle_buffer: int = 2000
+    shuffle_initial: int = 500
+    eval_fraction: float = 0.1
+    seed: int = 0
+    num_workers: int = 2
+
+
+@dataclass
+class TrainStream(IterableDataset):
+    """An endless stream of training batches (every sample not held out)."""
+
+    shards: list[str]
+    prep: Prep
+    cfg: StreamConfig
+    start_batch: int = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # the DataLoader takes batches from its workers in turn: of the first
+        # start_batch batches, this worker made every workers-th one
+        skip = len(range(worker, self.start_batch, workers)) * self.cfg.batch_size
+        samples = itertools.islice(self._raw(), skip, None)
+        batch: list[dict] = []
+        for parsed, epoch in samples:
+            batch.append(self.prep(parsed, epoch))
+            if len(batch) == self.cfg.batch_size:
+                yield collate(batch)
+                batch = []
+
+    def _raw(self) -> Iterator[tuple[dict, int]]:
+        """(parsed sample, epoch) forever, image bytes not yet decoded."""
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        for epoch in itertools.count():
+            order = list(self.shards)
+            random.Random(f"{self.cfg.seed}:shards:{epoch}").shuffle(order)  # same order on every rank
+            urls = wds.split_by_worker(wds.split_by_node({"url": u} for u in order))
+            parsed = (_parse(s) for s in wds.tarfile_samples(urls, handler=wds.warn_and_continue))
+            kept = (
+                p for p in parsed
+                if p["image_bytes"] is not None
+                and not is_held_out(sample_group(p["key"], p["meta"]), self.cfg.eval_fraction, self.cfg.seed)
+            )  # fmt: skip
+            rng = random.Random(f"{self.cfg.seed}:samples:{epoch}:{rank}:{worker}")
+            n = 0
+            for p in wds.shuffle(self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=rng)(kept):
+                n += 1
+                yield p, epoch
+            if n == 0:
+                raise RuntimeError(
+                    f"rank {rank} worker {worker} got no training samples: fewer shards ({len(self.shards)}) "
+                    "than ranks x loader workers, or every sample is held out"
+                )
+
+
+def loader_workers(n_shards: int, wanted: int, world_size: int = 1) -> int:
+    """DataLoader workers to use: each worker of each rank needs a shard."""
+    per_rank = n_shards // max(1, world_size)
+    if per_rank < 1:
+        raise ValueError(f"{n_shards} shard(s) for {world_size} ranks: every rank needs at least one shard")
+    return min(wanted, per_rank)
+
+
+def train_loader(
+    shards: list[str], prep: Prep, cfg: StreamConfig, start_batch: int = 0, world_size: int = 1, pin_memory: bool = False
+) -> DataLoader:
+    workers = loader_workers(len(shards), cfg.num_workers, world_size)
+    return DataLoader(
+        TrainStream(shards, prep, cfg, start_batch),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+# ------------------------------------------------------------------ eval split
+
+
+@dataclass
+class EvalSet:
+    keys: list[str]
+    captions: list[str]
+    images: torch.Tensor  # uint8 [n, 3, S, S]
+    texts: torch.Tensor  # tokens [n, L]
+    metas: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_eval_set(shards: list[str], prep: Prep, cfg: StreamConfig, limit: int = 1000) -> EvalSet:
+    """The held-out samples, in key order, from the first shards (in sorted
+    order) until ``limit`` are found. Partners of confounder pairs are read
+    together (they share a group, so the split keeps them together)."""
+    found: list[dict] = []
+    for shard in shards:
+        for s in wds.tarfile_samples([{"url": shard}], handler=wds.warn_and_continue):
+            p = _parse(s)
+            if p["image_bytes"] is not None and is_held_out(sample_group(p["key"], p["meta"]), cfg.eval_fraction, cfg.seed):
+                found.append(p)
+        if len(found) >= limit:
+            break
+    found.sort(key=lambda p: p["key"])
+    found = found[:limit]
+    if not found:
+        raise ValueError(f"no held-out samples (eval fraction {cfg.eval_fraction}) in {len(shards)} shard(s)")
+    return EvalSet(
+        keys=[p["key"] for p in found],
+        captions=[p["caption"] for p in found],
+        images=torch.stack([prep.image(p["image_bytes"]) for p in found]),
+        texts=prep.tokens([p["caption"] for p in found]),
+        metas=[p["meta"] for p in found],
+    )

@@ -1,0 +1,157 @@
+"""What a trained model says about the data: retrieval recall next to chance,
+how well it separates matching from shuffled captions, and Winoground-style
+scores on confounder pairs.
+
+The metric functions take plain similarity matrices (images in rows, texts in
+columns) so they are checked on hand-made numbers; :func:`evaluate` embeds a
+held-out set and calls them.
+"""
+
+from __future__ import annotations
+
+from math import comb
+
+import numpy as np
+import torch
+
+from trainer.data import CONFOUNDER_OF, NEGATIVE_CAPTION, EvalSet, Prep
+from trainer.model import ImageSpec, normalize_images, unwrap
+
+KS = (1, 5, 10)
+
+
+def _same_caption(captions: list[str]) -> np.ndarray:
+    """``[n, n]`` True where two samples have the very same caption: a text
+    cannot tell those images apart, so either counts as a correct match."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    arr = np.array([ids[c] for c in captions])
+    return arr[:, None] == arr[None, :]
+
+
+def recall_at_k(sim: np.ndarray, correct: np.ndarray, ks=KS) -> dict[str, float]:
+    """Fraction of rows whose best correct column ranks within the top k;
+    ties with a wrong column count against the row."""
+    best_correct = np.where(correct, sim, -np.inf).max(axis=1)
+    above = (np.where(correct, -np.inf, sim) >= best_correct[:, None]).sum(axis=1)
+    return {f"r@{k}": float(np.mean(above < k)) for k in ks}
+
+
+def chance_recall(correct: np.ndarray, ks=KS) -> dict[str, float]:
+    """Expected recall@k of a random ranking: with m correct among n columns,
+    1 - C(n - m, k) / C(n, k)."""
+    n = correct.shape[1]
+    m = correct.sum(axis=1)
+    return {f"r@{k}": float(np.mean([1 - comb(n - int(mi), k) / comb(n, k) for mi in m])) for k in ks}
+
+
+def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative
+    (ties count half): the Mann-Whitney U statistic over both counts."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    scores = np.concatenate([pos, neg])
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average rank within each run of ties
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(scores)]
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + e + 1) / 2
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def matching_vs_shuffled(sim: np.ndarray, same: np.ndarray) -> dict[str, float]:
+    """Scores of each image with its own caption against its scores with every
+    other sample's (different) caption: every shuffle of the captions at once."""
+    pos = np.diag(sim)
+    neg = sim[~same]
+    return {
+        "auc": roc_auc(pos, neg),
+        "mean_matching": float(pos.mean()),
+        "mean_shuffled": float(neg.mean()),
+        "n_matching": int(len(pos)),
+        "n_shuffled": int(len(neg)),
+    }
+
+
+def winoground(sim: np.ndarray, pairs: list[tuple[int, int]]) -> dict[str, float]:
+    """Winoground's scores over groups (image 0, caption 0, image 1, caption 1)
+    where caption 1 rearranges caption 0's words. Text score: each image
+    prefers its own caption; image score: each caption prefers its own image;
+    group score: both. Chance: 1/4, 1/4 and 1/6."""
+    if not pairs:
+        return {"groups": 0}
+    a, b = np.array(pairs).T
+    s00, s01, s10, s11 = sim[a, a], sim[a, b], sim[b, a], sim[b, b]
+    text = (s00 > s01) & (s11 > s10)
+    image = (s00 > s10) & (s11 > s01)
+    return {
+        "groups": len(pairs),
+        "text": float(text.mean()),
+        "image": float(image.mean()),
+        "group": float((text & image).mean()),
+        "chance": {"text": 0.25, "image": 0.25, "group": 1 / 6},
+    }
+
+
+def confounder_pairs(evalset: EvalSet) -> list[tuple[int, int]]:
+    index = {k: i for i, k in enumerate(evalset.keys)}
+    return [
+        (index[m[CONFOUNDER_OF]], i)
+        for i, m in enumerate(evalset.metas)
+        if m.get(CONFOUNDER_OF) in index and index[m[CONFOUNDER_OF]] != i
+    ]
+
+
+@torch.no_grad()
+def embed_images(model, images: torch.Tensor, spec: ImageSpec, device, batch: int = 256) -> torch.Tensor:
+    """Unit-norm image features (float32, on the CPU) of uint8 images."""
+    return _in_eval_mode(model, lambda m: torch.cat([
+        m.encode_image(normalize_images(images[i : i + batch].to(device), spec), normalize=True).float().cpu()
+        for i in range(0, len(images), batch)
+    ]))  # fmt: skip
+
+
+@torch.no_grad()
+def embed_texts(model, tokens: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
+    """Unit-norm text features (float32, on the CPU) of token rows."""
+    return _in_eval_mode(model, lambda m: torch.cat([
+        m.encode_text(tokens[i : i + batch].to(device), normalize=True).float().cpu()
+        for i in range(0, len(tokens), batch)
+    ]))  # fmt: skip
+
+
+def _in_eval_mode(model, fn):
+    m = unwrap(model)
+    was_training = m.training
+    m.eval()
+    try:
+        return fn(m)
+    finally:
+        m.train(was_training)
+
+
+def evaluate(model, evalset: EvalSet, spec: ImageSpec, prep: Prep, device="cpu") -> dict:
+    """Every metric on the held-out set."""
+    img = embed_images(model, evalset.images, spec, device)
+    txt = embed_texts(model, evalset.texts, device)
+    sim = (img @ txt.T).numpy()
+    same = _same_caption(evalset.captions)
+    out = {
+        "n": len(evalset),
+        "image_to_text": recall_at_k(sim, same),
+        "text_to_image": recall_at_k(sim.T, same.T),
+        "chance": chance_recall(same),
+        "distinct_captions": int(len(set(evalset.captions))),
+        "matching_vs_shuffled": matching_vs_shuffled(sim, same),
+        "winoground": winoground(sim, confounder_pairs(evalset)),
+    }
+    negs = [(i, m[NEGATIVE_CAPTION]) for i, m in enumerate(evalset.metas) if m.get(NEGATIVE_CAPTION)]
+    if negs:
+        idx = torch.tensor([i for i, _ in negs])
+        neg_txt = embed_texts(model, prep.tokens([c for _, c in negs]), device)
+        own = (img[idx] * txt[idx]).sum(-1)
+        wrong = (img[idx] * neg_txt).sum(-1)
+        out["hard_negative"] = {"n": len(negs), "accuracy": float((own > wrong).float().mean()), "chance": 0.5}
+    return out

@@ -1,0 +1,243 @@
+"""The training loop: one short function from shards to a checkpoint and a report.
+
+It runs the same in one CPU process, in one GPU process, and in each worker of
+a Ray Train (DDP) job; :mod:`trainer.distributed` only sets up the process
+group and calls :func:`train`. Only rank 0 evaluates and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer.data import Prep, StreamConfig, find_shards, load_eval_set, shard_sizes, train_loader
+from trainer.evaluate import evaluate
+from trainer.model import (
+    clamp_temperature,
+    create_model,
+    forward_loss,
+    load_checkpoint,
+    normalize_images,
+    optimizer_for,
+    save_checkpoint,
+    unwrap,
+)
+
+CHECKPOINT = "checkpoint.pt"
+REPORT = "report.json"
+CURVES = "curves.png"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    shards: tuple[str, ...]
+    out: str
+    model: str = "pf-tiny"
+    #: initial weights to fine-tune: a checkpoint path or an open_clip pretrained tag
+    pretrained: str | None = None
+    #: a checkpoint of this run to continue from (same config, same curve)
+    resume: str | None = None
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    #: use a sample's ``confounder_caption`` as an extra wrong text for its image
+    hard_negatives: bool = True
+    augment: bool = False
+    eval_fraction: float = 0.1
+    eval_limit: int = 1000
+    eval_every: int = 50
+    log_every: int = 10
+    checkpoint_every: int = 0
+    shuffle_buffer: int = 2000
+    workers: int = 2
+    seed: int = 0
+    #: ``auto``: the CUDA device when there is one, else the CPU
+    device: str = "auto"
+    #: ``auto``: bf16 autocast on CUDA, fp32 elsewhere; or ``bf16`` / ``fp32``
+    precision: str = "auto"
+
+    def stream(self) -> StreamConfig:
+        return StreamConfig(
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            shuffle_initial=min(self.shuffle_buffer, max(self.batch_size, self.shuffle_buffer // 4)),
+            eval_fraction=self.eval_fraction,
+            seed=self.seed,
+            num_workers=self.workers,
+        )
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to ``lr``, then a cosine down to ``min_lr`` at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(cfg: TrainConfig, device: torch.device | None = None, until: int | None = None) -> dict:
+    """Train for ``cfg.steps`` steps (or stop after step ``until``, as an
+    interrupted run would, checkpoint included) and return the report."""
+    rank, world = _rank_world()
+    device = device or _device(cfg.device)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+
+    model, spec = create_model(cfg.model, cfg.pretrained, device)
+    optimizer = optimizer_for(model, cfg.lr, cfg.weight_decay)
+    history: dict[str, list] = {"train": [], "eval": []}
+    start = 0
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["step"]), state["history"]
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    shards = find_shards(cfg.shards)
+    sizes = shard_sizes(shards)
+    prep = Prep(cfg.model, spec.size, cfg.augment, cfg.seed)
+    evalset = load_eval_set(shards, prep, cfg.stream(), cfg.eval_limit) if rank == 0 else None
+    loader = train_loader(shards, prep, cfg.stream(), start, world, pin_memory=device.type == "cuda")
+    end = min(cfg.steps, until if until is not None else cfg.steps)
+
+    def checkpoint(step: int) -> None:
+        extra = {"model_name": cfg.model, "train_config": asdict(cfg), "history": history}
+        save_checkpoint(out / CHECKPOINT, model, optimizer, step, extra)
+
+    def log_eval(step: int) -> dict:
+        metrics = evaluate(model, evalset, spec, prep, device)
+        history["eval"].append({"step": step, **metrics})
+        i2t, t2i = metrics["image_to_text"], metrics["text_to_image"]
+        print(
+            f"[train] step {step}: eval n={metrics['n']} i2t r@1 {i2t['r@1']:.3f} t2i r@1 {t2i['r@1']:.3f} "
+            f"(chance {metrics['chance']['r@1']:.3f}) auc {metrics['matching_vs_shuffled']['auc']:.3f}",
+            flush=True,
+        )
+        return metrics
+
+    model.train()
+    t_start = time.perf_counter()
+    data_s = 0.0
+    loss_sum = torch.zeros((), device=device)
+    loss_n = 0
+    batches = iter(loader)
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_s += time.perf_counter() - t0
+        images = normalize_images(batch["image"].to(device, non_blocking=True), spec)
+        texts = batch["text"].to(device, non_blocking=True)
+        negs = batch["neg_text"][batch["has_neg"]].to(device) if cfg.hard_negatives and batch["has_neg"].any() else None
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = forward_loss(model, images, texts, negs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        clamp_temperature(model)
+        loss_sum += loss.detach()
+        loss_n += 1
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end:
+            history["train"].append({
+                "step": done,
+                "loss": float(loss_sum) / loss_n,
+                "lr": lr_at(cfg, step),
+                "logit_scale": float(unwrap(model).logit_scale.exp()),
+                "samples": done * cfg.batch_size * world,
+            })  # fmt: skip
+            loss_sum.zero_()
+            loss_n = 0
+            if rank == 0:
+                h = history["train"][-1]
+                print(f"[train] step {done}/{cfg.steps} loss {h['loss']:.4f} lr {h['lr']:.2e} T^-1 {h['logit_scale']:.1f}", flush=True)
+        if rank == 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
+            log_eval(done)
+        if rank == 0 and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            checkpoint(done)
+    wall = time.perf_counter() - t_start
+
+    if rank != 0:
+        return {}
+    if end > start or not (out / CHECKPOINT).exists():
+        checkpoint(end)
+    ran = end - start
+    report = {
+        "config": asdict(cfg),
+        "model": {
+            "name": cfg.model,
+            "parameters": sum(p.numel() for p in unwrap(model).parameters()),
+            "image_size": spec.size,
+        },
+        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "world_size": world, "precision": "bf16" if bf16 else "fp32"},  # fmt: skip
+        "data": {
+            "shards": len(shards),
+            "samples_in_shards": sum(sizes.values()),
+            "held_out_fraction": cfg.eval_fraction,
+            "eval_samples": len(evalset),
+            "samples_seen": end * cfg.batch_size * world,
+            "epochs": end * cfg.batch_size * world / max(1, sum(sizes.values()) * (1 - cfg.eval_fraction)),
+        },
+        "steps": {"done": end, "planned": cfg.steps, "resumed_from": start},
+        "timing": {
+            "wall_s": wall,
+            "samples_per_s": ran * cfg.batch_size * world / wall if ran else 0.0,
+            "data_wait_fraction": data_s / wall if ran else 0.0,
+        },
+        "metrics": history["eval"][-1] if history["eval"] else None,
+        "history": history,
+    }
+    (out / REPORT).write_text(json.dumps(report, indent=1))
+    from trainer.plot import plot_curves
+
+    plot_curves(history, out / CURVES, title=f"{cfg.model} on {len(shards)} shard(s)")
+    return report
+
+
+def resume_config(cfg: TrainConfig) -> TrainConfig:
+    """The config to continue ``cfg``'s run from its last checkpoint: the one
+    saved in that checkpoint, so the schedule and the data order match."""
+    state = load_checkpoint(Path(cfg.out) / CHECKPOINT)
+    saved = dict(state["train_config"])
+    saved["shards"] = tuple(saved["shards"])
+    return replace(TrainConfig(**saved), resume=str(Path(cfg.out) / CHECKPOINT), out=cfg.out)

@@ -1,0 +1,43 @@
+"""The loss and recall curves of a run, as one PNG (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_curves(history: dict, path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 4))
+    train = history.get("train", [])
+    ax_loss.plot([h["step"] for h in train], [h["loss"] for h in train], color="tab:blue")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("contrastive loss (train)")
+    ax_loss.grid(alpha=0.3)
+
+    evals = history.get("eval", [])
+    steps = [e["step"] for e in evals]
+    for direction, style in (("image_to_text", "-"), ("text_to_image", "--")):
+        for k, color in (("r@1", "tab:red"), ("r@5", "tab:green")):
+            ax_rec.plot(steps, [e[direction][k] for e in evals], style, color=color, marker="o", ms=3,
+                        label=f"{direction.replace('_to_', '->').replace('image', 'img').replace('text', 'txt')} {k}")  # fmt: skip
+    if evals:
+        for k, color in (("r@1", "tab:red"), ("r@5", "tab:green")):
+            ax_rec.axhline(evals[-1]["chance"][k], color=color, lw=0.8, ls=":", label=f"chance {k}")
+        auc = [e["matching_vs_shuffled"]["auc"] for e in evals]
+        ax_rec.plot(steps, auc, color="black", marker=".", label="ROC AUC matching vs shuffled")
+    ax_rec.set_ylim(0, 1.02)
+    ax_rec.set_xlabel("step")
+    ax_rec.set_ylabel("held-out")
+    ax_rec.grid(alpha=0.3)
+    ax_rec.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
