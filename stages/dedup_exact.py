@@ -4,10 +4,12 @@
 Each enabled kind gives every row a 128-bit digest (``sha256``: the download
 stage's hash of the fetched bytes; ``url``: of :func:`normalize_url`;
 ``pair``: of sha256 + caption). ``candidates`` emits one row per (row, kind)
-with ``group = "<kind>:<digest>"``; ``reduce_group`` keeps groups of two or
-more rows; ``resolve`` merges groups that share a row (a row can be a URL
-duplicate of one row and a byte duplicate of another) into clusters and keeps
-one survivor per cluster by the keep policy.
+with the digest and ``group`` = (kind, digest bucket), so a fixed number of
+groups (``buckets`` per kind) carries the shuffle; ``reduce_group`` sorts its
+rows by digest and keeps those whose digest another row shares; ``resolve``
+merges digests that share a row (a row can be a URL duplicate of one row and
+a byte duplicate of another) into clusters and keeps one survivor per
+cluster by the keep policy.
 
 Reasons, most specific first: ``duplicate_pair`` (same bytes and caption as
 the survivor), ``duplicate_sha256`` (same bytes), ``duplicate_url``; a row
@@ -20,6 +22,8 @@ before the fit.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -27,12 +31,15 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 import numpy as np
 
 from stages import _dedup as dd
-from stages.base import Batch, GlobalStage, Resources, batch_len, object_array, reject
+from stages.base import Batch, GlobalStage, Resources, batch_len, concat, object_array, reject
 
 #: priority order of reasons: the first kind a dropped row shares with its survivor names it
 KINDS = ("pair", "sha256", "url")
 _COLUMNS = {"sha256": ("sha256",), "url": ("url",), "pair": ("sha256", "caption")}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_PATH_SAFE = "/:@!$&'()*+,;=~"
+#: a path that quoting would leave as it is (no escapes, only safe characters)
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_.\-/:@!$&'()*+,;=~]*")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,8 @@ class Config:
     keep: str = "largest"
     #: an earlier output folder: rows whose digest is already there are dropped
     prior_build: str | None = None
+    #: shuffle groups per kind (rows meet by digest inside a group)
+    buckets: int = 256
 
 
 class ExactDedupStage(GlobalStage):
@@ -55,6 +64,8 @@ class ExactDedupStage(GlobalStage):
         if unknown or not config.kinds:
             raise ValueError(f"kinds: expected a non-empty subset of {KINDS}, got {config.kinds!r}")
         dd.check_keep(config.keep)
+        if config.buckets < 1:
+            raise ValueError("buckets: must be >= 1")
         self.kinds = tuple(k for k in KINDS if k in config.kinds)
         self.fit_columns = dd.fit_columns_for(config.keep, *(c for k in self.kinds for c in _COLUMNS[k]))
         self._prior: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
@@ -116,45 +127,53 @@ class ExactDedupStage(GlobalStage):
 
     def candidates(self, batch: Batch) -> Batch:
         area = dd.row_area(batch, self.config.keep)
-        groups, rows, kinds = [], [], []
+        keys = np.asarray(batch["key"], dtype=object)
+        parts = []
         for kind in self.kinds:
-            for i, d in enumerate(digest_column(batch, kind)):
-                if d is not None:
-                    groups.append(f"{kind}:{d.hex()}")
-                    rows.append(i)
-                    kinds.append(kind)
-        rows = np.asarray(rows, dtype=np.int64)
-        return {
-            "group": object_array(groups),
-            "key": object_array([str(k) for k in batch["key"][rows]]),
-            "area": area[rows],
-            "kind": object_array(kinds),
-        }
+            digests = digest_column(batch, kind)
+            rows = np.array([i for i, d in enumerate(digests) if d is not None], dtype=np.int64)
+            hi, lo = _split(b"".join(digests[i] for i in rows))
+            ki = KINDS.index(kind)
+            parts.append({
+                "group": ki * self.config.buckets + (hi % np.uint64(self.config.buckets)).astype(np.int64),
+                "kind": np.full(len(rows), ki, dtype=np.int64),
+                "hi": hi,
+                "lo": lo,
+                "key": keys[rows],
+                "area": area[rows],
+            })
+        return concat(parts) if any(len(p["key"]) for p in parts) else parts[0]
 
     def reduce_group(self, group: Batch) -> Batch:
-        keys, first = np.unique(dd.str_keys(group["key"]), return_index=True)
-        if len(keys) < 2:
-            first = first[:0]
+        kind = np.asarray(group["kind"], dtype=np.int64)
+        hi, lo = np.asarray(group["hi"], dtype=np.uint64), np.asarray(group["lo"], dtype=np.uint64)
+        order = np.lexsort((lo, hi, kind))
+        kind, hi, lo = kind[order], hi[order], lo[order]
+        run = _runs(kind, hi, lo)
+        size = np.bincount(run)
+        keep = order[size[run] > 1]  # rows whose digest is shared
         return {
-            "group": object_array([str(g) for g in np.asarray(group["group"])[first]]),
-            "key": object_array([str(k) for k in keys[: len(first)]]),
-            "area": np.asarray(group["area"], dtype=np.int64)[first],
-            "kind": object_array([str(k) for k in np.asarray(group["kind"])[first]]),
+            "kind": np.asarray(group["kind"], dtype=np.int64)[keep],
+            "hi": np.asarray(group["hi"], dtype=np.uint64)[keep],
+            "lo": np.asarray(group["lo"], dtype=np.uint64)[keep],
+            "key": np.asarray(group["key"], dtype=object)[keep],
+            "area": np.asarray(group["area"], dtype=np.int64)[keep],
         }
 
     def resolve(self, reduced: Batch) -> Batch:
         if not reduced or not batch_len(reduced):
             return dd.no_decisions()
-        groups = dd.str_keys(reduced["group"])
+        kind = np.asarray(reduced["kind"], dtype=np.int64)
+        hi, lo = np.asarray(reduced["hi"], dtype=np.uint64), np.asarray(reduced["lo"], dtype=np.uint64)
         keys = dd.str_keys(reduced["key"])
         area = np.asarray(reduced["area"], dtype=np.int64)
-        gid = np.unique(groups, return_inverse=True)[1]
-        # star edges: every member to its group's first member (smallest key)
-        order = np.lexsort((keys, gid))
-        starts = order[np.r_[True, gid[order][1:] != gid[order][:-1]]]
-        head = np.empty(gid.max() + 1, dtype=np.int64)
-        head[gid[starts]] = starts
-        h = head[gid]
+        # one id per (kind, digest); star edges: every member to the group's first
+        order = np.lexsort((keys, lo, hi, kind))
+        run = _runs(kind[order], hi[order], lo[order])
+        gid = np.empty(len(order), dtype=np.int64)
+        gid[order] = run
+        first = order[np.r_[True, run[1:] != run[:-1]]]
+        h = first[gid]
         c = dd.cluster_pairs(keys[h], keys, area[h], area)
         node = c["b"]  # the node of each reduced row
         surv = c["survivor"][node]
@@ -164,21 +183,42 @@ class ExactDedupStage(GlobalStage):
         probe = gid * width + surv
         pos = np.minimum(np.searchsorted(member, probe), len(member) - 1)
         with_surv = member[pos] == probe
-        bits = np.array([1 << KINDS.index(str(k)) for k in reduced["kind"]], dtype=np.int64)
+        bits = np.left_shift(1, kind).astype(np.int64)
         shared = np.zeros(len(c["key"]), dtype=np.int64)
         linked = np.zeros(len(c["key"]), dtype=np.int64)
         np.bitwise_or.at(shared, node[with_surv], bits[with_surv])
         np.bitwise_or.at(linked, node, bits)
         drop = np.flatnonzero(c["dropped"])
+        memo: dict[tuple[int, int, int], tuple[str, str]] = {}  # few distinct combinations
         reasons, details = [], []
-        for i in drop:
-            direct = _kinds_of(shared[i])
-            detail = {"match": direct, "cluster_size": int(c["size"][i]), "distance": 0}
-            if not direct:
-                detail["linked_by"] = _kinds_of(linked[i])
-            reasons.append("duplicate_" + (direct or detail["linked_by"])[0])
-            details.append(detail)
+        for combo in zip(shared[drop].tolist(), linked[drop].tolist(), c["size"][drop].tolist()):
+            if combo not in memo:
+                memo[combo] = _reason_detail(*combo)
+            reasons.append(memo[combo][0])
+            details.append(memo[combo][1])
         return dd.decisions(c["key"][drop], reasons, details, c["key"][c["survivor"][drop]])
+
+
+def _split(digests: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated 16-byte digests as two uint64 columns (high, low)."""
+    both = np.frombuffer(digests, dtype=">u8").astype(np.uint64).reshape(-1, 2)
+    return both[:, 0].copy(), both[:, 1].copy()
+
+
+def _runs(kind: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Run ids of equal (kind, hi, lo) in arrays sorted by them."""
+    if not len(kind):
+        return np.zeros(0, dtype=np.int64)
+    new = np.r_[True, (kind[1:] != kind[:-1]) | (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])]
+    return np.cumsum(new) - 1
+
+
+def _reason_detail(shared: int, linked: int, size: int) -> tuple[str, str]:
+    direct = _kinds_of(shared)
+    detail = {"match": direct, "cluster_size": size, "distance": 0}
+    if not direct:
+        detail["linked_by"] = _kinds_of(linked)
+    return "duplicate_" + (direct or detail["linked_by"])[0], json.dumps(detail, sort_keys=True)
 
 
 def _kinds_of(mask: int) -> list[str]:
@@ -231,6 +271,8 @@ def normalize_url(url: str) -> str:
     netloc = host if port is None or port == _DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
     if scheme in _DEFAULT_PORTS:
         scheme = "http(s)"
-    path = quote(unquote(p.path), safe="/:@!$&'()*+,;=~") or "/"
-    query = sorted((k, v) for k, v in parse_qsl(p.query, keep_blank_values=True) if not k.lower().startswith("utm_"))
+    path = p.path if _PLAIN_PATH.fullmatch(p.path) else quote(unquote(p.path), safe=_PATH_SAFE)
+    path = path or "/"
+    query = sorted((k, v) for k, v in parse_qsl(p.query, keep_blank_values=True)
+                   if not k.lower().startswith("utm_")) if p.query else ()
     return f"{scheme}://{netloc}{path}" + (f"?{urlencode(query)}" if query else "")

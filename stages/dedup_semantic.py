@@ -198,8 +198,10 @@ def spherical_kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray
         dist = np.minimum(dist, np.maximum(0.0, 1.0 - x @ centroids[c]))
     for _ in range(iters):
         assign = np.argmax(x @ centroids.T, axis=1)
+        order = np.argsort(assign, kind="stable")
+        starts = np.flatnonzero(np.r_[True, assign[order][1:] != assign[order][:-1]])
         sums = np.zeros_like(centroids)
-        np.add.at(sums, assign, x)
+        sums[assign[order][starts]] = np.add.reduceat(x[order], starts, axis=0)
         norms = np.linalg.norm(sums, axis=1)
         moved = norms > 0  # an emptied cluster keeps its old centroid
         new = centroids.copy()

@@ -69,6 +69,48 @@ def test_clusters_merge_across_kinds_with_the_most_specific_reason():
     assert detail[1]["match"] == ["pair", "sha256"] and detail[0]["cluster_size"] == 4
 
 
+def random_rows(n, seed):
+    rng = np.random.default_rng(seed)
+    specs = [(f"{i:06d}", f"https://h{rng.integers(n)}.com/x.jpg", f"img{rng.integers(n)}",
+              ["a", "b"][rng.integers(2)], int(rng.integers(1, 4))) for i in rng.permutation(n)]
+    return rows_of(*specs)
+
+
+def reference_dropped(rows):
+    """Union of rows sharing a sha256, a normalised URL or a (sha256, caption)."""
+    parent = list(range(len(rows["key"])))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    seen = {}
+    for i in range(len(rows["key"])):
+        ids = [("sha", rows["sha256"][i]), ("url", normalize_url(rows["url"][i])),
+               ("pair", rows["sha256"][i], rows["caption"][i])]
+        for ident in ids:
+            j = seen.setdefault(ident, i)
+            parent[find(i)] = find(j)
+    clusters = {}
+    for i in range(len(rows["key"])):
+        clusters.setdefault(find(i), []).append(i)
+    out = {}
+    for members in clusters.values():
+        best = min(members, key=lambda i: (-rows["original_width"][i], rows["key"][i]))
+        out.update({rows["key"][i]: rows["key"][best] for i in members if i != best})
+    return out
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 256])
+def test_fit_matches_a_reference_union_find(buckets):
+    rows = random_rows(1500, seed=buckets)
+    dec = fit_global(ExactDedupStage(Config(buckets=buckets)), rows)
+    want = reference_dropped(rows)
+    assert len(want) > 500
+    assert dict(zip(dec["key"], dec["duplicate_of"])) == want
+
+
 def test_a_row_linked_only_through_others_says_so():
     rows = rows_of(
         ("a", "https://h.com/1.jpg", "img1", "x", 10),
