@@ -67,8 +67,8 @@ log = logging.getLogger(__name__)
 BINS = 8192
 #: prepare's window: this many standard deviations of a sample quantile,
 #: plus this share of the sample's rows, either side of the estimated cut
-WINDOW_SIGMAS = 8.0
-WINDOW_SHARE = 0.02
+WINDOW_SIGMAS = 6.0
+WINDOW_SHARE = 0.01
 
 
 @dataclass(frozen=True)
