@@ -121,6 +121,9 @@ class _Server(ThreadingHTTPServer):
 def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # headers and body go out in separate writes; with Nagle on, a
+        # keep-alive client waits ~40 ms (delayed ACK) for every body
+        disable_nagle_algorithm = True
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("#", 1)[0]
