@@ -32,9 +32,9 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def make_images(n: int, seed: int = 0) -> list[bytes]:
@@ -137,7 +137,7 @@ def run_img2dataset(args, urls: Path, out: Path, per_shard: int) -> tuple[float,
         encode_format=args.encode_format,
         encode_quality=args.encode_quality,
         number_sample_per_shard=per_shard,
-        timeout=int(math.ceil(args.timeout)),
+        timeout=math.ceil(args.timeout),
         retries=0,
         extract_exif=False,
         compute_hash="sha256",

@@ -125,7 +125,7 @@ def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
         # keep-alive client waits ~40 ms (delayed ACK) for every body
         disable_nagle_algorithm = True
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             path = self.path.split("#", 1)[0]
             route = server._record(path)
             if route is None and "?" in path:
@@ -177,7 +177,7 @@ def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 time.sleep(route.drip)
 
-        def log_message(self, format, *args) -> None:  # noqa: A002 (stdlib signature)
+        def log_message(self, format, *args) -> None:
             pass
 
     return Handler

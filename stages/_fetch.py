@@ -1,33 +1,26 @@
 """An HTTP client that is safe to point at an untrusted URL list.
 
-Why not img2dataset's ``download_image`` (``urllib.request.urlopen``): it
-follows redirects by itself and connects wherever DNS says, so a URL list (or
-any server it names) can make the downloader fetch from loopback, the private
-network or a cloud metadata service (``169.254.169.254``). Here:
+img2dataset's ``download_image`` (``urllib.request.urlopen``) follows
+redirects by itself and connects wherever DNS says, so a URL list, or any
+server it names, can make it fetch from loopback, the private network or a
+cloud metadata service. We keep urllib3 for the HTTP (a well-kept library:
+pooling, keep-alive, TLS with certificate and hostname checks) and replace
+only how a connection picks its address:
 
-* every connection resolves the host once, drops the addresses the
-  :class:`AddressPolicy` refuses, and connects to a vetted address literal,
-  then checks the connected socket's peer address again. What was checked is
-  what is connected to, so DNS rebinding (a second answer between check and
-  connect) has no window.
-* redirects are followed here, one hop at a time, each through the same
-  checked connections, up to ``max_redirects``.
-* bodies are streamed and cut at ``max_bytes``; a whole attempt has a
-  ``deadline`` so a server dripping one byte per ``timeout`` cannot hold a
-  thread for ever.
-* no proxy from the environment is used (a proxy would fetch the blocked
-  address for us).
+* each new connection resolves the host once, drops the addresses the
+  :class:`AddressPolicy` refuses, connects to a vetted address literal and
+  checks the socket's peer address: what was checked is what is connected
+  to, so DNS rebinding has no window;
+* redirects are followed here, one hop at a time through the same checked
+  connections, up to ``max_redirects``; environment proxies are never used;
+* bodies are streamed and cut at ``max_bytes``; an attempt has a
+  ``deadline`` so a server dripping bytes cannot hold a thread for ever.
 
-The HTTP itself is urllib3 (a well-kept library: pooling, keep-alive, TLS
-with certificate and hostname checks); we only replace how a connection
-picks its address. The ``X-Robots-Tag`` opt-out test is img2dataset's own
-``is_disallowed``.
-
-:meth:`SafeFetcher.fetch` never raises for anything a URL or a server can do:
-it returns a :class:`Fetched` whose ``reason`` is ``""`` or one of
-``invalid_url``, ``blocked_address``, ``timeout``, ``connection_error``,
-``truncated``, ``http_<status>``, ``too_many_redirects``, ``too_many_bytes``,
-``opted_out``.
+The ``X-Robots-Tag`` opt-out test is img2dataset's own ``is_disallowed``.
+:meth:`SafeFetcher.fetch` never raises for anything a URL or a server does;
+its :class:`Fetched` has ``reason`` ``""`` or one of ``invalid_url``,
+``blocked_address``, ``timeout``, ``connection_error``, ``truncated``,
+``http_<status>``, ``too_many_redirects``, ``too_many_bytes``, ``opted_out``.
 """
 
 from __future__ import annotations
@@ -267,7 +260,7 @@ class SafeFetcher:
         tries, free = 0, 1
         while True:
             got = self._attempt(url)
-            retryable = got.reason in _RETRYABLE or got.http_status >= 500 or got.http_status == 429
+            retryable = got.reason in _RETRYABLE or got.reason.startswith("http_5") or got.reason == "http_429"
             if not got.reason or not retryable:
                 return got
             if got.detail.pop("stale", False) and free:
@@ -413,16 +406,14 @@ def _classify(e: Exception) -> tuple[str, dict]:
 
 
 def _discard(resp) -> None:
-    """Finish a response we do not want; keep the connection when that is cheap."""
+    """Finish a response we do not want; keep the connection when that is
+    cheap (urllib3's ``drain_conn`` closes it itself if reading fails)."""
     length = resp.headers.get("Content-Length")
     if length and length.strip().isdigit() and int(length) <= _DRAIN_LIMIT:
-        try:
-            resp.drain_conn()
-            resp.release_conn()
-            return
-        except Exception:  # noqa: BLE001 - a broken connection is closed below
-            pass
-    _close(resp)
+        resp.drain_conn()
+        resp.release_conn()
+    else:
+        _close(resp)
 
 
 def _close(resp) -> None:

@@ -77,7 +77,9 @@ class Config:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"download.resize_mode: {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
         if self.encode_format not in ENCODE_FORMATS:
-            raise ValueError(f"download.encode_format: {self.encode_format!r} is not one of {', '.join(ENCODE_FORMATS)}")
+            raise ValueError(
+                f"download.encode_format: {self.encode_format!r} is not one of {', '.join(ENCODE_FORMATS)}"
+            )
         for name in ("upscale_interpolation", "downscale_interpolation"):
             if getattr(self, name).lower() not in INTERPOLATIONS:
                 raise ValueError(f"download.{name}: {getattr(self, name)!r} is not one of {', '.join(INTERPOLATIONS)}")

@@ -140,7 +140,13 @@ def test_ok_row_has_resized_image_sizes_hash_and_status(server):
 
 @pytest.mark.parametrize(
     "mode, size",
-    [("border", (100, 100)), ("center_crop", (100, 100)), ("keep_ratio", (150, 100)), ("keep_ratio_largest", (100, 67)), ("no", (600, 400))],
+    [
+        ("border", (100, 100)),
+        ("center_crop", (100, 100)),
+        ("keep_ratio", (150, 100)),
+        ("keep_ratio_largest", (100, 67)),
+        ("no", (600, 400)),
+    ],
 )
 def test_resize_modes(server, mode, size):
     out = download([server.url("/coffee.png")], image_size=100, resize_mode=mode)
@@ -201,7 +207,19 @@ def test_connection_refused(server):
     assert "refused" in detail(out, 0)["error"].lower()
 
 
-@pytest.mark.parametrize("url", ["", None, 42, "not a url", "ftp://example.com/a.jpg", "javascript:alert(1)", "http://", "http://exa mple.com/a b.jpg"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        None,
+        42,
+        "not a url",
+        "ftp://example.com/a.jpg",
+        "javascript:alert(1)",
+        "http://",
+        "http://exa mple.com/a b.jpg",
+    ],
+)
 def test_invalid_urls(url):
     out = download([url])
     assert outcome(out, 0) == (STATUS_FAILED, "invalid_url")
@@ -254,7 +272,9 @@ def test_opt_out_headers(server):
 def test_loopback_is_refused_by_default(server):
     before = server.hits["/blocked-target.jpg"]
     stage = DownloadStage(Config(thread_count=4))
-    out = run_stage_batch(stage, make_batch([server.url("/blocked-target.jpg"), f"http://localhost:{server.port}/blocked-target.jpg"]))
+    out = run_stage_batch(
+        stage, make_batch([server.url("/blocked-target.jpg"), f"http://localhost:{server.port}/blocked-target.jpg"])
+    )
     assert [outcome(out, i) for i in range(2)] == [(STATUS_FAILED, "blocked_address")] * 2
     assert server.hits["/blocked-target.jpg"] == before  # never connected
     assert ["127.0.0.1", "loopback"] in detail(out, 0)["refused"]
@@ -406,7 +426,13 @@ def test_the_checked_address_is_the_connected_address(server):
 
 
 def test_config_rejects_bad_values():
-    for bad in ({"resize_mode": "stretch"}, {"encode_format": "gif"}, {"encode_format": "png", "encode_quality": 95}, {"allow_networks": ("nonsense",)}, {"thread_count": 0}):
+    for bad in (
+        {"resize_mode": "stretch"},
+        {"encode_format": "gif"},
+        {"encode_format": "png", "encode_quality": 95},
+        {"allow_networks": ("nonsense",)},
+        {"thread_count": 0},
+    ):
         with pytest.raises(ValueError):
             Config(**bad)
 
@@ -417,7 +443,10 @@ def test_reasons_and_details_read_the_same_in_every_run(server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}/x.jpg"
-    urls = [server.url(p) for p in ("/page.html", "/half.png", "/missing.jpg", "/cut.jpg")] + [closed, "http://10.0.0.1/"]
+    urls = [server.url(p) for p in ("/page.html", "/half.png", "/missing.jpg", "/cut.jpg")] + [
+        closed,
+        "http://10.0.0.1/",
+    ]
     first = download(urls)
     second = download(urls, thread_count=3)  # another worker, same decisions
     assert list(first["detail"]) == list(second["detail"])

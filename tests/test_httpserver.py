@@ -13,7 +13,11 @@ from pipeline.httpserver import LocalHTTPServer, Route
 @pytest.fixture(scope="module")
 def server():
     routes = {
-        "/a.bin": Route(b"0123456789", "application/x-test", headers=[("X-Robots-Tag", "noai"), ("X-Robots-Tag", "otherbot: noindex")]),
+        "/a.bin": Route(
+            b"0123456789",
+            "application/x-test",
+            headers=[("X-Robots-Tag", "noai"), ("X-Robots-Tag", "otherbot: noindex")],
+        ),
         "/moved": Route(redirect="/a.bin"),
         "/moved-perm": Route(redirect="http://example.invalid/x", status=301),
         "/cut": Route(b"x" * 1000, truncate_after=100),
