@@ -127,7 +127,7 @@ class ExactDedupStage(GlobalStage):
 
     def candidates(self, batch: Batch) -> Batch:
         area = dd.row_area(batch, self.config.keep)
-        keys = np.asarray(batch["key"], dtype=object)
+        keys = dd.str_keys(batch["key"])
         parts = []
         for kind in self.kinds:
             digests = digest_column(batch, kind)
@@ -156,7 +156,7 @@ class ExactDedupStage(GlobalStage):
             "kind": np.asarray(group["kind"], dtype=np.int64)[keep],
             "hi": np.asarray(group["hi"], dtype=np.uint64)[keep],
             "lo": np.asarray(group["lo"], dtype=np.uint64)[keep],
-            "key": np.asarray(group["key"], dtype=object)[keep],
+            "key": np.asarray(group["key"])[keep],
             "area": np.asarray(group["area"], dtype=np.int64)[keep],
         }
 

@@ -148,7 +148,7 @@ class PerceptualDedupStage(GlobalStage):
             "band": band,
             "bval": bval,
             "hash": hashes[rep],
-            "key": np.asarray(keys, dtype=object)[rep],
+            "key": dd.str_keys(keys)[rep],  # fixed-width: copies without refcounting
             "area": area[rep],
         }
 
@@ -160,7 +160,7 @@ class PerceptualDedupStage(GlobalStage):
         # clusters (and so resolve's survivors) come out the same
         order = np.lexsort((h, bval, band))
         band, bval, h = band[order], bval[order], h[order]
-        keys = np.asarray(group["key"], dtype=object)[order]
+        keys = np.asarray(group["key"])[order]
         area = np.asarray(group["area"], dtype=np.int64)[order]
         edges_a, edges_b, dists = [], [], []
 

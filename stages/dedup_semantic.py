@@ -100,7 +100,7 @@ class SemanticDedupStage(GlobalStage):
         area = dd.row_area(batch, self.config.keep)
         return {
             "group": near.ravel().astype(np.int64),
-            "key": object_array([str(k) for k in batch["key"][rows]]),
+            "key": dd.str_keys(batch["key"])[rows],
             "area": area[rows],
             "emb": np.repeat(emb, probes, axis=0),
         }
@@ -128,8 +128,8 @@ class SemanticDedupStage(GlobalStage):
         hit = sim > cut
         a, b = a[hit], b[hit]
         return {
-            "key_a": object_array([str(k) for k in keys[a]]),
-            "key_b": object_array([str(k) for k in keys[b]]),
+            "key_a": keys[a],
+            "key_b": keys[b],
             "area_a": area[a],
             "area_b": area[b],
             "similarity": sim[hit],
