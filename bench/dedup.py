@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import sys
@@ -31,12 +32,12 @@ import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from pipeline.local import fit_global  # noqa: E402
-from stages import _dedup as dd  # noqa: E402
-from stages.base import concat, object_array, take  # noqa: E402
-from stages.dedup_phash import DEFAULT_MAX_DISTANCE, Config, PerceptualDedupStage  # noqa: E402
+from pipeline.local import fit_global
+from stages import _dedup as dd
+from stages.base import concat, object_array, take
+from stages.dedup_phash import DEFAULT_MAX_DISTANCE, Config, PerceptualDedupStage
 
 
 def synthetic(n: int, max_distance: int, seed: int = 0) -> dict:
@@ -65,7 +66,7 @@ def stage_only(stage: PerceptualDedupStage, rows: dict) -> dict:
     order = np.argsort(cands["group"], kind="stable")
     g = cands["group"][order]
     cuts = np.flatnonzero(np.r_[True, g[1:] != g[:-1], True])
-    reduced = [stage.reduce_group(take(cands, order[a:b])) for a, b in zip(cuts[:-1], cuts[1:])]
+    reduced = [stage.reduce_group(take(cands, order[a:b])) for a, b in itertools.pairwise(cuts)]
     return stage.resolve(concat(reduced))
 
 
@@ -119,7 +120,7 @@ def bench_fit(sizes: list[int], max_distance: int, naive_up_to: int) -> list[dic
             r["speedup_stage_only"] = r["all_pairs_s"] / t_stage
         results.append(r)
         print(_fmt(r), flush=True)
-    for prev, cur in zip(results, results[1:]):
+    for prev, cur in itertools.pairwise(results):
         f = cur["n"] / prev["n"]
         print(f"growth {prev['n']:>8,} -> {cur['n']:>9,} (x{f:g} rows): fit_global x{cur['fit_global_s'] / prev['fit_global_s']:.1f}"
               f" (cpu x{cur['fit_global_cpu_s'] / prev['fit_global_cpu_s']:.1f}), stage only"

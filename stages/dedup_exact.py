@@ -31,7 +31,15 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 import numpy as np
 
 from stages import _dedup as dd
-from stages.base import Batch, GlobalStage, Resources, batch_len, concat, object_array, reject
+from stages.base import (
+    Batch,
+    GlobalStage,
+    Resources,
+    batch_len,
+    concat,
+    object_array,
+    reject,
+)
 
 #: priority order of reasons: the first kind a dropped row shares with its survivor names it
 KINDS = ("pair", "sha256", "url")

@@ -42,7 +42,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stages import _dedup as dd
-from stages.base import STATUS_FAILED, Batch, GlobalStage, Resources, batch_len, object_array, reject
+from stages.base import (
+    STATUS_FAILED,
+    Batch,
+    GlobalStage,
+    Resources,
+    batch_len,
+    object_array,
+    reject,
+)
 
 #: Rows sharing one band value are compared pairwise; chosen from the planted set.
 DEFAULT_MAX_DISTANCE = 2

@@ -179,7 +179,7 @@ def evaluate(rows: Batch, decisions: Batch) -> dict:
     same_pred = label[:, None] == label[None, :]
     same_true = origin[:, None] == origin[None, :]
     upper = np.triu(np.ones_like(same_pred), 1)
-    out = {"dropped": int(len(decisions.get("key", [])))}
+    out = {"dropped": len(decisions.get("key", []))}
     pred = same_pred & upper
     out["precision"] = float((pred & same_true).sum() / max(pred.sum(), 1))
     is_orig = family == "original"
@@ -220,7 +220,7 @@ def report() -> list[dict]:
     for algo in ("phash", "dhash"):
         stage = PerceptualDedupStage(PConfig(algorithm=algo, max_distance=0))
         hashed = stage.process_batch(dict(rows))
-        for d in range(0, 13):
+        for d in range(13):
             st = PerceptualDedupStage(PConfig(algorithm=algo, max_distance=d))
             from pipeline.local import fit_global
 
