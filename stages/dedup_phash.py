@@ -121,7 +121,7 @@ class PerceptualDedupStage(GlobalStage):
         out[self.column] = object_array(hashes)
         out[dd.DUPLICATE_OF] = object_array([""] * n)
         bad_mask = np.array([b is not False for b in bad], dtype=bool)
-        reject(out, bad_mask, self.name, "image_undecodable", [{"error": b} for b in bad if b is not False],
+        reject(out, bad_mask, self.name, "decode_error", [{"error": b} for b in bad if b is not False],
                status=STATUS_FAILED)
         if self.config.prior_build:
             self.setup()

@@ -154,6 +154,7 @@ def test_run_global_sets_status_and_duplicate_of():
     assert all(out["duplicate_of"][~dropped] == "") and all(out["duplicate_of"][dropped] != "")
     origin = dict(zip(out["key"], out["origin"]))
     assert all(origin[o] == origin[k] for k, o in zip(out["key"][dropped], out["duplicate_of"][dropped]))
+    assert set(out["duplicate_of"][dropped]) <= set(out["key"][~dropped])  # survivors are never dropped
 
 
 def test_prior_build_drops_rows_whose_identity_is_already_there(tmp_path):

@@ -95,7 +95,7 @@ def test_process_batch_hashes_real_images_and_fails_undecodable_ones():
     rows = take(build_planted(), np.arange(6))
     rows["image"][2] = b"not an image"
     out = PerceptualDedupStage(Config()).process_batch(rows)
-    assert out["status"][2] == STATUS_FAILED and out["reason"][2] == "image_undecodable"
+    assert out["status"][2] == STATUS_FAILED and out["reason"][2] == "decode_error"
     assert out["phash"][2] == ""
     for i in (0, 1, 3, 4, 5):
         assert out["status"][i] == "ok" and len(out["phash"][i]) == 16
