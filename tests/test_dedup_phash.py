@@ -50,6 +50,19 @@ def test_fit_finds_exactly_the_all_pairs_clusters(d, buckets):
     assert set(dec["reason"]) == {"duplicate_phash"}
 
 
+def test_reduce_reports_each_verified_pair_once():
+    rows = synthetic(2000, seed=9, max_flip=2)
+    stage = PerceptualDedupStage(Config(max_distance=2, buckets_per_band=4))
+    cands = stage.candidates(rows)
+    pairs = []
+    for g in np.unique(cands["group"]):
+        out = stage.reduce_group(take(cands, np.flatnonzero(cands["group"] == g)))
+        assert np.all(out["distance"] <= 2)
+        assert np.array_equal(out["distance"], dd.popcount(out["hash_a"] ^ out["hash_b"]))
+        pairs += [tuple(sorted(p)) for p in zip(out["key_a"], out["key_b"])]
+    assert len(pairs) > 100 and len(set(pairs)) == len(pairs)
+
+
 def test_clusters_are_transitive_and_the_survivor_is_never_dropped():
     # a chain: each hash 2 bits from the next, 6 bits end to end
     base = np.uint64(0x0123456789ABCDEF)
