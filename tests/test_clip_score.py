@@ -305,10 +305,6 @@ def test_config_checks():
 # --------------------------------------------------------------------- Ray
 
 
-def _finalize(batch, stage):
-    return stage.finalize(batch)
-
-
 @pytest.mark.slow
 def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local):
     import ray
@@ -322,7 +318,7 @@ def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local):
     st = stage(trained_ckpt, **cfg)
     items = [{c: rows[c][i] for c in rows} for i in range(len(rows["key"]))]
     ds = ray_map_stage(ray.data.from_items(items, override_num_blocks=4), st)
-    ds = run_global_ray(ds, st).map_batches(_finalize, fn_kwargs={"stage": st}, batch_format="numpy")
+    ds = run_global_ray(ds, st).map_batches(st.finalize, batch_format="numpy")
     remote = concat(list(ds.iter_batches(batch_format="numpy", batch_size=None)))
     order = np.argsort(remote["key"].astype(str))
     remote = take(remote, order)
@@ -330,4 +326,5 @@ def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local):
     assert np.array_equal(remote["clip_score"], local["clip_score"])
     assert np.array_equal(remote["img_emb"], local["img_emb"])
     assert list(remote["status"]) == list(local["status"]) and list(remote["reason"]) == list(local["reason"])
-    assert (local["status"] == STATUS_OK).sum() == 24
+    alive = int((local["clip_score"] >= -0.5).sum())
+    assert 0 < alive < 60 and (local["status"] == STATUS_OK).sum() == int(np.floor(0.4 * alive + 0.5))
