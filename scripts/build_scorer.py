@@ -27,8 +27,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer.corpus import CorpusConfig, build_corpus  # noqa: E402
-from trainer.loop import CHECKPOINT, TrainConfig, train  # noqa: E402
+from trainer.corpus import CorpusConfig, build_corpus
+from trainer.loop import CHECKPOINT, TrainConfig, train
 
 
 def _corpus(work: Path, cfg: CorpusConfig, processes: int) -> dict:
@@ -46,11 +46,12 @@ def _corpus(work: Path, cfg: CorpusConfig, processes: int) -> dict:
 def check_with_open_clip(path: Path, shards: str, cfg: TrainConfig) -> dict:
     """Load the exported file with open_clip's loader and score the held-out
     split with it (its preprocess, its tokenizer): the figures a user gets."""
+    import numpy as np
     import open_clip
     import torch
 
     from trainer.data import Prep, find_shards, load_eval_set
-    from trainer.evaluate import matching_vs_shuffled, _same_caption
+    from trainer.evaluate import _same_caption, matching_vs_shuffled
     from trainer.model import register_configs
 
     register_configs()
@@ -58,7 +59,9 @@ def check_with_open_clip(path: Path, shards: str, cfg: TrainConfig) -> dict:
     tok = open_clip.get_tokenizer(cfg.model)
     model.eval()
     shard_list = find_shards([shards])
-    evalset = load_eval_set(shard_list, Prep(cfg.model, model.visual.preprocess_cfg["size"][0]), cfg.stream(), cfg.eval_limit)
+    evalset = load_eval_set(
+        shard_list, Prep(cfg.model, model.visual.preprocess_cfg["size"][0]), cfg.stream(), cfg.eval_limit
+    )
     from PIL import Image
 
     with torch.no_grad():
@@ -72,6 +75,9 @@ def check_with_open_clip(path: Path, shards: str, cfg: TrainConfig) -> dict:
         idx = [i for i, s in enumerate(sources) if s == src]
         sub = sim[idx][:, idx]
         out[src] = matching_vs_shuffled(sub, _same_caption([evalset.captions[i] for i in idx]))
+        if src == "fashion":  # a shuffled caption naming the same class also describes the image
+            labels = np.array([evalset.metas[i].get("label") for i in idx])
+            out["fashion_other_class"] = matching_vs_shuffled(sub, labels[:, None] == labels[None, :])
     return out
 
 
@@ -89,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     work = Path(args.work)
-    ccfg = CorpusConfig(fashion=600, scenes_one=100, scenes_count=100, scene_pairs=100, photo_variants=4, samples_per_shard=300) if args.small else CorpusConfig()
+    ccfg = (
+        CorpusConfig(
+            fashion=600, scenes_one=100, scenes_count=100, scene_pairs=100, photo_variants=4, samples_per_shard=300
+        )
+        if args.small
+        else CorpusConfig()
+    )
     corpus = _corpus(work / "corpus", ccfg, args.processes)
     print(f"[scorer] corpus: {corpus['samples']} samples in {corpus['shards']} shards", flush=True)
 
@@ -123,7 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         "model": cfg.model,
         "corpus": corpus,
         "train": {"config": asdict(cfg), "seconds": train_s, "device": report["device"], "data": report["data"]},
-        "held_out": {k: m[k] for k in ("n", "image_to_text", "text_to_image", "chance", "matching_vs_shuffled", "winoground", "hard_negative") if k in m},
+        "held_out": {
+            k: m[k]
+            for k in (
+                "n",
+                "image_to_text",
+                "text_to_image",
+                "chance",
+                "matching_vs_shuffled",
+                "winoground",
+                "hard_negative",
+            )
+            if k in m
+        },
     }
     out = export_scorer(Path(cfg.out) / CHECKPOINT, args.out, extra={"summary_json": json.dumps(summary)})
     summary["open_clip_check"] = check_with_open_clip(out, cfg.shards[0], cfg)

@@ -76,7 +76,9 @@ def _encode(im: Image.Image, rng: random.Random) -> bytes:
     return buf.getvalue()
 
 
-def _fashion(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], i: int, rng: random.Random) -> list[dict]:
+def _fashion(
+    images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], i: int, rng: random.Random
+) -> list[dict]:
     arr = images[i]
     if rng.random() < 0.7:  # dark product on white, like a catalogue
         arr = 255 - arr
@@ -89,7 +91,14 @@ def _fashion(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], i
     cls = classes[int(labels[i])]
     names = FASHION_NAMES[cls]
     name = names[0] if rng.random() < 0.6 else rng.choice(names)
-    return [{"image": _encode(im, rng), "caption": rng.choice(FASHION_TEMPLATES).format(c=name), "source": "fashion", "label": cls}]
+    return [
+        {
+            "image": _encode(im, rng),
+            "caption": rng.choice(FASHION_TEMPLATES).format(c=name),
+            "source": "fashion",
+            "label": cls,
+        }
+    ]
 
 
 def _photo(photos: list[tuple[str, str, np.ndarray]], i: int, rng: random.Random) -> list[dict]:
@@ -100,7 +109,14 @@ def _photo(photos: list[tuple[str, str, np.ndarray]], i: int, rng: random.Random
     x, y = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
     im = im.crop((x, y, x + w, y + h))
     im.thumbnail((rng.randint(96, 384),) * 2)
-    return [{"image": _encode(im, rng), "caption": rng.choice(PHOTO_TEMPLATES).format(c=caption), "source": "photo", "label": name}]
+    return [
+        {
+            "image": _encode(im, rng),
+            "caption": rng.choice(PHOTO_TEMPLATES).format(c=caption),
+            "source": "photo",
+            "label": name,
+        }
+    ]
 
 
 def _scene(kind: str, rng: random.Random) -> list[dict]:

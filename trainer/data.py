@@ -19,9 +19,9 @@ import io
 import itertools
 import json
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -160,9 +160,9 @@ _TOKENIZERS: dict[str, object] = {}
 def tokenizer(model_name: str):
     """open_clip's tokenizer for ``model_name``, built once per process."""
     if model_name not in _TOKENIZERS:
-        from trainer.model import register_configs
-
         import open_clip
+
+        from trainer.model import register_configs
 
         register_configs()
         _TOKENIZERS[model_name] = open_clip.get_tokenizer(model_name)

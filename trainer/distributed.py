@@ -59,11 +59,18 @@ def train_with_ray(cfg: TrainConfig, num_workers: int | None = None, address: st
     workers = num_workers or gpus
     out = Path(cfg.out).resolve()
     # data loader workers per rank: share the node's CPUs, at least one each
-    cfg = replace(cfg, out=str(out), device="cuda", shards=tuple(str(Path(s).resolve()) if "://" not in s else s for s in cfg.shards))
+    cfg = replace(
+        cfg,
+        out=str(out),
+        device="cuda",
+        shards=tuple(str(Path(s).resolve()) if "://" not in s else s for s in cfg.shards),
+    )
     trainer = TorchTrainer(
         _worker,
         train_loop_config=asdict(cfg),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=True, resources_per_worker={"CPU": max(1, cfg.workers)}),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=True, resources_per_worker={"CPU": max(1, cfg.workers)}
+        ),
         run_config=RunConfig(name=f"pairforge-train-{out.name}", storage_path=str(out / "ray")),
     )
     trainer.fit()

@@ -70,8 +70,8 @@ def matching_vs_shuffled(sim: np.ndarray, same: np.ndarray) -> dict[str, float]:
         "auc": roc_auc(pos, neg),
         "mean_matching": float(pos.mean()),
         "mean_shuffled": float(neg.mean()),
-        "n_matching": int(len(pos)),
-        "n_shuffled": int(len(neg)),
+        "n_matching": len(pos),
+        "n_shuffled": len(neg),
     }
 
 
@@ -143,10 +143,22 @@ def evaluate(model, evalset: EvalSet, spec: ImageSpec, prep: Prep, device="cpu")
         "image_to_text": recall_at_k(sim, same),
         "text_to_image": recall_at_k(sim.T, same.T),
         "chance": chance_recall(same),
-        "distinct_captions": int(len(set(evalset.captions))),
+        "distinct_captions": len(set(evalset.captions)),
         "matching_vs_shuffled": matching_vs_shuffled(sim, same),
         "winoground": winoground(sim, confounder_pairs(evalset)),
     }
+    sources = [str(m.get("source", "")) for m in evalset.metas]
+    if len(set(sources)) > 1:  # the same figures within each source (shuffles stay inside it)
+        out["by_source"] = {}
+        for src in sorted(set(sources)):
+            idx = np.array([i for i, x in enumerate(sources) if x == src])
+            sub, sub_same = sim[np.ix_(idx, idx)], same[np.ix_(idx, idx)]
+            out["by_source"][src] = {
+                "n": len(idx),
+                "image_to_text_r@1": recall_at_k(sub, sub_same, (1,))["r@1"],
+                "chance_r@1": chance_recall(sub_same, (1,))["r@1"],
+                "auc": matching_vs_shuffled(sub, sub_same)["auc"] if len(idx) > 1 else None,
+            }
     negs = [(i, m[NEGATIVE_CAPTION]) for i, m in enumerate(evalset.metas) if m.get(NEGATIVE_CAPTION)]
     if negs:
         idx = torch.tensor([i for i, _ in negs])

@@ -105,6 +105,29 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def train_step(
+    model, optimizer, batch: dict, cfg: TrainConfig, spec, device: torch.device, step: int, bf16: bool
+) -> torch.Tensor:
+    """One optimisation step on a batch from the loader; returns the loss
+    (detached, on the device: reading it would wait for the GPU)."""
+    images = normalize_images(batch["image"].to(device, non_blocking=True), spec)
+    texts = batch["text"].to(device, non_blocking=True)
+    negs = None
+    if cfg.hard_negatives and bool(batch["has_neg"].any()):
+        negs = batch["neg_text"][batch["has_neg"]].to(device, non_blocking=True)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = forward_loss(model, images, texts, negs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    clamp_temperature(model)
+    return loss.detach()
+
+
 def train(cfg: TrainConfig, device: torch.device | None = None, until: int | None = None) -> dict:
     """Train for ``cfg.steps`` steps (or stop after step ``until``, as an
     interrupted run would, checkpoint included) and return the report."""
@@ -160,20 +183,8 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
         t0 = time.perf_counter()
         batch = next(batches)
         data_s += time.perf_counter() - t0
-        images = normalize_images(batch["image"].to(device, non_blocking=True), spec)
-        texts = batch["text"].to(device, non_blocking=True)
-        negs = batch["neg_text"][batch["has_neg"]].to(device) if cfg.hard_negatives and batch["has_neg"].any() else None
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = forward_loss(model, images, texts, negs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        clamp_temperature(model)
-        loss_sum += loss.detach()
+        loss = train_step(model, optimizer, batch, cfg, spec, device, step, bf16)
+        loss_sum += loss
         loss_n += 1
 
         done = step + 1
@@ -189,7 +200,8 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
             loss_n = 0
             if rank == 0:
                 h = history["train"][-1]
-                print(f"[train] step {done}/{cfg.steps} loss {h['loss']:.4f} lr {h['lr']:.2e} T^-1 {h['logit_scale']:.1f}", flush=True)
+                msg = f"loss {h['loss']:.4f} lr {h['lr']:.2e} T^-1 {h['logit_scale']:.1f}"
+                print(f"[train] step {done}/{cfg.steps} {msg}", flush=True)
         if rank == 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
             log_eval(done)
         if rank == 0 and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
@@ -208,8 +220,12 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
             "parameters": sum(p.numel() for p in unwrap(model).parameters()),
             "image_size": spec.size,
         },
-        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "world_size": world, "precision": "bf16" if bf16 else "fp32"},  # fmt: skip
+        "device": {
+            "type": device.type,
+            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "world_size": world,
+            "precision": "bf16" if bf16 else "fp32",
+        },
         "data": {
             "shards": len(shards),
             "samples_in_shards": sum(sizes.values()),

@@ -55,7 +55,9 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
         logging.getLogger().setLevel(quiet)
     pcfg = model.visual.preprocess_cfg
     size = pcfg["size"]
-    spec = ImageSpec(size=int(size[0] if isinstance(size, (tuple, list)) else size), mean=tuple(pcfg["mean"]), std=tuple(pcfg["std"]))
+    spec = ImageSpec(
+        size=int(size[0] if isinstance(size, (tuple, list)) else size), mean=tuple(pcfg["mean"]), std=tuple(pcfg["std"])
+    )
     return model, spec
 
 
@@ -121,6 +123,7 @@ def optimizer_for(model: torch.nn.Module, lr: float, weight_decay: float) -> tor
         lr=lr,
         betas=(0.9, 0.98),
         eps=1e-6,
+        fused=bool(decay) and decay[0].is_cuda,  # one kernel for the whole update on GPUs
     )
 
 

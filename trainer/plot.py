@@ -22,8 +22,9 @@ def plot_curves(history: dict, path: str | Path, title: str = "") -> Path:
     steps = [e["step"] for e in evals]
     for direction, style in (("image_to_text", "-"), ("text_to_image", "--")):
         for k, color in (("r@1", "tab:red"), ("r@5", "tab:green")):
-            ax_rec.plot(steps, [e[direction][k] for e in evals], style, color=color, marker="o", ms=3,
-                        label=f"{direction.replace('_to_', '->').replace('image', 'img').replace('text', 'txt')} {k}")  # fmt: skip
+            name = direction.replace("_to_", "->").replace("image", "img").replace("text", "txt")
+            ys = [e[direction][k] for e in evals]
+            ax_rec.plot(steps, ys, style, color=color, marker="o", ms=3, label=f"{name} {k}")
     if evals:
         for k, color in (("r@1", "tab:red"), ("r@5", "tab:green")):
             ax_rec.axhline(evals[-1]["chance"][k], color=color, lw=0.8, ls=":", label=f"chance {k}")

@@ -143,7 +143,12 @@ def confounder_pair(rng: random.Random) -> tuple[Scene, Scene]:
     a, b = _objects(rng, 2)
     rel = rng.choice(list(RELATIONS))
     r = rng.uniform(11, 16)
-    layout = (r, rng.uniform(r + 6, CANVAS / 2 - r - 3), rng.uniform(r + 4, CANVAS - r - 4), rng.uniform(r + 4, CANVAS - r - 4))
+    layout = (
+        r,
+        rng.uniform(r + 6, CANVAS / 2 - r - 3),
+        rng.uniform(r + 4, CANVAS - r - 4),
+        rng.uniform(r + 4, CANVAS - r - 4),
+    )
     template = rng.choice(PAIR_TEMPLATES)
     if a.shape != b.shape and rng.random() < 0.5:  # swap the colours between the shapes
         a2, b2 = Obj(b.colour, a.shape), Obj(a.colour, b.shape)
