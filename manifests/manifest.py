@@ -52,10 +52,25 @@ def stage_counters(stage_names: list[str], total: int, shard_stats: list[dict]) 
     for name in stage_names:
         d = dict(sorted(dropped.pop(name, {}).items()))
         n_drop = sum(d.values())
-        out.append({"name": name, "in": alive, "out": alive - n_drop, "dropped": d, "seconds": round(seconds.get(name, 0.0), 3)})
+        out.append(
+            {
+                "name": name,
+                "in": alive,
+                "out": alive - n_drop,
+                "dropped": d,
+                "seconds": round(seconds.get(name, 0.0), 3),
+            }
+        )
         alive -= n_drop
     if dropped:  # a reject from a stage not in the list would break the accounting
-        out.append({"name": "unknown", "in": alive, "out": alive - sum(sum(d.values()) for d in dropped.values()), "dropped": dropped})
+        out.append(
+            {
+                "name": "unknown",
+                "in": alive,
+                "out": alive - sum(sum(d.values()) for d in dropped.values()),
+                "dropped": dropped,
+            }
+        )
     return out
 
 
@@ -69,7 +84,9 @@ def _sha256_file(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def build_manifest(out_dir, job: dict, index: dict, stage_names: list[str], shard_stats: list[dict], ray_info: dict, timing: dict) -> dict:
+def build_manifest(
+    out_dir, job: dict, index: dict, stage_names: list[str], shard_stats: list[dict], ray_info: dict, timing: dict
+) -> dict:
     out = Path(out_dir)
     shard_stats = sorted(shard_stats, key=lambda s: s["shard_id"])
     shards = []
@@ -78,7 +95,15 @@ def build_manifest(out_dir, job: dict, index: dict, stage_names: list[str], shar
         stats_path = layout.shard_stats(out, st["shard_id"])
         size, digest = _sha256_file(stats_path)
         files[str(stats_path.relative_to(out))] = {"bytes": size, "sha256": digest}
-        shards.append({"name": st["shard"], "shard_id": st["shard_id"], "samples": st["successes"], "rejects": st["rejected"], "files": files})
+        shards.append(
+            {
+                "name": st["shard"],
+                "shard_id": st["shard_id"],
+                "samples": st["successes"],
+                "rejects": st["rejected"],
+                "files": files,
+            }
+        )
     ok = sum(s["successes"] for s in shard_stats)
     return {
         "format": FORMAT,
@@ -144,7 +169,9 @@ def verify(out_dir) -> list[str]:
                 continue
             size, digest = _sha256_file(path)
             if (size, digest) != (want["bytes"], want["sha256"]):
-                problems.append(f"{name}: checksum mismatch (manifest {want['sha256'][:12]}…, {want['bytes']} B; file {digest[:12]}…, {size} B)")
+                problems.append(
+                    f"{name}: checksum mismatch (manifest {want['sha256'][:12]}…, {want['bytes']} B; file {digest[:12]}…, {size} B)"
+                )
         sid = sh["shard_id"]
         tar, par, rej = layout.shard_tar(out, sid), layout.shard_parquet(out, sid), layout.rejects_parquet(out, sid)
         if not (tar.exists() and par.exists() and rej.exists()):
@@ -153,9 +180,13 @@ def verify(out_dir) -> list[str]:
         par_keys = pq.read_table(par, columns=["key"]).column("key").to_pylist()
         rej_keys = pq.read_table(rej, columns=["key"]).column("key").to_pylist()
         if sorted(tar_keys) != sorted(par_keys):
-            problems.append(f"shard {sh['name']}: tar and parquet hold different keys ({len(tar_keys)} vs {len(par_keys)})")
+            problems.append(
+                f"shard {sh['name']}: tar and parquet hold different keys ({len(tar_keys)} vs {len(par_keys)})"
+            )
         if len(par_keys) != sh["samples"] or sizes.get(f"{sh['name']}.tar") != sh["samples"]:
-            problems.append(f"shard {sh['name']}: {len(par_keys)} parquet rows, manifest says {sh['samples']}, sizes.json says {sizes.get(sh['name'] + '.tar')}")
+            problems.append(
+                f"shard {sh['name']}: {len(par_keys)} parquet rows, manifest says {sh['samples']}, sizes.json says {sizes.get(sh['name'] + '.tar')}"
+            )
         if len(rej_keys) != sh["rejects"]:
             problems.append(f"shard {sh['name']}: {len(rej_keys)} reject rows, manifest says {sh['rejects']}")
         for k in par_keys + rej_keys:

@@ -1,10 +1,10 @@
 """The ``pairforge`` command line.
 
-    pairforge run JOB.yaml [--address ADDR] [--resume]
-    pairforge demo [--out DIR] [--runner ray|local]
-    pairforge manifest show DIR
-    pairforge manifest verify DIR
-    pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
+pairforge run JOB.yaml [--address ADDR] [--resume]
+pairforge demo [--out DIR] [--runner ray|local]
+pairforge manifest show DIR
+pairforge manifest verify DIR
+pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def _cmd_show(args) -> int:
         return 0
     c = man["counts"]
     print(f"run:      {os.path.abspath(args.dir)}")
-    print(f"format:   {man['format']}   pairforge {man['versions'].get('pairforge')}   ray {man['versions'].get('ray')}")
+    print(
+        f"format:   {man['format']}   pairforge {man['versions'].get('pairforge')}   ray {man['versions'].get('ray')}"
+    )
     ray = man["ray"]
     where = f"ray at {ray.get('address')} ({ray.get('nodes')} nodes)" if ray.get("runner") == "ray" else "in process"
     print(f"ran:      {man['timing']['started']}  {man['timing']['wall_seconds']:.1f}s  {where}")

@@ -67,7 +67,7 @@ def build_corpus(seed: int = 0) -> tuple[dict[str, Route], list[dict]]:
         originals.append((f"/fashion/{i:04d}.jpg", im, caption))
 
     picks = rng.sample(originals, 40)
-    for j, (path, im, caption) in enumerate(picks[:10]):  # the same bytes at another URL
+    for j, (path, _im, caption) in enumerate(picks[:10]):  # the same bytes at another URL
         add(f"/mirror/{j}.jpg", routes[path], caption, f"exact_copy_of:{path}")
     for j, (path, im, caption) in enumerate(picks[10:20]):  # re-encoded at another quality
         add(f"/reencode/{j}.jpg", Route(_jpeg(im, quality=60), "image/jpeg"), caption, f"reencode_of:{path}")
@@ -164,5 +164,7 @@ def run_demo(out_dir: str = "demo_out", runner: str = "ray", resume: bool = Fals
     from pipeline.cli import main as cli_main
 
     cli_main(["manifest", "show", str(out / "run")])
-    print(f"\nshards:   {out / 'run' / 'shards'}\nrejects:  {out / 'run' / 'rejects'}\nmanifest: {out / 'run' / 'manifest.json'}")
+    print(
+        f"\nshards:   {out / 'run' / 'shards'}\nrejects:  {out / 'run' / 'rejects'}\nmanifest: {out / 'run' / 'manifest.json'}"
+    )
     return manifest

@@ -60,9 +60,7 @@ def _prior_rows(out: Path, done: list[int], stages: list[Stage]) -> dict[str, Ba
     prior = {}
     for g in globals_:
         here = rank[g.name]
-        alive = np.array(
-            [st == STATUS_OK or rank.get(s, -1) >= here for st, s in zip(status, stage_of)], dtype=bool
-        )
+        alive = np.array([st == STATUS_OK or rank.get(s, -1) >= here for st, s in zip(status, stage_of)], dtype=bool)
         missing = [c for c in g.fit_columns if c not in rows]
         if missing:
             _log(f"resume: finished shards lack {missing} for {g.name}; it fits on pending shards only")
@@ -155,11 +153,12 @@ def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False)
     )
     path = write_manifest(out, manifest)
     c = manifest["counts"]
-    _log(f"done in {timing['wall_seconds']:.1f}s: {c['ok']} samples in {len(all_stats)} shards, {c['rejected']} rejected")
+    _log(
+        f"done in {timing['wall_seconds']:.1f}s: {c['ok']} samples in {len(all_stats)} shards, {c['rejected']} rejected"
+    )
     _log(f"shards: {layout.shards_dir(out)}  manifest: {path}")
     return manifest
 
 
 def with_overrides(job: JobConfig, **output) -> JobConfig:
     return dataclasses.replace(job, output=dataclasses.replace(job.output, **output))
-

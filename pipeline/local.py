@@ -3,8 +3,6 @@ Ray plan, on one process. Used by unit tests and ``runner: local`` jobs."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
 from stages.base import (
@@ -39,10 +37,11 @@ def fit_global(stage: GlobalStage, rows: Batch) -> Batch:
     cands = concat([stage.candidates(take(rows, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
     if not batch_len(cands):
         return stage.resolve({})
-    groups: dict = defaultdict(list)
-    for i, g in enumerate(cands["group"]):
-        groups[g.item() if isinstance(g, np.generic) else g].append(i)
-    reduced = concat([stage.reduce_group(take(cands, np.asarray(idx))) for _, idx in sorted(groups.items())])
+    # one reduce call per group, groups in sorted order, rows in candidate order
+    _, inverse = np.unique(cands["group"], return_inverse=True)
+    order = np.argsort(inverse.ravel(), kind="stable")
+    bounds = np.flatnonzero(np.diff(inverse.ravel()[order])) + 1
+    reduced = concat([stage.reduce_group(take(cands, idx)) for idx in np.split(order, bounds)])
     return stage.resolve(reduced)
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from stages.base import (
     decisions_from_batch,
     ok_mask,
     run_stage_batch,
+    take,
 )
 
 #: rows of fit columns the driver samples for ``GlobalStage.prepare``
@@ -100,7 +102,7 @@ def _reduce(group: Batch, stage: GlobalStage) -> Batch:
 def fit_global_ray(stage: GlobalStage, rows: "ray.data.Dataset") -> Batch:
     """Fit ``stage`` on ``rows`` (ok rows, fit columns only) with Ray Data and
     return its decisions batch. Same calls as :func:`pipeline.local.fit_global`."""
-    sample = concat(list(rows.limit(PREPARE_SAMPLE_ROWS).iter_batches(batch_format="numpy", batch_size=None)))
+    sample = _prepare_sample(rows, PREPARE_SAMPLE_ROWS)
     if not batch_len(sample):
         return {}
     stage.prepare(sample)
@@ -111,6 +113,30 @@ def fit_global_ray(stage: GlobalStage, rows: "ray.data.Dataset") -> Batch:
     reduced = cands.groupby("group").map_groups(_reduce, fn_kwargs={"stage": stage}, batch_format="numpy")
     parts = [b for b in reduced.iter_batches(batch_format="numpy", batch_size=None) if batch_len(b)]
     return stage.resolve(concat(parts))
+
+
+def _key_hashes(keys: np.ndarray) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "big") for k in keys],
+                    dtype=np.uint64)  # fmt: skip
+
+
+def _below(batch: Batch, cut: int) -> Batch:
+    return take(batch, np.flatnonzero(_key_hashes(batch["key"]) < np.uint64(cut)))
+
+
+def _prepare_sample(rows: "ray.data.Dataset", limit: int) -> Batch:
+    """At most ``limit`` rows for ``prepare``, chosen by a hash of their key
+    (the same rows whatever the block order or cluster size), in key order."""
+    n = rows.count()
+    if n > limit:  # a hash cut keeps about 1.2x the limit; the smallest hashes are exact
+        cut = min(2**64 - 1, int(2**64 * min(1.0, 1.2 * limit / n)))
+        rows = rows.map_batches(_below, fn_kwargs={"cut": cut}, batch_format="numpy")
+    sample = concat(list(rows.iter_batches(batch_format="numpy", batch_size=None)))
+    if not batch_len(sample):
+        return {}
+    if batch_len(sample) > limit:
+        sample = take(sample, np.sort(np.argsort(_key_hashes(sample["key"]), kind="stable")[:limit]))
+    return take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
 
 
 def _apply(batch: Batch, decisions: dict, stage_name: str) -> Batch:
@@ -129,7 +155,10 @@ def run_global_ray(
     if not decisions:
         return ds
     return ds.map_batches(
-        _apply, fn_kwargs={"decisions": decisions, "stage_name": stage.name}, batch_format="numpy", zero_copy_batch=False
+        _apply,
+        fn_kwargs={"decisions": decisions, "stage_name": stage.name},
+        batch_format="numpy",
+        zero_copy_batch=False,
     )
 
 
@@ -175,4 +204,6 @@ def build_and_run(
 def _batch_to_ds(batch: Batch) -> "ray.data.Dataset":
     import pyarrow as pa
 
-    return ray.data.from_arrow(pa.table({c: pa.array(v.tolist() if v.dtype == object else v) for c, v in batch.items()}))
+    return ray.data.from_arrow(
+        pa.table({c: pa.array(v.tolist() if v.dtype == object else v) for c, v in batch.items()})
+    )

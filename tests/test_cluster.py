@@ -3,9 +3,9 @@ second `ray start --address`), and a job run on it with `--address`. The test
 stops only the processes it started, by their session ids."""
 
 import os
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +23,13 @@ from tests.shardkit import jpeg
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
-NODE = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--memory=2000000000", "--object-store-memory=200000000", "--block"]
+NODE = [
+    "--node-ip-address=127.0.0.1",
+    "--num-cpus=1",
+    "--memory=2000000000",
+    "--object-store-memory=200000000",
+    "--block",
+]
 
 
 def _free_port() -> int:
@@ -72,13 +78,20 @@ def two_node_cluster(tmp_path):
     try:
         head = subprocess.Popen(
             [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}", *NODE],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         procs.append(head)
         addr = f"127.0.0.1:{port}"
         _wait_nodes(addr, 1, env)
         worker = subprocess.Popen(
-            [RAY, "start", f"--address={addr}", *NODE], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [RAY, "start", f"--address={addr}", *NODE],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         procs.append(worker)
         _wait_nodes(addr, 2, env)
@@ -116,7 +129,10 @@ def test_job_runs_on_a_two_node_cluster(tmp_path, two_node_cluster):
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
         r = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml"), "--address", two_node_cluster],
-            env=_env(), capture_output=True, text=True, timeout=300,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     assert r.returncode == 0, r.stderr[-3000:]
     man = read_manifest(tmp_path / "out")

@@ -50,7 +50,9 @@ def test_types_are_checked():
 
 def test_yaml_file(tmp_path):
     p = tmp_path / "job.yaml"
-    p.write_text("input: {paths: [a.csv], caption_col: text}\noutput: {dir: o, samples_per_shard: 5}\nstages: [shard]\n")
+    p.write_text(
+        "input: {paths: [a.csv], caption_col: text}\noutput: {dir: o, samples_per_shard: 5}\nstages: [shard]\n"
+    )
     job = load_job(p)
     assert job.input.caption_col == "text" and job.output.samples_per_shard == 5
     assert job.stages[0].name == "shard" and job.stages[0].config.write_embeddings is True

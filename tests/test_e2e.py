@@ -28,15 +28,28 @@ def server():
 
 
 def _job(tmp_path, server, out="out", runner="ray"):
-    urls = [server.url(f"/img/{i}.jpg") for i in range(N_OK)] + [server.url("/gone.jpg"), server.url("/page.jpg"), "nope"]
-    pq.write_table(pa.table({"url": urls, "caption": [f"picture {i}" for i in range(len(urls))], "lang": ["en"] * len(urls)}), tmp_path / "urls.parquet")
+    urls = [server.url(f"/img/{i}.jpg") for i in range(N_OK)] + [
+        server.url("/gone.jpg"),
+        server.url("/page.jpg"),
+        "nope",
+    ]
+    pq.write_table(
+        pa.table({"url": urls, "caption": [f"picture {i}" for i in range(len(urls))], "lang": ["en"] * len(urls)}),
+        tmp_path / "urls.parquet",
+    )
     return load_job(
         {
             "input": {"paths": ["urls.parquet"]},
             "output": {"dir": out, "samples_per_shard": 8},
             "runner": runner,
             "stages": [
-                {"name": "download", "image_size": 32, "resize_mode": "center_crop", "allow_networks": ["127.0.0.1/32"], "timeout": 5.0},
+                {
+                    "name": "download",
+                    "image_size": 32,
+                    "resize_mode": "center_crop",
+                    "allow_networks": ["127.0.0.1/32"],
+                    "timeout": 5.0,
+                },
                 "shard",
             ],
         },
@@ -72,8 +85,14 @@ def test_open_clip_training_loader_reads_the_shards(tmp_path, server, ray_local)
     preprocess = T.Compose([T.Resize(32), T.ToTensor()])
     tokenizer = open_clip.get_tokenizer("RN50")
     args = argparse.Namespace(
-        train_data=shards, train_num_samples=None, train_data_upsampling_factors=None, val_data=None,
-        batch_size=5, workers=1, world_size=1, seed=0,
+        train_data=shards,
+        train_num_samples=None,
+        train_data_upsampling_factors=None,
+        val_data=None,
+        batch_size=5,
+        workers=1,
+        world_size=1,
+        seed=0,
     )
     info = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
     assert info.dataloader.num_samples == N_OK  # read from our sizes.json, as open_clip training does
@@ -88,7 +107,12 @@ def test_resume_after_interruption_is_identical(tmp_path, server, ray_local):
     run_job(_job(tmp_path, server, out="cut"))
     cut = tmp_path / "cut"
     # an interrupted run: shard 1 never finished, shard 3 was half written
-    for f in (layout.shard_stats(cut, 1), layout.shard_tar(cut, 1), layout.shard_parquet(cut, 1), layout.shard_stats(cut, 3)):
+    for f in (
+        layout.shard_stats(cut, 1),
+        layout.shard_tar(cut, 1),
+        layout.shard_parquet(cut, 1),
+        layout.shard_stats(cut, 3),
+    ):
         f.unlink()
     layout.shard_tar(cut, 3).write_bytes(b"partial")
     layout.rejects_parquet(cut, 4).unlink()

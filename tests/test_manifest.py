@@ -15,9 +15,16 @@ from pipeline.job import JobError, run_job
 
 @pytest.fixture()
 def run_dir(tmp_path):
-    pq.write_table(pa.table({"url": [f"http://h/{i}" for i in range(23)], "caption": ["c"] * 23}), tmp_path / "u.parquet")
+    pq.write_table(
+        pa.table({"url": [f"http://h/{i}" for i in range(23)], "caption": ["c"] * 23}), tmp_path / "u.parquet"
+    )
     job = load_job(
-        {"input": {"paths": ["u.parquet"]}, "output": {"dir": "out", "samples_per_shard": 10}, "stages": ["shard"], "runner": "local"},
+        {
+            "input": {"paths": ["u.parquet"]},
+            "output": {"dir": "out", "samples_per_shard": 10},
+            "stages": ["shard"],
+            "runner": "local",
+        },
         base_dir=tmp_path,
     )
     run_job(job)
@@ -69,7 +76,13 @@ def test_rerun_into_a_finished_run_needs_resume(run_dir):
 
 
 def test_cli_show_and_verify_as_a_user_runs_them(run_dir):
-    show = subprocess.run([sys.executable, "-m", "pipeline.cli", "manifest", "show", str(run_dir)], capture_output=True, text=True)
+    show = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "manifest", "show", str(run_dir)], capture_output=True, text=True
+    )
     assert show.returncode == 0 and "23 in, 23 in shards, 0 rejected" in show.stdout
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "manifest", "verify", str(run_dir / "nope")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "manifest", "verify", str(run_dir / "nope")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "no manifest" in bad.stderr

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from jsonschema import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
@@ -26,5 +27,5 @@ def test_cluster_config_passes_rays_schema():
 def test_a_broken_config_is_refused_by_the_same_check():
     bad = copy.deepcopy(_load())
     bad["available_node_types"]["gpu_worker"]["max_workerz"] = 3
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="max_workerz"):
         validate_config(prepare_config(bad))

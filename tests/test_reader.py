@@ -10,7 +10,9 @@ from pipeline.reader import split_input
 
 
 def _rows(n, start=0):
-    return [{"url": f"http://h/{i}.jpg", "text": f"cap {i}", "status": "x", "score": i} for i in range(start, start + n)]
+    return [
+        {"url": f"http://h/{i}.jpg", "text": f"cap {i}", "status": "x", "score": i} for i in range(start, start + n)
+    ]
 
 
 def _write(path, rows, fmt):

@@ -25,7 +25,9 @@ def test_shard_files_and_stats(tmp_path):
     assert {"key", "url", "caption", "width", "height", "sha256", "status"} <= set(par.column_names)
     rej = pq.read_table(layout.rejects_parquet(tmp_path, 3))
     assert rej.column("key").to_pylist() == ["000030002", "000030007"]
-    assert rej.column("reason").to_pylist() == ["too_small"] * 2 and json.loads(rej.column("detail")[0].as_py()) == {"i": 2}
+    assert rej.column("reason").to_pylist() == ["too_small"] * 2 and json.loads(rej.column("detail")[0].as_py()) == {
+        "i": 2
+    }
     emb = np.load(layout.embedding_npy(tmp_path, "img_emb", 3))
     ok = np.flatnonzero(r["status"] == "ok")
     assert emb.dtype == np.float16 and emb.shape == (8, 8)
@@ -70,4 +72,4 @@ def test_empty_and_all_rejected_shards(tmp_path):
     stats = write_shard(rows(3, rejected={0: "a", 1: "a", 2: "b"}), tmp_path, 0)
     assert stats["successes"] == 0
     assert pq.read_table(layout.shard_parquet(tmp_path, 0)).num_rows == 0
-    assert list(wds.WebDataset(str(layout.shard_tar(tmp_path, 0)), shardshuffle=False, empty_check=False)) == []
+    assert list(wds.WebDataset(str(layout.shard_tar(tmp_path, 0)), shardshuffle=False)) == []
