@@ -30,6 +30,7 @@ from PIL import Image
 
 from trainer import scenes
 from trainer.data import CONFOUNDER_OF, NEGATIVE_CAPTION
+from trainer.evaluate import CONCEPT
 
 FASHION_NAMES = {  # class -> names a caption may use (the first is the canonical one)
     "t-shirt": ("t-shirt", "t-shirt", "top", "tee shirt"),
@@ -97,6 +98,7 @@ def _fashion(
             "caption": rng.choice(FASHION_TEMPLATES).format(c=name),
             "source": "fashion",
             "label": cls,
+            CONCEPT: f"fashion:{cls}",
         }
     ]
 
@@ -115,6 +117,7 @@ def _photo(photos: list[tuple[str, str, np.ndarray]], i: int, rng: random.Random
             "caption": rng.choice(PHOTO_TEMPLATES).format(c=caption),
             "source": "photo",
             "label": name,
+            CONCEPT: f"photo:{name}",
         }
     ]
 
@@ -124,7 +127,16 @@ def _scene(kind: str, rng: random.Random) -> list[dict]:
         made = scenes.confounder_pair(rng)
     else:
         made = (scenes.one_object(rng) if kind == "one" else scenes.counted(rng),)
-    return [{"image": _encode(s.image, rng), "caption": s.caption, "source": "scene", "label": s.kind} for s in made]
+    return [
+        {
+            "image": _encode(s.image, rng),
+            "caption": s.caption,
+            "source": "scene",
+            "label": s.kind,
+            CONCEPT: f"scene:{s.concept}",
+        }
+        for s in made
+    ]
 
 
 def _photos() -> list[tuple[str, str, np.ndarray]]:
@@ -185,7 +197,7 @@ def _make_shard(cfg: CorpusConfig, out: str, job: tuple[int, list[tuple[str, int
         "image": object_array([it["image"] for it in items]),
         "image_ext": object_array(["jpg"] * n),
     }
-    for col in ("caption", "source", "label", CONFOUNDER_OF, NEGATIVE_CAPTION):
+    for col in ("caption", "source", "label", CONCEPT, CONFOUNDER_OF, NEGATIVE_CAPTION):
         rows[col] = object_array([it[col] for it in items])
     return write_shard(rows, out, shard_id)
 

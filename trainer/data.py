@@ -197,11 +197,15 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # the DataLoader takes batches from its workers in turn: of the first
-        # start_batch batches, this worker made every workers-th one
+        real, workers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader takes batches from its workers in turn, starting with
+        # worker 0, and batch b of a run came from the stream of worker
+        # b % workers. So a run resumed at start_batch lets its worker w play
+        # the stream of worker (w + start_batch) % workers, minus the batches
+        # that stream made among the first start_batch.
+        worker = (real + self.start_batch) % workers
         skip = len(range(worker, self.start_batch, workers)) * self.cfg.batch_size
-        samples = itertools.islice(self._raw(), skip, None)
+        samples = itertools.islice(self._raw(worker, workers), skip, None)
         batch: list[dict] = []
         for parsed, epoch in samples:
             batch.append(self.prep(parsed, epoch))
@@ -209,13 +213,13 @@ class TrainStream(IterableDataset):
                 yield collate(batch)
                 batch = []
 
-    def _raw(self) -> Iterator[tuple[dict, int]]:
-        """(parsed sample, epoch) forever, image bytes not yet decoded."""
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    def _raw(self, worker: int, workers: int) -> Iterator[tuple[dict, int]]:
+        """(parsed sample, epoch) forever for one worker's stream, image bytes not yet decoded."""
+        rank = wds.utils.pytorch_worker_info()[0]
         for epoch in itertools.count():
             order = list(self.shards)
             random.Random(f"{self.cfg.seed}:shards:{epoch}").shuffle(order)  # same order on every rank
-            urls = wds.split_by_worker(wds.split_by_node({"url": u} for u in order))
+            urls = itertools.islice(wds.split_by_node({"url": u} for u in order), worker, None, workers)
             parsed = (_parse(s) for s in wds.tarfile_samples(urls, handler=wds.warn_and_continue))
             kept = (
                 p for p in parsed

@@ -18,6 +18,10 @@ from trainer.data import CONFOUNDER_OF, NEGATIVE_CAPTION, EvalSet, Prep
 from trainer.model import ImageSpec, normalize_images, unwrap
 
 KS = (1, 5, 10)
+#: optional metadata field naming what a caption says without its wording
+#: (a product class, a scene's content): captions of the same concept describe
+#: each other's images, so neither is a wrong caption for the other
+CONCEPT = "concept"
 
 
 def _same_caption(captions: list[str]) -> np.ndarray:
@@ -26,6 +30,17 @@ def _same_caption(captions: list[str]) -> np.ndarray:
     ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
     arr = np.array([ids[c] for c in captions])
     return arr[:, None] == arr[None, :]
+
+
+def same_meaning(captions: list[str], metas: list[dict]) -> np.ndarray:
+    """``[n, n]`` True where sample j's caption also describes image i: the
+    same caption, or the same :data:`CONCEPT` where both samples name one."""
+    same = _same_caption(captions)
+    concepts = [m.get(CONCEPT) for m in metas]
+    if any(concepts):
+        named = np.array([c is not None and c != "" for c in concepts])
+        same |= _same_caption([str(c) for c in concepts]) & named[:, None] & named[None, :]
+    return same
 
 
 def recall_at_k(sim: np.ndarray, correct: np.ndarray, ks=KS) -> dict[str, float]:
@@ -137,7 +152,7 @@ def evaluate(model, evalset: EvalSet, spec: ImageSpec, prep: Prep, device="cpu")
     img = embed_images(model, evalset.images, spec, device)
     txt = embed_texts(model, evalset.texts, device)
     sim = (img @ txt.T).numpy()
-    same = _same_caption(evalset.captions)
+    same = same_meaning(evalset.captions, evalset.metas)
     out = {
         "n": len(evalset),
         "image_to_text": recall_at_k(sim, same),
@@ -147,6 +162,14 @@ def evaluate(model, evalset: EvalSet, spec: ImageSpec, prep: Prep, device="cpu")
         "matching_vs_shuffled": matching_vs_shuffled(sim, same),
         "winoground": winoground(sim, confounder_pairs(evalset)),
     }
+    exact = _same_caption(evalset.captions)
+    if (exact != same).any():  # the figures when only the very same caption counts as a match
+        out["exact_caption"] = {
+            "image_to_text": recall_at_k(sim, exact),
+            "text_to_image": recall_at_k(sim.T, exact.T),
+            "chance": chance_recall(exact),
+            "auc": matching_vs_shuffled(sim, exact)["auc"],
+        }
     sources = [str(m.get("source", "")) for m in evalset.metas]
     if len(set(sources)) > 1:  # the same figures within each source (shuffles stay inside it)
         out["by_source"] = {}

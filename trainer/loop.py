@@ -193,7 +193,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
                 "step": done,
                 "loss": float(loss_sum) / loss_n,
                 "lr": lr_at(cfg, step),
-                "logit_scale": float(unwrap(model).logit_scale.exp()),
+                "logit_scale": float(unwrap(model).logit_scale.detach().exp()),
                 "samples": done * cfg.batch_size * world,
             })  # fmt: skip
             loss_sum.zero_()

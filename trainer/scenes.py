@@ -61,6 +61,9 @@ class Scene:
     image: Image.Image
     caption: str
     kind: str
+    #: what the caption says, without its template: two scenes with the same
+    #: concept fit each other's captions
+    concept: str
 
 
 def _background(rng: random.Random) -> Image.Image:
@@ -101,7 +104,7 @@ def one_object(rng: random.Random) -> Scene:
     im = _background(rng)
     r = rng.uniform(14, 26)
     _draw(ImageDraw.Draw(im), obj, rng.uniform(r + 4, CANVAS - r - 4), rng.uniform(r + 4, CANVAS - r - 4), r, rng)
-    return Scene(_finish(im, rng), _caption(rng.choice(ONE_TEMPLATES), obj), "one")
+    return Scene(_finish(im, rng), _caption(rng.choice(ONE_TEMPLATES), obj), "one", obj.phrase())
 
 
 def counted(rng: random.Random) -> Scene:
@@ -117,8 +120,10 @@ def counted(rng: random.Random) -> Scene:
             centres.append(c)
     for cx, cy in centres:
         _draw(d, obj, cx, cy, r, rng)
-    caption = rng.choice(COUNT_TEMPLATES).format(n=NUMBERS[n], c=obj.colour, s=PLURAL[obj.shape])
-    return Scene(_finish(im, rng), caption, "count")
+    words = {"n": NUMBERS[n], "c": obj.colour, "s": PLURAL[obj.shape]}
+    return Scene(
+        _finish(im, rng), rng.choice(COUNT_TEMPLATES).format(**words), "count", COUNT_TEMPLATES[0].format(**words)
+    )
 
 
 def _pair_image(a: Obj, b: Obj, rel: str, layout: tuple[float, ...], rng: random.Random) -> Image.Image:
@@ -135,6 +140,10 @@ def _pair_image(a: Obj, b: Obj, rel: str, layout: tuple[float, ...], rng: random
     _draw(d, a, *pa, r, rng)
     _draw(d, b, *pb, r, rng)
     return _finish(im, rng)
+
+
+def _concept(a: Obj, b: Obj, rel: str) -> str:
+    return f"{a.phrase()} {rel} {b.phrase()}"
 
 
 def confounder_pair(rng: random.Random) -> tuple[Scene, Scene]:
@@ -154,6 +163,8 @@ def confounder_pair(rng: random.Random) -> tuple[Scene, Scene]:
         a2, b2 = Obj(b.colour, a.shape), Obj(a.colour, b.shape)
     else:  # swap the two noun phrases
         a2, b2 = b, a
-    first = Scene(_pair_image(a, b, rel, layout, rng), _caption(template, a, b, rel), "pair")
-    second = Scene(_pair_image(a2, b2, rel, layout, rng), _caption(template, a2, b2, rel), "pair")
+    first = Scene(_pair_image(a, b, rel, layout, rng), _caption(template, a, b, rel), "pair", _concept(a, b, rel))
+    second = Scene(
+        _pair_image(a2, b2, rel, layout, rng), _caption(template, a2, b2, rel), "pair", _concept(a2, b2, rel)
+    )
     return first, second
