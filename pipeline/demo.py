@@ -137,6 +137,8 @@ def demo_stages(scorer: Path | None) -> list[dict]:
         stages.append({"name": "dedup_phash"})
     if have("clip_score") and scorer is not None and scorer.exists():
         stages.append({"name": "clip_score", "model": "pf-tiny", "pretrained": str(scorer), "threshold": 0.2})
+        if have("dedup_semantic"):
+            stages.append({"name": "dedup_semantic"})
     stages.append({"name": "shard"})
     return stages
 

@@ -56,3 +56,15 @@ def test_yaml_file(tmp_path):
     job = load_job(p)
     assert job.input.caption_col == "text" and job.output.samples_per_shard == 5
     assert job.stages[0].name == "shard" and job.stages[0].config.write_embeddings is True
+
+
+def test_example_job_in_the_package_loads():
+    from pathlib import Path
+
+    import pipeline
+
+    path = Path(pipeline.__file__).parent / "example_job.yaml"
+    job = load_job(str(path))
+    names = [s.name for s in job.stages]
+    assert names[0] == "download" and names[-1] == "shard" and "clip_score" in names
+    assert job.input.paths[0] == str(path.parent / "urls.parquet")

@@ -1,0 +1,38 @@
+# pairforge: `make demo` sets up and runs the demo job, `make test` runs the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: setup demo test test-fast bench-cpu lint clean
+
+setup: $(VENV)/.installed /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+# torch first, pinned, so pip does not fetch another build; then the project with its test extras
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# real product photos for the demo and the tests (Debian's dataset-fashion-mnist, MIT)
+/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz:
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup
+	$(VENV)/bin/pairforge demo --out demo_out
+	$(VENV)/bin/pairforge manifest verify demo_out/run
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check pipeline manifests
+
+clean:
+	rm -rf demo_out build *.egg-info .pytest_cache
