@@ -53,7 +53,7 @@ def run_global(stage: GlobalStage, batch: Batch, prior: Batch | None = None) -> 
     if prior:
         rows = concat([rows, {c: prior[c] for c in stage.fit_columns}])
     decisions = decisions_from_batch(fit_global(stage, rows) or {})
-    return apply_decisions(batch, decisions, stage.name)
+    return stage.finalize(apply_decisions(batch, decisions, stage.name))
 
 
 def run_local(
@@ -77,7 +77,7 @@ def run_local(
         stage.setup()
         try:
             batch = map_stage(stage, batch)
-            if isinstance(stage, GlobalStage):
+            if isinstance(stage, GlobalStage) and stage.needs_fit():
                 batch = run_global(stage, batch, (prior or {}).get(stage.name))
         finally:
             stage.teardown()

@@ -139,8 +139,9 @@ def _prepare_sample(rows: "ray.data.Dataset", limit: int) -> Batch:
     return take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
 
 
-def _apply(batch: Batch, decisions: dict, stage_name: str) -> Batch:
-    return apply_decisions(batch, decisions, stage_name)
+def _apply(batch: Batch, decisions: dict, stage_name: str, finalizer: GlobalStage | None) -> Batch:
+    out = apply_decisions(batch, decisions, stage_name)
+    return finalizer.finalize(out) if finalizer is not None else out
 
 
 def run_global_ray(
@@ -152,11 +153,13 @@ def run_global_ray(
     if prior is not None:
         rows = rows.union(prior)
     decisions = decisions_from_batch(fit_global_ray(stage, rows) or {})
-    if not decisions:
+    # the stage (its fit state) travels to the workers only when it has a per-row pass
+    finalizer = stage if type(stage).finalize is not GlobalStage.finalize else None
+    if not decisions and finalizer is None:
         return ds
     return ds.map_batches(
         _apply,
-        fn_kwargs={"decisions": decisions, "stage_name": stage.name},
+        fn_kwargs={"decisions": decisions, "stage_name": stage.name, "finalizer": finalizer},
         batch_format="numpy",
         zero_copy_batch=False,
     )
@@ -186,7 +189,7 @@ def build_and_run(
     ds = ray.data.read_parquet(input_paths, override_num_blocks=len(input_paths))
     for stage in stages:
         ds = map_stage(ds, stage)
-        if isinstance(stage, GlobalStage):
+        if isinstance(stage, GlobalStage) and stage.needs_fit():
             prior_rows = (prior or {}).get(stage.name)
             prior_ds = _batch_to_ds(prior_rows) if prior_rows is not None and batch_len(prior_rows) else None
             ds = run_global_ray(ds, stage, prior_ds)

@@ -95,9 +95,17 @@ class GlobalStage(Stage):
     3. ``resolve(reduced)``: from all reduced rows (small: candidate pairs,
        histograms) return *decisions*: a batch with ``key``, ``reason``,
        ``detail`` and any of ``output_defaults`` columns for the rows to drop.
+    4. ``finalize(batch)``: a per-row pass after the decisions are applied,
+       for fits whose result is a rule rather than a list of keys (the
+       top-fraction cut). Default: the batch as it is.
     """
 
     fit_columns: ClassVar[tuple[str, ...]] = ("key",)
+
+    def needs_fit(self) -> bool:
+        """Whether this configuration needs the global pass at all (a
+        threshold-only clip_score does not). Default: yes."""
+        return True
 
     def prepare(self, sample: Batch) -> None:
         """Optional: fit state on a sample of fit rows before ``candidates``
@@ -111,6 +119,9 @@ class GlobalStage(Stage):
 
     def resolve(self, reduced: Batch) -> Batch:
         raise NotImplementedError
+
+    def finalize(self, batch: Batch) -> Batch:
+        return batch
 
 
 # ----------------------------------------------------------------- batch helpers

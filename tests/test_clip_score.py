@@ -318,7 +318,7 @@ def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local):
     st = stage(trained_ckpt, **cfg)
     items = [{c: rows[c][i] for c in rows} for i in range(len(rows["key"]))]
     ds = ray_map_stage(ray.data.from_items(items, override_num_blocks=4), st)
-    ds = run_global_ray(ds, st).map_batches(st.finalize, batch_format="numpy")
+    ds = run_global_ray(ds, st)  # the fit, the decisions and the per-row finalize pass
     remote = concat(list(ds.iter_batches(batch_format="numpy", batch_size=None)))
     order = np.argsort(remote["key"].astype(str))
     remote = take(remote, order)
