@@ -150,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "pipeline" / "assets" / "pf-tiny-scorer.pt"))
     p.add_argument("--work", default=str(ROOT / "build" / "scorer"), help="corpus and training folder")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers")
+    p.add_argument("--workers", type=int, default=1, help="data loader workers")
     p.add_argument("--processes", type=int, default=2, help="processes writing the corpus")
     p.add_argument("--small", action="store_true", help="a tiny corpus and few steps: a smoke test of this script")
     args = p.parse_args(argv)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=0.1,
         eval_fraction=0.05,
         eval_limit=2000,
-        eval_every=max(10, steps // 10),
+        eval_every=max(10, steps // 5),
         log_every=max(1, steps // 60),
         checkpoint_every=max(10, steps // 10),
         shuffle_buffer=5000,
