@@ -53,6 +53,12 @@ def embedding_npy(out, column: str, shard_id: int) -> Path:
     return Path(out) / "embeddings" / column / f"{column}_{shard_name(shard_id)}.npy"
 
 
+def rejects_embedding_npy(out, column: str, shard_id: int) -> Path:
+    """Embeddings of the rejected rows, in the order of ``rejects/S.parquet``
+    (zeros where a row was rejected before it had one)."""
+    return Path(out) / "rejects" / f"{shard_name(shard_id)}_{column}.npy"
+
+
 def manifest_json(out) -> Path:
     return Path(out) / "manifest.json"
 

@@ -8,6 +8,8 @@ For shard ``S`` of output ``OUT`` (see :mod:`manifests.layout`):
 * ``shards/S.parquet``: the same rows and metadata, in key order
 * ``embeddings/<col>/<col>_S.npy``: every 2-D ``*_emb`` column, float16
 * ``rejects/S.parquet``: every other row, with ``stage``, ``reason``, ``detail``
+* ``rejects/S_<col>.npy``: the embeddings of those rows (a resumed run fits
+  semantic dedup on them as an uninterrupted run did)
 * ``shards/S_stats.json``: counters and checksums, written last: its presence
   (with the files it lists) marks the shard finished
 """
@@ -118,10 +120,14 @@ def write_shard(rows: Batch, out_dir: str | Path, shard_id: int, write_embedding
         files[name] = entry
     if write_embeddings and n:
         for col in embedding_columns(rows):
-            buf = io.BytesIO()
-            np.save(buf, np.asarray(ok_rows[col], dtype=np.float16))
-            name, entry = _file_entry(out, layout.embedding_npy(out, col, shard_id), buf.getvalue())
-            files[name] = entry
+            targets = [(layout.embedding_npy(out, col, shard_id), ok)]
+            if not ok.all():
+                targets.append((layout.rejects_embedding_npy(out, col, shard_id), ~ok))
+            for path, mask in targets:
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(rows[col][mask], dtype=np.float16))
+                name, entry = _file_entry(out, path, buf.getvalue())
+                files[name] = entry
 
     rejected = Counter(zip(rows["stage"][~ok], rows["reason"][~ok])) if n else Counter()
     stats = {

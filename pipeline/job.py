@@ -45,15 +45,28 @@ def _prior_rows(out: Path, done: list[int], stages: list[Stage]) -> dict[str, Ba
     if not done or not globals_:
         return {}
     order = [s.name for s in stages]
-    tables = []
+    emb_cols = sorted({c for g in globals_ for c in g.fit_columns if c.endswith("_emb")})
+    tables, embs = [], {c: [] for c in emb_cols}
     for sid in done:
         for path in (layout.shard_parquet(out, sid), layout.rejects_parquet(out, sid)):
             t = pq.read_table(path)
             if t.num_rows:
                 tables.append(t)
+                for c in emb_cols:  # embeddings are stored beside each parquet, in its row order
+                    is_shard = path == layout.shard_parquet(out, sid)
+                    npy = (layout.embedding_npy if is_shard else layout.rejects_embedding_npy)(out, c, sid)
+                    embs[c].append(np.load(npy) if npy.exists() else None)
     if not tables:
         return {}
     rows = table_to_batch(pa.concat_tables(tables, promote_options="permissive"))
+    for c, parts in embs.items():
+        stored = [p for p in parts if p is not None]
+        if stored and c not in rows:
+            dim = stored[0].shape[1]
+            full = [
+                p if p is not None else np.full((t.num_rows, dim), np.nan, np.float16) for p, t in zip(parts, tables)
+            ]
+            rows[c] = np.concatenate(full)
     rank = {name: i for i, name in enumerate(order)}
     stage_of = rows.get("stage", np.array([""] * len(rows["key"]), dtype=object))
     status = rows["status"]
@@ -65,6 +78,9 @@ def _prior_rows(out: Path, done: list[int], stages: list[Stage]) -> dict[str, Ba
         if missing:
             _log(f"resume: finished shards lack {missing} for {g.name}; it fits on pending shards only")
             continue
+        lost = [c for c in g.fit_columns if c in embs and np.isnan(rows[c][alive]).all(axis=1).any()]
+        if lost:
+            _log(f"resume: rows of finished shards have no stored {lost}; {g.name} fits without them")
         prior[g.name] = {c: rows[c][alive] for c in g.fit_columns}
     return prior
 

@@ -206,7 +206,11 @@ def build_and_run(
 
 def _batch_to_ds(batch: Batch) -> "ray.data.Dataset":
     import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
 
-    return ray.data.from_arrow(
-        pa.table({c: pa.array(v.tolist() if v.dtype == object else v) for c, v in batch.items()})
-    )
+    def column(v: np.ndarray):
+        if v.ndim > 1:  # embeddings: the tensor type Ray Data gives 2-D batch columns, so unions line up
+            return ArrowTensorArray.from_numpy(v)
+        return pa.array(v.tolist() if v.dtype == object else v)
+
+    return ray.data.from_arrow(pa.table({c: column(v) for c, v in batch.items()}))

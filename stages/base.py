@@ -152,6 +152,12 @@ def default_column(value: Any, n: int, like: np.ndarray | None = None) -> np.nda
         return np.zeros((n,) + like.shape[1:], dtype=like.dtype)
     if like is not None and like.dtype != object:
         return np.full(n, value, dtype=like.dtype)
+    if isinstance(value, np.ndarray) and value.ndim >= 1 and value.dtype != object:
+        return np.repeat(value[None], n, axis=0)  # a vector default (an embedding) makes a 2-D column
+    if isinstance(value, (np.generic, bool, int, float)):
+        # typed, so a batch of only-default rows has the dtype of the stage's own
+        # output (a Ray block of them must not turn a float32 column float64)
+        return np.full(n, value)
     return object_array([value] * n)
 
 

@@ -142,7 +142,7 @@ class ClipScoreStage(GlobalStage):
     def output_defaults(self) -> dict[str, Any]:
         dim = self._dim()
         return {
-            "clip_score": float("nan"),
+            "clip_score": np.float32("nan"),
             "img_emb": np.zeros(dim, dtype=np.float16),
             "text_emb": np.zeros(dim, dtype=np.float16),
         }
@@ -211,8 +211,15 @@ class ClipScoreStage(GlobalStage):
         decoder = c.image_decode if c.image_decode != "auto" else ("nvjpeg" if on_gpu else "pil")
         n = len(images)
         images = [b if isinstance(b, (bytes, bytearray)) else b"" for b in images]
-        if decoder == "nvjpeg":
-            tensors, errors = _clip.decode_tensors(images, ld.device)
+        threads = c.decode_threads or max(1, int(c.num_cpus))
+        # tokenising is pure Python: on a thread of its own it overlaps the
+        # image work (decoders and kernel launches release the GIL)
+        tokens_job = _clip.thread_pool(1).submit(ld.tokenizer, [cap if isinstance(cap, str) else "" for cap in captions])
+        if decoder in ("nvjpeg", "libjpeg"):
+            if decoder == "nvjpeg":
+                tensors, errors = _clip.decode_tensors(images, ld.device)
+            else:
+                tensors, errors = _clip.decode_cpu(images, ld.device, threads)
             good = [i for i, t in enumerate(tensors) if t is not None]
             pixels = _clip.resize_crop([tensors[i] for i in good], ld.cfg) if good else None
 
@@ -220,19 +227,17 @@ class ClipScoreStage(GlobalStage):
                 return _clip.normalize(x, ld.cfg)
 
         else:
-            threads = c.decode_threads or max(1, int(c.num_cpus))
             tensors, errors = _clip.decode_pil(images, ld.preprocess, threads)
             good = [i for i, t in enumerate(tensors) if t is not None]
             pixels = torch.stack([tensors[i] for i in good]) if good else None
             transform = None
-        # the image tower is queued first: on a GPU it runs while the CPU tokenizes
+        # the image tower is queued first: on a GPU it runs while the text is tokenised
         img = (
             _clip.encode(ld.model.encode_image, pixels, ld.device, c.micro_batch, bf16, transform)
             if good
             else None
         )
-        tokens = ld.tokenizer([cap if isinstance(cap, str) else "" for cap in captions])
-        txt = _clip.encode(ld.model.encode_text, tokens, ld.device, c.micro_batch, bf16)
+        txt = _clip.encode(ld.model.encode_text, tokens_job.result(), ld.device, c.micro_batch, bf16)
         dim = self._emb_dim = int(txt.shape[1])
         scores = np.full(n, np.nan, dtype=np.float32)
         img_emb = np.zeros((n, dim), dtype=np.float16)

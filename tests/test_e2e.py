@@ -21,6 +21,7 @@ N_OK = 30
 @pytest.fixture(scope="module")
 def server():
     routes = {f"/img/{i}.jpg": Route(jpeg(i, size=48), "image/jpeg") for i in range(N_OK)}
+    routes.update({f"/copy/{i}.jpg": routes[f"/img/{i}.jpg"] for i in range(10)})  # same bytes, other URLs
     routes["/gone.jpg"] = Route(b"", status=404)
     routes["/page.jpg"] = Route(b"<html></html>", "text/html")
     with LocalHTTPServer(routes) as s:
@@ -124,3 +125,69 @@ def test_resume_after_interruption_is_identical(tmp_path, server, ray_local):
             assert f(cut, sid).read_bytes() == f(full, sid).read_bytes(), f(cut, sid)
     assert verify(cut) == []
     assert read_manifest(cut)["counts"] == read_manifest(full)["counts"]
+
+
+@pytest.fixture(scope="module")
+def random_scorer(tmp_path_factory):
+    """pf-tiny with seeded random weights: scores are arbitrary but fixed,
+    which is all a runner-parity test needs."""
+    import open_clip
+    import torch
+
+    from stages import _clip
+
+    _clip.register_model_configs()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("scorer") / "pf-tiny-random.pt"
+    torch.save(open_clip.create_model("pf-tiny").state_dict(), path)
+    return str(path)
+
+
+def _model_job(tmp_path, server, scorer, out, runner):
+    # every image twice more, at other URLs with other captions: semantic duplicates
+    urls = [server.url(f"/img/{i}.jpg") for i in range(N_OK)] + [server.url(f"/copy/{i}.jpg") for i in range(10)]
+    urls += [server.url("/gone.jpg")]
+    pq.write_table(
+        pa.table({"url": urls, "caption": [f"a photo number {i}" for i in range(len(urls))]}),
+        tmp_path / "urls.parquet",
+    )
+    stages = [
+        {"name": "download", "image_size": 64, "allow_networks": ["127.0.0.1/32"], "timeout": 5.0},
+        {"name": "clip_score", "model": "pf-tiny", "pretrained": scorer, "top_fraction": 0.7, "batch_size": 8},
+        {"name": "dedup_semantic", "n_clusters": 3},
+        "shard",
+    ]
+    job = {"input": {"paths": ["urls.parquet"]}, "output": {"dir": out, "samples_per_shard": 8}, "runner": runner}
+    return load_job({**job, "stages": stages}, base_dir=tmp_path)
+
+
+def _kept_and_rejected(out):
+    import pandas as pd
+
+    shards = pd.concat([pq.read_table(layout.shard_parquet(out, s)).to_pandas() for s in range(6)])
+    rejects = pd.concat([pq.read_table(layout.rejects_parquet(out, s)).to_pandas() for s in range(6)])
+    return sorted(shards.key), dict(zip(rejects.key, rejects.reason))
+
+
+def test_model_and_global_stages_agree_in_process_on_ray_and_after_resume(tmp_path, server, random_scorer, ray_local):
+    run_job(_model_job(tmp_path, server, random_scorer, "local", runner="local"))
+    run_job(_model_job(tmp_path, server, random_scorer, "ray", runner="ray"))
+    run_job(_model_job(tmp_path, server, random_scorer, "cut", runner="ray"))
+    for f in (layout.shard_stats(tmp_path / "cut", 2), layout.shard_parquet(tmp_path / "cut", 2)):
+        f.unlink()
+    man = run_job(_model_job(tmp_path, server, random_scorer, "cut", runner="ray"), resume=True)
+    assert man["timing"]["resumed_shards"] == 5
+
+    kept, rejected = _kept_and_rejected(tmp_path / "local")
+    reasons = sorted(set(rejected.values()))
+    assert reasons == ["clip_score_below_top_fraction", "duplicate_semantic", "http_404"], reasons
+    top = sum(r == "clip_score_below_top_fraction" for r in rejected.values())
+    assert top == (N_OK + 10) - int(0.7 * (N_OK + 10) + 0.5)  # the cut runs before semantic dedup
+    assert len(kept) + len(rejected) == N_OK + 11 and not set(kept) & set(rejected)
+    for other in ("ray", "cut"):
+        assert _kept_and_rejected(tmp_path / other) == (kept, rejected), other
+    for sid in range(6):
+        for f in (layout.shard_parquet, layout.rejects_parquet, layout.embedding_npy):
+            args = ("img_emb", sid) if f is layout.embedding_npy else (sid,)
+            assert f(tmp_path / "cut", *args).read_bytes() == f(tmp_path / "ray", *args).read_bytes()
+    assert verify(tmp_path / "cut") == []
