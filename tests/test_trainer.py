@@ -139,6 +139,15 @@ def test_exported_scorer_is_small_and_scores_like_the_checkpoint(trained, tmp_pa
     assert not torch.equal(a, b)  # it really is the float16 copy
 
 
+def test_fine_tuning_starts_from_the_given_checkpoint(trained, corpus, tmp_path):
+    cfg, report = trained
+    tuned = train(config(corpus, tmp_path / "tuned", steps=2, warmup=1, lr=1e-5, eval_every=100, eval_limit=40,
+                         pretrained=str(Path(cfg.out) / CHECKPOINT)))  # fmt: skip
+    from_scratch, from_checkpoint = report["history"]["train"][0]["loss"], tuned["history"]["train"][0]["loss"]
+    assert from_checkpoint < from_scratch - 0.3
+    assert tuned["config"]["pretrained"].endswith(CHECKPOINT)
+
+
 # -------------------------------------------------------------------- resume
 
 
