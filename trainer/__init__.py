@@ -7,5 +7,6 @@ say in numbers whether the data teaches image-text alignment.
 * :mod:`trainer.evaluate`  recall@k vs chance, ROC AUC, Winoground-style scores
 * :mod:`trainer.distributed`  the same loop under Ray Train (DDP) on GPUs
 * :mod:`trainer.corpus`    the offline scorer's training corpus
+* :mod:`trainer.scenes`    generated compositional scenes and Winoground-style pairs
 * :mod:`trainer.cli`       ``main(argv)`` behind ``pairforge train``
 """
