@@ -130,26 +130,49 @@ def bench_parts(args, images, captions) -> dict[str, float]:
     n, b = min(len(images), args.parts_n), args.batch_size
     out = {}
 
-    def rate(fn) -> float:
-        clock = Clock()
+    def rate(label, fn) -> None:
+        """Rows/s after the first batch, and the cores this process kept busy."""
+        clock, cpu0 = Clock(), None
         for a in range(0, n, b):
             fn(images[a : a + b], captions[a : a + b])
             clock.tick(min(b, n - a))
-        return clock.rate()
+            cpu0 = time.process_time() if cpu0 is None else cpu0
+        r = clock.rate()
+        out[label] = r
+        print(f"   part: {label}: {r:.0f} rows/s, {(time.process_time() - cpu0) / (time.perf_counter() - clock.t0):.1f} cores busy",
+              flush=True)  # fmt: skip
 
+    gpu = args.device.startswith("cuda")
     for t in sorted({1, args.cpus_per_actor, os.cpu_count() or 1}):
-        out[f"PIL decode+transform, {t} thread(s)"] = rate(
-            lambda im, _, t=t: torch.stack(_clip.decode_pil(im, ld.preprocess, t)[0])
-        )
-    if args.device.startswith("cuda"):
-
-        def gpu(im, _):
-            x = _clip.normalize(_clip.resize_crop(_clip.decode_tensors(im, args.device)[0], ld.cfg), ld.cfg)
-            x.sum().item()
-
-        out["nvJPEG decode + GPU resize"] = rate(gpu)
-    out["tokenise (1 thread)"] = rate(lambda _, caps: ld.tokenizer(caps))
+        rate(f"PIL decode+transform, {t} thread(s)", lambda im, _, t=t: torch.stack(_clip.decode_pil(im, ld.preprocess, t)[0]))
+        if gpu:
+            rate(f"libjpeg decode on {t} thread(s) + GPU resize",
+                 lambda im, _, t=t: _clip.normalize(_clip.resize_crop(_clip.decode_cpu(im, args.device, t)[0], ld.cfg), ld.cfg).sum().item())  # fmt: skip
+    if gpu:
+        rate("nvJPEG decode + GPU resize",
+             lambda im, _: _clip.normalize(_clip.resize_crop(_clip.decode_tensors(im, args.device)[0], ld.cfg), ld.cfg).sum().item())  # fmt: skip
+    rate("tokenise (1 thread)", lambda _, caps: ld.tokenizer(caps))
     return out
+
+
+def decoder_agreement(args, images, captions) -> None:
+    """Max |score difference| of each decoder against ``pil`` (open_clip's own
+    transform) on the same rows and weights."""
+    import torch
+
+    from stages.base import run_stage_batch
+    from stages.clip_score import ClipScoreStage
+
+    n = min(len(images), args.batch_size)
+    scores = {}
+    for d in ("pil", "nvjpeg", "libjpeg"):
+        torch.manual_seed(0)  # the same random weights for each decoder
+        stage = ClipScoreStage(stage_config(args, decode=d, cpus=os.cpu_count()))
+        stage.setup()
+        scores[d] = run_stage_batch(stage, rows_batch(images[:n], captions[:n]))["clip_score"]
+    for d in ("nvjpeg", "libjpeg"):
+        print(f"   agreement: {d} vs pil: max |score diff| {np.abs(scores[d] - scores['pil']).max():.2e} "
+              f"over {n} rows (scores span {np.ptp(scores['pil']):.3f})", flush=True)  # fmt: skip
 
 
 class _Pairs:
@@ -284,14 +307,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=256)
-    p.add_argument("--decode", default="auto", choices=("auto", "pil", "nvjpeg"), help="decoders of the in-process stage")
+    p.add_argument("--decode", default="auto", choices=("auto", "pil", "nvjpeg", "libjpeg"), help="decoders of the in-process stage")
     p.add_argument("--inprocess", default="", help="comma list of decoders for 3a (default: --decode)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the naive loop")
     p.add_argument("--cpus-per-actor", type=int, default=2)
     p.add_argument("--ray", default="", help="Ray plans actors:decode:cpus, comma separated (default 2:DECODE:CPUS)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the Ray plans share")
     p.add_argument("--parts-n", type=int, default=4096, help="rows for the per-part rates")
-    p.add_argument("--skip", default="", help="comma list of: ceiling,parts,naive,inprocess,ray")
+    p.add_argument("--skip", default="", help="comma list of: ceiling,parts,agreement,naive,inprocess,ray")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     args.ray = args.ray or f"2:{args.decode}:{args.cpus_per_actor}"
@@ -326,8 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         rows["1 both towers on ready tensors"] = ceiling.get("pairs")
     if "parts" not in skip:
         parts = attempt("parts", lambda: bench_parts(args, images, captions)) or {}
-        for k, v in parts.items():
-            print(f"   part: {k}: {v:.0f} rows/s", flush=True)
+    if "agreement" not in skip:
+        attempt("agreement", lambda: decoder_agreement(args, images, captions))
     naive_label = f"2 DataLoader+PIL, {args.workers} workers"
     if "naive" not in skip:
         rows[naive_label] = attempt(naive_label, lambda: bench_naive(args, images, captions))

@@ -25,6 +25,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-shard", type=int, default=1000)
     p.add_argument("--image-px", type=int, default=256)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--workers-list", help="comma list of loader worker counts to try (the best is reported)")
+    p.add_argument("--nice", default=str(10), help="comma list of loader worker niceness values to try")
     p.add_argument("--shards", help="existing shards to read instead of writing new ones")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
@@ -184,13 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     rates["model_only_before"] = args.steps * bs / s
     print(f"[bench] model only:  {rates['model_only_before']:9.0f} samples/s", flush=True)
 
-    loader = train_loader(shards, Prep(model_name, spec.size), cfg.stream(), pin_memory=device.type == "cuda")
-    workers = loader.num_workers
-    s, wait = time_steps(step, iter(loader), args.steps, args.warmup, device)
-    rates["streaming"] = args.steps * bs / s
-    wait_fraction = wait / s
-    print(f"[bench] streaming:   {rates['streaming']:9.0f} samples/s ({wait_fraction:.0%} of the time waiting for data)", flush=True)
-    del loader
+    import trainer.data
+
+    runs = []  # (workers, niceness, samples/s, wait fraction)
+    for nice in [int(v) for v in args.nice.split(",")]:
+        trainer.data.WORKER_NICENESS = nice  # read by each worker as it starts
+        for w in [int(v) for v in args.workers_list.split(",")] if args.workers_list else [args.workers]:
+            stream = replace(cfg, workers=w).stream()
+            loader = train_loader(shards, Prep(model_name, spec.size), stream, pin_memory=device.type == "cuda")
+            s, wait = time_steps(step, iter(loader), args.steps, args.warmup, device)
+            runs.append((loader.num_workers, nice, args.steps * bs / s, wait / s))
+            print(f"[bench] streaming, {loader.num_workers} workers at nice {nice}: {runs[-1][2]:9.0f} samples/s "
+                  f"({runs[-1][3]:.0%} of the time waiting for data)", flush=True)  # fmt: skip
+            del loader
+    workers, _, rates["streaming"], wait_fraction = max(runs, key=lambda r: r[2])
 
     s, _ = time_steps(step, forever(ready), args.steps, args.warmup, device)
     rates["model_only_after"] = args.steps * bs / s
@@ -204,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "warmup": args.warmup, "loader_workers": workers, "cpus": os.cpu_count(),
         "shards": len(shards), "samples_per_s": rates, "data_wait_fraction": wait_fraction,
         "ratio_streaming_to_model_only": ratio, "goal": 0.90,
+        "streaming_runs": [dict(zip(("workers", "nice", "samples_per_s", "wait_fraction"), r)) for r in runs],
     }  # fmt: skip
     print(f"\ntorch {torch.__version__}, {os.cpu_count()} cores")
     print(f"{'device':<12}{'model':<12}{'batch':>6}{'workers':>8}{'model-only/s':>14}{'streaming/s':>13}{'ratio':>8}")

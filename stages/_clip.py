@@ -29,11 +29,20 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 #: ``pretrained`` value for random weights (benchmarks and smoke tests only)
 RANDOM_WEIGHTS = "random"
-DECODERS = ("auto", "pil", "nvjpeg")
+DECODERS = ("auto", "pil", "nvjpeg", "libjpeg")
 
 _registered = False
 _lock = threading.Lock()
 _sha_cache: dict[tuple, str] = {}
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def thread_pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``threads`` threads (made once, reused by every batch)."""
+    with _lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix=f"clip{threads}")
+        return _pools[threads]
 
 
 def register_model_configs() -> None:
@@ -159,8 +168,7 @@ def decode_pil(images: list, preprocess, threads: int) -> tuple[list, list[str |
             return None, f"{type(e).__name__}: {e}"
 
     if threads > 1 and len(images) > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            res = list(pool.map(one, images))
+        res = list(thread_pool(threads).map(one, images))
     else:
         res = [one(b) for b in images]
     return [r[0] for r in res], [r[1] for r in res]
@@ -200,6 +208,33 @@ def decode_tensors(images: list, device: str) -> tuple[list, list[str | None]]:
             out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(device)
         except Exception as e:  # undecodable: a per-row failure
             errors[i] = f"{type(e).__name__}: {e}"
+    return out, errors
+
+
+def decode_cpu(images: list, device: str, threads: int) -> tuple[list, list[str | None]]:
+    """:func:`decode_tensors` on the CPU (libjpeg-turbo for JPEGs, PIL for the
+    rest), one image per task on ``threads`` threads (both decoders release
+    the GIL), then one host-to-device copy per image shape. Returns what
+    :func:`decode_tensors` returns, the tensors on ``device``: the pixels are
+    exactly those of ``decode_tensors(images, "cpu")``."""
+    import torch
+
+    def one(data):
+        t, e = decode_tensors([data], "cpu")
+        return t[0], e[0]
+
+    res = list(thread_pool(threads).map(one, images)) if threads > 1 and len(images) > 1 else [one(b) for b in images]
+    out: list = [r[0] for r in res]
+    errors = [r[1] for r in res]
+    if device != "cpu":
+        by_shape: dict[tuple, list[int]] = {}
+        for i, t in enumerate(out):
+            if t is not None:
+                by_shape.setdefault(tuple(t.shape), []).append(i)
+        for idx in by_shape.values():
+            stacked = torch.stack([out[i] for i in idx]).pin_memory().to(device, non_blocking=True)
+            for i, t in zip(idx, stacked.unbind(0)):
+                out[i] = t
     return out, errors
 
 

@@ -18,6 +18,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -246,6 +247,16 @@ def loader_workers(n_shards: int, wanted: int, world_size: int = 1) -> int:
     return min(wanted, per_rank)
 
 
+#: niceness of the DataLoader workers: they yield the cores to the training
+#: process, whose Python thread launches the kernels that keep the GPU busy
+WORKER_NICENESS = 10
+
+
+def _worker_init(_worker_id: int) -> None:
+    if WORKER_NICENESS:
+        os.nice(WORKER_NICENESS)
+
+
 def train_loader(
     shards: list[str], prep: Prep, cfg: StreamConfig, start_batch: int = 0, world_size: int = 1, pin_memory: bool = False
 ) -> DataLoader:
@@ -257,6 +268,7 @@ def train_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_worker_init if workers else None,
     )
 
 
