@@ -11,6 +11,10 @@ demo's ``clip_score`` stage uses where no pretrained CLIP can be fetched.
    file beside the checkpoint.
 
 Deterministic for a given machine and thread count (seeded data order and init).
+The shipped file came from the defaults on 2 CPU cores: 90,800 samples written
+in 43 s, 1000 steps of 128 in 20 min of wall time while other jobs shared the
+cores (23 CPU-minutes; about 2 steps/s, so ~10 min in all, on idle cores).
+``--device cuda`` trains the same recipe in bf16 on a GPU.
 """
 
 from __future__ import annotations
