@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the trainer owns its flags (--help included)
+        from trainer.cli import main as train_main
+
+        return int(train_main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
     from pipeline.config import ConfigError
     from pipeline.job import JobError

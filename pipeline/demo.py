@@ -136,9 +136,11 @@ def demo_stages(scorer: Path | None) -> list[dict]:
     if have("dedup_phash"):
         stages.append({"name": "dedup_phash"})
     if have("clip_score") and scorer is not None and scorer.exists():
-        stages.append({"name": "clip_score", "model": "pf-tiny", "pretrained": str(scorer), "threshold": 0.2})
+        stages.append({"name": "clip_score", "model": "pf-tiny", "pretrained": str(scorer), "threshold": 0.6})
         if have("dedup_semantic"):
-            stages.append({"name": "dedup_semantic"})
+            # eps is per model: the small scorer puts same-class product photos at cosine 0.95-0.99,
+            # its re-encodes above 0.998 (SemDeDup's eps values were chosen for real CLIP on LAION)
+            stages.append({"name": "dedup_semantic", "eps": 0.002})
     stages.append({"name": "shard"})
     return stages
 

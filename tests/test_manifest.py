@@ -86,3 +86,11 @@ def test_cli_show_and_verify_as_a_user_runs_them(run_dir):
         text=True,
     )
     assert bad.returncode == 1 and "no manifest" in bad.stderr
+
+
+def test_cli_hands_train_its_own_flags(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0 and "--pretrained" in capsys.readouterr().out
