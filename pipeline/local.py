@@ -32,16 +32,20 @@ def fit_global(stage: GlobalStage, rows: Batch) -> Batch:
     if not batch_len(rows):
         return {}
     stage.prepare(rows)
-    size = max(1, stage.resources().batch_size)
+    size = max(stage.resources().batch_size, 1 << 16)  # candidates are per row: big chunks, fewer calls
     n = batch_len(rows)
     cands = concat([stage.candidates(take(rows, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
     if not batch_len(cands):
         return stage.resolve({})
-    # one reduce call per group, groups in sorted order, rows in candidate order
-    _, inverse = np.unique(cands["group"], return_inverse=True)
-    order = np.argsort(inverse.ravel(), kind="stable")
-    bounds = np.flatnonzero(np.diff(inverse.ravel()[order])) + 1
-    reduced = concat([stage.reduce_group(take(cands, idx)) for idx in np.split(order, bounds)])
+    # one reduce call per group, groups in sorted order, rows in candidate order:
+    # one stable sort, then each group is a slice (a view, no copy)
+    order = np.argsort(cands["group"], kind="stable")
+    cands = take(cands, order)
+    g = cands["group"]
+    starts = np.concatenate([[0], np.flatnonzero(g[1:] != g[:-1]) + 1, [len(g)]])
+    reduced = concat(
+        [stage.reduce_group({k: v[a:b] for k, v in cands.items()}) for a, b in zip(starts[:-1], starts[1:])]
+    )
     return stage.resolve(reduced)
 
 
