@@ -57,6 +57,41 @@ def corpus(n: int, unique: int, size: int = 256, seed: int = 0) -> tuple[list[by
     return images, captions
 
 
+class GpuBusy:
+    """Samples the GPU's utilisation (NVML, the share of time a kernel ran)
+    on a thread while a method runs: ``with GpuBusy() as g: ...; g.mean``."""
+
+    def __init__(self, every: float = 0.1):
+        self.every, self.samples, self._stop = every, [], None
+
+    def __enter__(self):
+        import threading
+
+        import torch
+
+        self._stop = threading.Event()
+
+        def run():
+            while not self._stop.wait(self.every):
+                try:
+                    self.samples.append(torch.cuda.utilization())
+                except Exception:  # no NVML here: no figure
+                    return
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        s = self.samples[len(self.samples) // 10 :]  # skip the start-up
+        return float(np.mean(s)) if s else float("nan")
+
+
 class Clock:
     """Rows per second after the first batch."""
 
@@ -249,9 +284,12 @@ def bench_stage_inprocess(args, images, captions, decode: str) -> float:
     stage.setup()
     clock = Clock()
     b = args.batch_size
-    for a in range(0, len(images), b):
-        out = run_stage_batch(stage, rows_batch(images[a : a + b], captions[a : a + b], a))
-        clock.tick(len(out["key"]))
+    with GpuBusy() as busy:
+        for a in range(0, len(images), b):
+            out = run_stage_batch(stage, rows_batch(images[a : a + b], captions[a : a + b], a))
+            clock.tick(len(out["key"]))
+    if args.device.startswith("cuda"):
+        print(f"   3a in-process, {decode}: GPU busy {busy.mean:.0f}% of the time (NVML)", flush=True)
     return clock.rate()
 
 
@@ -287,9 +325,12 @@ def bench_stage_ray(args, images, captions) -> dict[str, float | None]:
             try:
                 ds = map_stage(source, ClipScoreStage(stage_config(args, actors, decode, cpus, max(gpus, 1))))
                 clock = Clock()
-                for batch in ds.select_columns(["key", "clip_score"]).iter_batches(batch_format="numpy", batch_size=None):
-                    clock.tick(len(batch["key"]))
+                with GpuBusy() as busy:
+                    for batch in ds.select_columns(["key", "clip_score"]).iter_batches(batch_format="numpy", batch_size=None):
+                        clock.tick(len(batch["key"]))
                 out[label] = clock.rate()
+                if gpus:
+                    print(f"   {label}: GPU busy {busy.mean:.0f}% of the time (NVML)", flush=True)
             except Exception as e:  # one failing plan must not hide the others
                 print(f"{label}: failed: {type(e).__name__}: {e}", flush=True)
                 out[label] = None
