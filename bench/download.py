@@ -105,6 +105,7 @@ def run_pairforge(args, urls: Path, out: Path, per_shard: int) -> tuple[float, i
                     "encode_quality": args.encode_quality,
                     "timeout": args.timeout,
                     "thread_count": args.threads,
+                    "num_cpus": args.task_cpus,
                     # one task per input shard, as img2dataset has one per shard
                     "batch_size": per_shard,
                     "allow_networks": ["127.0.0.1/32"],
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 200 images")
     p.add_argument("--processes", type=int, default=cpus, help="img2dataset processes = Ray CPUs")
     p.add_argument("--threads", type=int, default=32, help="download threads per process/task")
+    p.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per pairforge download task (Ray's num_cpus)")
     p.add_argument("--server-procs", type=int, default=max(1, cpus // 4))
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--resize-mode", default="border")

@@ -11,6 +11,7 @@ This is the on-disk contract (LAION / img2dataset layout) that trainers and
     OUT/rejects/00000.parquet              every row of shard 0 that did not make it
     OUT/embeddings/<col>/<col>_00000.npy   2-D ``*_emb`` columns, float16, parquet row order
     OUT/_work/input/00000.parquet          the URL list cut into shards, keys assigned
+    OUT/_work/parts/00000/*.pkl            a run's rows per shard before the shard is written
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def rejects_embedding_npy(out, column: str, shard_id: int) -> Path:
 
 def manifest_json(out) -> Path:
     return Path(out) / "manifest.json"
+
+
+def parts_dir(out) -> Path:
+    """Rows on their way to a shard: each final task leaves its rows here,
+    one file per (task, shard); the shard writer merges them."""
+    return Path(out) / "_work" / "parts"
 
 
 def input_dir(out) -> Path:

@@ -15,11 +15,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import sys
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 
+from manifests import layout
 from stages.base import (
     Batch,
     GlobalStage,
@@ -168,11 +173,60 @@ def run_global_ray(
 # ------------------------------------------------------------------ whole plan
 
 
-def _write_group(rows: Batch, shard_stage, out_dir: str) -> dict:
-    import json
+def _read_shard_file(batch: dict) -> "pa.Table":
+    import pyarrow.parquet as pq
 
-    sid = int(rows["shard_id"][0])
-    stats = shard_stage.write_group(rows, out_dir, sid)
+    return pq.read_table(str(batch["path"][0]))
+
+
+def read_input_shards(paths: list[str]) -> "ray.data.Dataset":
+    """One block per input shard file, read by its own task as the plan
+    streams. (``read_parquet`` coalesces small files into few read tasks:
+    on Ray 2.60 a few thousand URLs became one block, and one download task
+    for the whole run.)"""
+    items = [{"path": str(p)} for p in paths]
+    # its own CPU share keeps the read out of the first stage's fused task:
+    # fused, the stage's batch size would bundle many paths into one task
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_shard_file, batch_size=1, batch_format="numpy", num_cpus=0.25
+    )
+
+
+def _write_parts(batch: Batch, parts_dir: str) -> dict:
+    """Leave this block's rows in one file per shard they belong to (pickle:
+    bytes and object columns round-trip exactly, and nothing is decoded)."""
+    import pickle
+    import uuid
+
+    sids = np.asarray(batch["shard_id"]).astype(np.int64)
+    out_sid, out_path, out_rows = [], [], []
+    for sid in np.unique(sids):
+        rows = take(batch, np.flatnonzero(sids == sid))
+        path = os.path.join(parts_dir, f"{int(sid):05d}", f"{uuid.uuid4().hex}.pkl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(rows, f, protocol=5)
+        os.replace(path + ".tmp", path)
+        out_sid.append(int(sid))
+        out_path.append(path)
+        out_rows.append(batch_len(rows))
+    return {"shard_id": np.array(out_sid, np.int64), "path": np.array(out_path, object), "rows": np.array(out_rows)}
+
+
+def _write_shard(item: dict, shard_stage, out_dir: str) -> dict:
+    """Merge one shard's part files and write the shard (the writer sorts by
+    key, so the order the parts arrived in does not matter)."""
+    import json
+    import pickle
+
+    sid, paths = int(item["shard_id"][0]), list(item["paths"][0])
+    parts = []
+    for path in paths:
+        with open(path, "rb") as f:
+            parts.append(pickle.load(f))
+    stats = shard_stage.write_group(concat(parts), out_dir, sid)
+    for path in paths:
+        os.remove(path)
     return {"shard_id": np.array([sid]), "stats": np.array([json.dumps(stats)], dtype=object)}
 
 
@@ -186,22 +240,45 @@ def build_and_run(
     """Run the plan over the input shard files; returns the new shards' stats."""
     import json
 
-    ds = ray.data.read_parquet(input_paths, override_num_blocks=len(input_paths))
+    ctx = ray.data.DataContext.get_current()
+    # Ray Data reserves half of the cluster for operators evenly; the shard
+    # writer's shuffle then held back half of a small cluster's CPUs while the
+    # download ran (one task at a time on 2 CPUs). Our stages bound their own
+    # concurrency, so the operators share the whole budget instead.
+    ctx.op_resource_reservation_enabled = False
+    ds = read_input_shards(input_paths)
     for stage in stages:
         ds = map_stage(ds, stage)
         if isinstance(stage, GlobalStage) and stage.needs_fit():
             prior_rows = (prior or {}).get(stage.name)
             prior_ds = _batch_to_ds(prior_rows) if prior_rows is not None and batch_len(prior_rows) else None
             ds = run_global_ray(ds, stage, prior_ds)
-    # one shuffle partition per shard (at most 200): each shard is written by
-    # exactly one task, and a small run does not pay for 200 empty partitions
-    written = ds.groupby("shard_id", num_partitions=max(1, min(len(input_paths), 200))).map_groups(
-        _write_group,
+    # Rows reach their shard through files, not a Ray shuffle: the final
+    # tasks stream their rows into per-shard part files as they finish, then
+    # one task per shard merges and writes it. Images never pass through the
+    # object store a second time, and no shuffle operator holds CPUs back.
+    parts_dir = layout.parts_dir(out_dir)
+    shutil.rmtree(parts_dir, ignore_errors=True)  # leftovers of an interrupted run
+    parts = ds.map_batches(_write_parts, fn_kwargs={"parts_dir": str(parts_dir)}, batch_format="numpy", batch_size=None)
+    by_shard: dict[int, list[str]] = {}
+    for b in parts.iter_batches(batch_format="numpy", batch_size=None):
+        for sid, path in zip(b["shard_id"], b["path"]):
+            by_shard.setdefault(int(sid), []).append(str(path))
+    items = [{"shard_id": sid, "paths": sorted(paths)} for sid, paths in sorted(by_shard.items())]
+    if not items:
+        return []
+    written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _write_shard,
         fn_kwargs={"shard_stage": shard_stage, "out_dir": out_dir},
+        batch_size=1,
         batch_format="numpy",
         num_cpus=shard_stage.resources().num_cpus,
     )
-    return [json.loads(s) for b in written.iter_batches(batch_format="numpy", batch_size=None) for s in b["stats"]]
+    stats = [json.loads(s) for b in written.iter_batches(batch_format="numpy", batch_size=None) for s in b["stats"]]
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    if os.environ.get("PAIRFORGE_RAY_STATS"):  # Ray Data's per-operator timings, for profiling a plan
+        print(written.stats(), file=sys.stderr)
+    return stats
 
 
 def _batch_to_ds(batch: Batch) -> "ray.data.Dataset":

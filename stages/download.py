@@ -72,8 +72,13 @@ class Config:
     # throughput
     thread_count: int = 32
     batch_size: int = 256
+    #: CPUs each download task asks Ray for; below 1 runs more tasks per core
+    #: (they spend much of their time waiting on the network)
+    num_cpus: float = 1.0
 
     def __post_init__(self):
+        if self.num_cpus <= 0:
+            raise ValueError(f"download.num_cpus: expected > 0, got {self.num_cpus}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"download.resize_mode: {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
         if self.encode_format not in ENCODE_FORMATS:
@@ -170,7 +175,7 @@ class DownloadStage(Stage):
         return {**self.__dict__, "_worker": None}
 
     def resources(self) -> Resources:
-        return Resources(num_cpus=1.0, batch_size=self.config.batch_size)
+        return Resources(num_cpus=self.config.num_cpus, batch_size=self.config.batch_size)
 
     def setup(self) -> None:
         self._worker = _worker_for(self.config)
