@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode", default="auto", choices=("auto", "pil", "nvjpeg", "libjpeg"), help="decoders of the in-process stage")
     p.add_argument("--inprocess", default="", help="comma list of decoders for 3a (default: --decode)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the naive loop")
-    p.add_argument("--cpus-per-actor", type=int, default=2)
+    p.add_argument("--cpus-per-actor", type=int, default=max(1, min(2, (os.cpu_count() or 2) - 1)))
     p.add_argument("--ray", default="", help="Ray plans actors:decode:cpus, comma separated (default 2:DECODE:CPUS)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the Ray plans share")
     p.add_argument("--parts-n", type=int, default=4096, help="rows for the per-part rates")

@@ -21,8 +21,12 @@ Images: ``image_decode: pil`` is open_clip's own transform on PIL images
 (decoded on ``decode_threads`` threads); ``nvjpeg`` decodes JPEGs in one
 batched ``torchvision.io.decode_jpeg`` call on the GPU and resizes there
 (antialiased bicubic: within a few 1e-3 of PIL's pixels); other formats go
-through PIL. ``auto`` is ``nvjpeg`` on a GPU, ``pil`` on the CPU. On a GPU
-the towers run under bf16 autocast; on the CPU in plain fp32.
+through PIL. ``libjpeg`` decodes on ``decode_threads`` CPU threads (the same
+pixels as ``nvjpeg`` gives on a CPU) and resizes on the device. ``auto`` is
+``nvjpeg`` on a GPU (on one H100 it scored ~2x more pairs/s per actor than
+``libjpeg`` for a fraction of the CPU; ``bench/clip_score.py``), ``pil`` on
+the CPU. On a GPU the towers run under bf16 autocast; on the CPU in plain fp32.
+Captions are tokenised on a thread of their own while the images are decoded.
 
 The top-fraction fit
 --------------------
@@ -88,7 +92,7 @@ class Config:
     batch_size: int = 512
     #: rows per forward pass (fixed, so a row's score does not depend on its batch)
     micro_batch: int = 128
-    #: ``auto``, ``pil`` or ``nvjpeg`` (see the module doc)
+    #: ``auto``, ``pil``, ``nvjpeg`` or ``libjpeg`` (see the module doc)
     image_decode: str = "auto"
     #: threads for PIL decoding; 0: ``num_cpus``
     decode_threads: int = 0
