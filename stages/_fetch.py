@@ -200,15 +200,27 @@ class _Failure(Exception):
         self.reason, self.http_status, self.detail = reason, http_status, detail
 
 
-class _HeaderView:
-    """img2dataset's ``is_disallowed`` reads ``headers.get_all`` (the stdlib
-    message API); urllib3 names it ``getlist``."""
+#: X-Robots-Tag directives that take a value after a colon (not user agents)
+_VALUED_DIRECTIVES = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
 
-    def __init__(self, headers):
-        self._h = headers
 
-    def get_all(self, name: str, default=None):
-        return self._h.getlist(name) or default
+def robots_disallowed(values: Sequence[str], token: str | None, directives: set[str]) -> bool:
+    """Whether ``X-Robots-Tag`` header ``values`` forbid us. Each header is a
+    comma-separated directive list, optionally led by ``<agent>:``, which
+    makes it apply to that agent only (Google's X-Robots-Tag syntax, the
+    convention img2dataset follows). Applies to us: lists with no agent, and
+    lists for ``token``. (Our own parser: ``img2dataset.downloader`` would
+    import the whole img2dataset package, seconds in every fresh worker.)"""
+    for value in values:
+        agent, sep, rest = value.partition(":")
+        agent = agent.strip().lower()
+        if sep and "," not in agent and agent not in _VALUED_DIRECTIVES:
+            if agent != token:
+                continue
+            value = rest
+        if {d.strip().lower() for d in value.split(",")} & directives:
+            return True
+    return False
 
 
 class SafeFetcher:
@@ -229,9 +241,6 @@ class SafeFetcher:
         pool_size: int = 32,
         resolver: Resolver = socket.getaddrinfo,
     ):
-        from img2dataset.downloader import is_disallowed
-
-        self._is_disallowed = is_disallowed
         self.policy = AddressPolicy(allow_networks)
         self.timeout, self.deadline = timeout, deadline
         self.retries, self.max_redirects, self.max_bytes = retries, max_redirects, max_bytes
@@ -321,7 +330,7 @@ class SafeFetcher:
         if not 200 <= status < 300:
             _discard(resp)
             raise _Failure(f"http_{status}", status)
-        if self.directives and self._is_disallowed(_HeaderView(resp.headers), self.token, self.directives):
+        if self.directives and robots_disallowed(resp.headers.getlist("X-Robots-Tag"), self.token, self.directives):
             _discard(resp)
             raise _Failure("opted_out", status, x_robots_tag=resp.headers.getlist("X-Robots-Tag"))
         length = resp.headers.get("Content-Length")

@@ -63,6 +63,31 @@ def probe(data: bytes, max_pixels: int) -> Probe:
     return Probe(width, height, fmt)
 
 
+def img2dataset_resizer_class():
+    """img2dataset's own ``Resizer``, from its module file. ``import
+    img2dataset.resizer`` first runs the package's ``__init__``, which imports
+    the whole downloader (wandb, webdataset, fsspec, ...): 2-5 s in every
+    fresh Ray worker, for one class that needs only cv2 and albumentations."""
+    import importlib.util
+    import sys
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
+    loaded = sys.modules.get("img2dataset.resizer") or sys.modules.get(_RESIZER_MODULE)
+    if loaded is None:
+        package = importlib.util.find_spec("img2dataset")
+        if package is None or not package.submodule_search_locations:
+            raise ImportError("img2dataset is not installed")
+        path = os.path.join(list(package.submodule_search_locations)[0], "resizer.py")
+        spec = importlib.util.spec_from_file_location(_RESIZER_MODULE, path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        sys.modules[_RESIZER_MODULE] = loaded
+    return loaded.Resizer
+
+
+_RESIZER_MODULE = "_pairforge_img2dataset_resizer"
+
+
 @dataclass(frozen=True)
 class Resized:
     image: bytes | None
@@ -98,9 +123,7 @@ class Resize:
         max_image_area: float | None,
         max_aspect_ratio: float | None,
     ):
-        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
-        from img2dataset.resizer import Resizer
-
+        Resizer = img2dataset_resizer_class()
         self.ext = EXTENSIONS[encode_format]
         self._lock = threading.Lock()
         self._resizer = Resizer(

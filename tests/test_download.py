@@ -451,3 +451,33 @@ def test_reasons_and_details_read_the_same_in_every_run(server):
     second = download(urls, thread_count=3)  # another worker, same decisions
     assert list(first["detail"]) == list(second["detail"])
     assert all(" at 0x" not in d for d in first["detail"])
+
+
+@pytest.mark.parametrize(
+    "values,token",
+    [
+        (["noai"], None),
+        (["NoImageAI"], None),
+        (["noindex, nofollow"], None),
+        (["nofollow"], None),
+        (["nofollow", "noimageai"], None),
+        (["otherbot: noai"], None),
+        (["otherbot: noai"], "otherbot"),
+        (["otherbot: noindex, noimageai"], None),
+        (["otherbot: noindex, noimageai", "noai"], None),
+        (["unavailable_after: 2030-01-01"], None),
+        ([], None),
+    ],
+)
+def test_robots_parser_agrees_with_img2dataset(values, token):
+    from email.message import Message
+
+    from img2dataset.downloader import is_disallowed
+
+    from stages._fetch import robots_disallowed
+
+    directives = {"noai", "noimageai", "noindex", "noimageindex"}
+    msg = Message()
+    for v in values:
+        msg["X-Robots-Tag"] = v
+    assert robots_disallowed(values, token, directives) == is_disallowed(msg, token, directives)
