@@ -98,12 +98,14 @@ class Clock:
     def __init__(self):
         self.t0 = None
         self.rows = 0
+        self.batches = 0
 
     def tick(self, rows: int) -> None:
         if self.t0 is None:
             self.t0 = time.perf_counter()
         else:
             self.rows += rows
+            self.batches += 1
 
     def rate(self) -> float:
         return self.rows / max(time.perf_counter() - self.t0, 1e-9) if self.t0 else 0.0
@@ -328,7 +330,8 @@ def bench_stage_ray(args, images, captions) -> dict[str, float | None]:
                 with GpuBusy() as busy:
                     for batch in ds.select_columns(["key", "clip_score"]).iter_batches(batch_format="numpy", batch_size=None):
                         clock.tick(len(batch["key"]))
-                out[label] = clock.rate()
+                # batches of several actors arrive together: too few after the first give no rate
+                out[label] = clock.rate() if clock.batches >= 8 else None
                 if gpus:
                     print(f"   {label}: GPU busy {busy.mean:.0f}% of the time (NVML)", flush=True)
             except Exception as e:  # one failing plan must not hide the others
