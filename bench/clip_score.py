@@ -35,8 +35,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-WORDS = ("a photo of the red blue green small large dog cat bird car tree house on in with near under beside "
-         "old new bright dark wooden metal street beach mountain city river sunset morning people child").split()
+WORDS = (
+    "a photo of the red blue green small large dog cat bird car tree house on in with near under beside "
+    "old new bright dark wooden metal street beach mountain city river sunset morning people child"
+).split()
 
 
 def corpus(n: int, unique: int, size: int = 256, seed: int = 0) -> tuple[list[bytes], list[str]]:
@@ -145,7 +147,10 @@ def bench_ceiling(args, captions) -> dict[str, float]:
         for name, fn in (
             ("image", lambda k: net.encode_image(xs[k % 2]).float().sum().item()),
             ("text", lambda k: net.encode_text(ts[k % 2]).float().sum().item()),
-            ("pairs", lambda k: (net.encode_image(xs[k % 2]).float() * net.encode_text(ts[k % 2]).float()).sum().item()),
+            (
+                "pairs",
+                lambda k: (net.encode_image(xs[k % 2]).float() * net.encode_text(ts[k % 2]).float()).sum().item(),
+            ),
         ):
             clock = Clock()
             for k in range(steps):
@@ -181,7 +186,10 @@ def bench_parts(args, images, captions) -> dict[str, float]:
 
     gpu = args.device.startswith("cuda")
     for t in sorted({1, args.cpus_per_actor, os.cpu_count() or 1}):
-        rate(f"PIL decode+transform, {t} thread(s)", lambda im, _, t=t: torch.stack(_clip.decode_pil(im, ld.preprocess, t)[0]))
+        rate(
+            f"PIL decode+transform, {t} thread(s)",
+            lambda im, _, t=t: torch.stack(_clip.decode_pil(im, ld.preprocess, t)[0]),
+        )
         if gpu:
             rate(f"libjpeg decode on {t} thread(s) + GPU resize",
                  lambda im, _, t=t: _clip.normalize(_clip.resize_crop(_clip.decode_cpu(im, args.device, t)[0], ld.cfg), ld.cfg).sum().item())  # fmt: skip
@@ -257,7 +265,9 @@ def stage_config(args, actors: int = 1, decode: str | None = None, cpus: int | N
         concurrency=(actors, actors),
         batch_size=args.batch_size,
         micro_batch=args.micro_batch,
-        image_decode=decode or args.decode,
+        # "prefetch": libjpeg decode, resize and tokenising in CPU tasks ahead of the actors
+        image_decode="libjpeg" if decode == "prefetch" else (decode or args.decode),
+        cpu_prefetch=decode == "prefetch",
     )
 
 
@@ -296,7 +306,8 @@ def bench_stage_inprocess(args, images, captions, decode: str) -> float:
 
 
 def ray_plans(spec: str) -> list[tuple[int, str, int]]:
-    """``"2:nvjpeg:2,4:pil:3"`` -> [(actors, decode, cpus per actor), ...]"""
+    """``"2:nvjpeg:2,4:pil:3"`` -> [(actors, decode, cpus per actor), ...];
+    decode ``prefetch``: CPU tasks decode, resize and tokenise for the actors"""
     plans = []
     for item in filter(None, spec.split(",")):
         a, d, c = item.split(":")
@@ -328,7 +339,9 @@ def bench_stage_ray(args, images, captions) -> dict[str, float | None]:
                 ds = map_stage(source, ClipScoreStage(stage_config(args, actors, decode, cpus, max(gpus, 1))))
                 clock = Clock()
                 with GpuBusy() as busy:
-                    for batch in ds.select_columns(["key", "clip_score"]).iter_batches(batch_format="numpy", batch_size=None):
+                    for batch in ds.select_columns(["key", "clip_score"]).iter_batches(
+                        batch_format="numpy", batch_size=None
+                    ):
                         clock.tick(len(batch["key"]))
                 # batches of several actors arrive together: too few after the first give no rate
                 out[label] = clock.rate() if clock.batches >= 8 else None
@@ -351,7 +364,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=256)
-    p.add_argument("--decode", default="auto", choices=("auto", "pil", "nvjpeg", "libjpeg"), help="decoders of the in-process stage")
+    p.add_argument(
+        "--decode",
+        default="auto",
+        choices=("auto", "pil", "nvjpeg", "libjpeg"),
+        help="decoders of the in-process stage",
+    )
     p.add_argument("--inprocess", default="", help="comma list of decoders for 3a (default: --decode)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the naive loop")
     p.add_argument("--cpus-per-actor", type=int, default=max(1, min(2, (os.cpu_count() or 2) - 1)))
@@ -425,7 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         import json
 
-        Path(args.json).write_text(json.dumps({"args": vars(args), "ceiling": ceiling, "parts": parts, "pairs_per_s": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "ceiling": ceiling, "parts": parts, "pairs_per_s": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def map_stage(stage: Stage, batch: Batch) -> Batch:
     """Run a per-row stage over ``batch`` in chunks of its batch size."""
     n = batch_len(batch)
     size = max(1, stage.resources().batch_size)
-    return concat([run_stage_batch(stage, take(batch, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
+    chunks = (take(batch, np.arange(i, min(i + size, n))) for i in range(0, n, size))
+    return concat([run_stage_batch(stage, stage.prefetch(c) if stage.has_prefetch() else c) for c in chunks])
 
 
 def fit_global(stage: GlobalStage, rows: Batch) -> Batch:

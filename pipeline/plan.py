@@ -69,11 +69,17 @@ def _actor_class(stage: Stage) -> type:
     return type(f"{title}Actor", (_StageActor,), {"__module__": __name__})
 
 
+def _prefetch(batch: Batch, stage: Stage) -> Batch:
+    return stage.prefetch(batch)
+
+
 def map_stage(ds: "ray.data.Dataset", stage: Stage) -> "ray.data.Dataset":
     res = stage.resources()
     common = dict(batch_format="numpy", batch_size=res.batch_size, zero_copy_batch=False)
     if stage.stateful:
         lo, hi = res.concurrency
+        if stage.has_prefetch():  # CPU tasks ahead of the actors
+            ds = ds.map_batches(_prefetch, fn_kwargs={"stage": stage}, num_cpus=1, **common)
         return ds.map_batches(
             _actor_class(stage),
             fn_constructor_kwargs={"stage_cls": type(stage), "config": stage.config},

@@ -12,6 +12,7 @@ its last row), so a row's embedding depends only on the row.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -43,6 +44,15 @@ def thread_pool(threads: int) -> ThreadPoolExecutor:
         if threads not in _pools:
             _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix=f"clip{threads}")
         return _pools[threads]
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer(model: str):
+    """open_clip's tokenizer for ``model``, made once per process."""
+    import open_clip
+
+    register_model_configs()
+    return open_clip.get_tokenizer(model)
 
 
 def register_model_configs() -> None:

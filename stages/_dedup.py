@@ -131,8 +131,15 @@ def cluster_pairs(key_a, key_b, area_a, area_b) -> dict[str, np.ndarray]:
     area[b] = np.asarray(area_b, dtype=np.int64)
     labels = components(a, b, len(keys))
     surv, size = survivors(labels, keep_rank(keys, area))
-    return {"key": keys, "area": area, "a": a, "b": b, "survivor": surv, "size": size,
-            "dropped": surv != np.arange(len(keys))}
+    return {
+        "key": keys,
+        "area": area,
+        "a": a,
+        "b": b,
+        "survivor": surv,
+        "size": size,
+        "dropped": surv != np.arange(len(keys)),
+    }
 
 
 def decisions(keys, reason, details, duplicate_of) -> Batch:
@@ -144,8 +151,9 @@ def decisions(keys, reason, details, duplicate_of) -> Batch:
     return {
         "key": object_array([str(keys[i]) for i in order]),
         "reason": object_array([reasons[i] for i in order]),
-        "detail": object_array([d if isinstance(d := details[i], str) else json.dumps(d, sort_keys=True)
-                                for i in order]),
+        "detail": object_array(
+            [d if isinstance(d := details[i], str) else json.dumps(d, sort_keys=True) for i in order]
+        ),
         DUPLICATE_OF: object_array([str(duplicate_of[i]) for i in order]),
     }
 

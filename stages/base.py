@@ -39,6 +39,8 @@ IDENTITY_COLUMNS = ("key", "shard_id", "status", "stage", "reason", "detail")
 IMAGE_COLUMN = "image"
 #: Prefix of per-stage timing columns (seconds of batch work per row).
 TIMING_PREFIX = "__t_"
+#: columns a stage's ``prefetch`` hands to its ``process_batch``; never written
+PREFETCH_PREFIX = "__pf_"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,18 @@ class Stage:
 
     def teardown(self) -> None:
         """Release what ``setup`` took."""
+
+    def prefetch(self, batch: Batch) -> Batch:
+        """Optional CPU work that needs none of ``setup``'s state (decoding,
+        tokenising), for a stateful stage: the Ray plan runs it in plain CPU
+        tasks ahead of the actor pool, so the actors (one per GPU share)
+        keep to the accelerator. It adds columns named ``PREFETCH_PREFIX*``
+        for ``process_batch`` to read; they are dropped after it. Rows in any
+        status reach it and it must not fail on them. Default: nothing."""
+        return batch
+
+    def has_prefetch(self) -> bool:
+        return type(self).prefetch is not Stage.prefetch
 
     def process_batch(self, batch: Batch) -> Batch:
         raise NotImplementedError
@@ -224,6 +238,8 @@ def run_stage_batch(stage: Stage, batch: Batch) -> Batch:
         rest = take(batch, np.flatnonzero(~ok))
         out = _merge(done, rest, ok, stage.output_defaults())
     _fill_missing(out, stage.output_defaults(), n)
+    for col in [c for c in out if c.startswith(PREFETCH_PREFIX)]:
+        del out[col]
     dt = time.perf_counter() - t0
     out[TIMING_PREFIX + stage.name] = np.full(n, dt / max(n, 1), dtype=np.float64)
     return out

@@ -73,22 +73,43 @@ class BasicFilterStage(Stage):
         words = np.array([len(cap.split()) for cap in captions], dtype=np.int64)
         chars = np.array([len(cap) for cap in captions], dtype=np.int64)
         short = (words < c.min_caption_words) | (chars < c.min_caption_chars)
-        drop(short, "caption_too_short", lambda i: {"words": words[i], "chars": chars[i],
-                                                    "min_words": c.min_caption_words, "min_chars": c.min_caption_chars})
+        drop(
+            short,
+            "caption_too_short",
+            lambda i: {
+                "words": words[i],
+                "chars": chars[i],
+                "min_words": c.min_caption_words,
+                "min_chars": c.min_caption_chars,
+            },
+        )
         if c.max_caption_words is not None:
-            drop(words > c.max_caption_words, "caption_too_long",
-                 lambda i: {"words": words[i], "max_words": c.max_caption_words})
+            drop(
+                words > c.max_caption_words,
+                "caption_too_long",
+                lambda i: {"words": words[i], "max_words": c.max_caption_words},
+            )
 
         w, h = self._sizes(batch, n)
         known = (w > 0) & (h > 0)
         short_side, long_side = np.minimum(w, h), np.maximum(w, h)
-        drop(known & (short_side < c.min_image_size), "image_too_small",
-             lambda i: {"width": w[i], "height": h[i], "min_image_size": c.min_image_size})
+        drop(
+            known & (short_side < c.min_image_size),
+            "image_too_small",
+            lambda i: {"width": w[i], "height": h[i], "min_image_size": c.min_image_size},
+        )
         if c.max_aspect_ratio is not None:
             ratio = np.where(known, long_side / np.maximum(short_side, 1), 1.0)
-            drop(ratio > c.max_aspect_ratio, "aspect_ratio_too_large",
-                 lambda i: {"width": w[i], "height": h[i], "aspect_ratio": round(float(ratio[i]), 4),
-                            "max_aspect_ratio": c.max_aspect_ratio})
+            drop(
+                ratio > c.max_aspect_ratio,
+                "aspect_ratio_too_large",
+                lambda i: {
+                    "width": w[i],
+                    "height": h[i],
+                    "aspect_ratio": round(float(ratio[i]), 4),
+                    "max_aspect_ratio": c.max_aspect_ratio,
+                },
+            )
 
         if c.languages:
             langs = batch.get(c.language_column, np.full(n, None, dtype=object))

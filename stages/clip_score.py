@@ -28,6 +28,15 @@ pixels as ``nvjpeg`` gives on a CPU) and resizes on the device. ``auto`` is
 the CPU. On a GPU the towers run under bf16 autocast; on the CPU in plain fp32.
 Captions are tokenised on a thread of their own while the images are decoded.
 
+``cpu_prefetch: true`` moves decoding (libjpeg), open_clip's resize and crop,
+and tokenising out of the actors into plain Ray CPU tasks ahead of them
+(:meth:`prefetch`; the actors normalise and run the towers). One actor
+process per GPU share then does little but feed the GPU. Measured on one
+H100 with ViT-B-32 bf16 (``bench/clip_score.py``): 3 actors x 1 CPU with
+prefetch tasks on the other cores, 10,300 pairs/s (84% of the towers on
+ready tensors); nvJPEG inside 2 actors x 4 CPUs, 6,000 pairs/s. Use it on
+GPU workers with spare cores; on a CPU-only run it buys nothing.
+
 The top-fraction fit
 --------------------
 Rows are ranked by (score desc, key asc): ties are broken by key, so exactly
@@ -63,7 +72,19 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stages import _clip
-from stages.base import STATUS_FAILED, Batch, GlobalStage, Resources, batch_len, object_array, ok_mask, reject
+from stages.base import (
+    PREFETCH_PREFIX,
+    STATUS_FAILED,
+    Batch,
+    GlobalStage,
+    Resources,
+    batch_len,
+    object_array,
+    ok_mask,
+    reject,
+)
+
+PIXELS, PIXEL_ERRORS, TOKENS = (PREFETCH_PREFIX + c for c in ("clip_pixels", "clip_pixel_errors", "clip_tokens"))
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +117,10 @@ class Config:
     image_decode: str = "auto"
     #: threads for PIL decoding; 0: ``num_cpus``
     decode_threads: int = 0
+    #: decode, resize and tokenise in CPU tasks ahead of the actors (libjpeg
+    #: pixels, then the actors run only the towers); in process: the same
+    #: functions, before ``process_batch``
+    cpu_prefetch: bool = False
     #: drop rows with ``clip_score`` below this
     threshold: float | None = None
     #: keep this share of the alive rows, ranked by score over the whole dataset
@@ -178,10 +203,40 @@ class ClipScoreStage(GlobalStage):
     def teardown(self) -> None:
         self._loaded = None
 
+    def has_prefetch(self) -> bool:
+        return self.config.cpu_prefetch
+
+    def prefetch(self, batch: Batch) -> Batch:
+        """libjpeg/PIL decode, open_clip's resize and centre crop (uint8) and
+        tokens, per row; the actor normalises and runs the towers."""
+        import open_clip
+
+        n = batch_len(batch)
+        _clip.register_model_configs()
+        vision = (open_clip.get_model_config(self.config.model) or {}).get("vision_cfg", {})
+        size = vision.get("image_size", 224)
+        cfg = {"size": size, "interpolation": "bicubic", "resize_mode": "shortest"}
+        th, tw = (size, size) if isinstance(size, int) else tuple(size)
+        images = [b if isinstance(b, (bytes, bytearray)) else b"" for b in batch["image"]]
+        tensors, errors = _clip.decode_cpu(images, "cpu", threads=1)
+        pixels = np.zeros((n, 3, th, tw), dtype=np.uint8)
+        good = [i for i, t in enumerate(tensors) if t is not None]
+        if good:
+            pixels[good] = _clip.resize_crop([tensors[i] for i in good], cfg).numpy()
+        captions = [c if isinstance(c, str) else "" for c in batch["caption"]]
+        out = dict(batch)
+        # "" for no error: a column of only None would not survive Ray's Arrow blocks as None
+        out[PIXELS], out[PIXEL_ERRORS] = pixels, object_array([e or "" for e in errors])
+        out[TOKENS] = _clip.tokenizer(self.config.model)(captions).numpy()
+        return out
+
     def process_batch(self, batch: Batch) -> Batch:
         self.setup()
         out = dict(batch)
-        scores, img, txt, errors = self.score(list(batch["image"]), list(batch["caption"]))
+        prefetched = None
+        if PIXELS in batch:
+            prefetched = (batch[PIXELS], [str(e) or None for e in batch[PIXEL_ERRORS]], batch[TOKENS])
+        scores, img, txt, errors = self.score(list(batch["image"]), list(batch["caption"]), prefetched)
         out["clip_score"] = scores
         out["img_emb"] = img
         out["text_emb"] = txt
@@ -202,9 +257,10 @@ class ClipScoreStage(GlobalStage):
             reject(out, low, self.name, "clip_score_below_threshold", details)
         return out
 
-    def score(self, images: list, captions: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    def score(self, images: list, captions: list, prefetched=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
         """Scores (float32; NaN where the image failed), image and text
-        embeddings (float16; zeros where it failed) and per-row decode errors."""
+        embeddings (float16; zeros where it failed) and per-row decode errors.
+        ``prefetched``: (uint8 pixels, decode errors, tokens) from :meth:`prefetch`."""
         import torch
 
         ld = self._loaded
@@ -218,7 +274,26 @@ class ClipScoreStage(GlobalStage):
         threads = c.decode_threads or max(1, int(c.num_cpus))
         # tokenising is pure Python: on a thread of its own it overlaps the
         # image work (decoders and kernel launches release the GIL)
-        tokens_job = _clip.thread_pool(1).submit(ld.tokenizer, [cap if isinstance(cap, str) else "" for cap in captions])
+        if prefetched is not None:
+            pix, errors, tok = prefetched
+            size = ld.cfg.get("size", 224)
+            if tuple(pix.shape[2:]) != ((size, size) if isinstance(size, int) else tuple(size)):
+                raise RuntimeError(f"clip_score: prefetched pixels are {pix.shape[2:]}, the model wants {size}")
+            good = [i for i, e in enumerate(errors) if e is None]
+            pixels = torch.from_numpy(np.ascontiguousarray(pix[good])) if good else None
+            tokens = torch.from_numpy(np.asarray(tok))
+
+            def transform(x):
+                return _clip.normalize(x, ld.cfg)
+
+            img = (
+                _clip.encode(ld.model.encode_image, pixels, ld.device, c.micro_batch, bf16, transform) if good else None
+            )
+            txt = _clip.encode(ld.model.encode_text, tokens, ld.device, c.micro_batch, bf16)
+            return self._collect(n, good, img, txt, errors)
+        tokens_job = _clip.thread_pool(1).submit(
+            ld.tokenizer, [cap if isinstance(cap, str) else "" for cap in captions]
+        )
         if decoder in ("nvjpeg", "libjpeg"):
             if decoder == "nvjpeg":
                 tensors, errors = _clip.decode_tensors(images, ld.device)
@@ -236,12 +311,13 @@ class ClipScoreStage(GlobalStage):
             pixels = torch.stack([tensors[i] for i in good]) if good else None
             transform = None
         # the image tower is queued first: on a GPU it runs while the text is tokenised
-        img = (
-            _clip.encode(ld.model.encode_image, pixels, ld.device, c.micro_batch, bf16, transform)
-            if good
-            else None
-        )
+        img = _clip.encode(ld.model.encode_image, pixels, ld.device, c.micro_batch, bf16, transform) if good else None
         txt = _clip.encode(ld.model.encode_text, tokens_job.result(), ld.device, c.micro_batch, bf16)
+        return self._collect(n, good, img, txt, errors)
+
+    def _collect(self, n: int, good: list, img, txt, errors: list):
+        import torch
+
         dim = self._emb_dim = int(txt.shape[1])
         scores = np.full(n, np.nan, dtype=np.float32)
         img_emb = np.zeros((n, dim), dtype=np.float16)

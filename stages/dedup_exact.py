@@ -142,14 +142,16 @@ class ExactDedupStage(GlobalStage):
             rows = np.array([i for i, d in enumerate(digests) if d is not None], dtype=np.int64)
             hi, lo = _split(b"".join(digests[i] for i in rows))
             ki = KINDS.index(kind)
-            parts.append({
-                "group": ki * self.config.buckets + (hi % np.uint64(self.config.buckets)).astype(np.int64),
-                "kind": np.full(len(rows), ki, dtype=np.int64),
-                "hi": hi,
-                "lo": lo,
-                "key": keys[rows],
-                "area": area[rows],
-            })
+            parts.append(
+                {
+                    "group": ki * self.config.buckets + (hi % np.uint64(self.config.buckets)).astype(np.int64),
+                    "kind": np.full(len(rows), ki, dtype=np.int64),
+                    "hi": hi,
+                    "lo": lo,
+                    "key": keys[rows],
+                    "area": area[rows],
+                }
+            )
         return concat(parts) if any(len(p["key"]) for p in parts) else parts[0]
 
     def reduce_group(self, group: Batch) -> Batch:
@@ -281,6 +283,9 @@ def normalize_url(url: str) -> str:
         scheme = "http(s)"
     path = p.path if _PLAIN_PATH.fullmatch(p.path) else quote(unquote(p.path), safe=_PATH_SAFE)
     path = path or "/"
-    query = sorted((k, v) for k, v in parse_qsl(p.query, keep_blank_values=True)
-                   if not k.lower().startswith("utm_")) if p.query else ()
+    query = (
+        sorted((k, v) for k, v in parse_qsl(p.query, keep_blank_values=True) if not k.lower().startswith("utm_"))
+        if p.query
+        else ()
+    )
     return f"{scheme}://{netloc}{path}" + (f"?{urlencode(query)}" if query else "")

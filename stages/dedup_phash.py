@@ -102,8 +102,9 @@ class PerceptualDedupStage(GlobalStage):
         if self.config.prior_build and self._prior is None:
             prior = dd.read_prior_build(self.config.prior_build, ("key", self.column))
             ok = np.array([bool(h) for h in prior[self.column]], dtype=bool)
-            self._prior = dd.HammingIndex(dd.hex_to_u64(prior[self.column][ok]), prior["key"][ok],
-                                          self.config.max_distance)
+            self._prior = dd.HammingIndex(
+                dd.hex_to_u64(prior[self.column][ok]), prior["key"][ok], self.config.max_distance
+            )
 
     # ------------------------------------------------------------ per row
 
@@ -121,8 +122,14 @@ class PerceptualDedupStage(GlobalStage):
         out[self.column] = object_array(hashes)
         out[dd.DUPLICATE_OF] = object_array([""] * n)
         bad_mask = np.array([b is not False for b in bad], dtype=bool)
-        reject(out, bad_mask, self.name, "decode_error", [{"error": b} for b in bad if b is not False],
-               status=STATUS_FAILED)
+        reject(
+            out,
+            bad_mask,
+            self.name,
+            "decode_error",
+            [{"error": b} for b in bad if b is not False],
+            status=STATUS_FAILED,
+        )
         if self.config.prior_build:
             self.setup()
             self._drop_prior(out, ~bad_mask)
@@ -215,8 +222,10 @@ class PerceptualDedupStage(GlobalStage):
         surv = c["survivor"][drop]
         dist = dd.popcount(h[drop] ^ h[surv])
         m = self.config.max_distance
-        details = [f'{{"cluster_size": {s}, "distance": {d}, "max_distance": {m}}}'
-                   for d, s in zip(dist.tolist(), c["size"][drop].tolist())]
+        details = [
+            f'{{"cluster_size": {s}, "distance": {d}, "max_distance": {m}}}'
+            for d, s in zip(dist.tolist(), c["size"][drop].tolist())
+        ]
         return dd.decisions(c["key"][drop], f"duplicate_{self.column}", details, c["key"][surv])
 
 

@@ -84,7 +84,9 @@ class SemanticDedupStage(GlobalStage):
             pick = np.argsort(_key_hash(keys), kind="stable")[: self.config.fit_sample]
             keys, emb = keys[pick], emb[pick]
         order = np.argsort(keys, kind="stable")
-        self.centroids = spherical_kmeans(emb[order], self.config.n_clusters, self.config.kmeans_iters, self.config.seed)
+        self.centroids = spherical_kmeans(
+            emb[order], self.config.n_clusters, self.config.kmeans_iters, self.config.seed
+        )
 
     def candidates(self, batch: Batch) -> Batch:
         if self.centroids is None:
@@ -151,7 +153,11 @@ class SemanticDedupStage(GlobalStage):
         best_other = np.empty(len(c["key"]), dtype=np.int64)
         best_sim = np.empty(len(c["key"]))
         is_direct = np.zeros(len(c["key"]), dtype=bool)
-        best_other[ends[first]], best_sim[ends[first]], is_direct[ends[first]] = other[first], sims[first], direct[first]
+        best_other[ends[first]], best_sim[ends[first]], is_direct[ends[first]] = (
+            other[first],
+            sims[first],
+            direct[first],
+        )
         drop = np.flatnonzero(c["dropped"])
         details = []
         for i in drop:
@@ -176,8 +182,9 @@ def _unit_rows(emb) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _key_hash(keys: np.ndarray) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "big") for k in keys],
-                    dtype=np.uint64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "big") for k in keys], dtype=np.uint64
+    )
 
 
 def spherical_kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:

@@ -16,8 +16,14 @@ from stages import _clip
 from stages.base import STATUS_OK, batch_len, concat, object_array, take
 from stages.clip_score import BINS, ClipScoreStage, Config
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
-           "yellow": (230, 210, 30), "purple": (140, 40, 170), "orange": (250, 140, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 210, 30),
+    "purple": (140, 40, 170),
+    "orange": (250, 140, 20),
+}
 SHAPES = ("circle", "square", "triangle")
 
 
@@ -129,7 +135,11 @@ def test_scores_equal_a_direct_open_clip_computation(random_ckpt):
     import open_clip
 
     rng = np.random.default_rng(3)
-    pics = [draw("red", "circle", rng, (120, 90)), draw("blue", "square", rng, (64, 200)), draw("green", "triangle", rng)]
+    pics = [
+        draw("red", "circle", rng, (120, 90)),
+        draw("blue", "square", rng, (64, 200)),
+        draw("green", "triangle", rng),
+    ]
     images = [encoded(pics[0]), encoded(pics[1], "PNG"), encoded(pics[2], "WEBP")]
     captions = ["a red circle", "a blue square on a table", "green"]
     out = map_stage(stage(path), rows_of(images, captions))
@@ -270,8 +280,10 @@ def test_top_fraction_is_exact_from_a_sample_and_says_when_a_sample_misled(train
 def test_fit_sends_histograms_not_rows_outside_the_window():
     rng = np.random.default_rng(0)
     n = 20000
-    fit = {"key": object_array([f"{i:09d}" for i in range(n)]),
-           "clip_score": rng.normal(0.3, 0.05, n).astype(np.float32)}
+    fit = {
+        "key": object_array([f"{i:09d}" for i in range(n)]),
+        "clip_score": rng.normal(0.3, 0.05, n).astype(np.float32),
+    }
     st = ClipScoreStage(Config(pretrained="unused.pt", top_fraction=0.3))
     st.prepare(take(fit, np.arange(0, n, 4)))  # a sample, as the Ray runner gives
     c = st.candidates(fit)
@@ -281,8 +293,15 @@ def test_fit_sends_histograms_not_rows_outside_the_window():
     red = st.reduce_group(take(c, np.flatnonzero(c["group"] == c["group"][0])))
     assert batch_len(red) == 1 and red["count"][0] == c["count"][0]
     st.resolve(concat([c]))  # a single batch's candidates need no reduction to be exact
-    keep = st.finalize({**fit, "status": object_array([STATUS_OK] * n), "stage": object_array([""] * n),
-                        "reason": object_array([""] * n), "detail": object_array([""] * n)})
+    keep = st.finalize(
+        {
+            **fit,
+            "status": object_array([STATUS_OK] * n),
+            "stage": object_array([""] * n),
+            "reason": object_array([""] * n),
+            "detail": object_array([""] * n),
+        }
+    )
     kept = np.sort(fit["clip_score"][keep["status"] == STATUS_OK])
     assert len(kept) == 6000 and kept[0] == np.sort(fit["clip_score"])[-6000]
     assert not fit_global(ClipScoreStage(Config(pretrained="unused.pt")), fit)  # no top_fraction: no fit
@@ -306,14 +325,17 @@ def test_config_checks():
 
 
 @pytest.mark.slow
-def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local, prefetch):
     import ray
 
     from pipeline.plan import map_stage as ray_map_stage
     from pipeline.plan import run_global_ray
 
     rows, _ = planted(n_per_colour=10)
-    cfg = dict(top_fraction=0.4, threshold=-0.5, batch_size=16, concurrency=(2, 2))
+    cfg = dict(top_fraction=0.4, threshold=-0.5, batch_size=16, concurrency=(2, 2), cpu_prefetch=prefetch)
+    if prefetch:
+        cfg["image_decode"] = "libjpeg"  # what the prefetch tasks decode with
     local = run_top_fraction(stage(trained_ckpt, **cfg), dict(rows))
     st = stage(trained_ckpt, **cfg)
     items = [{c: rows[c][i] for c in rows} for i in range(len(rows["key"]))]
@@ -328,3 +350,21 @@ def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local):
     assert list(remote["status"]) == list(local["status"]) and list(remote["reason"]) == list(local["reason"])
     alive = int((local["clip_score"] >= -0.5).sum())
     assert 0 < alive < 60 and (local["status"] == STATUS_OK).sum() == int(np.floor(0.4 * alive + 0.5))
+
+
+def test_cpu_prefetch_gives_the_libjpeg_scores(trained_ckpt):
+    """Decode/resize/tokenise in prefetch (CPU tasks under Ray), towers in
+    process_batch: the same pixels as the libjpeg decoder, so the same scores."""
+    from pipeline.local import map_stage as local_map
+
+    rows, _ = planted(n_per_colour=4)
+    rows["image"][3] = b"not an image"
+    direct = local_map(stage(trained_ckpt, image_decode="libjpeg"), dict(rows))
+    pre_stage = stage(trained_ckpt, image_decode="libjpeg", cpu_prefetch=True)
+    assert pre_stage.has_prefetch() and not stage(trained_ckpt).has_prefetch()
+    pre = local_map(pre_stage, dict(rows))
+    assert not [c for c in pre if c.startswith("__pf_")]
+    assert list(pre["reason"]) == list(direct["reason"]) and pre["reason"][3] == "decode_error"
+    ok = ~np.isnan(direct["clip_score"])
+    assert np.allclose(pre["clip_score"][ok], direct["clip_score"][ok], atol=1e-5)
+    assert np.array_equal(np.isnan(pre["clip_score"]), ~ok)
