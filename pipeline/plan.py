@@ -247,10 +247,10 @@ def build_and_run(
     import json
 
     ctx = ray.data.DataContext.get_current()
-    # Ray Data reserves half of the cluster for operators evenly; the shard
-    # writer's shuffle then held back half of a small cluster's CPUs while the
-    # download ran (one task at a time on 2 CPUs). Our stages bound their own
-    # concurrency, so the operators share the whole budget instead.
+    # Ray Data reserves half of the cluster for its operators evenly; on a
+    # small cluster that left the download one task at a time while later
+    # operators' shares sat idle. Our stages bound their own concurrency
+    # (actor pools, num_cpus), so the operators share the whole budget.
     ctx.op_resource_reservation_enabled = False
     ds = read_input_shards(input_paths)
     for stage in stages:
