@@ -272,20 +272,15 @@ def stage_config(args, actors: int = 1, decode: str | None = None, cpus: int | N
 
 
 def rows_batch(images, captions, start: int = 0):
-    from stages.base import object_array
+    from stages.base import fresh_rows, object_array
 
     n = len(images)
-    return {
-        "key": object_array([f"{start + i:09d}" for i in range(n)]),
-        "shard_id": np.zeros(n, dtype=np.int64),
-        "status": object_array(["ok"] * n),
-        "stage": object_array([""] * n),
-        "reason": object_array([""] * n),
-        "detail": object_array([""] * n),
-        "image": object_array(images),
-        "image_ext": object_array(["jpg"] * n),
-        "caption": object_array(captions),
-    }
+    return fresh_rows(
+        [f"{start + i:09d}" for i in range(n)],
+        image=object_array(images),
+        image_ext=object_array(["jpg"] * n),
+        caption=object_array(captions),
+    )
 
 
 def bench_stage_inprocess(args, images, captions, decode: str) -> float:

@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.local import fit_global
 from stages import _dedup as dd
-from stages.base import concat, object_array, take
+from stages.base import concat, fresh_rows, object_array, take
 from stages.dedup_phash import DEFAULT_MAX_DISTANCE, Config, PerceptualDedupStage
 
 
@@ -55,8 +55,12 @@ def synthetic(n: int, max_distance: int, seed: int = 0) -> dict:
         flips ^= np.where(k < nflip, np.uint64(1) << bit, np.uint64(0))
     h[near] = h[src] ^ flips
     keys = object_array([f"{i:010d}" for i in rng.permutation(n)])
-    return {"key": keys, "phash": dd.u64_to_hex(h), "original_width": rng.integers(1, 9, n) * 64,
-            "original_height": np.full(n, 256)}
+    return {
+        "key": keys,
+        "phash": dd.u64_to_hex(h),
+        "original_width": rng.integers(1, 9, n) * 64,
+        "original_height": np.full(n, 256),
+    }
 
 
 def stage_only(stage: PerceptualDedupStage, rows: dict) -> dict:
@@ -113,12 +117,19 @@ def bench_fit(sizes: list[int], max_distance: int, naive_up_to: int) -> list[dic
         t_stage, c_stage, dec2 = min((r[1] for r in runs), key=lambda x: x[0])
         if list(dec["key"]) != list(dec2["key"]) or list(dec["duplicate_of"]) != list(dec2["duplicate_of"]):
             sys.exit(f"n={n}: fit_global and stage-only disagree")
-        r = {"n": n, "dropped": len(dec["key"]), "fit_global_s": t_fit, "stage_only_s": t_stage,
-             "fit_global_cpu_s": c_fit, "stage_only_cpu_s": c_stage}
+        r = {
+            "n": n,
+            "dropped": len(dec["key"]),
+            "fit_global_s": t_fit,
+            "stage_only_s": t_stage,
+            "fit_global_cpu_s": c_fit,
+            "stage_only_cpu_s": c_stage,
+        }
         if n <= naive_up_to:
             r["all_pairs_s"], r["all_pairs_cpu_s"], ref = timed(all_pairs, rows, max_distance)
-            if set(ref["key"]) != set(dec["key"]) or \
-                    dict(zip(ref["key"], ref["duplicate_of"])) != dict(zip(dec["key"], dec["duplicate_of"])):
+            if set(ref["key"]) != set(dec["key"]) or dict(zip(ref["key"], ref["duplicate_of"])) != dict(
+                zip(dec["key"], dec["duplicate_of"])
+            ):
                 sys.exit(f"n={n}: LSH and all-pairs disagree")
             r["speedup_fit_global"] = r["all_pairs_s"] / t_fit
             r["speedup_stage_only"] = r["all_pairs_s"] / t_stage
@@ -126,17 +137,21 @@ def bench_fit(sizes: list[int], max_distance: int, naive_up_to: int) -> list[dic
         print(_fmt(r), flush=True)
     for prev, cur in itertools.pairwise(results):
         f = cur["n"] / prev["n"]
-        print(f"growth {prev['n']:>8,} -> {cur['n']:>9,} (x{f:g} rows): fit_global x{cur['fit_global_s'] / prev['fit_global_s']:.1f}"
-              f" (cpu x{cur['fit_global_cpu_s'] / prev['fit_global_cpu_s']:.1f}), stage only"
-              f" x{cur['stage_only_s'] / prev['stage_only_s']:.1f} (cpu x{cur['stage_only_cpu_s'] / prev['stage_only_cpu_s']:.1f})")
+        print(
+            f"growth {prev['n']:>8,} -> {cur['n']:>9,} (x{f:g} rows): fit_global x{cur['fit_global_s'] / prev['fit_global_s']:.1f}"
+            f" (cpu x{cur['fit_global_cpu_s'] / prev['fit_global_cpu_s']:.1f}), stage only"
+            f" x{cur['stage_only_s'] / prev['stage_only_s']:.1f} (cpu x{cur['stage_only_cpu_s'] / prev['stage_only_cpu_s']:.1f})"
+        )
     return results
 
 
 def _fmt(r: dict) -> str:
     s = f"n={r['n']:>9,}  dropped={r['dropped']:>8,}  fit_global {r['fit_global_s']:7.2f}s  stage only {r['stage_only_s']:7.2f}s"
     if "all_pairs_s" in r:
-        s += (f"  all pairs {r['all_pairs_s']:8.2f}s  speed-up x{r['speedup_fit_global']:.0f} (fit_global)"
-              f" x{r['speedup_stage_only']:.0f} (stage only)")
+        s += (
+            f"  all pairs {r['all_pairs_s']:8.2f}s  speed-up x{r['speedup_fit_global']:.0f} (fit_global)"
+            f" x{r['speedup_stage_only']:.0f} (stage only)"
+        )
     return s
 
 
@@ -155,9 +170,7 @@ def bench_hashing(sides: list[int], repeat: int) -> list[dict]:
             im.save(buf, format="JPEG", quality=95)
             images.append(buf.getvalue())
         data = (images * (repeat // len(images) + 1))[:repeat]
-        batch = {"key": object_array([str(i) for i in range(len(data))]), "image": object_array(data),
-                 "status": object_array(["ok"] * len(data)), "stage": object_array([""] * len(data)),
-                 "reason": object_array([""] * len(data)), "detail": object_array([""] * len(data))}
+        batch = fresh_rows([str(i) for i in range(len(data))], image=object_array(data))
         t, _, _ = timed(stage.process_batch, batch)
         out.append({"side": side, "images": len(data), "seconds": t, "images_per_s": len(data) / t})
         print(f"hashing {side}x{side} JPEG: {len(data) / t:8.0f} images/s on one core ({len(data)} images, {t:.2f}s)")

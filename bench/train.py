@@ -54,7 +54,7 @@ def _write_one(job: tuple[str, int, int, int, int, int]) -> dict:
     from PIL import Image
 
     from manifests.shards import write_shard
-    from stages.base import object_array
+    from stages.base import fresh_rows, object_array
 
     out, shard_id, start, n, px, seed = job
     photos = _photos()
@@ -70,17 +70,13 @@ def _write_one(job: tuple[str, int, int, int, int, int]) -> dict:
         im.save(buf, format="JPEG", quality=90)
         images.append(buf.getvalue())
         captions.append(f"a {rng.choice(WORDS)} of the {name.replace('_', ' ')} number {rng.randint(0, 999)}")
-    rows = {
-        "key": object_array([f"{shard_id:05d}{i:05d}" for i in range(n)]),
-        "shard_id": np.full(n, shard_id),
-        "status": object_array(["ok"] * n),
-        "stage": object_array([""] * n),
-        "reason": object_array([""] * n),
-        "detail": object_array([""] * n),
-        "image": object_array(images),
-        "image_ext": object_array(["jpg"] * n),
-        "caption": object_array(captions),
-    }
+    rows = fresh_rows(
+        [f"{shard_id:05d}{i:05d}" for i in range(n)],
+        shard_id,
+        image=object_array(images),
+        image_ext=object_array(["jpg"] * n),
+        caption=object_array(captions),
+    )
     return write_shard(rows, Path(out), shard_id)
 
 
@@ -91,7 +87,9 @@ def write_shards(out: Path, samples: int, per_shard: int, px: int, seed: int = 0
 
     from manifests.manifest import write_sizes
 
-    jobs = [(str(out), sid, a, min(per_shard, samples - a), px, seed) for sid, a in enumerate(range(0, samples, per_shard))]
+    jobs = [
+        (str(out), sid, a, min(per_shard, samples - a), px, seed) for sid, a in enumerate(range(0, samples, per_shard))
+    ]
     with ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         stats = list(pool.map(_write_one, jobs))
     write_sizes(out, stats)
@@ -145,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     model_name = args.model or ("ViT-B-32" if device.type == "cuda" else "pf-tiny")
     bs = args.batch_size or (256 if device.type == "cuda" else 32)
-    samples = args.samples or max(bs * (args.steps + args.warmup) // 2, 4 * args.per_shard if device.type == "cuda" else bs * 8)
+    samples = args.samples or max(
+        bs * (args.steps + args.warmup) // 2, 4 * args.per_shard if device.type == "cuda" else bs * 8
+    )
     per_shard = min(args.per_shard, max(bs, samples // max(2, args.workers)))
 
     tmp = None
@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp.name)
         t0 = time.perf_counter()
         n = write_shards(root, samples, per_shard, args.image_px)
-        print(f"[bench] wrote {samples} samples in {n} shards of {args.image_px}px JPEGs in {time.perf_counter() - t0:.1f}s", flush=True)
+        print(
+            f"[bench] wrote {samples} samples in {n} shards of {args.image_px}px JPEGs in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
     shards = find_shards([root])
 
     torch.manual_seed(0)

@@ -160,6 +160,21 @@ def object_array(values) -> np.ndarray:
     return out
 
 
+def fresh_rows(keys, shard_id=0, **columns) -> Batch:
+    """A batch of new ok rows: ``keys``, their ``shard_id`` (one for all, or
+    one per row), the empty status columns, then ``columns`` as given."""
+    n = len(keys)
+    return {
+        "key": object_array(list(keys)),
+        "shard_id": np.broadcast_to(np.asarray(shard_id, dtype=np.int64), (n,)).copy(),
+        "status": object_array([STATUS_OK] * n),
+        "stage": object_array([""] * n),
+        "reason": object_array([""] * n),
+        "detail": object_array([""] * n),
+        **columns,
+    }
+
+
 def default_column(value: Any, n: int, like: np.ndarray | None = None) -> np.ndarray:
     """A column of ``n`` copies of ``value``, shaped like ``like`` if given."""
     if like is not None and like.ndim > 1:

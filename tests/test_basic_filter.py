@@ -5,23 +5,18 @@ import pytest
 
 from pipeline.config import ConfigError, build
 from pipeline.local import map_stage
-from stages.base import STATUS_OK, object_array
+from stages.base import STATUS_OK, fresh_rows, object_array
 from stages.basic_filter import BasicFilterStage, Config
 
 
 def rows(captions, sizes, originals=None, **extra):
     n = len(captions)
-    b = {
-        "key": object_array([f"{i:04d}" for i in range(n)]),
-        "shard_id": np.zeros(n, dtype=np.int64),
-        "status": object_array([STATUS_OK] * n),
-        "stage": object_array([""] * n),
-        "reason": object_array([""] * n),
-        "detail": object_array([""] * n),
-        "caption": object_array(captions),
-        "width": np.array([s[0] for s in sizes], dtype=np.int64),
-        "height": np.array([s[1] for s in sizes], dtype=np.int64),
-    }
+    b = fresh_rows(
+        [f"{i:04d}" for i in range(n)],
+        caption=object_array(captions),
+        width=np.array([s[0] for s in sizes], dtype=np.int64),
+        height=np.array([s[1] for s in sizes], dtype=np.int64),
+    )
     if originals is not None:
         b["original_width"] = np.array([s[0] for s in originals], dtype=np.int64)
         b["original_height"] = np.array([s[1] for s in originals], dtype=np.int64)
@@ -38,8 +33,15 @@ def test_datacomp_defaults_each_rule_and_its_detail():
     sizes = [(256, 256)] * 7
     originals = [(400, 300), (400, 300), (400, 300), (199, 800), (700, 200), (200, 601), (400, 400)]
     out = map_stage(BasicFilterStage(Config()), rows(caps, sizes, originals))
-    assert reasons(out) == ["ok", "caption_too_short", "caption_too_short", "image_too_small",
-                            "aspect_ratio_too_large", "caption_too_short", "caption_too_short"]
+    assert reasons(out) == [
+        "ok",
+        "caption_too_short",
+        "caption_too_short",
+        "image_too_small",
+        "aspect_ratio_too_large",
+        "caption_too_short",
+        "caption_too_short",
+    ]
     d = json.loads(out["detail"][2])
     assert d == {"words": 3, "chars": 5, "min_words": 3, "min_chars": 6}  # DataComp: > 5 characters
     assert json.loads(out["detail"][4])["aspect_ratio"] == 3.5
@@ -50,8 +52,10 @@ def test_original_size_first_then_resized_size():
     caps = ["a dog on a couch"] * 2
     out = map_stage(BasicFilterStage(Config()), rows(caps, [(256, 256), (150, 150)], [(100, 100), (400, 400)]))
     assert reasons(out) == ["image_too_small", "ok"]
-    out = map_stage(BasicFilterStage(Config(use_original_size=False)), rows(caps, [(256, 256), (150, 150)],
-                                                                            [(100, 100), (400, 400)]))
+    out = map_stage(
+        BasicFilterStage(Config(use_original_size=False)),
+        rows(caps, [(256, 256), (150, 150)], [(100, 100), (400, 400)]),
+    )
     assert reasons(out) == ["ok", "image_too_small"]
     out = map_stage(BasicFilterStage(Config()), rows(caps, [(-1, -1), (150, 600)]))  # unknown size: no verdict
     assert reasons(out) == ["ok", "image_too_small"]

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from pipeline.config import ConfigError, build
 from pipeline.local import fit_global, map_stage, run_global
 from stages import _clip
-from stages.base import STATUS_OK, batch_len, concat, object_array, take
+from stages.base import STATUS_OK, batch_len, concat, fresh_rows, object_array, take
 from stages.clip_score import BINS, ClipScoreStage, Config
 
 COLOURS = {
@@ -50,17 +50,12 @@ def encoded(im, fmt="JPEG"):
 
 def rows_of(images, captions, keys=None):
     n = len(images)
-    return {
-        "key": object_array(keys or [f"00000{i:04d}" for i in range(n)]),
-        "shard_id": np.zeros(n, dtype=np.int64),
-        "status": object_array([STATUS_OK] * n),
-        "stage": object_array([""] * n),
-        "reason": object_array([""] * n),
-        "detail": object_array([""] * n),
-        "image": object_array(images),
-        "image_ext": object_array(["jpg"] * n),
-        "caption": object_array(captions),
-    }
+    return fresh_rows(
+        keys or [f"00000{i:04d}" for i in range(n)],
+        image=object_array(images),
+        image_ext=object_array(["jpg"] * n),
+        caption=object_array(captions),
+    )
 
 
 def planted(n_per_colour=8, seed=1, size=(96, 80)):
@@ -293,15 +288,7 @@ def test_fit_sends_histograms_not_rows_outside_the_window():
     red = st.reduce_group(take(c, np.flatnonzero(c["group"] == c["group"][0])))
     assert batch_len(red) == 1 and red["count"][0] == c["count"][0]
     st.resolve(concat([c]))  # a single batch's candidates need no reduction to be exact
-    keep = st.finalize(
-        {
-            **fit,
-            "status": object_array([STATUS_OK] * n),
-            "stage": object_array([""] * n),
-            "reason": object_array([""] * n),
-            "detail": object_array([""] * n),
-        }
-    )
+    keep = st.finalize(fresh_rows(fit["key"], **{c: v for c, v in fit.items() if c != "key"}))
     kept = np.sort(fit["clip_score"][keep["status"] == STATUS_OK])
     assert len(kept) == 6000 and kept[0] == np.sort(fit["clip_score"])[-6000]
     assert not fit_global(ClipScoreStage(Config(pretrained="unused.pt")), fit)  # no top_fraction: no fit

@@ -166,7 +166,7 @@ def _units(cfg: CorpusConfig) -> list[tuple[str, int]]:
 def _make_shard(cfg: CorpusConfig, out: str, job: tuple[int, list[tuple[str, int]]]) -> dict:
     from manifests.shards import write_shard
     from pipeline.datasets import FASHION_CLASSES, fashion_mnist
-    from stages.base import object_array
+    from stages.base import fresh_rows, object_array
 
     shard_id, units = job
     fashion = fashion_mnist("train") if any(s == "fashion" for s, _ in units) else None
@@ -187,16 +187,12 @@ def _make_shard(cfg: CorpusConfig, out: str, job: tuple[int, list[tuple[str, int
             item[NEGATIVE_CAPTION] = made[1 - j]["caption"] if len(made) == 2 else None
             items.append(item)
     n = len(items)
-    rows = {
-        "key": object_array([it["key"] for it in items]),
-        "shard_id": np.full(n, shard_id, dtype=np.int64),
-        "status": object_array(["ok"] * n),
-        "stage": object_array([""] * n),
-        "reason": object_array([""] * n),
-        "detail": object_array([""] * n),
-        "image": object_array([it["image"] for it in items]),
-        "image_ext": object_array(["jpg"] * n),
-    }
+    rows = fresh_rows(
+        [it["key"] for it in items],
+        shard_id,
+        image=object_array([it["image"] for it in items]),
+        image_ext=object_array(["jpg"] * n),
+    )
     for col in ("caption", "source", "label", CONCEPT, CONFOUNDER_OF, NEGATIVE_CAPTION):
         rows[col] = object_array([it[col] for it in items])
     return write_shard(rows, out, shard_id)
