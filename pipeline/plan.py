@@ -205,7 +205,7 @@ def _write_parts(batch: Batch, parts_dir: str) -> dict:
     import uuid
 
     sids = np.asarray(batch["shard_id"]).astype(np.int64)
-    out_sid, out_path, out_rows = [], [], []
+    out_sid, out_path = [], []
     for sid in np.unique(sids):
         rows = take(batch, np.flatnonzero(sids == sid))
         path = os.path.join(parts_dir, f"{int(sid):05d}", f"{uuid.uuid4().hex}.pkl")
@@ -215,8 +215,7 @@ def _write_parts(batch: Batch, parts_dir: str) -> dict:
         os.replace(path + ".tmp", path)
         out_sid.append(int(sid))
         out_path.append(path)
-        out_rows.append(batch_len(rows))
-    return {"shard_id": np.array(out_sid, np.int64), "path": np.array(out_path, object), "rows": np.array(out_rows)}
+    return {"shard_id": np.array(out_sid, np.int64), "path": np.array(out_path, object)}
 
 
 def _write_shard(item: dict, shard_stage, out_dir: str) -> dict:
@@ -288,7 +287,6 @@ def build_and_run(
 
 
 def _batch_to_ds(batch: Batch) -> "ray.data.Dataset":
-    import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
     def column(v: np.ndarray):

@@ -55,6 +55,26 @@ def tokenizer(model: str):
     return open_clip.get_tokenizer(model)
 
 
+def size_hw(size) -> tuple[int, int]:
+    """open_clip's ``size`` (an int or a pair) as (height, width)."""
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+@functools.lru_cache(maxsize=8)
+def pixel_cfg(model: str) -> dict:
+    """What :func:`resize_crop` needs of ``model``'s preprocessing, from its
+    open_clip config alone (no weights): ``size``, ``interpolation``,
+    ``resize_mode``, with open_clip's defaults where the config is silent."""
+    import open_clip
+
+    register_model_configs()
+    model_cfg = open_clip.get_model_config(model) or {}
+    cfg = {"size": model_cfg.get("vision_cfg", {}).get("image_size", 224), "interpolation": "bicubic",
+           "resize_mode": "shortest"}  # fmt: skip
+    cfg.update({k: v for k, v in (model_cfg.get("preprocess_cfg") or {}).items() if k in cfg})
+    return cfg
+
+
 def register_model_configs() -> None:
     """Make the project's model configs (``pf-tiny``) known to open_clip."""
     global _registered
@@ -257,7 +277,7 @@ def resize_crop(images: list, cfg: dict) -> "Any":
     import torch.nn.functional as F
 
     size = cfg.get("size", 224)
-    th, tw = (size, size) if isinstance(size, int) else tuple(size)
+    th, tw = size_hw(size)
     mode = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"
     squash = cfg.get("resize_mode", "shortest") == "squash"
     out = torch.empty((len(images), 3, th, tw), dtype=torch.uint8, device=images[0].device)

@@ -209,14 +209,9 @@ class ClipScoreStage(GlobalStage):
     def prefetch(self, batch: Batch) -> Batch:
         """libjpeg/PIL decode, open_clip's resize and centre crop (uint8) and
         tokens, per row; the actor normalises and runs the towers."""
-        import open_clip
-
         n = batch_len(batch)
-        _clip.register_model_configs()
-        vision = (open_clip.get_model_config(self.config.model) or {}).get("vision_cfg", {})
-        size = vision.get("image_size", 224)
-        cfg = {"size": size, "interpolation": "bicubic", "resize_mode": "shortest"}
-        th, tw = (size, size) if isinstance(size, int) else tuple(size)
+        cfg = _clip.pixel_cfg(self.config.model)
+        th, tw = _clip.size_hw(cfg["size"])
         images = [b if isinstance(b, (bytes, bytearray)) else b"" for b in batch["image"]]
         tensors, errors = _clip.decode_cpu(images, "cpu", threads=1)
         pixels = np.zeros((n, 3, th, tw), dtype=np.uint8)
@@ -276,9 +271,12 @@ class ClipScoreStage(GlobalStage):
         # image work (decoders and kernel launches release the GIL)
         if prefetched is not None:
             pix, errors, tok = prefetched
-            size = ld.cfg.get("size", 224)
-            if tuple(pix.shape[2:]) != ((size, size) if isinstance(size, int) else tuple(size)):
-                raise RuntimeError(f"clip_score: prefetched pixels are {pix.shape[2:]}, the model wants {size}")
+            # prefetch read the model's config without its weights; a pretrained tag can change it
+            have = _clip.pixel_cfg(self.config.model)
+            if _clip.size_hw(have["size"]) != _clip.size_hw(ld.cfg["size"]) or any(
+                have[k] != ld.cfg.get(k) for k in ("interpolation", "resize_mode")
+            ):
+                raise RuntimeError(f"clip_score: prefetched pixels follow {have}, the loaded model wants {ld.cfg}")
             good = [i for i, e in enumerate(errors) if e is None]
             pixels = torch.from_numpy(np.ascontiguousarray(pix[good])) if good else None
             tokens = torch.from_numpy(np.asarray(tok))
