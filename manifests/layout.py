@@ -10,8 +10,18 @@ This is the on-disk contract (LAION / img2dataset layout) that trainers and
     OUT/shards/sizes.json                  shard file name -> samples (open_clip)
     OUT/rejects/00000.parquet              every row of shard 0 that did not make it
     OUT/embeddings/<col>/<col>_00000.npy   2-D ``*_emb`` columns, float16, parquet row order
+    OUT/<table>/00000.parquet              side tables of global stages (confounders), by shard
     OUT/_work/input/00000.parquet          the URL list cut into shards, keys assigned
-    OUT/_work/parts/00000/*.pkl            a run's rows per shard before the shard is written
+    OUT/_work/rows/00000/*.pkl             rows of input shard 0 after every per-row stage
+    OUT/_work/rows/00000/*.fit.parquet     their fit columns (key, status, hashes, embeddings)
+    OUT/_work/rows/00000/_done.json        input shard 0 finished its per-row pass (lists the parts)
+    OUT/_work/fit/<stage>/decisions/00000.parquet  a global stage's decisions for shard 0
+    OUT/_work/fit/<stage>/_done.json       that stage's fit finished
+    OUT/_work/job.json                     what the per-row pass and fits were run with
+
+Image-bearing ``rows`` parts are removed once their shard is written; fit
+files and decisions stay (tens of bytes a row, plus embeddings where a fit
+reads them), so a resumed run refits without downloading finished shards.
 """
 
 from __future__ import annotations
@@ -64,10 +74,46 @@ def manifest_json(out) -> Path:
     return Path(out) / "manifest.json"
 
 
-def parts_dir(out) -> Path:
-    """Rows on their way to a shard: each final task leaves its rows here,
-    one file per (task, shard); the shard writer merges them."""
-    return Path(out) / "_work" / "parts"
+def work_dir(out) -> Path:
+    return Path(out) / "_work"
+
+
+def rows_dir(out, shard_id: int) -> Path:
+    """Rows of one input shard after the per-row pass: each final task
+    leaves its rows here, one file per (task, shard)."""
+    return work_dir(out) / "rows" / shard_name(shard_id)
+
+
+def rows_done(out, shard_id: int) -> Path:
+    return rows_dir(out, shard_id) / "_done.json"
+
+
+def fit_dir(out, stage: str) -> Path:
+    return work_dir(out) / "fit" / stage
+
+
+def fit_done(out, stage: str) -> Path:
+    return fit_dir(out, stage) / "_done.json"
+
+
+def decisions_parquet(out, stage: str, shard_id: int) -> Path:
+    return fit_dir(out, stage) / "decisions" / f"{shard_name(shard_id)}.parquet"
+
+
+def reduced_dir(out, stage: str) -> Path:
+    return fit_dir(out, stage) / "reduced"
+
+
+def side_table_dir(out, table: str) -> Path:
+    return Path(out) / table
+
+
+def side_table_parquet(out, table: str, shard_id: int) -> Path:
+    return side_table_dir(out, table) / f"{shard_name(shard_id)}.parquet"
+
+
+def job_record(out) -> Path:
+    return work_dir(out) / "job.json"
 
 
 def input_dir(out) -> Path:

@@ -2,7 +2,10 @@
 
 ``build_manifest`` assembles it from the shards' stats files; ``verify``
 re-reads every file it lists and checks the accounting: every input row is in
-exactly one shard or one reject file.
+exactly one shard or one reject file, and every key a side table links to
+is a sample in the shards. ``schema`` lists each stage's declared columns
+(kind, dtype, shape; see ``stages.base.Column``) so a reader knows what a
+parquet column holds without guessing from its name.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pyarrow.parquet as pq
 
 from manifests import layout
 
-FORMAT = "pairforge-manifest/1"
+FORMAT = "pairforge-manifest/2"
 KEY_PACKAGES = (
     "pairforge", "ray", "torch", "torchvision", "open_clip_torch", "img2dataset",
     "webdataset", "pyarrow", "numpy", "pillow", "imagehash",
@@ -84,8 +87,42 @@ def _sha256_file(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def side_table_entries(out_dir, side_tables: dict[str, tuple[str, ...]]) -> dict:
+    """Per side table: its link columns, rows and files with checksums."""
+    out = Path(out_dir)
+    entries = {}
+    for name, links in sorted(side_tables.items()):
+        files, rows = {}, 0
+        for path in sorted(layout.side_table_dir(out, name).glob("*.parquet")):
+            size, digest = _sha256_file(path)
+            n = pq.read_metadata(path).num_rows
+            files[str(path.relative_to(out))] = {"bytes": size, "sha256": digest, "rows": n}
+            rows += n
+        entries[name] = {"links": list(links), "rows": rows, "files": files}
+    return entries
+
+
+def _survivors_lost(shard_stats: list[dict]) -> dict:
+    lost: dict[str, dict[str, int]] = {}
+    for st in shard_stats:
+        for g, by in st.get("survivors_dropped_later", {}).items():
+            for later, n in by.items():
+                lost.setdefault(g, {}).setdefault(later, 0)
+                lost[g][later] += n
+    return lost
+
+
 def build_manifest(
-    out_dir, job: dict, index: dict, stage_names: list[str], shard_stats: list[dict], ray_info: dict, timing: dict
+    out_dir,
+    job: dict,
+    index: dict,
+    stage_names: list[str],
+    shard_stats: list[dict],
+    ray_info: dict,
+    timing: dict,
+    schema: list[dict] | None = None,
+    fits: list[dict] | None = None,
+    side_tables: dict | None = None,
 ) -> dict:
     out = Path(out_dir)
     shard_stats = sorted(shard_stats, key=lambda s: s["shard_id"])
@@ -105,6 +142,11 @@ def build_manifest(
             }
         )
     ok = sum(s["successes"] for s in shard_stats)
+    stages = stage_counters(stage_names, index["total_rows"], shard_stats)
+    lost = _survivors_lost(shard_stats)
+    for st in stages:
+        if st["name"] in lost:  # duplicates whose survivor a later stage dropped
+            st["survivors_dropped_later"] = lost[st["name"]]
     return {
         "format": FORMAT,
         "job": job,
@@ -112,7 +154,10 @@ def build_manifest(
         "ray": ray_info,
         "input": index,
         "counts": {"input": index["total_rows"], "ok": ok, "rejected": sum(s["rejected"] for s in shard_stats)},
-        "stages": stage_counters(stage_names, index["total_rows"], shard_stats),
+        "stages": stages,
+        "schema": schema or [],
+        "fits": fits or [],
+        "side_tables": side_table_entries(out, side_tables or {}),
         "shards": shards,
         "timing": timing,
     }
@@ -160,6 +205,7 @@ def verify(out_dir) -> list[str]:
     except FileNotFoundError:
         sizes, _ = {}, problems.append("shards/sizes.json is missing")
     seen: set[str] = set()
+    shard_keys: list[str] = []
     total = 0
     for sh in man["shards"]:
         for name, want in sh["files"].items():
@@ -189,6 +235,7 @@ def verify(out_dir) -> list[str]:
             )
         if len(rej_keys) != sh["rejects"]:
             problems.append(f"shard {sh['name']}: {len(rej_keys)} reject rows, manifest says {sh['rejects']}")
+        shard_keys.extend(par_keys)
         for k in par_keys + rej_keys:
             if k in seen:
                 problems.append(f"key {k} appears more than once")
@@ -197,4 +244,33 @@ def verify(out_dir) -> list[str]:
     want_rows = man["input"]["total_rows"]
     if total != want_rows:
         problems.append(f"input had {want_rows} rows but shards + rejects hold {total}")
+    problems += _verify_side_tables(out, man.get("side_tables", {}), set(shard_keys))
+    return problems
+
+
+def _verify_side_tables(out: Path, tables: dict, shard_keys: set[str]) -> list[str]:
+    """Checksums of every side-table file, and every key they link to is a
+    sample in the shards (not a reject, not missing)."""
+    problems = []
+    for name, entry in tables.items():
+        listed = set(entry["files"])
+        on_disk = {str(p.relative_to(out)) for p in layout.side_table_dir(out, name).glob("*.parquet")}
+        for extra in sorted(on_disk - listed):
+            problems.append(f"{extra}: side-table file not in the manifest")
+        for fname, want in sorted(entry["files"].items()):
+            path = out / fname
+            if not path.exists():
+                problems.append(f"{fname}: missing")
+                continue
+            size, digest = _sha256_file(path)
+            if (size, digest) != (want["bytes"], want["sha256"]):
+                problems.append(f"{fname}: checksum mismatch")
+                continue
+            table = pq.read_table(path, columns=entry["links"])
+            for col in entry["links"]:
+                bad = [k for k in table.column(col).to_pylist() if k is not None and k not in shard_keys]
+                if bad:
+                    problems.append(
+                        f"{fname}: {len(bad)} {col} value(s) not among the shard samples (first: {bad[0]!r})"
+                    )
     return problems

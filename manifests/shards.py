@@ -6,7 +6,10 @@ For shard ``S`` of output ``OUT`` (see :mod:`manifests.layout`):
 
 * ``shards/S.tar``: per ok row ``{key}.{ext}``, ``{key}.txt``, ``{key}.json``
 * ``shards/S.parquet``: the same rows and metadata, in key order
-* ``embeddings/<col>/<col>_S.npy``: every 2-D ``*_emb`` column, float16
+* ``embeddings/<col>/<col>_S.npy``: every vector column declared with
+  ``store="embeddings"``, float16
+* ragged columns (``Column(kind="ragged")``): a parquet list column and,
+  in the tar, ``{key}.{col}.npy`` per sample
 * ``rejects/S.parquet``: every other row, with ``stage``, ``reason``, ``detail``
 * ``rejects/S_<col>.npy``: the embeddings of those rows (a resumed run fits
   semantic dedup on them as an uninterrupted run did)
@@ -29,33 +32,71 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests import layout
-from stages.base import IMAGE_COLUMN, STATUS_OK, TIMING_PREFIX, Batch, batch_len, take
+from stages.base import IMAGE_COLUMN, STATUS_OK, TIMING_PREFIX, Batch, Column, batch_len, take
 
 #: Columns that only make sense on rejected rows.
 REJECT_ONLY = ("stage", "reason", "detail")
 #: Columns never written as metadata (bytes, bookkeeping).
 NOT_METADATA = (IMAGE_COLUMN,)
-STATS_VERSION = 1
+STATS_VERSION = 2
+
+Schema = dict[str, Column]
 
 
-def metadata_columns(rows: Batch) -> list[str]:
+def _declared(schema: Schema | None, name: str) -> Column | None:
+    return (schema or {}).get(name)
+
+
+def metadata_columns(rows: Batch, schema: Schema | None = None) -> list[str]:
+    """Columns of the parquet files: every declared column but bytes and
+    embedding-store vectors, and undeclared 1-D columns (the URL list's own)."""
+    out = []
+    for c, v in rows.items():
+        if c in NOT_METADATA or c.startswith(TIMING_PREFIX) or c.startswith("_"):
+            continue
+        col = _declared(schema, c)
+        if col is None:
+            if v.ndim == 1:
+                out.append(c)
+        elif col.kind != "bytes" and not (col.kind == "vector" and col.store == "embeddings"):
+            out.append(c)
+    return out
+
+
+def embedding_columns(rows: Batch, schema: Schema | None = None) -> list[str]:
+    """Vector columns stored in ``OUT/embeddings`` (clip-retrieval layout)."""
     return [
-        c
-        for c, v in rows.items()
-        if c not in NOT_METADATA and not c.startswith(TIMING_PREFIX) and not c.startswith("_") and v.ndim == 1
+        c for c in rows if (col := _declared(schema, c)) is not None and col.kind == "vector" and col.store == "embeddings"
     ]
 
 
-def embedding_columns(rows: Batch) -> list[str]:
-    return [c for c, v in rows.items() if v.ndim == 2 and c.endswith("_emb")]
+def tar_array_columns(schema: Schema | None) -> list[str]:
+    return sorted(c.name for c in (schema or {}).values() if c.kind == "ragged" and c.in_tar)
 
 
-def to_arrow(rows: Batch, columns: list[str]) -> pa.Table:
-    arrays = {}
-    for c in columns:
-        v = rows[c]
-        arrays[c] = pa.array(v.tolist() if v.dtype == object else v)
-    return pa.table(arrays)
+def arrow_column(v: np.ndarray, col: Column | None) -> pa.Array:
+    """One batch column as Arrow, by its declared kind (undeclared: inferred)."""
+    if col is None or col.kind in ("string", "bytes"):
+        return pa.array(v.tolist() if v.dtype == object else v)
+    if col.kind == "scalar":
+        return pa.array(np.asarray(v, dtype=col.dtype))
+    if col.kind == "vector":
+        flat = np.ascontiguousarray(np.asarray(v, dtype=col.dtype).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat), col.shape[0])
+    # ragged: list<fixed_size_list<dtype, d>> for K x d elements, list<dtype> for K scalars
+    parts = [np.asarray(x, dtype=col.dtype).reshape(-1, *col.shape) for x in v]
+    lengths = np.array([len(x) for x in parts], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    width = int(np.prod(col.shape)) if col.shape else 1
+    flat = np.concatenate([x.reshape(-1) for x in parts]) if parts else np.zeros(0, dtype=col.dtype)
+    values = pa.array(flat.astype(col.dtype, copy=False))
+    if col.shape:
+        values = pa.FixedSizeListArray.from_arrays(values, width)
+    return pa.ListArray.from_arrays(offsets, values)
+
+
+def to_arrow(rows: Batch, columns: list[str], schema: Schema | None = None) -> pa.Table:
+    return pa.table({c: arrow_column(rows[c], _declared(schema, c)) for c in columns})
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -64,10 +105,19 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _tar_bytes(rows: Batch, meta: pa.Table) -> bytes:
-    """A tar with fixed member metadata (mtime 0, root owner) so its bytes
-    depend only on the rows."""
+def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _tar_bytes(rows: Batch, meta: pa.Table, arrays: list[str] = ()) -> bytes:
+    """A tar with fixed member metadata (mtime 0, root owner) so its bytes
+    depend only on the rows. ``arrays``: ragged columns written as
+    ``{key}.{column}.npy`` members (and left out of ``{key}.json``)."""
+    buf = io.BytesIO()
+    if arrays:
+        meta = meta.drop_columns([c for c in arrays if c in meta.column_names])
     records = meta.to_pylist()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i, rec in enumerate(records):
@@ -78,6 +128,7 @@ def _tar_bytes(rows: Batch, meta: pa.Table) -> bytes:
                 *(((f"{key}.{ext}", image),) if image is not None else ()),
                 (f"{key}.txt", str(rec.get("caption") or "").encode("utf-8")),
                 (f"{key}.json", json.dumps(rec, sort_keys=True, default=str).encode("utf-8")),
+                *((f"{key}.{c}.npy", _npy_bytes(rows[c][i])) for c in arrays),
             )
             for name, data in members:
                 info = tarfile.TarInfo(name)
@@ -93,9 +144,18 @@ def _file_entry(out: Path, path: Path, data: bytes) -> tuple[str, dict]:
     return str(path.relative_to(out)), {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def write_shard(rows: Batch, out_dir: str | Path, shard_id: int, write_embeddings: bool = True) -> dict:
+def write_shard(
+    rows: Batch,
+    out_dir: str | Path,
+    shard_id: int,
+    write_embeddings: bool = True,
+    schema: Schema | None = None,
+    counters: dict | None = None,
+) -> dict:
     """Write all files of shard ``shard_id`` from ``rows`` (every row of that
-    shard, ok or not) and return its stats (also written as ``S_stats.json``)."""
+    shard, ok or not) and return its stats (also written as ``S_stats.json``).
+    ``schema``: the stages' declared columns (see ``stages.base.Column``);
+    ``counters``: extra per-shard counters the runner adds to the stats."""
     out = Path(out_dir)
     n = batch_len(rows)
     if n:
@@ -104,22 +164,22 @@ def write_shard(rows: Batch, out_dir: str | Path, shard_id: int, write_embedding
     else:
         ok = np.zeros(0, dtype=bool)
     ok_rows = take(rows, np.flatnonzero(ok)) if n else {}
-    cols = metadata_columns(rows) if n else ["key"]
-    table = to_arrow(rows, cols) if n else pa.table({"key": pa.array([], pa.string())})
+    cols = metadata_columns(rows, schema) if n else ["key"]
+    table = to_arrow(rows, cols, schema) if n else pa.table({"key": pa.array([], pa.string())})
     ok_arr = pa.array(ok)
     shard_table = table.filter(ok_arr).drop_columns([c for c in REJECT_ONLY if c in table.column_names])
     reject_table = table.filter(pc.invert(ok_arr))
 
     files: dict[str, dict] = {}
     for path, data in (
-        (layout.shard_tar(out, shard_id), _tar_bytes(ok_rows, shard_table) if n else _tar_bytes({}, shard_table)),
+        (layout.shard_tar(out, shard_id), _tar_bytes(ok_rows, shard_table, tar_array_columns(schema)) if n else _tar_bytes({}, shard_table)),
         (layout.shard_parquet(out, shard_id), _parquet_bytes(shard_table)),
         (layout.rejects_parquet(out, shard_id), _parquet_bytes(reject_table)),
     ):
         name, entry = _file_entry(out, path, data)
         files[name] = entry
     if write_embeddings and n:
-        for col in embedding_columns(rows):
+        for col in embedding_columns(rows, schema):
             targets = [(layout.embedding_npy(out, col, shard_id), ok)]
             if not ok.all():
                 targets.append((layout.rejects_embedding_npy(out, col, shard_id), ~ok))
@@ -143,6 +203,7 @@ def write_shard(rows: Batch, out_dir: str | Path, shard_id: int, write_embedding
             c[len(TIMING_PREFIX) :]: float(np.sum(rows[c])) for c in (rows if n else {}) if c.startswith(TIMING_PREFIX)
         },
         "files": files,
+        **(counters or {}),
     }
     layout.atomic_write_bytes(
         layout.shard_stats(out, shard_id), json.dumps(stats, indent=1, sort_keys=True).encode("utf-8")

@@ -1,27 +1,28 @@
-"""Run a job: cut the URL lists into shards, run the stage list on Ray (or in
-process), write shards, rejects, ``sizes.json`` and the manifest."""
+"""Run a job: cut the URL lists into shards, run the phases of
+``pipeline.engine`` on Ray (or in process), write shards, rejects,
+``sizes.json`` and the manifest. A resumed run picks up at the input shard,
+the fit or the output shard where the last one stopped."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from manifests import layout
 from manifests.manifest import build_manifest, write_manifest, write_sizes
 from manifests.shards import read_stats
-from pipeline.batches import table_to_batch
+from pipeline import engine
 from pipeline.config import JobConfig, to_dict
+from pipeline.engine import RowsTracker, RunSpec
+from pipeline.fit import Launcher, fit_mark, run_fit
 from pipeline.reader import read_index, split_input
 from pipeline.registry import stage_class
-from stages.base import STATUS_OK, Batch, GlobalStage, Stage
+from stages.base import Stage
 
 
 class JobError(RuntimeError):
@@ -35,54 +36,6 @@ def _log(msg: str) -> None:
 def instantiate(job: JobConfig) -> tuple[list[Stage], Stage]:
     stages = [stage_class(s.name)(s.config) for s in job.stages]
     return stages[:-1], stages[-1]
-
-
-def _prior_rows(out: Path, done: list[int], stages: list[Stage]) -> dict[str, Batch]:
-    """For a resumed run: the fit columns of rows in finished shards that were
-    alive when each global stage ran, so the global decisions for the pending
-    shards come out the same as in an uninterrupted run."""
-    globals_ = [s for s in stages if isinstance(s, GlobalStage)]
-    if not done or not globals_:
-        return {}
-    order = [s.name for s in stages]
-    emb_cols = sorted({c for g in globals_ for c in g.fit_columns if c.endswith("_emb")})
-    tables, embs = [], {c: [] for c in emb_cols}
-    for sid in done:
-        for path in (layout.shard_parquet(out, sid), layout.rejects_parquet(out, sid)):
-            t = pq.read_table(path)
-            if t.num_rows:
-                tables.append(t)
-                for c in emb_cols:  # embeddings are stored beside each parquet, in its row order
-                    is_shard = path == layout.shard_parquet(out, sid)
-                    npy = (layout.embedding_npy if is_shard else layout.rejects_embedding_npy)(out, c, sid)
-                    embs[c].append(np.load(npy) if npy.exists() else None)
-    if not tables:
-        return {}
-    rows = table_to_batch(pa.concat_tables(tables, promote_options="permissive"))
-    for c, parts in embs.items():
-        stored = [p for p in parts if p is not None]
-        if stored and c not in rows:
-            dim = stored[0].shape[1]
-            full = [
-                p if p is not None else np.full((t.num_rows, dim), np.nan, np.float16) for p, t in zip(parts, tables)
-            ]
-            rows[c] = np.concatenate(full)
-    rank = {name: i for i, name in enumerate(order)}
-    stage_of = rows.get("stage", np.array([""] * len(rows["key"]), dtype=object))
-    status = rows["status"]
-    prior = {}
-    for g in globals_:
-        here = rank[g.name]
-        alive = np.array([st == STATUS_OK or rank.get(s, -1) >= here for st, s in zip(status, stage_of)], dtype=bool)
-        missing = [c for c in g.fit_columns if c not in rows]
-        if missing:
-            _log(f"resume: finished shards lack {missing} for {g.name}; it fits on pending shards only")
-            continue
-        lost = [c for c in g.fit_columns if c in embs and np.isnan(rows[c][alive]).all(axis=1).any()]
-        if lost:
-            _log(f"resume: rows of finished shards have no stored {lost}; {g.name} fits without them")
-        prior[g.name] = {c: rows[c][alive] for c in g.fit_columns}
-    return prior
 
 
 def _ray_session(job: JobConfig, address: str | None):
@@ -109,8 +62,37 @@ def _ray_info(ray) -> dict:
     }
 
 
+def _check_job_record(out: Path, job: JobConfig, resume: bool) -> None:
+    """A resumed run must run the same stages with the same settings: its
+    finished rows and fits were made by them."""
+    rec = to_dict(job)
+    rec.pop("ray", None)
+    rec["output"] = {k: v for k, v in rec["output"].items() if k != "dir"}
+    path = layout.job_record(out)
+    if resume and path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(rec, default=str)):
+            changed = sorted(k for k in set(old) | set(rec) if old.get(k) != json.loads(json.dumps(rec.get(k), default=str)))
+            raise JobError(f"{out}: the job changed since the interrupted run ({', '.join(changed)}); resume needs the same job")
+    layout.atomic_write_bytes(path, json.dumps(rec, sort_keys=True, default=str).encode())
+
+
+def _runner(job: JobConfig):
+    if job.runner == "local":
+        from pipeline import local
+
+        return local, Launcher()
+    from pipeline import plan
+
+    return plan, plan.RayLauncher()
+
+
 def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False) -> dict:
-    """Run ``job`` and return its manifest (also written to ``OUT/manifest.json``)."""
+    """Run ``job`` and return its manifest (also written to ``OUT/manifest.json``).
+
+    Phases (``pipeline.engine``): the per-row pass over input shards whose
+    rows are not on disk yet, each global stage's fit (skipped when nothing
+    changed since a finished fit), then every shard not yet written."""
     out = Path(job.output.dir)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -120,30 +102,52 @@ def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False)
     index = split_input(job.input, out, job.output.samples_per_shard)
     if old_index is not None and old_index.to_json() != index.to_json():
         raise JobError(f"{out}: the URL lists changed since the interrupted run; resume needs the same input")
+    _check_job_record(out, job, resume)
     shard_ids = sorted(index.shard_rows)
-    done = [sid for sid in shard_ids if resume and read_stats(out, sid) is not None]
-    pending = [sid for sid in shard_ids if sid not in done]
-    _log(f"{index.total_rows} rows in {len(shard_ids)} shards; {len(pending)} to run, {len(done)} already finished")
     stages, shard_stage = instantiate(job)
-    prior = _prior_rows(out, done, stages)
-    paths = [str(layout.input_shard(out, sid)) for sid in pending]
-
+    spec = RunSpec(str(out), tuple(stages), shard_stage, index.samples_per_shard)
+    written = [s for s in shard_ids if resume and read_stats(out, s) is not None]
+    have_fit = {s for s in shard_ids if engine.rows_mark(out, s, images=False) is not None}
+    waiting = [s for s in shard_ids if s not in written and engine.rows_mark(out, s) is not None]
+    todo = [s for s in shard_ids if s not in written and s not in waiting]
+    if todo and spec.fitted:  # fits will rerun: every written shard needs its fit files
+        lost = [s for s in written if s not in have_fit]
+        written = [s for s in written if s not in lost]
+        todo = sorted(todo + lost)
+    for s in todo:
+        engine.clear_rows(out, s)
+    _log(
+        f"{index.total_rows} rows in {len(shard_ids)} shards; {len(todo)} to run, {len(waiting)} with rows done, "
+        f"{len(written)} already written"
+    )
+    runner, launcher = _runner(job)
     ray_info: dict = {"runner": "local"}
-    if pending:
-        if job.runner == "local":
-            from pipeline.local import run_local
-
-            run_local(paths, stages, shard_stage, str(out), prior)
-        else:
-            from pipeline.plan import build_and_run
-
-            ray, owned = _ray_session(job, address)
-            try:
-                ray_info = _ray_info(ray)
-                build_and_run(paths, stages, shard_stage, str(out), prior)
-            finally:
-                if owned:
-                    ray.shutdown()
+    session = _ray_session(job, address) if job.runner != "local" and (todo or waiting) else None
+    fits: list[dict] = []
+    try:
+        if session is not None:
+            ray_info = _ray_info(session[0])
+        t_rows = time.perf_counter()
+        if todo:
+            tracker = RowsTracker(spec, {s: index.shard_rows[s] for s in todo})
+            runner.run_rows(spec, todo, tracker)
+            missing = [s for s in todo if s not in tracker.finished]
+            if missing:
+                raise JobError(f"input shards {missing[:5]} did not finish their per-row pass; rerun with --resume")
+        rows_seconds = time.perf_counter() - t_rows
+        refit = bool(todo)
+        for g in spec.fitted:
+            mark = fit_mark(out, g.name)
+            if mark is None or refit:
+                mark = run_fit(launcher, spec, g, shard_ids, index.total_rows)
+                refit = True
+            fits.append(mark)
+        pending = [s for s in shard_ids if s not in written]
+        if pending:
+            runner.write_shards(spec, pending)
+    finally:
+        if session is not None and session[1]:
+            session[0].shutdown()
 
     all_stats = []
     for sid in shard_ids:
@@ -156,7 +160,9 @@ def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False)
         "started": started.isoformat(),
         "finished": datetime.now(timezone.utc).isoformat(),
         "wall_seconds": round(time.perf_counter() - t0, 3),
-        "resumed_shards": len(done),
+        "rows_seconds": round(rows_seconds, 3),
+        "resumed_shards": len(written),
+        "resumed_rows_shards": len(waiting),
     }
     manifest = build_manifest(
         out,
@@ -166,6 +172,9 @@ def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False)
         all_stats,
         ray_info,
         timing,
+        schema=manifest_schema(spec),
+        fits=fits,
+        side_tables={t: cols for g in spec.fitted for t, cols in g.side_tables().items()},
     )
     path = write_manifest(out, manifest)
     c = manifest["counts"]
@@ -174,6 +183,11 @@ def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False)
     )
     _log(f"shards: {layout.shards_dir(out)}  manifest: {path}")
     return manifest
+
+
+def manifest_schema(spec: RunSpec) -> list[dict]:
+    """The declared columns, with the stage that adds each (``manifest.json``)."""
+    return [{**col.to_json(), "stage": owner} for _, (owner, col) in spec.columns.items()]
 
 
 def with_overrides(job: JobConfig, **output) -> JobConfig:

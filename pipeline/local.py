@@ -1,18 +1,28 @@
-"""The in-process runner: the same stages and the same pure functions as the
-Ray plan, on one process. Used by unit tests and ``runner: local`` jobs."""
+"""The in-process runner: the phases of ``pipeline.engine`` and the fits of
+``pipeline.fit`` on one process, over the same files as the Ray plan. Used
+by unit tests and ``runner: local`` jobs.
+
+:func:`fit_result` and :func:`run_global` are the same fit steps on an
+in-memory batch, for unit tests of a global stage without a run folder.
+"""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
+from pipeline import engine
+from pipeline.engine import RowsTracker, RunSpec
+from pipeline.fit import key_hashes
 from stages.base import (
+    STATUS_DROPPED,
     Batch,
+    FitResult,
     GlobalStage,
     Stage,
-    apply_decisions,
     batch_len,
     concat,
-    decisions_from_batch,
     ok_mask,
     run_stage_batch,
     take,
@@ -24,73 +34,88 @@ def map_stage(stage: Stage, batch: Batch) -> Batch:
     n = batch_len(batch)
     size = max(1, stage.resources().batch_size)
     chunks = (take(batch, np.arange(i, min(i + size, n))) for i in range(0, n, size))
-    return concat([run_stage_batch(stage, stage.prefetch(c) if stage.has_prefetch() else c) for c in chunks])
+    return concat([run_stage_batch(stage, stage.cpu_prepare(c) if stage.has_cpu_prepare() else c) for c in chunks])
+
+
+def run_rows(spec: RunSpec, shard_ids: list[int], tracker: RowsTracker) -> None:
+    """The per-row pass, one input shard at a time; each stage set up once."""
+    from tqdm import tqdm
+
+    for st in spec.stages:
+        st.setup()
+    try:
+        for sid in tqdm(shard_ids, desc="input shards", unit="shard", disable=None):
+            batch = engine.read_input(spec, sid)
+            for st in spec.stages:
+                batch = map_stage(st, batch)
+            tracker.add(engine.save_rows(batch, spec))
+    finally:
+        for st in spec.stages:
+            st.teardown()
+
+
+def write_shards(spec: RunSpec, shard_ids: list[int]) -> list[dict]:
+    return [engine.write_output_shard(spec, sid) for sid in shard_ids]
+
+
+# ------------------------------------------------------------ in-memory fits
+
+
+def fit_result(stage: GlobalStage, rows: Batch) -> FitResult:
+    """``learn`` (on the rows with the smallest key hashes, like a run) ->
+    ``bucket_rows`` -> group -> ``reduce_bucket`` -> ``combine`` (->
+    ``decide_rows``) over ``rows`` (ok rows, fit columns)."""
+    if not batch_len(rows):
+        return FitResult()
+    rows = take(rows, np.argsort(np.asarray(rows["key"]).astype(str), kind="stable"))
+    if stage.sample_rows:
+        pick = np.sort(np.argsort(key_hashes(rows["key"]), kind="stable")[: int(stage.sample_rows)])
+        stage.learn(take(rows, pick))
+    size = max(stage.resources().batch_size, 1 << 16)
+    n = batch_len(rows)
+    cands = concat([stage.bucket_rows(take(rows, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
+    reduced = []
+    if batch_len(cands):
+        cands = take(cands, np.argsort(cands["bucket"], kind="stable"))
+        g = cands["bucket"]
+        starts = np.concatenate([[0], np.flatnonzero(g[1:] != g[:-1]) + 1, [len(g)]])
+        reduced = [stage.reduce_bucket({k: v[a:b] for k, v in cands.items()}) for a, b in zip(starts[:-1], starts[1:])]
+    result = stage.combine(concat([r for r in reduced if batch_len(r)]))
+    if stage.has_decide_rows():
+        more = stage.decide_rows(rows)
+        result = FitResult(concat([result.decisions, more.decisions]), {**result.tables, **more.tables})
+    return result
 
 
 def fit_global(stage: GlobalStage, rows: Batch) -> Batch:
-    """Compose ``prepare`` -> ``candidates`` -> group -> ``reduce_group`` ->
-    ``resolve`` over ``rows`` (already restricted to ok rows and fit columns)."""
-    if not batch_len(rows):
+    """The rows ``stage`` drops (``key``, ``reason``, ``detail``, columns), by key."""
+    dec = fit_result(stage, rows).decisions
+    if not batch_len(dec):
         return {}
-    stage.prepare(rows)
-    size = max(stage.resources().batch_size, 1 << 16)  # candidates are per row: big chunks, fewer calls
-    n = batch_len(rows)
-    cands = concat([stage.candidates(take(rows, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
-    if not batch_len(cands):
-        return stage.resolve({})
-    # one reduce call per group, groups in sorted order, rows in candidate order:
-    # one stable sort, then each group is a slice (a view, no copy)
-    order = np.argsort(cands["group"], kind="stable")
-    cands = take(cands, order)
-    g = cands["group"]
-    starts = np.concatenate([[0], np.flatnonzero(g[1:] != g[:-1]) + 1, [len(g)]])
-    reduced = concat(
-        [stage.reduce_group({k: v[a:b] for k, v in cands.items()}) for a, b in zip(starts[:-1], starts[1:])]
-    )
-    return stage.resolve(reduced)
+    keep = np.flatnonzero(np.asarray(dec["reason"], dtype=object) != "")
+    return {c: v[keep] for c, v in dec.items() if c != "survivor"}
 
 
-def run_global(stage: GlobalStage, batch: Batch, prior: Batch | None = None) -> Batch:
-    """Fit ``stage`` on the ok rows of ``batch`` (plus ``prior`` rows from
-    finished shards, which are fitted on but not changed) and apply it."""
+def run_global(stage: GlobalStage, batch: Batch) -> Batch:
+    """Fit ``stage`` on the ok rows of ``batch`` and apply its decisions."""
     ok = take(batch, np.flatnonzero(ok_mask(batch))) if batch_len(batch) else {}
     rows = {c: ok[c] for c in stage.fit_columns} if ok else {}
-    if prior:
-        rows = concat([rows, {c: prior[c] for c in stage.fit_columns}])
-    decisions = decisions_from_batch(fit_global(stage, rows) or {})
-    return stage.finalize(apply_decisions(batch, decisions, stage.name))
-
-
-def run_local(
-    input_paths: list[str],
-    stages: list[Stage],
-    shard_stage,
-    out_dir: str,
-    prior: dict[str, Batch] | None = None,
-) -> list[dict]:
-    """Run every stage in this process over the input shard files and write
-    the shards. Same contract as :func:`pipeline.plan.build_and_run`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm import tqdm
-
-    from pipeline.batches import table_to_batch
-
-    tables = [pq.read_table(p) for p in input_paths]
-    batch = table_to_batch(pa.concat_tables(tables, promote_options="permissive")) if tables else {}
-    for stage in tqdm(stages, desc="stages", unit="stage", disable=None):
-        stage.setup()
-        try:
-            batch = map_stage(stage, batch)
-            if isinstance(stage, GlobalStage) and stage.needs_fit():
-                batch = run_global(stage, batch, (prior or {}).get(stage.name))
-        finally:
-            stage.teardown()
-    stats = []
-    if not batch_len(batch):
-        return stats
-    shard_ids = batch["shard_id"]
-    for sid in tqdm(np.unique(shard_ids), desc="shards", unit="shard", disable=None):
-        rows = take(batch, np.flatnonzero(shard_ids == sid))
-        stats.append(shard_stage.write_group(rows, out_dir, int(sid)))
-    return stats
+    dec = fit_result(stage, rows).decisions
+    if not batch_len(dec):
+        return batch
+    out = dict(batch)
+    where = {str(k): i for i, k in enumerate(out["key"])}
+    cols = {c.name: c for c in stage.outputs()}
+    for c in ("status", "stage", "reason", "detail"):
+        out[c] = out[c].astype(object, copy=True)
+    for j, k in enumerate(dec["key"]):
+        i = where[str(k)]
+        for c in cols:
+            if c in dec:
+                out[c] = out[c].copy() if out[c].dtype != object else out[c]
+                out[c][i] = dec[c][j]
+        if dec["reason"][j]:
+            d = dec["detail"][j]
+            out["status"][i], out["stage"][i], out["reason"][i] = STATUS_DROPPED, stage.name, dec["reason"][j]
+            out["detail"][i] = d if isinstance(d, str) else json.dumps(d, sort_keys=True)
+    return out

@@ -2,7 +2,8 @@
 
 A *batch* is a ``dict[str, numpy.ndarray]`` of equal-length columns (Ray Data's
 ``batch_format="numpy"``). Strings and bytes are object arrays; fixed-size
-vectors (embeddings) are 2-D float arrays.
+vectors (embeddings) are 2-D arrays; ragged per-row arrays (K x 4 boxes,
+K x D region features, K may be 0) are object arrays of ndarrays.
 
 Every row carries its identity and fate from the URL list to the output:
 
@@ -13,15 +14,22 @@ Every row carries its identity and fate from the URL list to the output:
 * ``stage`` / ``reason`` / ``detail``  which stage rejected it, why (a short
   machine-readable reason) and the values behind the decision (JSON)
 
+Each stage *declares* the columns it adds (:meth:`Stage.outputs`, a tuple of
+:class:`Column`): its kind, dtype, shape and the value rows get that the
+stage never saw. The shard writer, the rejects, the embeddings files and the
+manifest route a column by its declared kind, never by its name or ``ndim``.
+
 Stages never import ``ray`` and never import each other. A stage sees only the
 rows that are still ``ok``; :func:`run_stage_batch` passes the others through.
+How a stage runs (tasks, an actor pool, in process) and how a global stage's
+fit is spread over tasks is the runner's business (``pipeline/``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,8 +47,82 @@ IDENTITY_COLUMNS = ("key", "shard_id", "status", "stage", "reason", "detail")
 IMAGE_COLUMN = "image"
 #: Prefix of per-stage timing columns (seconds of batch work per row).
 TIMING_PREFIX = "__t_"
-#: columns a stage's ``prefetch`` hands to its ``process_batch``; never written
-PREFETCH_PREFIX = "__pf_"
+#: columns a stage's ``cpu_prepare`` hands to its ``process_batch``; never written
+SCRATCH_PREFIX = "__pf_"
+
+#: Column kinds. ``scalar``: a number or bool per row; ``string``; ``bytes``
+#: (a tar member, never in parquet); ``vector``: a fixed ``shape`` per row
+#: (an embedding); ``ragged``: ``(K, *shape)`` per row, K varying (may be 0).
+KINDS = ("scalar", "string", "bytes", "vector", "ragged")
+#: Where a ``vector`` column is written: ``parquet`` (a fixed-size list
+#: column) or ``embeddings`` (``OUT/embeddings/<col>/<col>_S.npy``, float16,
+#: clip-retrieval's layout; not in the parquet).
+VECTOR_STORES = ("parquet", "embeddings")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column a stage adds: what it holds and what a row it never saw gets."""
+
+    name: str
+    kind: str
+    dtype: str = "float32"
+    #: ``vector``: the per-row shape, e.g. ``(512,)``; ``ragged``: the shape of
+    #: one element, e.g. ``(4,)`` for K x 4 boxes or ``()`` for K labels
+    shape: tuple[int, ...] = ()
+    #: the value of rows the stage did not process (scalars and strings);
+    #: vectors default to zeros, ragged columns to K = 0, bytes to ``None``
+    default: Any = None
+    #: ``vector`` only, see :data:`VECTOR_STORES`
+    store: str = "parquet"
+    #: ``ragged`` only: also write each row's array into the tar as ``{key}.{name}.npy``
+    in_tar: bool = True
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"column {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+        if self.store not in VECTOR_STORES:
+            raise ValueError(f"column {self.name!r}: store {self.store!r} is not one of {VECTOR_STORES}")
+        if self.kind == "vector" and len(self.shape) != 1:
+            raise ValueError(f"column {self.name!r}: a vector needs shape (dim,), got {self.shape}")
+
+    def defaults(self, n: int) -> np.ndarray:
+        """A column of ``n`` rows the stage never saw."""
+        if self.kind == "scalar":
+            return np.full(n, self.default if self.default is not None else 0, dtype=self.dtype)
+        if self.kind == "string":
+            return object_array([self.default if self.default is not None else ""] * n)
+        if self.kind == "bytes":
+            return object_array([None] * n)
+        if self.kind == "vector":
+            return np.zeros((n, *self.shape), dtype=self.dtype)
+        empty = np.zeros((0, *self.shape), dtype=self.dtype)
+        return object_array([empty] * n)
+
+    def conform(self, values) -> np.ndarray:
+        """``values`` as this column's in-memory form (typed, shaped)."""
+        if self.kind == "scalar":
+            return np.asarray(values, dtype=self.dtype)
+        if self.kind in ("string", "bytes"):
+            return values if isinstance(values, np.ndarray) and values.dtype == object else object_array(list(values))
+        if self.kind == "vector":
+            v = np.asarray(values, dtype=self.dtype) if len(values) else np.zeros((0, *self.shape), self.dtype)
+            if v.ndim == 1 and len(v) and v.dtype == object:
+                v = np.stack([np.asarray(x, dtype=self.dtype) for x in values])
+            return v.reshape(len(values), *self.shape)
+        return object_array([np.asarray(x, dtype=self.dtype).reshape(-1, *self.shape) for x in values])
+
+    def to_json(self) -> dict:
+        d = {"name": self.name, "kind": self.kind}
+        if self.kind in ("scalar", "vector", "ragged"):
+            d["dtype"] = self.dtype
+        if self.kind in ("vector", "ragged"):
+            d["shape"] = list(self.shape)
+        if self.kind == "vector":
+            d["store"] = self.store
+        if self.kind in ("scalar", "string") and self.default is not None:
+            d["default"] = self.default.item() if isinstance(self.default, np.generic) else self.default
+        return d
 
 
 @dataclass(frozen=True)
@@ -51,18 +133,24 @@ class Resources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     batch_size: int = 256
-    #: actors in the pool for stateful stages (min, max); ignored for tasks
+    #: actors in the pool for stages that run on actors (min, max); ignored for tasks
     concurrency: tuple[int, int] = (1, 1)
 
 
 class Stage:
     """A per-row stage: ``process_batch`` maps a batch of ok rows to a batch of
-    the same rows (same order, same length), adding columns and possibly
-    marking rows failed/dropped with :func:`reject`."""
+    the same rows (same order, same length), adding its declared
+    :meth:`outputs` and possibly marking rows failed/dropped with :func:`reject`.
+
+    ``setup`` runs once per worker process, before the first batch; the
+    runner owns that (an actor calls it when it starts, a task process on its
+    first batch of this stage, the in-process runner once per run).
+    """
 
     name: ClassVar[str] = ""
-    #: ``True`` when ``setup`` loads heavy state (a model): run as an actor pool
-    stateful: ClassVar[bool] = False
+    #: ``True`` when ``setup`` loads heavy state (a model): the Ray runner
+    #: keeps it in a pool of actors sized by :meth:`resources`
+    runs_on_actors: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         self.config = config
@@ -70,72 +158,103 @@ class Stage:
     def resources(self) -> Resources:
         return Resources()
 
+    def outputs(self) -> tuple[Column, ...]:
+        """The columns this stage adds, with their kinds and defaults."""
+        return ()
+
     def setup(self) -> None:
         """Load heavy state once per worker (models, clients)."""
 
     def teardown(self) -> None:
         """Release what ``setup`` took."""
 
-    def prefetch(self, batch: Batch) -> Batch:
+    def cpu_prepare(self, batch: Batch) -> Batch:
         """Optional CPU work that needs none of ``setup``'s state (decoding,
-        tokenising), for a stateful stage: the Ray plan runs it in plain CPU
+        tokenising), for a stage on actors: the Ray plan runs it in plain CPU
         tasks ahead of the actor pool, so the actors (one per GPU share)
-        keep to the accelerator. It adds columns named ``PREFETCH_PREFIX*``
+        keep to the accelerator. It adds columns named ``SCRATCH_PREFIX*``
         for ``process_batch`` to read; they are dropped after it. Rows in any
         status reach it and it must not fail on them. Default: nothing."""
         return batch
 
-    def has_prefetch(self) -> bool:
-        return type(self).prefetch is not Stage.prefetch
+    def has_cpu_prepare(self) -> bool:
+        return type(self).cpu_prepare is not Stage.cpu_prepare
 
     def process_batch(self, batch: Batch) -> Batch:
         raise NotImplementedError
 
-    #: columns this stage adds, with the value non-ok rows get
-    def output_defaults(self) -> dict[str, Any]:
-        return {}
+
+@dataclass
+class FitResult:
+    """What a global stage's fit decides, as data.
+
+    ``decisions``: a batch with ``key``, ``reason`` (``""``: the row stays,
+    only columns are set), ``detail`` (JSON or dict), optionally ``survivor``
+    (bool: this kept row represents dropped duplicates), and any of the stage's
+    declared output columns to set on those rows. ``tables``: side tables,
+    name -> rows (see :meth:`GlobalStage.side_tables`).
+    """
+
+    decisions: Batch = field(default_factory=dict)
+    tables: dict[str, Batch] = field(default_factory=dict)
 
 
 class GlobalStage(Stage):
-    """A stage whose decision needs the whole dataset (dedup, top-fraction).
+    """A stage whose decision needs the whole dataset (dedup, top-fraction,
+    confounders). Its per-row part is ``process_batch``; its fit is a small
+    map-reduce over the ``fit_columns`` of the rows still alive at its place
+    in the stage list (never their images), each step a pure method, so the
+    runners can spread it over tasks:
 
-    It runs in three steps, each a pure function, so the in-process runner and
-    the Ray runner compose the same code:
+    1. ``learn(sample)``: optional, when ``sample_rows`` > 0: fit state on a
+       sample of rows chosen by a hash of their key (k-means centroids, a
+       score window). The state travels with the stage to every later step.
+    2. ``bucket_rows(rows)``: per input shard, rows with an int ``bucket``
+       column; rows sharing a bucket meet in one ``reduce_bucket`` call.
+    3. ``reduce_bucket(rows)``: per bucket, a small result (pairs, counts).
+    4. ``combine(reduced)``: all reduced rows -> a :class:`FitResult`; it may
+       also keep a rule on the stage (a score cut) for step 5.
+    5. ``decide_rows(rows)``: optional, per input shard after ``combine``:
+       decisions from that rule for the shard's alive rows.
 
-    1. ``process_batch``: per-row work (hashing, scoring), as any stage.
-    2. ``candidates(batch)``: from the ``fit_columns`` of ok rows, emit rows
-       with a ``group`` column; rows sharing a group meet in ``reduce_group``
-       (the Ray runner groups them with a shuffle).
-    3. ``resolve(reduced)``: from all reduced rows (small: candidate pairs,
-       histograms) return *decisions*: a batch with ``key``, ``reason``,
-       ``detail`` and any of ``output_defaults`` columns for the rows to drop.
-    4. ``finalize(batch)``: a per-row pass after the decisions are applied,
-       for fits whose result is a rule rather than a list of keys (the
-       top-fraction cut). Default: the batch as it is.
+    Decisions are stored partitioned by shard and joined by each shard's own
+    writer; nothing per row goes through the driver.
     """
 
     fit_columns: ClassVar[tuple[str, ...]] = ("key",)
+    #: rows of the hash sample ``learn`` gets; 0: no ``learn`` step
+    sample_rows: ClassVar[int] = 0
 
     def needs_fit(self) -> bool:
         """Whether this configuration needs the global pass at all (a
         threshold-only clip_score does not). Default: yes."""
         return True
 
-    def prepare(self, sample: Batch) -> None:
-        """Optional: fit state on a sample of fit rows before ``candidates``
-        (k-means centroids). Default: nothing."""
+    def learn(self, sample: Batch) -> None:
+        """Fit state on a sample of alive fit rows (see the class doc)."""
 
-    def candidates(self, batch: Batch) -> Batch:
+    def bucket_rows(self, rows: Batch) -> Batch:
         raise NotImplementedError
 
-    def reduce_group(self, group: Batch) -> Batch:
+    def reduce_bucket(self, rows: Batch) -> Batch:
         raise NotImplementedError
 
-    def resolve(self, reduced: Batch) -> Batch:
+    def combine(self, reduced: Batch) -> FitResult:
         raise NotImplementedError
 
-    def finalize(self, batch: Batch) -> Batch:
-        return batch
+    def has_decide_rows(self) -> bool:
+        return type(self).decide_rows is not GlobalStage.decide_rows
+
+    def decide_rows(self, rows: Batch) -> FitResult:
+        """Per shard, after ``combine`` (see the class doc). Default: nothing."""
+        return FitResult()
+
+    def side_tables(self) -> dict[str, tuple[str, ...]]:
+        """Side tables this stage writes: name (a folder under ``OUT``) ->
+        the columns holding keys of shard rows (``manifest verify`` checks
+        that every such key is in the shards). The first names the row a
+        table row belongs to."""
+        return {}
 
 
 # ----------------------------------------------------------------- batch helpers
@@ -173,21 +292,6 @@ def fresh_rows(keys, shard_id=0, **columns) -> Batch:
         "detail": object_array([""] * n),
         **columns,
     }
-
-
-def default_column(value: Any, n: int, like: np.ndarray | None = None) -> np.ndarray:
-    """A column of ``n`` copies of ``value``, shaped like ``like`` if given."""
-    if like is not None and like.ndim > 1:
-        return np.zeros((n,) + like.shape[1:], dtype=like.dtype)
-    if like is not None and like.dtype != object:
-        return np.full(n, value, dtype=like.dtype)
-    if isinstance(value, np.ndarray) and value.ndim >= 1 and value.dtype != object:
-        return np.repeat(value[None], n, axis=0)  # a vector default (an embedding) makes a 2-D column
-    if isinstance(value, (np.generic, bool, int, float)):
-        # typed, so a batch of only-default rows has the dtype of the stage's own
-        # output (a Ray block of them must not turn a float32 column float64)
-        return np.full(n, value)
-    return object_array([value] * n)
 
 
 def concat(batches: list[Batch]) -> Batch:
@@ -239,11 +343,12 @@ def ok_mask(batch: Batch) -> np.ndarray:
 
 def run_stage_batch(stage: Stage, batch: Batch) -> Batch:
     """Apply ``stage`` to the ok rows of ``batch``; other rows pass through
-    with the stage's new columns set to their defaults. Row order is kept.
-    Also records the stage's time per row in ``__t_<stage>``."""
+    with the stage's declared columns set to their defaults. Row order is
+    kept. Also records the stage's time per row in ``__t_<stage>``."""
     n = batch_len(batch)
     t0 = time.perf_counter()
-    ok = ok_mask(batch)
+    ok = ok_mask(batch) if n else np.zeros(0, dtype=bool)
+    cols = stage.outputs()
     if ok.all():
         out = stage.process_batch(dict(batch)) if n else dict(batch)
     elif not ok.any():
@@ -251,29 +356,29 @@ def run_stage_batch(stage: Stage, batch: Batch) -> Batch:
     else:
         done = stage.process_batch(take(batch, np.flatnonzero(ok)))
         rest = take(batch, np.flatnonzero(~ok))
-        out = _merge(done, rest, ok, stage.output_defaults())
-    _fill_missing(out, stage.output_defaults(), n)
-    for col in [c for c in out if c.startswith(PREFETCH_PREFIX)]:
+        out = _merge(done, rest, ok, cols)
+    for c in cols:
+        out[c.name] = c.conform(out[c.name]) if c.name in out else c.defaults(n)
+    for col in [c for c in out if c.startswith(SCRATCH_PREFIX)]:
         del out[col]
     dt = time.perf_counter() - t0
     out[TIMING_PREFIX + stage.name] = np.full(n, dt / max(n, 1), dtype=np.float64)
     return out
 
 
-def _fill_missing(batch: Batch, defaults: dict[str, Any], n: int) -> None:
-    for col, value in defaults.items():
-        if col not in batch:
-            batch[col] = default_column(value, n)
-
-
-def _merge(done: Batch, rest: Batch, ok: np.ndarray, defaults: dict[str, Any]) -> Batch:
+def _merge(done: Batch, rest: Batch, ok: np.ndarray, columns: tuple[Column, ...]) -> Batch:
     n = len(ok)
+    declared = {c.name: c for c in columns}
     out: Batch = {}
     ok_idx, rest_idx = np.flatnonzero(ok), np.flatnonzero(~ok)
     for col, dv in done.items():
         rv = rest.get(col)
-        if rv is None:
-            rv = default_column(defaults.get(col), len(rest_idx), like=dv)
+        if col in declared:
+            c = declared[col]
+            dv = c.conform(dv)
+            rv = c.defaults(len(rest_idx)) if rv is None else c.conform(rv)
+        elif rv is None:
+            rv = object_array([None] * len(rest_idx))
         if dv.dtype != object and rv.dtype != object and dv.shape[1:] == rv.shape[1:]:
             col_out = np.empty((n,) + dv.shape[1:], dtype=np.result_type(dv.dtype, rv.dtype))
         else:
@@ -285,41 +390,11 @@ def _merge(done: Batch, rest: Batch, ok: np.ndarray, defaults: dict[str, Any]) -
     return out
 
 
-def apply_decisions(batch: Batch, decisions: dict[str, dict], stage: str) -> Batch:
-    """Drop the ok rows named in ``decisions`` (key -> {reason, detail, extra
-    columns}) as rejected by ``stage``. Used by both runners after ``resolve``."""
-    keys = batch["key"]
-    hit = np.array([k in decisions for k in keys], dtype=bool) & ok_mask(batch)
-    if not hit.any():
-        return batch
-    batch = dict(batch)
-    idx = np.flatnonzero(hit)
-    reasons = [decisions[keys[i]]["reason"] for i in idx]
-    details = [decisions[keys[i]]["detail"] for i in idx]
-    reject(batch, hit, stage, reasons, details)
-    for i in idx:
-        for col, value in decisions[keys[i]].get("columns", {}).items():
-            if col in batch:
-                if batch[col].dtype != object:
-                    batch[col] = batch[col].astype(object)
-                batch[col][i] = value
-    return batch
-
-
-def decisions_from_batch(resolved: Batch) -> dict[str, dict]:
-    """Turn ``resolve``'s output batch into the lookup ``apply_decisions`` uses.
-    Columns other than key/reason/detail become per-row column values."""
-    out = {}
-    extra = [c for c in resolved if c not in ("key", "reason", "detail")]
-    for i in range(batch_len(resolved)):
-        d = resolved["detail"][i]
-        out[str(resolved["key"][i])] = {
-            "reason": str(resolved["reason"][i]),
-            "detail": json.loads(d) if isinstance(d, str) else d,
-            "columns": {c: _py(resolved[c][i]) for c in extra},
-        }
+def stage_columns(stages) -> dict[str, tuple[str, Column]]:
+    """Every declared column of ``stages`` -> (the stage that adds it, its
+    declaration). A column declared twice keeps its first declaration."""
+    out: dict[str, tuple[str, Column]] = {}
+    for st in stages:
+        for c in st.outputs():
+            out.setdefault(c.name, (st.name, c))
     return out
-
-
-def _py(v):
-    return v.item() if isinstance(v, np.generic) else v

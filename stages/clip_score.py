@@ -42,49 +42,50 @@ The top-fraction fit
 Rows are ranked by (score desc, key asc): ties are broken by key, so exactly
 ``k = round(top_fraction * N)`` rows are kept and the result does not depend
 on how rows were batched. The fit never brings per-row data for the whole
-dataset to the driver:
+dataset into one place:
 
-1. ``prepare(sample)`` finds a score window that holds the cut with a wide
-   margin (from the sample's quantiles; the in-process runner passes every
-   row, so there the window is a single histogram bin).
-2. ``candidates`` emits a histogram (8192 bins over [-1, 1]) of its batch,
+1. ``learn(sample)`` finds a score window that holds the cut with a wide
+   margin (from a hash sample's quantiles).
+2. ``bucket_rows`` emits a histogram (8192 bins over [-1, 1]) of its shard,
    plus ``(key, score)`` for the rows inside the window only.
-3. ``reduce_group`` sums the histogram bins; window rows pass through.
-4. ``resolve`` finds the bin holding the k-th row from the histogram and the
-   exact cut row among the window rows of that bin. It stores the cut on the
+3. ``reduce_bucket`` sums the histogram bins; window rows pass through.
+4. ``combine`` finds the bin holding the k-th row from the histogram and the
+   exact cut row among the window rows of that bin. It keeps the cut on the
    stage and returns no key-named decisions.
-5. ``finalize(batch)`` is a per-row pass after the fit: a row is kept iff it
-   ranks at or above the cut. The runners must call it (the per-row pass
-   replaces a 70M-entry decision dict at 100M rows and DataComp's 30%).
+5. ``decide_rows(rows)`` runs per shard after the fit: a row is kept iff it
+   ranks at or above the cut (a rule per shard replaces a 70M-entry
+   decision list at 100M rows and DataComp's 30%).
 
-If the sample misled ``prepare`` (the cut fell outside the window), resolve
+If the sample misled ``learn`` (the cut fell outside the window), combine
 cuts at the bin's lower edge instead (keeping at most one bin's rows too
 many) and says so in the detail (``"exact": false``) and the log.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from stages import _clip
 from stages.base import (
-    PREFETCH_PREFIX,
+    SCRATCH_PREFIX,
     STATUS_FAILED,
     Batch,
+    Column,
+    FitResult,
     GlobalStage,
     Resources,
     batch_len,
     object_array,
-    ok_mask,
     reject,
 )
+from stages.common import clip as _clip
 
-PIXELS, PIXEL_ERRORS, TOKENS = (PREFETCH_PREFIX + c for c in ("clip_pixels", "clip_pixel_errors", "clip_tokens"))
+PIXELS, PIXEL_ERRORS, TOKENS = (SCRATCH_PREFIX + c for c in ("clip_pixels", "clip_pixel_errors", "clip_tokens"))
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +144,17 @@ class Config:
 
 class ClipScoreStage(GlobalStage):
     name: ClassVar[str] = "clip_score"
-    stateful: ClassVar[bool] = True
+    runs_on_actors: ClassVar[bool] = True
     fit_columns: ClassVar[tuple[str, ...]] = ("key", "clip_score")
+    sample_rows: ClassVar[int] = 100_000
     Config = Config
 
     def __init__(self, config: Config):
         super().__init__(config)
         self._loaded: _clip.Loaded | None = None
         self._identity: dict | None = None
-        self._window: tuple[int, int] | None = None  # histogram bins [lo, hi] prepare chose
-        self._cut: dict | None = None  # what resolve found; finalize applies it
+        self._window: tuple[int, int] | None = None  # histogram bins [lo, hi] learn chose
+        self._cut: dict | None = None  # what combine found; decide_rows applies it
         self._emb_dim: int | None = None
 
     def __getstate__(self):  # ship config and fit state, never the model
@@ -168,13 +170,13 @@ class ClipScoreStage(GlobalStage):
         """Only the top-fraction filter needs the global pass."""
         return self.config.top_fraction is not None
 
-    def output_defaults(self) -> dict[str, Any]:
+    def outputs(self) -> tuple[Column, ...]:
         dim = self._dim()
-        return {
-            "clip_score": np.float32("nan"),
-            "img_emb": np.zeros(dim, dtype=np.float16),
-            "text_emb": np.zeros(dim, dtype=np.float16),
-        }
+        return (
+            Column("clip_score", "scalar", "float32", default=np.float32("nan")),
+            Column("img_emb", "vector", "float16", (dim,), store="embeddings"),
+            Column("text_emb", "vector", "float16", (dim,), store="embeddings"),
+        )
 
     def _dim(self) -> int:
         if self._emb_dim is None:
@@ -203,10 +205,10 @@ class ClipScoreStage(GlobalStage):
     def teardown(self) -> None:
         self._loaded = None
 
-    def has_prefetch(self) -> bool:
+    def has_cpu_prepare(self) -> bool:
         return self.config.cpu_prefetch
 
-    def prefetch(self, batch: Batch) -> Batch:
+    def cpu_prepare(self, batch: Batch) -> Batch:
         """libjpeg/PIL decode, open_clip's resize and centre crop (uint8) and
         tokens, per row; the actor normalises and runs the towers."""
         n = batch_len(batch)
@@ -328,7 +330,7 @@ class ClipScoreStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
-    def prepare(self, sample: Batch) -> None:
+    def learn(self, sample: Batch) -> None:
         """Choose the score window around the estimated cut (see module doc)."""
         self._cut = None
         f = self.config.top_fraction
@@ -341,7 +343,7 @@ class ClipScoreStage(GlobalStage):
         hi_rank, lo_rank = int(max(0, f * m - margin)), int(min(m - 1, f * m + margin))
         self._window = (int(_bins(s[lo_rank : lo_rank + 1])[0]), int(_bins(s[hi_rank : hi_rank + 1])[0]))
 
-    def candidates(self, batch: Batch) -> Batch:
+    def bucket_rows(self, batch: Batch) -> Batch:
         if self.config.top_fraction is None:
             return {}
         s = np.asarray(batch["clip_score"], dtype=np.float32)
@@ -351,31 +353,31 @@ class ClipScoreStage(GlobalStage):
         inside = np.flatnonzero((b >= lo) & (b <= hi))
         nh, nw = len(hist_bins), len(inside)
         return {
-            "group": np.concatenate([hist_bins, BINS + b[inside]]).astype(np.int64),
+            "bucket": np.concatenate([hist_bins, BINS + b[inside]]).astype(np.int64),
             "count": np.concatenate([counts, np.ones(nw, dtype=np.int64)]).astype(np.int64),
             "score": np.concatenate([np.full(nh, np.nan, dtype=np.float32), s[inside]]),
             "key": object_array([""] * nh + [str(k) for k in batch["key"][inside]]),
         }
 
-    def reduce_group(self, group: Batch) -> Batch:
-        g = int(np.asarray(group["group"])[0])
+    def reduce_bucket(self, group: Batch) -> Batch:
+        g = int(np.asarray(group["bucket"])[0])
         if g >= BINS:  # window rows pass through, in a fixed order
             order = np.argsort(np.asarray(group["key"]).astype(str), kind="stable")
             return {c: np.asarray(v)[order] for c, v in group.items()}
         return {
-            "group": np.array([g], dtype=np.int64),
+            "bucket": np.array([g], dtype=np.int64),
             "count": np.array([int(np.sum(group["count"]))], dtype=np.int64),
             "score": np.array([np.nan], dtype=np.float32),
             "key": object_array([""]),
         }
 
-    def resolve(self, reduced: Batch) -> Batch:
-        """Find the cut row; decisions are applied per row by :meth:`finalize`."""
+    def combine(self, reduced: Batch) -> FitResult:
+        """Find the cut row; decisions are made per shard by :meth:`decide_rows`."""
         f = self.config.top_fraction
         self._cut = None
         if f is None or not reduced or not batch_len(reduced):
-            return {}
-        groups = np.asarray(reduced["group"], dtype=np.int64)
+            return FitResult()
+        groups = np.asarray(reduced["bucket"], dtype=np.int64)
         counts = np.asarray(reduced["count"], dtype=np.int64)
         is_hist = groups < BINS
         hist = np.zeros(BINS, dtype=np.int64)
@@ -402,39 +404,33 @@ class ClipScoreStage(GlobalStage):
                 log.warning("clip_score: top_fraction cut outside the sampled window; cutting at %.5f", edge)
                 cut.update(score=edge, key=None, exact=False)
         self._cut = cut
-        self.model_id()  # hash the checkpoint once, here on the driver
-        return {}
+        self.model_id()  # hash the checkpoint once, here, not in every decide task
+        return FitResult()
 
-    def finalize(self, batch: Batch) -> Batch:
-        """The per-row pass after the fit: drop ok rows ranked below the cut
-        (``clip_score_below_top_fraction``). Rows keep their order."""
+    def decide_rows(self, rows: Batch) -> FitResult:
+        """Per shard after the fit: drop the alive rows ranked below the cut
+        (``clip_score_below_top_fraction``)."""
         cut = self._cut
-        if cut is None or not batch_len(batch):
-            return batch
-        s = np.asarray(batch["clip_score"], dtype=np.float32)
-        keys = np.asarray(batch["key"]).astype(str)
+        if cut is None or not batch_len(rows):
+            return FitResult()
+        s = np.asarray(rows["clip_score"], dtype=np.float32)
+        keys = np.asarray(rows["key"]).astype(str)
         cs = np.float32(cut["score"])
         if cut["key"] is None:  # keep everything at or above the cut score
             keep = s >= cs
         else:
             keep = (s > cs) | ((s == cs) & (keys <= cut["key"]))
-        drop = ok_mask(batch) & ~keep
-        if not drop.any():
-            return batch
-        out = dict(batch)
+        drop = np.flatnonzero(~keep)
         model = self.model_id()
-        details = [
+        detail = {"threshold": float(cs), "top_fraction": cut["top_fraction"], "exact": cut["exact"], "model": model}
+        details = [json.dumps({**detail, "clip_score": float(s[i])}, sort_keys=True) for i in drop]
+        return FitResult(
             {
-                "clip_score": s[i],
-                "threshold": float(cs),
-                "top_fraction": cut["top_fraction"],
-                "exact": cut["exact"],
-                "model": model,
+                "key": object_array([str(keys[i]) for i in drop]),
+                "reason": object_array(["clip_score_below_top_fraction"] * len(drop)),
+                "detail": object_array(details),
             }
-            for i in np.flatnonzero(drop)
-        ]
-        reject(out, drop, self.name, "clip_score_below_top_fraction", details)
-        return out
+        )
 
 
 def _bins(scores: np.ndarray) -> np.ndarray:

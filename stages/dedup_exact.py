@@ -3,10 +3,10 @@
 
 Each enabled kind gives every row a 128-bit digest (``sha256``: the download
 stage's hash of the fetched bytes; ``url``: of :func:`normalize_url`;
-``pair``: of sha256 + caption). ``candidates`` emits one row per (row, kind)
-with the digest and ``group`` = (kind, digest bucket), so a fixed number of
-groups (``buckets`` per kind) carries the shuffle; ``reduce_group`` sorts its
-rows by digest and keeps those whose digest another row shares; ``resolve``
+``pair``: of sha256 + caption). ``bucket_rows`` emits one row per (row, kind)
+with the digest and ``bucket`` = (kind, digest bucket), so a fixed number of
+buckets (``buckets`` per kind) carries the shuffle; ``reduce_bucket`` sorts its
+rows by digest and keeps those whose digest another row shares; ``combine``
 merges digests that share a row (a row can be a URL duplicate of one row and
 a byte duplicate of another) into clusters and keeps one survivor per
 cluster by the keep policy.
@@ -25,14 +25,15 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import numpy as np
 
-from stages import _dedup as dd
 from stages.base import (
     Batch,
+    Column,
+    FitResult,
     GlobalStage,
     Resources,
     batch_len,
@@ -40,6 +41,7 @@ from stages.base import (
     object_array,
     reject,
 )
+from stages.common import dedup as dd
 
 #: priority order of reasons: the first kind a dropped row shares with its survivor names it
 KINDS = ("pair", "sha256", "url")
@@ -54,11 +56,11 @@ _PLAIN_PATH = re.compile(r"[A-Za-z0-9_.\-/:@!$&'()*+,;=~]*")
 class Config:
     #: which identities make two rows duplicates: any of ``sha256``, ``url``, ``pair``
     kinds: tuple[str, ...] = ("sha256", "url", "pair")
-    #: which row of a cluster survives: ``largest`` or ``first`` (see ``_dedup.KEEP_POLICIES``)
+    #: which row of a cluster survives: ``largest``, ``first`` or ``clip_score`` (see ``common.dedup.KEEP_POLICIES``)
     keep: str = "largest"
     #: an earlier output folder: rows whose digest is already there are dropped
     prior_build: str | None = None
-    #: shuffle groups per kind (rows meet by digest inside a group)
+    #: shuffle buckets per kind (rows meet by digest inside a bucket)
     buckets: int = 256
 
 
@@ -81,8 +83,8 @@ class ExactDedupStage(GlobalStage):
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
 
-    def output_defaults(self) -> dict[str, Any]:
-        return {dd.DUPLICATE_OF: ""}
+    def outputs(self) -> tuple[Column, ...]:
+        return (Column(dd.DUPLICATE_OF, "string"),)
 
     def setup(self) -> None:
         if self.config.prior_build and self._prior is None:
@@ -133,8 +135,8 @@ class ExactDedupStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
-    def candidates(self, batch: Batch) -> Batch:
-        area = dd.row_area(batch, self.config.keep)
+    def bucket_rows(self, batch: Batch) -> Batch:
+        prio = dd.row_priority(batch, self.config.keep)
         keys = dd.str_keys(batch["key"])
         parts = []
         for kind in self.kinds:
@@ -144,17 +146,17 @@ class ExactDedupStage(GlobalStage):
             ki = KINDS.index(kind)
             parts.append(
                 {
-                    "group": ki * self.config.buckets + (hi % np.uint64(self.config.buckets)).astype(np.int64),
+                    "bucket": ki * self.config.buckets + (hi % np.uint64(self.config.buckets)).astype(np.int64),
                     "kind": np.full(len(rows), ki, dtype=np.int64),
                     "hi": hi,
                     "lo": lo,
                     "key": keys[rows],
-                    "area": area[rows],
+                    "priority": prio[rows],
                 }
             )
         return concat(parts) if any(len(p["key"]) for p in parts) else parts[0]
 
-    def reduce_group(self, group: Batch) -> Batch:
+    def reduce_bucket(self, group: Batch) -> Batch:
         kind = np.asarray(group["kind"], dtype=np.int64)
         hi, lo = np.asarray(group["hi"], dtype=np.uint64), np.asarray(group["lo"], dtype=np.uint64)
         order = np.lexsort((lo, hi, kind))
@@ -167,16 +169,16 @@ class ExactDedupStage(GlobalStage):
             "hi": np.asarray(group["hi"], dtype=np.uint64)[keep],
             "lo": np.asarray(group["lo"], dtype=np.uint64)[keep],
             "key": np.asarray(group["key"])[keep],
-            "area": np.asarray(group["area"], dtype=np.int64)[keep],
+            "priority": np.asarray(group["priority"], dtype=np.float64)[keep],
         }
 
-    def resolve(self, reduced: Batch) -> Batch:
+    def combine(self, reduced: Batch) -> FitResult:
         if not reduced or not batch_len(reduced):
             return dd.no_decisions()
         kind = np.asarray(reduced["kind"], dtype=np.int64)
         hi, lo = np.asarray(reduced["hi"], dtype=np.uint64), np.asarray(reduced["lo"], dtype=np.uint64)
         keys = dd.str_keys(reduced["key"])
-        area = np.asarray(reduced["area"], dtype=np.int64)
+        prio = np.asarray(reduced["priority"], dtype=np.float64)
         # one id per (kind, digest); star edges: every member to the group's first
         order = np.lexsort((keys, lo, hi, kind))
         run = _runs(kind[order], hi[order], lo[order])
@@ -184,7 +186,7 @@ class ExactDedupStage(GlobalStage):
         gid[order] = run
         first = order[np.r_[True, run[1:] != run[:-1]]]
         h = first[gid]
-        c = dd.cluster_pairs(keys[h], keys, area[h], area)
+        c = dd.cluster_pairs(keys[h], keys, prio[h], prio)
         node = c["b"]  # the node of each reduced row
         surv = c["survivor"][node]
         # does the row's group also hold its survivor?

@@ -3,20 +3,20 @@ Hamming distance <= ``max_distance`` across the whole dataset.
 
 How the global fit finds pairs without comparing all of them:
 
-* ``candidates``: the hash is cut into ``max_distance + 1`` bands. Two hashes
+* ``bucket_rows``: the hash is cut into ``max_distance + 1`` bands. Two hashes
   within ``max_distance`` bits differ in at most that many bands, so by
   pigeonhole they agree on at least one band. Each row is emitted once per
-  band with ``group`` = (band index, bucket of the band value); rows with equal
-  band values always land in the same group.
-* ``reduce_group``: inside a group, rows are sorted by (band, band value) and
+  band with ``bucket`` = (band index, bucket of the band value); rows with equal
+  band values always land in the same bucket.
+* ``reduce_bucket``: inside a bucket, rows are sorted by (band, band value) and
   only rows of equal band value are compared (vectorised XOR + popcount).
   A pair is reported only in the first band where it agrees, and identical
   hashes collapse onto one representative first, so each edge appears once.
-* ``resolve``: connected components over the verified pairs (never over all
+* ``combine``: connected components over the verified pairs (never over all
   rows), then the keep policy picks one survivor per cluster.
 
 Grouping by a bucket of band values instead of the exact band value keeps the
-number of groups (and per-group overhead) fixed at ``bands *
+number of buckets (and per-bucket overhead) fixed at ``bands *
 buckets_per_band`` while the work inside a group stays vectorised.
 
 The default ``max_distance`` (2) comes from the planted set (``python -m
@@ -37,20 +37,22 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from stages import _dedup as dd
 from stages.base import (
     STATUS_FAILED,
     Batch,
+    Column,
+    FitResult,
     GlobalStage,
     Resources,
     batch_len,
     object_array,
     reject,
 )
+from stages.common import dedup as dd
 
 #: Rows sharing one band value are compared pairwise; chosen from the planted set.
 DEFAULT_MAX_DISTANCE = 2
@@ -67,12 +69,12 @@ class Config:
     algorithm: str = "phash"
     #: near-duplicates differ in at most this many of the 64 bits
     max_distance: int = DEFAULT_MAX_DISTANCE
-    #: which row of a cluster survives: ``largest`` or ``first`` (see ``_dedup.KEEP_POLICIES``)
+    #: which row of a cluster survives: ``largest``, ``first`` or ``clip_score`` (see ``common.dedup.KEEP_POLICIES``)
     keep: str = "largest"
     #: an earlier output folder: rows within ``max_distance`` of one of its
     #: rows are dropped as ``duplicate_prior_build``
     prior_build: str | None = None
-    #: shuffle groups per band; raise it for billions of rows
+    #: shuffle buckets per band; raise it for billions of rows
     buckets_per_band: int = 64
 
 
@@ -95,8 +97,8 @@ class PerceptualDedupStage(GlobalStage):
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=256)
 
-    def output_defaults(self) -> dict[str, Any]:
-        return {self.column: "", dd.DUPLICATE_OF: ""}
+    def outputs(self) -> tuple[Column, ...]:
+        return (Column(self.column, "string"), Column(dd.DUPLICATE_OF, "string"))
 
     def setup(self) -> None:
         if self.config.prior_build and self._prior is None:
@@ -148,35 +150,35 @@ class PerceptualDedupStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
-    def candidates(self, batch: Batch) -> Batch:
+    def bucket_rows(self, batch: Batch) -> Batch:
         valid = np.array([bool(h) for h in batch[self.column]], dtype=bool)
         hashes = dd.hex_to_u64(batch[self.column][valid])
         keys = batch["key"][valid]
-        area = dd.row_area({c: batch[c][valid] for c in self.fit_columns}, self.config.keep)
+        prio = dd.row_priority({c: batch[c][valid] for c in self.fit_columns}, self.config.keep)
         nb = len(self.layout)
         bvals = dd.band_values(hashes, self.layout)  # (n, nb)
         band = np.tile(np.arange(nb, dtype=np.int64), len(hashes))
         bval = bvals.ravel()
         rep = np.repeat(np.arange(len(hashes)), nb)
         return {
-            "group": band * self.config.buckets_per_band + _bucket(bval, self.config.buckets_per_band),
+            "bucket": band * self.config.buckets_per_band + _bucket(bval, self.config.buckets_per_band),
             "band": band,
             "bval": bval,
             "hash": hashes[rep],
             "key": dd.str_keys(keys)[rep],  # fixed-width: copies without refcounting
-            "area": area[rep],
+            "priority": prio[rep],
         }
 
-    def reduce_group(self, group: Batch) -> Batch:
+    def reduce_bucket(self, group: Batch) -> Batch:
         band = np.asarray(group["band"], dtype=np.int64)
         bval = np.asarray(group["bval"], dtype=np.uint64)
         h = np.asarray(group["hash"], dtype=np.uint64)
         # no need to order by key: whichever row represents a hash, the
-        # clusters (and so resolve's survivors) come out the same
+        # clusters (and so combine's survivors) come out the same
         order = np.lexsort((h, bval, band))
         band, bval, h = band[order], bval[order], h[order]
         keys = np.asarray(group["key"])[order]
-        area = np.asarray(group["area"], dtype=np.int64)[order]
+        prio = np.asarray(group["priority"], dtype=np.float64)[order]
         edges_a, edges_b, dists = [], [], []
 
         # identical hashes: every member to the first; emitted
@@ -206,15 +208,15 @@ class PerceptualDedupStage(GlobalStage):
             "key_b": keys[b],
             "hash_a": h[a],
             "hash_b": h[b],
-            "area_a": area[a],
-            "area_b": area[b],
+            "prio_a": prio[a],
+            "prio_b": prio[b],
             "distance": np.concatenate(dists),
         }
 
-    def resolve(self, reduced: Batch) -> Batch:
+    def combine(self, reduced: Batch) -> FitResult:
         if not reduced or not batch_len(reduced):
             return dd.no_decisions()
-        c = dd.cluster_pairs(reduced["key_a"], reduced["key_b"], reduced["area_a"], reduced["area_b"])
+        c = dd.cluster_pairs(reduced["key_a"], reduced["key_b"], reduced["prio_a"], reduced["prio_b"])
         h = np.zeros(len(c["key"]), dtype=np.uint64)
         h[c["a"]] = np.asarray(reduced["hash_a"], dtype=np.uint64)
         h[c["b"]] = np.asarray(reduced["hash_b"], dtype=np.uint64)

@@ -2,14 +2,14 @@
 column, by default the CLIP image embeddings ``img_emb`` that ``clip_score``
 stores.
 
-* ``prepare``: spherical k-means on a sample of the embeddings (rows
-  ordered by key and subsampled by a hash of the key, so the centroids do not
-  depend on the order rows arrive in).
-* ``candidates``: each row goes to the group of its nearest centroid (or its
+* ``learn``: spherical k-means on a sample of the embeddings (rows chosen
+  by a hash of the key and ordered by key, so the centroids do not depend on
+  the order rows arrive in).
+* ``bucket_rows``: each row goes to the bucket of its nearest centroid (or its
   ``probes`` nearest, to also catch pairs split by a cluster border).
-* ``reduce_group``: all pairs of one cluster with cosine similarity
+* ``reduce_bucket``: all pairs of one cluster with cosine similarity
   ``> 1 - eps``, computed block by block.
-* ``resolve``: connected components over those pairs, one survivor per
+* ``combine``: connected components over those pairs, one survivor per
   component by the keep policy; the others are dropped as
   ``duplicate_semantic`` with the similarity in the detail.
 
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from stages import _dedup as dd
-from stages.base import Batch, GlobalStage, Resources, batch_len, object_array
+from stages.base import Batch, Column, FitResult, GlobalStage, Resources, batch_len, object_array
+from stages.common import dedup as dd
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Config:
     #: rows of the sample the centroids are fitted on
     fit_sample: int = 100_000
     seed: int = 0
-    #: which row of a cluster survives: ``largest`` or ``first`` (see ``_dedup.KEEP_POLICIES``)
+    #: which row of a cluster survives: ``largest``, ``first`` or ``clip_score`` (see ``common.dedup.KEEP_POLICIES``)
     keep: str = "largest"
 
 
@@ -66,8 +66,8 @@ class SemanticDedupStage(GlobalStage):
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
 
-    def output_defaults(self) -> dict[str, Any]:
-        return {dd.DUPLICATE_OF: ""}
+    def outputs(self) -> tuple[Column, ...]:
+        return (Column(dd.DUPLICATE_OF, "string"),)
 
     def process_batch(self, batch: Batch) -> Batch:
         out = dict(batch)
@@ -76,7 +76,11 @@ class SemanticDedupStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
-    def prepare(self, sample: Batch) -> None:
+    @property
+    def sample_rows(self) -> int:  # type: ignore[override]
+        return self.config.fit_sample
+
+    def learn(self, sample: Batch) -> None:
         keys = dd.str_keys(sample["key"])
         emb, valid = _unit_rows(sample[self.config.column])
         keys, emb = keys[valid], emb[valid]
@@ -88,9 +92,9 @@ class SemanticDedupStage(GlobalStage):
             emb[order], self.config.n_clusters, self.config.kmeans_iters, self.config.seed
         )
 
-    def candidates(self, batch: Batch) -> Batch:
+    def bucket_rows(self, batch: Batch) -> Batch:
         if self.centroids is None:
-            raise RuntimeError("dedup_semantic: prepare() must run before candidates()")
+            raise RuntimeError("dedup_semantic: learn() must run before bucket_rows()")
         emb, valid = _unit_rows(batch[self.config.column])
         idx = np.flatnonzero(valid)
         emb = emb[idx]
@@ -99,18 +103,18 @@ class SemanticDedupStage(GlobalStage):
         sims = emb.astype(np.float64) @ self.centroids.astype(np.float64).T
         near = np.argsort(-sims, axis=1, kind="stable")[:, :probes]  # (n, probes)
         rows = np.repeat(idx, probes)
-        area = dd.row_area(batch, self.config.keep)
+        prio = dd.row_priority(batch, self.config.keep)
         return {
-            "group": near.ravel().astype(np.int64),
+            "bucket": near.ravel().astype(np.int64),
             "key": dd.str_keys(batch["key"])[rows],
-            "area": area[rows],
+            "priority": prio[rows],
             "emb": np.repeat(emb, probes, axis=0),
         }
 
-    def reduce_group(self, group: Batch) -> Batch:
+    def reduce_bucket(self, group: Batch) -> Batch:
         keys, first = np.unique(dd.str_keys(group["key"]), return_index=True)
         emb = np.asarray(group["emb"], dtype=np.float32)[first]
-        area = np.asarray(group["area"], dtype=np.int64)[first]
+        prio = np.asarray(group["priority"], dtype=np.float64)[first]
         cut = 1.0 - self.config.eps
         # float32 matrix products round differently with the block's shape, so
         # they only prefilter (with slack); each candidate pair is then scored
@@ -132,15 +136,15 @@ class SemanticDedupStage(GlobalStage):
         return {
             "key_a": keys[a],
             "key_b": keys[b],
-            "area_a": area[a],
-            "area_b": area[b],
+            "prio_a": prio[a],
+            "prio_b": prio[b],
             "similarity": sim[hit],
         }
 
-    def resolve(self, reduced: Batch) -> Batch:
+    def combine(self, reduced: Batch) -> FitResult:
         if not reduced or not batch_len(reduced):
             return dd.no_decisions()
-        c = dd.cluster_pairs(reduced["key_a"], reduced["key_b"], reduced["area_a"], reduced["area_b"])
+        c = dd.cluster_pairs(reduced["key_a"], reduced["key_b"], reduced["prio_a"], reduced["prio_b"])
         sim = np.asarray(reduced["similarity"], dtype=np.float64)
         ends = np.concatenate([c["a"], c["b"]])
         other = np.concatenate([c["b"], c["a"]])

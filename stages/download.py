@@ -1,8 +1,8 @@
 """Download, check, resize and re-encode the images of a URL list.
 
-Per batch, ``thread_count`` threads fetch the URLs (:mod:`stages._fetch`:
+Per batch, ``thread_count`` threads fetch the URLs (:mod:`stages.common.fetch`:
 address checks on every connection and redirect, byte cap, opt-outs) and
-read each image's header (:mod:`stages._resize`: pixel cap); the calling
+read each image's header (:mod:`stages.common.resize`: pixel cap); the calling
 thread resizes and re-encodes the results with img2dataset's own
 ``Resizer`` as they arrive, so downloading and resizing overlap.
 
@@ -23,13 +23,12 @@ import hashlib
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from stages._fetch import AddressPolicy, SafeFetcher, error_text
-from stages._resize import Resize, probe
-from stages.base import STATUS_FAILED, Batch, Resources, Stage, batch_len, object_array, reject
+from stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject
+from stages.common.fetch import AddressPolicy, SafeFetcher, error_text
+from stages.common.resize import Resize, probe
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")
@@ -180,17 +179,15 @@ class DownloadStage(Stage):
     def setup(self) -> None:
         self._worker = _worker_for(self.config)
 
-    def output_defaults(self) -> dict[str, Any]:
-        return {
-            "image": None,
-            "image_ext": "",
-            "width": -1,
-            "height": -1,
-            "original_width": -1,
-            "original_height": -1,
-            "sha256": "",
-            "http_status": 0,
-        }
+    def outputs(self) -> tuple[Column, ...]:
+        ints = ("width", "height", "original_width", "original_height")
+        return (
+            Column("image", "bytes"),
+            Column("image_ext", "string"),
+            *(Column(c, "scalar", "int64", default=-1) for c in ints),
+            Column("sha256", "string"),
+            Column("http_status", "scalar", "int64", default=0),
+        )
 
     def process_batch(self, batch: Batch) -> Batch:
         if self._worker is None:

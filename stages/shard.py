@@ -13,7 +13,7 @@ from stages.base import Batch, Resources, Stage
 
 @dataclass(frozen=True)
 class Config:
-    #: write ``*_emb`` columns to ``OUT/embeddings`` (clip-retrieval layout)
+    #: write embedding columns (``store: embeddings``) to ``OUT/embeddings`` (clip-retrieval layout)
     write_embeddings: bool = True
     #: CPUs per shard-writing task
     num_cpus: float = 1.0
@@ -26,5 +26,7 @@ class ShardStage(Stage):
     def resources(self) -> Resources:
         return Resources(num_cpus=self.config.num_cpus)
 
-    def write_group(self, rows: Batch, out_dir: str | Path, shard_id: int) -> dict:
-        return write_shard(rows, out_dir, shard_id, write_embeddings=self.config.write_embeddings)
+    def write_group(self, rows: Batch, out_dir: str | Path, shard_id: int, schema=None, counters=None) -> dict:
+        return write_shard(
+            rows, out_dir, shard_id, write_embeddings=self.config.write_embeddings, schema=schema, counters=counters
+        )

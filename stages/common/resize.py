@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from stages._fetch import error_text
+from stages.common.fetch import error_text
 
 #: img2dataset's Resizer error strings -> our reasons
 _RESIZER_ERRORS = {

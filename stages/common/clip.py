@@ -27,7 +27,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 #: ``pretrained`` value for random weights (benchmarks and smoke tests only)
 RANDOM_WEIGHTS = "random"
 DECODERS = ("auto", "pil", "nvjpeg", "libjpeg")

@@ -2,7 +2,7 @@
 ``dedup_semantic``): the keep policy, connected components over candidate
 pairs, Hamming-distance helpers and reading a previous build.
 
-Everything here is vectorised numpy so that ``resolve`` on the driver handles
+Everything here is vectorised numpy so that ``combine`` (one task) handles
 millions of pairs without a Python loop per pair.
 """
 
@@ -15,22 +15,27 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from stages.base import Batch, object_array
+from stages.base import Batch, FitResult, object_array
 
 #: The column every dropped row gets: the key of the row it duplicates.
 DUPLICATE_OF = "duplicate_of"
 
-#: Keep policies: which row of a duplicate cluster survives.
+#: Keep policies: which row of a duplicate cluster survives, and the columns
+#: each reads. Every policy ranks rows by a priority (higher survives), ties
+#: to the smallest key (string order):
 #:
-#: ``largest``: the largest ``original_width * original_height`` (missing or
-#: invalid sizes count as 0); ties go to the smallest key (string order).
-#: ``first``: the smallest key, i.e. the earliest row of the URL list.
+#: ``largest``: ``original_width * original_height`` (missing or invalid sizes
+#: count as 0). ``first``: no priority, so the smallest key, i.e. the earliest
+#: row of the URL list. ``clip_score``: the best CLIP score (NaN counts as the
+#: worst); only where the dedup stage runs after ``clip_score``, so the pair a
+#: later score filter would drop is not the one kept.
 #:
-#: Both are total orders over distinct keys, so the survivor does not depend
+#: All are total orders over distinct keys, so the survivor does not depend
 #: on batch order, grouping or the number of blocks.
 KEEP_POLICIES: dict[str, tuple[str, ...]] = {
     "largest": ("original_width", "original_height"),
     "first": (),
+    "clip_score": ("clip_score",),
 }
 
 
@@ -45,17 +50,20 @@ def fit_columns_for(policy: str, *columns: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def row_area(batch: Batch, policy: str) -> np.ndarray:
-    """The keep-policy size of each row (0 where the policy ignores size)."""
+def row_priority(batch: Batch, policy: str) -> np.ndarray:
+    """The keep-policy priority of each row, float64 (higher survives)."""
     cols = KEEP_POLICIES[policy]
     n = len(batch["key"])
     if not cols:
-        return np.zeros(n, dtype=np.int64)
+        return np.zeros(n, dtype=np.float64)
+    if policy == "clip_score":
+        v = np.asarray(batch["clip_score"], dtype=np.float64)
+        return np.where(np.isfinite(v), v, -np.inf)
     area = np.ones(n, dtype=np.float64)
     for c in cols:
         v = np.asarray(batch[c], dtype=np.float64)
         area *= np.where(np.isfinite(v) & (v > 0), v, 0.0)
-    return area.astype(np.int64)
+    return area
 
 
 def str_keys(values) -> np.ndarray:
@@ -65,11 +73,10 @@ def str_keys(values) -> np.ndarray:
     return arr.astype(str) if arr.dtype.kind != "U" else arr
 
 
-def keep_rank(keys: np.ndarray, area: np.ndarray) -> np.ndarray:
-    """Position of every row in keep order (0 = survives first): larger
-    ``area`` first, then the smaller key. ``area`` is all zeros under the
-    ``first`` policy, which leaves key order."""
-    order = np.lexsort((str_keys(keys), -np.asarray(area, dtype=np.int64)))
+def keep_rank(keys: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """Position of every row in keep order (0 = survives first): higher
+    ``priority`` first, then the smaller key."""
+    order = np.lexsort((str_keys(keys), -np.asarray(priority, dtype=np.float64)))
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return rank
@@ -116,24 +123,24 @@ def survivors(labels: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndar
     return node_at_rank[best[labels]], size[labels]
 
 
-def cluster_pairs(key_a, key_b, area_a, area_b) -> dict[str, np.ndarray]:
+def cluster_pairs(key_a, key_b, prio_a, prio_b) -> dict[str, np.ndarray]:
     """Merge candidate pairs into clusters and apply the keep policy.
 
-    Returns the nodes (unique keys, sorted) with ``key``, ``area``, ``a``/``b``
+    Returns the nodes (unique keys, sorted) with ``key``, ``priority``, ``a``/``b``
     (the edges as node indices), ``survivor`` (node index), ``size`` (its
     cluster's size) and ``dropped`` (bool: not the survivor).
     """
     ka, kb = str_keys(key_a), str_keys(key_b)
     keys, inv = np.unique(np.concatenate([ka, kb]), return_inverse=True)
     a, b = inv[: len(ka)], inv[len(ka) :]
-    area = np.zeros(len(keys), dtype=np.int64)
-    area[a] = np.asarray(area_a, dtype=np.int64)
-    area[b] = np.asarray(area_b, dtype=np.int64)
+    prio = np.zeros(len(keys), dtype=np.float64)
+    prio[a] = np.asarray(prio_a, dtype=np.float64)
+    prio[b] = np.asarray(prio_b, dtype=np.float64)
     labels = components(a, b, len(keys))
-    surv, size = survivors(labels, keep_rank(keys, area))
+    surv, size = survivors(labels, keep_rank(keys, prio))
     return {
         "key": keys,
-        "area": area,
+        "priority": prio,
         "a": a,
         "b": b,
         "survivor": surv,
@@ -142,23 +149,37 @@ def cluster_pairs(key_a, key_b, area_a, area_b) -> dict[str, np.ndarray]:
     }
 
 
-def decisions(keys, reason, details, duplicate_of) -> Batch:
-    """A ``resolve`` result: one row per dropped key, sorted by key. A detail
+def decisions(keys, reason, details, duplicate_of) -> FitResult:
+    """A ``combine`` result: one row per dropped key (with its survivor in
+    ``duplicate_of``), then one ``survivor`` row per distinct survivor (kept,
+    so a later stage that drops it can be counted), sorted by key. A detail
     is a dict or an already serialised JSON object (sorted keys)."""
     keys = str_keys(keys)
-    order = np.argsort(keys, kind="stable")
     reasons = [reason] * len(keys) if isinstance(reason, str) else list(reason)
-    return {
-        "key": object_array([str(keys[i]) for i in order]),
-        "reason": object_array([reasons[i] for i in order]),
-        "detail": object_array(
-            [d if isinstance(d := details[i], str) else json.dumps(d, sort_keys=True) for i in order]
-        ),
-        DUPLICATE_OF: object_array([str(duplicate_of[i]) for i in order]),
-    }
+    surv = np.unique(str_keys(duplicate_of)) if len(keys) else np.zeros(0, dtype=str)
+    all_keys = np.concatenate([keys, surv]) if len(surv) else keys
+    order = np.argsort(all_keys, kind="stable")
+    n = len(keys)
+
+    def pick(i):
+        if i < n:
+            d = details[i]
+            return reasons[i], d if isinstance(d, str) else json.dumps(d, sort_keys=True), str(duplicate_of[i]), False
+        return "", "", "", True
+
+    rows = [pick(i) for i in order]
+    return FitResult(
+        {
+            "key": object_array([str(all_keys[i]) for i in order]),
+            "reason": object_array([r[0] for r in rows]),
+            "detail": object_array([r[1] for r in rows]),
+            DUPLICATE_OF: object_array([r[2] for r in rows]),
+            "survivor": np.array([r[3] for r in rows], dtype=bool),
+        }
+    )
 
 
-def no_decisions() -> Batch:
+def no_decisions() -> FitResult:
     return decisions([], "", [], [])
 
 

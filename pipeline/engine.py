@@ -1,0 +1,270 @@
+"""The phases of a run as functions over files under ``OUT/_work``, shared by
+the in-process runner and the Ray plan (they differ only in who calls them).
+
+1. **rows**: every per-row stage over an input shard (download, filters, the
+   per-row part of global stages, models). :func:`save_rows` leaves each
+   shard's rows in part files (images included) and, beside them, a parquet
+   of the *fit columns* only (key, status, hashes, scores, embeddings): tens
+   of bytes a row. :class:`RowsTracker` marks an input shard finished when
+   all its rows are on disk, so a killed run resumes at the shard it was on.
+2. **fits** (``pipeline.fit``): each global stage reads fit columns, never
+   images, and writes its decisions partitioned by shard.
+3. **write**: :func:`write_output_shard` joins one shard's parts with that
+   shard's decisions, in stage order, and writes the shard.
+
+Why files rather than Ray datasets between the phases: the images flow from
+download to their shard once, global stages read a few columns of every row
+without materialising the dataset, decisions never travel as a broadcast,
+and every phase's output survives the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests import layout
+from manifests.shards import to_arrow
+from pipeline.batches import table_to_batch
+from stages.base import (
+    STATUS_DROPPED,
+    STATUS_OK,
+    Batch,
+    Column,
+    GlobalStage,
+    Stage,
+    batch_len,
+    concat,
+    stage_columns,
+    take,
+)
+
+#: fit-file columns every global stage reads, besides its own
+FIT_BASE = ("key", "status", "stage")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every task of a run needs: small, picklable, O(1) in rows."""
+
+    out: str
+    stages: tuple[Stage, ...]
+    shard_stage: Stage
+    samples_per_shard: int
+
+    @cached_property
+    def positions(self) -> dict[str, int]:
+        return {s.name: i for i, s in enumerate(self.stages)}
+
+    @cached_property
+    def columns(self) -> dict[str, tuple[str, Column]]:
+        return stage_columns(self.stages)
+
+    @cached_property
+    def schema(self) -> dict[str, Column]:
+        return {name: col for name, (_, col) in self.columns.items()}
+
+    @property
+    def fitted(self) -> list[GlobalStage]:
+        return [s for s in self.stages if isinstance(s, GlobalStage) and s.needs_fit()]
+
+    @cached_property
+    def fit_columns(self) -> tuple[str, ...]:
+        cols = list(FIT_BASE)
+        for g in self.fitted:
+            cols.extend(g.fit_columns)
+        return tuple(dict.fromkeys(cols))
+
+    def shard_of(self, keys) -> np.ndarray:
+        """The shard id of each key (``{shard:05d}{index:0Wd}``)."""
+        w = len(str(self.samples_per_shard - 1))
+        return np.array([int(str(k)[:-w]) for k in keys], dtype=np.int64)
+
+
+def alive_at(rows: Batch, spec: RunSpec, position: int) -> np.ndarray:
+    """Rows still alive when the stage at ``position`` runs its fit: ok, or
+    rejected by a per-row stage placed after it."""
+    status = np.asarray(rows["status"], dtype=object)
+    later = np.array([spec.positions.get(str(s), -1) > position for s in rows["stage"]], dtype=bool)
+    return (status == STATUS_OK) | ((status != STATUS_OK) & later)
+
+
+# ------------------------------------------------------------------ rows phase
+
+
+def read_input(spec: RunSpec, shard_id: int) -> Batch:
+    return table_to_batch(pq.read_table(layout.input_shard(spec.out, shard_id)))
+
+
+def save_rows(batch: Batch, spec: RunSpec) -> Batch:
+    """Leave this batch's rows in one part file per shard they belong to
+    (pickle: bytes, ragged and object columns round-trip exactly), with the
+    fit columns beside it as parquet. Returns one record per part."""
+    sids = np.asarray(batch["shard_id"]).astype(np.int64) if batch_len(batch) else np.zeros(0, np.int64)
+    rec = {"shard_id": [], "rows": [], "part": []}
+    fit_cols = [c for c in spec.fit_columns if c in batch]
+    for sid in np.unique(sids):
+        rows = take(batch, np.flatnonzero(sids == sid))
+        folder = layout.rows_dir(spec.out, int(sid))
+        folder.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            pickle.dump(rows, f, protocol=5)
+        os.replace(tmp, folder / f"{name}.pkl")
+        pq.write_table(to_arrow(rows, fit_cols, spec.schema), tmp)
+        os.replace(tmp, folder / f"{name}.fit.parquet")
+        rec["shard_id"].append(int(sid))
+        rec["rows"].append(batch_len(rows))
+        rec["part"].append(name)
+    return {
+        "shard_id": np.array(rec["shard_id"], dtype=np.int64),
+        "rows": np.array(rec["rows"], dtype=np.int64),
+        "part": np.array(rec["part"], dtype=object),
+    }
+
+
+class RowsTracker:
+    """On the driver: counts the rows each input shard has on disk and marks
+    the shard finished when all of them are (O(shards) state)."""
+
+    def __init__(self, spec: RunSpec, expected: dict[int, int]):
+        self.spec, self.expected = spec, expected
+        self.rows: dict[int, int] = {}
+        self.parts: dict[int, list[str]] = {}
+        self.finished: list[int] = []
+
+    def add(self, records: Batch) -> None:
+        for sid, n, part in zip(records["shard_id"], records["rows"], records["part"]):
+            sid = int(sid)
+            self.rows[sid] = self.rows.get(sid, 0) + int(n)
+            self.parts.setdefault(sid, []).append(str(part))
+            want = self.expected[sid]
+            if self.rows[sid] > want:
+                raise RuntimeError(f"input shard {sid}: {self.rows[sid]} rows saved, expected {want}")
+            if self.rows[sid] == want:
+                mark = {"rows": want, "parts": sorted(self.parts.pop(sid))}
+                layout.atomic_write_bytes(layout.rows_done(self.spec.out, sid), json.dumps(mark).encode())
+                self.finished.append(sid)
+
+
+def rows_mark(out, shard_id: int, images: bool = True) -> dict | None:
+    """The finished mark of an input shard's rows, or ``None`` if the shard
+    has not finished its per-row pass (or, with ``images``, its image parts
+    are gone because its shard was written)."""
+    try:
+        mark = json.loads(layout.rows_done(out, shard_id).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    folder = layout.rows_dir(out, shard_id)
+    need = [f"{p}.fit.parquet" for p in mark["parts"]] + ([f"{p}.pkl" for p in mark["parts"]] if images else [])
+    return mark if all((folder / n).exists() for n in need) else None
+
+
+def clear_rows(out, shard_id: int) -> None:
+    """Forget an unfinished per-row pass of one input shard."""
+    import shutil
+
+    shutil.rmtree(layout.rows_dir(out, shard_id), ignore_errors=True)
+
+
+def read_fit_rows(spec: RunSpec, shard_id: int, columns) -> Batch:
+    mark = rows_mark(spec.out, shard_id, images=False)
+    if mark is None:
+        raise RuntimeError(f"input shard {shard_id} has no finished per-row pass")
+    folder = layout.rows_dir(spec.out, shard_id)
+    cols = list(dict.fromkeys([*FIT_BASE, *columns]))
+    tables = [pq.read_table(folder / f"{p}.fit.parquet", columns=cols) for p in mark["parts"]]
+    return table_to_batch(pa.concat_tables(tables)) if tables else {}
+
+
+# ------------------------------------------------------------------ write phase
+
+
+def read_decisions(spec: RunSpec, stage: str, shard_id: int) -> Batch:
+    path = layout.decisions_parquet(spec.out, stage, shard_id)
+    return table_to_batch(pq.read_table(path)) if path.exists() else {}
+
+
+def _reset_later_columns(rows: Batch, idx: np.ndarray, spec: RunSpec, position: int) -> None:
+    """Rows a global stage dropped never reached the stages after it: their
+    columns get those stages' defaults, as in a run that stopped them there."""
+    for name, (owner, col) in spec.columns.items():
+        if spec.positions[owner] > position and name in rows:
+            rows[name] = rows[name].copy()
+            rows[name][idx] = col.defaults(len(idx))
+
+
+def apply_decisions(rows: Batch, spec: RunSpec, shard_id: int) -> tuple[Batch, dict]:
+    """Join one shard's rows with every global stage's decisions for it, in
+    stage order. Returns the rows and counters for the shard's stats."""
+    rows = dict(rows)
+    n = batch_len(rows)
+    where = {str(k): i for i, k in enumerate(rows["key"])}
+    survivor_of: dict[str, np.ndarray] = {}
+    for g in spec.fitted:
+        dec = read_decisions(spec, g.name, shard_id)
+        if not batch_len(dec):
+            continue
+        p = spec.positions[g.name]
+        alive = alive_at(rows, spec, p)
+        idx = np.array([where.get(str(k), -1) for k in dec["key"]], dtype=np.int64)
+        use = np.flatnonzero((idx >= 0) & alive[np.maximum(idx, 0)])
+        at = idx[use]
+        setcols = [c for c in dec if c not in ("key", "reason", "detail", "survivor") and c in spec.schema]
+        for c in setcols:
+            col = spec.schema[c]
+            rows[c] = rows[c].copy() if c in rows else col.defaults(n)
+            rows[c][at] = col.conform(dec[c][use])
+        reasons = np.asarray(dec["reason"], dtype=object)[use]
+        drop = reasons != ""
+        if drop.any():
+            d = at[drop]
+            for c in ("status", "stage", "reason", "detail"):
+                rows[c] = rows[c].astype(object, copy=True)
+            rows["status"][d] = STATUS_DROPPED
+            rows["stage"][d] = g.name
+            rows["reason"][d] = reasons[drop]
+            rows["detail"][d] = np.asarray(dec["detail"], dtype=object)[use][drop]
+            _reset_later_columns(rows, d, spec, p)
+        if "survivor" in dec:
+            mark = np.zeros(n, dtype=bool)
+            mark[at[np.asarray(dec["survivor"], dtype=bool)[use]]] = True
+            survivor_of[g.name] = mark
+    # survivors of a cluster that a later stage dropped: their duplicates are gone too
+    lost: dict[str, dict[str, int]] = {}
+    for g_name, mark in survivor_of.items():
+        p = spec.positions[g_name]
+        for i in np.flatnonzero(mark & (rows["status"] != STATUS_OK)):
+            later = str(rows["stage"][i])
+            if spec.positions.get(later, -1) > p:
+                lost.setdefault(g_name, {}).setdefault(later, 0)
+                lost[g_name][later] += 1
+    return rows, ({"survivors_dropped_later": lost} if lost else {})
+
+
+def write_output_shard(spec: RunSpec, shard_id: int) -> dict:
+    """Merge one shard's parts, apply the decisions, write the shard, then
+    remove its image parts (its fit files stay for a later refit)."""
+    mark = rows_mark(spec.out, shard_id)
+    if mark is None:
+        raise RuntimeError(f"input shard {shard_id}: rows are not on disk; rerun with --resume")
+    folder = layout.rows_dir(spec.out, shard_id)
+    parts = []
+    for p in mark["parts"]:
+        with open(folder / f"{p}.pkl", "rb") as f:
+            parts.append(pickle.load(f))
+    rows, counters = apply_decisions(concat(parts), spec, shard_id)
+    stats = spec.shard_stage.write_group(rows, spec.out, shard_id, schema=spec.schema, counters=counters)
+    for p in mark["parts"]:
+        Path(folder / f"{p}.pkl").unlink(missing_ok=True)
+    return stats

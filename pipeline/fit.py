@@ -1,0 +1,222 @@
+"""A global stage's fit as tasks over fit files (see ``stages.base.GlobalStage``).
+
+Every step reads or writes files under ``OUT/_work/fit/<stage>``; a
+:class:`Launcher` decides where the steps run (in this process, or as Ray
+tasks and a Ray Data shuffle, ``pipeline.plan``). Per input shard:
+
+* ``alive rows``: the shard's fit columns, minus rows rejected before the
+  stage (per-row rejects at or before it, earlier global stages' drops);
+* ``sample`` (when ``sample_rows``): alive rows with the smallest key hashes,
+  at most ``sample_rows`` over the whole run, so the sample does not depend
+  on block order or cluster size; ``learn`` runs on it;
+* ``bucket_rows`` -> shuffle by ``bucket`` -> ``reduce_bucket``;
+* ``combine`` in one task over the reduced rows (pairs, histograms: small),
+  which writes decisions and side tables partitioned by shard;
+* ``decide_rows`` per shard, when the stage keeps a rule (a score cut).
+
+The driver holds the stage (config plus learned state: centroids, a cut), the
+sample and per-shard counts: nothing that grows with the rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from manifests import layout
+from manifests.shards import to_arrow
+from pipeline.engine import RunSpec, alive_at, read_decisions, read_fit_rows
+from stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
+
+#: hash-sample over-draw: the first cut takes about this many times the rows needed
+SAMPLE_SLACK = 1.2
+
+
+class Launcher:
+    """Runs fit steps in this process (the Ray plan has its own)."""
+
+    def map(self, fn, items: list, **kwargs) -> list:
+        return [fn(item, **kwargs) for item in items]
+
+    def call(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    def shuffle(self, emit, reduce, items: list, **kwargs) -> list:
+        """``emit(item)`` -> rows with ``bucket``; ``reduce(rows of one
+        bucket)`` per bucket, buckets in order. Returns the reduce results."""
+        rows = concat([b for b in (emit(i, **kwargs) for i in items) if batch_len(b)])
+        if not batch_len(rows):
+            return []
+        rows = take(rows, np.argsort(np.asarray(rows["bucket"], dtype=np.int64), kind="stable"))
+        g = np.asarray(rows["bucket"], dtype=np.int64)
+        starts = np.concatenate([[0], np.flatnonzero(g[1:] != g[:-1]) + 1, [len(g)]])
+        return [reduce({k: v[a:b] for k, v in rows.items()}, **kwargs) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def key_hashes(keys) -> np.ndarray:
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "big") for k in keys],
+        dtype=np.uint64,
+    )
+
+
+# ------------------------------------------------------------- per-shard steps
+
+
+def alive_rows(spec: RunSpec, stage: GlobalStage, shard_id: int) -> Batch:
+    """The fit columns of the rows of one shard still alive at ``stage``, in key order."""
+    rows = read_fit_rows(spec, shard_id, stage.fit_columns)
+    if not batch_len(rows):
+        return {c: np.zeros(0) for c in stage.fit_columns}
+    p = spec.positions[stage.name]
+    keep = alive_at(rows, spec, p)
+    for g in spec.fitted:
+        if spec.positions[g.name] >= p:
+            break
+        dec = read_decisions(spec, g.name, shard_id)
+        if batch_len(dec):
+            gone = {str(k) for k, r in zip(dec["key"], dec["reason"]) if r}
+            keep &= np.array([str(k) not in gone for k in rows["key"]], dtype=bool)
+    rows = {c: rows[c][keep] for c in stage.fit_columns}
+    return take(rows, np.argsort(rows["key"].astype(str), kind="stable"))
+
+
+def _sample_shard(shard_id: int, spec: RunSpec, stage: GlobalStage, cut: int) -> tuple[int, Batch]:
+    rows = alive_rows(spec, stage, shard_id)
+    h = key_hashes(rows["key"])
+    return len(h), take(rows, np.flatnonzero(h < np.uint64(cut)))
+
+
+def _emit_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> Batch:
+    rows = alive_rows(spec, stage, shard_id)
+    out = stage.bucket_rows(rows) if batch_len(rows) else {}
+    return out if batch_len(out) else {"bucket": np.zeros(0, dtype=np.int64)}
+
+
+def _reduce(rows: Batch, spec: RunSpec, stage: GlobalStage) -> str:
+    """One bucket's reduction, left in a file: the combine task reads it, so
+    reduced rows never pass through the driver."""
+    out = stage.reduce_bucket(rows)
+    bucket = int(np.asarray(rows["bucket"])[0])
+    path = layout.reduced_dir(spec.out, stage.name) / f"{bucket:08d}.pkl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(out, f, protocol=5)
+    tmp.replace(path)
+    return str(path)
+
+
+def _combine(paths: list[str], spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
+    reduced = []
+    for path in sorted(paths):  # bucket order, whatever order the reducers finished in
+        with open(path, "rb") as f:
+            reduced.append(pickle.load(f))
+    result = stage.combine(concat([r for r in reduced if batch_len(r)]))
+    shutil.rmtree(layout.reduced_dir(spec.out, stage.name), ignore_errors=True)
+    return stage, store_result(spec, stage, result, shards=None)
+
+
+def _decide_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> dict:
+    rows = alive_rows(spec, stage, shard_id)
+    result = stage.decide_rows(rows) if batch_len(rows) else FitResult()
+    return store_result(spec, stage, result, shards=[shard_id], merge=True)
+
+
+def store_result(spec: RunSpec, stage: GlobalStage, result: FitResult, shards, merge: bool = False) -> dict:
+    """Write a fit result partitioned by shard: decisions under
+    ``_work/fit/<stage>/decisions``, side tables under ``OUT/<table>``."""
+    counts = {"decisions": 0, "dropped": 0, "tables": {}}
+    parts = [("decisions", result.decisions)] + sorted(result.tables.items())
+    for table, batch in parts:
+        if not batch_len(batch):
+            continue
+        if table != "decisions" and table not in stage.side_tables():
+            raise ValueError(f"{stage.name}: side table {table!r} is not declared in side_tables()")
+        link = "key" if table == "decisions" else stage.side_tables()[table][0]
+        sids = spec.shard_of(batch[link])
+        for sid in np.unique(sids):
+            part = take(batch, np.flatnonzero(sids == sid))
+            path = (
+                layout.decisions_parquet(spec.out, stage.name, int(sid))
+                if table == "decisions"
+                else layout.side_table_parquet(spec.out, table, int(sid))
+            )
+            if merge and path.exists():
+                from pipeline.batches import table_to_batch
+
+                part = concat([table_to_batch(pq.read_table(path)), part])
+            part = take(part, np.argsort(part[link].astype(str), kind="stable"))
+            _write_parquet(path, part, spec)
+        if table == "decisions":
+            counts["decisions"] += batch_len(batch)
+            counts["dropped"] += int(np.sum(np.asarray(batch["reason"], dtype=object) != ""))
+        else:
+            counts["tables"][table] = counts["tables"].get(table, 0) + batch_len(batch)
+    return counts
+
+
+def _write_parquet(path, batch: Batch, spec: RunSpec) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(to_arrow(batch, list(batch), spec.schema), tmp, compression="zstd")
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------ the fit
+
+
+def take_sample(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: list[int], total: int) -> Batch:
+    """At most ``stage.sample_rows`` alive rows with the smallest key hashes, in key order."""
+    limit = int(stage.sample_rows)
+    frac = min(1.0, SAMPLE_SLACK * limit / max(1, total))
+    cut = 2**64 - 1 if frac >= 1.0 else int(2**64 * frac)
+    got = launcher.map(_sample_shard, shard_ids, spec=spec, stage=stage, cut=cut)
+    alive = sum(n for n, _ in got)
+    sample = concat([b for _, b in got if batch_len(b)])
+    if batch_len(sample) < min(limit, alive):  # many rows were dead: widen the cut once
+        cut = 2**64 - 1 if SAMPLE_SLACK * limit >= alive else int(2**64 * SAMPLE_SLACK * limit / alive)
+        sample = concat([b for _, b in launcher.map(_sample_shard, shard_ids, spec=spec, stage=stage, cut=cut)])
+    if not batch_len(sample):
+        return {}
+    if batch_len(sample) > limit:
+        sample = take(sample, np.sort(np.argsort(key_hashes(sample["key"]), kind="stable")[:limit]))
+    return take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
+
+
+def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: list[int], total: int) -> dict:
+    """Fit ``stage`` over every shard's fit files and store its decisions.
+    Returns the fit's counters (also written as its done mark)."""
+    t0 = time.perf_counter()
+    shutil.rmtree(layout.fit_dir(spec.out, stage.name), ignore_errors=True)
+    for table in stage.side_tables():
+        shutil.rmtree(layout.side_table_dir(spec.out, table), ignore_errors=True)
+    info: dict = {"stage": stage.name}
+    if stage.sample_rows:
+        sample = take_sample(launcher, spec, stage, shard_ids, total)
+        info["sample_rows"] = batch_len(sample)
+        stage.learn(sample)
+    reduced = launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage)
+    stage, counts = launcher.call(_combine, reduced, spec, stage)
+    if stage.has_decide_rows():
+        for c in launcher.map(_decide_shard, shard_ids, spec=spec, stage=stage):
+            counts["decisions"] += c["decisions"]
+            counts["dropped"] += c["dropped"]
+            for t, n in c["tables"].items():
+                counts["tables"][t] = counts["tables"].get(t, 0) + n
+    info.update(counts, seconds=round(time.perf_counter() - t0, 3))
+    layout.atomic_write_bytes(layout.fit_done(spec.out, stage.name), json.dumps(info, sort_keys=True).encode())
+    return info
+
+
+def fit_mark(out, stage: str) -> dict | None:
+    try:
+        return json.loads(layout.fit_done(out, stage).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
