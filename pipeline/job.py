@@ -47,8 +47,10 @@ def _ray_session(job: JobConfig, address: str | None):
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     if addr:
         ray.init(address=addr, log_to_driver=True)
-    else:
-        ray.init(num_cpus=job.ray.num_cpus, include_dashboard=False)
+    else:  # a local Ray, started so that nothing leaves loopback (pipeline.raystart)
+        from pipeline.raystart import init_local
+
+        init_local(num_cpus=job.ray.num_cpus)
     return ray, True
 
 
@@ -67,6 +69,7 @@ def _check_job_record(out: Path, job: JobConfig, resume: bool) -> None:
     finished rows and fits were made by them."""
     rec = to_dict(job)
     rec.pop("ray", None)
+    rec.pop("runner", None)  # both runners give the same rows
     rec["output"] = {k: v for k, v in rec["output"].items() if k != "dir"}
     path = layout.job_record(out)
     if resume and path.exists():

@@ -34,6 +34,8 @@ from stages.base import Batch, Stage, batch_len, concat, run_stage_batch, take
 
 #: tasks in flight per launcher map (the driver holds their refs, nothing else)
 MAX_IN_FLIGHT = 1000
+#: most hash partitions of a fit's shuffle (Ray Data's default is 200)
+SHUFFLE_PARTITIONS = 200
 #: the largest pickled task argument this process submitted (``bench/scale.py`` reports it)
 ARG_BYTES = {"max": 0}
 
@@ -213,7 +215,11 @@ class RayLauncher(Launcher):
         ref = ray.put(kwargs)
         ds = ray.data.from_items([{"sid": s} for s in items], override_num_blocks=len(items))
         ds = ds.map_batches(_emit_rows, fn_kwargs={"fn": emit, "kwargs": ref}, batch_size=1, batch_format="numpy")
-        red = ds.groupby("bucket").map_groups(_reduce_rows, fn_kwargs={"fn": reduce, "kwargs": ref}, batch_format="numpy")
+        # partitions: enough to spread the reducers, few enough that a small fit is not all overhead
+        parts = max(1, min(SHUFFLE_PARTITIONS, len(items), int(ray.cluster_resources().get("CPU", 1)) * 4))
+        red = ds.groupby("bucket", num_partitions=parts).map_groups(
+            _reduce_rows, fn_kwargs={"fn": reduce, "kwargs": ref}, batch_format="numpy"
+        )
         return [str(p) for b in red.iter_batches(batch_format="numpy", batch_size=None) for p in b["path"]]
 
 

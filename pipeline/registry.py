@@ -22,9 +22,16 @@ STAGES: dict[str, str] = {
 
 
 def stage_class(name: str) -> type[Stage]:
+    """A built-in stage by name, or a stage of your own as ``package.module:Class``
+    (importable on every Ray worker)."""
+    target = STAGES.get(name) or (name if ":" in name else None)
+    if target is None:
+        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))} (or module:Class)")
+    module, cls = target.split(":", 1)
     try:
-        target = STAGES[name]
-    except KeyError:
-        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}") from None
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)
+        found = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"stage {name!r}: cannot import {cls} from {module}: {e}") from None
+    if not (isinstance(found, type) and issubclass(found, Stage)):
+        raise ValueError(f"stage {name!r}: {target} is not a Stage class")
+    return found

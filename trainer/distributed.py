@@ -42,6 +42,9 @@ def cluster_gpus(address: str | None = None) -> int:
     import ray
 
     if not ray.is_initialized():
+        from pipeline.raystart import apply_loopback_env
+
+        apply_loopback_env()  # a local Ray (no address) must not probe cloud metadata
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
     return int(ray.cluster_resources().get("GPU", 0))
 

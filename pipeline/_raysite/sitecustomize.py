@@ -26,7 +26,7 @@ if there is one.
 import os
 import sys
 
-_DASHBOARD = os.path.join("ray", "dashboard", "dashboard.py")
+_DASHBOARD = os.sep + os.path.join("ray", "dashboard", "dashboard.py")
 
 
 def _patch_ray_usage() -> None:
