@@ -123,7 +123,7 @@ def sync(device: str) -> None:
 def load_model(model: str, device: str):
     import open_clip
 
-    from stages import _clip
+    from stages.common import clip as _clip
 
     _clip.register_model_configs()
     net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None, device=device)
@@ -166,7 +166,7 @@ def bench_parts(args, images, captions) -> dict[str, float]:
     only), and tokenising."""
     import torch
 
-    from stages import _clip
+    from stages.common import clip as _clip
 
     ld = _clip.load(args.model, "random", args.device)
     n, b = min(len(images), args.parts_n), args.batch_size
@@ -319,10 +319,11 @@ def bench_stage_ray(args, images, captions) -> dict[str, float | None]:
     except ImportError:
         return {}
     from pipeline.plan import map_stage
+    from pipeline.raystart import init_local
     from stages.clip_score import ClipScoreStage
 
     gpus = args.gpus if args.device.startswith("cuda") else 0
-    ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    init_local(num_cpus=os.cpu_count(), num_gpus=gpus, log_to_driver=False)
     out: dict[str, float | None] = {}
     try:
         rows = rows_batch(images, captions)

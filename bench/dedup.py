@@ -8,8 +8,9 @@ For each size: random 64-bit hashes where a tenth of the rows is a near copy
 
 * ``fit_global``: the in-process runner (``pipeline.local.fit_global``), the
   composition the tests use;
-* ``stage only``: the stage's own candidates -> reduce -> resolve, grouped by
-  one argsort (what the runner's Python grouping costs is the difference);
+* ``stage only``: the stage's own bucket_rows -> reduce_bucket -> combine,
+  grouped by one argsort (what the runner's Python grouping costs is the
+  difference);
 * ``all pairs`` (10k and 100k): the naive baseline, every pair's XOR popcount
   in numpy chunks, then the same clustering.
 
@@ -36,8 +37,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np
 
 from pipeline.local import fit_global
-from stages import _dedup as dd
 from stages.base import concat, fresh_rows, object_array, take
+from stages.common import dedup as dd
 from stages.dedup_phash import DEFAULT_MAX_DISTANCE, Config, PerceptualDedupStage
 
 
@@ -64,15 +65,17 @@ def synthetic(n: int, max_distance: int, seed: int = 0) -> dict:
 
 
 def stage_only(stage: PerceptualDedupStage, rows: dict) -> dict:
-    """candidates -> reduce_group -> resolve with one vectorised grouping."""
+    """bucket_rows -> reduce_bucket -> combine with one vectorised grouping;
+    the dropped rows of the decisions (as ``fit_global`` returns them)."""
     n = len(rows["key"])
     step = 1 << 16
-    cands = concat([stage.candidates(take(rows, np.arange(i, min(i + step, n)))) for i in range(0, n, step)])
-    order = np.argsort(cands["group"], kind="stable")
-    g = cands["group"][order]
+    cands = concat([stage.bucket_rows(take(rows, np.arange(i, min(i + step, n)))) for i in range(0, n, step)])
+    order = np.argsort(cands["bucket"], kind="stable")
+    g = cands["bucket"][order]
     cuts = np.flatnonzero(np.r_[True, g[1:] != g[:-1], True])
-    reduced = [stage.reduce_group(take(cands, order[a:b])) for a, b in itertools.pairwise(cuts)]
-    return stage.resolve(concat(reduced))
+    reduced = [stage.reduce_bucket(take(cands, order[a:b])) for a, b in itertools.pairwise(cuts)]
+    dec = stage.combine(concat(reduced)).decisions
+    return take(dec, np.flatnonzero(dec["reason"] != "")) if dec else {}
 
 
 def all_pairs(rows: dict, max_distance: int) -> dict:
@@ -91,8 +94,8 @@ def all_pairs(rows: dict, max_distance: int) -> dict:
         a_parts.append(i[keep])
         b_parts.append(j[keep])
     a, b = np.concatenate(a_parts), np.concatenate(b_parts)
-    area = dd.row_area(rows, "largest")
-    c = dd.cluster_pairs(rows["key"][a], rows["key"][b], area[a], area[b])
+    prio = dd.row_priority(rows, "largest")
+    c = dd.cluster_pairs(rows["key"][a], rows["key"][b], prio[a], prio[b])
     drop = c["dropped"]
     return {"key": c["key"][drop], "duplicate_of": c["key"][c["survivor"][drop]]}
 
@@ -115,6 +118,8 @@ def bench_fit(sizes: list[int], max_distance: int, naive_up_to: int) -> list[dic
         runs = [(timed(fit_global, stage, fit_rows), timed(stage_only, stage, rows)) for _ in range(2)]
         t_fit, c_fit, dec = min((r[0] for r in runs), key=lambda x: x[0])
         t_stage, c_stage, dec2 = min((r[1] for r in runs), key=lambda x: x[0])
+        none = {"key": [], "duplicate_of": []}  # fit_global's answer when nothing is dropped is {}
+        dec, dec2 = dec or none, dec2 or none
         if list(dec["key"]) != list(dec2["key"]) or list(dec["duplicate_of"]) != list(dec2["duplicate_of"]):
             sys.exit(f"n={n}: fit_global and stage-only disagree")
         r = {

@@ -190,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only != "img2dataset":
             import ray
 
+            from pipeline.raystart import init_local
+
             t0 = time.perf_counter()
-            ray.init(num_cpus=args.processes, include_dashboard=False, log_to_driver=False)
+            init_local(num_cpus=args.processes, log_to_driver=False)
             print(f"ray started in {time.perf_counter() - t0:.1f}s (not timed)", flush=True)
             try:
                 results["pairforge"] = run_pairforge(args, urls, work / "pairforge", per_shard)

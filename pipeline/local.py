@@ -108,12 +108,13 @@ def run_global(stage: GlobalStage, batch: Batch) -> Batch:
     cols = {c.name: c for c in stage.outputs()}
     for c in ("status", "stage", "reason", "detail"):
         out[c] = out[c].astype(object, copy=True)
+    setcols = [c for c in cols if c in dec]
+    for c in setcols:  # copies: the caller's batch stays as it was
+        out[c] = out[c].copy() if c in out else cols[c].defaults(batch_len(out))
     for j, k in enumerate(dec["key"]):
         i = where[str(k)]
-        for c in cols:
-            if c in dec:
-                out[c] = out[c].copy() if out[c].dtype != object else out[c]
-                out[c][i] = dec[c][j]
+        for c in setcols:
+            out[c][i] = dec[c][j]
         if dec["reason"][j]:
             d = dec["detail"][j]
             out["status"][i], out["stage"][i], out["reason"][i] = STATUS_DROPPED, stage.name, dec["reason"][j]

@@ -107,7 +107,7 @@ class LinkStage(GlobalStage):
         decisions = {
             "key": object_array(dec_keys),
             "reason": object_array(["link_test_drop"] * len(drop) + [""] * len(kept)),
-            "detail": object_array(['{"every": %d}' % self.config.drop_every] * len(drop) + [""] * len(kept)),
+            "detail": object_array([f'{{"every": {self.config.drop_every}}}'] * len(drop) + [""] * len(kept)),
             "partner": object_array([""] * len(drop) + [partner[keys[i]] for i in kept]),
             "rank": np.array([-1] * len(drop) + list(range(len(kept))), dtype=np.int64),
         }

@@ -12,9 +12,9 @@ from PIL import Image, ImageDraw
 
 from pipeline.config import ConfigError, build
 from pipeline.local import fit_global, map_stage, run_global
-from stages import _clip
-from stages.base import STATUS_OK, batch_len, concat, fresh_rows, object_array, take
+from stages.base import STATUS_OK, batch_len, concat, fresh_rows, object_array, reject, take
 from stages.clip_score import BINS, ClipScoreStage, Config
+from stages.common import clip as _clip
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -207,9 +207,19 @@ def test_threshold_keeps_matches_drops_shuffled_with_score_threshold_and_model(t
 
 
 def run_top_fraction(st, rows):
-    """The in-process runner's calls, then the per-row pass after the fit."""
-    out = run_global(st, map_stage(st, rows))
-    return st.finalize(out)
+    """The in-process runner's calls: per row, then the fit and its per-shard rule."""
+    return run_global(st, map_stage(st, rows))
+
+
+def finalize(st, batch):
+    """Apply the rule ``combine`` left on the stage (``decide_rows``) to the ok rows of ``batch``."""
+    ok = np.flatnonzero(ok_rows(batch))
+    dec = st.decide_rows({"key": batch["key"][ok], "clip_score": batch["clip_score"][ok]}).decisions
+    out = dict(batch)
+    if batch_len(dec):
+        mask = np.isin(out["key"].astype(str), dec["key"].astype(str))
+        reject(out, mask, st.name, "clip_score_below_top_fraction", [json.loads(d) for d in dec["detail"]])
+    return out
 
 
 def test_top_fraction_keeps_exactly_the_top_share(trained_ckpt):
@@ -245,15 +255,14 @@ def test_top_fraction_breaks_ties_by_key(trained_ckpt):
 
 
 def fit_with_sample(st, rows, sample, size=10):
-    """``pipeline.local.fit_global`` with ``prepare`` fed a chosen sample (the
-    Ray runner samples at most its first 100k rows)."""
-    st.prepare(sample)
+    """The fit steps with ``learn`` fed a chosen sample (a run samples by key hash)."""
+    st.learn(sample)
     n = batch_len(rows)
-    cands = concat([st.candidates(take(rows, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
+    cands = concat([st.bucket_rows(take(rows, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
     groups = defaultdict(list)
-    for i, g in enumerate(cands["group"]):
+    for i, g in enumerate(cands["bucket"]):
         groups[int(g)].append(i)
-    st.resolve(concat([st.reduce_group(take(cands, np.asarray(ix))) for _, ix in sorted(groups.items())]))
+    st.combine(concat([st.reduce_bucket(take(cands, np.asarray(ix))) for _, ix in sorted(groups.items())]))
 
 
 def test_top_fraction_is_exact_from_a_sample_and_says_when_a_sample_misled(trained_ckpt, caplog):
@@ -263,11 +272,11 @@ def test_top_fraction_is_exact_from_a_sample_and_says_when_a_sample_misled(train
     fit = {"key": scored["key"], "clip_score": scored["clip_score"]}
     k = int(np.floor(0.3 * len(rows["key"]) + 0.5))
     fit_with_sample(st, fit, take(fit, np.arange(0, len(fit["key"]), 3)))
-    assert st._cut["exact"] and ok_rows(st.finalize(dict(scored))).sum() == k
+    assert st._cut["exact"] and ok_rows(finalize(st, dict(scored))).sum() == k
     low = take(fit, np.argsort(fit["clip_score"])[:10])  # a sample of the worst rows only
     with caplog.at_level(logging.WARNING):
         fit_with_sample(st, fit, low)
-    out = st.finalize(dict(scored))
+    out = finalize(st, dict(scored))
     assert not st._cut["exact"] and "outside the sampled window" in caplog.text
     assert ok_rows(out).sum() >= k and json.loads(out["detail"][~ok_rows(out)][0])["exact"] is False
 
@@ -280,15 +289,15 @@ def test_fit_sends_histograms_not_rows_outside_the_window():
         "clip_score": rng.normal(0.3, 0.05, n).astype(np.float32),
     }
     st = ClipScoreStage(Config(pretrained="unused.pt", top_fraction=0.3))
-    st.prepare(take(fit, np.arange(0, n, 4)))  # a sample, as the Ray runner gives
-    c = st.candidates(fit)
-    windowed = c["group"] >= BINS
+    st.learn(take(fit, np.arange(0, n, 4)))  # a sample, as a run gives
+    c = st.bucket_rows(fit)
+    windowed = c["bucket"] >= BINS
     assert 0 < windowed.sum() < n / 5  # per-row data only near the cut
     assert c["count"][~windowed].sum() == n  # every row in the histogram
-    red = st.reduce_group(take(c, np.flatnonzero(c["group"] == c["group"][0])))
+    red = st.reduce_bucket(take(c, np.flatnonzero(c["bucket"] == c["bucket"][0])))
     assert batch_len(red) == 1 and red["count"][0] == c["count"][0]
-    st.resolve(concat([c]))  # a single batch's candidates need no reduction to be exact
-    keep = st.finalize(fresh_rows(fit["key"], **{c: v for c, v in fit.items() if c != "key"}))
+    st.combine(concat([c]))  # a single batch's candidates need no reduction to be exact
+    keep = finalize(st, fresh_rows(fit["key"], **{c: v for c, v in fit.items() if c != "key"}))
     kept = np.sort(fit["clip_score"][keep["status"] == STATUS_OK])
     assert len(kept) == 6000 and kept[0] == np.sort(fit["clip_score"])[-6000]
     assert not fit_global(ClipScoreStage(Config(pretrained="unused.pt")), fit)  # no top_fraction: no fit
@@ -304,8 +313,9 @@ def test_config_checks():
         build(Config, {"pretrained": "x.pt", "top_fraction": 30}, "s")
     st = ClipScoreStage(Config(pretrained="x.pt", num_gpus=0.5, concurrency=(2, 2)))
     r = st.resources()
-    assert (r.num_gpus, r.concurrency) == (0.5, (2, 2)) and st.stateful and not st.needs_fit()
-    assert st.output_defaults()["img_emb"].shape == (512,)  # ViT-B-32, read from its config
+    assert (r.num_gpus, r.concurrency) == (0.5, (2, 2)) and st.runs_on_actors and not st.needs_fit()
+    cols = {c.name: c for c in st.outputs()}
+    assert cols["img_emb"].shape == (512,) and cols["img_emb"].store == "embeddings"  # ViT-B-32, from its config
 
 
 # --------------------------------------------------------------------- Ray
@@ -316,8 +326,7 @@ def test_config_checks():
 def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local, prefetch):
     import ray
 
-    from pipeline.plan import map_stage as ray_map_stage
-    from pipeline.plan import run_global_ray
+    from pipeline import plan
 
     rows, _ = planted(n_per_colour=10)
     cfg = dict(top_fraction=0.4, threshold=-0.5, batch_size=16, concurrency=(2, 2), cpu_prefetch=prefetch)
@@ -326,11 +335,15 @@ def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local, pr
     local = run_top_fraction(stage(trained_ckpt, **cfg), dict(rows))
     st = stage(trained_ckpt, **cfg)
     items = [{c: rows[c][i] for c in rows} for i in range(len(rows["key"]))]
-    ds = ray_map_stage(ray.data.from_items(items, override_num_blocks=4), st)
-    ds = run_global_ray(ds, st)  # the fit, the decisions and the per-row finalize pass
+    ds = ray.data.from_items(items, override_num_blocks=4)
+    if prefetch:  # CPU tasks ahead of the actors, as the plan builds them
+        ds = ds.map_batches(plan._cpu_prepare, fn_kwargs={"stage": st}, batch_size=16, batch_format="numpy")
+    ds = ds.map_batches(
+        plan._actor_class(st), fn_constructor_kwargs={"stage": st}, concurrency=2, batch_size=16, batch_format="numpy"
+    )
     remote = concat(list(ds.iter_batches(batch_format="numpy", batch_size=None)))
     order = np.argsort(remote["key"].astype(str))
-    remote = take(remote, order)
+    remote = run_global(st, take(remote, order))  # the fit and its per-shard rule
     assert list(remote["key"]) == list(local["key"])
     assert np.array_equal(remote["clip_score"], local["clip_score"])
     assert np.array_equal(remote["img_emb"], local["img_emb"])
@@ -348,7 +361,7 @@ def test_cpu_prefetch_gives_the_libjpeg_scores(trained_ckpt):
     rows["image"][3] = b"not an image"
     direct = local_map(stage(trained_ckpt, image_decode="libjpeg"), dict(rows))
     pre_stage = stage(trained_ckpt, image_decode="libjpeg", cpu_prefetch=True)
-    assert pre_stage.has_prefetch() and not stage(trained_ckpt).has_prefetch()
+    assert pre_stage.has_cpu_prepare() and not stage(trained_ckpt).has_cpu_prepare()
     pre = local_map(pre_stage, dict(rows))
     assert not [c for c in pre if c.startswith("__pf_")]
     assert list(pre["reason"]) == list(direct["reason"]) and pre["reason"][3] == "decode_error"

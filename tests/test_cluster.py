@@ -19,6 +19,7 @@ import yaml
 
 from manifests.manifest import read_manifest, verify
 from pipeline.httpserver import LocalHTTPServer, Route
+from pipeline.raystart import loopback_env
 from tests.shardkit import jpeg
 
 pytestmark = pytest.mark.slow
@@ -40,8 +41,9 @@ def _free_port() -> int:
 
 def _env() -> dict:
     # every `ray start` and every driver must agree on auth (Ray 2.60 turns
-    # token auth on by default for a local ray.init)
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    # token auth on by default for a local ray.init); loopback_env keeps the
+    # head's dashboard from probing cloud metadata (pipeline/raystart.py)
+    return {**os.environ, **loopback_env(), "RAY_AUTH_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
 
 def _stop(procs) -> None:

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.local import fit_global, run_global
-from stages import _dedup as dd
+from pipeline.local import fit_global, fit_result, run_global
 from stages.base import STATUS_DROPPED, STATUS_FAILED, object_array, take
+from stages.common import dedup as dd
 from stages.dedup_phash import Config, PerceptualDedupStage
 from tests.planted import build_planted, evaluate, run_kind
 
@@ -30,33 +30,45 @@ def synthetic(n, seed=0, near=0.3, max_flip=6):
             for bit in rng.choice(64, size=rng.integers(0, max_flip + 1), replace=False):
                 h[i] ^= np.uint64(1) << np.uint64(int(bit))
     keys = object_array([f"{i:09d}" for i in rng.permutation(n)])
-    return {"key": keys, "phash": dd.u64_to_hex(h), "original_width": rng.integers(1, 5, n) * 100,
-            "original_height": np.full(n, 100)}
+    return {
+        "key": keys,
+        "phash": dd.u64_to_hex(h),
+        "original_width": rng.integers(1, 5, n) * 100,
+        "original_height": np.full(n, 100),
+    }
 
 
 def brute_force_dropped(rows, d, keep="largest"):
     h = dd.hex_to_u64(rows["phash"])
     a, b = np.nonzero(np.triu(dd.popcount(h[:, None] ^ h[None, :]) <= d, 1))
-    area = dd.row_area(rows, keep)
-    c = dd.cluster_pairs(rows["key"][a], rows["key"][b], area[a], area[b])
+    prio = dd.row_priority(rows, keep)
+    c = dd.cluster_pairs(rows["key"][a], rows["key"][b], prio[a], prio[b])
     return dict(zip(c["key"][c["dropped"]], c["key"][c["survivor"][c["dropped"]]]))
 
 
 @pytest.mark.parametrize("d,buckets", [(0, 64), (1, 4), (2, 64), (3, 1), (5, 8)])
 def test_fit_finds_exactly_the_all_pairs_clusters(d, buckets):
     rows = synthetic(1500, seed=d)
+    want = brute_force_dropped(rows, d)
     dec = fit_global(PerceptualDedupStage(Config(max_distance=d, buckets_per_band=buckets)), rows)
-    assert dict(zip(dec["key"], dec["duplicate_of"])) == brute_force_dropped(rows, d)
+    assert dict(zip(dec["key"], dec["duplicate_of"])) == want
     assert set(dec["reason"]) == {"duplicate_phash"}
+    # the whole FitResult also names each survivor once, kept (reason "")
+    full = fit_result(PerceptualDedupStage(Config(max_distance=d, buckets_per_band=buckets)), rows).decisions
+    kept = full["survivor"]
+    assert list(full["key"]) == sorted(full["key"]) and len(set(full["key"])) == len(full["key"])
+    assert set(full["key"][kept]) == set(want.values()) and all(full["reason"][kept] == "")
+    assert dict(zip(full["key"][~kept], full["duplicate_of"][~kept])) == want
 
 
 def test_reduce_reports_each_verified_pair_once():
     rows = synthetic(2000, seed=9, max_flip=2)
     stage = PerceptualDedupStage(Config(max_distance=2, buckets_per_band=4))
-    cands = stage.candidates(rows)
+    cands = stage.bucket_rows(rows)
+    assert cands["priority"].dtype == np.float64
     pairs = []
-    for g in np.unique(cands["group"]):
-        out = stage.reduce_group(take(cands, np.flatnonzero(cands["group"] == g)))
+    for g in np.unique(cands["bucket"]):
+        out = stage.reduce_bucket(take(cands, np.flatnonzero(cands["bucket"] == g)))
         assert np.all(out["distance"] <= 2)
         assert np.array_equal(out["distance"], dd.popcount(out["hash_a"] ^ out["hash_b"]))
         pairs += [tuple(sorted(p)) for p in zip(out["key_a"], out["key_b"])]
@@ -68,8 +80,12 @@ def test_clusters_are_transitive_and_the_survivor_is_never_dropped():
     base = np.uint64(0x0123456789ABCDEF)
     chain = [base, base ^ np.uint64(0b11), base ^ np.uint64(0b1111), base ^ np.uint64(0b111111)]
     far = np.uint64(0xFEDCBA9876543210)
-    rows = {"key": object_array(["k0", "k1", "k2", "k3", "k4"]), "phash": dd.u64_to_hex(np.array(chain + [far])),
-            "original_width": np.array([10, 10, 99, 10, 500]), "original_height": np.array([10, 10, 10, 10, 10])}
+    rows = {
+        "key": object_array(["k0", "k1", "k2", "k3", "k4"]),
+        "phash": dd.u64_to_hex(np.array(chain + [far])),
+        "original_width": np.array([10, 10, 99, 10, 500]),
+        "original_height": np.array([10, 10, 10, 10, 10]),
+    }
     dec = fit_global(PerceptualDedupStage(Config(max_distance=2)), rows)
     assert list(dec["key"]) == ["k0", "k1", "k3"]
     assert set(dec["duplicate_of"]) == {"k2"}  # the largest, in the middle of the chain
@@ -142,8 +158,10 @@ def test_prior_build_drops_rows_already_there(tmp_path):
     orig = np.flatnonzero(rows["family"] == "original")
     old = stage.process_batch(take(rows, orig[:30]))
     (tmp_path / "shards").mkdir()
-    pq.write_table(pa.table({"key": [f"old{k}" for k in old["key"]], "phash": list(old["phash"])}),
-                   tmp_path / "shards" / "00000.parquet")
+    pq.write_table(
+        pa.table({"key": [f"old{k}" for k in old["key"]], "phash": list(old["phash"])}),
+        tmp_path / "shards" / "00000.parquet",
+    )
     new_rows = np.flatnonzero(np.isin(rows["origin"], rows["origin"][orig[:30]]) & (rows["family"] == "reencode"))
     other = np.flatnonzero(~np.isin(rows["origin"], rows["origin"][orig[:30]]) & (rows["family"] == "original"))
     batch = take(rows, np.concatenate([new_rows, other]))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.local import fit_global, run_global
-from stages import _dedup as dd
 from stages.base import STATUS_DROPPED, object_array, take
+from stages.common import dedup as dd
 from stages.dedup_semantic import Config, SemanticDedupStage, spherical_kmeans
 from tests.planted import build_planted, evaluate, pixel_embedding, run_kind
 
@@ -22,15 +22,19 @@ def embedded(n=600, dim=32, seed=0, copies=0.3, noise=0.02):
     for i in np.flatnonzero(rng.random(n) < copies):
         if i:
             e[i] = e[rng.integers(0, i)] + noise * rng.normal(size=dim) * np.linalg.norm(e[i]) / np.sqrt(dim)
-    return {"key": object_array([f"{i:06d}" for i in rng.permutation(n)]), "img_emb": e.astype(np.float32),
-            "original_width": rng.integers(1, 9, n) * 32, "original_height": np.full(n, 32)}
+    return {
+        "key": object_array([f"{i:06d}" for i in rng.permutation(n)]),
+        "img_emb": e.astype(np.float32),
+        "original_width": rng.integers(1, 9, n) * 32,
+        "original_height": np.full(n, 32),
+    }
 
 
 def brute_force_dropped(rows, eps):
     e = rows["img_emb"] / np.linalg.norm(rows["img_emb"], axis=1, keepdims=True)
     a, b = np.nonzero(np.triu(e @ e.T > 1 - eps, 1))
-    area = dd.row_area(rows, "largest")
-    c = dd.cluster_pairs(rows["key"][a], rows["key"][b], area[a], area[b])
+    prio = dd.row_priority(rows, "largest")
+    c = dd.cluster_pairs(rows["key"][a], rows["key"][b], prio[a], prio[b])
     return dict(zip(c["key"][c["dropped"]], c["key"][c["survivor"][c["dropped"]]]))
 
 
@@ -101,10 +105,13 @@ def test_kmeans_is_deterministic_and_unit_length():
     assert len(spherical_kmeans(x[:3], 7, 10, 0)) == 3
 
 
-def test_candidates_need_prepare():
+def test_bucket_rows_need_learn():
     rows = embedded(n=20)
-    with pytest.raises(RuntimeError, match="prepare"):
-        SemanticDedupStage(Config()).candidates(rows)
+    with pytest.raises(RuntimeError, match="learn"):
+        SemanticDedupStage(Config()).bucket_rows(rows)
+    stage = SemanticDedupStage(Config(n_clusters=3))
+    stage.learn(rows)
+    assert set(stage.bucket_rows(rows)["bucket"]) <= {0, 1, 2}
 
 
 @pytest.mark.slow
@@ -115,11 +122,18 @@ def test_ray_fit_with_several_blocks_matches_in_process(ray_local):
 
     rows = embedded(n=1500, seed=6)
     local = fit_global(SemanticDedupStage(Config(n_clusters=8, eps=0.01)), rows)
-    items = [{"key": str(rows["key"][i]), "img_emb": rows["img_emb"][i],
-              "original_width": int(rows["original_width"][i]), "original_height": int(rows["original_height"][i])}
-             for i in range(len(rows["key"]))]
-    remote = fit_global_ray(SemanticDedupStage(Config(n_clusters=8, eps=0.01)),
-                            ray.data.from_items(items, override_num_blocks=5))
+    items = [
+        {
+            "key": str(rows["key"][i]),
+            "img_emb": rows["img_emb"][i],
+            "original_width": int(rows["original_width"][i]),
+            "original_height": int(rows["original_height"][i]),
+        }
+        for i in range(len(rows["key"]))
+    ]
+    remote = fit_global_ray(
+        SemanticDedupStage(Config(n_clusters=8, eps=0.01)), ray.data.from_items(items, override_num_blocks=5)
+    )
     assert len(local["key"]) > 200
     for c in local:
         assert list(remote[c]) == list(local[c])

@@ -1,4 +1,4 @@
-"""The shared dedup machinery (stages/_dedup.py) against plain reference
+"""The shared dedup machinery (stages/common/dedup.py) against plain reference
 implementations: BFS components, brute-force pairs and Hamming search."""
 
 from collections import deque
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stages import _dedup as dd
+from stages.common import dedup as dd
 
 
 def bfs_components(a, b, n):
@@ -99,11 +99,33 @@ def test_keep_rank_prefers_largest_then_smallest_key():
     assert list(keys[np.argsort(dd.keep_rank(keys, np.zeros(4)))]) == ["000", "001", "002", "003"]
 
 
-def test_row_area_treats_missing_sizes_as_zero():
-    batch = {"key": np.array(["a", "b", "c"]), "original_width": np.array([10, -1, 4]),
-             "original_height": np.array([3, 8, np.nan])}
-    assert list(dd.row_area(batch, "largest")) == [30, 0, 0]
-    assert list(dd.row_area(batch, "first")) == [0, 0, 0]
+def test_row_priority_treats_missing_sizes_as_zero():
+    batch = {
+        "key": np.array(["a", "b", "c"]),
+        "original_width": np.array([10, -1, 4]),
+        "original_height": np.array([3, 8, np.nan]),
+    }
+    for policy, want in (("largest", [30, 0, 0]), ("first", [0, 0, 0])):
+        prio = dd.row_priority(batch, policy)
+        assert prio.dtype == np.float64 and list(prio) == want
+
+
+def test_clip_score_policy_keeps_the_best_score_nan_worst_ties_by_key():
+    keys = np.array(["e", "d", "c", "b", "a"], dtype=object)
+    batch = {"key": keys, "clip_score": np.array([0.1, 0.3, np.nan, 0.3, np.nan], dtype=np.float32)}
+    assert dd.fit_columns_for("clip_score", "phash") == ("key", "phash", "clip_score")
+    prio = dd.row_priority(batch, "clip_score")
+    assert prio.dtype == np.float64 and not np.isnan(prio).any()  # NaN scores get an ordinary (lowest) priority
+    assert list(keys[np.argsort(dd.keep_rank(keys, prio))]) == ["b", "d", "e", "a", "c"]
+    # one cluster: the best score survives, ties to the smaller key; NaN loses to any score
+    c = dd.cluster_pairs(keys[:-1], keys[1:], prio[:-1], prio[1:])
+    assert list(c["key"][c["survivor"]]) == ["b"] * 5
+    nan_vs_low = dd.cluster_pairs(
+        ["a"], ["z"], [prio[4]], [dd.row_priority({"key": ["z"], "clip_score": [-5.0]}, "clip_score")[0]]
+    )
+    assert list(nan_vs_low["key"][nan_vs_low["dropped"]]) == ["a"]
+    only_nan = dd.cluster_pairs(["c"], ["a"], [prio[2]], [prio[4]])
+    assert list(only_nan["key"][only_nan["dropped"]]) == ["c"]
 
 
 def test_hamming_index_matches_brute_force():
@@ -129,8 +151,10 @@ def test_hamming_index_matches_brute_force():
 def test_read_prior_build_reads_shards_and_rejects_bad_folders(tmp_path):
     (tmp_path / "shards").mkdir()
     for s in range(2):
-        pq.write_table(pa.table({"key": [f"{s}a", f"{s}b"], "phash": ["00ff00ff00ff00ff", ""]}),
-                       tmp_path / "shards" / f"0000{s}.parquet")
+        pq.write_table(
+            pa.table({"key": [f"{s}a", f"{s}b"], "phash": ["00ff00ff00ff00ff", ""]}),
+            tmp_path / "shards" / f"0000{s}.parquet",
+        )
     got = dd.read_prior_build(str(tmp_path), ("key", "phash"))
     assert list(got["key"]) == ["0a", "0b", "1a", "1b"]
     with pytest.raises(ValueError, match="no column 'sha256'"):

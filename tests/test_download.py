@@ -18,8 +18,8 @@ import skimage.data
 from PIL import Image
 
 from pipeline.httpserver import LocalHTTPServer, Route
-from stages._fetch import AddressPolicy, SafeFetcher
 from stages.base import STATUS_FAILED, STATUS_OK, object_array, run_stage_batch
+from stages.common.fetch import AddressPolicy, SafeFetcher
 from stages.download import Config, DownloadStage
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -474,7 +474,7 @@ def test_robots_parser_agrees_with_img2dataset(values, token):
 
     from img2dataset.downloader import is_disallowed
 
-    from stages._fetch import robots_disallowed
+    from stages.common.fetch import robots_disallowed
 
     directives = {"noai", "noimageai", "noindex", "noimageindex"}
     msg = Message()

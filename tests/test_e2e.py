@@ -134,7 +134,7 @@ def random_scorer(tmp_path_factory):
     import open_clip
     import torch
 
-    from stages import _clip
+    from stages.common import clip as _clip
 
     _clip.register_model_configs()
     torch.manual_seed(0)

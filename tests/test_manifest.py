@@ -33,7 +33,8 @@ def run_dir(tmp_path):
 
 def test_manifest_contents(run_dir):
     man = read_manifest(run_dir)
-    assert man["format"] == "pairforge-manifest/1"
+    assert man["format"] == "pairforge-manifest/2"
+    assert man["schema"] == [] and man["fits"] == [] and man["side_tables"] == {}  # the shard stage declares nothing
     assert man["counts"] == {"input": 23, "ok": 23, "rejected": 0}
     assert [s["samples"] for s in man["shards"]] == [10, 10, 3]
     assert man["stages"][-1] == {"name": "shard", "in": 23, "out": 23, "dropped": {}, "seconds": 0.0}

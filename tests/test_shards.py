@@ -10,13 +10,15 @@ from PIL import Image
 
 from manifests import layout
 from manifests.shards import read_stats, write_shard
-from stages.base import take
+from stages.base import Column, take
 from tests.shardkit import rows
 
 
 def test_shard_files_and_stats(tmp_path):
     r = rows(10, shard_id=3, rejected={2: "too_small", 7: "too_small"}, emb_dim=8)
-    stats = write_shard(r, tmp_path, 3)
+    schema = {"img_emb": Column("img_emb", "vector", shape=(8,), store="embeddings")}
+    stats = write_shard(r, tmp_path, 3, schema=schema)
+    assert stats["version"] == 2
     assert stats["count"] == 10 and stats["successes"] == 8 and stats["rejected"] == 2
     assert stats["rejects_by_stage"] == {"filter": {"too_small": 2}}
     assert abs(stats["stage_seconds"]["download"] - 0.1) < 1e-9
@@ -32,10 +34,16 @@ def test_shard_files_and_stats(tmp_path):
     ok = np.flatnonzero(r["status"] == "ok")
     assert emb.dtype == np.float16 and emb.shape == (8, 8)
     np.testing.assert_allclose(emb, r["img_emb"][ok].astype(np.float16))
+    rej_emb = np.load(layout.rejects_embedding_npy(tmp_path, "img_emb", 3))
+    np.testing.assert_allclose(rej_emb, r["img_emb"][[2, 7]].astype(np.float16))
+    assert "img_emb" not in par.column_names
     for name, entry in stats["files"].items():
         data = (tmp_path / name).read_bytes()
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert read_stats(tmp_path, 3)["successes"] == 8
+    # an undeclared 2-D column is not guessed to be an embedding
+    write_shard(r, tmp_path / "undeclared", 3)
+    assert not (tmp_path / "undeclared" / "embeddings").exists()
 
 
 def test_same_rows_in_any_order_give_identical_bytes(tmp_path):
