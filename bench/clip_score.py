@@ -318,7 +318,7 @@ def bench_stage_ray(args, images, captions) -> dict[str, float | None]:
         import ray
     except ImportError:
         return {}
-    from pipeline.plan import map_stage
+    from pipeline.plan import map_on_actors
     from pipeline.raystart import init_local
     from stages.clip_score import ClipScoreStage
 
@@ -332,7 +332,7 @@ def bench_stage_ray(args, images, captions) -> dict[str, float | None]:
         for actors, decode, cpus in ray_plans(args.ray):
             label = f"3b Ray Data, {actors} actor(s) x {cpus} CPU on {gpus or 'no'} GPU, {decode}"
             try:
-                ds = map_stage(source, ClipScoreStage(stage_config(args, actors, decode, cpus, max(gpus, 1))))
+                ds = map_on_actors(source, ClipScoreStage(stage_config(args, actors, decode, cpus, max(gpus, 1))))
                 clock = Clock()
                 with GpuBusy() as busy:
                     for batch in ds.select_columns(["key", "clip_score"]).iter_batches(

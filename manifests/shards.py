@@ -76,6 +76,8 @@ def tar_array_columns(schema: Schema | None) -> list[str]:
 
 def arrow_column(v: np.ndarray, col: Column | None) -> pa.Array:
     """One batch column as Arrow, by its declared kind (undeclared: inferred)."""
+    if col is None and v.ndim == 2 and v.dtype != object:  # an undeclared matrix: fixed-size rows
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(v).reshape(-1)), v.shape[1])
     if col is None or col.kind in ("string", "bytes"):
         return pa.array(v.tolist() if v.dtype == object else v)
     if col.kind == "scalar":

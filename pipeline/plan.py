@@ -104,6 +104,25 @@ def segments(stages) -> list[tuple[bool, tuple[Stage, ...]]]:
     return out or [(False, ())]
 
 
+def map_on_actors(ds: "ray.data.Dataset", st: Stage) -> "ray.data.Dataset":
+    """One stage on an actor pool sized by its ``Resources``, with its
+    ``cpu_prepare`` in CPU tasks ahead of the actors."""
+    res = st.resources()
+    common = dict(batch_format="numpy", zero_copy_batch=False, batch_size=res.batch_size)
+    if st.has_cpu_prepare():
+        ds = ds.map_batches(_cpu_prepare, fn_kwargs={"stage": st}, num_cpus=1, **common)
+    lo, hi = res.concurrency
+    _note_args(st)
+    return ds.map_batches(
+        _actor_class(st),
+        fn_constructor_kwargs={"stage": st},
+        concurrency=(lo, hi) if hi > lo else lo,
+        num_cpus=res.num_cpus,
+        num_gpus=res.num_gpus or None,
+        **common,
+    )
+
+
 def rows_dataset(spec: RunSpec, shard_ids: list[int]) -> "ray.data.Dataset":
     ds = ray.data.from_items([{"sid": s} for s in shard_ids], override_num_blocks=len(shard_ids))
     segs = segments(spec.stages)
@@ -113,21 +132,7 @@ def rows_dataset(spec: RunSpec, shard_ids: list[int]) -> "ray.data.Dataset":
     for i, (on_actors, stages) in enumerate(segs):
         save = i == len(segs) - 1
         if on_actors:
-            (st,) = stages
-            res = st.resources()
-            if st.has_cpu_prepare():
-                ds = ds.map_batches(_cpu_prepare, fn_kwargs={"stage": st}, num_cpus=1, batch_size=res.batch_size, **common)
-            lo, hi = res.concurrency
-            _note_args(st)
-            ds = ds.map_batches(
-                _actor_class(st),
-                fn_constructor_kwargs={"stage": st},
-                concurrency=(lo, hi) if hi > lo else lo,
-                num_cpus=res.num_cpus,
-                num_gpus=res.num_gpus or None,
-                batch_size=res.batch_size,
-                **common,
-            )
+            ds = map_on_actors(ds, stages[0])
             if save:
                 ds = ds.map_batches(_segment, fn_kwargs=_kw(spec, (), False, True), batch_size=None, num_cpus=1, **common)
         else:

@@ -42,3 +42,40 @@ def rows(n: int, shard_id: int = 0, rejected: dict[int, str] | None = None, emb_
     if emb_dim:
         out["img_emb"] = np.random.default_rng(shard_id).standard_normal((n, emb_dim)).astype(np.float32)
     return out
+
+
+def fit_on_ray(stage, rows: dict, out, width: int) -> dict:
+    """Fit a global stage with the Ray launcher over fit files laid out as a
+    run would leave them: rows go to shard ``int(key[:-width])``. Returns the
+    dropped rows (key order), like ``pipeline.local.fit_global``."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from manifests import layout
+    from manifests.shards import to_arrow
+    from pipeline.engine import RunSpec, read_decisions
+    from pipeline.fit import run_fit
+    from pipeline.plan import RayLauncher
+    from stages.base import concat, take
+    from stages.shard import Config as ShardConfig
+    from stages.shard import ShardStage
+
+    keys = np.asarray(rows["key"]).astype(str)
+    n = len(keys)
+    rows = {**rows, "status": np.array(["ok"] * n, dtype=object), "stage": np.array([""] * n, dtype=object)}
+    sids = np.array([int(k[:-width]) for k in keys])
+    spec = RunSpec(str(out), (stage,), ShardStage(ShardConfig()), 10**width)
+    for sid in np.unique(sids):
+        part = take(rows, np.flatnonzero(sids == sid))
+        folder = layout.rows_dir(out, int(sid))
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(to_arrow(part, [c for c in spec.fit_columns if c in part], spec.schema), folder / "p.fit.parquet")
+        layout.rows_done(out, int(sid)).write_text(json.dumps({"rows": int(np.sum(sids == sid)), "parts": ["p"]}))
+    run_fit(RayLauncher(), spec, stage, [int(s) for s in np.unique(sids)], n)
+    dec = concat([read_decisions(spec, stage.name, int(s)) for s in np.unique(sids)])
+    if not dec:
+        return {}
+    drop = np.flatnonzero(np.asarray(dec["reason"], dtype=object) != "")
+    dec = take({c: v for c, v in dec.items() if c != "survivor"}, drop)
+    return take(dec, np.argsort(dec["key"].astype(str), kind="stable"))

@@ -214,18 +214,14 @@ def test_prior_build_drops_rows_whose_identity_is_already_there(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_fit_with_several_blocks_matches_in_process(ray_local):
-    import ray
-
-    from pipeline.plan import fit_global_ray
+def test_ray_fit_with_several_blocks_matches_in_process(ray_local, tmp_path):
+    from tests.shardkit import fit_on_ray
 
     rows = build_planted()
     stage = ExactDedupStage(Config())
     fit = {c: rows[c] for c in stage.fit_columns}
     local = fit_global(stage, fit)
-    n = len(fit["key"])
-    items = [{c: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for c, v in fit.items()} for i in range(n)]
-    remote = fit_global_ray(ExactDedupStage(Config()), ray.data.from_items(items, override_num_blocks=5))
+    remote = fit_on_ray(ExactDedupStage(Config()), fit, tmp_path, width=3)  # 1000 rows a shard
     assert len(local["key"]) > 80
     for c in local:
         assert list(remote[c]) == list(local[c])

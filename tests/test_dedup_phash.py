@@ -185,17 +185,13 @@ def test_config_errors():
 
 
 @pytest.mark.slow
-def test_ray_fit_with_several_blocks_matches_in_process(ray_local):
-    import ray
-
-    from pipeline.plan import fit_global_ray
+def test_ray_fit_with_several_blocks_matches_in_process(ray_local, tmp_path):
+    from tests.shardkit import fit_on_ray
 
     rows = synthetic(4000, seed=11)
     stage = PerceptualDedupStage(Config(buckets_per_band=16))
     local = fit_global(stage, rows)
-    items = [{c: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for c, v in rows.items()} for i in range(4000)]
-    ds = ray.data.from_items(items, override_num_blocks=6)
-    remote = fit_global_ray(PerceptualDedupStage(Config(buckets_per_band=16)), ds)
+    remote = fit_on_ray(PerceptualDedupStage(Config(buckets_per_band=16)), rows, tmp_path, width=3)  # 1000 rows a shard
     assert len(local["key"]) > 500
     for c in local:
         assert list(remote[c]) == list(local[c])

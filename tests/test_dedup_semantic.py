@@ -115,25 +115,12 @@ def test_bucket_rows_need_learn():
 
 
 @pytest.mark.slow
-def test_ray_fit_with_several_blocks_matches_in_process(ray_local):
-    import ray
-
-    from pipeline.plan import fit_global_ray
+def test_ray_fit_with_several_blocks_matches_in_process(ray_local, tmp_path):
+    from tests.shardkit import fit_on_ray
 
     rows = embedded(n=1500, seed=6)
     local = fit_global(SemanticDedupStage(Config(n_clusters=8, eps=0.01)), rows)
-    items = [
-        {
-            "key": str(rows["key"][i]),
-            "img_emb": rows["img_emb"][i],
-            "original_width": int(rows["original_width"][i]),
-            "original_height": int(rows["original_height"][i]),
-        }
-        for i in range(len(rows["key"]))
-    ]
-    remote = fit_global_ray(
-        SemanticDedupStage(Config(n_clusters=8, eps=0.01)), ray.data.from_items(items, override_num_blocks=5)
-    )
+    remote = fit_on_ray(SemanticDedupStage(Config(n_clusters=8, eps=0.01)), rows, tmp_path, width=3)
     assert len(local["key"]) > 200
     for c in local:
         assert list(remote[c]) == list(local[c])
