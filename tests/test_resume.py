@@ -1,0 +1,98 @@
+"""Resume at the granularity of input shards: a driver killed with SIGKILL
+half-way through the per-row pass, then ``--resume``, downloads only the
+input shards that had not finished (counted at the local HTTP server) and
+writes the same bytes as an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from manifests import layout
+from manifests.manifest import verify
+from pipeline.config import load_job
+from pipeline.engine import rows_mark
+from pipeline.httpserver import LocalHTTPServer, Route
+from pipeline.job import run_job
+from pipeline.raystart import loopback_env
+from tests.shardkit import jpeg
+
+pytestmark = pytest.mark.slow
+SHARDS, PER_SHARD = 16, 8
+
+
+def _job_dict(urls_path, out: str) -> dict:
+    return {
+        "input": {"paths": [str(urls_path)]},
+        "output": {"dir": out, "samples_per_shard": PER_SHARD},
+        "ray": {"num_cpus": 2},
+        "stages": [
+            {"name": "download", "image_size": 16, "thread_count": 2, "allow_networks": ["127.0.0.1/32"]},
+            {"name": "dedup_exact"},
+            "shard",
+        ],
+    }
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver, then whatever it started (its local Ray), by session id."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.split("\n")
+    for line in ps:
+        parts = line.split()
+        if len(parts) == 2 and int(parts[1]) == proc.pid:
+            try:
+                os.kill(int(parts[0]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_sigkill_half_way_then_resume_downloads_only_the_rest(tmp_path, ray_local):
+    n = SHARDS * PER_SHARD
+    # copies at other URLs, so the global stage has work across shards
+    routes = {f"/{i}.jpg": Route(jpeg(i % (n // 2)), "image/jpeg", delay=0.15) for i in range(n)}
+    with LocalHTTPServer(routes) as server:
+        urls = [server.url(f"/{i}.jpg") for i in range(n)]
+        pq.write_table(pa.table({"url": urls, "caption": [f"c {i % 7}" for i in range(n)]}), tmp_path / "urls.parquet")
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "cut"))))
+        env = {**os.environ, **loopback_env(), "RAY_AUTH_MODE": "disabled"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "driver.log", "w"),
+            start_new_session=True,
+        )
+        cut = tmp_path / "cut"
+        deadline = time.time() + 240
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                if sum(rows_mark(cut, s) is not None for s in range(SHARDS)) >= SHARDS // 2:
+                    break
+                time.sleep(0.05)
+        finally:
+            _kill_session(proc)
+        finished = [s for s in range(SHARDS) if rows_mark(cut, s) is not None]
+        assert SHARDS // 2 <= len(finished) < SHARDS, (finished, (tmp_path / "driver.log").read_text()[-2000:])
+        assert not layout.manifest_json(cut).exists()
+
+        before = sum(server.hits.values())
+        man = run_job(load_job(tmp_path / "job.yaml"), resume=True)
+        resumed_hits = sum(server.hits.values()) - before
+        assert man["timing"]["resumed_rows_shards"] == len(finished)
+        assert resumed_hits == (SHARDS - len(finished)) * PER_SHARD  # only the unfinished shards
+
+        run_job(load_job(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "full"))))
+    full = tmp_path / "full"
+    for sid in range(SHARDS):
+        for f in (layout.shard_parquet, layout.rejects_parquet, layout.shard_tar):
+            assert f(cut, sid).read_bytes() == f(full, sid).read_bytes(), f(cut, sid)
+    assert verify(cut) == []
+    assert man["stages"][1]["dropped"], "the planted copies were not found"
