@@ -198,19 +198,32 @@ def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: li
     for table in stage.side_tables():
         shutil.rmtree(layout.side_table_dir(spec.out, table), ignore_errors=True)
     info: dict = {"stage": stage.name}
+    steps: dict[str, float] = {}
+
+    def lap(name: str, t: float) -> float:
+        now = time.perf_counter()
+        steps[name] = round(now - t, 3)
+        return now
+
+    t = t0
     if stage.sample_rows:
         sample = take_sample(launcher, spec, stage, shard_ids, total)
         info["sample_rows"] = batch_len(sample)
+        t = lap("sample", t)
         stage.learn(sample)
+        t = lap("learn", t)
     reduced = launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage)
+    t = lap("bucket_and_reduce", t)
     stage, counts = launcher.call(_combine, reduced, spec, stage)
+    t = lap("combine", t)
     if stage.has_decide_rows():
         for c in launcher.map(_decide_shard, shard_ids, spec=spec, stage=stage):
             counts["decisions"] += c["decisions"]
             counts["dropped"] += c["dropped"]
-            for t, n in c["tables"].items():
-                counts["tables"][t] = counts["tables"].get(t, 0) + n
-    info.update(counts, seconds=round(time.perf_counter() - t0, 3))
+            for tb, n in c["tables"].items():
+                counts["tables"][tb] = counts["tables"].get(tb, 0) + n
+        t = lap("decide_rows", t)
+    info.update(counts, seconds=round(time.perf_counter() - t0, 3), steps=steps)
     layout.atomic_write_bytes(layout.fit_done(spec.out, stage.name), json.dumps(info, sort_keys=True).encode())
     return info
 

@@ -2,8 +2,10 @@
 
 It serves a table of paths -> :class:`Route`; a route can misbehave on
 purpose (wrong status, slow start, slow drip, redirect, cut-off transfer,
-opt-out headers), so a download run can be tested against every failure a
-real URL list holds without reaching the internet::
+opt-out headers, a status line and headers trickled a byte at a time, an
+endless header, a request never answered, a chunked body), so a download
+run can be tested against every failure a real URL list holds without
+reaching the internet::
 
     routes = {"/cat.jpg": Route(jpeg_bytes, "image/jpeg"),
               "/gone": Route(status=404),
@@ -17,6 +19,12 @@ real URL list holds without reaching the internet::
 Unknown paths answer 404. The server speaks HTTP/1.1 with keep-alive, so a
 client that pools connections can reuse them, and it has a deep listen
 backlog, so hundreds of clients connecting at once are not dropped.
+
+:class:`SilentServer` accepts connections and never reads or answers (a
+host that takes the connection and then says nothing).
+
+A dripping or hanging answer ends when the client hangs up, when the
+server stops, or after ``Route.drip_limit`` seconds, whichever comes first.
 """
 
 from __future__ import annotations
@@ -57,6 +65,20 @@ class Route:
     #: ``False``: send no ``Content-Length``; the body ends when the
     #: connection closes (the client cannot know the size up front)
     content_length: bool = True
+    #: send the body with ``Transfer-Encoding: chunked`` in ``chunk_size``
+    #: pieces (no ``Content-Length``; keep-alive is kept)
+    chunked: bool = False
+    #: seconds between single bytes of the status line and the headers (a
+    #: server that trickles its head; each byte comes inside a read timeout)
+    head_drip: float = 0.0
+    #: after the status line, one header line that never ends, a byte every
+    #: ``head_drip`` seconds (1 s when that is 0)
+    endless_header: bool = False
+    #: read the request and never answer
+    hang: bool = False
+    #: the longest a dripping or hanging answer goes on before the server
+    #: closes the connection
+    drip_limit: float = 60.0
 
 
 class LocalHTTPServer:
@@ -67,6 +89,7 @@ class LocalHTTPServer:
         self.routes: dict[str, Route] = dict(routes or {})
         self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._httpd = _Server((host, port), _handler_for(self))
         self.host, self.port = self._httpd.server_address[:2]
         self._thread: threading.Thread | None = None
@@ -82,6 +105,7 @@ class LocalHTTPServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # ends dripping and hanging answers
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -118,6 +142,58 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _Abandon(Exception):
+    """A dripping answer gives up: the server stops or the time is up."""
+
+
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1 and never reads from or writes
+    to them; they are held until :meth:`stop`. A context manager, like
+    :class:`LocalHTTPServer`; ``accepted`` counts the connections."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self._sock = socket.create_server((host, port), backlog=128)
+        self._sock.settimeout(0.1)
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def url(self, path: str = "/") -> str:
+        if not path.startswith("/"):
+            path = "/" + path
+        return f"http://{self.host}:{self.port}{path}"
+
+    def start(self) -> SilentServer:
+        self._thread = threading.Thread(target=self._accept, name="pairforge-silentserver", daemon=True)
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self._held.append(conn)
+            self.accepted += 1
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+    def __enter__(self) -> SilentServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -132,15 +208,34 @@ def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
                 route = server._record(path.split("?", 1)[0])
             if route is None:
                 route = Route(b"not found", "text/plain", status=404)
+            self._give_up_at = time.monotonic() + route.drip_limit
             try:
                 self._answer(route)
             except (BrokenPipeError, ConnectionResetError):
                 # the client gave up (timed out, or stopped at its byte cap)
                 self.close_connection = True
+            except _Abandon:
+                self.close_connection = True
+
+        def _wait(self, seconds: float) -> None:
+            """Sleep, unless the server stops or the drip limit is reached."""
+            left = self._give_up_at - time.monotonic()
+            if server._stopping.wait(max(0.0, min(seconds, left))) or seconds >= left:
+                raise _Abandon
+
+        def _trickle(self, data: bytes, every: float) -> None:
+            for i in range(len(data)):
+                self._wait(every)
+                self.wfile.write(data[i : i + 1])
 
         def _answer(self, route: Route) -> None:
+            if route.hang:
+                self._wait(route.drip_limit)
             if route.delay:
                 time.sleep(route.delay)
+            if route.head_drip or route.endless_header:
+                self._answer_trickled(route)
+                return
             status = route.status
             if route.redirect is not None and status == 200:
                 status = 302
@@ -152,7 +247,9 @@ def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
             if route.redirect is not None:
                 self.send_header("Location", route.redirect)
             body = route.body
-            if route.content_length:
+            if route.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            elif route.content_length:
                 self.send_header("Content-Length", str(len(body)))
             else:
                 self.send_header("Connection", "close")
@@ -168,6 +265,16 @@ def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
                 self.connection.shutdown(socket.SHUT_RDWR)
 
         def _send_body(self, body: bytes, route: Route) -> None:
+            if route.chunked:
+                step = max(1, route.chunk_size)
+                for i in range(0, len(body), step):
+                    piece = body[i : i + step]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    if route.drip:
+                        self.wfile.flush()
+                        self._wait(route.drip)
+                self.wfile.write(b"0\r\n\r\n")
+                return
             if not route.drip:
                 self.wfile.write(body)
                 return
@@ -175,7 +282,21 @@ def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
             for i in range(0, len(body), step):
                 self.wfile.write(body[i : i + step])
                 self.wfile.flush()
-                time.sleep(route.drip)
+                self._wait(route.drip)
+
+        def _answer_trickled(self, route: Route) -> None:
+            """The status line and headers a byte at a time; then either an
+            endless header or the body (dripped as ``drip`` says)."""
+            every = route.head_drip or 1.0
+            self.close_connection = True
+            self._trickle(f"HTTP/1.1 {route.status} {self.responses.get(route.status, ('',))[0]}\r\n".encode(), every)
+            if route.endless_header:
+                self._trickle(b"X-Endless: ", every)
+                while True:
+                    self._trickle(b"a", every)
+            head = f"Content-Type: {route.content_type}\r\nContent-Length: {len(route.body)}\r\n"
+            self._trickle(head.encode("latin-1") + b"Connection: close\r\n\r\n", every)
+            self._send_body(route.body, route)
 
         def log_message(self, format, *args) -> None:
             pass

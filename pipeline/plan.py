@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.data.context import ShuffleStrategy
 
 from pipeline import engine
 from pipeline.engine import RowsTracker, RunSpec
@@ -104,19 +105,47 @@ def segments(stages) -> list[tuple[bool, tuple[Stage, ...]]]:
     return out or [(False, ())]
 
 
+def _prepare_memory(st: Stage) -> int | None:
+    """The ``memory`` a ``cpu_prepare`` task asks Ray for: the stage's
+    optional ``cpu_prepare_memory()`` (bytes), capped at the cluster's memory
+    per CPU so that a task never asks for more than a node can give."""
+    want = getattr(st, "cpu_prepare_memory", None)
+    want = want() if callable(want) else None
+    if not want:
+        return None
+    res = ray.cluster_resources()
+    per_cpu = res.get("memory", 0) / max(res.get("CPU", 1), 1)
+    return int(min(want, per_cpu)) if per_cpu else None
+
+
 def map_on_actors(ds: "ray.data.Dataset", st: Stage) -> "ray.data.Dataset":
     """One stage on an actor pool sized by its ``Resources``, with its
-    ``cpu_prepare`` in CPU tasks ahead of the actors."""
+    ``cpu_prepare`` in CPU tasks ahead of the actors.
+
+    Two optional stage methods (not part of :class:`stages.base.Stage`) tune
+    it: ``actor_calls()``, the batches one actor works on at once on threads
+    of its own (Ray Data's ``enable_true_multi_threading``; the stage must be
+    thread-safe), and ``cpu_prepare_memory()``, the bytes one prepare task
+    needs (its ``memory`` request)."""
     res = st.resources()
     common = dict(batch_format="numpy", zero_copy_batch=False, batch_size=res.batch_size)
     if st.has_cpu_prepare():
-        ds = ds.map_batches(_cpu_prepare, fn_kwargs={"stage": st}, num_cpus=1, **common)
+        mem = _prepare_memory(st)
+        ds = ds.map_batches(_cpu_prepare, fn_kwargs={"stage": st}, num_cpus=1, memory=mem, **common)
     lo, hi = res.concurrency
+    calls = getattr(st, "actor_calls", None)
+    calls = max(1, int(calls() if callable(calls) else 1))
+    compute = ray.data.ActorPoolStrategy(
+        min_size=lo,
+        max_size=max(lo, hi),
+        max_concurrent_calls_per_actor=calls if calls > 1 else None,
+        enable_true_multi_threading=calls > 1,
+    )
     _note_args(st)
     return ds.map_batches(
         _actor_class(st),
         fn_constructor_kwargs={"stage": st},
-        concurrency=(lo, hi) if hi > lo else lo,
+        compute=compute,
         num_cpus=res.num_cpus,
         num_gpus=res.num_gpus or None,
         **common,
@@ -184,12 +213,19 @@ def _reduce_rows(rows: Batch, fn, kwargs) -> dict:
     return {"path": np.array([_call(fn, rows, kwargs)], dtype=object)}
 
 
+def _local_shuffle(emit, reduce, items, **kwargs) -> list:
+    return Launcher().shuffle(emit, reduce, items, **kwargs)
+
+
 class RayLauncher(Launcher):
     """``pipeline.fit``'s steps as Ray tasks; shared arguments go to the
     object store once, so a task's own argument is a shard id."""
 
-    def __init__(self, num_cpus: float = 1.0):
+    def __init__(self, num_cpus: float = 1.0, small_fit_shards: int = 32):
         self.num_cpus = num_cpus
+        #: fits over at most this many shards group their rows in one task
+        #: (tens of MB of fit rows) instead of a Ray Data shuffle
+        self.small_fit_shards = small_fit_shards
 
     def map(self, fn, items: list, **kwargs) -> list:
         ref = ray.put(kwargs)
@@ -217,15 +253,25 @@ class RayLauncher(Launcher):
     def shuffle(self, emit, reduce, items: list, **kwargs) -> list:
         if not items:
             return []
+        if len(items) <= self.small_fit_shards:  # one task: a Ray Data shuffle costs seconds to start
+            return self.call(_local_shuffle, emit, reduce, items, **kwargs)
         ref = ray.put(kwargs)
         ds = ray.data.from_items([{"sid": s} for s in items], override_num_blocks=len(items))
         ds = ds.map_batches(_emit_rows, fn_kwargs={"fn": emit, "kwargs": ref}, batch_size=1, batch_format="numpy")
         # partitions: enough to spread the reducers, few enough that a small fit is not all overhead
         parts = max(1, min(SHUFFLE_PARTITIONS, len(items), int(ray.cluster_resources().get("CPU", 1)) * 4))
-        red = ds.groupby("bucket", num_partitions=parts).map_groups(
-            _reduce_rows, fn_kwargs={"fn": reduce, "kwargs": ref}, batch_format="numpy"
-        )
-        return [str(p) for b in red.iter_batches(batch_format="numpy", batch_size=None) for p in b["path"]]
+        ctx = ray.data.DataContext.get_current()
+        before = ctx.shuffle_strategy
+        # the sort-based shuffle: Ray 2.60's hash shuffle starts aggregator
+        # actors for every groupby (3-6 s a fit here, against 0.4 s)
+        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        try:
+            red = ds.groupby("bucket", num_partitions=parts).map_groups(
+                _reduce_rows, fn_kwargs={"fn": reduce, "kwargs": ref}, batch_format="numpy"
+            )
+            return [str(p) for b in red.iter_batches(batch_format="numpy", batch_size=None) for p in b["path"]]
+        finally:
+            ctx.shuffle_strategy = before
 
 
 def write_shards(spec: RunSpec, shard_ids: list[int]) -> list[dict]:

@@ -89,6 +89,8 @@ PIXELS, PIXEL_ERRORS, TOKENS = (SCRATCH_PREFIX + c for c in ("clip_pixels", "cli
 
 log = logging.getLogger(__name__)
 
+#: rows decoded per nvJPEG call on a GPU: the towers of one chunk run while the next decodes
+DECODE_ROWS = 512
 #: histogram bins over [-1, 1] for the top-fraction fit
 BINS = 8192
 #: prepare's window: this many standard deviations of a sample quantile,
@@ -118,10 +120,19 @@ class Config:
     image_decode: str = "auto"
     #: threads for PIL decoding; 0: ``num_cpus``
     decode_threads: int = 0
-    #: decode, resize and tokenise in CPU tasks ahead of the actors (libjpeg
-    #: pixels, then the actors run only the towers); in process: the same
-    #: functions, before ``process_batch``
+    #: tokenise in CPU tasks ahead of the actors and, unless the actors decode
+    #: with nvJPEG, decode (libjpeg), resize and crop there too; in process:
+    #: the same functions, before ``process_batch``
     cpu_prefetch: bool = False
+    #: on a GPU, replay the towers from CUDA graphs captured at ``micro_batch``
+    #: (kept only where they match the eager towers within 1e-3; the same kernels)
+    cuda_graphs: bool = True
+    #: on a GPU, ``torch.compile`` the towers first (a minute of start-up per
+    #: actor; kept only where they match the eager towers within 1e-3)
+    compile: bool = False
+    #: batches one GPU actor scores at once, on threads: one decodes while
+    #: another's towers run
+    actor_threads: int = 2
     #: drop rows with ``clip_score`` below this
     threshold: float | None = None
     #: keep this share of the alive rows, ranked by score over the whole dataset
@@ -140,6 +151,8 @@ class Config:
             raise ValueError("batch_size and micro_batch must be >= 1")
         if self.num_gpus < 0 or self.num_cpus <= 0:
             raise ValueError("num_gpus must be >= 0 and num_cpus > 0")
+        if self.actor_threads < 1:
+            raise ValueError("actor_threads must be >= 1")
 
 
 class ClipScoreStage(GlobalStage):
@@ -152,6 +165,7 @@ class ClipScoreStage(GlobalStage):
     def __init__(self, config: Config):
         super().__init__(config)
         self._loaded: _clip.Loaded | None = None
+        self._towers: _clip.CudaTowers | None = None
         self._identity: dict | None = None
         self._window: tuple[int, int] | None = None  # histogram bins [lo, hi] learn chose
         self._cut: dict | None = None  # what combine found; decide_rows applies it
@@ -159,7 +173,7 @@ class ClipScoreStage(GlobalStage):
 
     def __getstate__(self):  # ship config and fit state, never the model
         state = dict(self.__dict__)
-        state["_loaded"] = None
+        state["_loaded"] = state["_towers"] = None
         return state
 
     def resources(self) -> Resources:
@@ -197,20 +211,52 @@ class ClipScoreStage(GlobalStage):
         if self._loaded is None:
             import torch
 
-            device = _clip.pick_device(self.config.device)
+            c = self.config
+            device = _clip.pick_device(c.device)
             if device == "cpu":
-                torch.set_num_threads(max(1, int(self.config.num_cpus)))
-            self._loaded = _clip.load(self.config.model, self.config.pretrained, device)
+                torch.set_num_threads(max(1, int(c.num_cpus)))
+            self._loaded = ld = _clip.load(c.model, c.pretrained, device)
+            if device.startswith("cuda") and c.precision == "auto":
+                self._towers = _clip.CudaTowers(ld.model, ld.cfg, device, c.micro_batch, ld.tokenizer.context_length,
+                                                graphs=c.cuda_graphs, compile=c.compile)  # fmt: skip
+                log.info("clip_score: towers %s (%s)", self._towers.mode, self._towers.check)
 
     def teardown(self) -> None:
-        self._loaded = None
+        self._loaded = self._towers = None
+
+    def _on_gpu(self) -> bool:
+        """Whether the actors run on a GPU, as the config says (the driver and
+        the prepare tasks may have none)."""
+        return self.config.num_gpus > 0 or self.config.device.startswith("cuda")
+
+    def _nvjpeg(self) -> bool:
+        """Whether the actors decode with nvJPEG (then prepare only tokenises)."""
+        d = self.config.image_decode
+        return d == "nvjpeg" or (d == "auto" and self._on_gpu())
 
     def has_cpu_prepare(self) -> bool:
         return self.config.cpu_prefetch
 
+    def actor_calls(self) -> int:
+        """Batches an actor works on at once, on threads (read by the Ray plan)."""
+        return self.config.actor_threads if self._on_gpu() else 1
+
+    def cpu_prepare_memory(self) -> int:
+        """Bytes of memory a ``cpu_prepare`` task needs (read by the Ray plan):
+        the worker with torch imported, plus per row the decoded image, its
+        float copy for the resize and the crop when it decodes."""
+        per_row = 64 << 10 if self._nvjpeg() else 3 << 19
+        return (1 << 30) + self.config.batch_size * per_row
+
     def cpu_prepare(self, batch: Batch) -> Batch:
-        """libjpeg/PIL decode, open_clip's resize and centre crop (uint8) and
-        tokens, per row; the actor normalises and runs the towers."""
+        """Tokens, and unless the actors decode with nvJPEG, libjpeg/PIL
+        decode, open_clip's resize and centre crop (uint8), per row; the
+        actor normalises and runs the towers."""
+        captions = [c if isinstance(c, str) else "" for c in batch["caption"]]
+        out = dict(batch)
+        out[TOKENS] = _clip.tokenizer(self.config.model)(captions).numpy()
+        if self._nvjpeg():
+            return out
         n = batch_len(batch)
         cfg = _clip.pixel_cfg(self.config.model)
         th, tw = _clip.size_hw(cfg["size"])
@@ -220,19 +266,17 @@ class ClipScoreStage(GlobalStage):
         good = [i for i, t in enumerate(tensors) if t is not None]
         if good:
             pixels[good] = _clip.resize_crop([tensors[i] for i in good], cfg).numpy()
-        captions = [c if isinstance(c, str) else "" for c in batch["caption"]]
-        out = dict(batch)
         # "" for no error: a column of only None would not survive Ray's Arrow blocks as None
         out[PIXELS], out[PIXEL_ERRORS] = pixels, object_array([e or "" for e in errors])
-        out[TOKENS] = _clip.tokenizer(self.config.model)(captions).numpy()
         return out
 
     def process_batch(self, batch: Batch) -> Batch:
         self.setup()
         out = dict(batch)
         prefetched = None
-        if PIXELS in batch:
-            prefetched = (batch[PIXELS], [str(e) or None for e in batch[PIXEL_ERRORS]], batch[TOKENS])
+        if TOKENS in batch:
+            errors = [str(e) or None for e in batch[PIXEL_ERRORS]] if PIXELS in batch else None
+            prefetched = (batch.get(PIXELS), errors, batch[TOKENS])
         scores, img, txt, errors = self.score(list(batch["image"]), list(batch["caption"]), prefetched)
         out["clip_score"] = scores
         out["img_emb"] = img
@@ -257,7 +301,8 @@ class ClipScoreStage(GlobalStage):
     def score(self, images: list, captions: list, prefetched=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
         """Scores (float32; NaN where the image failed), image and text
         embeddings (float16; zeros where it failed) and per-row decode errors.
-        ``prefetched``: (uint8 pixels, decode errors, tokens) from :meth:`prefetch`."""
+        ``prefetched``: (uint8 pixels or None, their decode errors or None,
+        tokens) from :meth:`cpu_prepare`."""
         import torch
 
         ld = self._loaded
@@ -269,42 +314,42 @@ class ClipScoreStage(GlobalStage):
         n = len(images)
         images = [b if isinstance(b, (bytes, bytearray)) else b"" for b in images]
         threads = c.decode_threads or max(1, int(c.num_cpus))
-        # tokenising is pure Python: on a thread of its own it overlaps the
-        # image work (decoders and kernel launches release the GIL)
-        if prefetched is not None:
-            pix, errors, tok = prefetched
+        pix, errors, tok = prefetched if prefetched is not None else (None, None, None)
+        if pix is not None:
             # prefetch read the model's config without its weights; a pretrained tag can change it
             have = _clip.pixel_cfg(self.config.model)
             if _clip.size_hw(have["size"]) != _clip.size_hw(ld.cfg["size"]) or any(
                 have[k] != ld.cfg.get(k) for k in ("interpolation", "resize_mode")
             ):
                 raise RuntimeError(f"clip_score: prefetched pixels follow {have}, the loaded model wants {ld.cfg}")
+        if tok is not None:
+            tokens_job = None
+        else:
+            # tokenising is pure Python: on a thread of its own it overlaps the
+            # image work (decoders and kernel launches release the GIL)
+            tokens_job = _clip.thread_pool(1).submit(
+                ld.tokenizer, [cap if isinstance(cap, str) else "" for cap in captions]
+            )
+
+        def tokens():
+            return torch.from_numpy(np.asarray(tok)) if tokens_job is None else tokens_job.result()
+
+        if self._towers is not None and (pix is not None or decoder != "pil"):
+            return self._score_cuda(images, pix, errors, tokens, decoder, threads)
+
+        def transform(x):
+            return _clip.normalize(x, ld.cfg)
+
+        if pix is not None:
             good = [i for i, e in enumerate(errors) if e is None]
             pixels = torch.from_numpy(np.ascontiguousarray(pix[good])) if good else None
-            tokens = torch.from_numpy(np.asarray(tok))
-
-            def transform(x):
-                return _clip.normalize(x, ld.cfg)
-
-            img = (
-                _clip.encode(ld.model.encode_image, pixels, ld.device, c.micro_batch, bf16, transform) if good else None
-            )
-            txt = _clip.encode(ld.model.encode_text, tokens, ld.device, c.micro_batch, bf16)
-            return self._collect(n, good, img, txt, errors)
-        tokens_job = _clip.thread_pool(1).submit(
-            ld.tokenizer, [cap if isinstance(cap, str) else "" for cap in captions]
-        )
-        if decoder in ("nvjpeg", "libjpeg"):
+        elif decoder in ("nvjpeg", "libjpeg"):
             if decoder == "nvjpeg":
                 tensors, errors = _clip.decode_tensors(images, ld.device)
             else:
                 tensors, errors = _clip.decode_cpu(images, ld.device, threads)
             good = [i for i, t in enumerate(tensors) if t is not None]
             pixels = _clip.resize_crop([tensors[i] for i in good], ld.cfg) if good else None
-
-            def transform(x):
-                return _clip.normalize(x, ld.cfg)
-
         else:
             tensors, errors = _clip.decode_pil(images, ld.preprocess, threads)
             good = [i for i, t in enumerate(tensors) if t is not None]
@@ -312,8 +357,36 @@ class ClipScoreStage(GlobalStage):
             transform = None
         # the image tower is queued first: on a GPU it runs while the text is tokenised
         img = _clip.encode(ld.model.encode_image, pixels, ld.device, c.micro_batch, bf16, transform) if good else None
-        txt = _clip.encode(ld.model.encode_text, tokens_job.result(), ld.device, c.micro_batch, bf16)
+        txt = _clip.encode(ld.model.encode_text, tokens(), ld.device, c.micro_batch, bf16)
         return self._collect(n, good, img, txt, errors)
+
+    def _score_cuda(self, images: list, pix, pix_errors, tokens, decoder: str, threads: int):
+        """:meth:`score` on a GPU: per chunk of :data:`DECODE_ROWS` rows, decode
+        and resize (nvJPEG or libjpeg; or the prefetched pixels), then queue
+        both towers without waiting, so the next chunk decodes while the GPU
+        runs this one's towers; wait once at the end."""
+        ld, towers = self._loaded, self._towers
+        n = len(images)
+        self._emb_dim = dim = towers.dim
+        if not n:
+            return np.zeros(0, np.float32), np.zeros((0, dim), np.float16), np.zeros((0, dim), np.float16), []
+        step = max(towers.mb, DECODE_ROWS // towers.mb * towers.mb)
+        pending, errors, tok = [], [], None
+        for a, b in _clip.chunks(n, step):
+            if pix is not None:
+                p, e = np.ascontiguousarray(pix[a:b]), list(pix_errors[a:b])
+            else:
+                p, e = _clip.decode_cuda(images[a:b], ld.device, ld.cfg, decoder, threads)
+            if tok is None:
+                tok = tokens()
+            pending.append(towers.enqueue(p, tok[a:b]))
+            errors.extend(e)
+        parts = [h.wait() for h in pending]
+        img, txt, scores = (np.concatenate([q[j] for q in parts]) for j in range(3))
+        failed = np.array([e is not None for e in errors], dtype=bool)
+        scores[failed] = np.nan
+        img[failed] = 0
+        return scores, img, txt, errors
 
     def _collect(self, n: int, good: list, img, txt, errors: list):
         import torch

@@ -76,6 +76,9 @@ class Config:
     prior_build: str | None = None
     #: shuffle buckets per band; raise it for billions of rows
     buckets_per_band: int = 64
+    #: take each row's hash (16 hex digits) from this column, made upstream
+    #: from pixels that were decoded anyway, instead of decoding the image again
+    hash_column: str | None = None
 
 
 class PerceptualDedupStage(GlobalStage):
@@ -113,7 +116,12 @@ class PerceptualDedupStage(GlobalStage):
     def process_batch(self, batch: Batch) -> Batch:
         n = batch_len(batch)
         hashes, bad = [], []
-        for data in batch["image"]:
+        if self.config.hash_column:
+            for h in batch[self.config.hash_column]:
+                good = isinstance(h, str) and len(h) == 16
+                hashes.append(h if good else "")
+                bad.append(False if good else "no_hash")
+        for data in batch["image"] if not self.config.hash_column else ():
             try:
                 hashes.append(image_hash(data, self.config.algorithm))
                 bad.append(False)

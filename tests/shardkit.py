@@ -72,7 +72,8 @@ def fit_on_ray(stage, rows: dict, out, width: int) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(to_arrow(part, [c for c in spec.fit_columns if c in part], spec.schema), folder / "p.fit.parquet")
         layout.rows_done(out, int(sid)).write_text(json.dumps({"rows": int(np.sum(sids == sid)), "parts": ["p"]}))
-    run_fit(RayLauncher(), spec, stage, [int(s) for s in np.unique(sids)], n)
+    # small_fit_shards=0: through the Ray Data shuffle, as a large run would
+    run_fit(RayLauncher(small_fit_shards=0), spec, stage, [int(s) for s in np.unique(sids)], n)
     dec = concat([read_decisions(spec, stage.name, int(s)) for s in np.unique(sids)])
     if not dec:
         return {}

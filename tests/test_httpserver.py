@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import http.client
 import socket
+import time
 
 import pytest
 
-from pipeline.httpserver import LocalHTTPServer, Route
+from pipeline.httpserver import LocalHTTPServer, Route, SilentServer
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +77,84 @@ def test_delay_and_hit_counts():
         s.routes["/slow"] = Route(b"now")  # routes can change while serving
         assert get(s, "/slow")[1].read() == b"now"
         assert s.hits["/slow"] == 2
+
+
+# ------------------------------------------------------------------ hostile routes
+
+
+def raw_get(host: str, port: int, path: str, timeout: float) -> socket.socket:
+    s = socket.create_connection((host, port), timeout=timeout)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return s
+
+
+def read_for(s: socket.socket, seconds: float) -> bytes:
+    """What arrives in ``seconds`` (at most 1000 reads)."""
+    got, end = b"", time.monotonic() + seconds
+    for _ in range(1000):
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        s.settimeout(left)
+        try:
+            piece = s.recv(4096)
+        except TimeoutError:
+            break
+        if not piece:
+            break
+        got += piece
+    return got
+
+
+def test_trickled_head_and_endless_header():
+    routes = {
+        "/head": Route(b"body", "text/plain", head_drip=0.02),
+        "/endless": Route(b"", head_drip=0.02, endless_header=True),
+    }
+    with LocalHTTPServer(routes) as s:
+        with raw_get(s.host, s.port, "/endless", 2.0) as c:
+            got = read_for(c, 1.0)
+        assert got.startswith(b"HTTP/1.1 200 OK\r\nX-Endless: a")
+        assert 10 <= len(got) <= 60  # a byte each 20 ms, never a whole head
+        assert b"\r\n\r\n" not in got
+        with raw_get(s.host, s.port, "/head", 2.0) as c:
+            assert len(read_for(c, 0.2)) <= 15
+            rest = read_for(c, 8.0)
+        assert rest.endswith(b"\r\n\r\nbody") and b"Content-Length: 4\r\n" in rest
+
+
+def test_chunked_body_and_keep_alive():
+    with LocalHTTPServer({"/c": Route(b"z" * 2500, chunked=True, chunk_size=1000)}) as s:
+        conn, r = get(s, "/c")
+        assert r.getheader("Transfer-Encoding") == "chunked" and r.getheader("Content-Length") is None
+        assert r.read() == b"z" * 2500
+        conn.request("GET", "/c")  # the same connection
+        assert conn.getresponse().read() == b"z" * 2500
+        conn.close()
+
+
+def test_a_hanging_answer_ends_at_its_limit_or_when_the_server_stops():
+    with LocalHTTPServer({"/hang": Route(hang=True, drip_limit=0.5), "/forever": Route(hang=True)}) as s:
+        with pytest.raises(socket.timeout):
+            get(s, "/hang", timeout=0.2)
+        t0 = time.monotonic()
+        with pytest.raises(http.client.RemoteDisconnected):
+            get(s, "/hang", timeout=3.0)  # closed, unanswered, after drip_limit
+        assert time.monotonic() - t0 < 2.0
+        c = raw_get(s.host, s.port, "/forever", 5.0)
+        time.sleep(0.1)
+    t0 = time.monotonic()  # the server has stopped: the hanging answer closes
+    assert read_for(c, 3.0) == b"" and time.monotonic() - t0 < 2.0
+    c.close()
+
+
+def test_silent_server_accepts_and_never_answers():
+    with SilentServer() as s:
+        assert s.host == "127.0.0.1" and s.url("x") == f"http://127.0.0.1:{s.port}/x"
+        with raw_get(s.host, s.port, "/x", 1.0) as c:
+            assert read_for(c, 0.3) == b""
+            for _ in range(50):  # the accept thread has taken it
+                if s.accepted:
+                    break
+                time.sleep(0.02)
+            assert s.accepted == 1

@@ -13,24 +13,38 @@ only how a connection picks its address:
   to, so DNS rebinding has no window;
 * redirects are followed here, one hop at a time through the same checked
   connections, up to ``max_redirects``; environment proxies are never used;
-* bodies are streamed and cut at ``max_bytes``; an attempt has a
-  ``deadline`` so a server dripping bytes cannot hold a thread for ever.
+* bodies are streamed and cut at ``max_bytes`` decoded bytes; ``gzip`` and
+  ``deflate`` content codings (nested too, at most
+  :data:`MAX_CONTENT_CODINGS`) are inflated here, from the raw bytes, in steps
+  of at most 64 KiB, so a compression bomb costs neither memory nor trust in
+  the installed urllib3's decoders;
+* an attempt has a ``deadline`` that every socket wait obeys (connect, the
+  TLS handshake, the status line, each header byte, the body, every redirect
+  hop): each read on the socket waits at most ``min(timeout, deadline
+  left)``, so a server that drips its status line, its headers or its body
+  cannot hold a thread past the deadline. (DNS resolution, done by the
+  system resolver, has its own timeouts and is not covered.)
 
 The ``X-Robots-Tag`` opt-out test is img2dataset's own ``is_disallowed``.
 :meth:`SafeFetcher.fetch` never raises for anything a URL or a server does;
 its :class:`Fetched` has ``reason`` ``""`` or one of ``invalid_url``,
 ``blocked_address``, ``timeout``, ``connection_error``, ``truncated``,
-``http_<status>``, ``too_many_redirects``, ``too_many_bytes``, ``opted_out``.
+``http_<status>``, ``too_many_redirects``, ``too_many_bytes``, ``opted_out``,
+``decode_error`` (a ``gzip``/``deflate`` body that does not inflate, or
+more than :data:`MAX_CONTENT_CODINGS` codings).
 """
 
 from __future__ import annotations
 
 import http.client
+import io
 import ipaddress
 import re
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urljoin
 
@@ -60,21 +74,39 @@ REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE = frozenset({"timeout", "connection_error", "truncated"})
 _CHUNK = 1 << 16
 _DRAIN_LIMIT = 1 << 16
+#: content codings inflated here (``identity`` is dropped); any other coding
+#: leaves the body as sent, as urllib3 does with codings it does not know
+_INFLATED = frozenset({"gzip", "x-gzip", "deflate"})
+#: more codings than this in one ``Content-Encoding`` is refused (each costs a
+#: zlib state; urllib3 2.6 chose the same limit)
+MAX_CONTENT_CODINGS = 5
 DEFAULT_USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 
 class AddressPolicy:
     """Which IP addresses may be connected to: global unicast only, unless an
-    ``allow_networks`` CIDR (e.g. ``"127.0.0.1/32"``) names them."""
+    ``allow_networks`` CIDR (e.g. ``"127.0.0.1/32"``) names them.
+
+    An allowed IPv4 network also admits that host written as IPv6 where the
+    packets do reach it: IPv4-mapped (``::ffff:a.b.c.d``, the same socket)
+    and NAT64 (``64:ff9b::/96``, translated to it). It does not admit the
+    6to4 (``2002::/16``) or Teredo (``2001::/32``) addresses that embed it:
+    those packets go to a relay and on to some IPv6 host, not to the allowed
+    one, so they pass only where the IPv6 address itself is allowed."""
 
     def __init__(self, allow_networks: Iterable[str] = ()):
         self.allow = tuple(ipaddress.ip_network(n, strict=False) for n in allow_networks)
 
+    def _allows(self, ip: IPAddress) -> bool:
+        return any(ip in net for net in self.allow if net.version == ip.version)
+
     def refusal(self, ip: IPAddress) -> str:
         """``""`` when ``ip`` may be connected to, else why not."""
-        for candidate in _embedded(ip):
-            if any(candidate in net for net in self.allow if net.version == candidate.version):
-                return ""
+        if self._allows(ip):
+            return ""
+        same_host = _same_host_ipv4(ip)
+        if same_host is not None and self._allows(same_host):
+            return ""
         for candidate in _embedded(ip):
             why = _why_not_global(candidate)
             if why:
@@ -82,14 +114,24 @@ class AddressPolicy:
         return ""
 
 
+def _same_host_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 host an IPv6 address reaches as itself (mapped, NAT64)."""
+    if ip.version != 6:
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def _embedded(ip: IPAddress) -> list[IPAddress]:
     """``ip`` and any IPv4 address it carries (mapped, 6to4, Teredo, NAT64):
-    each must pass, since the packets end up there."""
+    each must be global, since the packets go there (to the host, or to the
+    relay in front of it)."""
     out: list[IPAddress] = [ip]
     if ip.version == 6:
-        inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if inner is None and ip in _NAT64:
-            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        inner = _same_host_ipv4(ip) or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
         if inner is not None:
             out.insert(0, inner)
     return out
@@ -116,13 +158,99 @@ class BlockedAddress(Exception):
         self.refused = refused
 
 
+# ------------------------------------------------------------ the deadline
+
+#: the running attempt's deadline, per download thread: (monotonic time, seconds)
+_ATTEMPT = threading.local()
+
+
+class DeadlineExceeded(TimeoutError):
+    """A socket wait reached the attempt's deadline. A ``TimeoutError`` (so
+    ``socket.timeout``): urllib3 wraps it as it wraps any read timeout."""
+
+
+def _deadline_message(seconds: float) -> str:
+    return f"deadline of {seconds}s exceeded"
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The raw reader under an ``http.client`` response: before each
+    ``recv`` the socket's timeout becomes ``min(timeout, deadline left)``, so
+    no byte of the status line, the headers or the body is waited for past
+    the deadline, however slowly the bytes come."""
+
+    def __init__(self, raw: io.RawIOBase, sock, deadline_at: float, seconds: float, timeout: float | None):
+        super().__init__()
+        self._raw, self._sock = raw, sock
+        self._deadline_at, self._seconds, self._timeout = deadline_at, seconds, timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def readinto(self, buf) -> int | None:
+        left = self._deadline_at - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(_deadline_message(self._seconds))
+        capped = self._timeout is None or left < self._timeout
+        self._sock.settimeout(left if capped else self._timeout)
+        try:
+            return self._raw.readinto(buf)
+        except TimeoutError as e:
+            if capped or time.monotonic() >= self._deadline_at:
+                raise DeadlineExceeded(_deadline_message(self._seconds)) from e
+            raise
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._raw.close()
+            finally:
+                super().close()
+
+
+class _DeadlineSocket:
+    """What ``http.client.HTTPResponse`` is given in place of the socket: it
+    only calls ``makefile``. The socket's own ``makefile`` keeps its reference
+    count, so a connection closed while its response is read stays open
+    until the response is done, as with a plain socket."""
+
+    def __init__(self, sock, deadline_at: float, seconds: float):
+        self._sock, self._deadline_at, self._seconds = sock, deadline_at, seconds
+
+    def makefile(self, mode: str = "rb", *args, **kwargs):
+        raw = self._sock.makefile(mode, buffering=0)
+        reader = _DeadlineReader(raw, self._sock, self._deadline_at, self._seconds, self._sock.gettimeout())
+        return io.BufferedReader(reader)
+
+
+class _DeadlineHTTPResponse(http.client.HTTPResponse):
+    """urllib3 reads the status line, the headers and the body through this
+    (``HTTPConnection.response_class``); in a :class:`SafeFetcher` attempt
+    its reads obey the attempt's deadline."""
+
+    def __init__(self, sock, *args, **kwargs):
+        deadline = getattr(_ATTEMPT, "deadline", None)
+        if deadline is not None:
+            sock = _DeadlineSocket(sock, *deadline)
+        super().__init__(sock, *args, **kwargs)
+
+
+def _deadline_hit(e: BaseException) -> bool:
+    return any(isinstance(x, DeadlineExceeded) for x in _causes(e))
+
+
 class _VettedConnectionMixin:
     """Replaces urllib3's ``_new_conn``: resolve once, vet, connect to the
-    vetted literal, verify the peer. ``policy`` and ``resolver`` are bound by
+    vetted literal, verify the peer; and reads responses through
+    :class:`_DeadlineHTTPResponse`. ``policy`` and ``resolver`` are bound by
     :func:`_bind` per fetcher."""
 
     policy: AddressPolicy
     resolver: Resolver
+    response_class = _DeadlineHTTPResponse
 
     def _new_conn(self) -> socket.socket:
         host = self._dns_host.strip("[]")
@@ -141,13 +269,23 @@ class _VettedConnectionMixin:
         if not allowed:
             raise BlockedAddress(self.host, refused)
         last: OSError | None = None
+        deadline = getattr(_ATTEMPT, "deadline", None)
         for family, sockaddr, ip in allowed:
+            timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
+            if deadline is not None:
+                # several addresses are tried in turn: all within the deadline
+                left = deadline[0] - time.monotonic()
+                if left <= 0:
+                    raise ConnectTimeoutError(self, f"connect to {self.host} timed out") from DeadlineExceeded(
+                        _deadline_message(deadline[1])
+                    )
+                timeout = left if timeout is None else min(timeout, left)
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 for opt in self.socket_options or ():
                     sock.setsockopt(*opt)
-                if isinstance(self.timeout, (int, float)):
-                    sock.settimeout(self.timeout)
+                if timeout is not None:
+                    sock.settimeout(timeout)
                 sock.connect(sockaddr)
                 peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
             except OSError as e:
@@ -284,6 +422,13 @@ class SafeFetcher:
     def _attempt(self, url) -> Fetched:
         out = Fetched(url=url if isinstance(url, str) else repr(url))
         started = time.monotonic()
+        _ATTEMPT.deadline = (started + self.deadline, self.deadline)
+        try:
+            return self._attempt_within_deadline(url, out, started)
+        finally:
+            _ATTEMPT.deadline = None
+
+    def _attempt_within_deadline(self, url, out: Fetched, started: float) -> Fetched:
         try:
             out.final_url = _checked_url(url)
             for _ in range(self.max_redirects + 1):
@@ -303,8 +448,16 @@ class SafeFetcher:
             out.http_status = f.http_status or out.http_status
         except Exception as e:  # noqa: BLE001 - classified into a reason, never raised
             out.reason, out.detail = _classify(e)
+            # a socket wait cut short by the deadline (a read, or a connect or
+            # TLS handshake given only what was left): said so, in the same
+            # words every run (the timeout urllib3 quotes varies)
+            late = time.monotonic() - started >= self.deadline - 0.005
+            if _deadline_hit(e) or (out.reason == "timeout" and late):
+                out.reason, out.detail = "timeout", {"error": _deadline_message(self.deadline)}
         out.body = None
-        out.detail["url"] = out.url
+        out.detail["url"] = url_value(url)
+        if not isinstance(url, str) and url is not None:
+            out.detail["url_type"] = type(url).__name__
         if out.http_status:
             out.detail["http_status"] = out.http_status
         if out.final_url and out.final_url != out.url:
@@ -337,27 +490,68 @@ class SafeFetcher:
         if length and length.strip().isdigit() and int(length) > self.max_bytes:
             _close(resp)
             raise _Failure("too_many_bytes", status, content_length=int(length), max_bytes=self.max_bytes)
-        chunks, total = [], 0
-        while True:
-            if time.monotonic() - started > self.deadline:
-                _close(resp)
-                raise _Failure("timeout", status, error=f"deadline of {self.deadline}s exceeded", bytes_read=total)
-            chunk = resp.read1(min(_CHUNK, self.max_bytes + 1 - total))
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > self.max_bytes:
-                _close(resp)
-                raise _Failure("too_many_bytes", status, bytes_read=total, max_bytes=self.max_bytes)
-            chunks.append(chunk)
+        encoding = resp.headers.get("Content-Encoding")
+        try:
+            decoder = _ContentDecoder.for_header(encoding)
+        except _Failure as f:
+            _close(resp)
+            f.http_status = status
+            raise
+        coded = {"content_encoding": encoding} if decoder else {}
+        chunks, total, raw_total = [], 0, 0
+        try:
+            while True:
+                if time.monotonic() - started > self.deadline:
+                    raise DeadlineExceeded(_deadline_message(self.deadline))
+                # raw bytes, decoded here: urllib3's decoders are not relied on
+                raw = resp.read1(min(_CHUNK, self.max_bytes + 1 - raw_total), decode_content=False)
+                raw_total += len(raw)
+                if raw_total > self.max_bytes:
+                    raise _Failure("too_many_bytes", status, bytes_read=raw_total, max_bytes=self.max_bytes, **coded)
+                for piece in decoder.feed(raw, final=not raw) if decoder else (raw,):
+                    total += len(piece)
+                    if total > self.max_bytes:
+                        # reported as one past the cap: the size of the last
+                        # piece depends on how the bytes arrived
+                        raise _Failure(
+                            "too_many_bytes", status, bytes_read=self.max_bytes + 1, max_bytes=self.max_bytes, **coded
+                        )
+                    if piece:
+                        chunks.append(piece)
+                if not raw:
+                    break
+        except _Failure:
+            _close(resp)
+            raise
+        except zlib.error as e:
+            _close(resp)
+            raise _Failure("decode_error", status, error=f"content-encoding {encoding}: {e}", **coded) from None
+        except Exception as e:
+            _close(resp)
+            if _deadline_hit(e):
+                raise _Failure("timeout", status, error=_deadline_message(self.deadline), bytes_read=total) from None
+            raise
         resp.release_conn()
         return b"".join(chunks)
 
 
+def url_value(url):
+    """``url`` as a detail holds it: a string as it is, ``None`` as ``null``
+    and anything else as its text (a NaN as ``"nan"``), so a null URL and a
+    NaN URL, one null in parquet, read apart in the rejects."""
+    if url is None or isinstance(url, str):
+        return url
+    return str(url)
+
+
 def _checked_url(url, redirect_from: str | None = None) -> str:
     where = {"redirect_from": redirect_from} if redirect_from else {}
-    if not isinstance(url, str) or not url.strip():
-        raise _Failure("invalid_url", error="empty or not a string", **where)
+    if url is None:
+        raise _Failure("invalid_url", error="no url (null)", **where)
+    if not isinstance(url, str):
+        raise _Failure("invalid_url", error=f"not a string: {type(url).__name__} {url_value(url)}", **where)
+    if not url.strip():
+        raise _Failure("invalid_url", error="empty url", **where)
     url = url.strip()
     try:
         parsed = urllib3.util.parse_url(url)
@@ -416,10 +610,17 @@ def _classify(e: Exception) -> tuple[str, dict]:
 
 def _discard(resp) -> None:
     """Finish a response we do not want; keep the connection when that is
-    cheap (urllib3's ``drain_conn`` closes it itself if reading fails)."""
+    cheap. Read raw, never decoded (urllib3 before 2.6.3 inflated a
+    redirect's body in full to drain it), within the attempt's deadline."""
     length = resp.headers.get("Content-Length")
     if length and length.strip().isdigit() and int(length) <= _DRAIN_LIMIT:
-        resp.drain_conn()
+        try:
+            for _ in range(int(length) + 1):  # at least one byte a read, or the end
+                if not resp.read1(_CHUNK, decode_content=False):
+                    break
+        except Exception:  # noqa: BLE001 - the connection is dropped instead
+            _close(resp)
+            return
         resp.release_conn()
     else:
         _close(resp)
@@ -428,3 +629,95 @@ def _discard(resp) -> None:
 def _close(resp) -> None:
     resp.close()
     resp.release_conn()
+
+
+# ------------------------------------------------------------ content codings
+
+
+class _Inflater:
+    """One ``gzip`` or ``deflate`` coding, inflated in pieces of at most
+    ``_CHUNK`` bytes: ``zlib`` is asked for no more than that per call and
+    keeps the rest of the input in ``unconsumed_tail``, so a small body that
+    inflates to gigabytes costs one piece at a time. ``gzip`` may hold
+    several members; bytes after the last are ignored, as urllib3 does.
+    ``deflate`` is zlib-wrapped (RFC 1950) or, as some servers send it, raw."""
+
+    def __init__(self, coding: str):
+        self.gzip = coding != "deflate"
+        self._obj = None
+        self._head = b""  # bytes before a stream starts, to tell what it is
+        self._streams = 0
+        self._ended = False
+
+    def _open(self, head: bytes) -> bool:
+        if self._streams and not (self.gzip and head[:2] == b"\x1f\x8b"):
+            return False
+        if self.gzip:
+            wbits = 16 + zlib.MAX_WBITS
+        else:
+            wrapped = len(head) >= 2 and head[0] & 0x0F == 8 and ((head[0] << 8) | head[1]) % 31 == 0
+            wbits = zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS
+        self._obj = zlib.decompressobj(wbits)
+        return True
+
+    def feed(self, data: bytes, final: bool = False) -> Iterator[bytes]:
+        while not self._ended:
+            if self._obj is None:
+                self._head += data
+                if len(self._head) < 2 and not final:
+                    return
+                data, self._head = self._head, b""
+                if not self._open(data):
+                    self._ended = True
+                    return
+            obj = self._obj
+            out = obj.decompress(data, _CHUNK)
+            data = obj.unconsumed_tail
+            if out:
+                yield out
+            if obj.eof:
+                self._streams += 1
+                self._obj, data = None, obj.unused_data + data
+                if not data and not final:
+                    return
+            elif not data and len(out) < _CHUNK:
+                # all input used and zlib had room to spare: nothing pending
+                return
+
+
+class _ContentDecoder:
+    """A ``Content-Encoding`` chain (``gzip, gzip`` was gzipped twice),
+    undone last coding first; each piece goes through every layer before
+    the next is inflated, so memory holds one piece per layer."""
+
+    def __init__(self, codings: list[str]):
+        self.layers = [_Inflater(c) for c in reversed(codings)]
+
+    @classmethod
+    def for_header(cls, header: str | None) -> _ContentDecoder | None:
+        """``None`` when the body is used as sent: no coding, only
+        ``identity``, or a coding not inflated here (``br``, ``zstd``...)."""
+        codings = [c.strip().lower() for c in (header or "").split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        if len(codings) > MAX_CONTENT_CODINGS:
+            raise _Failure(
+                "decode_error",
+                error=f"{len(codings)} content codings, more than {MAX_CONTENT_CODINGS}",
+                content_encoding=header[:200],
+            )
+        if not codings or any(c not in _INFLATED for c in codings):
+            return None
+        return cls(codings)
+
+    def feed(self, data: bytes, final: bool = False) -> Iterator[bytes]:
+        return self._through(0, data, final)
+
+    def _through(self, i: int, data: bytes, final: bool) -> Iterator[bytes]:
+        if i == len(self.layers):
+            if data:
+                yield data
+            return
+        for piece in self.layers[i].feed(data, final):
+            yield from self._through(i + 1, piece, False)
+        if final:
+            yield from self._through(i + 1, b"", True)

@@ -1,0 +1,193 @@
+"""How the global stages scale: synthetic rows (``bench/scalekit.py``: 2 KB
+images, 10% exact, 5% URL and 5% near copies, 64-d embeddings) through
+``dedup_exact`` + ``dedup_phash`` + ``dedup_semantic`` + ``shard`` on local
+Ray, at several sizes in one run.
+
+Per size it prints the wall time, the driver's peak RSS (sampled), bytes the
+object store spilled, the largest task argument pairforge submitted, the
+image bytes, and rows per second; then the ratios the stage-contract issue
+sets goals on (driver RSS 3M/1M <= 1.3x and <= 1.5 GB, spilled <= 1x image
+bytes, wall 3M/1M <= 3.5x). A small untimed warm-up run goes first; with
+``--repeats R`` each size runs R times and the median is reported with the
+spread.
+
+    python bench/scale.py                          # 300k, 1M, 3M (about 20 min on 2 cores)
+    python bench/scale.py --sizes 20000 100000     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.scalekit import write_urls  # noqa: E402
+from pipeline.config import load_job  # noqa: E402
+from pipeline.job import run_job  # noqa: E402
+
+SAMPLES_PER_SHARD = 10_000
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRSS:
+    """Samples this process's RSS every 50 ms while in the ``with`` block."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+class SpillMeter:
+    """Bytes the object store spilled to its folder: every file seen there,
+    at its largest (Ray deletes spilled files once their objects are freed,
+    so the folder is sampled every 50 ms)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.seen = folder, {}
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        while not self._stop.wait(0.05):
+            for root, _, files in os.walk(self.folder):
+                for f in files:
+                    p = os.path.join(root, f)
+                    try:
+                        self.seen[p] = max(self.seen.get(p, 0), os.path.getsize(p))
+                    except OSError:
+                        pass
+
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def job_dict(urls: str, out: str, n: int) -> dict:
+    return {
+        "input": {"paths": [urls]},
+        "output": {"dir": out, "samples_per_shard": SAMPLES_PER_SHARD},
+        "stages": [
+            {"name": "bench.scalekit:SyntheticRows", "rows": n, "samples_per_shard": SAMPLES_PER_SHARD},
+            {"name": "dedup_exact"},
+            {"name": "dedup_phash", "hash_column": "synthetic_phash"},
+            # SemDeDup's cluster count grows with N (~50k clusters for 440M rows): here ~2,000 rows a cluster
+            {"name": "dedup_semantic", "eps": 0.002, "n_clusters": max(8, n // 2000), "kmeans_iters": 10},
+            "shard",
+        ],
+    }
+
+
+def run_size(n: int, work: Path, spill: SpillMeter) -> dict:
+    from pipeline import plan
+
+    urls = work / f"urls_{n}.parquet"
+    if not urls.exists():
+        write_urls(str(urls), n)
+    out = work / f"out_{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    plan.ARG_BYTES["max"] = 0
+    spill0 = spill.total()
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        man = run_job(load_job(job_dict(str(urls), str(out), n)))
+        wall = time.perf_counter() - t0
+    image_bytes = n * 2048
+    res = {
+        "rows": n,
+        "wall_s": wall,
+        "rows_s": man["timing"]["rows_seconds"],
+        "driver_peak_rss": rss.peak,
+        "spilled": spill.total() - spill0,
+        "max_task_arg": plan.ARG_BYTES["max"],
+        "image_bytes": image_bytes,
+        "kept": man["counts"]["ok"],
+        "dropped": {s["name"]: sum(s["dropped"].values()) for s in man["stages"] if s["dropped"]},
+        "fit_s": {f["stage"]: f["steps"] for f in man["fits"]},
+    }
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:,.0f} MiB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[300_000, 1_000_000, 3_000_000])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=20_000, help="rows of the untimed warm-up run (0: none)")
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed after)")
+    args = ap.parse_args()
+
+    from pipeline.raystart import init_local
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    work = Path(args.work or tempfile.mkdtemp(prefix="pf-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    spill_dir = work / "spill"
+    spill_dir.mkdir(exist_ok=True)
+    cfg = {"type": "filesystem", "params": {"directory_path": str(spill_dir)}}
+    init_local(num_cpus=os.cpu_count(), log_to_driver=False, _system_config={"object_spilling_config": json.dumps(cfg)})
+    import ray
+
+    spill = SpillMeter(spill_dir)
+    print(f"# bench/scale.py: {os.cpu_count()} CPUs, object store {_mb(ray.cluster_resources()['object_store_memory'])}")
+    try:
+        if args.warmup:
+            run_size(args.warmup, work, spill)
+        results = {}
+        for n in args.sizes:
+            runs = [run_size(n, work, spill) for _ in range(args.repeats)]
+            walls = [r["wall_s"] for r in runs]
+            best = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]  # the median run
+            results[n] = best
+            spread = f" (min {min(walls):.1f}, max {max(walls):.1f}, {len(walls)} runs)" if len(walls) > 1 else ""
+            print(
+                f"{n:>10,} rows: wall {best['wall_s']:7.1f} s{spread}, per-row pass {best['rows_s']:.1f} s, "
+                f"{n / best['wall_s']:,.0f} rows/s; driver peak RSS {_mb(best['driver_peak_rss'])}; "
+                f"spilled {_mb(best['spilled'])} of {_mb(best['image_bytes'])} image bytes; "
+                f"largest task argument {best['max_task_arg']:,} B; kept {best['kept']:,}; dropped {best['dropped']}; "
+                f"fit seconds {best['fit_s']}",
+                flush=True,
+            )
+        sizes = sorted(results)
+        if len(sizes) >= 2:
+            a, b = results[sizes[-2]], results[sizes[-1]]
+            print(
+                f"{sizes[-1]:,} / {sizes[-2]:,}: wall {b['wall_s'] / a['wall_s']:.2f}x (goal <= 3.5x), "
+                f"driver peak RSS {b['driver_peak_rss'] / a['driver_peak_rss']:.2f}x (goal <= 1.3x, <= 1.5 GB), "
+                f"spilled/image bytes {b['spilled'] / b['image_bytes']:.2f} (goal <= 1)"
+            )
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
