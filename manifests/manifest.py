@@ -103,12 +103,15 @@ def side_table_entries(out_dir, side_tables: dict[str, tuple[str, ...]]) -> dict
 
 
 def _survivors_lost(shard_stats: list[dict]) -> dict:
-    lost: dict[str, dict[str, int]] = {}
+    """Per dedup stage and later stage: survivors that the later stage
+    dropped, and the duplicates that named them (gone with them)."""
+    lost: dict[str, dict[str, dict[str, int]]] = {}
     for st in shard_stats:
         for g, by in st.get("survivors_dropped_later", {}).items():
-            for later, n in by.items():
-                lost.setdefault(g, {}).setdefault(later, 0)
-                lost[g][later] += n
+            for later, c in by.items():
+                tot = lost.setdefault(g, {}).setdefault(later, {"survivors": 0, "duplicates": 0})
+                tot["survivors"] += c["survivors"]
+                tot["duplicates"] += c["duplicates"]
     return lost
 
 

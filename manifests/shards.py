@@ -66,7 +66,9 @@ def metadata_columns(rows: Batch, schema: Schema | None = None) -> list[str]:
 def embedding_columns(rows: Batch, schema: Schema | None = None) -> list[str]:
     """Vector columns stored in ``OUT/embeddings`` (clip-retrieval layout)."""
     return [
-        c for c in rows if (col := _declared(schema, c)) is not None and col.kind == "vector" and col.store == "embeddings"
+        c
+        for c in rows
+        if (col := _declared(schema, c)) is not None and col.kind == "vector" and col.store == "embeddings"
     ]
 
 
@@ -174,7 +176,10 @@ def write_shard(
 
     files: dict[str, dict] = {}
     for path, data in (
-        (layout.shard_tar(out, shard_id), _tar_bytes(ok_rows, shard_table, tar_array_columns(schema)) if n else _tar_bytes({}, shard_table)),
+        (
+            layout.shard_tar(out, shard_id),
+            _tar_bytes(ok_rows, shard_table, tar_array_columns(schema)) if n else _tar_bytes({}, shard_table),
+        ),
         (layout.shard_parquet(out, shard_id), _parquet_bytes(shard_table)),
         (layout.rejects_parquet(out, shard_id), _parquet_bytes(reject_table)),
     ):

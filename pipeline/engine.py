@@ -220,7 +220,9 @@ def apply_decisions(rows: Batch, spec: RunSpec, shard_id: int) -> tuple[Batch, d
         idx = np.array([where.get(str(k), -1) for k in dec["key"]], dtype=np.int64)
         use = np.flatnonzero((idx >= 0) & alive[np.maximum(idx, 0)])
         at = idx[use]
-        setcols = [c for c in dec if c not in ("key", "reason", "detail", "survivor") and c in spec.schema]
+        setcols = [
+            c for c in dec if c not in ("key", "reason", "detail", "survivor", "duplicates") and c in spec.schema
+        ]
         for c in setcols:
             col = spec.schema[c]
             rows[c] = rows[c].copy() if c in rows else col.defaults(n)
@@ -236,19 +238,22 @@ def apply_decisions(rows: Batch, spec: RunSpec, shard_id: int) -> tuple[Batch, d
             rows["reason"][d] = reasons[drop]
             rows["detail"][d] = np.asarray(dec["detail"], dtype=object)[use][drop]
             _reset_later_columns(rows, d, spec, p)
-        if "survivor" in dec:
-            mark = np.zeros(n, dtype=bool)
-            mark[at[np.asarray(dec["survivor"], dtype=bool)[use]]] = True
-            survivor_of[g.name] = mark
+        if "survivor" in dec:  # per row: how many duplicates name it as their survivor (0: none)
+            dups = np.zeros(n, dtype=np.int64)
+            is_surv = np.asarray(dec["survivor"], dtype=bool)[use]
+            count = np.asarray(dec["duplicates"], dtype=np.int64)[use] if "duplicates" in dec else np.ones(len(use))
+            dups[at[is_surv]] = np.maximum(count[is_surv], 1)
+            survivor_of[g.name] = dups
     # survivors of a cluster that a later stage dropped: their duplicates are gone too
-    lost: dict[str, dict[str, int]] = {}
-    for g_name, mark in survivor_of.items():
+    lost: dict[str, dict[str, dict[str, int]]] = {}
+    for g_name, dups in survivor_of.items():
         p = spec.positions[g_name]
-        for i in np.flatnonzero(mark & (rows["status"] != STATUS_OK)):
+        for i in np.flatnonzero((dups > 0) & (rows["status"] != STATUS_OK)):
             later = str(rows["stage"][i])
             if spec.positions.get(later, -1) > p:
-                lost.setdefault(g_name, {}).setdefault(later, 0)
-                lost[g_name][later] += 1
+                c = lost.setdefault(g_name, {}).setdefault(later, {"survivors": 0, "duplicates": 0})
+                c["survivors"] += 1
+                c["duplicates"] += int(dups[i])
     return rows, ({"survivors_dropped_later": lost} if lost else {})
 
 

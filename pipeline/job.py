@@ -75,8 +75,12 @@ def _check_job_record(out: Path, job: JobConfig, resume: bool) -> None:
     if resume and path.exists():
         old = json.loads(path.read_text())
         if old != json.loads(json.dumps(rec, default=str)):
-            changed = sorted(k for k in set(old) | set(rec) if old.get(k) != json.loads(json.dumps(rec.get(k), default=str)))
-            raise JobError(f"{out}: the job changed since the interrupted run ({', '.join(changed)}); resume needs the same job")
+            changed = sorted(
+                k for k in set(old) | set(rec) if old.get(k) != json.loads(json.dumps(rec.get(k), default=str))
+            )
+            raise JobError(
+                f"{out}: the job changed since the interrupted run ({', '.join(changed)}); resume needs the same job"
+            )
     layout.atomic_write_bytes(path, json.dumps(rec, sort_keys=True, default=str).encode())
 
 

@@ -163,7 +163,9 @@ def rows_dataset(spec: RunSpec, shard_ids: list[int]) -> "ray.data.Dataset":
         if on_actors:
             ds = map_on_actors(ds, stages[0])
             if save:
-                ds = ds.map_batches(_segment, fn_kwargs=_kw(spec, (), False, True), batch_size=None, num_cpus=1, **common)
+                ds = ds.map_batches(
+                    _segment, fn_kwargs=_kw(spec, (), False, True), batch_size=None, num_cpus=1, **common
+                )
         else:
             cpus = max([st.resources().num_cpus for st in stages] or [1.0])
             gpus = max([st.resources().num_gpus for st in stages] or [0.0])

@@ -117,3 +117,21 @@ class LinkStage(GlobalStage):
             "anchor_boxes": np.array([boxes[i] for i in kept], dtype=np.int64),
         }
         return FitResult(decisions, {"links": table})
+
+
+@dataclass(frozen=True)
+class RejectKeysConfig:
+    keys: tuple[str, ...] = ()
+
+
+class RejectKeysStage(Stage):
+    """Rejects the rows whose key is listed (a stand-in for a later filter)."""
+
+    name: ClassVar[str] = "reject_keys"
+    Config = RejectKeysConfig
+
+    def process_batch(self, batch: Batch) -> Batch:
+        out = dict(batch)
+        hit = np.isin(np.asarray(batch["key"]).astype(str), list(self.config.keys))
+        reject(out, hit, self.name, "listed", {})
+        return out

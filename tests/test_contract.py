@@ -148,3 +148,29 @@ def test_job_refuses_a_changed_job_on_resume(tmp_path):
     with pytest.raises(JobError, match="job changed"):
         run_job(_job(tmp_path, "out", "local", drop_every=4), resume=True)
     assert json.loads(layout.job_record(tmp_path / "out").read_text())["stages"][1]["drop_every"] == 5
+
+
+def test_manifest_counts_survivors_a_later_stage_dropped(tmp_path):
+    shas = ["a" * 64, "a" * 64, "a" * 64, "b" * 64, "b" * 64, "c" * 64]
+    pq.write_table(
+        pa.table({"url": [f"http://x/{i}" for i in range(6)], "caption": list("uvwxyz"), "sha256": shas}),
+        tmp_path / "urls.parquet",
+    )
+    job = load_job(
+        {
+            "input": {"paths": ["urls.parquet"]},
+            "output": {"dir": "out", "samples_per_shard": 4},
+            "runner": "local",
+            "stages": [
+                {"name": "dedup_exact", "kinds": ["sha256"], "keep": "first"},
+                {"name": "tests.contract_stages:RejectKeysStage", "keys": ["000000"]},  # the survivor of 0, 1, 2
+                "shard",
+            ],
+        },
+        base_dir=tmp_path,
+    )
+    man = run_job(job)
+    dedup = man["stages"][0]
+    assert dedup["dropped"] == {"duplicate_sha256": 3}
+    assert dedup["survivors_dropped_later"] == {"reject_keys": {"survivors": 1, "duplicates": 2}}
+    assert verify(tmp_path / "out") == []

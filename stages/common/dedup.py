@@ -168,6 +168,7 @@ def decisions(keys, reason, details, duplicate_of) -> FitResult:
         return "", "", "", True
 
     rows = [pick(i) for i in order]
+    per_survivor = dict(zip(*np.unique(str_keys(duplicate_of), return_counts=True))) if n else {}
     return FitResult(
         {
             "key": object_array([str(all_keys[i]) for i in order]),
@@ -175,6 +176,8 @@ def decisions(keys, reason, details, duplicate_of) -> FitResult:
             "detail": object_array([r[1] for r in rows]),
             DUPLICATE_OF: object_array([r[2] for r in rows]),
             "survivor": np.array([r[3] for r in rows], dtype=bool),
+            # on survivor rows: how many rows were dropped as its duplicates
+            "duplicates": np.array([int(per_survivor.get(all_keys[i], 0)) if i >= n else 0 for i in order], np.int64),
         }
     )
 
