@@ -27,6 +27,7 @@ reads them), so a resumed run refits without downloading finished shards.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 SHARD_DIGITS = 5
@@ -126,6 +127,16 @@ def input_shard(out, shard_id: int) -> Path:
 
 def input_index(out) -> Path:
     return input_dir(out) / "index.json"
+
+
+#: names of files being written (``.NAME.tmp`` or ``.NAME.tmp-PID``); one left
+#: behind is an interrupted write, never a result
+TEMP_NAME = re.compile(r"^\..+\.tmp(-\d+)?$")
+
+
+def temp_files(out) -> list[Path]:
+    """Temporary files an interrupted run left anywhere under ``OUT``."""
+    return sorted(Path(root) / f for root, _, files in os.walk(out) for f in files if TEMP_NAME.match(f))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -248,6 +248,8 @@ def verify(out_dir) -> list[str]:
     if total != want_rows:
         problems.append(f"input had {want_rows} rows but shards + rejects hold {total}")
     problems += _verify_side_tables(out, man.get("side_tables", {}), set(shard_keys))
+    for tmp in layout.temp_files(out):
+        problems.append(f"{tmp.relative_to(out)}: a temporary file left by an interrupted write")
     return problems
 
 

@@ -22,7 +22,18 @@ def _cmd_run(args) -> int:
     from pipeline.job import run_job
 
     job = load_job(args.job)
-    run_job(job, address=args.address, resume=args.resume)
+    try:
+        run_job(job, address=args.address, resume=args.resume)
+    except KeyboardInterrupt:
+        from pipeline.job import run_state
+
+        # every file is written under a temporary name and renamed, so what is there is whole
+        print(
+            f"pairforge: interrupted; {run_state(job.output.dir)}. Nothing is half-written; "
+            f"finish with: pairforge run {args.job} --resume",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

@@ -110,6 +110,12 @@ def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False)
     if old_index is not None and old_index.to_json() != index.to_json():
         raise JobError(f"{out}: the URL lists changed since the interrupted run; resume needs the same input")
     _check_job_record(out, job, resume)
+    if resume:
+        stale = layout.temp_files(out)
+        for tmp in stale:
+            tmp.unlink(missing_ok=True)
+        if stale:
+            _log(f"resume: removed {len(stale)} temporary file(s) an interrupted write left")
     shard_ids = sorted(index.shard_rows)
     stages, shard_stage = instantiate(job)
     spec = RunSpec(str(out), tuple(stages), shard_stage, index.samples_per_shard)
@@ -195,6 +201,20 @@ def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False)
 def manifest_schema(spec: RunSpec) -> list[dict]:
     """The declared columns, with the stage that adds each (``manifest.json``)."""
     return [{**col.to_json(), "stage": owner} for _, (owner, col) in spec.columns.items()]
+
+
+def run_state(out_dir) -> str:
+    """What an interrupted run left on disk, in one line."""
+    from pipeline.reader import read_index
+
+    out = Path(out_dir)
+    index = read_index(out)
+    if index is None:
+        return "no input shard was written yet"
+    sids = sorted(index.shard_rows)
+    rows = sum(engine.rows_mark(out, s, images=False) is not None for s in sids)
+    shards = sum(read_stats(out, s) is not None for s in sids)
+    return f"{rows} of {len(sids)} input shards have their rows on disk, {shards} of {len(sids)} shards are written"
 
 
 def with_overrides(job: JobConfig, **output) -> JobConfig:

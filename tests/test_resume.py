@@ -96,3 +96,49 @@ def test_sigkill_half_way_then_resume_downloads_only_the_rest(tmp_path, ray_loca
             assert f(cut, sid).read_bytes() == f(full, sid).read_bytes(), f(cut, sid)
     assert verify(cut) == []
     assert man["stages"][1]["dropped"], "the planted copies were not found"
+
+
+def test_sigint_stops_cleanly_and_resume_cleans_up(tmp_path, ray_local):
+    n = SHARDS * PER_SHARD
+    routes = {f"/{i}.jpg": Route(jpeg(i % (n // 2)), "image/jpeg", delay=0.15) for i in range(n)}
+    with LocalHTTPServer(routes) as server:
+        urls = [server.url(f"/{i}.jpg") for i in range(n)]
+        pq.write_table(pa.table({"url": urls, "caption": [f"c {i % 7}" for i in range(n)]}), tmp_path / "urls.parquet")
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "cut"))))
+        env = {**os.environ, **loopback_env(), "RAY_AUTH_MODE": "disabled"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        cut = tmp_path / "cut"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if sum(rows_mark(cut, s) is not None for s in range(SHARDS)) >= 2:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            _kill_session(proc) if proc.poll() is None else None
+        assert proc.returncode == 130, err[-3000:]
+        last = [line for line in err.splitlines() if line.startswith("pairforge:")]
+        assert last and "interrupted" in last[-1] and "--resume" in last[-1], err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+
+        stale = layout.shards_dir(cut) / ".00003.tar.tmp-4242"  # as an interrupted write leaves it
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_bytes(b"half")
+        run_job(load_job(tmp_path / "job.yaml"), resume=True)
+        assert not stale.exists()
+        assert verify(cut) == []
+        run_job(load_job(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "full"))))
+    for sid in range(SHARDS):
+        for f in (layout.shard_parquet, layout.rejects_parquet, layout.shard_tar):
+            assert f(cut, sid).read_bytes() == f(tmp_path / "full", sid).read_bytes(), f(cut, sid)
+    (layout.shards_dir(cut) / ".00001.parquet.tmp-7").write_bytes(b"x")
+    assert any("temporary file" in p for p in verify(cut))
