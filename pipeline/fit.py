@@ -87,10 +87,41 @@ def alive_rows(spec: RunSpec, stage: GlobalStage, shard_id: int) -> Batch:
     return take(rows, np.argsort(rows["key"].astype(str), kind="stable"))
 
 
-def _sample_shard(shard_id: int, spec: RunSpec, stage: GlobalStage, cut: int) -> tuple[int, Batch]:
+def _sample_shard(shard_id: int, spec: RunSpec, stage: GlobalStage, cut: int) -> tuple[int, int]:
+    """Leave the shard's alive rows with a key hash below ``cut`` in a file;
+    returns (alive rows, sampled rows)."""
     rows = alive_rows(spec, stage, shard_id)
     h = key_hashes(rows["key"])
-    return len(h), take(rows, np.flatnonzero(h < np.uint64(cut)))
+    pick = take(rows, np.flatnonzero(h < np.uint64(cut)))
+    path = _sample_dir(spec, stage) / f"{shard_id:08d}.pkl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(pick, f, protocol=5)
+    return len(h), batch_len(pick)
+
+
+def _sample_dir(spec: RunSpec, stage: GlobalStage):
+    return layout.fit_dir(spec.out, stage.name) / "sample"
+
+
+def _learn(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
+    """In a task: the ``sample_rows`` sampled rows with the smallest key
+    hashes, in key order, then ``learn`` on them (k-means over a large sample
+    is no work for the driver)."""
+    parts = []
+    for path in sorted(_sample_dir(spec, stage).glob("*.pkl")):
+        with open(path, "rb") as f:
+            parts.append(pickle.load(f))
+    sample = concat([p for p in parts if batch_len(p)])
+    limit = int(stage.sample_rows)
+    if batch_len(sample) > limit:
+        sample = take(sample, np.sort(np.argsort(key_hashes(sample["key"]), kind="stable")[:limit]))
+    if batch_len(sample):
+        sample = take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
+    stage.learn(sample)
+    shutil.rmtree(_sample_dir(spec, stage), ignore_errors=True)
+    stage._fit_sample_rows = batch_len(sample)
+    return stage
 
 
 def _emit_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> Batch:
@@ -172,22 +203,18 @@ def _write_parquet(path, batch: Batch, spec: RunSpec) -> None:
 # ------------------------------------------------------------------ the fit
 
 
-def take_sample(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: list[int], total: int) -> Batch:
-    """At most ``stage.sample_rows`` alive rows with the smallest key hashes, in key order."""
+def take_sample(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: list[int], total: int) -> int:
+    """Leave a hash sample of at least ``stage.sample_rows`` alive rows (or
+    all of them) in files for :func:`_learn`; returns the rows sampled."""
     limit = int(stage.sample_rows)
     frac = min(1.0, SAMPLE_SLACK * limit / max(1, total))
     cut = 2**64 - 1 if frac >= 1.0 else int(2**64 * frac)
     got = launcher.map(_sample_shard, shard_ids, spec=spec, stage=stage, cut=cut)
-    alive = sum(n for n, _ in got)
-    sample = concat([b for _, b in got if batch_len(b)])
-    if batch_len(sample) < min(limit, alive):  # many rows were dead: widen the cut once
+    alive, sampled = sum(a for a, _ in got), sum(b for _, b in got)
+    if sampled < min(limit, alive):  # many rows were dead: widen the cut once
         cut = 2**64 - 1 if SAMPLE_SLACK * limit >= alive else int(2**64 * SAMPLE_SLACK * limit / alive)
-        sample = concat([b for _, b in launcher.map(_sample_shard, shard_ids, spec=spec, stage=stage, cut=cut)])
-    if not batch_len(sample):
-        return {}
-    if batch_len(sample) > limit:
-        sample = take(sample, np.sort(np.argsort(key_hashes(sample["key"]), kind="stable")[:limit]))
-    return take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
+        sampled = sum(b for _, b in launcher.map(_sample_shard, shard_ids, spec=spec, stage=stage, cut=cut))
+    return sampled
 
 
 def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: list[int], total: int) -> dict:
@@ -207,10 +234,10 @@ def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: li
 
     t = t0
     if stage.sample_rows:
-        sample = take_sample(launcher, spec, stage, shard_ids, total)
-        info["sample_rows"] = batch_len(sample)
+        take_sample(launcher, spec, stage, shard_ids, total)
         t = lap("sample", t)
-        stage.learn(sample)
+        stage = launcher.call(_learn, spec, stage)
+        info["sample_rows"] = stage.__dict__.pop("_fit_sample_rows", None)
         t = lap("learn", t)
     reduced = launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage)
     t = lap("bucket_and_reduce", t)
