@@ -57,8 +57,9 @@ class SemanticDedupStage(GlobalStage):
         super().__init__(config)
         if not 0.0 <= config.eps < 2.0:
             raise ValueError(f"eps: expected 0 <= eps < 2, got {config.eps}")
-        if config.n_clusters < 1 or config.probes < 1:
-            raise ValueError("n_clusters and probes must be >= 1")
+        for name in ("n_clusters", "probes", "kmeans_iters", "fit_sample"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(config, name)!r}")
         dd.check_keep(config.keep)
         self.fit_columns = dd.fit_columns_for(config.keep, config.column)
         self.centroids: np.ndarray | None = None
@@ -101,7 +102,7 @@ class SemanticDedupStage(GlobalStage):
         probes = min(self.config.probes, len(self.centroids))
         # float64: a row near a cluster border must land on the same side in any batch
         sims = emb.astype(np.float64) @ self.centroids.astype(np.float64).T
-        near = np.argsort(-sims, axis=1, kind="stable")[:, :probes]  # (n, probes)
+        near = nearest_columns(sims, probes)  # (n, probes)
         rows = np.repeat(idx, probes)
         prio = dd.row_priority(batch, self.config.keep)
         return {
@@ -170,6 +171,24 @@ class SemanticDedupStage(GlobalStage):
                 d["via"] = str(c["key"][best_other[i]])
             details.append(d)
         return dd.decisions(c["key"][drop], "duplicate_semantic", details, c["key"][c["survivor"][drop]])
+
+
+def nearest_columns(sims: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the ``k`` columns of largest value, best first, ties to the
+    lower column: what a stable argsort of ``-sims`` gives, without sorting
+    every row (at 3M rows x 1,500 clusters the full sort was most of the fit)."""
+    if k == 1:
+        return np.argmax(sims, axis=1)[:, None]  # the first of equal maxima, as the stable sort
+    if k >= sims.shape[1]:
+        return np.argsort(-sims, axis=1, kind="stable")
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    # the k-th value may be tied with columns argpartition left out: take every column >= it
+    kth = np.take_along_axis(sims, top, axis=1).min(axis=1, keepdims=True)
+    out = np.empty((len(sims), k), dtype=np.int64)
+    for i in range(len(sims)):
+        cand = np.flatnonzero(sims[i] >= kth[i, 0])
+        out[i] = cand[np.argsort(-sims[i, cand], kind="stable")][:k]
+    return out
 
 
 def _unit_rows(emb) -> tuple[np.ndarray, np.ndarray]:

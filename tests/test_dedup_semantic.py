@@ -124,3 +124,12 @@ def test_ray_fit_with_several_blocks_matches_in_process(ray_local, tmp_path):
     assert len(local["key"]) > 200
     for c in local:
         assert list(remote[c]) == list(local[c])
+
+
+def test_nearest_columns_is_the_stable_argsort_with_ties():
+    from stages.dedup_semantic import nearest_columns
+
+    rng = np.random.default_rng(3)
+    for k in (1, 2, 3, 9):
+        s = rng.integers(0, 4, (300, 9)).astype(np.float64)  # many ties
+        assert np.array_equal(nearest_columns(s, k), np.argsort(-s, axis=1, kind="stable")[:, :k])
