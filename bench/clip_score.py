@@ -1,24 +1,44 @@
 """How fast does the clip_score stage score pairs, against what the GPU can
 do and what a user would write?
 
-    python bench/clip_score.py --device cpu --n 512            # any machine
-    python bench/clip_score.py --device cuda --n 30000          # one GPU
+    python bench/clip_score.py --device cuda --compile       # the README's table (one GPU, ~8 min)
+    python bench/clip_score.py --device cpu --n 2048         # any machine (smoke)
 
 Corpus: ``--n`` 256x256 JPEGs (``--unique`` distinct random-ish images,
 encoded by PIL in memory and cycled; decode work per row is the same) with
 distinct captions of 5-15 words. Model: ``--model`` with random weights
 (speed only), bf16 autocast on a GPU, fp32 on the CPU.
 
-1. ceiling: both towers on ready tensors (no decode, no tokenising)
-2. naive:   torch DataLoader (PIL + open_clip preprocess, every core a
-            worker), tokenise in the loop, both towers
-3. stage:   the clip_score stage from JPEG bytes to scores, in this process
-            (what one actor does) and, where Ray is installed, through Ray
-            Data as an actor pool (``--actors`` actors sharing the GPU)
+Plans (``--plans``, comma separated; default: all that apply):
 
-Throughput is rows after the first batch over the time after it (start-up,
-model load and warm-up excluded for every method alike). Ratios are against
-the naive loop and the ceiling measured in the same run.
+* ``eager``, ``graphs``, ``compiled``: the ceilings, both towers on ready
+  tensors on the device (uint8 pixels and tokens), at ``--micro-batch``:
+  eagerly, replayed from CUDA graphs, ``torch.compile`` + graphs
+* ``naive``: torch DataLoader (PIL + open_clip's preprocess, ``--workers``
+  workers), tokenise in the loop, both towers eagerly: what a user writes
+* ``inproc1``, ``inproc2``: the stage in this process from JPEG bytes (nvJPEG
+  on a GPU), one batch at a time, or two at once on two threads (what one
+  actor does, without Ray)
+* ``ray-*``: the stage through Ray Data (``pipeline.plan.map_on_actors``, the
+  plan a job runs) from JPEG bytes in the object store: ``ray-nvjpeg`` one
+  actor, ``--actor-threads`` batches at once, nvJPEG in the actor, CPU tasks
+  tokenise ahead of it; ``ray-nvjpeg-2a`` two such actors sharing the GPU
+  (``pipeline/example_job.yaml``; the headline); ``ray-nvjpeg-1t`` one actor, one batch at a time; ``ray-libjpeg`` ``--prefetch-actors`` actors with
+  CPU tasks decoding (libjpeg), resizing and tokenising ahead of them (the
+  plan this project recommended before)
+
+Method: every plan is set up (models loaded, graphs captured; untimed), runs
+one untimed warm-up pass, then ``--passes`` timed passes; pass ``r`` runs the
+plans in the order rotated by ``r``, so no plan is always first. A pass's
+rate is the rows after its first batch over the time from that batch to the
+last (the start of a Ray execution, actors included, and the DataLoader's
+workers stay out of it; the table shows the wall time of the whole pass
+too). A Ray pass starts its CPU tasks only once its actors are up
+(``wait_for_min_actors_s``): no plan gets CPU work done outside its timed
+window while its actors start. GPU busy is NVML's utilisation (the share of time a kernel ran),
+sampled every 0.1 s over the same window; CPU busy is /proc/stat's busy
+cores over it. The table gives the median and min-max over the timed passes
+and the ratios of the medians to ``naive`` and to ``eager``, all from this run.
 """
 
 from __future__ import annotations
@@ -26,7 +46,11 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import platform
+import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,58 +83,103 @@ def corpus(n: int, unique: int, size: int = 256, seed: int = 0) -> tuple[list[by
     return images, captions
 
 
+# ------------------------------------------------------------------ gauges
+
+
 class GpuBusy:
-    """Samples the GPU's utilisation (NVML, the share of time a kernel ran)
-    on a thread while a method runs: ``with GpuBusy() as g: ...; g.mean``."""
+    """Samples the GPU's utilisation every ``every`` s on a thread: NVML
+    (``pynvml``) where it imports, else ``nvidia-smi -lms`` in a subprocess.
+    ``mean(t0, t1)``: the mean of the samples taken in that window."""
 
-    def __init__(self, every: float = 0.1):
-        self.every, self.samples, self._stop = every, [], None
-
-    def __enter__(self):
-        import threading
-
-        import torch
-
+    def __init__(self, index: int = 0, every: float = 0.1):
+        self.index, self.every, self.samples = index, every, []
+        self.source = None
         self._stop = threading.Event()
+        self._proc = None
 
-        def run():
-            while not self._stop.wait(self.every):
-                try:
-                    self.samples.append(torch.cuda.utilization())
-                except Exception:  # no NVML here: no figure
-                    return
+    def start(self) -> GpuBusy:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
+            pynvml.nvmlDeviceGetUtilizationRates(handle)
+            self.source = "NVML"
+
+            def run():
+                while not self._stop.wait(self.every):
+                    self.samples.append((time.perf_counter(), pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+
+        except Exception:  # no NVML bindings: nvidia-smi's loop
+            try:
+                self._proc = subprocess.Popen(
+                    ["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                     f"-lms={int(self.every * 1000)}"],
+                    stdout=subprocess.PIPE, text=True,
+                )  # fmt: skip
+            except OSError:
+                return self
+            self.source = "nvidia-smi"
+
+            def run():
+                for line in self._proc.stdout:
+                    if line.strip().isdigit():
+                        self.samples.append((time.perf_counter(), int(line)))
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._proc is not None:
+            self._proc.terminate()
 
-    @property
-    def mean(self) -> float:
-        s = self.samples[len(self.samples) // 10 :]  # skip the start-up
+    def mean(self, t0: float, t1: float) -> float:
+        s = [u for t, u in self.samples if t0 <= t <= t1]
         return float(np.mean(s)) if s else float("nan")
 
 
+def cpu_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (/proc/stat), or NaN."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return float("nan")
+
+
 class Clock:
-    """Rows per second after the first batch."""
+    """Rows after the first batch over the time after it; wall time of the pass."""
 
     def __init__(self):
-        self.t0 = None
-        self.rows = 0
-        self.batches = 0
+        self.start = time.perf_counter()
+        self.t0 = self.end = None
+        self.rows = self.batches = 0
+        self.cpu0 = cpu_busy_seconds()
+        self.cpu_t0 = self.cpu_end = None
 
     def tick(self, rows: int) -> None:
         if self.t0 is None:
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu_t0 = time.perf_counter(), cpu_busy_seconds()
         else:
             self.rows += rows
             self.batches += 1
 
+    def stop(self) -> Clock:
+        self.end, self.cpu_end = time.perf_counter(), cpu_busy_seconds()
+        return self
+
+    @property
     def rate(self) -> float:
-        return self.rows / max(time.perf_counter() - self.t0, 1e-9) if self.t0 else 0.0
+        """NaN from fewer than 3 batches after the first (Ray delivers in bursts)."""
+        return self.rows / max(self.end - self.t0, 1e-9) if self.batches >= 3 else float("nan")
+
+    @property
+    def cores(self) -> float:
+        return (self.cpu_end - self.cpu_t0) / max(self.end - self.t0, 1e-9) if self.t0 is not None else float("nan")
 
 
 def sync(device: str) -> None:
@@ -118,6 +187,9 @@ def sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------ plans
 
 
 def load_model(model: str, device: str):
@@ -130,129 +202,7 @@ def load_model(model: str, device: str):
     return net.eval(), preprocess, open_clip.get_tokenizer(model)
 
 
-def bench_ceiling(args, captions) -> dict[str, float]:
-    """Image tower alone, text tower alone, then both per batch (pairs/s)."""
-    import torch
-
-    net, _, tokenizer = load_model(args.model, args.device)
-    size = net.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-    b = args.batch_size
-    xs = [torch.randn(b, 3, size, size, device=args.device) for _ in range(2)]  # not zeros; two to rotate
-    ts = [tokenizer(captions[i * b : (i + 1) * b]).to(args.device) for i in range(2)]
-    steps = max(3, args.n // b)
-    bf16 = args.device.startswith("cuda")
-    out = {}
-    with torch.inference_mode(), torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
-        for name, fn in (
-            ("image", lambda k: net.encode_image(xs[k % 2]).float().sum().item()),
-            ("text", lambda k: net.encode_text(ts[k % 2]).float().sum().item()),
-            (
-                "pairs",
-                lambda k: (net.encode_image(xs[k % 2]).float() * net.encode_text(ts[k % 2]).float()).sum().item(),
-            ),
-        ):
-            clock = Clock()
-            for k in range(steps):
-                fn(k)  # .item() waits for the GPU
-                clock.tick(b)
-            out[name] = clock.rate()
-    return out
-
-
-def bench_parts(args, images, captions) -> dict[str, float]:
-    """Rows/s of the stage's parts alone, as one actor runs them: PIL decode +
-    open_clip transform on T threads, nvJPEG decode + GPU resize (a GPU
-    only), and tokenising."""
-    import torch
-
-    from stages.common import clip as _clip
-
-    ld = _clip.load(args.model, "random", args.device)
-    n, b = min(len(images), args.parts_n), args.batch_size
-    out = {}
-
-    def rate(label, fn) -> None:
-        """Rows/s after the first batch, and the cores this process kept busy."""
-        clock, cpu0 = Clock(), None
-        for a in range(0, n, b):
-            fn(images[a : a + b], captions[a : a + b])
-            clock.tick(min(b, n - a))
-            cpu0 = time.process_time() if cpu0 is None else cpu0
-        r = clock.rate()
-        out[label] = r
-        print(f"   part: {label}: {r:.0f} rows/s, {(time.process_time() - cpu0) / (time.perf_counter() - clock.t0):.1f} cores busy",
-              flush=True)  # fmt: skip
-
-    gpu = args.device.startswith("cuda")
-    for t in sorted({1, args.cpus_per_actor, os.cpu_count() or 1}):
-        rate(
-            f"PIL decode+transform, {t} thread(s)",
-            lambda im, _, t=t: torch.stack(_clip.decode_pil(im, ld.preprocess, t)[0]),
-        )
-        if gpu:
-            rate(f"libjpeg decode on {t} thread(s) + GPU resize",
-                 lambda im, _, t=t: _clip.normalize(_clip.resize_crop(_clip.decode_cpu(im, args.device, t)[0], ld.cfg), ld.cfg).sum().item())  # fmt: skip
-    if gpu:
-        rate("nvJPEG decode + GPU resize",
-             lambda im, _: _clip.normalize(_clip.resize_crop(_clip.decode_tensors(im, args.device)[0], ld.cfg), ld.cfg).sum().item())  # fmt: skip
-    rate("tokenise (1 thread)", lambda _, caps: ld.tokenizer(caps))
-    return out
-
-
-def decoder_agreement(args, images, captions) -> None:
-    """Max |score difference| of each decoder against ``pil`` (open_clip's own
-    transform) on the same rows and weights."""
-    import torch
-
-    from stages.base import run_stage_batch
-    from stages.clip_score import ClipScoreStage
-
-    n = min(len(images), args.batch_size)
-    scores = {}
-    for d in ("pil", "nvjpeg", "libjpeg"):
-        torch.manual_seed(0)  # the same random weights for each decoder
-        stage = ClipScoreStage(stage_config(args, decode=d, cpus=os.cpu_count()))
-        stage.setup()
-        scores[d] = run_stage_batch(stage, rows_batch(images[:n], captions[:n]))["clip_score"]
-    for d in ("nvjpeg", "libjpeg"):
-        print(f"   agreement: {d} vs pil: max |score diff| {np.abs(scores[d] - scores['pil']).max():.2e} "
-              f"over {n} rows (scores span {np.ptp(scores['pil']):.3f})", flush=True)  # fmt: skip
-
-
-class _Pairs:
-    def __init__(self, images, captions, preprocess):
-        self.images, self.captions, self.preprocess = images, captions, preprocess
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        return self.preprocess(Image.open(io.BytesIO(self.images[i])).convert("RGB")), self.captions[i]
-
-
-def bench_naive(args, images, captions) -> float:
-    import torch
-    import torch.nn.functional as F
-
-    net, preprocess, tokenizer = load_model(args.model, args.device)
-    loader = torch.utils.data.DataLoader(
-        _Pairs(images, captions, preprocess), batch_size=args.batch_size, num_workers=args.workers
-    )
-    bf16 = args.device.startswith("cuda")
-    clock = Clock()
-    with torch.inference_mode(), torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
-        for x, caps in loader:
-            i = F.normalize(net.encode_image(x.to(args.device)).float(), dim=-1)
-            t = F.normalize(net.encode_text(tokenizer(list(caps)).to(args.device)).float(), dim=-1)
-            (i * t).sum(-1).cpu()
-            clock.tick(len(caps))
-    return clock.rate()
-
-
-def stage_config(args, actors: int = 1, decode: str | None = None, cpus: int | None = None, gpus: int = 1):
+def stage_config(args, decode: str, actors: int = 1, cpus: int = 1, threads: int = 1, prefetch: bool = False, **kw):
     from stages.clip_score import Config
 
     gpu = args.device.startswith("cuda")
@@ -260,14 +210,15 @@ def stage_config(args, actors: int = 1, decode: str | None = None, cpus: int | N
         pretrained="random",
         model=args.model,
         device=args.device,
-        num_gpus=(gpus / actors) if gpu else 0.0,
-        num_cpus=float(cpus or args.cpus_per_actor),
+        num_gpus=(args.gpus / actors) if gpu else 0.0,
+        num_cpus=float(cpus),
         concurrency=(actors, actors),
         batch_size=args.batch_size,
         micro_batch=args.micro_batch,
-        # "prefetch": libjpeg decode, resize and tokenising in CPU tasks ahead of the actors
-        image_decode="libjpeg" if decode == "prefetch" else (decode or args.decode),
-        cpu_prefetch=decode == "prefetch",
+        image_decode=decode,
+        cpu_prefetch=prefetch,
+        actor_threads=threads,
+        **kw,
     )
 
 
@@ -283,165 +234,466 @@ def rows_batch(images, captions, start: int = 0):
     )
 
 
-def bench_stage_inprocess(args, images, captions, decode: str) -> float:
+class Plan:
+    """``setup()`` once (untimed), then ``run()`` per pass -> a stopped :class:`Clock`."""
+
+    label = ""
+
+    def setup(self) -> None:
+        pass
+
+    def run(self) -> Clock:
+        raise NotImplementedError
+
+
+class Ceiling(Plan):
+    """Both towers on ready device tensors, ``mode`` eager / graphs / compiled."""
+
+    def __init__(self, args, images, captions, mode: str):
+        self.args, self.mode = args, mode
+        self.captions = captions
+        self.label = {"eager": "ceiling: towers on ready tensors, eager",
+                      "graphs": "ceiling: towers on ready tensors, CUDA graphs",
+                      "compiled": "ceiling: towers on ready tensors, compiled+graphs"}[mode]  # fmt: skip
+        self.label += f" (micro-batch {args.micro_batch})"
+
+    def setup(self) -> None:
+        import torch
+
+        from stages.common import clip as _clip
+
+        a = self.args
+        net, _, tokenizer = load_model(a.model, a.device)
+        import open_clip
+
+        cfg = dict(open_clip.get_model_preprocess_cfg(net))
+        th, tw = _clip.size_hw(cfg["size"])
+        b = a.batch_size
+        g = torch.Generator(device=a.device).manual_seed(0)  # not zeros; two batches to rotate
+        self.pix = [torch.randint(0, 256, (b, 3, th, tw), dtype=torch.uint8, device=a.device, generator=g) for _ in range(2)]  # fmt: skip
+        self.tok = [tokenizer(self.captions[i * b : (i + 1) * b]).to(a.device) for i in range(2)]
+        self.net, self.cfg = net, cfg
+        if a.device.startswith("cuda"):
+            # the compiled ceiling is measured whatever its difference from eager (printed); the stage
+            # keeps compiled towers only within 1e-3
+            self.towers = _clip.CudaTowers(net, cfg, a.device, a.micro_batch, tokenizer.context_length,
+                                           graphs=self.mode != "eager", compile=self.mode == "compiled",
+                                           tolerance=float("inf") if self.mode == "compiled" else 1e-3)  # fmt: skip
+            self.achieved = self.towers.mode
+            print(f"   {self.label}: towers ran as {self.towers.mode}, check vs eager {self.towers.check}", flush=True)
+        else:
+            self.towers = None
+
+    def run(self) -> Clock:
+        from stages.common import clip as _clip
+
+        a = self.args
+        clock = Clock()
+        steps = max(3, a.n // a.batch_size)
+        if self.towers is not None:
+            pending = []
+            for k in range(steps):
+                pending.append(self.towers.enqueue(self.pix[k % 2], self.tok[k % 2]))
+                if len(pending) > 2:  # two batches in flight, like an actor's two threads
+                    pending.pop(0).wait()
+                    clock.tick(a.batch_size)
+            for p in pending:
+                p.wait()
+                clock.tick(a.batch_size)
+        else:
+            for k in range(steps):
+                x = _clip.normalize(self.pix[k % 2], self.cfg)
+                i = _clip.encode(self.net.encode_image, x, a.device, a.micro_batch, False)
+                t = _clip.encode(self.net.encode_text, self.tok[k % 2], a.device, a.micro_batch, False)
+                (i * t).sum(-1).cpu()
+                clock.tick(a.batch_size)
+        return clock.stop()
+
+
+class _Pairs:
+    def __init__(self, images, captions, preprocess):
+        self.images, self.captions, self.preprocess = images, captions, preprocess
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.preprocess(Image.open(io.BytesIO(self.images[i])).convert("RGB")), self.captions[i]
+
+
+class Naive(Plan):
+    def __init__(self, args, images, captions):
+        self.args = args
+        n = min(len(images), args.naive_n)
+        self.images, self.captions = images[:n], captions[:n]
+        self.label = f"naive: DataLoader + PIL, {args.workers} workers, eager"
+
+    def setup(self) -> None:
+        self.net, self.preprocess, self.tokenizer = load_model(self.args.model, self.args.device)
+
+    def run(self) -> Clock:
+        import torch
+        import torch.nn.functional as F
+
+        a = self.args
+        loader = torch.utils.data.DataLoader(
+            _Pairs(self.images, self.captions, self.preprocess), batch_size=a.naive_batch, num_workers=a.workers
+        )
+        bf16 = a.device.startswith("cuda")
+        clock = Clock()
+        with torch.inference_mode(), torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16, enabled=bf16):
+            for x, caps in loader:
+                i = F.normalize(self.net.encode_image(x.to(a.device)).float(), dim=-1)
+                t = F.normalize(self.net.encode_text(self.tokenizer(list(caps)).to(a.device)).float(), dim=-1)
+                (i * t).sum(-1).cpu()
+                clock.tick(len(caps))
+        return clock.stop()
+
+
+class InProcess(Plan):
+    """The stage from JPEG bytes in this process, ``threads`` batches at once."""
+
+    def __init__(self, args, images, captions, threads: int):
+        self.args, self.threads = args, threads
+        self.decode = "nvjpeg" if args.device.startswith("cuda") else "pil"
+        b = args.batch_size
+        self.batches = [rows_batch(images[i : i + b], captions[i : i + b], i) for i in range(0, len(images), b)]
+        self.label = f"stage in process, {self.decode}, {threads} batch(es) at once"
+
+    def setup(self) -> None:
+        from stages.clip_score import ClipScoreStage
+
+        self.stage = ClipScoreStage(stage_config(self.args, self.decode, cpus=os.cpu_count(), threads=self.threads))
+        self.stage.setup()
+
+    def run(self) -> Clock:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from stages.base import run_stage_batch
+
+        clock = Clock()
+        if self.threads == 1:
+            for batch in self.batches:
+                clock.tick(len(run_stage_batch(self.stage, dict(batch))["key"]))
+        else:
+            with ThreadPoolExecutor(self.threads) as pool:
+                for out in pool.map(lambda b: run_stage_batch(self.stage, dict(b)), self.batches):
+                    clock.tick(len(out["key"]))
+        return clock.stop()
+
+
+class RayPlan(Plan):
+    """The stage through Ray Data as a job runs it (``map_on_actors``)."""
+
+    def __init__(self, args, source, name: str):
+        self.args, self.source, self.name = args, source, name
+        a = args
+        if name == "ray-nvjpeg":
+            self.cfg = dict(decode="nvjpeg", actors=1, cpus=1, threads=a.actor_threads, prefetch=True)
+            what = f"1 actor x {a.actor_threads} threads, nvJPEG in the actor, tokens in CPU tasks"
+        elif name == "ray-nvjpeg-2a":
+            self.cfg = dict(decode="nvjpeg", actors=2, cpus=1, threads=a.actor_threads, prefetch=True)
+            what = f"2 actors x {a.actor_threads} threads (half a GPU each), nvJPEG in the actors, tokens in CPU tasks"
+        elif name == "ray-nvjpeg-1t":
+            self.cfg = dict(decode="nvjpeg", actors=1, cpus=1, threads=1, prefetch=True)
+            what = "1 actor x 1 thread, nvJPEG in the actor, tokens in CPU tasks"
+        elif name == "ray-nvjpeg-noprefetch":
+            self.cfg = dict(decode="nvjpeg", actors=1, cpus=1, threads=a.actor_threads, prefetch=False)
+            what = f"1 actor x {a.actor_threads} threads, nvJPEG and tokens in the actor"
+        elif name == "ray-libjpeg":
+            self.cfg = dict(decode="libjpeg", actors=a.prefetch_actors, cpus=1, threads=1, prefetch=True)
+            what = f"{a.prefetch_actors} actors x 1 CPU, libjpeg decode + resize + tokens in CPU tasks"
+        else:
+            raise ValueError(f"unknown Ray plan {name!r}")
+        self.label = f"Ray Data: {what}"
+
+    def run(self) -> Clock:
+        from pipeline.plan import map_on_actors
+        from stages.clip_score import ClipScoreStage
+
+        ds = map_on_actors(self.source, ClipScoreStage(stage_config(self.args, **self.cfg)))
+        ds = ds.select_columns(["key", "clip_score"])
+        clock = Clock()
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            clock.tick(len(batch["key"]))
+        clock.stop()
+        if self.args.ray_stats:  # Ray Data's per-operator timings of this pass
+            with open(Path(self.args.ray_stats) / f"{self.name}.txt", "a") as f:
+                f.write(f"--- {self.label}\n{ds.stats()}\n\n")
+        return clock
+
+
+# ------------------------------------------------------------------ checks
+
+
+def agreement(args, images, captions) -> None:
+    """Max |score difference| on the same rows and weights: nvJPEG (libjpeg
+    on the CPU) against PIL, and the CUDA-graph towers against eager (the
+    compiled towers are checked on random inputs as they are made)."""
+    import torch
+
     from stages.base import run_stage_batch
     from stages.clip_score import ClipScoreStage
 
-    stage = ClipScoreStage(stage_config(args, decode=decode, cpus=os.cpu_count()))
-    stage.setup()
-    clock = Clock()
-    b = args.batch_size
-    with GpuBusy() as busy:
-        for a in range(0, len(images), b):
-            out = run_stage_batch(stage, rows_batch(images[a : a + b], captions[a : a + b], a))
-            clock.tick(len(out["key"]))
+    n = min(len(images), args.batch_size)
+    rows = rows_batch(images[:n], captions[:n])
+
+    def scores(decode, **kw):
+        torch.manual_seed(0)  # the same random weights for every variant
+        st = ClipScoreStage(stage_config(args, decode, cpus=os.cpu_count(), **kw))
+        st.setup()
+        mode = st._towers.mode if st._towers is not None else "eager"
+        return run_stage_batch(st, dict(rows))["clip_score"], mode
+
+    gpu = args.device.startswith("cuda")
+    ref, _ = scores("pil", cuda_graphs=False)
+    fast = "nvjpeg" if gpu else "libjpeg"
+    eager, _ = scores(fast, cuda_graphs=False)
+    print(f"   agreement: {fast} (eager towers) vs pil: max |score diff| {np.abs(eager - ref).max():.2e} over {n} rows "
+          f"(scores span {np.ptp(ref):.3f})", flush=True)  # fmt: skip
+    if gpu:
+        s, mode = scores(fast, cuda_graphs=True)
+        print(f"   agreement: {fast} towers {mode} vs eager: max |score diff| {np.abs(s - eager).max():.2e} "
+              f"over {n} rows", flush=True)  # fmt: skip
+
+
+def parts(args, images, captions) -> None:
+    """Rows/s of the stage's parts alone: nvJPEG + GPU resize, libjpeg on every
+    core + GPU resize, tokenising on one thread."""
+    from stages.common import clip as _clip
+
+    cfg = _clip.pixel_cfg(args.model)
+    tok = _clip.tokenizer(args.model)
+    n, b = min(len(images), args.parts_n), args.batch_size
+    gpu = args.device.startswith("cuda")
+
+    def rate(label, fn) -> None:
+        fn(images[:b], captions[:b])  # warm-up
+        t = time.perf_counter()
+        for a in range(0, n, b):
+            fn(images[a : a + b], captions[a : a + b])
+        print(f"   part: {label}: {n / (time.perf_counter() - t):.0f} rows/s", flush=True)
+
+    if gpu:
+        rate("nvJPEG decode + GPU resize, one thread", lambda im, _: _clip.decode_cuda(im, args.device, cfg))
+        cores = os.cpu_count() or 1
+        rate(f"libjpeg decode on {cores} threads + GPU resize",
+             lambda im, _: _clip.decode_cuda(im, args.device, cfg, "libjpeg", cores))  # fmt: skip
+    rate("tokenise, one thread", lambda _, caps: tok(caps))
+
+
+# ------------------------------------------------------------------ main
+
+
+def header(args) -> str:
+    import torch
+
+    lines = []
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    lines.append(f"machine: {cores} cores ({usable} usable), {cpu}, {platform.platform()}")
     if args.device.startswith("cuda"):
-        print(f"   3a in-process, {decode}: GPU busy {busy.mean:.0f}% of the time (NVML)", flush=True)
-    return clock.rate()
+        p = torch.cuda.get_device_properties(0)
+        lines.append(f"GPU: {torch.cuda.device_count()} x {p.name}, {p.total_memory / 2**30:.0f} GiB, "
+                     f"{p.multi_processor_count} SMs; driver {torch_driver()}; CUDA {torch.version.cuda}")  # fmt: skip
+    versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for mod in ("torchvision", "open_clip", "ray", "pyarrow"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:  # absent: say so
+            versions.append(f"{mod} -")
+    lines.append("software: " + ", ".join(versions))
+    lines.append(f"run: model {args.model} (random weights), n {args.n}, batch {args.batch_size}, micro-batch "
+                 f"{args.micro_batch}, {args.passes} timed passes + 1 warm-up per plan, order rotated")  # fmt: skip
+    return "\n".join(lines)
 
 
-def ray_plans(spec: str) -> list[tuple[int, str, int]]:
-    """``"2:nvjpeg:2,4:pil:3"`` -> [(actors, decode, cpus per actor), ...];
-    decode ``prefetch``: CPU tasks decode, resize and tokenise for the actors"""
-    plans = []
-    for item in filter(None, spec.split(",")):
-        a, d, c = item.split(":")
-        plans.append((int(a), d, int(c)))
-    return plans
-
-
-def bench_stage_ray(args, images, captions) -> dict[str, float | None]:
-    """The stage as a Ray Data actor pool, for each plan of ``--ray``: actors
-    share the GPU(s) (``num_gpus = gpus / actors``); one Ray instance."""
+def torch_driver() -> str:
     try:
-        import pyarrow as pa
-        import ray
-    except ImportError:
-        return {}
-    from pipeline.plan import map_on_actors
-    from pipeline.raystart import init_local
-    from stages.clip_score import ClipScoreStage
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        return out.stdout.strip().splitlines()[0]
+    except Exception:  # no nvidia-smi
+        return "?"
 
-    gpus = args.gpus if args.device.startswith("cuda") else 0
-    init_local(num_cpus=os.cpu_count(), num_gpus=gpus, log_to_driver=False)
-    out: dict[str, float | None] = {}
-    try:
-        rows = rows_batch(images, captions)
-        table = pa.table({c: pa.array(list(v)) if v.dtype == object else pa.array(v) for c, v in rows.items()})
-        source = ray.data.from_arrow(table).repartition(max(1, len(images) // args.batch_size)).materialize()
-        for actors, decode, cpus in ray_plans(args.ray):
-            label = f"3b Ray Data, {actors} actor(s) x {cpus} CPU on {gpus or 'no'} GPU, {decode}"
-            try:
-                ds = map_on_actors(source, ClipScoreStage(stage_config(args, actors, decode, cpus, max(gpus, 1))))
-                clock = Clock()
-                with GpuBusy() as busy:
-                    for batch in ds.select_columns(["key", "clip_score"]).iter_batches(
-                        batch_format="numpy", batch_size=None
-                    ):
-                        clock.tick(len(batch["key"]))
-                # batches of several actors arrive together: too few after the first give no rate
-                out[label] = clock.rate() if clock.batches >= 8 else None
-                if gpus:
-                    print(f"   {label}: GPU busy {busy.mean:.0f}% of the time (NVML)", flush=True)
-            except Exception as e:  # one failing plan must not hide the others
-                print(f"{label}: failed: {type(e).__name__}: {e}", flush=True)
-                out[label] = None
-            print(f"{label}: {out[label] or 0:.0f} pairs/s", flush=True)
-        return out
-    finally:
-        ray.shutdown()
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    v = [x for x in values if x == x]
+    return (statistics.median(v), min(v), max(v)) if v else (float("nan"),) * 3
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--n", type=int, default=None, help="rows per pass (default: 40960 on a GPU, 512 on the CPU)")
+    p.add_argument("--naive-n", type=int, default=12288, help="rows per pass of the naive loop (it is slow)")
+    p.add_argument("--naive-batch", type=int, default=256, help="the naive loop's batch size")
     p.add_argument("--unique", type=int, default=1024)
     p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="rows per Ray batch / stage call (default 2048; 256 on the CPU)")  # fmt: skip
     p.add_argument("--micro-batch", type=int, default=256)
-    p.add_argument(
-        "--decode",
-        default="auto",
-        choices=("auto", "pil", "nvjpeg", "libjpeg"),
-        help="decoders of the in-process stage",
-    )
-    p.add_argument("--inprocess", default="", help="comma list of decoders for 3a (default: --decode)")
+    p.add_argument("--passes", type=int, default=3, help="timed passes per plan (after one warm-up)")
+    p.add_argument("--plans", default="", help="comma list (see above); default: every plan for the device")
+    p.add_argument("--compile", action="store_true", help="also the compiled ceiling (and its agreement check)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the naive loop")
-    p.add_argument("--cpus-per-actor", type=int, default=max(1, min(2, (os.cpu_count() or 2) - 1)))
-    p.add_argument("--ray", default="", help="Ray plans actors:decode:cpus, comma separated (default 2:DECODE:CPUS)")
+    p.add_argument("--actor-threads", type=int, default=2)
+    p.add_argument("--prefetch-actors", type=int, default=None, help="actors of ray-libjpeg (default 3; 1 on the CPU)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the Ray plans share")
-    p.add_argument("--parts-n", type=int, default=4096, help="rows for the per-part rates")
-    p.add_argument("--skip", default="", help="comma list of: ceiling,parts,agreement,naive,inprocess,ray")
+    p.add_argument("--parts-n", type=int, default=8192, help="rows for the per-part rates")
+    p.add_argument("--skip", default="", help="comma list of: parts,agreement")
+    p.add_argument("--ray-stats", metavar="DIR", help="write Ray Data's operator stats of every Ray pass here")
+    p.add_argument("--budget-s", type=float, default=0, help="start no timed pass after this many seconds (0: none)")
+    p.add_argument("--headline", default="ray-nvjpeg-2a", help="the plan the last line reports")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
-    args.ray = args.ray or f"2:{args.decode}:{args.cpus_per_actor}"
+    gpu = args.device.startswith("cuda")
+    args.n = args.n or (40960 if gpu else 512)
+    args.batch_size = args.batch_size or (2048 if gpu else 256)
+    args.prefetch_actors = args.prefetch_actors or (3 if gpu else 1)
     skip = set(filter(None, args.skip.split(",")))
+
+    import signal
 
     import torch
 
+    # a timeout's SIGTERM still prints the table of the passes that ran
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
+    print(header(args), flush=True)
     t = time.perf_counter()
     images, captions = corpus(args.n, args.unique)
-    gpu = args.device.startswith("cuda")
-    where = f"{torch.cuda.get_device_name()}, " if gpu else ""
     print(f"corpus: {args.n} JPEGs ({np.mean([len(b) for b in images[: args.unique]]) / 1024:.1f} KiB mean), "
-          f"{time.perf_counter() - t:.1f}s; device {args.device} ({where}{os.cpu_count()} cores; torch {torch.__version__})",
-          flush=True)  # fmt: skip
+          f"{time.perf_counter() - t:.1f}s", flush=True)  # fmt: skip
 
-    rows: dict[str, float | None] = {}  # label -> pairs/s
-    ceiling: dict[str, float] = {}
-    parts: dict[str, float] = {}
+    default = ["eager", "graphs"] if gpu else ["eager"]
+    default += ["compiled"] if gpu and args.compile else []
+    default += ["naive", "inproc2"] if gpu else ["naive", "inproc1"]
+    default += ["ray-nvjpeg", "ray-nvjpeg-2a", "ray-libjpeg"] if gpu else ["ray-libjpeg"]
+    names = [x for x in args.plans.split(",") if x] or default
 
-    def attempt(label, fn):
-        try:
-            return fn()
-        except Exception as e:  # one failing method must not hide the others
-            print(f"{label}: failed: {type(e).__name__}: {e}", flush=True)
-            return None
-
-    if "ceiling" not in skip:
-        ceiling = attempt("ceiling", lambda: bench_ceiling(args, captions)) or {}
-        print("1 ceiling: " + ", ".join(f"{k} {v:.0f}/s" for k, v in ceiling.items()), flush=True)
-        rows["1 both towers on ready tensors"] = ceiling.get("pairs")
     if "parts" not in skip:
-        parts = attempt("parts", lambda: bench_parts(args, images, captions)) or {}
+        parts(args, images, captions)
     if "agreement" not in skip:
-        attempt("agreement", lambda: decoder_agreement(args, images, captions))
-    naive_label = f"2 DataLoader+PIL, {args.workers} workers"
-    if "naive" not in skip:
-        rows[naive_label] = attempt(naive_label, lambda: bench_naive(args, images, captions))
-        print(f"{naive_label}: {rows[naive_label] or 0:.0f} pairs/s", flush=True)
-    if "inprocess" not in skip:
-        for d in filter(None, (args.inprocess or args.decode).split(",")):
-            label = f"3a stage in-process, {d}"
-            rows[label] = attempt(label, lambda d=d: bench_stage_inprocess(args, images, captions, d))
-            print(f"{label}: {rows[label] or 0:.0f} pairs/s", flush=True)
-    if "ray" not in skip:
-        rows.update(attempt("ray", lambda: bench_stage_ray(args, images, captions)) or {})
+        agreement(args, images, captions)
 
-    base, top = rows.get(naive_label), rows.get("1 both towers on ready tensors")
-    print(f"\n{'method':<58} {'pairs/s':>9} {'x naive':>8} {'of ceiling':>10}")
-    for label, r in rows.items():
-        if r is None:
-            print(f"{label:<58} {'n/a':>9}")
+    ray_started = False
+    if any(x.startswith("ray") for x in names):
+        try:
+            import pyarrow as pa
+            import ray
+
+            from pipeline.raystart import init_local
+
+            init_local(num_cpus=os.cpu_count(), num_gpus=args.gpus if gpu else 0, log_to_driver=False)
+            ray_started = True
+            # as pipeline.plan.run_rows runs a job
+            ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            # the actors first, then the CPU tasks (see the module doc)
+            ray.data.DataContext.get_current().wait_for_min_actors_s = 600
+            rows = rows_batch(images, captions)
+            table = pa.table({c: pa.array(list(v)) if v.dtype == object else pa.array(v) for c, v in rows.items()})
+            source = ray.data.from_arrow(table).repartition(max(1, len(images) // args.batch_size)).materialize()
+        except ImportError as e:
+            print(f"Ray plans skipped: {e}", flush=True)
+            names = [x for x in names if not x.startswith("ray")]
+
+    plans: list[Plan] = []
+    for name in names:
+        if name in ("eager", "graphs", "compiled"):
+            plans.append(Ceiling(args, images, captions, name))
+        elif name == "naive":
+            plans.append(Naive(args, images, captions))
+        elif name.startswith("inproc"):
+            plans.append(InProcess(args, images, captions, int(name[len("inproc") :] or 1)))
+        else:
+            plans.append(RayPlan(args, source, name))
+        plans[-1].name = name
+
+    t_begin = time.perf_counter()
+    busy = GpuBusy().start() if gpu else None
+    results: dict[str, list[Clock]] = {p.name: [] for p in plans}
+    live = []
+    try:
+        for pl in plans:  # set-up and the untimed warm-up pass
+            try:
+                t = time.perf_counter()
+                pl.setup()
+                warm = pl.run()
+                print(f"warm-up: {pl.label}: {warm.rate:.0f} pairs/s (set-up + pass {time.perf_counter() - t:.1f}s)",
+                      flush=True)  # fmt: skip
+                live.append(pl)
+            except Exception as e:  # one failing plan must not hide the others
+                print(f"{pl.label}: failed: {type(e).__name__}: {e}", flush=True)
+        for r in range(args.passes):
+            if args.budget_s and time.perf_counter() - t_begin > args.budget_s:
+                print(f"time budget of {args.budget_s:.0f}s spent: {r} timed passes, not {args.passes}", flush=True)
+                break
+            order = live[r % len(live) :] + live[: r % len(live)] if live else []
+            for pl in order:
+                try:
+                    c = pl.run()
+                except Exception as e:
+                    print(f"pass {r + 1}: {pl.label}: failed: {type(e).__name__}: {e}", flush=True)
+                    continue
+                c.busy = busy.mean(c.t0, c.end) if busy else float("nan")
+                results[pl.name].append(c)
+                print(f"pass {r + 1}: {pl.label}: {c.rate:.0f} pairs/s, GPU busy {c.busy:.0f}%, "
+                      f"{c.cores:.1f} cores busy, wall {c.end - c.start:.1f}s", flush=True)  # fmt: skip
+    finally:
+        if busy:
+            busy.stop()
+        report(args, plans, results, busy)
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+
+
+def report(args, plans: list[Plan], results: dict, busy) -> None:
+    """The table of every plan over the passes that ran, and the headline."""
+    med = {k: summary([c.rate for c in v])[0] for k, v in results.items()}
+    base, top = med.get("naive"), med.get("eager")
+    print("\n" + header(args))
+    print(f"GPU busy from {busy.source if busy else '-'}; ratios are of medians, all measured in this run\n")
+    w = max([len(p.label) for p in plans] + [10])
+    print(f"{'plan':<{w}} {'median':>8} {'min-max':>13} {'passes':>6} {'x naive':>8} {'of eager':>8} {'GPU busy':>8} "
+          f"{'cores':>6} {'wall s':>7}")  # fmt: skip
+    table = {}
+    for pl in plans:
+        cs = results[pl.name]
+        if not cs:
+            print(f"{pl.label:<{w}} {'n/a':>8}")
             continue
-        print(f"{label:<58} {r:>9.0f} {(r / base if base else float('nan')):>8.2f} "
-              f"{(r / top if top else float('nan')):>10.1%}")  # fmt: skip
-    if ceiling:
-        print(f"ceiling towers alone: image {ceiling['image']:.0f} img/s, text {ceiling['text']:.0f} captions/s")
-    ray_rates = [r for k, r in rows.items() if k.startswith("3b") and r]
-    if ray_rates and base:
-        best = max(ray_rates)
-        print(f"best Ray Data plan: {best:.0f} pairs/s, {best / base:.2f}x naive "
-              f"(goal on one H100: >= 8000 pairs/s and >= 2x naive)")  # fmt: skip
+        m, lo, hi = summary([c.rate for c in cs])
+        b = summary([c.busy for c in cs])[0]
+        cores = summary([c.cores for c in cs])[0]
+        wall = summary([c.end - c.start for c in cs])[0]
+        xn = m / base if base else float("nan")
+        xc = m / top if top else float("nan")
+        print(f"{pl.label:<{w}} {m:>8.0f} {f'{lo:.0f}-{hi:.0f}':>13} {len(cs):>6} {xn:>8.2f} {xc:>8.1%} {b:>7.0f}% "
+              f"{cores:>6.1f} {wall:>7.1f}")  # fmt: skip
+        table[pl.name] = {"label": pl.label, "median": m, "min": lo, "max": hi, "passes": [c.rate for c in cs],
+                          "gpu_busy": b, "cores": cores, "wall_s": wall}  # fmt: skip
+    head = table.get(args.headline)
+    if head:
+        m, b = head["median"], head["gpu_busy"]
+        print(f"\nheadline ({args.headline}): {head['label']}: {m:.0f} pairs/s, median of {len(head['passes'])}; "
+              f"{m / base if base else float('nan'):.2f}x naive, {m / top if top else float('nan'):.1%} of the eager "
+              f"ceiling, GPU busy {b:.0f}% (goals: >= 10,000 pairs/s, >= 85% of eager, >= 80% busy)")  # fmt: skip
     if args.json:
         import json
 
-        Path(args.json).write_text(
-            json.dumps({"args": vars(args), "ceiling": ceiling, "parts": parts, "pairs_per_s": rows}, indent=1)
-        )
+        Path(args.json).write_text(json.dumps({"args": vars(args), "header": header(args), "plans": table}, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ This is the on-disk contract (LAION / img2dataset layout) that trainers and
     OUT/shards/sizes.json                  shard file name -> samples (open_clip)
     OUT/rejects/00000.parquet              every row of shard 0 that did not make it
     OUT/embeddings/<col>/<col>_00000.npy   2-D ``*_emb`` columns, float16, parquet row order
+    OUT/embeddings/metadata/metadata_00000.parquet  the same rows' metadata (clip-retrieval's layout)
     OUT/<table>/00000.parquet              side tables of global stages (confounders), by shard
     OUT/_work/input/00000.parquet          the URL list cut into shards, keys assigned
     OUT/_work/rows/00000/*.pkl             rows of input shard 0 after every per-row stage
@@ -63,6 +64,13 @@ def rejects_parquet(out, shard_id: int) -> Path:
 
 def embedding_npy(out, column: str, shard_id: int) -> Path:
     return Path(out) / "embeddings" / column / f"{column}_{shard_name(shard_id)}.npy"
+
+
+def embedding_metadata(out, shard_id: int) -> Path:
+    """The metadata of the rows of ``embedding_npy(out, *, shard_id)``, in their
+    order: clip-retrieval's ``index`` copies ``embeddings/metadata`` beside the
+    index and ``back`` serves its rows by their position in the embeddings."""
+    return Path(out) / "embeddings" / "metadata" / f"metadata_{shard_name(shard_id)}.parquet"
 
 
 def rejects_embedding_npy(out, column: str, shard_id: int) -> Path:

@@ -7,14 +7,27 @@ For shard ``S`` of output ``OUT`` (see :mod:`manifests.layout`):
 * ``shards/S.tar``: per ok row ``{key}.{ext}``, ``{key}.txt``, ``{key}.json``
 * ``shards/S.parquet``: the same rows and metadata, in key order
 * ``embeddings/<col>/<col>_S.npy``: every vector column declared with
-  ``store="embeddings"``, float16
+  ``store="embeddings"``, float16; ``embeddings/metadata/metadata_S.parquet``
+  the same rows' metadata in the same order (clip-retrieval's layout: its
+  ``index`` builds on ``img_emb``/``text_emb`` and copies ``metadata``)
 * ragged columns (``Column(kind="ragged")``): a parquet list column and,
   in the tar, ``{key}.{col}.npy`` per sample
 * ``rejects/S.parquet``: every other row, with ``stage``, ``reason``, ``detail``
+  and img2dataset's ``error_message`` (the reason and the error or values behind it)
 * ``rejects/S_<col>.npy``: the embeddings of those rows (a resumed run fits
   semantic dedup on them as an uninterrupted run did)
 * ``shards/S_stats.json``: counters and checksums, written last: its presence
   (with the files it lists) marks the shard finished
+
+img2dataset's conventions where the meanings match. The ``status`` column is
+written in its vocabulary: ``success`` for a sample; a row the download stage
+failed is ``failed_to_download`` or, for decoding and size checks,
+``failed_to_resize``; other rows keep pairforge's ``failed`` or ``dropped``
+(img2dataset drops nothing). The stats file has img2dataset's keys
+(``count``, ``successes``, ``failed_to_download``, ``failed_to_resize``,
+``duration``, ``start_time``, ``end_time``, ``status_dict``) besides ours.
+Times are only in the stats file, never in the parquet or the tar, so the
+data files stay byte-identical between runs.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import hashlib
 import io
 import json
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -32,13 +46,31 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests import layout
-from stages.base import IMAGE_COLUMN, STATUS_OK, TIMING_PREFIX, Batch, Column, batch_len, take
+from stages.base import (
+    IMAGE_COLUMN,
+    STATUS_FAILED,
+    STATUS_OK,
+    TIMING_PREFIX,
+    Batch,
+    Column,
+    batch_len,
+    object_array,
+    take,
+)
 
 #: Columns that only make sense on rejected rows.
 REJECT_ONLY = ("stage", "reason", "detail")
 #: Columns never written as metadata (bytes, bookkeeping).
 NOT_METADATA = (IMAGE_COLUMN,)
-STATS_VERSION = 2
+STATS_VERSION = 3
+#: the download stage's reasons that img2dataset counts as ``failed_to_resize``
+#: (decoding and size checks, ``stages/download.py``); its other failures are
+#: ``failed_to_download``
+RESIZE_REASONS = frozenset(
+    {"decode_error", "too_many_pixels", "image_too_small", "image_area_too_large", "aspect_ratio_too_large"}
+)
+#: detail fields left out of ``error_message`` (long, and in ``detail``)
+_MESSAGE_SKIP = ("url", "model")
 
 Schema = dict[str, Column]
 
@@ -97,6 +129,44 @@ def arrow_column(v: np.ndarray, col: Column | None) -> pa.Array:
     if col.shape:
         values = pa.FixedSizeListArray.from_arrays(values, width)
     return pa.ListArray.from_arrays(offsets, values)
+
+
+def written_status(status: str, stage: str, reason: str) -> str:
+    """A row's status as written, in img2dataset's words where they apply
+    (see the module doc); in memory the stages use ok/failed/dropped."""
+    if status == STATUS_OK:
+        return "success"
+    if status == STATUS_FAILED and stage == "download":
+        return "failed_to_resize" if reason in RESIZE_REASONS else "failed_to_download"
+    return str(status)
+
+
+def error_message(reason: str, detail: str) -> str:
+    """img2dataset's ``error_message`` of a rejected row: its reason, then
+    the error behind it or the values of its detail (``http_404
+    (http_status=404)``)."""
+    try:
+        d = json.loads(detail) if detail else {}
+    except ValueError:
+        d = {}
+    if not isinstance(d, dict):
+        return str(reason)
+    if d.get("error"):
+        return f"{reason}: {d['error']}"
+    facts = [f"{k}={v}" for k, v in sorted(d.items()) if k not in _MESSAGE_SKIP and not isinstance(v, (dict, list))]
+    return f"{reason} ({', '.join(facts)})" if facts else str(reason)
+
+
+def _as_written(rows: Batch) -> Batch:
+    """The rows with ``status`` in the written vocabulary and, on rejected
+    rows, ``error_message`` ("" on samples, which are written without it)."""
+    out = dict(rows)
+    trip = list(zip(rows["status"], rows["stage"], rows["reason"]))
+    out["status"] = object_array([written_status(st, sg, r) for st, sg, r in trip])
+    out["error_message"] = object_array(
+        ["" if st == STATUS_OK else error_message(str(r), str(d)) for (st, _, r), d in zip(trip, rows["detail"])]
+    )
+    return out
 
 
 def to_arrow(rows: Batch, columns: list[str], schema: Schema | None = None) -> pa.Table:
@@ -161,6 +231,7 @@ def write_shard(
     ``schema``: the stages' declared columns (see ``stages.base.Column``);
     ``counters``: extra per-shard counters the runner adds to the stats."""
     out = Path(out_dir)
+    t_start = time.time()
     n = batch_len(rows)
     if n:
         rows = take(rows, np.argsort(rows["key"].astype(str), kind="stable"))
@@ -169,9 +240,14 @@ def write_shard(
         ok = np.zeros(0, dtype=bool)
     ok_rows = take(rows, np.flatnonzero(ok)) if n else {}
     cols = metadata_columns(rows, schema) if n else ["key"]
-    table = to_arrow(rows, cols, schema) if n else pa.table({"key": pa.array([], pa.string())})
+    table = (
+        to_arrow(_as_written(rows), [*cols, "error_message"], schema)
+        if n
+        else pa.table({"key": pa.array([], pa.string())})
+    )
     ok_arr = pa.array(ok)
-    shard_table = table.filter(ok_arr).drop_columns([c for c in REJECT_ONLY if c in table.column_names])
+    not_in_shard = [c for c in (*REJECT_ONLY, "error_message") if c in table.column_names]
+    shard_table = table.filter(ok_arr).drop_columns(not_in_shard)
     reject_table = table.filter(pc.invert(ok_arr))
 
     files: dict[str, dict] = {}
@@ -185,30 +261,49 @@ def write_shard(
     ):
         name, entry = _file_entry(out, path, data)
         files[name] = entry
-    if write_embeddings and n:
-        for col in embedding_columns(rows, schema):
-            targets = [(layout.embedding_npy(out, col, shard_id), ok)]
-            if not ok.all():
-                targets.append((layout.rejects_embedding_npy(out, col, shard_id), ~ok))
-            for path, mask in targets:
-                buf = io.BytesIO()
-                np.save(buf, np.asarray(rows[col][mask], dtype=np.float16))
-                name, entry = _file_entry(out, path, buf.getvalue())
-                files[name] = entry
+    emb_cols = embedding_columns(rows, schema) if write_embeddings and n else []
+    for col in emb_cols:
+        targets = [(layout.embedding_npy(out, col, shard_id), ok)]
+        if not ok.all():
+            targets.append((layout.rejects_embedding_npy(out, col, shard_id), ~ok))
+        for path, mask in targets:
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(rows[col][mask], dtype=np.float16))
+            name, entry = _file_entry(out, path, buf.getvalue())
+            files[name] = entry
+    if emb_cols:  # clip-retrieval reads the rows of embeddings/*/*_S.npy from here, by position
+        name, entry = _file_entry(out, layout.embedding_metadata(out, shard_id), _parquet_bytes(shard_table))
+        files[name] = entry
 
     rejected = Counter(zip(rows["stage"][~ok], rows["reason"][~ok])) if n else Counter()
+    written = Counter(reject_table.column("status").to_pylist()) if n else Counter()
+    from_download = {r: c for (s, r), c in rejected.items() if s == "download"}
+    stage_seconds = {
+        c[len(TIMING_PREFIX) :]: float(np.sum(rows[c])) for c in (rows if n else {}) if c.startswith(TIMING_PREFIX)
+    }
+    end = time.time()
+    # img2dataset's duration is a shard's work; here that work is spread over the run's
+    # phases, so it is the stages' seconds on these rows plus this write, ending now
+    work = sum(stage_seconds.values()) + (end - t_start)
+    reasons: Counter = Counter()
+    for (_, reason), c in rejected.items():
+        reasons[str(reason)] += c
     stats = {
         "version": STATS_VERSION,
         "shard": layout.shard_name(shard_id),
         "shard_id": int(shard_id),
         "count": int(n),
         "successes": int(ok.sum()),
+        "failed_to_download": sum(c for r, c in from_download.items() if r not in RESIZE_REASONS),
+        "failed_to_resize": sum(c for r, c in from_download.items() if r in RESIZE_REASONS),
+        "duration": round(work, 6),
+        "start_time": end - work,
+        "end_time": end,
+        "status_dict": dict(sorted({"success": int(ok.sum()), **reasons}.items())) if n else {},
         "rejected": int(n - ok.sum()),
-        "status": dict(sorted(Counter(map(str, rows["status"])).items())) if n else {},
+        "status": dict(sorted({**({"success": int(ok.sum())} if ok.any() else {}), **written}.items())),
         "rejects_by_stage": _nested(rejected),
-        "stage_seconds": {
-            c[len(TIMING_PREFIX) :]: float(np.sum(rows[c])) for c in (rows if n else {}) if c.startswith(TIMING_PREFIX)
-        },
+        "stage_seconds": stage_seconds,
         "files": files,
         **(counters or {}),
     }

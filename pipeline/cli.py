@@ -1,9 +1,10 @@
 """The ``pairforge`` command line.
 
-pairforge run JOB.yaml [--address ADDR] [--resume]
-pairforge demo [--out DIR] [--runner ray|local]
+pairforge run JOB.yaml [--address ADDR] [--resume] [--verbose] [--progress-every S]
+pairforge demo [--out DIR] [--runner ray|local] [--verbose]
 pairforge manifest show DIR
 pairforge manifest verify DIR
+pairforge manifest diff OLD NEW [--json]
 pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
 """
 
@@ -23,7 +24,7 @@ def _cmd_run(args) -> int:
 
     job = load_job(args.job)
     try:
-        run_job(job, address=args.address, resume=args.resume)
+        run_job(job, address=args.address, resume=args.resume, verbose=args.verbose, progress_every=args.progress_every)
     except KeyboardInterrupt:
         from pipeline.job import run_state
 
@@ -40,7 +41,13 @@ def _cmd_run(args) -> int:
 def _cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
-    run_demo(out_dir=args.out, runner=args.runner, resume=args.resume)
+    run_demo(
+        out_dir=args.out,
+        runner=args.runner,
+        resume=args.resume,
+        verbose=args.verbose,
+        progress_every=args.progress_every,
+    )
     return 0
 
 
@@ -84,6 +91,24 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def _cmd_diff(args) -> int:
+    from manifests.diff import diff_runs, format_diff
+
+    d = diff_runs(args.old, args.new)
+    print(json.dumps(d, indent=1) if args.json else format_diff(d))
+    return 1 if d["changed"] else 0
+
+
+def _progress_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="also Ray Data's own progress bars and INFO logs")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        metavar="S",
+        help="seconds between progress lines when stderr is not a terminal (default 30)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairforge", description="Build image-text datasets on Ray.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -92,12 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job YAML file")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     r.add_argument("--resume", action="store_true", help="finish an interrupted run, skipping finished shards")
+    _progress_flags(r)
     r.set_defaults(fn=_cmd_run)
 
     d = sub.add_parser("demo", help="build a small dataset from local data, served over local HTTP")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     d.add_argument("--runner", choices=("ray", "local"), default="ray")
     d.add_argument("--resume", action="store_true")
+    _progress_flags(d)
     d.set_defaults(fn=_cmd_demo)
 
     m = sub.add_parser("manifest", help="inspect a run's manifest")
@@ -109,11 +136,24 @@ def _parser() -> argparse.ArgumentParser:
     v = msub.add_parser("verify", help="recompute checksums and check the row accounting")
     v.add_argument("dir")
     v.set_defaults(fn=_cmd_verify)
+    df = msub.add_parser("diff", help="what changed between two runs (exit 1 if anything did)", description=_diff_doc())
+    df.add_argument("old")
+    df.add_argument("new")
+    df.add_argument("--json", action="store_true", help="the differences as JSON")
+    df.set_defaults(fn=_cmd_diff)
 
     t = sub.add_parser("train", help="train a small CLIP on a run's shards", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=lambda a: __import__("trainer.cli", fromlist=["main"]).main(a.rest))
     return p
+
+
+def _diff_doc() -> str:
+    return (
+        "Compare the manifests of two runs: rows per stage and reason, the declared schema, "
+        "the job's settings and the shards (added, removed, changed by checksum). "
+        "Exit 0 when they hold the same, 1 when anything differs."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, JobError, FileNotFoundError) as e:
-        print(f"pairforge: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [type(e).__name__]:  # a whole-job check reports a line per problem
+            print(f"pairforge: error: {line}", file=sys.stderr)
         return 2
 
 

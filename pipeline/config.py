@@ -82,7 +82,19 @@ def build(cls, data: Any, where: str):
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # a config's own checks (__post_init__)
-        raise ConfigError(f"{where}: {e}") from None
+        raise field_error(where, e, names) from None
+
+
+def field_error(where: str, error: Exception, fields) -> ConfigError:
+    """A config's own check as a :class:`ConfigError` naming the key path:
+    ``retries: expected >= 0, got -3`` (or ``download.retries: ...``) raised
+    by ``stages[0](download)`` becomes ``stages[0](download).retries: ...``."""
+    msg = str(error)
+    head, sep, rest = msg.partition(":")
+    field = head.strip().rsplit(".", 1)[-1]
+    if sep and field in fields:
+        return ConfigError(f"{where}.{field}:{rest}")
+    return ConfigError(f"{where}: {msg}")
 
 
 def _coerce(tp, value, where):
@@ -102,16 +114,33 @@ def _coerce(tp, value, where):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {list(value)!r}")
         return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is float:  # a YAML int is a float; a quoted number ("0.3") is a string, not a float
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r} ({_kind(value)})")
+    if tp in (int, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({_kind(value)})")
     return value
+
+
+def _kind(value) -> str:
+    """What YAML made of a value, in words a job author knows."""
+    names = {
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        list: "a list",
+        dict: "a mapping",
+    }
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def stage_specs(raw: Any) -> tuple[StageSpec, ...]:

@@ -17,9 +17,11 @@ from manifests import layout
 from manifests.manifest import build_manifest, write_manifest, write_sizes
 from manifests.shards import read_stats
 from pipeline import engine
+from pipeline.checks import check_job
 from pipeline.config import JobConfig, to_dict
-from pipeline.engine import RowsTracker, RunSpec
+from pipeline.engine import RunSpec
 from pipeline.fit import Launcher, fit_mark, run_fit
+from pipeline.progress import ProgressTracker
 from pipeline.reader import read_index, split_input
 from pipeline.registry import stage_class
 from stages.base import Stage
@@ -38,19 +40,25 @@ def instantiate(job: JobConfig) -> tuple[list[Stage], Stage]:
     return stages[:-1], stages[-1]
 
 
-def _ray_session(job: JobConfig, address: str | None):
+def _ray_session(job: JobConfig, address: str | None, verbose: bool = False):
+    import logging
+
     import ray
+
+    from pipeline.progress import quiet_ray
 
     addr = address or job.ray.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
+        quiet_ray(verbose)
         return ray, False
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    level = logging.INFO if verbose else logging.WARNING
     if addr:
-        ray.init(address=addr, log_to_driver=True)
+        ray.init(address=addr, log_to_driver=True, logging_level=level)
     else:  # a local Ray, started so that nothing leaves loopback (pipeline.raystart)
         from pipeline.raystart import init_local
 
-        init_local(num_cpus=job.ray.num_cpus)
+        init_local(num_cpus=job.ray.num_cpus, logging_level=level)
+    quiet_ray(verbose)
     return ray, True
 
 
@@ -94,12 +102,25 @@ def _runner(job: JobConfig):
     return plan, plan.RayLauncher()
 
 
-def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False) -> dict:
+def run_job(
+    job: JobConfig,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    verbose: bool = False,
+    progress_every: float | None = None,
+) -> dict:
     """Run ``job`` and return its manifest (also written to ``OUT/manifest.json``).
 
+    First the whole job is checked (``pipeline.checks``: a ``ConfigError``
+    naming every wrong key and value, before Ray starts or anything is written).
     Phases (``pipeline.engine``): the per-row pass over input shards whose
     rows are not on disk yet, each global stage's fit (skipped when nothing
-    changed since a finished fit), then every shard not yet written."""
+    changed since a finished fit), then every shard not yet written.
+    ``verbose``: Ray's own progress bars and INFO logs too; ``progress_every``:
+    seconds between progress lines when stderr is not a terminal."""
+    for warning in check_job(job):
+        _log(f"warning: {warning}")
     out = Path(job.output.dir)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -135,15 +156,18 @@ def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False)
     )
     runner, launcher = _runner(job)
     ray_info: dict = {"runner": "local"}
-    session = _ray_session(job, address) if job.runner != "local" and (todo or waiting) else None
+    session = _ray_session(job, address, verbose) if job.runner != "local" and (todo or waiting) else None
     fits: list[dict] = []
     try:
         if session is not None:
             ray_info = _ray_info(session[0])
         t_rows = time.perf_counter()
         if todo:
-            tracker = RowsTracker(spec, {s: index.shard_rows[s] for s in todo})
-            runner.run_rows(spec, todo, tracker)
+            tracker = ProgressTracker(spec, {s: index.shard_rows[s] for s in todo}, every=progress_every)
+            try:
+                runner.run_rows(spec, todo, tracker)
+            finally:
+                tracker.close()
             missing = [s for s in todo if s not in tracker.finished]
             if missing:
                 raise JobError(f"input shards {missing[:5]} did not finish their per-row pass; rerun with --resume")
@@ -152,12 +176,16 @@ def run_job(job: JobConfig, *, address: str | None = None, resume: bool = False)
         for g in spec.fitted:
             mark = fit_mark(out, g.name)
             if mark is None or refit:
+                t_fit = time.perf_counter()
                 mark = run_fit(launcher, spec, g, shard_ids, index.total_rows)
                 refit = True
+                _log(f"fit {g.name}: {time.perf_counter() - t_fit:.1f}s")
             fits.append(mark)
         pending = [s for s in shard_ids if s not in written]
         if pending:
+            t_write = time.perf_counter()
             runner.write_shards(spec, pending)
+            _log(f"wrote {len(pending)} shard(s): {time.perf_counter() - t_write:.1f}s")
     finally:
         if session is not None and session[1]:
             session[0].shutdown()

@@ -38,13 +38,12 @@ def map_stage(stage: Stage, batch: Batch) -> Batch:
 
 
 def run_rows(spec: RunSpec, shard_ids: list[int], tracker: RowsTracker) -> None:
-    """The per-row pass, one input shard at a time; each stage set up once."""
-    from tqdm import tqdm
-
+    """The per-row pass, one input shard at a time; each stage set up once
+    (the tracker shows the progress)."""
     for st in spec.stages:
         st.setup()
     try:
-        for sid in tqdm(shard_ids, desc="input shards", unit="shard", disable=None):
+        for sid in shard_ids:
             batch = engine.read_input(spec, sid)
             for st in spec.stages:
                 batch = map_stage(st, batch)

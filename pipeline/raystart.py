@@ -91,4 +91,27 @@ def init_local(num_cpus: int | None = None, **kwargs):
     if kwargs.pop("include_dashboard", False):
         raise ValueError("init_local starts Ray without the dashboard")
     apply_loopback_env()
+    _say_token_auth()
     return ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def _say_token_auth() -> None:
+    """Token auth for the local Ray, said explicitly.
+
+    With ``RAY_AUTH_MODE`` unset, a local ``ray.init`` turns token auth on
+    itself (``enable_token_auth_by_default``: the variable set to ``token``
+    for this process and the ones it starts, a token made in
+    ``~/.ray/auth_token`` if there is none) and warns about it on every start.
+    Setting the variable to what Ray would choose keeps the same security
+    without the warning; Ray reads an explicit value without comment. A value
+    the user set (``disabled``, ``token``) is left as it is. Joining a
+    cluster (``ray.init(address=...)``) never comes here: its mode is the
+    cluster's. Like Ray's own switch, the setting is re-read by this
+    process's Ray config (``Config.initialize``), which ``import ray`` may
+    have read before."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")

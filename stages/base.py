@@ -10,13 +10,17 @@ Every row carries its identity and fate from the URL list to the output:
 * ``key``      stable id, ``{shard_id:05d}{index}`` like img2dataset
 * ``shard_id`` the input/output shard the row belongs to
 * ``status``   ``ok`` while the row is alive, else ``failed`` (could not be
-  fetched or decoded) or ``dropped`` (a filter or dedup decided against it)
+  fetched or decoded) or ``dropped`` (a filter or dedup decided against it);
+  the shard writer writes it in img2dataset's words (``success``,
+  ``failed_to_download``, ...; ``manifests.shards.written_status``)
 * ``stage`` / ``reason`` / ``detail``  which stage rejected it, why (a short
   machine-readable reason) and the values behind the decision (JSON)
 
 Each stage *declares* the columns it adds (:meth:`Stage.outputs`, a tuple of
 :class:`Column`): its kind, dtype, shape and the value rows get that the
-stage never saw. The shard writer, the rejects, the embeddings files and the
+stage never saw; and the columns it reads that others must provide
+(:meth:`Stage.inputs`), which ``pipeline.checks`` holds against the URL list
+and the earlier stages' outputs before a run starts. The shard writer, the rejects, the embeddings files and the
 manifest route a column by its declared kind, never by its name or ``ndim``.
 
 Stages never import ``ray`` and never import each other. A stage sees only the
@@ -162,6 +166,14 @@ class Stage:
         """The columns this stage adds, with their kinds and defaults."""
         return ()
 
+    def inputs(self) -> tuple[str, ...]:
+        """The columns this stage reads that an earlier stage or the URL list
+        must provide (``pipeline.checks`` refuses a job where none does).
+        Default: a fitted global stage's ``fit_columns``, else none."""
+        if isinstance(self, GlobalStage) and self.needs_fit():
+            return tuple(self.fit_columns)
+        return ()
+
     def setup(self) -> None:
         """Load heavy state once per worker (models, clients)."""
 
@@ -255,6 +267,14 @@ class GlobalStage(Stage):
         that every such key is in the shards). The first names the row a
         table row belongs to."""
         return {}
+
+
+def require(ok: bool, field: str, value, expected: str) -> None:
+    """A config check (``__post_init__``) that names the field and the value:
+    ``ValueError("retries: expected >= 0, got -3")``; the job loader puts the
+    key path in front (``stages[0](download).retries: ...``)."""
+    if not ok:
+        raise ValueError(f"{field}: expected {expected}, got {value!r}")
 
 
 # ----------------------------------------------------------------- batch helpers

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.base import Batch, Resources, Stage, batch_len, reject
+from stages.base import Batch, Resources, Stage, batch_len, reject, require
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,12 @@ class Config:
     language_column: str = "lang"
 
     def __post_init__(self):
-        if self.min_caption_words < 0 or self.min_caption_chars < 0 or self.min_image_size < 0:
-            raise ValueError("minimums must be >= 0")
-        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1.0:
-            raise ValueError(f"max_aspect_ratio: expected >= 1, got {self.max_aspect_ratio}")
+        for name in ("min_caption_words", "min_caption_chars", "min_image_size"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        m = self.max_caption_words
+        require(m is None or m >= 1, "max_caption_words", m, ">= 1 (or null: no limit)")
+        r = self.max_aspect_ratio
+        require(r is None or r >= 1.0, "max_aspect_ratio", r, ">= 1 (or null: no limit)")
 
 
 class BasicFilterStage(Stage):
@@ -56,6 +58,10 @@ class BasicFilterStage(Stage):
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
+
+    def inputs(self) -> tuple[str, ...]:
+        # sizes are optional (unknown sizes pass); a missing language column would drop every row
+        return (self.config.language_column,) if self.config.languages else ()
 
     def process_batch(self, batch: Batch) -> Batch:
         c = self.config

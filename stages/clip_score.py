@@ -18,24 +18,35 @@ Every reject's detail carries the score, the threshold and the model id
 cannot be decoded fail with ``decode_error``.
 
 Images: ``image_decode: pil`` is open_clip's own transform on PIL images
-(decoded on ``decode_threads`` threads); ``nvjpeg`` decodes JPEGs in one
-batched ``torchvision.io.decode_jpeg`` call on the GPU and resizes there
-(antialiased bicubic: within a few 1e-3 of PIL's pixels); other formats go
-through PIL. ``libjpeg`` decodes on ``decode_threads`` CPU threads (the same
-pixels as ``nvjpeg`` gives on a CPU) and resizes on the device. ``auto`` is
-``nvjpeg`` on a GPU (on one H100 it scored ~2x more pairs/s per actor than
-``libjpeg`` for a fraction of the CPU; ``bench/clip_score.py``), ``pil`` on
-the CPU. On a GPU the towers run under bf16 autocast; on the CPU in plain fp32.
-Captions are tokenised on a thread of their own while the images are decoded.
+(decoded on ``decode_threads`` threads); ``nvjpeg`` decodes JPEGs in batched
+``torchvision.io.decode_jpeg`` calls on the GPU (its hardware JPEG decoder
+for baseline JPEGs) and resizes there (antialiased bicubic: within a few 1e-3
+of PIL's pixels); other formats go through PIL. ``libjpeg`` decodes on
+``decode_threads`` CPU threads (the same pixels as ``nvjpeg`` gives on a CPU)
+and resizes on the device. ``auto`` is ``nvjpeg`` on a GPU, ``pil`` on the
+CPU. On a GPU the towers run under bf16 autocast; on the CPU in plain fp32.
 
-``cpu_prefetch: true`` moves decoding (libjpeg), open_clip's resize and crop,
-and tokenising out of the actors into plain Ray CPU tasks ahead of them
-(:meth:`prefetch`; the actors normalise and run the towers). One actor
-process per GPU share then does little but feed the GPU. Measured on one
-H100 with ViT-B-32 bf16 (``bench/clip_score.py``): 3 actors x 1 CPU with
-prefetch tasks on the other cores, 10,300 pairs/s (84% of the towers on
-ready tensors); nvJPEG inside 2 actors x 4 CPUs, 6,000 pairs/s. Use it on
-GPU workers with spare cores; on a CPU-only run it buys nothing.
+On a GPU (``stages.common.clip.CudaTowers``) a batch is decoded in chunks of
+:data:`DECODE_ROWS` rows on a high-priority stream of the calling thread, and
+both towers of each chunk are queued on one tower stream without waiting, so
+the next chunk decodes while the GPU runs this one's towers; the host waits
+once per batch (the towers' host-device copies go through pinned buffers). Every forward
+pass sees exactly ``micro_batch`` rows and replays a CUDA graph captured from
+the eager towers (``cuda_graphs``: the same kernels, scores identical to
+eager; kept only if a check at set-up agrees within 1e-3). ``compile: true``
+adds ``torch.compile`` (faster towers, ~25 s more start-up per actor; kept
+only within 1e-3 of eager, which ViT-B-32 in bf16 missed, 2.3e-3). Under Ray
+an actor scores ``actor_threads`` batches at once on threads: one decodes
+while another's towers run.
+
+``cpu_prefetch: true`` tokenises in plain Ray CPU tasks ahead of the actors
+(:meth:`cpu_prepare`), and unless the actors decode with nvJPEG also decodes
+(libjpeg), resizes and crops there. With nvJPEG the object store carries
+only the encoded bytes and the tokens to the GPU actors. Measured on one
+H200 with 16 cores, ViT-B-32 bf16, 256 px JPEGs (``bench/clip_score.py``,
+median of 3): 2 actors x 2 threads per GPU with nvJPEG and prefetched tokens
+9,400 pairs/s, 1 actor 8,600 (towers on ready tensors: 12,800 eager); CPU
+decoding in the prefetch tasks instead, 4,800 (CPU-bound).
 
 The top-fraction fit
 --------------------
@@ -127,7 +138,7 @@ class Config:
     #: on a GPU, replay the towers from CUDA graphs captured at ``micro_batch``
     #: (kept only where they match the eager towers within 1e-3; the same kernels)
     cuda_graphs: bool = True
-    #: on a GPU, ``torch.compile`` the towers first (a minute of start-up per
+    #: on a GPU, ``torch.compile`` the towers first (~25 s more start-up per
     #: actor; kept only where they match the eager towers within 1e-3)
     compile: bool = False
     #: batches one GPU actor scores at once, on threads: one decodes while
@@ -147,12 +158,17 @@ class Config:
             raise ValueError(f"precision: expected 'auto' or 'fp32', got {self.precision!r}")
         if self.top_fraction is not None and not 0.0 <= self.top_fraction <= 1.0:
             raise ValueError(f"top_fraction: expected a share in [0, 1], got {self.top_fraction}")
-        if self.batch_size < 1 or self.micro_batch < 1:
-            raise ValueError("batch_size and micro_batch must be >= 1")
-        if self.num_gpus < 0 or self.num_cpus <= 0:
-            raise ValueError("num_gpus must be >= 0 and num_cpus > 0")
-        if self.actor_threads < 1:
-            raise ValueError("actor_threads must be >= 1")
+        for name, ok, want in (
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("micro_batch", self.micro_batch >= 1, ">= 1"),
+            ("num_gpus", self.num_gpus >= 0, ">= 0"),
+            ("num_cpus", self.num_cpus > 0, "> 0"),
+            ("actor_threads", self.actor_threads >= 1, ">= 1"),
+            ("concurrency", 1 <= self.concurrency[0] <= self.concurrency[1], "[min, max] with 1 <= min <= max"),
+            ("threshold", self.threshold is None or -1.0 <= self.threshold <= 1.0, "a cosine in [-1, 1]"),
+        ):
+            if not ok:
+                raise ValueError(f"{name}: expected {want}, got {getattr(self, name)!r}")
 
 
 class ClipScoreStage(GlobalStage):
@@ -183,6 +199,9 @@ class ClipScoreStage(GlobalStage):
     def needs_fit(self) -> bool:
         """Only the top-fraction filter needs the global pass."""
         return self.config.top_fraction is not None
+
+    def inputs(self) -> tuple[str, ...]:
+        return ("image", "caption")
 
     def outputs(self) -> tuple[Column, ...]:
         dim = self._dim()
@@ -245,8 +264,10 @@ class ClipScoreStage(GlobalStage):
         """Bytes of memory a ``cpu_prepare`` task needs (read by the Ray plan):
         the worker with torch imported, plus per row the decoded image, its
         float copy for the resize and the crop when it decodes."""
-        per_row = 64 << 10 if self._nvjpeg() else 3 << 19
-        return (1 << 30) + self.config.batch_size * per_row
+        # measured (Ray's max USS per task) on 256 px JPEGs at batch 2048: 1.1 GiB
+        # tokenising, 5.1 GiB decoding and resizing too
+        per_row = 96 << 10 if self._nvjpeg() else 3 << 20
+        return (5 << 28) + self.config.batch_size * per_row
 
     def cpu_prepare(self, batch: Batch) -> Batch:
         """Tokens, and unless the actors decode with nvJPEG, libjpeg/PIL

@@ -75,7 +75,7 @@ class ExactDedupStage(GlobalStage):
             raise ValueError(f"kinds: expected a non-empty subset of {KINDS}, got {config.kinds!r}")
         dd.check_keep(config.keep)
         if config.buckets < 1:
-            raise ValueError("buckets: must be >= 1")
+            raise ValueError(f"buckets: expected >= 1, got {config.buckets!r}")
         self.kinds = tuple(k for k in KINDS if k in config.kinds)
         self.fit_columns = dd.fit_columns_for(config.keep, *(c for k in self.kinds for c in _COLUMNS[k]))
         self._prior: dict[str, tuple[np.ndarray, np.ndarray]] | None = None

@@ -91,7 +91,7 @@ class PerceptualDedupStage(GlobalStage):
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {config.algorithm!r}")
         dd.check_keep(config.keep)
         if config.buckets_per_band < 1:
-            raise ValueError("buckets_per_band: must be >= 1")
+            raise ValueError(f"buckets_per_band: expected >= 1, got {config.buckets_per_band!r}")
         self.column = config.algorithm
         self.layout = dd.band_layout(config.max_distance)
         self.fit_columns = dd.fit_columns_for(config.keep, self.column)
@@ -102,6 +102,9 @@ class PerceptualDedupStage(GlobalStage):
 
     def outputs(self) -> tuple[Column, ...]:
         return (Column(self.column, "string"), Column(dd.DUPLICATE_OF, "string"))
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.config.hash_column or "image", *self.fit_columns)
 
     def setup(self) -> None:
         if self.config.prior_build and self._prior is None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject
+from stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
 from stages.common.fetch import AddressPolicy, SafeFetcher, error_text
 from stages.common.resize import Resize, probe
 
@@ -76,29 +76,34 @@ class Config:
     num_cpus: float = 1.0
 
     def __post_init__(self):
-        if self.num_cpus <= 0:
-            raise ValueError(f"download.num_cpus: expected > 0, got {self.num_cpus}")
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"download.resize_mode: {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
-        if self.encode_format not in ENCODE_FORMATS:
-            raise ValueError(
-                f"download.encode_format: {self.encode_format!r} is not one of {', '.join(ENCODE_FORMATS)}"
-            )
+        require(self.num_cpus > 0, "num_cpus", self.num_cpus, "> 0")
+        require(self.resize_mode in RESIZE_MODES, "resize_mode", self.resize_mode, f"one of {', '.join(RESIZE_MODES)}")
+        require(
+            self.encode_format in ENCODE_FORMATS,
+            "encode_format",
+            self.encode_format,
+            f"one of {', '.join(ENCODE_FORMATS)}",
+        )
         for name in ("upscale_interpolation", "downscale_interpolation"):
-            if getattr(self, name).lower() not in INTERPOLATIONS:
-                raise ValueError(f"download.{name}: {getattr(self, name)!r} is not one of {', '.join(INTERPOLATIONS)}")
+            v = getattr(self, name)
+            require(v.lower() in INTERPOLATIONS, name, v, f"one of {', '.join(INTERPOLATIONS)}")
         top = 9 if self.encode_format == "png" else 100
-        if not 0 <= self.encode_quality <= top:
-            raise ValueError(f"download.encode_quality: must be 0-{top} for {self.encode_format}")
+        require(
+            0 <= self.encode_quality <= top, "encode_quality", self.encode_quality, f"0-{top} for {self.encode_format}"
+        )
         for name in ("image_size", "thread_count", "batch_size", "max_bytes", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"download.{name}: must be >= 1")
-        if self.timeout <= 0 or self.deadline <= 0 or self.retries < 0 or self.max_redirects < 0:
-            raise ValueError("download: timeout and deadline must be > 0, retries and max_redirects >= 0")
+            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        for name in ("timeout", "deadline"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "> 0 seconds")
+        for name in ("retries", "max_redirects", "min_image_size"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        for name in ("max_image_area", "max_aspect_ratio"):
+            v = getattr(self, name)
+            require(v is None or v > 0, name, v, "> 0 (or null: no limit)")
         try:
             AddressPolicy(self.allow_networks)
         except ValueError as e:
-            raise ValueError(f"download.allow_networks: {e}") from None
+            raise ValueError(f"allow_networks: {e}") from None
 
 
 class _Worker:

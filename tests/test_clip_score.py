@@ -339,7 +339,11 @@ def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local, pr
     if prefetch:  # CPU tasks ahead of the actors, as the plan builds them
         ds = ds.map_batches(plan._cpu_prepare, fn_kwargs={"stage": st}, batch_size=16, batch_format="numpy")
     ds = ds.map_batches(
-        plan._actor_class(st), fn_constructor_kwargs={"stage": st}, concurrency=2, batch_size=16, batch_format="numpy"
+        plan._actor_class(st),
+        fn_constructor_kwargs={"stage": st},
+        compute=ray.data.ActorPoolStrategy(size=2),
+        batch_size=16,
+        batch_format="numpy",
     )
     remote = concat(list(ds.iter_batches(batch_format="numpy", batch_size=None)))
     order = np.argsort(remote["key"].astype(str))

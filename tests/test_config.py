@@ -68,3 +68,20 @@ def test_example_job_in_the_package_loads():
     names = [s.name for s in job.stages]
     assert names[0] == "download" and names[-1] == "shard" and "clip_score" in names
     assert job.input.paths[0] == str(path.parent / "urls.parquet")
+
+
+def test_numbers_are_not_strings_or_booleans_and_pairs_have_two():
+    def stage(**opts):
+        return load_job(_job(stages=[{"name": "download", **opts}, "shard"]))
+
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\(download\)\.timeout: expected a number, got '10' \(a string\)"
+    ):
+        stage(timeout="10")
+    with pytest.raises(ConfigError, match=r"\.retries: expected int, got True \(a boolean\)"):
+        stage(retries=True)
+    with pytest.raises(ConfigError, match=r"\.retries: expected >= 0, got -3"):
+        stage(retries=-3)
+    assert stage(timeout=3).stages[0].config.timeout == 3.0  # a YAML int is a number
+    with pytest.raises(ConfigError, match=r"\.concurrency: expected a list of 2 values, got \[1, 2, 3\]"):
+        load_job(_job(stages=[{"name": "clip_score", "pretrained": "random", "concurrency": [1, 2, 3]}, "shard"]))

@@ -191,3 +191,44 @@ def test_model_and_global_stages_agree_in_process_on_ray_and_after_resume(tmp_pa
             args = ("img_emb", sid) if f is layout.embedding_npy else (sid,)
             assert f(tmp_path / "cut", *args).read_bytes() == f(tmp_path / "ray", *args).read_bytes()
     assert verify(tmp_path / "cut") == []
+
+
+def _every_stage_job(tmp_path, server, scorer, out, runner):
+    urls = [server.url(f"/img/{i}.jpg") for i in range(N_OK)] + [server.url(f"/copy/{i}.jpg") for i in range(10)]
+    urls += [server.url("/gone.jpg"), server.url("/page.jpg")]
+    captions = [f"a photo number {i}" for i in range(len(urls))]
+    captions[3] = "x"  # too short for basic_filter
+    pq.write_table(pa.table({"url": urls, "caption": captions}), tmp_path / "every.parquet")
+    stages = [
+        {"name": "download", "image_size": 64, "allow_networks": ["127.0.0.1/32"], "timeout": 5.0},
+        {"name": "basic_filter", "min_image_size": 0},
+        {"name": "dedup_exact", "kinds": ["sha256"]},
+        {"name": "dedup_phash"},
+        {"name": "clip_score", "model": "pf-tiny", "pretrained": scorer, "top_fraction": 0.8, "batch_size": 8},
+        {"name": "dedup_semantic", "n_clusters": 3, "keep": "clip_score"},
+        {"name": "tests.contract_stages:RaggedStage"},
+        {"name": "tests.contract_stages:LinkStage"},
+        "shard",
+    ]
+    job = {"input": {"paths": ["every.parquet"]}, "output": {"dir": out, "samples_per_shard": 8}, "runner": runner}
+    return load_job({**job, "stages": stages}, base_dir=tmp_path)
+
+
+def test_every_stage_gives_the_same_bytes_in_process_and_on_ray(tmp_path, server, random_scorer, ray_local):
+    local = run_job(_every_stage_job(tmp_path, server, random_scorer, "local", runner="local"))
+    remote = run_job(_every_stage_job(tmp_path, server, random_scorer, "ray", runner="ray"))
+
+    def counters(man):  # the stage counters, less their timings
+        return [{k: v for k, v in st.items() if k != "seconds"} for st in man["stages"]]
+
+    assert counters(local) == counters(remote) and local["counts"] == remote["counts"]
+    dropped = {s["name"]: s["dropped"] for s in local["stages"]}
+    assert dropped["basic_filter"] and dropped["dedup_exact"] and dropped["clip_score"] and dropped["link_test"]
+    files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    compared = [
+        f for f in files if f.parts[0] in ("shards", "rejects", "embeddings", "links") and "_stats" not in f.name
+    ]
+    assert len(compared) > 20
+    for f in compared:
+        assert (tmp_path / "local" / f).read_bytes() == (tmp_path / "ray" / f).read_bytes(), f
+    assert verify(tmp_path / "ray") == []

@@ -18,7 +18,7 @@ def test_shard_files_and_stats(tmp_path):
     r = rows(10, shard_id=3, rejected={2: "too_small", 7: "too_small"}, emb_dim=8)
     schema = {"img_emb": Column("img_emb", "vector", shape=(8,), store="embeddings")}
     stats = write_shard(r, tmp_path, 3, schema=schema)
-    assert stats["version"] == 2
+    assert stats["version"] == 3
     assert stats["count"] == 10 and stats["successes"] == 8 and stats["rejected"] == 2
     assert stats["rejects_by_stage"] == {"filter": {"too_small": 2}}
     assert abs(stats["stage_seconds"]["download"] - 0.1) < 1e-9
@@ -81,3 +81,47 @@ def test_empty_and_all_rejected_shards(tmp_path):
     assert stats["successes"] == 0
     assert pq.read_table(layout.shard_parquet(tmp_path, 0)).num_rows == 0
     assert list(wds.WebDataset(str(layout.shard_tar(tmp_path, 0)), shardshuffle=False)) == []
+
+
+def test_img2dataset_stats_status_and_error_message(tmp_path):
+    """img2dataset's stats keys, status vocabulary and error_message, keeping our reason/detail."""
+    r = rows(6, rejected={1: "http_404", 2: "decode_error", 4: "duplicate_sha256"})
+    for i, (stage, status, detail) in {
+        1: ("download", "failed", {"url": "http://h/0/1.jpg", "http_status": 404}),
+        2: ("download", "failed", {"error": "cannot identify image file"}),
+        4: ("dedup_exact", "dropped", {"distance": 0, "match": ["sha256"]}),
+    }.items():
+        r["stage"][i], r["status"][i], r["detail"][i] = stage, status, json.dumps(detail)
+    stats = write_shard(r, tmp_path, 0)
+    assert (stats["count"], stats["successes"], stats["failed_to_download"], stats["failed_to_resize"]) == (6, 3, 1, 1)
+    assert stats["status_dict"] == {"decode_error": 1, "duplicate_sha256": 1, "http_404": 1, "success": 3}
+    assert stats["status"] == {"dropped": 1, "failed_to_download": 1, "failed_to_resize": 1, "success": 3}
+    assert stats["end_time"] >= stats["start_time"] and stats["duration"] >= 0.06  # the stages' seconds + the write
+    assert abs(stats["end_time"] - stats["start_time"] - stats["duration"]) < 1e-3
+    par = pq.read_table(layout.shard_parquet(tmp_path, 0))
+    assert set(par.column("status").to_pylist()) == {"success"} and "error_message" not in par.column_names
+    rej = pq.read_table(layout.rejects_parquet(tmp_path, 0)).to_pylist()
+    assert [x["status"] for x in rej] == ["failed_to_download", "failed_to_resize", "dropped"]
+    assert [x["error_message"] for x in rej] == [
+        "http_404 (http_status=404)",
+        "decode_error: cannot identify image file",
+        "duplicate_sha256 (distance=0)",
+    ]
+    assert [x["reason"] for x in rej] == ["http_404", "decode_error", "duplicate_sha256"]
+    with tarfile.open(layout.shard_tar(tmp_path, 0)) as tar:
+        assert json.loads(tar.extractfile("000000000.json").read())["status"] == "success"
+
+
+def test_clip_retrieval_metadata_matches_embedding_rows(tmp_path):
+    """embeddings/metadata/metadata_S.parquet: the rows of img_emb_S.npy, in order, listed in the stats."""
+    r = rows(7, shard_id=2, rejected={3: "x"}, emb_dim=4)
+    schema = {"img_emb": Column("img_emb", "vector", shape=(4,), store="embeddings")}
+    stats = write_shard(take(r, np.random.default_rng(0).permutation(7)), tmp_path, 2, schema=schema)
+    meta = pq.read_table(layout.embedding_metadata(tmp_path, 2))
+    emb = np.load(layout.embedding_npy(tmp_path, "img_emb", 2))
+    assert meta.num_rows == len(emb) == 6
+    order = {k: i for i, k in enumerate(r["key"])}
+    want = np.stack([r["img_emb"][order[k]] for k in meta.column("key").to_pylist()]).astype(np.float16)
+    np.testing.assert_array_equal(emb, want)
+    assert {"url", "caption", "key"} <= set(meta.column_names)
+    assert "embeddings/metadata/metadata_00002.parquet" in stats["files"]

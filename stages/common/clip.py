@@ -357,15 +357,16 @@ _streams = threading.local()
 
 def thread_stream(device: str):
     """This thread's own CUDA stream on ``device`` for decoding and resizing
-    (made once per thread), so that one thread's wait never waits on another's work."""
+    (made once per thread, high priority), so that one thread's wait never
+    waits on another's work and the towers never hold a decode up."""
     import torch
 
     key = str(device)
     per = getattr(_streams, "per_device", None)
     if per is None:
         per = _streams.per_device = {}
-    if key not in per:
-        per[key] = torch.cuda.Stream(torch.device(device))
+    if key not in per:  # high priority: its short kernels go ahead of the towers' queued ones
+        per[key] = torch.cuda.Stream(torch.device(device), priority=-1)
     return per[key]
 
 
@@ -386,10 +387,13 @@ def decode_cuda(images: list, device: str, cfg: dict, decoder: str = "nvjpeg", t
             tensors, errors = decode_tensors(images, device)
         else:
             tensors, errors = decode_cpu(images, device, threads)
-        pixels = torch.zeros((len(images), 3, th, tw), dtype=torch.uint8, device=device)
         good = [i for i, t in enumerate(tensors) if t is not None]
-        if good:
-            pixels[torch.as_tensor(good, device=device)] = resize_crop([tensors[i] for i in good], cfg)
+        if len(good) == len(images) and good:
+            pixels = resize_crop(tensors, cfg)
+        else:
+            pixels = torch.zeros((len(images), 3, th, tw), dtype=torch.uint8, device=device)
+            if good:
+                pixels[torch.as_tensor(good, device=device)] = resize_crop([tensors[i] for i in good], cfg)
     # nvJPEG writes from a stream of its own into blocks this stream freed: nothing
     # may be pending here when they are handed out again
     stream.synchronize()

@@ -213,7 +213,7 @@ def band_layout(max_distance: int) -> list[tuple[int, int]]:
     equal in at least one."""
     nb = max_distance + 1
     if not 1 <= nb <= 64:
-        raise ValueError(f"max_distance must be in 0..63, got {max_distance}")
+        raise ValueError(f"max_distance: expected 0..63, got {max_distance!r}")
     widths = [64 // nb + (1 if i < 64 % nb else 0) for i in range(nb)]
     out, shift = [], 64
     for w in widths:
