@@ -110,7 +110,7 @@ def save_rows(batch: Batch, spec: RunSpec) -> Batch:
     (pickle: bytes, ragged and object columns round-trip exactly), with the
     fit columns beside it as parquet. Returns one record per part."""
     sids = np.asarray(batch["shard_id"]).astype(np.int64) if batch_len(batch) else np.zeros(0, np.int64)
-    rec = {"shard_id": [], "rows": [], "part": []}
+    rec = {"shard_id": [], "rows": [], "part": [], "dropped": []}
     fit_cols = [c for c in spec.fit_columns if c in batch]
     for sid in np.unique(sids):
         rows = take(batch, np.flatnonzero(sids == sid))
@@ -126,10 +126,15 @@ def save_rows(batch: Batch, spec: RunSpec) -> Batch:
         rec["shard_id"].append(int(sid))
         rec["rows"].append(batch_len(rows))
         rec["part"].append(name)
+        gone = np.asarray(rows["status"], dtype=object) != STATUS_OK
+        stages, counts = np.unique(np.asarray(rows["stage"], dtype=object)[gone].astype(str), return_counts=True)
+        rec["dropped"].append(json.dumps(dict(zip(stages.tolist(), counts.tolist()))))
     return {
         "shard_id": np.array(rec["shard_id"], dtype=np.int64),
         "rows": np.array(rec["rows"], dtype=np.int64),
         "part": np.array(rec["part"], dtype=object),
+        # rows rejected so far per stage, as JSON: the driver's progress line reads it
+        "dropped": np.array(rec["dropped"], dtype=object),
     }
 
 

@@ -18,6 +18,7 @@ global stages' drops are decided after the pass and are not in these counts.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -84,8 +85,13 @@ class ProgressTracker(RowsTracker):
         n = int(sum(int(r) for r in records["rows"]))
         with self._lock:
             self.done += n
-            for sid, part in zip(records["shard_id"], records["part"]):
-                self._count_drops(int(sid), str(part))
+            if "dropped" in records:  # counted by the task that saved the part
+                for d in records["dropped"]:
+                    self.dropped.update(json.loads(str(d)))
+                self._read_drops = True
+            else:
+                for sid, part in zip(records["shard_id"], records["part"]):
+                    self._count_drops(int(sid), str(part))
             if self._bar is not None:
                 self._bar.set_postfix_str(self._drops_text(), refresh=False)
                 self._bar.update(n)
