@@ -24,7 +24,7 @@ from pipeline.fit import Launcher, fit_mark, run_fit
 from pipeline.progress import ProgressTracker
 from pipeline.reader import read_index, split_input
 from pipeline.registry import stage_class
-from stages.base import Stage
+from stages.base import Stage, StageError
 
 
 class JobError(RuntimeError):
@@ -186,6 +186,11 @@ def run_job(
             t_write = time.perf_counter()
             runner.write_shards(spec, pending)
             _log(f"wrote {len(pending)} shard(s): {time.perf_counter() - t_write:.1f}s")
+    except Exception as e:  # under Ray a StageError arrives wrapped (RayTaskError, UserCodeException)
+        found = _find_stage_error(e)
+        if found is None:
+            raise
+        raise JobError(_stage_error(out, found)) from None
     finally:
         if session is not None and session[1]:
             session[0].shutdown()
@@ -229,6 +234,30 @@ def run_job(
 def manifest_schema(spec: RunSpec) -> list[dict]:
     """The declared columns, with the stage that adds each (``manifest.json``)."""
     return [{**col.to_json(), "stage": owner} for _, (owner, col) in spec.columns.items()]
+
+
+def _find_stage_error(e: BaseException | None, depth: int = 0) -> StageError | None:
+    while e is not None and depth < 12:
+        if isinstance(e, StageError):
+            return e
+        cause = getattr(e, "cause", None)  # RayTaskError keeps the task's exception here
+        if isinstance(cause, BaseException) and cause is not e:
+            found = _find_stage_error(cause, depth + 1)
+            if found is not None:
+                return found
+        e, depth = e.__cause__ or e.__context__, depth + 1
+    return None
+
+
+def _stage_error(out: Path, e: StageError) -> str:
+    """One line for the user; the trace goes to ``OUT/_work/error.log``."""
+    log = layout.work_dir(out) / "error.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"{datetime.now(timezone.utc).isoformat()} stage {e.stage}, row {e.key}\n{e.trace}\n")
+    where = f"row {e.key}" if e.key is not None else "a batch (no single row fails alone)"
+    # the fields, not str(e): under Ray the exception's text is Ray's whole traceback
+    return f"stage {e.stage} failed on {where}: {e.error} (trace in {log}; a stage should reject a bad row, not raise)"
 
 
 def run_state(out_dir) -> str:

@@ -193,6 +193,9 @@ def run_rows(spec: RunSpec, shard_ids: list[int], tracker: RowsTracker) -> None:
     # bound their own concurrency (actor pools, num_cpus), so the operators
     # share the whole budget and the download tasks get every free CPU.
     ctx.op_resource_reservation_enabled = False
+    # a stage's StageError (stage and row key) reaches the driver as itself,
+    # not as Ray Data's generic "UDF failed" wrapper
+    ctx.raise_original_map_exception = True
     ds = rows_dataset(spec, shard_ids)
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
         tracker.add(b)

@@ -31,18 +31,25 @@ fit is spread over tasks is the runner's business (``pipeline/``).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-Batch = dict[str, np.ndarray]
-
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
-STATUS_DROPPED = "dropped"
+from stages.batch import (  # noqa: F401 - the helpers are part of what stages import from here
+    STATUS_DROPPED,
+    STATUS_FAILED,
+    STATUS_OK,
+    Batch,
+    batch_len,
+    concat,
+    fresh_rows,
+    object_array,
+    ok_mask,
+    reject,
+    take,
+)
 
 #: Columns every row has from the reader on.
 IDENTITY_COLUMNS = ("key", "shard_id", "status", "stage", "reason", "detail")
@@ -277,88 +284,7 @@ def require(ok: bool, field: str, value, expected: str) -> None:
         raise ValueError(f"{field}: expected {expected}, got {value!r}")
 
 
-# ----------------------------------------------------------------- batch helpers
-
-
-def batch_len(batch: Batch) -> int:
-    for v in batch.values():
-        return len(v)
-    return 0
-
-
-def take(batch: Batch, idx: np.ndarray) -> Batch:
-    return {k: v[idx] for k, v in batch.items()}
-
-
-def object_array(values) -> np.ndarray:
-    """An object array that never turns a list of equal-length sequences into
-    a 2-D array (numpy would, for bytes of equal length it would not)."""
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
-
-
-def fresh_rows(keys, shard_id=0, **columns) -> Batch:
-    """A batch of new ok rows: ``keys``, their ``shard_id`` (one for all, or
-    one per row), the empty status columns, then ``columns`` as given."""
-    n = len(keys)
-    return {
-        "key": object_array(list(keys)),
-        "shard_id": np.broadcast_to(np.asarray(shard_id, dtype=np.int64), (n,)).copy(),
-        "status": object_array([STATUS_OK] * n),
-        "stage": object_array([""] * n),
-        "reason": object_array([""] * n),
-        "detail": object_array([""] * n),
-        **columns,
-    }
-
-
-def concat(batches: list[Batch]) -> Batch:
-    batches = [b for b in batches if b and batch_len(b)]
-    if not batches:
-        return {}
-    cols = list(batches[0])
-    out = {}
-    for c in cols:
-        parts = [b[c] for b in batches]
-        if all(p.dtype != object for p in parts):
-            out[c] = np.concatenate(parts)
-        else:
-            out[c] = object_array([x for p in parts for x in p])
-    return out
-
-
-def reject(batch: Batch, mask: np.ndarray, stage: str, reasons, details, status: str = STATUS_DROPPED) -> None:
-    """Mark rows under ``mask`` as rejected in place. ``reasons`` and
-    ``details`` are scalars or per-row sequences over the masked rows;
-    a detail is a dict (stored as JSON)."""
-    idx = np.flatnonzero(mask)
-    if not len(idx):
-        return
-    if isinstance(reasons, str):
-        reasons = [reasons] * len(idx)
-    if isinstance(details, dict):
-        details = [details] * len(idx)
-    for col in ("status", "stage", "reason", "detail"):
-        batch[col] = batch[col].astype(object, copy=True)
-    for j, i in enumerate(idx):
-        batch["status"][i] = status
-        batch["stage"][i] = stage
-        batch["reason"][i] = reasons[j]
-        batch["detail"][i] = json.dumps(details[j], sort_keys=True, default=_json_default)
-
-
-def _json_default(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
-
-
-def ok_mask(batch: Batch) -> np.ndarray:
-    return batch["status"] == STATUS_OK
+# ------------------------------------------------------------ running a stage
 
 
 def run_stage_batch(stage: Stage, batch: Batch) -> Batch:
@@ -370,11 +296,11 @@ def run_stage_batch(stage: Stage, batch: Batch) -> Batch:
     ok = ok_mask(batch) if n else np.zeros(0, dtype=bool)
     cols = stage.outputs()
     if ok.all():
-        out = stage.process_batch(dict(batch)) if n else dict(batch)
+        out = _process(stage, dict(batch)) if n else dict(batch)
     elif not ok.any():
         out = dict(batch)
     else:
-        done = stage.process_batch(take(batch, np.flatnonzero(ok)))
+        done = _process(stage, take(batch, np.flatnonzero(ok)))
         rest = take(batch, np.flatnonzero(~ok))
         out = _merge(done, rest, ok, cols)
     for c in cols:
@@ -384,6 +310,36 @@ def run_stage_batch(stage: Stage, batch: Batch) -> Batch:
     dt = time.perf_counter() - t0
     out[TIMING_PREFIX + stage.name] = np.full(n, dt / max(n, 1), dtype=np.float64)
     return out
+
+
+class StageError(RuntimeError):
+    """A stage raised instead of rejecting a row: names the stage and the
+    first row that fails alone (``key`` is ``None`` when none does)."""
+
+    def __init__(self, stage: str, key, error: str, trace: str = ""):
+        super().__init__(stage, key, error, trace)
+        self.stage, self.key, self.error, self.trace = stage, key, error, trace
+
+    def __str__(self) -> str:
+        where = f"row {self.key}" if self.key is not None else "a batch (no single row fails alone)"
+        return f"stage {self.stage} failed on {where}: {self.error}"
+
+
+def _process(stage: Stage, batch: Batch) -> Batch:
+    try:
+        return stage.process_batch(batch)
+    except Exception as e:  # noqa: BLE001 - reported with the row that causes it
+        import traceback
+
+        trace = traceback.format_exc()
+        key = None
+        for i in range(batch_len(batch)):  # only on failure: find the row that fails alone
+            try:
+                stage.process_batch(take(batch, np.array([i])))
+            except Exception:  # noqa: BLE001
+                key = str(batch["key"][i])
+                break
+        raise StageError(stage.name, key, f"{type(e).__name__}: {e}", trace) from e
 
 
 def _merge(done: Batch, rest: Batch, ok: np.ndarray, columns: tuple[Column, ...]) -> Batch:

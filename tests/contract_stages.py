@@ -135,3 +135,21 @@ class RejectKeysStage(Stage):
         hit = np.isin(np.asarray(batch["key"]).astype(str), list(self.config.keys))
         reject(out, hit, self.name, "listed", {})
         return out
+
+
+@dataclass(frozen=True)
+class BrokenConfig:
+    #: the row whose key ends with this raises instead of being rejected
+    digit: str = "3"
+
+
+class BrokenStage(Stage):
+    """A stage with a bug: it raises on one row (the runner must name it)."""
+
+    name: ClassVar[str] = "broken_test"
+    Config = BrokenConfig
+
+    def process_batch(self, batch: Batch) -> Batch:
+        if any(str(k).endswith(self.config.digit) for k in batch["key"]):
+            raise ZeroDivisionError("a bug")
+        return dict(batch)

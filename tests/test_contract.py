@@ -93,7 +93,13 @@ def test_ragged_and_side_tables_through_both_runners_resume_and_verify(tmp_path,
     assert verify(out) == []
     man = read_manifest(out)
     schema = {c["name"]: c for c in man["schema"]}
-    assert schema["boxes"] == {"name": "boxes", "kind": "ragged", "dtype": "float32", "shape": [4], "stage": "ragged_test"}
+    assert schema["boxes"] == {
+        "name": "boxes",
+        "kind": "ragged",
+        "dtype": "float32",
+        "shape": [4],
+        "stage": "ragged_test",
+    }
     assert man["side_tables"]["links"]["rows"] == local["counts"]["ok"]
     link = man["stages"][1]
     assert link["name"] == "link_test" and link["dropped"] == {"link_test_drop": 5}  # 27 alive, every 5th of them
@@ -116,8 +122,7 @@ def test_ragged_and_side_tables_through_both_runners_resume_and_verify(tmp_path,
     partner = dict(zip(shards.column("key").to_pylist(), shards.column("partner").to_pylist()))
     assert dict(zip(links.column("anchor_key").to_pylist(), links.column("partner_key").to_pylist())) == partner
     tar_boxes = {
-        s["__key__"]: s["boxes.npy"]
-        for s in wds.WebDataset(str(layout.shard_tar(out, 2)), shardshuffle=False).decode()
+        s["__key__"]: s["boxes.npy"] for s in wds.WebDataset(str(layout.shard_tar(out, 2)), shardshuffle=False).decode()
     }
     assert tar_boxes and all(np.array_equal(v, boxes_for(k)) for k, v in tar_boxes.items())
 
@@ -174,3 +179,38 @@ def test_manifest_counts_survivors_a_later_stage_dropped(tmp_path):
     assert dedup["dropped"] == {"duplicate_sha256": 3}
     assert dedup["survivors_dropped_later"] == {"reject_keys": {"survivors": 1, "duplicates": 2}}
     assert verify(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("runner", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_a_stage_that_raises_is_one_line_naming_stage_and_row(tmp_path, runner, request):
+    from pipeline.cli import main
+
+    if runner == "ray":
+        request.getfixturevalue("ray_local")
+    import yaml
+
+    job = _job(tmp_path, "out", runner)  # writes the URL list
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "input": {"paths": [str(tmp_path / "urls.parquet")]},
+                "output": {"dir": str(tmp_path / "out"), "samples_per_shard": 8},
+                "runner": runner,
+                "stages": [{"name": "tests.contract_stages:BrokenStage"}, "shard"],
+            }
+        )
+    )
+    assert job.runner == runner
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["run", str(tmp_path / "job.yaml")])
+    lines = [line for line in err.getvalue().splitlines() if line.startswith("pairforge: error")]
+    assert code == 2 and len(lines) == 1, err.getvalue()[-2000:]
+    import re
+
+    # whichever shard fails first: a row whose key ends in 3
+    assert re.search(r"stage broken_test failed on row \d+3: ZeroDivisionError: a bug", lines[0]), lines[0]
+    assert "ZeroDivisionError: a bug" in (tmp_path / "out" / "_work" / "error.log").read_text()
