@@ -11,7 +11,7 @@ clip-retrieval's layout). Two filters, usable together:
   0.26 with multilingual CLIP for the rest).
 * ``top_fraction``: keep the best ``top_fraction`` of the rows still alive,
   over the whole dataset (DataComp's "CLIP score top 30%" baseline). This
-  needs the global score distribution, see *The top-fraction fit* below.
+  needs the global score distribution (:mod:`stages.common.topfraction`).
 
 Every reject's detail carries the score, the threshold and the model id
 (``name``, ``pretrained``, the checkpoint's ``sha256``). Rows whose image
@@ -26,18 +26,14 @@ of PIL's pixels); other formats go through PIL. ``libjpeg`` decodes on
 and resizes on the device. ``auto`` is ``nvjpeg`` on a GPU, ``pil`` on the
 CPU. On a GPU the towers run under bf16 autocast; on the CPU in plain fp32.
 
-On a GPU (``stages.common.clip.CudaTowers``) a batch is decoded in chunks of
-:data:`DECODE_ROWS` rows on a high-priority stream of the calling thread, and
-both towers of each chunk are queued on one tower stream without waiting, so
-the next chunk decodes while the GPU runs this one's towers; the host waits
-once per batch (the towers' host-device copies go through pinned buffers). Every forward
-pass sees exactly ``micro_batch`` rows and replays a CUDA graph captured from
-the eager towers (``cuda_graphs``: the same kernels, scores identical to
-eager; kept only if a check at set-up agrees within 1e-3). ``compile: true``
-adds ``torch.compile`` (faster towers, ~25 s more start-up per actor; kept
-only within 1e-3 of eager, which ViT-B-32 in bf16 missed, 2.3e-3). Under Ray
-an actor scores ``actor_threads`` batches at once on threads: one decodes
-while another's towers run.
+On a GPU (:mod:`stages.common.cuda_towers`) a batch is decoded in chunks
+while the towers of the previous chunk run, and every forward pass replays a
+CUDA graph captured from the eager towers at ``micro_batch`` rows
+(``cuda_graphs``; kept only if it agrees with eager within 1e-3).
+``compile: true`` adds ``torch.compile`` (~25 s more start-up per actor;
+kept only within 1e-3 of eager). Under Ray an actor scores
+``actor_threads`` batches at once on threads: one decodes while another's
+towers run.
 
 ``cpu_prefetch: true`` tokenises in plain Ray CPU tasks ahead of the actors
 (:meth:`cpu_prepare`), and unless the actors decode with nvJPEG also decodes
@@ -48,35 +44,15 @@ median of 3): 2 actors x 2 threads per GPU with nvJPEG and prefetched tokens
 9,400 pairs/s, 1 actor 8,600 (towers on ready tensors: 12,800 eager); CPU
 decoding in the prefetch tasks instead, 4,800 (CPU-bound).
 
-The top-fraction fit
---------------------
-Rows are ranked by (score desc, key asc): ties are broken by key, so exactly
-``k = round(top_fraction * N)`` rows are kept and the result does not depend
-on how rows were batched. The fit never brings per-row data for the whole
-dataset into one place:
-
-1. ``learn(sample)`` finds a score window that holds the cut with a wide
-   margin (from a hash sample's quantiles).
-2. ``bucket_rows`` emits a histogram (8192 bins over [-1, 1]) of its shard,
-   plus ``(key, score)`` for the rows inside the window only.
-3. ``reduce_bucket`` sums the histogram bins; window rows pass through.
-4. ``combine`` finds the bin holding the k-th row from the histogram and the
-   exact cut row among the window rows of that bin. It keeps the cut on the
-   stage and returns no key-named decisions.
-5. ``decide_rows(rows)`` runs per shard after the fit: a row is kept iff it
-   ranks at or above the cut (a rule per shard replaces a 70M-entry
-   decision list at 100M rows and DataComp's 30%).
-
-If the sample misled ``learn`` (the cut fell outside the window), combine
-cuts at the bin's lower edge instead (keeping at most one bin's rows too
-many) and says so in the detail (``"exact": false``) and the log.
+The top-fraction fit (``learn`` ... ``decide_rows``) is
+:class:`stages.common.topfraction.TopFraction`: rows rank by (score desc, key
+asc), so exactly ``round(top_fraction * N)`` rows are kept whatever the
+batching, and no step brings per-row data for the whole dataset together.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,19 +71,12 @@ from stages.base import (
     reject,
 )
 from stages.common import clip as _clip
+from stages.common import cuda_towers as _cuda
+from stages.common.topfraction import BINS, TopFraction  # noqa: F401 (BINS: tests read it here)
 
 PIXELS, PIXEL_ERRORS, TOKENS = (SCRATCH_PREFIX + c for c in ("clip_pixels", "clip_pixel_errors", "clip_tokens"))
 
 log = logging.getLogger(__name__)
-
-#: rows decoded per nvJPEG call on a GPU: the towers of one chunk run while the next decodes
-DECODE_ROWS = 512
-#: histogram bins over [-1, 1] for the top-fraction fit
-BINS = 8192
-#: prepare's window: this many standard deviations of a sample quantile,
-#: plus this share of the sample's rows, either side of the estimated cut
-WINDOW_SIGMAS = 6.0
-WINDOW_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -181,10 +150,9 @@ class ClipScoreStage(GlobalStage):
     def __init__(self, config: Config):
         super().__init__(config)
         self._loaded: _clip.Loaded | None = None
-        self._towers: _clip.CudaTowers | None = None
+        self._towers: _cuda.CudaTowers | None = None
         self._identity: dict | None = None
-        self._window: tuple[int, int] | None = None  # histogram bins [lo, hi] learn chose
-        self._cut: dict | None = None  # what combine found; decide_rows applies it
+        self._top = TopFraction(config.top_fraction)  # the fit's window and cut
         self._emb_dim: int | None = None
 
     def __getstate__(self):  # ship config and fit state, never the model
@@ -236,7 +204,7 @@ class ClipScoreStage(GlobalStage):
                 torch.set_num_threads(max(1, int(c.num_cpus)))
             self._loaded = ld = _clip.load(c.model, c.pretrained, device)
             if device.startswith("cuda") and c.precision == "auto":
-                self._towers = _clip.CudaTowers(ld.model, ld.cfg, device, c.micro_batch, ld.tokenizer.context_length,
+                self._towers = _cuda.CudaTowers(ld.model, ld.cfg, device, c.micro_batch, ld.tokenizer.context_length,
                                                 graphs=c.cuda_graphs, compile=c.compile)  # fmt: skip
                 log.info("clip_score: towers %s (%s)", self._towers.mode, self._towers.check)
 
@@ -356,7 +324,8 @@ class ClipScoreStage(GlobalStage):
             return torch.from_numpy(np.asarray(tok)) if tokens_job is None else tokens_job.result()
 
         if self._towers is not None and (pix is not None or decoder != "pil"):
-            return self._score_cuda(images, pix, errors, tokens, decoder, threads)
+            self._emb_dim = self._towers.dim
+            return self._towers.score(images, pix, errors, tokens, decoder, threads)
 
         def transform(x):
             return _clip.normalize(x, ld.cfg)
@@ -381,34 +350,6 @@ class ClipScoreStage(GlobalStage):
         txt = _clip.encode(ld.model.encode_text, tokens(), ld.device, c.micro_batch, bf16)
         return self._collect(n, good, img, txt, errors)
 
-    def _score_cuda(self, images: list, pix, pix_errors, tokens, decoder: str, threads: int):
-        """:meth:`score` on a GPU: per chunk of :data:`DECODE_ROWS` rows, decode
-        and resize (nvJPEG or libjpeg; or the prefetched pixels), then queue
-        both towers without waiting, so the next chunk decodes while the GPU
-        runs this one's towers; wait once at the end."""
-        ld, towers = self._loaded, self._towers
-        n = len(images)
-        self._emb_dim = dim = towers.dim
-        if not n:
-            return np.zeros(0, np.float32), np.zeros((0, dim), np.float16), np.zeros((0, dim), np.float16), []
-        step = max(towers.mb, DECODE_ROWS // towers.mb * towers.mb)
-        pending, errors, tok = [], [], None
-        for a, b in _clip.chunks(n, step):
-            if pix is not None:
-                p, e = np.ascontiguousarray(pix[a:b]), list(pix_errors[a:b])
-            else:
-                p, e = _clip.decode_cuda(images[a:b], ld.device, ld.cfg, decoder, threads)
-            if tok is None:
-                tok = tokens()
-            pending.append(towers.enqueue(p, tok[a:b]))
-            errors.extend(e)
-        parts = [h.wait() for h in pending]
-        img, txt, scores = (np.concatenate([q[j] for q in parts]) for j in range(3))
-        failed = np.array([e is not None for e in errors], dtype=bool)
-        scores[failed] = np.nan
-        img[failed] = 0
-        return scores, img, txt, errors
-
     def _collect(self, n: int, good: list, img, txt, errors: list):
         import torch
 
@@ -424,109 +365,36 @@ class ClipScoreStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
+    @property
+    def _window(self) -> tuple[int, int] | None:
+        """The histogram bins [lo, hi] ``learn`` chose."""
+        return self._top.window
+
+    @property
+    def _cut(self) -> dict | None:
+        """What ``combine`` found; ``decide_rows`` applies it."""
+        return self._top.cut
+
     def learn(self, sample: Batch) -> None:
-        """Choose the score window around the estimated cut (see module doc)."""
-        self._cut = None
-        f = self.config.top_fraction
-        s = np.sort(np.asarray(sample.get("clip_score", []), dtype=np.float32))[::-1]
-        if f is None or not len(s):
-            self._window = None
-            return
-        m = len(s)
-        margin = WINDOW_SIGMAS * math.sqrt(f * (1 - f) * m) + WINDOW_SHARE * m + 1
-        hi_rank, lo_rank = int(max(0, f * m - margin)), int(min(m - 1, f * m + margin))
-        self._window = (int(_bins(s[lo_rank : lo_rank + 1])[0]), int(_bins(s[hi_rank : hi_rank + 1])[0]))
+        """Choose the score window around the estimated cut."""
+        self._top.learn(sample)
 
     def bucket_rows(self, batch: Batch) -> Batch:
-        if self.config.top_fraction is None:
-            return {}
-        s = np.asarray(batch["clip_score"], dtype=np.float32)
-        b = _bins(s)
-        hist_bins, counts = np.unique(b, return_counts=True)
-        lo, hi = self._window if self._window is not None else (BINS, -1)
-        inside = np.flatnonzero((b >= lo) & (b <= hi))
-        nh, nw = len(hist_bins), len(inside)
-        return {
-            "bucket": np.concatenate([hist_bins, BINS + b[inside]]).astype(np.int64),
-            "count": np.concatenate([counts, np.ones(nw, dtype=np.int64)]).astype(np.int64),
-            "score": np.concatenate([np.full(nh, np.nan, dtype=np.float32), s[inside]]),
-            "key": object_array([""] * nh + [str(k) for k in batch["key"][inside]]),
-        }
+        return self._top.bucket_rows(batch)
 
     def reduce_bucket(self, group: Batch) -> Batch:
-        g = int(np.asarray(group["bucket"])[0])
-        if g >= BINS:  # window rows pass through, in a fixed order
-            order = np.argsort(np.asarray(group["key"]).astype(str), kind="stable")
-            return {c: np.asarray(v)[order] for c, v in group.items()}
-        return {
-            "bucket": np.array([g], dtype=np.int64),
-            "count": np.array([int(np.sum(group["count"]))], dtype=np.int64),
-            "score": np.array([np.nan], dtype=np.float32),
-            "key": object_array([""]),
-        }
+        return self._top.reduce_bucket(group)
 
     def combine(self, reduced: Batch) -> FitResult:
         """Find the cut row; decisions are made per shard by :meth:`decide_rows`."""
-        f = self.config.top_fraction
-        self._cut = None
-        if f is None or not reduced or not batch_len(reduced):
-            return FitResult()
-        groups = np.asarray(reduced["bucket"], dtype=np.int64)
-        counts = np.asarray(reduced["count"], dtype=np.int64)
-        is_hist = groups < BINS
-        hist = np.zeros(BINS, dtype=np.int64)
-        np.add.at(hist, groups[is_hist], counts[is_hist])
-        total = int(hist.sum())
-        k = int(math.floor(f * total + 0.5))
-        cut = {"top_fraction": f, "rows": total, "keep": k, "exact": True}
-        if k >= total:
-            cut.update(score=-math.inf, key=None)
-        elif k == 0:
-            cut.update(score=math.inf, key="")
-        else:
-            above = np.cumsum(hist[::-1])[::-1]  # above[b]: rows in bins >= b
-            c = int(np.flatnonzero(above >= k).max())  # the bin holding the k-th best row
-            need = k - (int(above[c + 1]) if c + 1 < BINS else 0)
-            w = np.flatnonzero(groups == BINS + c)
-            if len(w) == int(hist[c]):
-                keys = np.asarray(reduced["key"])[w].astype(str)
-                sc = np.asarray(reduced["score"], dtype=np.float32)[w]
-                order = np.lexsort((keys, -sc))
-                cut.update(score=float(sc[order[need - 1]]), key=str(keys[order[need - 1]]))
-            else:
-                edge = float(np.float32(-1.0 + 2.0 * c / BINS))
-                log.warning("clip_score: top_fraction cut outside the sampled window; cutting at %.5f", edge)
-                cut.update(score=edge, key=None, exact=False)
-        self._cut = cut
-        self.model_id()  # hash the checkpoint once, here, not in every decide task
-        return FitResult()
+        fit = self._top.combine(reduced)
+        if self._top.cut is not None:
+            self.model_id()  # hash the checkpoint once, here, not in every decide task
+        return fit
 
     def decide_rows(self, rows: Batch) -> FitResult:
         """Per shard after the fit: drop the alive rows ranked below the cut
         (``clip_score_below_top_fraction``)."""
-        cut = self._cut
-        if cut is None or not batch_len(rows):
+        if self._top.cut is None or not batch_len(rows):
             return FitResult()
-        s = np.asarray(rows["clip_score"], dtype=np.float32)
-        keys = np.asarray(rows["key"]).astype(str)
-        cs = np.float32(cut["score"])
-        if cut["key"] is None:  # keep everything at or above the cut score
-            keep = s >= cs
-        else:
-            keep = (s > cs) | ((s == cs) & (keys <= cut["key"]))
-        drop = np.flatnonzero(~keep)
-        model = self.model_id()
-        detail = {"threshold": float(cs), "top_fraction": cut["top_fraction"], "exact": cut["exact"], "model": model}
-        details = [json.dumps({**detail, "clip_score": float(s[i])}, sort_keys=True) for i in drop]
-        return FitResult(
-            {
-                "key": object_array([str(keys[i]) for i in drop]),
-                "reason": object_array(["clip_score_below_top_fraction"] * len(drop)),
-                "detail": object_array(details),
-            }
-        )
-
-
-def _bins(scores: np.ndarray) -> np.ndarray:
-    b = np.floor((np.nan_to_num(scores, nan=-1.0).astype(np.float64) + 1.0) * (BINS / 2.0))
-    return np.clip(b, 0, BINS - 1).astype(np.int64)
+        return self._top.decide_rows(rows, {"model": self.model_id()})

@@ -303,6 +303,19 @@ def test_fit_sends_histograms_not_rows_outside_the_window():
     assert not fit_global(ClipScoreStage(Config(pretrained="unused.pt")), fit)  # no top_fraction: no fit
 
 
+def test_embed_dim_reads_the_config_file_as_open_clip_does(monkeypatch):
+    import open_clip
+
+    _clip.register_model_configs()
+    want = {m: int(open_clip.get_model_config(m)["embed_dim"]) for m in ("ViT-B-32", "pf-tiny")}
+
+    def no_open_clip():
+        raise AssertionError("embed_dim fell back to open_clip")
+
+    monkeypatch.setattr(_clip, "register_model_configs", no_open_clip)  # the fallback's first call
+    assert {m: _clip.embed_dim(m) for m in want} == want == {"ViT-B-32": 512, "pf-tiny": 128}
+
+
 def test_config_checks():
     assert build(Config, {"pretrained": "x.pt", "concurrency": [1, 4], "top_fraction": 0.3}, "s").concurrency == (1, 4)
     with pytest.raises(ConfigError, match="pretrained"):

@@ -1,6 +1,8 @@
-"""CLIP scoring machinery for :mod:`stages.clip_score`: model loading and
-identity, image decoding and preprocessing (PIL on the CPU, or nvJPEG and
-tensor resizing on the GPU), and the two towers run in fixed-size chunks.
+"""CLIP scoring machinery for :mod:`stages.clip_score` that every device
+needs: model loading and identity, the tokenizer, image decoding and
+preprocessing (PIL, libjpeg or nvJPEG, then tensor resizing), and the two
+towers run eagerly in fixed-size chunks. The GPU-only path (CUDA graphs,
+streams, pinned buffers, chunked decoding) is :mod:`stages.common.cuda_towers`.
 
 Why fixed-size chunks: a matrix multiply may pick a different kernel (and so
 a different summation order) for a different number of rows, which would
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import io
+import json
 import logging
 import os
 import threading
@@ -88,14 +92,37 @@ def register_model_configs() -> None:
 
 def embed_dim(model: str) -> int | None:
     """The embedding width of a named open_clip architecture, from its config
-    (no weights are loaded); ``None`` for names without a local config."""
+    (no weights are loaded); ``None`` for names without a local config.
+    Reads the config file itself (the project's ``model_configs`` first, as
+    :func:`register_model_configs` makes them win, then open_clip's), so it
+    needs no ``import open_clip`` (seconds: torch, timm); open_clip's own
+    lookup where no file is found."""
     if model.startswith(("hf-hub:", "local-dir:")):
         return None
-    register_model_configs()
-    import open_clip
+    cfg = _config_file(model)
+    if cfg is None:
+        register_model_configs()
+        import open_clip
 
-    cfg = open_clip.get_model_config(model)
+        cfg = open_clip.get_model_config(model)
     return int(cfg["embed_dim"]) if cfg else None
+
+
+def _config_file(model: str) -> dict | None:
+    """``model``'s JSON config as open_clip would register it, read from the
+    project's folder or open_clip's package folder; ``None`` if not found."""
+    if not model or os.sep in model or "/" in model:
+        return None
+    spec = importlib.util.find_spec("open_clip")
+    package = (spec.submodule_search_locations or []) if spec else []
+    for folder in [MODEL_CONFIG_DIR] + [Path(p) / "model_configs" for p in package]:
+        try:
+            cfg = json.loads((folder / f"{model}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            return cfg
+    return None
 
 
 def file_sha256(path: str) -> str:
@@ -348,219 +375,3 @@ def encode(encode_fn, inputs, device: str, micro_batch: int, bf16: bool, transfo
                 x = transform(x)
             parts.append(F.normalize(encode_fn(x)[: b - a].float(), dim=-1))
     return torch.cat(parts)
-
-
-# ------------------------------------------------------------ the CUDA path
-
-_streams = threading.local()
-
-
-def thread_stream(device: str):
-    """This thread's own CUDA stream on ``device`` for decoding and resizing
-    (made once per thread, high priority), so that one thread's wait never
-    waits on another's work and the towers never hold a decode up."""
-    import torch
-
-    key = str(device)
-    per = getattr(_streams, "per_device", None)
-    if per is None:
-        per = _streams.per_device = {}
-    if key not in per:  # high priority: its short kernels go ahead of the towers' queued ones
-        per[key] = torch.cuda.Stream(torch.device(device), priority=-1)
-    return per[key]
-
-
-def decode_cuda(images: list, device: str, cfg: dict, decoder: str = "nvjpeg", threads: int = 1):
-    """nvJPEG (the GPU's hardware decoder for baseline JPEGs, via
-    :func:`decode_tensors`; or ``libjpeg`` on ``threads`` CPU threads, via
-    :func:`decode_cpu`) + :func:`resize_crop` on this thread's stream.
-    Returns uint8 ``[n, 3, S, S]`` pixels on ``device`` (zeros where an image
-    failed) and per-row errors. When it returns, the pixels are ready: the
-    thread waited for its own stream only, so the towers of other batches
-    keep running meanwhile (the decoder releases the GIL while it waits)."""
-    import torch
-
-    th, tw = size_hw(cfg["size"])
-    stream = thread_stream(device)
-    with torch.cuda.stream(stream):
-        if decoder == "nvjpeg":
-            tensors, errors = decode_tensors(images, device)
-        else:
-            tensors, errors = decode_cpu(images, device, threads)
-        good = [i for i, t in enumerate(tensors) if t is not None]
-        if len(good) == len(images) and good:
-            pixels = resize_crop(tensors, cfg)
-        else:
-            pixels = torch.zeros((len(images), 3, th, tw), dtype=torch.uint8, device=device)
-            if good:
-                pixels[torch.as_tensor(good, device=device)] = resize_crop([tensors[i] for i in good], cfg)
-    # nvJPEG writes from a stream of its own into blocks this stream freed: nothing
-    # may be pending here when they are handed out again
-    stream.synchronize()
-    return pixels, errors
-
-
-class CudaTowers:
-    """Both towers over (pixels, tokens) pairs at a fixed ``micro_batch``
-    (inputs padded with their last row), one CUDA stream, safe to call from
-    several threads: :meth:`enqueue` queues a chunk under a lock and returns
-    at once, :meth:`Pending.wait` waits for that chunk alone.
-
-    ``graphs``: each micro-batch replays a CUDA graph captured from the eager
-    forward (same kernels, one launch instead of ~700 Python-issued ones).
-    ``compile``: ``torch.compile`` the forward first (inductor kernels, then
-    captured). A fast path is kept only if its embeddings match the eager
-    forward within ``tolerance`` on random inputs (:attr:`check` says what
-    was measured); otherwise the towers run eagerly."""
-
-    def __init__(self, model, cfg: dict, device: str, micro_batch: int, context_length: int,
-                 graphs: bool = True, compile: bool = False, tolerance: float = 1e-3):  # fmt: skip
-        import torch
-        import torch.nn.functional as F
-
-        self.device, self.mb, self.cfg = torch.device(device), int(micro_batch), cfg
-        self.lock = threading.Lock()
-        self.stream = torch.cuda.Stream(self.device)
-        th, tw = size_hw(cfg["size"])
-        self.shape_img, self.shape_tok = (self.mb, 3, th, tw), (self.mb, int(context_length))
-        mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
-
-        def forward(u8, tok):
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                img = model.encode_image((u8.float() / 255.0 - mean) / std)
-                txt = model.encode_text(tok)
-            img = F.normalize(img.float(), dim=-1)
-            txt = F.normalize(txt.float(), dim=-1)
-            return img, txt, (img * txt).sum(-1)
-
-        self._eager = forward
-        self._fn = forward
-        self.mode = "eager"
-        self.check: dict = {}
-        self._graph = None
-        with torch.inference_mode(), torch.cuda.stream(self.stream):
-            self._in_img = torch.zeros(self.shape_img, dtype=torch.uint8, device=self.device)
-            self._in_tok = torch.zeros(self.shape_tok, dtype=torch.int64, device=self.device)
-            self.dim = int(forward(self._in_img, self._in_tok)[0].shape[1])
-        if compile:
-            self._try("compiled", lambda: torch.compile(forward, dynamic=False), tolerance, graphs)
-        if graphs and self.mode == "eager":
-            self._try("graphs", lambda: forward, tolerance, True)
-
-    def _try(self, name: str, make, tolerance: float, graphs: bool) -> None:
-        """Switch to ``make()`` (captured if ``graphs``) if it matches eager."""
-        import torch
-
-        try:
-            fn = make()
-            u8, tok = self._random_inputs()
-            with torch.inference_mode(), torch.cuda.stream(self.stream):
-                ref = [t.clone() for t in self._eager(u8, tok)]
-                if graphs:
-                    graph, outs = self._capture(fn)
-                    self._in_img.copy_(u8)
-                    self._in_tok.copy_(tok)
-                    graph.replay()
-                else:
-                    graph, outs = None, fn(u8, tok)
-                diff = max(float((a - b).abs().max()) for a, b in zip(outs, ref))
-        except Exception as e:  # a failed capture or compile: stay eager, say why
-            log.warning("clip_score: %s towers unavailable (%s: %s); running eagerly", name, type(e).__name__, e)
-            self.check[name] = f"failed: {type(e).__name__}: {e}"
-            return
-        self.check[name] = diff
-        if not diff <= tolerance:  # NaN fails too
-            log.warning(
-                "clip_score: %s towers differ from eager by %.2e > %.0e; running eagerly", name, diff, tolerance
-            )
-            return
-        name = f"{name}+graphs" if graphs and name != "graphs" else name
-        self._fn, self._graph, self._outs, self.mode = fn, graph, outs, name
-
-    def _random_inputs(self):
-        import torch
-
-        g = torch.Generator(device=self.device).manual_seed(0)
-        u8 = torch.randint(0, 256, self.shape_img, dtype=torch.uint8, device=self.device, generator=g)
-        tok = torch.randint(1, 49406, self.shape_tok, device=self.device, generator=g)
-        tok[:, 0] = 49406  # start of text
-        ends = torch.randint(2, self.shape_tok[1], (self.mb,), device=self.device, generator=g)
-        pos = torch.arange(self.shape_tok[1], device=self.device)
-        tok[pos[None] > ends[:, None]] = 0
-        tok[torch.arange(self.mb, device=self.device), ends] = 49407  # end of text: the pooled token
-        return u8, tok
-
-    def _capture(self, fn):
-        import torch
-
-        with torch.inference_mode():
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):  # warm-up: cuBLAS handles, autotuning, compilation
-                    fn(self._in_img, self._in_tok)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = fn(self._in_img, self._in_tok)
-            torch.cuda.synchronize(self.device)
-        return graph, outs
-
-    def enqueue(self, pixels, tokens) -> "Pending":
-        """Queue both towers over ``pixels`` (uint8 ``[n, 3, S, S]``, on the
-        device or host) and ``tokens`` (``[n, ctx]``, host or device).
-        Returns at once; :meth:`Pending.wait` gives float16 image and text
-        embeddings and float32 scores as numpy arrays."""
-        import torch
-
-        n = len(tokens)
-        tokens = torch.as_tensor(tokens)
-        pixels = torch.as_tensor(pixels)
-        if not tokens.is_cuda:
-            tokens = tokens.pin_memory()
-        if not pixels.is_cuda:
-            pixels = pixels.pin_memory()
-        with self.lock, torch.inference_mode(), torch.cuda.stream(self.stream):
-            tok = tokens.to(self.device, non_blocking=True)
-            pix = pixels.to(self.device, non_blocking=True)
-            out = [torch.empty((n, self.dim), device=self.device) for _ in range(2)]
-            out.append(torch.empty(n, device=self.device))
-            for a, b in chunks(n, self.mb):
-                k = b - a
-                if self._graph is not None:
-                    self._in_img[:k].copy_(pix[a:b])
-                    self._in_tok[:k].copy_(tok[a:b])
-                    if k < self.mb:  # pad with copies of the last row
-                        self._in_img[k:].copy_(pix[b - 1 : b].expand(self.mb - k, *pix.shape[1:]))
-                        self._in_tok[k:].copy_(tok[b - 1 : b].expand(self.mb - k, tok.shape[1]))
-                    self._graph.replay()
-                    outs = self._outs
-                else:
-                    outs = self._fn(padded(pix[a:b], self.mb), padded(tok[a:b], self.mb))
-                for o, r in zip(out, outs):  # out of the static outputs before the next replay
-                    o[a:b].copy_(r[:k])
-            host = []
-            for t, dtype in zip(out, (torch.float16, torch.float16, torch.float32)):
-                h = torch.empty(t.shape, dtype=dtype, pin_memory=True)
-                h.copy_(t.to(dtype), non_blocking=True)
-                host.append(h)
-            done = torch.cuda.Event(blocking=True)  # a waiting thread sleeps, it does not spin
-            done.record(self.stream)
-        # keep the inputs alive until the towers have read them
-        return Pending(done, host, (pixels, tokens, pix, tok, out))
-
-
-class Pending:
-    """Embeddings and scores of one :meth:`CudaTowers.enqueue` call."""
-
-    def __init__(self, event, host, keep):
-        self._event, self._host, self._keep = event, host, keep
-
-    def wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(image embeddings f16, text embeddings f16, scores f32), numpy."""
-        self._event.synchronize()  # releases the GIL while it waits
-        img, txt, score = (np.array(h.numpy()) for h in self._host)
-        self._keep = self._host = None
-        return img, txt, score
