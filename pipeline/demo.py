@@ -2,7 +2,8 @@
 
 It builds a small corpus of real image-caption pairs (skimage's photos and
 Debian's Fashion-MNIST product photos), plants what the stages must find
-(exact and near-duplicate images, captions that do not match their image, and
+(exact and near-duplicate images, captions that do not match their image,
+Winoground-style pairs of generated scenes for the confounders stage, and
 URLs that fail in every way a web crawl fails), serves it from a local HTTP
 server, writes the URL list, and runs every stage that exists on local Ray.
 """
@@ -22,6 +23,7 @@ from PIL import Image
 
 from pipeline.datasets import FASHION_CLASSES, fashion_mnist, skimage_photos
 from pipeline.httpserver import LocalHTTPServer, Route
+from trainer import scenes
 
 FASHION_TEMPLATES = (
     "a photo of a {c}",
@@ -32,6 +34,8 @@ FASHION_TEMPLATES = (
     "buy this {c} online",
 )
 N_FASHION = 240
+#: generated two-shape scenes, in pairs whose captions are the same words in another order
+N_SCENE_PAIRS = 30
 SCORER_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "pf-tiny-scorer.pt"
 
 
@@ -80,6 +84,11 @@ def build_corpus(seed: int = 0) -> tuple[dict[str, Route], list[dict]]:
         other = rng.choice([c for c in FASHION_CLASSES if c != own and own not in c and c not in own])
         r["caption"] = r["caption"].replace(own, other)
         r["planted"] = f"mismatched_caption:{own}"
+
+    scene_rng = random.Random(seed + 1)  # its own stream: the photos' planting above stays as it was
+    for j in range(N_SCENE_PAIRS):  # Winoground-style pairs: the same words in another order, another image
+        for k, s in enumerate(scenes.confounder_pair(scene_rng)):
+            add(f"/scene/{j}-{k}.jpg", Route(_jpeg(s.image), "image/jpeg"), s.caption, f"scene_pair:{j}")
 
     ok_jpeg = routes[originals[0][0]].body
     failures = {
@@ -141,11 +150,19 @@ def demo_stages(scorer: Path | None) -> list[dict]:
             # eps is per model: the small scorer puts same-class product photos at cosine 0.95-0.99,
             # its re-encodes above 0.998 (SemDeDup's eps values were chosen for real CLIP on LAION)
             stages.append({"name": "dedup_semantic", "eps": 0.002})
+        if have("confounders"):  # after every filter: a partner must be a sample of the shards
+            stages.append({"name": "confounders"})
     stages.append({"name": "shard"})
     return stages
 
 
-def run_demo(out_dir: str = "demo_out", runner: str = "ray", resume: bool = False) -> dict:
+def run_demo(
+    out_dir: str = "demo_out",
+    runner: str = "ray",
+    resume: bool = False,
+    verbose: bool = False,
+    progress_every: float | None = None,
+) -> dict:
     from pipeline.config import load_job
     from pipeline.job import run_job
 
@@ -164,7 +181,7 @@ def run_demo(out_dir: str = "demo_out", runner: str = "ray", resume: bool = Fals
                 "stages": demo_stages(SCORER_CHECKPOINT),
             }
         )
-        manifest = run_job(job, resume=resume)
+        manifest = run_job(job, resume=resume, verbose=verbose, progress_every=progress_every)
     from pipeline.cli import main as cli_main
 
     cli_main(["manifest", "show", str(out / "run")])

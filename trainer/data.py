@@ -9,7 +9,9 @@ an uninterrupted run would have seen.
 
 Which samples are held out for evaluation is decided by a hash of the sample's
 *group*: its own key, or for a confounder the key it is a confounder of, so
-both halves of a Winoground-style pair land on the same side.
+both halves of a Winoground-style pair land on the same side. A run with a
+confounders side table (``OUT/confounders``) adds each sample's group and hard
+negative from it (:mod:`trainer.confounders`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CONFOUNDER_OF = "confounder_of"
 #: metadata field holding a caption that does *not* describe the image
 NEGATIVE_CAPTION = "confounder_caption"
+#: metadata field naming the group a sample is held out with (from the
+#: confounders side table, see :mod:`trainer.confounders`)
+CONFOUNDER_GROUP = "confounder_group"
 
 
 # ------------------------------------------------------------------ shard lists
@@ -89,12 +94,24 @@ def _count_samples(tar: str) -> int:
 
 
 def sample_group(key: str, meta: dict) -> str:
-    return str(meta.get(CONFOUNDER_OF) or key)
+    return str(meta.get(CONFOUNDER_GROUP) or meta.get(CONFOUNDER_OF) or key)
 
 
 def is_held_out(group: str, fraction: float, seed: int = 0) -> bool:
     digest = hashlib.sha1(f"{seed}:{group}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _confounders(shards: Sequence[str]) -> dict[str, dict]:
+    from trainer.confounders import confounder_metadata
+
+    return confounder_metadata(shards)
+
+
+def annotate(parsed: dict, table: dict[str, dict]) -> dict:
+    from trainer.confounders import annotate as _annotate
+
+    return _annotate(parsed, table) if table else parsed
 
 
 def _parse(sample: dict) -> dict:
@@ -221,7 +238,8 @@ class TrainStream(IterableDataset):
             order = list(self.shards)
             random.Random(f"{self.cfg.seed}:shards:{epoch}").shuffle(order)  # same order on every rank
             urls = itertools.islice(wds.split_by_node({"url": u} for u in order), worker, None, workers)
-            parsed = (_parse(s) for s in wds.tarfile_samples(urls, handler=wds.warn_and_continue))
+            table = _confounders(self.shards)
+            parsed = (annotate(_parse(s), table) for s in wds.tarfile_samples(urls, handler=wds.warn_and_continue))
             kept = (
                 p for p in parsed
                 if p["image_bytes"] is not None
@@ -258,7 +276,12 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def train_loader(
-    shards: list[str], prep: Prep, cfg: StreamConfig, start_batch: int = 0, world_size: int = 1, pin_memory: bool = False
+    shards: list[str],
+    prep: Prep,
+    cfg: StreamConfig,
+    start_batch: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
     workers = loader_workers(len(shards), cfg.num_workers, world_size)
     return DataLoader(
@@ -292,10 +315,13 @@ def load_eval_set(shards: list[str], prep: Prep, cfg: StreamConfig, limit: int =
     order) until ``limit`` are found. Partners of confounder pairs are read
     together (they share a group, so the split keeps them together)."""
     found: list[dict] = []
+    table = _confounders(shards)
     for shard in shards:
         for s in wds.tarfile_samples([{"url": shard}], handler=wds.warn_and_continue):
-            p = _parse(s)
-            if p["image_bytes"] is not None and is_held_out(sample_group(p["key"], p["meta"]), cfg.eval_fraction, cfg.seed):
+            p = annotate(_parse(s), table)
+            if p["image_bytes"] is not None and is_held_out(
+                sample_group(p["key"], p["meta"]), cfg.eval_fraction, cfg.seed
+            ):
                 found.append(p)
         if len(found) >= limit:
             break

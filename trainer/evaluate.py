@@ -14,6 +14,7 @@ from math import comb
 import numpy as np
 import torch
 
+from trainer.confounders import WORD_ORDER_CAPTION, WORD_ORDER_PARTNER
 from trainer.data import CONFOUNDER_OF, NEGATIVE_CAPTION, EvalSet, Prep
 from trainer.model import ImageSpec, normalize_images, unwrap
 
@@ -111,12 +112,17 @@ def winoground(sim: np.ndarray, pairs: list[tuple[int, int]]) -> dict[str, float
 
 
 def confounder_pairs(evalset: EvalSet) -> list[tuple[int, int]]:
+    """Winoground groups among the held-out samples: a corpus's
+    ``confounder_of`` pairs, and ``word_order`` partners from a run's
+    confounders table (each unordered pair once, in index order)."""
     index = {k: i for i, k in enumerate(evalset.keys)}
-    return [
-        (index[m[CONFOUNDER_OF]], i)
-        for i, m in enumerate(evalset.metas)
-        if m.get(CONFOUNDER_OF) in index and index[m[CONFOUNDER_OF]] != i
-    ]
+    pairs = set()
+    for i, m in enumerate(evalset.metas):
+        for field in (CONFOUNDER_OF, WORD_ORDER_PARTNER):
+            j = index.get(m.get(field))
+            if j is not None and j != i and evalset.captions[i] != evalset.captions[j]:
+                pairs.add((min(i, j), max(i, j)))
+    return sorted(pairs)
 
 
 @torch.no_grad()
@@ -182,11 +188,13 @@ def evaluate(model, evalset: EvalSet, spec: ImageSpec, prep: Prep, device="cpu")
                 "chance_r@1": chance_recall(sub_same, (1,))["r@1"],
                 "auc": matching_vs_shuffled(sub, sub_same)["auc"] if len(idx) > 1 else None,
             }
-    negs = [(i, m[NEGATIVE_CAPTION]) for i, m in enumerate(evalset.metas) if m.get(NEGATIVE_CAPTION)]
-    if negs:
-        idx = torch.tensor([i for i, _ in negs])
-        neg_txt = embed_texts(model, prep.tokens([c for _, c in negs]), device)
-        own = (img[idx] * txt[idx]).sum(-1)
-        wrong = (img[idx] * neg_txt).sum(-1)
-        out["hard_negative"] = {"n": len(negs), "accuracy": float((own > wrong).float().mean()), "chance": 0.5}
+    # each image against its own caption and a caption that does not fit it
+    for name, field in (("hard_negative", NEGATIVE_CAPTION), ("word_order", WORD_ORDER_CAPTION)):
+        negs = [(i, m[field]) for i, m in enumerate(evalset.metas) if m.get(field)]
+        if negs:
+            idx = torch.tensor([i for i, _ in negs])
+            neg_txt = embed_texts(model, prep.tokens([c for _, c in negs]), device)
+            own = (img[idx] * txt[idx]).sum(-1)
+            wrong = (img[idx] * neg_txt).sum(-1)
+            out[name] = {"n": len(negs), "accuracy": float((own > wrong).float().mean()), "chance": 0.5}
     return out

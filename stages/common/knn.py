@@ -1,0 +1,275 @@
+"""Nearest neighbours over embeddings, exact inside a block and inverted-file
+(IVF) style across a dataset: the search the confounders stage spreads over
+a fit's buckets.
+
+* :func:`spherical_kmeans` on a sample gives the cells; :func:`nearest_cells`
+  puts each row in its ``probes`` nearest cells (float64, so a row near a
+  border lands on the same side in any batch).
+* A row *looks* for its neighbour in its ``query_probes`` nearest cells
+  (default 1: its own), among every row that put itself there. The true
+  neighbour ``x`` of a row ``q`` is found when one of ``q``'s cells is among
+  ``x``'s ``probes`` nearest. With one query cell each row's answer comes
+  out of one cell and no merge across cells is needed; more query cells
+  buy recall for a merge (the best over them) and more work.
+* :func:`best_partners` is the exact search inside a cell: blocked matrix
+  products (numpy, or torch on a GPU) keep each row's candidates within a
+  rounding slack of its best, which are scored again in float64 and ranked by
+  (similarity, index), so the answer does not depend on how the block was
+  cut or on BLAS rounding.
+
+:func:`ivf_search` runs the whole scheme in memory (tests, the benchmark);
+the stage runs the same steps as ``bucket_rows`` and ``reduce_bucket``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: float32 products are within ~1e-6 of float64; the prefilter admits this much more
+SLACK = {"float32": 1e-4, "float16": 4e-3}
+#: similarities per block of queries: a few MB of cache on a CPU, GBs on a GPU
+BLOCK_ELEMS = {"float32": 1 << 22, "float16": 1 << 28}
+
+
+def unit_rows(emb) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length (float32), and which rows could be (finite, non-zero)."""
+    e = np.asarray(emb, dtype=np.float32)
+    if e.ndim != 2:
+        e = np.stack([np.asarray(r, dtype=np.float32) for r in emb]) if len(emb) else e.reshape(0, 0)
+    norm = np.linalg.norm(e.astype(np.float64), axis=1) if e.size else np.zeros(len(e))
+    valid = np.isfinite(norm) & (norm > 0)
+    out = np.zeros_like(e)
+    out[valid] = (e[valid] / norm[valid, None]).astype(np.float32)
+    return out, valid
+
+
+def spherical_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, device: str = "cpu") -> np.ndarray:
+    """k-means on unit rows by cosine similarity (k-means++ start), fully
+    determined by the row order of ``x``, ``seed`` and the device (numpy, or
+    torch on a GPU). Returns unit centroids (float32, numpy)."""
+    n = len(x)
+    if n == 0:
+        raise ValueError("k-means: no valid embeddings to cluster")
+    k = max(1, min(k, n))
+    tdev = _torch_device(device)
+    if tdev is not None:
+        import torch
+
+        xp = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(tdev)
+        mm = lambda a, b: a @ b.T  # noqa: E731
+        to_np = lambda t: t.cpu().numpy()  # noqa: E731
+        argmax = lambda t: torch.argmax(t, dim=1)  # noqa: E731
+    else:
+        xp, mm, to_np, argmax = x, (lambda a, b: a @ b.T), (lambda t: t), (lambda t: np.argmax(t, axis=1))
+    rng = np.random.default_rng(seed)
+    picks = [int(rng.integers(n))]
+    dist = np.maximum(0.0, 1.0 - to_np(mm(xp, xp[picks[0] : picks[0] + 1])).ravel()).astype(np.float64)
+    for _ in range(1, k):
+        total = float(dist.sum())
+        pick = int(rng.choice(n, p=dist / total)) if total > 0 else int(rng.integers(n))
+        picks.append(pick)
+        dist = np.minimum(dist, np.maximum(0.0, 1.0 - to_np(mm(xp, xp[pick : pick + 1])).ravel()))
+    centroids = np.ascontiguousarray(x[picks], dtype=np.float32)
+    for _ in range(iters):
+        cp = torch.from_numpy(centroids).to(tdev) if tdev is not None else centroids
+        assign = to_np(argmax(mm(xp, cp)))
+        order = np.argsort(assign, kind="stable")
+        starts = np.flatnonzero(np.r_[True, assign[order][1:] != assign[order][:-1]])
+        sums = np.zeros_like(centroids)  # on the CPU, in row order: a GPU's atomic adds would vary
+        sums[assign[order][starts]] = np.add.reduceat(np.asarray(x, dtype=np.float32)[order], starts, axis=0)
+        norms = np.linalg.norm(sums, axis=1)
+        moved = norms > 0  # an emptied cell keeps its old centroid
+        new = centroids.copy()
+        new[moved] = sums[moved] / norms[moved, None]
+        if np.allclose(new, centroids, atol=1e-6):
+            break
+        centroids = new
+    return centroids
+
+
+def nearest_cells(x: np.ndarray, centroids: np.ndarray, probes: int, device: str = "cpu") -> np.ndarray:
+    """``(n, probes)`` cell ids per row, nearest first (ties to the smaller
+    id), from float64 similarities (a GPU's too) so that a row near a border
+    lands on the same side in any batch."""
+    probes = max(1, min(probes, len(centroids)))
+    tdev = _torch_device(device)
+    if tdev is None:
+        sims = x.astype(np.float64) @ centroids.astype(np.float64).T
+        return np.argsort(-sims, axis=1, kind="stable")[:, :probes].astype(np.int64)
+    import torch
+
+    c = torch.from_numpy(centroids.astype(np.float64)).to(tdev)
+    out = []
+    for lo in range(0, len(x), 1 << 16):
+        xb = torch.from_numpy(x[lo : lo + (1 << 16)].astype(np.float64)).to(tdev)
+        out.append(torch.sort(-(xb @ c.T), dim=1, stable=True).indices[:, :probes].cpu().numpy())
+    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, probes), dtype=np.int64)
+
+
+def _torch_device(device: str):
+    if device == "cpu":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    return torch.device(device)
+
+
+def best_partners(
+    primary: np.ndarray,
+    queries: np.ndarray,
+    secondary: np.ndarray | None = None,
+    bound: float = np.inf,
+    group: np.ndarray | None = None,
+    device: str = "cpu",
+    block_elems: int | None = None,
+    max_primary: float = np.inf,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row ``i`` in ``queries``: the row ``j != i`` of the block with
+    the highest ``primary[i] . primary[j]`` (below ``max_primary``) among rows
+    with a different ``group`` (default: every other row) and
+    ``secondary[i] . secondary[j] < bound``. Rows are unit vectors. Returns per query the partner's index
+    (-1: none), its primary and its secondary similarity (float64; NaN
+    without ``secondary``). Ties go to the smaller index: order rows by key.
+
+    The products run in float32 (float16 on a GPU); every candidate within
+    :data:`SLACK` of a row's best is scored again in float64, and the bound
+    is applied to the float64 score, so the answer is the float64 answer."""
+    n = len(primary)
+    queries = np.asarray(queries, dtype=np.int64)
+    best = np.full(len(queries), -1, dtype=np.int64)
+    sim_p, sim_s = np.full(len(queries), np.nan), np.full(len(queries), np.nan)
+    if n < 2 or not len(queries):
+        return best, sim_p, sim_s
+    products = _Products(primary, secondary, group, bound, device, max_primary)
+    group = np.arange(n, dtype=np.int64) if group is None else np.asarray(group, dtype=np.int64)
+    p64 = primary.astype(np.float64)
+    s64 = secondary.astype(np.float64) if secondary is not None else None
+    block = max(1, (block_elems or BLOCK_ELEMS[products.dtype]) // n)
+    for lo in range(0, len(queries), block):
+        qb = queries[lo : lo + block]
+        rows, cols = products.band(qb)
+        ep = np.einsum("pd,pd->p", p64[qb[rows]], p64[cols])
+        es = np.einsum("pd,pd->p", s64[qb[rows]], s64[cols]) if s64 is not None else np.full(len(rows), np.nan)
+        ok = (es < bound if s64 is not None else np.ones(len(rows), dtype=bool)) & (ep < max_primary)
+        # per row: the best exact score, ties to the smaller column
+        order = np.lexsort((cols, -np.where(ok, ep, -np.inf), rows))
+        rows, cols, ep, es, ok = rows[order], cols[order], ep[order], es[order], ok[order]
+        first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(rows) else np.zeros(0, dtype=np.int64)
+        hit = first[ok[first]]
+        at = lo + rows[hit]
+        best[at], sim_p[at], sim_s[at] = cols[hit], ep[hit], es[hit]
+        for r in np.unique(rows[first[~ok[first]]]):  # the whole band broke the bound in float64 (rare)
+            best[lo + r], sim_p[lo + r], sim_s[lo + r] = _exact_one(int(qb[r]), p64, s64, bound, group, max_primary)
+    return best, sim_p, sim_s
+
+
+def _exact_one(i: int, p64, s64, bound: float, group, max_primary: float) -> tuple[int, float, float]:
+    """One row's answer in float64 over the whole block."""
+    ep = p64 @ p64[i]
+    ok = (group != group[i]) & (ep < max_primary)
+    es = s64 @ s64[i] if s64 is not None else np.full(len(ep), np.nan)
+    if s64 is not None:
+        ok &= es < bound
+    if not ok.any():
+        return -1, np.nan, np.nan
+    j = int(np.flatnonzero(ok)[np.argmax(ep[ok])])  # argmax: the smallest index of equal maxima
+    return j, float(ep[j]), float(es[j])
+
+
+class _Products:
+    """The blocked products of one block: numpy float32, or torch on a GPU."""
+
+    def __init__(self, primary, secondary, group, bound, device, max_primary=np.inf):
+        self.tdev = _torch_device(device)
+        self.dtype = "float16" if self.tdev is not None and self.tdev.type == "cuda" else "float32"
+        self.loose, self.slack = bound + SLACK[self.dtype], SLACK[self.dtype]
+        self.loose_p = max_primary + SLACK[self.dtype]
+        self.group = group
+        if self.tdev is None:
+            self.p, self.s = primary.astype(np.float32, copy=False), secondary
+        else:
+            import torch
+
+            tdt = torch.float16 if self.dtype == "float16" else torch.float32
+            self.p = torch.from_numpy(np.ascontiguousarray(primary)).to(self.tdev, tdt)
+            self.s = (
+                torch.from_numpy(np.ascontiguousarray(secondary)).to(self.tdev, tdt) if secondary is not None else None
+            )
+            self.g = torch.from_numpy(group).to(self.tdev) if group is not None else None
+
+    def band(self, qb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row in ``qb``, column) of every allowed pair within the slack of its row's best."""
+        if self.tdev is None:
+            sp = self.p[qb] @ self.p.T
+            if self.group is None:  # a row never pairs with itself
+                sp[np.arange(len(qb)), qb] = -np.inf
+            else:
+                np.putmask(sp, self.group[qb][:, None] == self.group[None, :], -np.inf)
+            if self.s is not None:
+                np.putmask(sp, (self.s[qb] @ self.s.T) >= self.loose, -np.inf)
+            if self.loose_p < np.inf:
+                np.putmask(sp, sp >= self.loose_p, -np.inf)
+            top = sp.max(axis=1)
+            return np.nonzero((sp >= (top - self.slack)[:, None]) & (top > -np.inf)[:, None])
+        import torch
+
+        tq = torch.from_numpy(qb).to(self.tdev)
+        sp = (self.p[tq] @ self.p.T).float()
+        if self.g is None:
+            sp[torch.arange(len(qb), device=self.tdev), tq] = -float("inf")
+        else:
+            sp.masked_fill_(self.g[tq][:, None] == self.g[None, :], -float("inf"))
+        if self.s is not None:
+            sp.masked_fill_((self.s[tq] @ self.s.T).float() >= self.loose, -float("inf"))
+        if self.loose_p < np.inf:
+            sp.masked_fill_(sp >= self.loose_p, -float("inf"))
+        top = sp.max(dim=1).values
+        r, c = torch.nonzero((sp >= (top - self.slack)[:, None]) & (top > -float("inf"))[:, None], as_tuple=True)
+        return r.cpu().numpy(), c.cpu().numpy()
+
+
+def ivf_search(
+    primary: np.ndarray,
+    centroids: np.ndarray,
+    probes: int,
+    secondary: np.ndarray | None = None,
+    bound: float = np.inf,
+    group: np.ndarray | None = None,
+    device: str = "cpu",
+    query_probes: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`best_partners` for every row among the rows that put themselves
+    in its ``query_probes`` nearest cells (each row is in its ``probes``
+    nearest), the best over those cells (the stage's scheme, in memory)."""
+    n = len(primary)
+    cells = nearest_cells(primary, centroids, max(probes, query_probes), device)
+    best = np.full(n, -1, dtype=np.int64)
+    sim_p, sim_s = np.full(n, -np.inf), np.full(n, np.nan)
+    group = np.arange(n) if group is None else np.asarray(group, dtype=np.int64)
+    member_rows = np.repeat(np.arange(n), probes)
+    member_cells = cells[:, :probes].ravel()
+    order = np.argsort(member_cells, kind="stable")
+    member_rows, member_cells = member_rows[order], member_cells[order]
+    bounds = np.searchsorted(member_cells, np.arange(len(centroids) + 1))
+    for cell in range(len(centroids)):
+        rows = member_rows[bounds[cell] : bounds[cell + 1]]  # ascending: ties go to the smaller row
+        asks = np.flatnonzero((cells[rows, :query_probes] == cell).any(axis=1))
+        if not len(asks):
+            continue
+        sec = secondary[rows] if secondary is not None else None
+        b, sp, ss = best_partners(primary[rows], asks, sec, bound, group[rows], device=device)
+        found = b >= 0
+        at, b, sp, ss = rows[asks][found], rows[b[found]], sp[found], ss[found]
+        better = (sp > sim_p[at]) | ((sp == sim_p[at]) & (b < best[at]))  # over cells: (similarity, index)
+        best[at[better]], sim_p[at[better]], sim_s[at[better]] = b[better], sp[better], ss[better]
+    sim_p[best < 0] = np.nan
+    return best, sim_p, sim_s
+
+
+def auto_cells(rows: int, rows_per_cell: int) -> int:
+    """Cells for ``rows`` rows: about ``rows_per_cell`` each, at least one."""
+    return max(1, int(round(rows / max(1, rows_per_cell))))
