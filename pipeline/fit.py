@@ -163,7 +163,7 @@ def _decide_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> dict:
 def store_result(spec: RunSpec, stage: GlobalStage, result: FitResult, shards, merge: bool = False) -> dict:
     """Write a fit result partitioned by shard: decisions under
     ``_work/fit/<stage>/decisions``, side tables under ``OUT/<table>``."""
-    counts = {"decisions": 0, "dropped": 0, "tables": {}}
+    counts = {"decisions": 0, "dropped": 0, "tables": {}, "counters": dict(result.counters)}
     parts = [("decisions", result.decisions)] + sorted(result.tables.items())
     for table, batch in parts:
         if not batch_len(batch):
@@ -249,6 +249,8 @@ def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: li
             counts["dropped"] += c["dropped"]
             for tb, n in c["tables"].items():
                 counts["tables"][tb] = counts["tables"].get(tb, 0) + n
+            for name, n in c["counters"].items():
+                counts["counters"][name] = counts["counters"].get(name, 0) + int(n)
         t = lap("decide_rows", t)
     info.update(counts, seconds=round(time.perf_counter() - t0, 3), steps=steps)
     layout.atomic_write_bytes(layout.fit_done(spec.out, stage.name), json.dumps(info, sort_keys=True).encode())

@@ -211,11 +211,13 @@ class FitResult:
     only columns are set), ``detail`` (JSON or dict), optionally ``survivor``
     (bool: this kept row represents dropped duplicates), and any of the stage's
     declared output columns to set on those rows. ``tables``: side tables,
-    name -> rows (see :meth:`GlobalStage.side_tables`).
+    name -> rows (see :meth:`GlobalStage.side_tables`). ``counters``: named
+    counts (rows per kind, skips per reason) the manifest sums under the fit.
     """
 
     decisions: Batch = field(default_factory=dict)
     tables: dict[str, Batch] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 class GlobalStage(Stage):

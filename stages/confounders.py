@@ -49,6 +49,7 @@ verify``.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -318,7 +319,10 @@ class ConfounderStage(GlobalStage):
         table["group_key"] = group
         table["split"] = object_array([split_of(g, c.val_fraction, c.seed) for g in group])
         skips = {"anchor_key": r["anchor_key"][skip], "kind": r["kind"][skip], "reason": r["reason"][skip]}
-        return FitResult(tables={TABLE: table, SKIPS: skips})
+        # counts per kind made and per kind and reason skipped, for the manifest's fit entry
+        counters = Counter(f"made:{k}" for k in table["kind"])
+        counters.update(f"skipped:{k}:{why}" for k, why in zip(skips["kind"], skips["reason"]))
+        return FitResult(tables={TABLE: table, SKIPS: skips}, counters=dict(sorted(counters.items())))
 
 
 def _groups(anchor: np.ndarray, partner: np.ndarray, kind: np.ndarray) -> np.ndarray:

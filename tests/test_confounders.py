@@ -429,6 +429,9 @@ def test_local_job_writes_linked_tables_that_verify_checks(job_out, tmp_path):
     assert fit["tables"] == {TABLE: t.num_rows, SKIPS: len(skips)} and len(skips) == 4  # the coats: no relation
     assert read_manifest(out)["side_tables"][TABLE]["links"] == ["anchor_key", "partner_key", "group_key"]
     assert set(KINDS) == set(t.column("kind").to_pylist())
+    kinds = t.column("kind").to_pylist()
+    assert {k: fit["counters"][f"made:{k}"] for k in KINDS} == {k: kinds.count(k) for k in KINDS}
+    assert sum(n for c, n in fit["counters"].items() if c.startswith("skipped:")) == len(skips)
 
     # a partner removed from the shards (of a copy): verify names the table, the column and the key
     out = shutil.copytree(out, tmp_path / "copy")
