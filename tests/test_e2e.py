@@ -205,7 +205,7 @@ def _every_stage_job(tmp_path, server, scorer, out, runner):
         {"name": "dedup_exact", "kinds": ["sha256"]},
         {"name": "dedup_phash"},
         {"name": "clip_score", "model": "pf-tiny", "pretrained": scorer, "top_fraction": 0.8, "batch_size": 8},
-        {"name": "dedup_semantic", "n_clusters": 3, "keep": "clip_score"},
+        {"name": "dedup_semantic", "n_clusters": 3, "keep": "clip_score", "eps": 0.0005},
         {"name": "tests.contract_stages:RaggedStage"},
         {"name": "tests.contract_stages:LinkStage"},
         "shard",
