@@ -54,22 +54,31 @@ def _kill_session(proc: subprocess.Popen) -> None:
                 pass
 
 
-def test_sigkill_half_way_then_resume_downloads_only_the_rest(tmp_path, ray_local):
+def _routes() -> dict:
+    n = SHARDS * PER_SHARD  # copies at other URLs, so the global stage has work across shards
+    return {f"/{i}.jpg": Route(jpeg(i % (n // 2)), "image/jpeg", delay=0.15) for i in range(n)}
+
+
+def _start_driver(tmp_path, server, stderr) -> subprocess.Popen:
+    """Write the URL list and the job, then run ``pairforge run`` in a process session of its own."""
     n = SHARDS * PER_SHARD
-    # copies at other URLs, so the global stage has work across shards
-    routes = {f"/{i}.jpg": Route(jpeg(i % (n // 2)), "image/jpeg", delay=0.15) for i in range(n)}
-    with LocalHTTPServer(routes) as server:
-        urls = [server.url(f"/{i}.jpg") for i in range(n)]
-        pq.write_table(pa.table({"url": urls, "caption": [f"c {i % 7}" for i in range(n)]}), tmp_path / "urls.parquet")
-        (tmp_path / "job.yaml").write_text(yaml.safe_dump(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "cut"))))
-        env = {**os.environ, **loopback_env(), "RAY_AUTH_MODE": "disabled"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "driver.log", "w"),
-            start_new_session=True,
-        )
+    urls = [server.url(f"/{i}.jpg") for i in range(n)]
+    pq.write_table(pa.table({"url": urls, "caption": [f"c {i % 7}" for i in range(n)]}), tmp_path / "urls.parquet")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "cut"))))
+    env = {**os.environ, **loopback_env(), "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_sigkill_half_way_then_resume_downloads_only_the_rest(tmp_path, ray_local):
+    with LocalHTTPServer(_routes()) as server:
+        proc = _start_driver(tmp_path, server, open(tmp_path / "driver.log", "w"))
         cut = tmp_path / "cut"
         deadline = time.time() + 240
         try:
@@ -99,21 +108,8 @@ def test_sigkill_half_way_then_resume_downloads_only_the_rest(tmp_path, ray_loca
 
 
 def test_sigint_stops_cleanly_and_resume_cleans_up(tmp_path, ray_local):
-    n = SHARDS * PER_SHARD
-    routes = {f"/{i}.jpg": Route(jpeg(i % (n // 2)), "image/jpeg", delay=0.15) for i in range(n)}
-    with LocalHTTPServer(routes) as server:
-        urls = [server.url(f"/{i}.jpg") for i in range(n)]
-        pq.write_table(pa.table({"url": urls, "caption": [f"c {i % 7}" for i in range(n)]}), tmp_path / "urls.parquet")
-        (tmp_path / "job.yaml").write_text(yaml.safe_dump(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "cut"))))
-        env = {**os.environ, **loopback_env(), "RAY_AUTH_MODE": "disabled"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+    with LocalHTTPServer(_routes()) as server:
+        proc = _start_driver(tmp_path, server, subprocess.PIPE)
         cut = tmp_path / "cut"
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
