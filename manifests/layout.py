@@ -11,6 +11,8 @@ This is the on-disk contract (LAION / img2dataset layout) that trainers and
     OUT/rejects/00000.parquet              every row of shard 0 that did not make it
     OUT/embeddings/<col>/<col>_00000.npy   2-D ``*_emb`` columns, float16, parquet row order
     OUT/embeddings/metadata/metadata_00000.parquet  the same rows' metadata (clip-retrieval's layout)
+    OUT/arrays/<col>/<col>_00000.npy       ragged ``store="arrays"`` columns, concatenated, parquet row order
+    OUT/arrays/<col>/<col>_00000.offsets.npy  n + 1 offsets into it
     OUT/<table>/00000.parquet              side tables of global stages (confounders), by shard
     OUT/_work/input/00000.parquet          the URL list cut into shards, keys assigned
     OUT/_work/rows/00000/*.pkl             rows of input shard 0 after every per-row stage
@@ -64,6 +66,16 @@ def rejects_parquet(out, shard_id: int) -> Path:
 
 def embedding_npy(out, column: str, shard_id: int) -> Path:
     return Path(out) / "embeddings" / column / f"{column}_{shard_name(shard_id)}.npy"
+
+
+def array_npy(out, column: str, shard_id: int) -> Path:
+    """A ``store="arrays"`` ragged column of a shard's samples, concatenated."""
+    return Path(out) / "arrays" / column / f"{column}_{shard_name(shard_id)}.npy"
+
+
+def array_offsets(out, column: str, shard_id: int) -> Path:
+    """Where each sample's rows start in :func:`array_npy` (n + 1 int64)."""
+    return Path(out) / "arrays" / column / f"{column}_{shard_name(shard_id)}.offsets.npy"
 
 
 def embedding_metadata(out, shard_id: int) -> Path:

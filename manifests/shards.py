@@ -10,8 +10,10 @@ For shard ``S`` of output ``OUT`` (see :mod:`manifests.layout`):
   ``store="embeddings"``, float16; ``embeddings/metadata/metadata_S.parquet``
   the same rows' metadata in the same order (clip-retrieval's layout: its
   ``index`` builds on ``img_emb``/``text_emb`` and copies ``metadata``)
-* ragged columns (``Column(kind="ragged")``): a parquet list column and,
-  in the tar, ``{key}.{col}.npy`` per sample
+* ragged columns (``Column(kind="ragged")``): a parquet list column, or
+  with ``store="arrays"`` ``arrays/<col>/<col>_S.npy`` (the rows' arrays
+  concatenated in parquet order) and ``<col>_S.offsets.npy``; and, in the
+  tar, ``{key}.{col}.npy`` per sample
 * ``rejects/S.parquet``: every other row, with ``stage``, ``reason``, ``detail``
   and img2dataset's ``error_message`` (the reason and the error or values behind it)
 * ``rejects/S_<col>.npy``: the embeddings of those rows (a resumed run fits
@@ -90,9 +92,26 @@ def metadata_columns(rows: Batch, schema: Schema | None = None) -> list[str]:
         if col is None:
             if v.ndim == 1:
                 out.append(c)
-        elif col.kind != "bytes" and not (col.kind == "vector" and col.store == "embeddings"):
+        elif col.kind != "bytes" and not (col.kind in ("vector", "ragged") and col.store != "parquet"):
             out.append(c)
     return out
+
+
+def array_columns(rows: Batch, schema: Schema | None = None) -> list[str]:
+    """Ragged columns stored in ``OUT/arrays`` (see ``stages.base.RAGGED_STORES``)."""
+    return [
+        c for c in rows if (col := _declared(schema, c)) is not None and col.kind == "ragged" and col.store == "arrays"
+    ]
+
+
+def concat_ragged(values, col: Column) -> tuple[np.ndarray, np.ndarray]:
+    """A ragged column as one ``(sum K, *shape)`` array and ``n + 1`` int64
+    offsets: row ``i`` is ``values[offsets[i]:offsets[i + 1]]``."""
+    parts = [np.asarray(x, dtype=col.dtype).reshape(-1, *col.shape) for x in values]
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in parts])
+    flat = np.concatenate(parts) if parts else np.zeros((0, *col.shape), dtype=col.dtype)
+    return np.ascontiguousarray(flat, dtype=col.dtype), offsets
 
 
 def embedding_columns(rows: Batch, schema: Schema | None = None) -> list[str]:
@@ -270,6 +289,14 @@ def write_shard(
             buf = io.BytesIO()
             np.save(buf, np.asarray(rows[col][mask], dtype=np.float16))
             name, entry = _file_entry(out, path, buf.getvalue())
+            files[name] = entry
+    for col in array_columns(rows, schema) if n else []:
+        flat, offsets = concat_ragged(ok_rows[col] if ok.any() else [], schema[col])
+        for path, arr in (
+            (layout.array_npy(out, col, shard_id), flat),
+            (layout.array_offsets(out, col, shard_id), offsets),
+        ):
+            name, entry = _file_entry(out, path, _npy_bytes(arr))
             files[name] = entry
     if emb_cols:  # clip-retrieval reads the rows of embeddings/*/*_S.npy from here, by position
         name, entry = _file_entry(out, layout.embedding_metadata(out, shard_id), _parquet_bytes(shard_table))

@@ -17,6 +17,7 @@ STAGES: dict[str, str] = {
     "dedup_phash": "stages.dedup_phash:PerceptualDedupStage",
     "dedup_semantic": "stages.dedup_semantic:SemanticDedupStage",
     "clip_score": "stages.clip_score:ClipScoreStage",
+    "regions": "stages.regions:RegionsStage",
     "confounders": "stages.confounders:ConfounderStage",
     "shard": "stages.shard:ShardStage",
 }

@@ -69,6 +69,11 @@ KINDS = ("scalar", "string", "bytes", "vector", "ragged")
 #: column) or ``embeddings`` (``OUT/embeddings/<col>/<col>_S.npy``, float16,
 #: clip-retrieval's layout; not in the parquet).
 VECTOR_STORES = ("parquet", "embeddings")
+#: Where a ``ragged`` column is written: ``parquet`` (a list column) or
+#: ``arrays`` (``OUT/arrays/<col>/<col>_S.npy``: the rows' arrays concatenated
+#: in the order of ``shards/S.parquet``, with ``<col>_S.offsets.npy``; for
+#: region features, too wide for a parquet list). Either may also go in the tar.
+RAGGED_STORES = ("parquet", "arrays")
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ class Column:
     #: the value of rows the stage did not process (scalars and strings);
     #: vectors default to zeros, ragged columns to K = 0, bytes to ``None``
     default: Any = None
-    #: ``vector`` only, see :data:`VECTOR_STORES`
+    #: ``vector``: see :data:`VECTOR_STORES`; ``ragged``: see :data:`RAGGED_STORES`
     store: str = "parquet"
     #: ``ragged`` only: also write each row's array into the tar as ``{key}.{name}.npy``
     in_tar: bool = True
@@ -92,8 +97,9 @@ class Column:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"column {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
-        if self.store not in VECTOR_STORES:
-            raise ValueError(f"column {self.name!r}: store {self.store!r} is not one of {VECTOR_STORES}")
+        stores = RAGGED_STORES if self.kind == "ragged" else VECTOR_STORES
+        if self.store not in stores:
+            raise ValueError(f"column {self.name!r}: store {self.store!r} is not one of {stores}")
         if self.kind == "vector" and len(self.shape) != 1:
             raise ValueError(f"column {self.name!r}: a vector needs shape (dim,), got {self.shape}")
 
@@ -129,7 +135,7 @@ class Column:
             d["dtype"] = self.dtype
         if self.kind in ("vector", "ragged"):
             d["shape"] = list(self.shape)
-        if self.kind == "vector":
+        if self.kind == "vector" or (self.kind == "ragged" and self.store != "parquet"):
             d["store"] = self.store
         if self.kind in ("scalar", "string") and self.default is not None:
             d["default"] = self.default.item() if isinstance(self.default, np.generic) else self.default

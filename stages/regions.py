@@ -1,0 +1,364 @@
+"""Object regions per image: a detector's boxes, labels, scores and one
+feature vector per box, the "region features" VisualBERT, ViLBERT, UNITER
+and LXMERT were trained on (there from Anderson et al.'s bottom-up attention
+Faster R-CNN: up to 36 boxes an image, a pooled backbone feature per box).
+
+Per row the stage adds (``manifests/FORMAT.md``):
+
+* ``num_regions`` (int32) and the ragged ``region_boxes`` (K x 4 float32,
+  xyxy normalised to the stored image's width and height, so they fit the
+  image at any size), ``region_labels`` (K str) and ``region_scores``
+  (K float32), best score first;
+* ``region_feats`` (K x D float16, ``"roi" in features``): RoIAlign on the
+  first detector's backbone map at every box, averaged (see
+  :mod:`stages.common.detectors`); boxes of the other detectors (faces) are
+  pooled on the same map, so every region has a feature of one kind;
+* ``region_clip`` (K x E float16, ``"clip" in features``): the run's CLIP
+  image embedding of each box's crop.
+
+Features are written per shard as arrays aligned with the parquet rows
+(``arrays/<col>/``) and per sample as ``{key}.<col>.npy`` tar members, which
+webdataset's default decoders read.
+
+Detectors (``detectors``, merged in order; :mod:`stages.common.detectors`):
+torchvision's models (weight enums, a checkpoint file or ``random``), the
+project's offline ``pf-tiny`` detector and facenet-pytorch's ``mtcnn``.
+``clip_labels`` names boxes with CLIP against a vocabulary (COCO's 80 names
+by default, or a file with one name a line): ``agnostic`` for the boxes of
+detectors marked ``class_agnostic``, ``all`` for every box.
+
+Each image is decoded once (nvJPEG on a GPU, libjpeg/PIL on the CPU; grey
+and CMYK images become RGB) for the detectors and the crops. An image no
+detector can take fails alone with ``detect_error`` (or keeps K = 0 with
+``on_error: keep``); an undecodable one fails with ``decode_error``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
+from stages.common import clip as _clip
+from stages.common import detectors as _det
+
+log = logging.getLogger(__name__)
+BACKENDS = ("pf-tiny", "mtcnn")
+FEATURES = ("roi", "clip")
+#: the shipped pf-tiny detector (``scripts/build_detector.py``)
+PF_TINY = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "pf-tiny-detector.pt"
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    #: ``pf-tiny``, ``mtcnn`` or a torchvision builder (``fasterrcnn_mobilenet_v3_large_fpn``)
+    model: str = "pf-tiny"
+    #: torchvision: ``random``, a weight enum member (``DEFAULT``, ``COCO_V1``) or a
+    #: checkpoint file; pf-tiny: a checkpoint file ("": the shipped one); mtcnn: unused
+    weights: str = ""
+    #: torchvision's resize of the shorter / longer side (0: the model's own)
+    min_size: int = 0
+    max_size: int = 0
+    #: the backbone map RoI features are pooled from ("": the finest)
+    feature_level: str = ""
+    #: its labels mean nothing (an RPN, a face finder): ``clip_labels: agnostic`` renames them
+    class_agnostic: bool = False
+
+    def __post_init__(self):
+        known = (*BACKENDS, *_det.TORCHVISION_MODELS)
+        require(self.model in BACKENDS or self.model.startswith(("fasterrcnn", "retinanet", "fcos", "ssd")),
+                "model", self.model, f"one of {known}")  # fmt: skip
+        require(self.min_size >= 0 and self.max_size >= 0, "min_size/max_size", (self.min_size, self.max_size), ">= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    detectors: tuple[DetectorSpec, ...] = (DetectorSpec(),)
+    #: at most this many boxes an image, over all detectors (bottom-up attention: 36)
+    max_regions: int = 36
+    score_threshold: float = 0.5
+    #: IoU of class-aware NMS
+    nms_iou: float = 0.5
+    #: ``roi`` (pooled backbone features), ``clip`` (CLIP crop embeddings), both or none
+    features: tuple[str, ...] = ("roi",)
+    #: ``off``, ``agnostic`` or ``all`` (see the module doc)
+    clip_labels: str = "off"
+    #: the run's CLIP model, for ``clip`` features and labels (as ``clip_score`` takes them)
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = ""
+    #: ``coco80`` or a text file with one name a line
+    vocabulary: str = "coco80"
+    device: str = "auto"
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    concurrency: tuple[int, int] = (1, 1)
+    batch_size: int = 256
+    #: images per detector call
+    micro_batch: int = 64
+    #: batches one GPU actor works on at once, on threads
+    actor_threads: int = 2
+    #: ``reject`` a row whose image no detector can take (``detect_error``), or ``keep`` it with K = 0
+    on_error: str = "reject"
+
+    def __post_init__(self):
+        require(len(self.detectors) >= 1, "detectors", self.detectors, "at least one detector")
+        require(self.max_regions >= 1, "max_regions", self.max_regions, ">= 1")
+        require(0.0 <= self.score_threshold <= 1.0, "score_threshold", self.score_threshold, "a score in [0, 1]")
+        require(0.0 < self.nms_iou <= 1.0, "nms_iou", self.nms_iou, "an IoU in (0, 1]")
+        require(all(f in FEATURES for f in self.features), "features", self.features, f"a subset of {FEATURES}")
+        require(self.clip_labels in ("off", "agnostic", "all"), "clip_labels", self.clip_labels, "off, agnostic or all")
+        needs_clip = "clip" in self.features or self.clip_labels != "off"
+        require(not needs_clip or bool(self.clip_pretrained), "clip_pretrained", self.clip_pretrained,
+                "a CLIP checkpoint (file, open_clip tag or 'random') for clip features or labels")  # fmt: skip
+        require("roi" not in self.features or self.detectors[0].model != "mtcnn", "features", self.features,
+                "no 'roi' when the first detector is mtcnn (it has no backbone map)")  # fmt: skip
+        require(self.on_error in ("reject", "keep"), "on_error", self.on_error, "reject or keep")
+        for name in ("batch_size", "micro_batch", "actor_threads"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        require(
+            self.num_gpus >= 0 and self.num_cpus > 0,
+            "num_gpus/num_cpus",
+            (self.num_gpus, self.num_cpus),
+            "gpus >= 0, cpus > 0",
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _roi_dim(spec: DetectorSpec) -> int:
+    """The RoI feature length of ``spec``'s detector, built on the CPU
+    (random weights for torchvision: the width does not depend on them)."""
+    if spec.model == "mtcnn":
+        return 0
+    if spec.model != "pf-tiny":
+        spec = DetectorSpec(spec.model, _det.RANDOM_WEIGHTS, spec.min_size, spec.max_size, spec.feature_level)
+    return _load(spec, "cpu", _det.Limits(), False).feature_dim
+
+
+def _load(spec: DetectorSpec, device: str, limits: _det.Limits, bf16: bool) -> _det.Detector:
+    level = spec.feature_level or None
+    if spec.model == "mtcnn":
+        from stages.common.faces import load_faces
+
+        return load_faces(device, limits)
+    if spec.model == "pf-tiny":
+        from stages.common import pfdet
+
+        path = spec.weights or str(PF_TINY)
+        model, categories, _ = pfdet.load(path, device)
+        identity = {"backend": "pf-tiny", "weights": path, "sha256": _clip.file_sha256(path)}
+        return _det.TorchvisionDetector(model, categories, device, limits, identity, level, bf16)
+    return _det.load_torchvision(spec.model, spec.weights or _det.RANDOM_WEIGHTS, device, limits,
+                                 spec.min_size, spec.max_size, level, bf16)  # fmt: skip
+
+
+def vocabulary(source: str) -> list[str]:
+    """COCO's 80 object names, or the names in file ``source`` (one a line)."""
+    if source == "coco80":
+        names = _det.torchvision_categories("fasterrcnn_resnet50_fpn_v2")
+        return [n for n in names if n not in ("__background__", "N/A")]
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"vocabulary: expected 'coco80' or a file of names, got {source!r}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+class RegionsStage(Stage):
+    name: ClassVar[str] = "regions"
+    runs_on_actors: ClassVar[bool] = True
+    Config = Config
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self._detectors: list | None = None
+        self._clip = None
+        self._vocab: tuple[list[str], object] | None = None
+        self._device = "cpu"
+
+    def __getstate__(self):  # ship the config, never the models
+        state = dict(self.__dict__)
+        state["_detectors"] = state["_clip"] = state["_vocab"] = None
+        return state
+
+    def resources(self) -> Resources:
+        c = self.config
+        return Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, batch_size=c.batch_size, concurrency=c.concurrency)
+
+    def inputs(self) -> tuple[str, ...]:
+        return ("image",)
+
+    def actor_calls(self) -> int:
+        on_gpu = self.config.num_gpus > 0 or self.config.device.startswith("cuda")
+        return self.config.actor_threads if on_gpu else 1
+
+    def outputs(self) -> tuple[Column, ...]:
+        c = self.config
+        cols = [
+            Column("num_regions", "scalar", "int32", default=0),
+            Column("region_boxes", "ragged", "float32", (4,)),
+            Column("region_labels", "ragged", "str", ()),
+            Column("region_scores", "ragged", "float32", ()),
+        ]
+        if "roi" in c.features:
+            cols.append(Column("region_feats", "ragged", "float16", (_roi_dim(c.detectors[0]),), store="arrays"))
+        if "clip" in c.features:
+            cols.append(
+                Column("region_clip", "ragged", "float16", (_clip.embed_dim(c.clip_model) or 0,), store="arrays")
+            )
+        return tuple(cols)
+
+    def identity(self) -> list[dict]:
+        """The detectors as loaded (backend, weights, sha256), for rejects."""
+        self.setup()
+        return [d.identity for d in self._detectors]
+
+    def setup(self) -> None:
+        if self._detectors is not None:
+            return
+        import torch
+
+        c = self.config
+        self._device = _clip.pick_device(c.device)
+        if self._device == "cpu":
+            torch.set_num_threads(max(1, int(c.num_cpus)))
+        limits = _det.Limits(c.max_regions, c.score_threshold, c.nms_iou)
+        bf16 = self._device.startswith("cuda")
+        self._detectors = [_load(s, self._device, limits, bf16) for s in c.detectors]
+        if "clip" in c.features or c.clip_labels != "off":
+            self._clip = _clip.load(c.clip_model, c.clip_pretrained, self._device)
+        if c.clip_labels != "off":
+            names = vocabulary(c.vocabulary)
+            ld = self._clip
+            prompts = ld.tokenizer([f"a photo of a {n}." for n in names])
+            text = _clip.encode(ld.model.encode_text, prompts, self._device, 256, bf16)
+            self._vocab = (names, text)
+
+    def teardown(self) -> None:
+        self._detectors = self._clip = self._vocab = None
+
+    def process_batch(self, batch: Batch) -> Batch:
+        self.setup()
+        c = self.config
+        n = batch_len(batch)
+        images = [b if isinstance(b, (bytes, bytearray)) else b"" for b in batch["image"]]
+        on_gpu = self._device.startswith("cuda")
+        if on_gpu:
+            tensors, errors = _clip.decode_tensors(images, self._device)
+        else:
+            tensors, errors = _clip.decode_cpu(images, "cpu", max(1, int(c.num_cpus)))
+        found: list = [None] * n
+        failed: dict[int, str] = {}
+        good = [i for i in range(n) if tensors[i] is not None]
+        for a in range(0, len(good), c.micro_batch):
+            idx = good[a : a + c.micro_batch]
+            for i, r in zip(idx, self._detect([tensors[i] for i in idx], failed, idx)):
+                found[i] = r
+        out = dict(batch)
+        dim = next((col.shape[0] for col in self.outputs() if col.name == "region_feats"), 0)
+        empty = _det.Regions.empty(dim)
+        rows = [found[i] if found[i] is not None else empty for i in range(n)]
+        hw = [tuple(tensors[i].shape[-2:]) if tensors[i] is not None else (1, 1) for i in range(n)]
+        out["num_regions"] = np.array([len(r.scores) for r in rows], dtype=np.int32)
+        out["region_boxes"] = object_array([_normalised(r.boxes, h, w) for r, (h, w) in zip(rows, hw)])
+        out["region_labels"] = object_array([r.labels.astype(str) for r in rows])
+        out["region_scores"] = object_array([r.scores.astype(np.float32) for r in rows])
+        if "roi" in c.features:
+            out["region_feats"] = object_array([_f16(r.features, dim) for r in rows])
+        if self._clip is not None:
+            self._clip_regions(out, tensors, rows)
+        decode = np.array([e is not None for e in errors], dtype=bool)
+        ids = self._ids()
+        reject(out, decode, self.name, "decode_error",
+               [{"error": errors[i], "detectors": ids} for i in np.flatnonzero(decode)], status=STATUS_FAILED)  # fmt: skip
+        if failed and c.on_error == "reject":
+            mask = np.zeros(n, dtype=bool)
+            mask[list(failed)] = True
+            reject(out, mask, self.name, "detect_error",
+                   [{"error": failed[i], "detectors": ids} for i in np.flatnonzero(mask)], status=STATUS_FAILED)  # fmt: skip
+        return out
+
+    def _ids(self) -> list[dict]:
+        return [d.identity for d in self._detectors]
+
+    def _detect(self, images: list, failed: dict, idx: list) -> list:
+        """Every detector on ``images``, merged; an image that makes a
+        detector raise is retried alone, and recorded in ``failed``."""
+        try:
+            return self._merge(images)
+        except Exception:  # noqa: BLE001 - find the images that fail alone
+            out = []
+            for i, t in zip(idx, images):
+                try:
+                    out.append(self._merge([t])[0])
+                except Exception as e:  # noqa: BLE001 - a per-row failure
+                    failed[i] = f"{type(e).__name__}: {e}"
+                    out.append(None)
+            return out
+
+    def _merge(self, images: list) -> list:
+        import torch
+
+        per = [d.detect(images) for d in self._detectors]
+        first = self._detectors[0]
+        roi = "roi" in self.config.features
+        merged = []
+        for j in range(len(images)):
+            parts = [p[j] for p in per]
+            for p, spec in zip(parts, self.config.detectors):
+                p.agnostic = np.full(len(p.scores), spec.class_agnostic)
+            if roi:  # the other detectors' boxes are pooled on the first one's map
+                for p in parts[1:]:
+                    p.features = first.pool_last(j, torch.as_tensor(p.boxes, device=self._device))
+            merged.append(_best(parts, self.config.max_regions))
+        return merged
+
+    def _clip_regions(self, out: Batch, tensors: list, rows: list) -> None:
+        """CLIP embeddings of each box's crop and, with ``clip_labels``, the
+        vocabulary's best name for the boxes it renames."""
+        c = self.config
+        embs = _det.crop_embeddings(self._clip, tensors, [r.boxes for r in rows], self._device)
+        if self._vocab is not None:
+            names, text = self._vocab
+            text = text.float().cpu().numpy()
+            for i, (r, e) in enumerate(zip(rows, embs)):
+                rename = np.ones(len(e), bool) if c.clip_labels == "all" else np.asarray(r.agnostic, bool)
+                if len(e) and rename.any():
+                    labels = r.labels.astype(object)
+                    best = (e @ text.T).argmax(1)
+                    labels[rename] = [names[k] for k in best[rename]]
+                    out["region_labels"][i] = labels.astype(str)
+        if "clip" in c.features:
+            out["region_clip"] = object_array([e.astype(np.float16) for e in embs])
+
+
+def _best(parts: list, k: int) -> _det.Regions:
+    """The regions of several detectors, best score first (ties: detector
+    order), at most ``k``."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = np.concatenate
+    scores = cat([p.scores for p in parts])
+    order = np.argsort(-scores, kind="stable")[:k]
+    feats = [p.features for p in parts]
+    return _det.Regions(
+        cat([p.boxes for p in parts])[order],
+        cat([p.labels.astype(str) for p in parts])[order],
+        scores[order],
+        cat(feats)[order] if all(f is not None for f in feats) else None,
+        cat([p.agnostic for p in parts])[order],
+    )
+
+
+def _normalised(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+    b = np.asarray(boxes, np.float32).reshape(-1, 4) / np.array([w, h, w, h], np.float32)
+    return np.clip(b, 0.0, 1.0)
+
+
+def _f16(features, dim: int) -> np.ndarray:
+    if features is None:
+        return np.zeros((0, dim), np.float16)
+    return np.asarray(features, np.float16).reshape(-1, dim)
