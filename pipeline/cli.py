@@ -5,6 +5,7 @@ pairforge demo [--out DIR] [--runner ray|local] [--verbose]
 pairforge manifest show DIR
 pairforge manifest verify DIR
 pairforge manifest diff OLD NEW [--json]
+pairforge export coco DIR [--out FILE] [--captions FILE]
 pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
 """
 
@@ -99,6 +100,22 @@ def _cmd_diff(args) -> int:
     return 1 if d["changed"] else 0
 
 
+def _cmd_export_coco(args) -> int:
+    from manifests.coco import export_coco
+    from manifests.regions import RegionsError
+
+    try:
+        done = export_coco(args.dir, args.out, args.captions)
+    except RegionsError as e:
+        print(f"pairforge: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {done['path']}: {done['images']} images, {done['annotations']} boxes in "
+        f"{done['categories']} categories; {done['captions_path']}: {done['captions']} captions"
+    )
+    return 0
+
+
 def _progress_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="also Ray Data's own progress bars and INFO logs")
     p.add_argument(
@@ -141,6 +158,14 @@ def _parser() -> argparse.ArgumentParser:
     df.add_argument("new")
     df.add_argument("--json", action="store_true", help="the differences as JSON")
     df.set_defaults(fn=_cmd_diff)
+
+    e = sub.add_parser("export", help="write a run's shards in another tool's format")
+    esub = e.add_subparsers(dest="ecmd", required=True)
+    c = esub.add_parser("coco", help="regions and captions as COCO JSON (pycocotools)")
+    c.add_argument("dir")
+    c.add_argument("--out", metavar="FILE", help="the detection file (default: DIR/coco.json)")
+    c.add_argument("--captions", metavar="FILE", help="the captions file (default: DIR/coco_captions.json)")
+    c.set_defaults(fn=_cmd_export_coco)
 
     t = sub.add_parser("train", help="train a small CLIP on a run's shards", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
