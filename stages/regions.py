@@ -139,7 +139,7 @@ def _roi_dim(spec: DetectorSpec) -> int:
     return _load(spec, "cpu", _det.Limits(), False).feature_dim
 
 
-def _load(spec: DetectorSpec, device: str, limits: _det.Limits, bf16: bool) -> _det.Detector:
+def _load(spec: DetectorSpec, device: str, limits: _det.Limits, half: bool) -> _det.Detector:
     level = spec.feature_level or None
     if spec.model == "mtcnn":
         from stages.common.faces import load_faces
@@ -151,9 +151,9 @@ def _load(spec: DetectorSpec, device: str, limits: _det.Limits, bf16: bool) -> _
         path = spec.weights or str(PF_TINY)
         model, categories, _ = pfdet.load(path, device)
         identity = {"backend": "pf-tiny", "weights": path, "sha256": _clip.file_sha256(path)}
-        return _det.TorchvisionDetector(model, categories, device, limits, identity, level, bf16)
+        return _det.TorchvisionDetector(model, categories, device, limits, identity, level, half)
     return _det.load_torchvision(spec.model, spec.weights or _det.RANDOM_WEIGHTS, device, limits,
-                                 spec.min_size, spec.max_size, level, bf16)  # fmt: skip
+                                 spec.min_size, spec.max_size, level, half)  # fmt: skip
 
 
 def vocabulary(source: str) -> list[str]:
@@ -226,15 +226,15 @@ class RegionsStage(Stage):
         if self._device == "cpu":
             torch.set_num_threads(max(1, int(c.num_cpus)))
         limits = _det.Limits(c.max_regions, c.score_threshold, c.nms_iou)
-        bf16 = self._device.startswith("cuda")
-        self._detectors = [_load(s, self._device, limits, bf16) for s in c.detectors]
+        gpu = self._device.startswith("cuda")  # detectors under fp16 autocast (torchvision's recipe), CLIP bf16
+        self._detectors = [_load(s, self._device, limits, gpu) for s in c.detectors]
         if "clip" in c.features or c.clip_labels != "off":
             self._clip = _clip.load(c.clip_model, c.clip_pretrained, self._device)
         if c.clip_labels != "off":
             names = vocabulary(c.vocabulary)
             ld = self._clip
             prompts = ld.tokenizer([f"a photo of a {n}." for n in names])
-            text = _clip.encode(ld.model.encode_text, prompts, self._device, 256, bf16)
+            text = _clip.encode(ld.model.encode_text, prompts, self._device, 256, gpu)
             self._vocab = (names, text)
 
     def teardown(self) -> None:

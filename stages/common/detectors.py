@@ -86,6 +86,18 @@ class Detector:
         raise NotImplementedError
 
 
+def apply_limits(model, limits: Limits) -> None:
+    """Set a torchvision model's own filters to ``limits``, so it spends no
+    time on boxes :func:`keep_best` drops after it (Faster R-CNN keeps them on
+    its ``roi_heads``, RetinaNet, FCOS and SSD on the model)."""
+    for holder in (getattr(model, "roi_heads", None), model):
+        if holder is not None and hasattr(holder, "score_thresh"):
+            holder.score_thresh = limits.score_threshold
+            holder.nms_thresh = limits.nms_iou
+            holder.detections_per_img = limits.max_regions
+            return
+
+
 def keep_best(boxes, scores, labels, limits: Limits):
     """Indices of the boxes to keep: score >= threshold, class-aware NMS,
     then the best ``max_regions``, best first (ties: the detector's order)."""
@@ -106,10 +118,11 @@ class TorchvisionDetector(Detector):
     are used as they are; see the module doc for the features)."""
 
     def __init__(self, model, categories, device: str, limits: Limits, identity: dict,
-                 feature_level: str | None = None, bf16: bool = False):  # fmt: skip
+                 feature_level: str | None = None, half: bool = False):  # fmt: skip
         self.model, self.device, self.limits, self.identity = model.eval().to(device), device, limits, identity
+        apply_limits(model, limits)
         self.categories = tuple(categories)
-        self.bf16 = bf16 and device.startswith("cuda")
+        self.half = half and device.startswith("cuda")
         self._local = threading.local()
         model.transform.register_forward_hook(self._keep_batch)
         model.backbone.register_forward_hook(self._keep_features)
@@ -141,7 +154,7 @@ class TorchvisionDetector(Detector):
 
         if not images:
             return []
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
             out = self.model([t.float().div_(255.0) if t.dtype == torch.uint8 else t for t in images])
         batch, feats = self._local.batch, _level(self._local.features, self.feature_level)
         self._local.sizes = [tuple(t.shape[-2:]) for t in images]
@@ -205,7 +218,7 @@ def torchvision_categories(name: str, weights=None) -> list[str]:
 
 
 def load_torchvision(name: str, weights: str, device: str, limits: Limits, min_size: int = 0,
-                     max_size: int = 0, feature_level: str | None = None, bf16: bool = False) -> TorchvisionDetector:  # fmt: skip
+                     max_size: int = 0, feature_level: str | None = None, half: bool = False) -> TorchvisionDetector:  # fmt: skip
     """Build torchvision detection model ``name`` with ``weights``: ``random``,
     a weight enum member (``DEFAULT``, ``COCO_V1``) or a checkpoint file (a
     state dict, or a dict with ``model`` and optionally ``categories``)."""
@@ -214,10 +227,6 @@ def load_torchvision(name: str, weights: str, device: str, limits: Limits, min_s
 
     from stages.common.clip import file_sha256
 
-    # the model's own filters stay looser than ours: ours are applied after
-    loose = {"box_score_thresh": 0.0, "box_detections_per_img": max(100, limits.max_regions)}
-    if not name.startswith("fasterrcnn"):
-        loose = {"score_thresh": 0.0, "detections_per_img": max(100, limits.max_regions)}
     sizes = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v}
     if sizes and name.startswith("ssd"):
         raise ValueError(f"min_size/max_size: {name} resizes to its own fixed size; leave them 0")
@@ -228,12 +237,12 @@ def load_torchvision(name: str, weights: str, device: str, limits: Limits, min_s
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
         categories = list(ckpt.get("categories") or torchvision_categories(name)) if isinstance(ckpt, dict) else None
         categories = categories or torchvision_categories(name)
-        model = get_model(name, weights=None, weights_backbone=None, num_classes=len(categories), **loose, **sizes)
+        model = get_model(name, weights=None, weights_backbone=None, num_classes=len(categories), **sizes)
         model.load_state_dict(state)
         identity["sha256"] = file_sha256(weights)
     elif weights == RANDOM_WEIGHTS:
         categories = torchvision_categories(name)
-        model = get_model(name, weights=None, weights_backbone=None, num_classes=len(categories), **loose, **sizes)
+        model = get_model(name, weights=None, weights_backbone=None, num_classes=len(categories), **sizes)
     else:
         members = get_model_weights(name)
         try:
@@ -244,9 +253,9 @@ def load_torchvision(name: str, weights: str, device: str, limits: Limits, min_s
                 f"weights: {weights!r} is neither a file, 'random' nor a weight of {name} ({known}, DEFAULT)"
             ) from None
         categories = torchvision_categories(name, enum)
-        model = get_model(name, weights=enum, **loose, **sizes)
+        model = get_model(name, weights=enum, **sizes)
         identity["weights"] = f"{type(enum).__name__}.{enum.name}"
-    return TorchvisionDetector(model, categories, device, limits, identity, feature_level, bf16)
+    return TorchvisionDetector(model, categories, device, limits, identity, feature_level, half)
 
 
 def crop_embeddings(loaded, images: list, boxes: list, device: str, micro_batch: int = 128) -> list[np.ndarray]:

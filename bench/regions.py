@@ -1,0 +1,253 @@
+"""How fast does the regions stage turn JPEG bytes into boxes and region
+features, against a naive per-image loop in the same run?
+
+    python bench/regions.py --device cuda                    # one GPU (~6 min on an H200)
+    python bench/regions.py --device cpu --n 64 --passes 1   # any machine (smoke)
+
+Corpus: ``--n`` 256x256 JPEGs (``bench/clipbench.corpus``). Models
+(``--models``): torchvision's ``fasterrcnn_mobilenet_v3_large_320_fpn``
+(MobileNetV3-Large FPN at torchvision's own low-resolution sizes, 320/640)
+and ``fasterrcnn_resnet50_fpn_v2`` (at ``--r50-min-size``, default its own
+800), random weights, except that the box classifier's weights are scaled
+x ``--logit-scale`` so that proposals score like a trained model's: each
+image keeps the full ``K = 36`` boxes after the score threshold and
+class-aware NMS, and every box gets its RoI feature (with plain random
+weights no box passes 0.5 and the feature path would do no work). The
+scaled model is saved as a checkpoint file, which the stage loads as a user's.
+
+Plans per model:
+
+* ``naive``: what a user writes: per image, PIL decode, the model on one
+  image (fp16 autocast on a GPU), then the backbone again on the resized
+  image for the RoI features, ``roi_align`` and a float16 copy on the host;
+* ``inproc``: the stage in this process, ``--threads`` batches at once;
+* ``ray``: the stage through Ray Data (``pipeline.plan.map_on_actors``, the
+  plan a job runs), ``--actors`` actors sharing the GPU x ``--threads``
+  batches each, the rows with their features delivered to the driver.
+
+Method as ``bench/clip_score.py``: each plan is set up and runs one untimed
+warm-up pass, then ``--passes`` timed passes in rotated order; a pass's rate
+is images after its first batch over the time from that batch to the last;
+GPU busy is NVML's utilisation over the same window. The table gives the
+median and min-max, and the ratio of medians to ``naive``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from bench.clipbench import Clock, GpuBusy, Plan, corpus, rows_batch  # noqa: E402
+
+MODELS = {"mobilenet": "fasterrcnn_mobilenet_v3_large_320_fpn", "r50": "fasterrcnn_resnet50_fpn_v2"}
+
+
+def confident_checkpoint(name: str, scale: float, path: Path, min_size: int) -> None:
+    """Random weights with the class logits scaled (see the module doc)."""
+    import torch
+    from torchvision.models import get_model
+
+    torch.manual_seed(0)
+    kw = {"min_size": min_size} if min_size else {}
+    model = get_model(name, weights=None, weights_backbone=None, num_classes=91, **kw)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.mul_(scale)
+    torch.save({"model": model.state_dict()}, path)
+
+
+def stage_config(args, key: str, ckpt: Path, actors: int, threads: int):
+    from stages.regions import Config, DetectorSpec
+
+    gpu = args.device.startswith("cuda")
+    min_size = args.r50_min_size if key == "r50" else 0
+    return Config(
+        detectors=(DetectorSpec(MODELS[key], str(ckpt), min_size=min_size),),
+        device=args.device,
+        num_gpus=(1.0 / actors) if gpu else 0.0,
+        num_cpus=2.0 if gpu else 1.0,
+        concurrency=(actors, actors),
+        batch_size=args.batch_size,
+        micro_batch=args.micro_batch,
+        actor_threads=threads,
+    )
+
+
+class Naive(Plan):
+    def __init__(self, args, images, key, ckpt):
+        self.args, self.images, self.key, self.ckpt = args, images[: args.naive_n], key, ckpt
+        self.label = f"{key}: naive per-image loop (PIL, model, backbone again, roi_align)"
+
+    def setup(self):
+        import torch
+        from torchvision.models import get_model
+
+        kw = {"min_size": self.args.r50_min_size} if self.key == "r50" and self.args.r50_min_size else {}
+        m = get_model(MODELS[self.key], weights=None, weights_backbone=None, num_classes=91, **kw)
+        m.load_state_dict(torch.load(self.ckpt, weights_only=True)["model"])
+        self.model = m.eval().to(self.args.device)
+
+    def run(self) -> Clock:
+        import io
+
+        import torch
+        from PIL import Image
+        from torchvision.ops import roi_align
+        from torchvision.transforms.functional import pil_to_tensor
+
+        dev, clock, m = self.args.device, Clock(), self.model
+        half = dev.startswith("cuda")
+        for data in self.images:
+            x = pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB")).to(dev).float() / 255
+            with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=half):
+                det = m([x])[0]
+                batch, _ = m.transform([x])
+                fmap = m.backbone(batch.tensors)["0"]
+            (rh, rw), (h, w) = batch.image_sizes[0], x.shape[-2:]
+            boxes = det["boxes"][:36].float() * torch.tensor([rw / w, rh / h, rw / w, rh / h], device=dev)
+            scale = fmap.shape[-1] / batch.tensors.shape[-1]
+            feats = roi_align(fmap.float(), [boxes], 7, spatial_scale=scale, sampling_ratio=2).mean((2, 3))
+            feats.half().cpu().numpy()
+            clock.tick(1)
+        return clock.stop()
+
+
+class InProcess(Plan):
+    def __init__(self, args, images, key, ckpt):
+        self.args, self.key, self.ckpt = args, key, ckpt
+        b = args.batch_size
+        self.batches = [
+            rows_batch(images[i : i + b], [""] * len(images[i : i + b]), i) for i in range(0, len(images), b)
+        ]
+        self.label = f"{key}: stage in process, {args.threads} batches at once"
+
+    def setup(self):
+        from stages.regions import RegionsStage
+
+        self.stage = RegionsStage(stage_config(self.args, self.key, self.ckpt, 1, self.args.threads))
+        self.stage.setup()
+
+    def run(self) -> Clock:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from stages.base import run_stage_batch
+
+        clock = Clock()
+        with ThreadPoolExecutor(self.args.threads) as pool:
+            for out in pool.map(lambda b: run_stage_batch(self.stage, dict(b)), self.batches):
+                clock.tick(len(out["key"]))
+                self.k = float(np.mean(out["num_regions"]))
+        return clock.stop()
+
+
+class RayPlan(Plan):
+    def __init__(self, args, source, key, ckpt):
+        self.args, self.source, self.key, self.ckpt = args, source, key, ckpt
+        self.label = f"{key}: Ray Data, {args.actors} actor(s) x {args.threads} threads, nvJPEG in the actor"
+
+    def run(self) -> Clock:
+        from pipeline.plan import map_on_actors
+        from stages.regions import RegionsStage
+
+        st = RegionsStage(stage_config(self.args, self.key, self.ckpt, self.args.actors, self.args.threads))
+        ds = map_on_actors(self.source, st).select_columns(["key", "num_regions", "region_feats"])
+        clock = Clock()
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            clock.tick(len(batch["key"]))
+            self.k = float(np.mean(batch["num_regions"]))
+        return clock.stop()
+
+
+def summary(values):
+    v = [x for x in values if x == x]
+    return (statistics.median(v), min(v), max(v)) if v else (float("nan"),) * 3
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=None, help="images per pass (default 16384 on a GPU, 64 on the CPU)")
+    p.add_argument("--naive-n", type=int, default=None, help="images per naive pass (default 1024; 32 on the CPU)")
+    p.add_argument("--models", default="mobilenet,r50")
+    p.add_argument("--plans", default="naive,inproc,ray")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per stage call (default 512; 32 on the CPU)")
+    p.add_argument("--micro-batch", type=int, default=128)
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--logit-scale", type=float, default=1000.0)
+    p.add_argument("--r50-min-size", type=int, default=0, help="R50's min_size (0: its own 800)")
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.n = args.n or (16384 if gpu else 64)
+    args.naive_n = args.naive_n or (1024 if gpu else 32)
+    args.batch_size = args.batch_size or (512 if gpu else 32)
+    images, _ = corpus(args.n, 1024)
+    print(
+        f"corpus: {args.n} JPEGs of 256x256, {np.mean([len(b) for b in images[:1024]]) / 1024:.1f} KiB mean", flush=True
+    )
+    names = args.plans.split(",")
+    source = None
+    if "ray" in names:
+        import pyarrow as pa
+        import ray
+
+        from pipeline.raystart import init_local
+
+        init_local(num_cpus=os.cpu_count(), num_gpus=1 if gpu else 0, log_to_driver=False)
+        ctx = ray.data.DataContext.get_current()
+        ctx.op_resource_reservation_enabled, ctx.enable_progress_bars, ctx.wait_for_min_actors_s = False, False, 600
+        rows = rows_batch(images, [""] * len(images))
+        table = pa.table({c: pa.array(list(v)) if v.dtype == object else pa.array(v) for c, v in rows.items()})
+        source = ray.data.from_arrow(table).repartition(max(1, args.n // args.batch_size)).materialize()
+    tmp = Path(tempfile.mkdtemp(prefix="pf-regions-bench-"))
+    plans: list[Plan] = []
+    for key in args.models.split(","):
+        ckpt = tmp / f"{key}.pt"
+        confident_checkpoint(MODELS[key], args.logit_scale, ckpt, args.r50_min_size if key == "r50" else 0)
+        for name in names:
+            pl = {"naive": Naive, "inproc": InProcess}.get(name)
+            pl = pl(args, images, key, ckpt) if pl else RayPlan(args, source, key, ckpt)
+            pl.name = f"{key}-{name}"
+            plans.append(pl)
+    busy = GpuBusy().start() if gpu else None
+    results: dict[str, list] = {pl.name: [] for pl in plans}
+    live = []
+    for pl in plans:
+        t = time.perf_counter()
+        pl.setup()
+        warm = pl.run()
+        print(f"warm-up: {pl.label}: {warm.rate:.0f} images/s ({time.perf_counter() - t:.1f}s)", flush=True)
+        live.append(pl)
+    for r in range(args.passes):
+        for pl in live[r % len(live) :] + live[: r % len(live)]:
+            c = pl.run()
+            c.busy = busy.mean(c.t0, c.end) if busy else float("nan")
+            results[pl.name].append(c)
+            k = getattr(pl, "k", float("nan"))
+            print(
+                f"pass {r + 1}: {pl.label}: {c.rate:.0f} images/s, GPU busy {c.busy:.0f}%, mean K {k:.1f}", flush=True
+            )
+    if busy:
+        busy.stop()
+    print(f"\n{'plan':<80} {'images/s median [min-max]':>28} {'GPU busy':>9} {'x naive':>8}")
+    for pl in plans:
+        med, lo, hi = summary([c.rate for c in results[pl.name]])
+        base = summary([c.rate for c in results.get(pl.name.split("-")[0] + "-naive", [])])[0]
+        gb = summary([c.busy for c in results[pl.name]])[0]
+        print(
+            f"{pl.label:<80} {med:>10.0f} [{lo:.0f}-{hi:.0f}] {gb:>8.0f}% {med / base if base == base else float('nan'):>7.1f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
