@@ -186,6 +186,7 @@ def main(argv=None) -> None:
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--logit-scale", type=float, default=1000.0)
     p.add_argument("--r50-min-size", type=int, default=0, help="R50's min_size (0: its own 800)")
+    p.add_argument("--r50-share", type=float, default=0.25, help="R50 runs on this share of the images (it is slower)")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.n = args.n or (16384 if gpu else 64)
@@ -214,9 +215,17 @@ def main(argv=None) -> None:
     for key in args.models.split(","):
         ckpt = tmp / f"{key}.pt"
         confident_checkpoint(MODELS[key], args.logit_scale, ckpt, args.r50_min_size if key == "r50" else 0)
+        share = args.r50_share if key == "r50" else 1.0
+        mine, src = images[: max(1, int(len(images) * share))], source
+        if src is not None and share < 1.0:
+            src = src.limit(len(mine)).repartition(max(1, len(mine) // args.batch_size)).materialize()
         for name in names:
             pl = {"naive": Naive, "inproc": InProcess}.get(name)
-            pl = pl(args, images, key, ckpt) if pl else RayPlan(args, source, key, ckpt)
+            if pl is Naive:
+                a = argparse.Namespace(**{**vars(args), "naive_n": max(1, int(args.naive_n * share))})
+                pl = Naive(a, mine, key, ckpt)
+            else:
+                pl = pl(args, mine, key, ckpt) if pl else RayPlan(args, src, key, ckpt)
             pl.name = f"{key}-{name}"
             plans.append(pl)
     busy = GpuBusy().start() if gpu else None
