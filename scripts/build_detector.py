@@ -12,10 +12,13 @@ project's machine) and writes everything the composites need into one npz;
 the second needs only torch, torchvision, numpy and PIL, so it runs on a bare
 GPU machine. Training makes composites on the fly in loader workers (item i
 is a function of the seed and i alone), and by default runs as many steps as
-fit in ``--budget-s`` seconds: it times the first steps, then fixes the
-schedule's length, so one file runs in about 7 minutes on one H200 whatever
-its speed; ``--steps N`` fixes the length instead. The held-out figures come
-from the saved float16 file loaded back with ``pfdet.load``: the model users get.
+fit in ``--budget-s`` seconds (330): it times steps 20-60, then fixes the
+schedule's length, so a run takes about 6 minutes on one H200 whatever its
+speed (a step costs ~2-3 ms of Python and kernel launches per image in
+torchvision's per-image loss and transform code, more than its arithmetic);
+``--steps N`` fixes the length instead. The held-out figures come from the
+saved float16 file loaded back with ``pfdet.load``: the model users get.
+``--small`` is a CPU smoke test (a 0.2M-parameter model at 128 px, 40 steps).
 
 AP here is VOC's all-point interpolated AP at IoU 0.5 (``average_precision``),
 with COCO's matching (each detection, best score first, takes the unmatched
@@ -41,7 +44,8 @@ import numpy as np
 #: ``--small``: a CPU smoke test of this script in well under a minute
 SMALL_MODEL = {"widths": [16, 24, 32, 48, 64], "blocks": [0, 0, 1, 1, 0], "fpn_channels": 32, "head_convs": 1,
                "min_size": 128, "max_size": 256}  # fmt: skip
-SMALL_RUN = {"steps": 40, "batch_size": 8, "eval_images": 40, "warmup": 5}
+#: one torch thread: on a few shared cores more threads spin against each other (20x slower here)
+SMALL_RUN = {"steps": 40, "batch_size": 8, "eval_images": 40, "warmup": 5, "workers": 1, "threads": 1}
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -221,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=0, help="0: as many as fit in --budget-s")
     p.add_argument("--budget-s", type=float, default=330.0, help="training seconds when --steps is 0")
     p.add_argument("--max-steps", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--workers", type=int, default=12, help="loader workers making composites")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--eval-images", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
@@ -246,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         args.log_every = 10
     from stages.common import pfdet
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     ingr = Ingredients.load(args.ingredients)
     mcfg = {**pfdet.DEFAULT_CONFIG, "num_classes": len(CATEGORIES), **(SMALL_MODEL if args.small else {})}

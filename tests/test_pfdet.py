@@ -6,6 +6,7 @@ shipped file, where there is one, detects what it should."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from argparse import Namespace
@@ -35,6 +36,17 @@ def _script():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread: on a few shared cores more threads spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +161,8 @@ def test_a_short_cpu_run_lowers_the_loss(script, ingr):
     args = Namespace(device="cpu", seed=0, steps=24, max_steps=24, budget_s=0, batch_size=4, workers=0, lr=2e-3,
                      weight_decay=0.05, warmup=3, log_every=8, bf16=False)  # fmt: skip
     cfg = {**pfdet.DEFAULT_CONFIG, **script.SMALL_MODEL, "num_classes": len(CATEGORIES)}
-    _, figures = script.train(args, ingr, cfg, SMALL_CFG)
+    with one_thread():
+        _, figures = script.train(args, ingr, cfg, SMALL_CFG)
     losses = [row["loss"] for row in figures["history"]]
     assert figures["steps"] == 24 and len(losses) == 3
     assert losses[-1] < 0.9 * losses[0], losses
@@ -231,6 +244,6 @@ def test_shipped_detector_finds_held_out_objects(script, ingr):
     model, categories, config = pfdet.load(ASSET, "cpu")
     assert categories == list(CATEGORIES) and ASSET.stat().st_size <= 10.5e6
     ccfg = CompositeConfig().scaled(config["min_size"])
-    torch.set_num_threads(2)
-    figures = script.evaluate(model, ingr, 150, 1000, ccfg, "cpu", workers=0)
+    with one_thread():
+        figures = script.evaluate(model, ingr, 150, 1000, ccfg, "cpu", workers=0)
     assert figures["mAP"] >= 0.6, json.dumps(figures["per_class"])
