@@ -34,6 +34,8 @@ FASHION_TEMPLATES = (
     "buy this {c} online",
 )
 N_FASHION = 240
+#: composites with exact boxes (held-out ones of the pf-tiny detector's data) for the regions stage
+N_COMPOSITES = 24
 #: generated two-shape scenes, in pairs whose captions are the same words in another order
 N_SCENE_PAIRS = 30
 SCORER_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "pf-tiny-scorer.pt"
@@ -90,6 +92,9 @@ def build_corpus(seed: int = 0) -> tuple[dict[str, Route], list[dict]]:
         for k, s in enumerate(scenes.confounder_pair(scene_rng)):
             add(f"/scene/{j}-{k}.jpg", Route(_jpeg(s.image), "image/jpeg"), s.caption, f"scene_pair:{j}")
 
+    for j, (im, caption) in enumerate(_composites(N_COMPOSITES)):  # objects at known places, for regions
+        add(f"/composite/{j}.jpg", Route(_jpeg(im), "image/jpeg"), caption, "composite")
+
     ok_jpeg = routes[originals[0][0]].body
     failures = {
         "/missing/1.jpg": Route(b"no", "text/plain", status=404),
@@ -109,6 +114,21 @@ def build_corpus(seed: int = 0) -> tuple[dict[str, Route], list[dict]]:
     for j, (path, _, caption) in enumerate(picks[28:30]):
         add(f"/redirect/{j}.jpg", Route(redirect=path), caption, f"redirect_to:{path}")
     return routes, rows
+
+
+def _composites(n: int) -> list[tuple[np.ndarray, str]]:
+    """Held-out composites (``trainer.detection_data``) captioned by what is in them."""
+    from trainer.detection_data import CATEGORIES, Ingredients, make_composite
+
+    ingr = Ingredients.from_sources(train_items=1, t10k_items=2000)
+    out = []
+    for j in range(n):
+        c = make_composite(ingr, "heldout", j, seed=7)
+        names = [CATEGORIES[int(k)] for k in c["labels"]]
+        things = [f"a {x}" for x in names]
+        text = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
+        out.append((c["image"], f"{text} on a photo"))
+    return out
 
 
 def write_url_list(server: LocalHTTPServer, rows: list[dict], path: Path) -> int:
@@ -150,6 +170,9 @@ def demo_stages(scorer: Path | None) -> list[dict]:
             # eps is per model: the small scorer puts same-class product photos at cosine 0.95-0.99,
             # its re-encodes above 0.998 (SemDeDup's eps values were chosen for real CLIP on LAION)
             stages.append({"name": "dedup_semantic", "eps": 0.002})
+        if have("regions"):  # the project's own detector and MTCNN's faces (weights in its wheel)
+            stages.append({"name": "regions", "detectors": [{"model": "pf-tiny"}, {"model": "mtcnn"}],
+                           "batch_size": 64, "micro_batch": 32})  # fmt: skip
         if have("confounders"):  # after every filter: a partner must be a sample of the shards
             stages.append({"name": "confounders"})
     stages.append({"name": "shard"})

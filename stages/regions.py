@@ -50,6 +50,10 @@ from stages.common import detectors as _det
 log = logging.getLogger(__name__)
 BACKENDS = ("pf-tiny", "mtcnn")
 FEATURES = ("roi", "clip")
+#: labels are fixed-width strings (longer names are cut): Ray Data's tensor
+#: columns need one scalar type for every row's array, and numpy's ``str``
+#: would take the width of each row's longest label
+LABEL_DTYPE = "<U64"
 #: the shipped pf-tiny detector (``scripts/build_detector.py``)
 PF_TINY = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "pf-tiny-detector.pt"
 
@@ -200,7 +204,7 @@ class RegionsStage(Stage):
         cols = [
             Column("num_regions", "scalar", "int32", default=0),
             Column("region_boxes", "ragged", "float32", (4,)),
-            Column("region_labels", "ragged", "str", ()),
+            Column("region_labels", "ragged", LABEL_DTYPE, ()),
             Column("region_scores", "ragged", "float32", ()),
         ]
         if "roi" in c.features:
@@ -264,7 +268,7 @@ class RegionsStage(Stage):
         hw = [tuple(tensors[i].shape[-2:]) if tensors[i] is not None else (1, 1) for i in range(n)]
         out["num_regions"] = np.array([len(r.scores) for r in rows], dtype=np.int32)
         out["region_boxes"] = object_array([_normalised(r.boxes, h, w) for r, (h, w) in zip(rows, hw)])
-        out["region_labels"] = object_array([r.labels.astype(str) for r in rows])
+        out["region_labels"] = object_array([r.labels.astype(LABEL_DTYPE) for r in rows])
         out["region_scores"] = object_array([r.scores.astype(np.float32) for r in rows])
         if "roi" in c.features:
             out["region_feats"] = object_array([_f16(r.features, dim) for r in rows])
@@ -330,7 +334,7 @@ class RegionsStage(Stage):
                     labels = r.labels.astype(object)
                     best = (e @ text.T).argmax(1)
                     labels[rename] = [names[k] for k in best[rename]]
-                    out["region_labels"][i] = labels.astype(str)
+                    out["region_labels"][i] = labels.astype(LABEL_DTYPE)
         if "clip" in c.features:
             out["region_clip"] = object_array([e.astype(np.float16) for e in embs])
 
