@@ -36,6 +36,7 @@ detector can take fails alone with ``detect_error`` (or keeps K = 0 with
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,12 +133,23 @@ class Config:
         )
 
 
+#: the width of each builder's finest backbone map; the FPN models' is 256
+_ROI_DIMS = {"ssdlite320_mobilenet_v3_large": 672}
+
+
 @functools.lru_cache(maxsize=8)
 def _roi_dim(spec: DetectorSpec) -> int:
-    """The RoI feature length of ``spec``'s detector, built on the CPU
-    (random weights for torchvision: the width does not depend on them)."""
+    """The RoI feature length of ``spec``'s detector: known for the shipped
+    detector (its JSON) and torchvision's builders, without importing torch
+    (``pipeline.checks`` asks before a run starts); else built on the CPU."""
     if spec.model == "mtcnn":
         return 0
+    if spec.model == "pf-tiny" and not spec.weights and not spec.feature_level:
+        meta = PF_TINY.with_suffix(".json")
+        if meta.is_file():
+            return int(json.loads(meta.read_text())["config"]["fpn_channels"])
+    if spec.model != "pf-tiny" and not spec.feature_level:
+        return _ROI_DIMS.get(spec.model, 256)
     if spec.model != "pf-tiny":
         spec = DetectorSpec(spec.model, _det.RANDOM_WEIGHTS, spec.min_size, spec.max_size, spec.feature_level)
     return _load(spec, "cpu", _det.Limits(), False).feature_dim

@@ -162,3 +162,12 @@ def test_config_errors_name_the_field():
         DetectorSpec("yolo")
     with pytest.raises(ValueError, match="weights"):
         RegionsStage(Config(detectors=(DetectorSpec(MODEL, "NO_SUCH_WEIGHTS"),))).setup()
+
+
+@pytest.mark.parametrize("model", [MODEL, "pf-tiny"])
+def test_declared_feature_width_is_the_built_models(model):
+    from stages.common.detectors import Limits
+    from stages.regions import _load, _roi_dim
+
+    spec = DetectorSpec(model, "random" if model == MODEL else "")
+    assert _roi_dim(spec) == _load(spec, "cpu", Limits(), False).feature_dim
