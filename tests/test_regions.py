@@ -123,9 +123,10 @@ def test_a_detector_failure_is_a_per_row_status():
     spec = DetectorSpec(MODEL, "random", min_size=128, max_size=256)
     out = run_stage_batch(FailsOnSquares(Config(detectors=(spec,), score_threshold=0.0)), _rows(imgs))
     assert list(out["status"]) == ["ok", "failed", "ok"] and out["reason"][1] == "detect_error"
-    assert "square images" in out["detail"][1] and list(out["num_regions"]) == [36, 0, 36]
+    k = list(out["num_regions"])  # random weights: K depends on the init, but never on the failing row
+    assert "square images" in out["detail"][1] and k[1] == 0 and k[0] > 0 and k[2] > 0
     kept = run_stage_batch(FailsOnSquares(Config(detectors=(spec,), score_threshold=0.0, on_error="keep")), _rows(imgs))
-    assert list(kept["status"]) == ["ok"] * 3 and list(kept["num_regions"]) == [36, 0, 36]
+    assert list(kept["status"]) == ["ok"] * 3 and kept["num_regions"][1] == 0 and kept["num_regions"][0] > 0
 
 
 def test_features_are_arrays_aligned_with_the_parquet_rows_and_tar_members(stage, images, tmp_path):
