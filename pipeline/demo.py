@@ -172,7 +172,7 @@ def demo_stages(scorer: Path | None) -> list[dict]:
             stages.append({"name": "dedup_semantic", "eps": 0.002})
         if have("regions"):  # the project's own detector and MTCNN's faces (weights in its wheel)
             stages.append({"name": "regions", "detectors": [{"model": "pf-tiny"}, {"model": "mtcnn"}],
-                           "batch_size": 64, "micro_batch": 32})  # fmt: skip
+                           "batch_size": 64, "micro_batch": 8})  # fmt: skip
         if have("confounders"):  # after every filter: a partner must be a sample of the shards
             stages.append({"name": "confounders"})
     stages.append({"name": "shard"})

@@ -268,10 +268,9 @@ class RegionsStage(Stage):
             tensors, errors = _clip.decode_cpu(images, "cpu", max(1, int(c.num_cpus)))
         found: list = [None] * n
         failed: dict[int, str] = {}
-        good = [i for i in range(n) if tensors[i] is not None]
-        for a in range(0, len(good), c.micro_batch):
-            idx = good[a : a + c.micro_batch]
-            for i, r in zip(idx, self._detect([tensors[i] for i in idx], failed, idx)):
+        for idx in _chunks(tensors, c.micro_batch):
+            padded = idx + [idx[-1]] * (c.micro_batch - len(idx))
+            for i, r in zip(idx, self._detect([tensors[i] for i in padded], failed, padded)):
                 found[i] = r
         out = dict(batch)
         dim = next((col.shape[0] for col in self.outputs() if col.name == "region_feats"), 0)
@@ -349,6 +348,21 @@ class RegionsStage(Stage):
                     out["region_labels"][i] = labels.astype(LABEL_DTYPE)
         if "clip" in c.features:
             out["region_clip"] = object_array([e.astype(np.float16) for e in embs])
+
+
+def _chunks(tensors: list, size: int) -> list[list[int]]:
+    """Indices of the decoded images in detector calls: images of one size
+    together (a batch pads its images to the largest, which would change a
+    smaller one's features), in runs of ``size`` that the caller pads to
+    ``size`` with copies of the last (a kernel may sum in another order for
+    another batch size). So an image's regions depend on it alone, not on
+    the rows that shared its batch: the in-process and Ray runners, and a
+    resumed run, give the same bytes."""
+    by_size: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t is not None:
+            by_size.setdefault(tuple(t.shape[-2:]), []).append(i)
+    return [idx[a : a + size] for idx in by_size.values() for a in range(0, len(idx), size)]
 
 
 def _best(parts: list, k: int) -> _det.Regions:

@@ -3,6 +3,7 @@ server, read back by the readers trainers use."""
 
 import argparse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -206,6 +207,7 @@ def _every_stage_job(tmp_path, server, scorer, out, runner):
         {"name": "dedup_phash"},
         {"name": "clip_score", "model": "pf-tiny", "pretrained": scorer, "top_fraction": 0.8, "batch_size": 8},
         {"name": "dedup_semantic", "n_clusters": 3, "keep": "clip_score", "eps": 0.0005},
+        {"name": "regions", "score_threshold": 0.05, "batch_size": 8, "micro_batch": 4},
         {"name": "tests.contract_stages:RaggedStage"},
         {"name": "tests.contract_stages:LinkStage"},
         "shard",
@@ -226,9 +228,11 @@ def test_every_stage_gives_the_same_bytes_in_process_and_on_ray(tmp_path, server
     assert dropped["basic_filter"] and dropped["dedup_exact"] and dropped["clip_score"] and dropped["link_test"]
     files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
     compared = [
-        f for f in files if f.parts[0] in ("shards", "rejects", "embeddings", "links") and "_stats" not in f.name
+        f for f in files if f.parts[0] in ("shards", "rejects", "embeddings", "arrays", "links") and "_stats" not in f.name
     ]
     assert len(compared) > 20
+    regions = [f for f in compared if f.parts[0] == "arrays" and f.name.endswith(".offsets.npy")]
+    assert regions and sum(int(np.load(tmp_path / "local" / f)[-1]) for f in regions) > 0  # boxes were found
     for f in compared:
         assert (tmp_path / "local" / f).read_bytes() == (tmp_path / "ray" / f).read_bytes(), f
     assert verify(tmp_path / "ray") == []
