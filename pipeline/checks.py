@@ -12,7 +12,8 @@ What is checked (types and ranges of every field are the job loader's and the
 stage configs' own checks, ``pipeline.config``):
 
 * each stage can be built from its options (checks in the stage's constructor);
-* the URL lists exist and have the URL and caption columns;
+* the URL lists exist and have the URL and caption columns (every source's,
+  after its ``columns`` map: each column it names is in the file);
 * an open_clip stage's ``model`` is an open_clip architecture (close names are
   suggested) and its ``pretrained`` a file, ``random`` or a tag of that model
   whose weights are in the local cache; a tag that is not cached on a machine
@@ -45,7 +46,7 @@ import sys
 import types
 from pathlib import Path
 
-from pipeline.config import ConfigError, JobConfig, field_error
+from pipeline.config import ConfigError, JobConfig, field_error, input_entries
 from stages.base import IDENTITY_COLUMNS, Stage
 
 #: stages whose ``model`` / ``pretrained`` options name open_clip weights
@@ -118,33 +119,34 @@ def _check_output(out_dir: str) -> list[str]:
 def input_columns(job: JobConfig, problems: list[str]) -> set[str] | None:
     """The columns every row has after the reader (``url``, ``caption``,
     ``source``, the identity columns and the URL lists' own, renamed as the
-    reader renames them), from the files' schemas; ``None`` when the input
-    itself is wrong (then that is the problem reported)."""
-    from pipeline.reader import RESERVED, detect_format, expand_paths
+    reader renames them), from the files' schemas, common to every source;
+    ``None`` when the input itself is wrong (then that is the problem reported)."""
+    from pipeline.reader import carried_names, detect_format, expand_paths, renamed_names
 
-    cfg = job.input
-    try:
-        paths = expand_paths(cfg.paths)
-    except ConfigError as e:
-        problems.append(str(e))
-        return None
     common: set[str] | None = None
-    for path in paths[:MAX_SCHEMA_FILES]:
+    for where, cfg in input_entries(job.input):
         try:
-            fmt = detect_format(path, cfg.format)
-            names = _schema_names(path, fmt)
+            paths = expand_paths(cfg.paths, where)
         except ConfigError as e:
             problems.append(str(e))
             return None
-        except Exception as e:  # noqa: BLE001 - an unreadable file is a job error
-            problems.append(f"input.paths: cannot read {str(path)!r} as {cfg.format}: {type(e).__name__}: {e}")
-            return None
-        for role, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
-            if col not in names:
-                problems.append(f"input.{role}: {col!r} is not a column of {str(path)!r} (columns: {', '.join(names)})")
-        cols = {"url", "caption", "source", *IDENTITY_COLUMNS}
-        cols |= {f"input_{n}" if n in RESERVED else n for n in names if n not in (cfg.url_col, cfg.caption_col)}
-        common = cols if common is None else common & cols
+        for path in paths[:MAX_SCHEMA_FILES]:
+            try:
+                fmt = detect_format(path, cfg.format, where)
+                names = renamed_names(_schema_names(path, fmt), cfg, path, where)
+            except ConfigError as e:
+                problems.append(str(e))
+                return None
+            except Exception as e:  # noqa: BLE001 - an unreadable file is a job error
+                problems.append(f"{where}.paths: cannot read {str(path)!r} as {cfg.format}: {type(e).__name__}: {e}")
+                return None
+            for role, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
+                if col not in names:
+                    problems.append(
+                        f"{where}.{role}: {col!r} is not a column of {str(path)!r} (columns: {', '.join(names)})"
+                    )
+            cols = {"url", "caption", "source", *IDENTITY_COLUMNS, *carried_names(names, cfg).values()}
+            common = cols if common is None else common & cols
     return common
 
 
@@ -156,6 +158,13 @@ def _schema_names(path: Path, fmt: str) -> list[str]:
 
     if fmt == "parquet":
         return pq.read_schema(path).names
+    if fmt == "coco":  # one JSON object: its rows' columns are the reader's; the reader checks the rest
+        from pipeline.reader import COCO_COLUMNS
+
+        with open(path, "rb") as f:
+            if f.read(4096).lstrip()[:1] != b"{":
+                raise ValueError("not COCO captions JSON (an object with 'images' and 'annotations')")
+        return list(COCO_COLUMNS)
     if fmt in ("csv", "tsv"):
         opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
         with pacsv.open_csv(path, parse_options=opts) as reader:

@@ -2,6 +2,10 @@
 
 Unknown keys are an error that names the key and where it was found, so a
 typo never silently falls back to a default.
+
+``input`` is one URL list source or a list of them (PMD-style jobs: COCO,
+CC3M, RedCaps... each with its own format and column names, into one schema);
+errors name ``input[i].<key>`` in the list form.
 """
 
 from __future__ import annotations
@@ -20,16 +24,38 @@ class ConfigError(ValueError):
     pass
 
 
+#: formats of a URL list; ``coco`` (COCO captions JSON) is never picked by ``auto``
+FORMATS = ("parquet", "csv", "tsv", "jsonl", "coco")
+
+
 @dataclass(frozen=True)
 class InputConfig:
-    #: URL list files (parquet, csv, tsv, jsonl); globs are expanded
+    #: URL list files (parquet, csv, tsv, jsonl, coco); globs are expanded
     paths: tuple[str, ...]
-    #: ``auto`` picks by file extension
+    #: one of :data:`FORMATS`; ``auto`` picks by file extension
     format: str = "auto"
     url_col: str = "url"
     caption_col: str = "caption"
     #: value of the ``source`` column; default: the input file's stem
     source: str | None = None
+    #: source column -> pairforge column, renamed before anything else reads
+    #: the file (``{URL: url, TEXT: caption}`` for LAION parquet)
+    columns: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ValueError(f"format: expected one of auto, {', '.join(FORMATS)}, got {self.format!r}")
+        for old, new in self.columns.items():
+            if not (isinstance(old, str) and isinstance(new, str)) or not new:
+                raise ValueError(f"columns: expected column name: column name, got {old!r}: {new!r}")
+
+
+def input_entries(inp: InputConfig | tuple[InputConfig, ...]) -> list[tuple[str, InputConfig]]:
+    """Each source of a job's ``input`` with the key path its errors name:
+    ``input`` for the single form, ``input[i]`` for a list."""
+    if isinstance(inp, InputConfig):
+        return [("input", inp)]
+    return [(f"input[{i}]", c) for i, c in enumerate(inp)]
 
 
 @dataclass(frozen=True)
@@ -55,7 +81,8 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class JobConfig:
-    input: InputConfig
+    #: one source, or several read one after another (``input[0]`` first)
+    input: InputConfig | tuple[InputConfig, ...]
     output: OutputConfig
     stages: tuple[StageSpec, ...]
     ray: RayConfig = field(default_factory=RayConfig)
@@ -185,7 +212,7 @@ def load_job(source: str | Path | dict, base_dir: Path | None = None) -> JobConf
         raise ConfigError("job: expected a mapping at the top level")
     raw_stages = data.pop("stages", None)
     job = build(_JobNoStages, data, "job")
-    inp = dataclasses.replace(job.input, paths=tuple(str(_abs(base, p)) for p in job.input.paths))
+    inp = _inputs(job.input, base)
     out = dataclasses.replace(job.output, dir=str(_abs(base, job.output.dir)))
     if job.runner not in ("ray", "local"):
         raise ConfigError(f"job.runner: expected 'ray' or 'local', got {job.runner!r}")
@@ -194,9 +221,29 @@ def load_job(source: str | Path | dict, base_dir: Path | None = None) -> JobConf
     return JobConfig(input=inp, output=out, stages=stage_specs(raw_stages), ray=job.ray, runner=job.runner)
 
 
+def _inputs(raw: Any, base: Path) -> InputConfig | tuple[InputConfig, ...]:
+    """The single form as before; a list builds each source as ``input[i]``."""
+
+    def resolved(cfg: InputConfig) -> InputConfig:
+        return dataclasses.replace(cfg, paths=tuple(str(_abs(base, p)) for p in cfg.paths))
+
+    if not isinstance(raw, list):
+        return resolved(build(InputConfig, raw, "job.input"))
+    if not raw:
+        raise ConfigError("input: expected a mapping or a non-empty list of sources, got []")
+    items = tuple(resolved(build(InputConfig, item, f"input[{i}]")) for i, item in enumerate(raw))
+    named: dict[str, int] = {}
+    for i, cfg in enumerate(items):
+        if cfg.source is not None and named.setdefault(cfg.source, i) != i:
+            raise ConfigError(
+                f"input[{i}].source: {cfg.source!r} is input[{named[cfg.source]}]'s too; give each source its own name"
+            )
+    return items
+
+
 @dataclass(frozen=True)
 class _JobNoStages:
-    input: InputConfig
+    input: Any  # a mapping or a list of them: see _inputs
     output: OutputConfig
     ray: RayConfig = field(default_factory=RayConfig)
     runner: str = "ray"
@@ -210,5 +257,8 @@ def _abs(base: Path, p: str) -> Path:
 def to_dict(job: JobConfig) -> dict:
     """The job as plain data (for the manifest)."""
     d = dataclasses.asdict(job)
+    for entry in [d["input"]] if isinstance(d["input"], dict) else d["input"]:
+        if not entry["columns"]:  # recorded as before there was one (a resume compares the records)
+            del entry["columns"]
     d["stages"] = [{"name": s.name, **dataclasses.asdict(s.config)} for s in job.stages]
     return d

@@ -4,6 +4,12 @@ Like img2dataset's reader, the driver streams the URL lists once and writes
 ``OUT/_work/input/SSSSS.parquet`` files of ``samples_per_shard`` rows. Row
 ``i`` of shard ``S`` gets the key ``{S:05d}{i:0Wd}`` (W digits for the shard
 size), which it keeps to its output shard or its reject row.
+
+A job of several sources (``input`` as a list, PMD-style) is read source
+after source into one shard numbering; each source starts a shard of its
+own, so a shard holds one source and adding a source at the end leaves the
+keys of the others as they were. Each source's ``columns`` map renames its
+columns first; a COCO captions JSON is read as one row per caption.
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from manifests import layout
-from pipeline.config import ConfigError, InputConfig
+from pipeline.config import FORMATS, ConfigError, InputConfig, input_entries
 from stages.base import IDENTITY_COLUMNS, STATUS_OK
 
-FORMATS = ("parquet", "csv", "tsv", "jsonl")
 RESERVED = set(IDENTITY_COLUMNS) | {"url", "caption", "source"}
 READ_ROWS = 65536
+#: the columns of a ``coco`` file's rows (one per annotation): ``id`` is the
+#: annotation's, ``url`` the image's first of :data:`COCO_URL_FIELDS`
+COCO_COLUMNS = ("url", "caption", "image_id", "id", "file_name")
+COCO_URL_FIELDS = ("coco_url", "flickr_url", "url")
 
 
 @dataclass(frozen=True)
@@ -54,29 +63,54 @@ class InputIndex:
         )
 
 
-def expand_paths(paths: tuple[str, ...]) -> list[Path]:
+def expand_paths(paths: tuple[str, ...], where: str = "input") -> list[Path]:
     out: list[Path] = []
     for p in paths:
         hits = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
         if not hits:
-            raise ConfigError(f"input.paths: no file matches {p!r}")
+            raise ConfigError(f"{where}.paths: no file matches {p!r}")
         for h in hits:
             if not Path(h).is_file():
-                raise ConfigError(f"input.paths: not a file: {h}")
+                raise ConfigError(f"{where}.paths: not a file: {h}")
             out.append(Path(h))
     return out
 
 
-def detect_format(path: Path, fmt: str) -> str:
+def detect_format(path: Path, fmt: str, where: str = "input") -> str:
     if fmt != "auto":
         if fmt not in FORMATS:
-            raise ConfigError(f"input.format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
+            raise ConfigError(f"{where}.format: expected one of auto, {', '.join(FORMATS)}, got {fmt!r}")
         return fmt
     suffix = path.suffix.lower().lstrip(".")
     by_suffix = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "json": "jsonl"}
     if suffix not in by_suffix:
-        raise ConfigError(f"{path}: cannot tell the format from the extension; set input.format")
+        raise ConfigError(f"{path}: cannot tell the format from the extension; set {where}.format")
     return by_suffix[suffix]
+
+
+def renamed_names(names: list[str], cfg: InputConfig, path: Path, where: str = "input") -> list[str]:
+    """A file's column names after ``cfg.columns``; a mapped column the file
+    lacks, a target that is pairforge's own or that two columns would get is
+    an error naming the key."""
+    for old, new in cfg.columns.items():
+        if old not in names:
+            raise ConfigError(
+                f"{where}.columns: {old!r} is not a column of {str(path)!r} (columns: {', '.join(names)})"
+            )
+        if new in IDENTITY_COLUMNS or new == "source":
+            raise ConfigError(f"{where}.columns: {old!r} -> {new!r}: {new!r} is a column pairforge sets itself")
+    out = [cfg.columns.get(n, n) for n in names]
+    twice = sorted({n for n in out if out.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{where}.columns: {str(path)!r} would have two columns {twice[0]!r} after renaming")
+    return out
+
+
+def carried_names(names: list[str], cfg: InputConfig) -> dict[str, str]:
+    """The (renamed) columns carried to every row besides the URL and the
+    caption, and the name each gets there (one that collides with a column
+    of ours gets an ``input_`` prefix)."""
+    return {n: f"input_{n}" if n in RESERVED else n for n in names if n not in (cfg.url_col, cfg.caption_col)}
 
 
 def iter_batches(path: Path, fmt: str) -> Iterator[pa.RecordBatch]:
@@ -86,15 +120,61 @@ def iter_batches(path: Path, fmt: str) -> Iterator[pa.RecordBatch]:
         opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
         conv = pacsv.ConvertOptions(strings_can_be_null=True)
         yield from pacsv.open_csv(path, parse_options=opts, convert_options=conv)
+    elif fmt == "coco":
+        yield from _coco_batches(path)
     else:
         yield from pajson.read_json(path).to_batches(READ_ROWS)
 
 
-def _normalise(batch: pa.RecordBatch, cfg: InputConfig, path: Path, source: str) -> pa.Table:
+def _coco_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """COCO captions JSON (``{"images": [{id, file_name, coco_url|flickr_url|url}],
+    "annotations": [{id, image_id, caption}]}``) as one row per annotation, in
+    the file's order. An annotation whose image is not listed, or has no URL,
+    gets an empty URL: it is rejected by ``download``, not lost."""
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not COCO captions JSON: {e}") from None
+    lists = isinstance(data, dict) and all(isinstance(data.get(k), list) for k in ("images", "annotations"))
+    if not lists:
+        raise ConfigError(f"{path}: not COCO captions JSON: expected an object with 'images' and 'annotations' lists")
+    images = {}
+    for im in data["images"]:
+        if isinstance(im, dict) and "id" in im:
+            url = next((im[f] for f in COCO_URL_FIELDS if im.get(f)), "")
+            images[im["id"]] = (str(url), im.get("file_name"))
+    anns = data["annotations"]
+    if not all(isinstance(a, dict) for a in anns):
+        raise ConfigError(f"{path}: not COCO captions JSON: an annotation is not an object")
+    for i in range(0, len(anns), READ_ROWS):
+        part = anns[i : i + READ_ROWS]
+        seen = [images.get(a.get("image_id"), ("", None)) for a in part]
+        yield pa.record_batch(
+            {
+                "url": pa.array([u for u, _ in seen], pa.string()),
+                "caption": pa.array([a.get("caption") for a in part], pa.string()),
+                "image_id": _array([a.get("image_id") for a in part]),
+                "id": _array([a.get("id") for a in part]),
+                "file_name": pa.array([f for _, f in seen], pa.string()),
+            }
+        )
+
+
+def _array(values: list) -> pa.Array:
+    """Ids as the file has them (COCO's are integers), strings if they mix."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def _normalise(batch: pa.RecordBatch, cfg: InputConfig, path: Path, source: str, where: str = "input") -> pa.Table:
+    if cfg.columns:
+        batch = batch.rename_columns(renamed_names(batch.schema.names, cfg, path, where))
     names = batch.schema.names
     for role, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
         if col not in names:
-            raise ConfigError(f"{path}: no column {col!r} (input.{role}); columns are: {', '.join(names)}")
+            raise ConfigError(f"{path}: no column {col!r} ({where}.{role}); columns are: {', '.join(names)}")
     url = pc.cast(batch.column(cfg.url_col), pa.string())
     cap = pc.cast(batch.column(cfg.caption_col), pa.string())
     cols = {
@@ -102,16 +182,16 @@ def _normalise(batch: pa.RecordBatch, cfg: InputConfig, path: Path, source: str)
         "caption": pc.fill_null(cap, ""),
         "source": pa.array([source] * batch.num_rows, pa.string()),
     }
-    for name in names:
-        if name in (cfg.url_col, cfg.caption_col):
-            continue
-        out_name = f"input_{name}" if name in RESERVED else name
+    for name, out_name in carried_names(names, cfg).items():
         cols[out_name] = batch.column(name)
     return pa.table(cols)
 
 
-def split_input(cfg: InputConfig, out_dir: str | Path, samples_per_shard: int, progress=None) -> InputIndex:
-    """Stream every input file once, write the input shards, return the index."""
+def split_input(
+    cfg: InputConfig | tuple[InputConfig, ...], out_dir: str | Path, samples_per_shard: int, progress=None
+) -> InputIndex:
+    """Stream every input file once, source after source, write the input
+    shards, return the index."""
     out = Path(out_dir)
     layout.input_dir(out).mkdir(parents=True, exist_ok=True)
     width = len(str(samples_per_shard - 1))
@@ -134,19 +214,20 @@ def split_input(cfg: InputConfig, out_dir: str | Path, samples_per_shard: int, p
             if progress:
                 progress(sid, take_n)
 
-    for path in expand_paths(cfg.paths):
-        fmt = detect_format(path, cfg.format)
-        source = cfg.source or path.stem
-        rows = 0
-        for batch in iter_batches(path, fmt):
-            table = _normalise(batch, cfg, path, source)
-            pending.append(table)
-            pending_rows += table.num_rows
-            rows += table.num_rows
-            flush(final=False)
-        files.append({"path": str(path), "format": fmt, "rows": rows})
-        total += rows
-    flush(final=True)
+    for where, src in input_entries(cfg):
+        for path in expand_paths(src.paths, where):
+            fmt = detect_format(path, src.format, where)
+            source = src.source or path.stem
+            rows = 0
+            for batch in iter_batches(path, fmt):
+                table = _normalise(batch, src, path, source, where)
+                pending.append(table)
+                pending_rows += table.num_rows
+                rows += table.num_rows
+                flush(final=False)
+            files.append({"path": str(path), "format": fmt, "rows": rows})
+            total += rows
+        flush(final=True)  # the next source starts a shard of its own
     index = InputIndex(total, samples_per_shard, shard_rows, tuple(files))
     layout.atomic_write_bytes(layout.input_index(out), json.dumps(index.to_json(), indent=1).encode())
     return index
