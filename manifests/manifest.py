@@ -5,7 +5,8 @@ re-reads every file it lists and checks the accounting: every input row is in
 exactly one shard or one reject file, and every key a side table links to
 is a sample in the shards. ``schema`` lists each stage's declared columns
 (kind, dtype, shape; see ``stages.base.Column``) so a reader knows what a
-parquet column holds without guessing from its name.
+parquet column holds without guessing from its name. ``sources`` counts the
+rows of each source (``manifests.sources``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from manifests import layout
+from manifests.sources import count_sources, verify_sources
 
 FORMAT = "pairforge-manifest/2"
 KEY_PACKAGES = (
@@ -158,6 +160,7 @@ def build_manifest(
         "input": index,
         "counts": {"input": index["total_rows"], "ok": ok, "rejected": sum(s["rejected"] for s in shard_stats)},
         "stages": stages,
+        "sources": count_sources(out, [s["shard_id"] for s in shard_stats]),
         "schema": schema or [],
         "fits": fits or [],
         "side_tables": side_table_entries(out, side_tables or {}),
@@ -248,6 +251,7 @@ def verify(out_dir) -> list[str]:
     if total != want_rows:
         problems.append(f"input had {want_rows} rows but shards + rejects hold {total}")
     problems += _verify_side_tables(out, man.get("side_tables", {}), set(shard_keys))
+    problems += verify_sources(out, man)
     for tmp in layout.temp_files(out):
         problems.append(f"{tmp.relative_to(out)}: a temporary file left by an interrupted write")
     return problems
