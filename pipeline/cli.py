@@ -6,6 +6,7 @@ pairforge manifest show DIR
 pairforge manifest verify DIR
 pairforge manifest diff OLD NEW [--json]
 pairforge export coco DIR [--out FILE] [--captions FILE]
+pairforge report DIR [--out DIR] [--pairs N]
 pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
 """
 
@@ -116,6 +117,21 @@ def _cmd_export_coco(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from manifests.report import ReportError, write_report
+
+    try:
+        done = write_report(args.dir, args.out, args.pairs)
+    except ReportError as e:
+        print(f"pairforge: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {done['path']}: {done['pairs']} pairs, {done['plots']} histograms, {done['reject_reasons']} reject "
+        f"reasons, {done['regions']} images with regions, {done['confounders']} confounders"
+    )
+    return 0
+
+
 def _progress_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="also Ray Data's own progress bars and INFO logs")
     p.add_argument(
@@ -166,6 +182,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", metavar="FILE", help="the detection file (default: DIR/coco.json)")
     c.add_argument("--captions", metavar="FILE", help="the captions file (default: DIR/coco_captions.json)")
     c.set_defaults(fn=_cmd_export_coco)
+
+    rp = sub.add_parser("report", help="an HTML page of a run: funnel, pairs, histograms, rejects, regions")
+    rp.add_argument("dir")
+    rp.add_argument("--out", metavar="DIR", help="the report's folder (default: DIR/report)")
+    rp.add_argument("--pairs", type=int, default=48, metavar="N", help="kept pairs in the grid (default 48)")
+    rp.set_defaults(fn=_cmd_report)
 
     t = sub.add_parser("train", help="train a small CLIP on a run's shards", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
