@@ -211,4 +211,7 @@ def run_demo(
     print(
         f"\nshards:   {out / 'run' / 'shards'}\nrejects:  {out / 'run' / 'rejects'}\nmanifest: {out / 'run' / 'manifest.json'}"
     )
+    from manifests.report import write_report
+
+    print(f"report:   {write_report(out / 'run')['path']}")
     return manifest
