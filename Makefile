@@ -6,7 +6,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: setup demo test test-fast bench-cpu lint clean
 
-setup: $(VENV)/.installed /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+setup: $(VENV)/.installed /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz /usr/bin/chromium
 
 # torch first, pinned, so pip does not fetch another build; then the project with its test extras
 $(VENV)/.installed: pyproject.toml
@@ -20,6 +20,11 @@ $(VENV)/.installed: pyproject.toml
 /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+# a headless browser: tests/test_report.py loads `pairforge report`'s page in it (Debian's chromium)
+/usr/bin/chromium:
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 demo: setup
 	$(VENV)/bin/pairforge demo --out demo_out
