@@ -227,11 +227,6 @@ class RegionsStage(Stage):
             )
         return tuple(cols)
 
-    def identity(self) -> list[dict]:
-        """The detectors as loaded (backend, weights, sha256), for rejects."""
-        self.setup()
-        return [d.identity for d in self._detectors]
-
     def setup(self) -> None:
         if self._detectors is not None:
             return
@@ -273,7 +268,7 @@ class RegionsStage(Stage):
             for i, r in zip(idx, self._detect([tensors[i] for i in padded], failed, padded)):
                 found[i] = r
         out = dict(batch)
-        dim = next((col.shape[0] for col in self.outputs() if col.name == "region_feats"), 0)
+        dim = self._detectors[0].feature_dim if "roi" in c.features else 0
         empty = _det.Regions.empty(dim)
         rows = [found[i] if found[i] is not None else empty for i in range(n)]
         hw = [tuple(tensors[i].shape[-2:]) if tensors[i] is not None else (1, 1) for i in range(n)]
@@ -297,6 +292,7 @@ class RegionsStage(Stage):
         return out
 
     def _ids(self) -> list[dict]:
+        """The detectors as loaded (backend, weights, sha256), for rejects."""
         return [d.identity for d in self._detectors]
 
     def _detect(self, images: list, failed: dict, idx: list) -> list:

@@ -126,8 +126,13 @@ class TorchvisionDetector(Detector):
         self._local = threading.local()
         model.transform.register_forward_hook(self._keep_batch)
         model.backbone.register_forward_hook(self._keep_features)
-        self.feature_level = feature_level or self._levels()[0]
-        self.feature_dim = int(getattr(model.backbone, "out_channels", 0) or self._probe_dim())
+        width = int(getattr(model.backbone, "out_channels", 0))
+        if feature_level and width:
+            self.feature_level, self.feature_dim = feature_level, width
+        else:  # one pass of the backbone on a blank image names its maps and their widths
+            feats = self._probe()
+            self.feature_level = feature_level or (list(feats.keys()) if isinstance(feats, dict) else ["0"])[0]
+            self.feature_dim = width or int(_level(feats, self.feature_level).shape[1])
 
     def _keep_batch(self, module, args, output):
         self._local.batch = output[0]
@@ -135,19 +140,11 @@ class TorchvisionDetector(Detector):
     def _keep_features(self, module, args, output):
         self._local.features = output
 
-    def _levels(self) -> list[str]:
+    def _probe(self):
         import torch
 
         with torch.inference_mode():
-            feats = self.model.backbone(torch.zeros(1, 3, 64, 64, device=self.device))
-        return list(feats.keys()) if isinstance(feats, dict) else ["0"]
-
-    def _probe_dim(self) -> int:
-        import torch
-
-        with torch.inference_mode():
-            feats = self.model.backbone(torch.zeros(1, 3, 64, 64, device=self.device))
-        return int(_level(feats, self.feature_level).shape[1])
+            return self.model.backbone(torch.zeros(1, 3, 64, 64, device=self.device))
 
     def detect(self, images: list) -> list[Regions]:
         import torch
