@@ -232,8 +232,7 @@ def load_torchvision(name: str, weights: str, device: str, limits: Limits, min_s
     if os.path.isfile(weights):
         ckpt = torch.load(weights, map_location="cpu", weights_only=True)
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
-        categories = list(ckpt.get("categories") or torchvision_categories(name)) if isinstance(ckpt, dict) else None
-        categories = categories or torchvision_categories(name)
+        categories = list((ckpt.get("categories") if isinstance(ckpt, dict) else None) or torchvision_categories(name))
         model = get_model(name, weights=None, weights_backbone=None, num_classes=len(categories), **sizes)
         model.load_state_dict(state)
         identity["sha256"] = file_sha256(weights)
