@@ -190,7 +190,32 @@ def stage_specs(raw: Any) -> tuple[StageSpec, ...]:
     names = [s.name for s in specs]
     if names[-1] != "shard" or names.count("shard") != 1:
         raise ConfigError("stages: the last stage must be 'shard', and only the last")
-    return tuple(specs)
+    return decode_once(tuple(specs))
+
+
+def decode_once(specs: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
+    """A ``dedup_phash`` after ``download`` reads the hash that download made
+    from the pixels it had decoded anyway, instead of decoding every stored
+    image again; the hashes agree but for JPEG quantisation, and the dedup
+    decisions on the planted set are the same (``tests/test_resize.py``).
+    Explicit settings win: a ``hash_column`` or a ``perceptual_hash`` the
+    job gives is left as it is."""
+    names = [s.name for s in specs]
+    if "download" not in names:
+        return specs
+    first = names.index("download")
+    down = specs[first].config
+    out = list(specs)
+    for i, spec in enumerate(specs[first + 1 :], first + 1):
+        cfg = spec.config
+        if spec.name != "dedup_phash" or cfg.hash_column is not None:
+            continue
+        if down.perceptual_hash not in (None, cfg.algorithm):
+            continue
+        down = dataclasses.replace(down, perceptual_hash=cfg.algorithm)
+        out[i] = StageSpec(spec.name, dataclasses.replace(cfg, hash_column=f"image_{cfg.algorithm}"))
+    out[first] = StageSpec("download", down)
+    return tuple(out)
 
 
 def load_job(source: str | Path | dict, base_dir: Path | None = None) -> JobConfig:

@@ -35,7 +35,6 @@ collisions rare up to many millions of rows (see ``bench/dedup.py``).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -53,13 +52,10 @@ from stages.base import (
     reject,
 )
 from stages.common import dedup as dd
+from stages.common.phash import ALGORITHMS, image_hash
 
 #: Rows sharing one band value are compared pairwise; chosen from the planted set.
 DEFAULT_MAX_DISTANCE = 2
-#: JPEGs are decoded at a reduced scale (DCT scaling) no smaller than this;
-#: the hash reads a 32x32 (pHash) or 9x8 (dHash) thumbnail anyway.
-DRAFT_SIZE = 128
-ALGORITHMS = ("phash", "dhash")
 
 
 @dataclass(frozen=True)
@@ -240,17 +236,6 @@ class PerceptualDedupStage(GlobalStage):
             for d, s in zip(dist.tolist(), c["size"][drop].tolist())
         ]
         return dd.decisions(c["key"][drop], f"duplicate_{self.column}", details, c["key"][surv])
-
-
-def image_hash(data: bytes, algorithm: str = "phash") -> str:
-    """The 64-bit perceptual hash of encoded image bytes as 16 hex digits."""
-    import imagehash
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.draft("L", (DRAFT_SIZE, DRAFT_SIZE))
-        fn = imagehash.phash if algorithm == "phash" else imagehash.dhash
-        return str(fn(im))
 
 
 def _bucket(bval: np.ndarray, buckets: int) -> np.ndarray:

@@ -1,10 +1,15 @@
 """Download, check, resize and re-encode the images of a URL list.
 
-Per batch, ``thread_count`` threads fetch the URLs (:mod:`stages.common.fetch`:
-address checks on every connection and redirect, byte cap, opt-outs) and
-read each image's header (:mod:`stages.common.resize`: pixel cap); the calling
-thread resizes and re-encodes the results with img2dataset's own
-``Resizer`` as they arrive, so downloading and resizing overlap.
+Per batch, ``thread_count`` threads each take a URL from fetch to encoded
+output: the fetch (:mod:`stages.common.fetch`: address checks on every
+connection and redirect, byte cap, opt-outs), the sha256 of the original
+bytes, the header (pixel cap and size checks before any decoding), then one
+decode, resize and re-encode with img2dataset's semantics
+(:mod:`stages.common.resize`; a JPEG far larger than its target is decoded
+at a reduced DCT scale) and, with ``perceptual_hash``, the pHash of the
+resized pixels, so ``dedup_phash`` need not decode the image again. OpenCV
+and the hash release the GIL for their heavy parts, so the threads resize in
+parallel while others wait on the network.
 
 Every row ends ``ok`` with an image, or ``failed`` with one reason:
 ``invalid_url``, ``blocked_address``, ``timeout``, ``connection_error``,
@@ -28,6 +33,8 @@ import numpy as np
 
 from stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
 from stages.common.fetch import AddressPolicy, SafeFetcher, error_text
+from stages.common.phash import ALGORITHMS as HASHES
+from stages.common.phash import pixels_hash
 from stages.common.resize import Resize, probe
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -47,6 +54,12 @@ class Config:
     #: jpg/webp quality 0-100; png compression 0-9
     encode_quality: int = 95
     skip_reencode: bool = False
+    #: decode a JPEG at 1/2, 1/4 or 1/8 scale (in the DCT domain) when that
+    #: still leaves >= 2x the output size; ``false`` gives img2dataset's bytes
+    reduced_decode: bool = True
+    #: ``phash`` or ``dhash``: hash the resized pixels into ``image_<name>``
+    #: (set by the job when a ``dedup_phash`` stage follows; see README)
+    perceptual_hash: str | None = None
     min_image_size: int = 0
     max_image_area: float | None = None
     max_aspect_ratio: float | None = None
@@ -77,6 +90,9 @@ class Config:
 
     def __post_init__(self):
         require(self.num_cpus > 0, "num_cpus", self.num_cpus, "> 0")
+        require(
+            self.perceptual_hash in (None, *HASHES), "perceptual_hash", self.perceptual_hash, "phash, dhash or null"
+        )
         require(self.resize_mode in RESIZE_MODES, "resize_mode", self.resize_mode, f"one of {', '.join(RESIZE_MODES)}")
         require(
             self.encode_format in ENCODE_FORMATS,
@@ -108,7 +124,7 @@ class Config:
 
 class _Worker:
     """What one worker process keeps between batches: the HTTP pool, the
-    thread pool and the Resizer."""
+    thread pool and the resizer."""
 
     def __init__(self, cfg: Config):
         self.fetcher = SafeFetcher(
@@ -134,6 +150,7 @@ class _Worker:
             min_image_size=cfg.min_image_size,
             max_image_area=cfg.max_image_area,
             max_aspect_ratio=cfg.max_aspect_ratio,
+            reduced_decode=cfg.reduced_decode,
         )
         self.threads = ThreadPoolExecutor(cfg.thread_count, thread_name_prefix="pairforge-download")
 
@@ -164,6 +181,7 @@ class _Row:
     original_height: int = -1
     sha256: str = ""
     http_status: int = 0
+    phash: str = ""
 
 
 class DownloadStage(Stage):
@@ -192,7 +210,12 @@ class DownloadStage(Stage):
             *(Column(c, "scalar", "int64", default=-1) for c in ints),
             Column("sha256", "string"),
             Column("http_status", "scalar", "int64", default=0),
+            *((Column(self.hash_column, "string"),) if self.config.perceptual_hash else ()),
         )
+
+    @property
+    def hash_column(self) -> str:
+        return f"image_{self.config.perceptual_hash}"
 
     def process_batch(self, batch: Batch) -> Batch:
         if self._worker is None:
@@ -223,34 +246,20 @@ class DownloadStage(Stage):
     # ------------------------------------------------------------ per row
 
     def _fetch_one(self, url) -> _Row:
-        """In a download thread: fetch, hash, read the header."""
+        """In a download thread: fetch, hash, check the header, resize, encode."""
         got = self._worker.fetcher.fetch(url)
         row = _Row(reason=got.reason, detail=got.detail, http_status=got.http_status)
         if got.reason:
             return row
         data = got.body
-        row.image = data
         row.sha256 = hashlib.sha256(data).hexdigest()
         head = probe(data, self.config.max_pixels)
         row.original_width, row.original_height = head.width, head.height
         if head.reason:
-            row.reason, row.image = head.reason, None
+            row.reason = head.reason
             row.detail = {"url": got.url, "http_status": got.http_status, "bytes": len(data), **(head.detail or {})}
-        return row
-
-    def _finish(self, fut, url) -> _Row:
-        """In the calling thread: resize what downloaded; never raise."""
-        try:
-            row = fut.result()
-            if not row.reason:
-                self._resize_row(row, url)
             return row
-        except Exception as e:  # noqa: BLE001 - one bad row never fails the batch
-            return _Row(reason="internal_error", detail={"url": _text(url), "error": error_text(e)})
-
-    def _resize_row(self, row: _Row, url) -> None:
-        out = self._worker.resize(row.image)
-        row.image = out.image
+        out = self._worker.resize(data, head)
         if out.reason:
             row.reason = out.reason
             row.detail = {
@@ -260,9 +269,25 @@ class DownloadStage(Stage):
                 "original_height": row.original_height,
                 **(out.detail or {}),
             }
-            return
+            return row
+        row.image = out.image
         row.width, row.height = out.width, out.height
         row.original_width, row.original_height = out.original_width, out.original_height
+        if self.config.perceptual_hash:
+            pixels = out.pixels
+            if pixels is None:  # img2dataset's Resizer made it: decode its output
+                import cv2
+
+                pixels = cv2.imdecode(np.frombuffer(out.image, np.uint8), cv2.IMREAD_UNCHANGED)
+            row.phash = pixels_hash(pixels, self.config.perceptual_hash)
+        return row
+
+    def _finish(self, fut, url) -> _Row:
+        """In the calling thread: the thread's outcome; never raise."""
+        try:
+            return fut.result()
+        except Exception as e:  # noqa: BLE001 - one bad row never fails the batch
+            return _Row(reason="internal_error", detail={"url": _text(url), "error": error_text(e)})
 
     # ------------------------------------------------------------ columns
 
@@ -273,6 +298,8 @@ class DownloadStage(Stage):
         for col in ("width", "height", "original_width", "original_height", "http_status"):
             batch[col] = np.array([getattr(r, col) for r in rows], dtype=np.int64)
         batch["sha256"] = object_array([r.sha256 for r in rows])
+        if self.config.perceptual_hash:
+            batch[self.hash_column] = object_array([r.phash for r in rows])
         failed = np.array([bool(r.reason) for r in rows], dtype=bool)
         bad = [r for r in rows if r.reason]
         reject(batch, failed, self.name, [r.reason for r in bad], [r.detail or {} for r in bad], status=STATUS_FAILED)

@@ -366,10 +366,11 @@ def test_every_row_accounted_for(server):
 
 def test_an_exception_in_one_row_never_fails_the_batch(server):
     class Flaky(DownloadStage):
-        def _resize_row(self, row, url):
+        def _fetch_one(self, url):
+            row = super()._fetch_one(url)
             if url.endswith("coffee.png"):
                 raise RuntimeError("boom")
-            super()._resize_row(row, url)
+            return row
 
     stage = Flaky(Config(allow_networks=LOCAL, thread_count=2))
     out = run_stage_batch(stage, make_batch([server.url("/astronaut.jpg"), server.url("/coffee.png")]))
