@@ -7,9 +7,9 @@ bytes, the header (pixel cap and size checks before any decoding), then one
 decode, resize and re-encode with img2dataset's semantics
 (:mod:`stages.common.resize`; a JPEG far larger than its target is decoded
 at a reduced DCT scale) and, with ``perceptual_hash``, the pHash of the
-resized pixels, so ``dedup_phash`` need not decode the image again. OpenCV
-and the hash release the GIL for their heavy parts, so the threads resize in
-parallel while others wait on the network.
+stored output (:mod:`stages.common.phash`), so ``dedup_phash`` need not go
+over the images again. OpenCV releases the GIL for its heavy parts, so the
+threads resize in parallel while others wait on the network.
 
 Every row ends ``ok`` with an image, or ``failed`` with one reason:
 ``invalid_url``, ``blocked_address``, ``timeout``, ``connection_error``,
@@ -34,7 +34,7 @@ import numpy as np
 from stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
 from stages.common.fetch import AddressPolicy, SafeFetcher, error_text
 from stages.common.phash import ALGORITHMS as HASHES
-from stages.common.phash import pixels_hash
+from stages.common.phash import image_hash
 from stages.common.resize import Resize, probe
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -57,7 +57,7 @@ class Config:
     #: decode a JPEG at 1/2, 1/4 or 1/8 scale (in the DCT domain) when that
     #: still leaves >= 2x the output size; ``false`` gives img2dataset's bytes
     reduced_decode: bool = True
-    #: ``phash`` or ``dhash``: hash the resized pixels into ``image_<name>``
+    #: ``phash`` or ``dhash``: hash the stored output into ``image_<name>``
     #: (set by the job when a ``dedup_phash`` stage follows; see README)
     perceptual_hash: str | None = None
     min_image_size: int = 0
@@ -274,12 +274,7 @@ class DownloadStage(Stage):
         row.width, row.height = out.width, out.height
         row.original_width, row.original_height = out.original_width, out.original_height
         if self.config.perceptual_hash:
-            pixels = out.pixels
-            if pixels is None:  # img2dataset's Resizer made it: decode its output
-                import cv2
-
-                pixels = cv2.imdecode(np.frombuffer(out.image, np.uint8), cv2.IMREAD_UNCHANGED)
-            row.phash = pixels_hash(pixels, self.config.perceptual_hash)
+            row.phash = image_hash(out.image, self.config.perceptual_hash)
         return row
 
     def _finish(self, fut, url) -> _Row:

@@ -29,10 +29,6 @@ are within ``tests/test_resize.py``'s PSNR bound of img2dataset's and the
 sizes identical. Images outside the fast path (16-bit, CMYK, palette PNG
 with transparency, anything OpenCV decodes to an unusual layout) go through
 img2dataset's own ``Resizer`` unchanged, serialised by a lock.
-
-The resized pixels are returned too, so hashes that need pixels (pHash) are
-computed from this one decode rather than from a second one of the stored
-file.
 """
 
 from __future__ import annotations
@@ -110,8 +106,6 @@ class Resized:
     original_height: int = -1
     reason: str = ""
     detail: dict | None = None
-    #: the output pixels before encoding (BGR, or 2-D grey); None from the reference path
-    pixels: np.ndarray | None = None
     #: 1, 2, 4 or 8: the DCT-domain reduction the decode used
     reduced: int = 1
 
@@ -211,7 +205,7 @@ class Resize:
             img, encode = self._apply(img, plan), True
         oh, ow = img.shape[:2]
         out = self._cv2.imencode(f".{self.ext}", img, self.params)[1].tobytes() if encode else bytes(data)
-        return Resized(out, ow, oh, w, h, pixels=img, reduced=k)
+        return Resized(out, ow, oh, w, h, reduced=k)
 
     def reference(self, data: bytes) -> Resized:
         """img2dataset's own ``Resizer`` on ``data`` (one at a time: it swaps
