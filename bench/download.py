@@ -1,20 +1,29 @@
-"""Download throughput: pairforge (download + shard on Ray Data, manifest and
-per-row accounting included) against plain img2dataset, same URL list, same
-settings, in one run.
+"""Download throughput: pairforge (on Ray Data, manifest and per-row
+accounting included) against plain img2dataset, same URL list, same
+settings, same cores, in one run.
 
-    python bench/download.py             # 3000 images
-    python bench/download.py --quick     # a smoke run (200 images)
+    python bench/download.py             # 3000 images, 3 timed passes per plan
+    python bench/download.py --quick     # a smoke run (200 images, 1 pass)
+
+Plans (issue 15's goals in brackets):
+
+    img2dataset            download alone (the baseline)
+    pairforge              download + shard                  [>= 1.5x]
+    pairforge+phash        download + dedup_phash + shard    [>= 1.3x]
+
+Each plan gets one untimed warm-up pass, then ``--passes`` timed passes; the
+order of the plans rotates from pass to pass, so no plan always runs first.
+The table gives the median and min-max images/s and the ratio of medians to
+img2dataset's. Afterwards the images both tools stored for the same URLs are
+compared: sizes must be identical, PSNR is printed (min and median).
 
 The images are real photos (skimage), cropped and scaled to 256-512 px and
-saved as JPEG, served from memory by ``pipeline.httpserver`` in a few
-server processes (one port each), so the network is loopback and the
-servers are not the bottleneck of either side. Both sides get the same
-processes/CPUs, threads, shard size, resize and encode settings; img2dataset
-runs with ``extract_exif=False`` since pairforge does not extract EXIF.
-
-Ray is started before the clock starts (a cluster is normally up before a
-job); its start-up time is printed apart. Timings on a shared or small
-machine are not figures to quote.
+saved as JPEG, served from memory by ``pipeline.httpserver`` in server
+processes of their own (one port each), so the network is loopback. Both
+sides get the same processes/CPUs, threads, shard size, resize and encode
+settings; img2dataset runs with ``extract_exif=False`` since pairforge does
+not extract EXIF. Ray is started before the clock starts (a cluster is
+normally up before a job); its start-up time is printed apart.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -87,7 +96,7 @@ def write_url_list(path: Path, n: int, ports: list[int]) -> None:
     pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(n)]}), path)
 
 
-def run_pairforge(args, urls: Path, out: Path, per_shard: int) -> tuple[float, int]:
+def run_pairforge(args, urls: Path, out: Path, per_shard: int, phash: bool = False) -> tuple[float, int]:
     from pipeline.config import load_job
     from pipeline.job import run_job
 
@@ -110,6 +119,7 @@ def run_pairforge(args, urls: Path, out: Path, per_shard: int) -> tuple[float, i
                     "batch_size": per_shard,
                     "allow_networks": ["127.0.0.1/32"],
                 },
+                *([{"name": "dedup_phash"}] if phash else []),
                 {"name": "shard"},
             ],
         },
@@ -150,11 +160,62 @@ def run_img2dataset(args, urls: Path, out: Path, per_shard: int) -> tuple[float,
     return dt, ok
 
 
+PLANS = ("img2dataset", "pairforge", "pairforge+phash")
+
+
+def one_pass(plan: str, args, urls: Path, out: Path, per_shard: int) -> tuple[float, int]:
+    if plan == "img2dataset":
+        return run_img2dataset(args, urls, out, per_shard)
+    return run_pairforge(args, urls, out, per_shard, phash=plan.endswith("phash"))
+
+
+def stored_images(folder: Path, pattern: str) -> dict[str, bytes]:
+    """url -> stored image bytes, from a folder of .tar + .parquet shards."""
+    import tarfile
+
+    out = {}
+    for tar in sorted(folder.glob(pattern)):
+        table = pq.read_table(tar.with_suffix(".parquet"), columns=["key", "url"]).to_pydict()
+        url_of = dict(zip(table["key"], table["url"]))
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, _, ext = m.name.partition(".")
+                if ext == "jpg" and key in url_of:
+                    out[url_of[key]] = tf.extractfile(m).read()
+    return out
+
+
+def compare_outputs(ours: Path, theirs: Path) -> dict:
+    """Sizes and PSNR of pairforge's stored images against img2dataset's."""
+    import cv2
+
+    a, b = stored_images(ours / "shards", "*.tar"), stored_images(theirs, "*.tar")
+    same_size, psnr = 0, []
+    for url in sorted(set(a) & set(b)):
+        x = cv2.imdecode(np.frombuffer(a[url], np.uint8), cv2.IMREAD_UNCHANGED).astype(np.float64)
+        y = cv2.imdecode(np.frombuffer(b[url], np.uint8), cv2.IMREAD_UNCHANGED).astype(np.float64)
+        if x.shape != y.shape:
+            continue
+        same_size += 1
+        mse = ((x - y) ** 2).mean()
+        psnr.append(float("inf") if mse == 0 else 10 * math.log10(255**2 / mse))
+    finite = [p for p in psnr if math.isfinite(p)]
+    return {
+        "compared": len(set(a) & set(b)),
+        "same_size": same_size,
+        "identical_pixels": len(psnr) - len(finite),
+        "psnr_min": min(finite) if finite else float("inf"),
+        "psnr_median": statistics.median(finite) if finite else float("inf"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     cpus = os.cpu_count() or 1
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=3000, help="images in the URL list")
-    p.add_argument("--quick", action="store_true", help="smoke run: 200 images")
+    p.add_argument("--quick", action="store_true", help="smoke run: 200 images, 1 timed pass")
+    p.add_argument("--passes", type=int, default=3, help="timed passes per plan (after 1 untimed warm-up)")
+    p.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated subset of {','.join(PLANS)}")
     p.add_argument("--processes", type=int, default=cpus, help="img2dataset processes = Ray CPUs")
     p.add_argument("--threads", type=int, default=32, help="download threads per process/task")
     p.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per pairforge download task (Ray's num_cpus)")
@@ -164,13 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encode-format", default="jpg")
     p.add_argument("--encode-quality", type=int, default=95)
     p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--only", choices=("pairforge", "img2dataset"), help="run one side only")
+    p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the output folders")
     args = p.parse_args(argv)
     n = 200 if args.quick else args.n
+    passes = 1 if args.quick else args.passes
+    plans = [x for x in args.plans.split(",") if x]
+    bad = [x for x in plans if x not in PLANS]
+    if bad:
+        p.error(f"--plans: unknown {bad}; expected some of {PLANS}")
     # shards >= 2 per process, so neither side idles on a short tail
     per_shard = max(10, math.ceil(n / (2 * args.processes)))
 
+    print(f"machine: {cpus} cores, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     print(f"making {n} JPEGs ...", flush=True)
     t0 = time.perf_counter()
     images = make_images(n)
@@ -182,42 +249,64 @@ def main(argv: list[str] | None = None) -> int:
     write_url_list(urls, n, ports)
     print(
         f"{n} URLs on {len(ports)} server processes; {args.processes} processes/CPUs x {args.threads} threads, "
-        f"{per_shard} per shard, {args.image_size}px {args.resize_mode} -> {args.encode_format}",
+        f"{per_shard} per shard, {args.image_size}px {args.resize_mode} -> {args.encode_format}; "
+        f"{passes} timed passes + 1 warm-up per plan, order rotated",
         flush=True,
     )
-    results = {}
+    rates: dict[str, list[float]] = {pl: [] for pl in plans}
+    quality = None
+    ray_up = False
     try:
-        if args.only != "img2dataset":
-            import ray
-
+        if any(pl.startswith("pairforge") for pl in plans):
             from pipeline.raystart import init_local
 
             t0 = time.perf_counter()
             init_local(num_cpus=args.processes, log_to_driver=False)
+            ray_up = True
             print(f"ray started in {time.perf_counter() - t0:.1f}s (not timed)", flush=True)
-            try:
-                results["pairforge"] = run_pairforge(args, urls, work / "pairforge", per_shard)
-            finally:
-                ray.shutdown()
-        if args.only != "pairforge":
-            results["img2dataset"] = run_img2dataset(args, urls, work / "img2dataset", per_shard)
+        for r in range(passes + 1):
+            order = plans[r % len(plans) :] + plans[: r % len(plans)]
+            for pl in order:
+                out = work / f"{pl}-{r}"
+                dt, ok = one_pass(pl, args, urls, out, per_shard)
+                tag = "warm-up" if r == 0 else f"pass {r}"
+                print(f"  {tag:8} {pl:16} {dt:7.2f}s {n / dt:7.1f} images/s  ({ok} stored)", flush=True)
+                if r:
+                    rates[pl].append(n / dt)
+                if r == passes and {"pairforge", "img2dataset"} <= set(plans) and pl == order[-1]:
+                    quality = compare_outputs(work / f"pairforge-{r}", work / f"img2dataset-{r}")
+                if not (args.keep or r == passes):
+                    shutil.rmtree(out, ignore_errors=True)
     finally:
         for s in servers:
             s.terminate()
+        if ray_up:
+            import ray
+
+            ray.shutdown()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"outputs kept in {work}")
 
-    print()
-    print(f"{'':12} {'seconds':>8} {'ok':>6} {'images/s':>9}")
-    for name, (dt, ok) in results.items():
-        print(f"{name:12} {dt:8.2f} {ok:6d} {n / dt:9.1f}")
-        if ok != n:
-            print(f"  warning: {name} saved {ok} of {n} images", file=sys.stderr)
-    if len(results) == 2:
-        ratio = results["img2dataset"][0] / results["pairforge"][0]
-        print(f"pairforge / img2dataset throughput: {ratio:.2f}x")
+    print(f"\n{'plan':16} {'median':>8} {'min-max':>15} {'x img2dataset':>14}  passes (images/s)")
+    base = statistics.median(rates["img2dataset"]) if rates.get("img2dataset") else None
+    table = {}
+    for pl in plans:
+        v = rates[pl]
+        m = statistics.median(v)
+        ratio = m / base if base else float("nan")
+        table[pl] = {"median": m, "min": min(v), "max": max(v), "passes": v, "x_img2dataset": ratio}
+        spread = f"{min(v):.0f}-{max(v):.0f}"
+        print(f"{pl:16} {m:8.1f} {spread:>15} {ratio:13.2f}x  {', '.join(f'{x:.0f}' for x in v)}")
+    if quality:
+        print(
+            f"\nstored images, pairforge vs img2dataset: {quality['same_size']}/{quality['compared']} same size, "
+            f"{quality['identical_pixels']} identical pixels, PSNR of the rest min {quality['psnr_min']:.1f} dB, "
+            f"median {quality['psnr_median']:.1f} dB"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"n": n, "cores": cpus, "plans": table, "quality": quality}, indent=2))
     return 0
 
 
