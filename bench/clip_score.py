@@ -25,7 +25,8 @@ Plans (``--plans``, comma separated; default: all that apply):
   tokenise ahead of it; ``ray-nvjpeg-2a`` two such actors sharing the GPU
   (``pipeline/example_job.yaml``; the headline); ``ray-nvjpeg-1t`` one actor, one batch at a time; ``ray-libjpeg`` ``--prefetch-actors`` actors with
   CPU tasks decoding (libjpeg), resizing and tokenising ahead of them (the
-  plan this project recommended before)
+  plan this project recommended before); a ``+compiled`` suffix (``ray-nvjpeg-2a+compiled``)
+  runs that plan with the stage's ``compile: true``
 
 Method: every plan is set up (models loaded, graphs captured; untimed), runs
 one untimed warm-up pass, then ``--passes`` timed passes; pass ``r`` runs the
@@ -111,6 +112,9 @@ class RayPlan(Plan):
     def __init__(self, args, source, name: str):
         self.args, self.source, self.name = args, source, name
         a = args
+        name, _, extra = name.partition("+")
+        if extra not in ("", "compiled"):
+            raise ValueError(f"unknown Ray plan {self.name!r} (the only suffix is +compiled)")
         if name == "ray-nvjpeg":
             self.cfg = dict(decode="nvjpeg", actors=1, cpus=1, threads=a.actor_threads, prefetch=True)
             what = f"1 actor x {a.actor_threads} threads, nvJPEG in the actor, tokens in CPU tasks"
@@ -128,6 +132,9 @@ class RayPlan(Plan):
             what = f"{a.prefetch_actors} actors x 1 CPU, libjpeg decode + resize + tokens in CPU tasks"
         else:
             raise ValueError(f"unknown Ray plan {name!r}")
+        if extra:  # the stage's compile: true (kept only within 1e-3 of eager; else graphs)
+            self.cfg["compile"] = True
+            what += ", compiled towers"
         self.label = f"Ray Data: {what}"
 
     def run(self) -> Clock:
