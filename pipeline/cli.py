@@ -32,7 +32,7 @@ def _cmd_run(args) -> int:
 
         # every file is written under a temporary name and renamed, so what is there is whole
         print(
-            f"pairforge: interrupted; {run_state(job.output.dir)}. Nothing is half-written; "
+            f"pairforge: interrupted; {run_state(job.output.dir, job.storage)}. Nothing is half-written; "
             f"finish with: pairforge run {args.job} --resume",
             file=sys.stderr,
         )
