@@ -324,10 +324,8 @@ def rmtree(root: Path | ObjectPath) -> None:
     if not isinstance(root, ObjectPath):
         shutil.rmtree(root, ignore_errors=True)
         return
-    try:
-        root.fs.delete_dir_contents(root.key, missing_dir_ok=True)
-    except FileNotFoundError:
-        pass
+    if root.exists():  # delete_dir of a missing prefix is an error on S3
+        root.fs.delete_dir(root.key)
 
 
 def walk_files(root: Path | ObjectPath) -> Iterator[Path | ObjectPath]:
