@@ -81,7 +81,11 @@ def check_job(job: JobConfig) -> list[str]:
             if len(problems) > before:
                 bad.add(where)
         prior = getattr(st.config, "prior_build", None)
-        if prior and not any((Path(prior) / "shards").glob("*.parquet")):
+        if prior and storage.is_uri(prior) and not str(prior).startswith("file://"):
+            problems.append(
+                f"{where}.prior_build: {prior!r}: an earlier build on object storage is not read yet; give a local copy of its shards/*.parquet"
+            )
+        elif prior and not any((Path(prior) / "shards").glob("*.parquet")):
             problems.append(f"{where}.prior_build: {prior!r} holds no shards/*.parquet (not the OUT of an earlier run)")
     if columns is not None:  # a stage with a problem declares nothing: the stages after it are not judged on it
         problems += check_columns([(w, None if w in bad else s) for w, s in stages], columns)

@@ -24,6 +24,7 @@ import yaml
 
 from manifests import layout, storage
 from manifests.manifest import read_manifest, verify
+from pipeline.checks import check_job
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, load_job
 from pipeline.engine import rows_mark
@@ -91,6 +92,15 @@ def test_storage_options_and_locations_are_checked_naming_key_and_value(s3, tmp_
     with pytest.raises(ConfigError, match="job.output.dir: 'ftp://h/run': scheme 'ftp' is not supported"):
         load_job({**base, "output": {"dir": "ftp://h/run"}}, tmp_path)
     pq.write_table(pa.table({"url": ["http://h/1"], "caption": ["c"]}), tmp_path / "u.parquet")
+    prior = {
+        **base,
+        "output": {"dir": "out"},
+        "stages": [{"name": "dedup_exact", "prior_build": "s3://b/old"}, "shard"],
+    }
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\(dedup_exact\).prior_build: 's3://b/old': an earlier build on object"
+    ):
+        check_job(load_job(prior, tmp_path))
     job = {**base, "output": {"dir": "s3://no-such-bucket/run"}, "storage": {"endpoint_url": s3[0]}, "runner": "local"}
     with pytest.raises(
         ConfigError, match="job.output.dir: 's3://no-such-bucket/run': bucket 'no-such-bucket' does not exist"
