@@ -15,7 +15,9 @@ the in-process runner and the Ray plan (they differ only in who calls them).
 Why files rather than Ray datasets between the phases: the images flow from
 download to their shard once, global stages read a few columns of every row
 without materialising the dataset, decisions never travel as a broadcast,
-and every phase's output survives the driver.
+and every phase's output survives the driver. ``OUT`` is a local folder or a
+bucket prefix (``manifests.storage``): on a cluster, every node reads and
+writes the same ``_work``, and a resume finds its marks there either way.
 """
 
 from __future__ import annotations
