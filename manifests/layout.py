@@ -25,15 +25,26 @@ This is the on-disk contract (LAION / img2dataset layout) that trainers and
 Image-bearing ``rows`` parts are removed once their shard is written; fit
 files and decisions stay (tens of bytes a row, plus embeddings where a fit
 reads them), so a resumed run refits without downloading finished shards.
+
+``OUT`` is a local folder or a prefix on object storage (``s3://bucket/run``,
+``gs://...``; ``manifests.storage``): every path here is a ``Path`` or an
+``ObjectPath`` accordingly, with the same names under it.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
+from manifests import storage
+from manifests.storage import ObjectPath
+
 SHARD_DIGITS = 5
+
+
+def _root(out) -> Path | ObjectPath:
+    """``OUT`` as a local path or an object-storage prefix (``manifests.storage``)."""
+    return storage.path(out)
 
 
 def shard_name(shard_id: int) -> str:
@@ -41,7 +52,7 @@ def shard_name(shard_id: int) -> str:
 
 
 def shards_dir(out: str | Path) -> Path:
-    return Path(out) / "shards"
+    return _root(out) / "shards"
 
 
 def shard_tar(out, shard_id: int) -> Path:
@@ -61,42 +72,42 @@ def sizes_json(out) -> Path:
 
 
 def rejects_parquet(out, shard_id: int) -> Path:
-    return Path(out) / "rejects" / f"{shard_name(shard_id)}.parquet"
+    return _root(out) / "rejects" / f"{shard_name(shard_id)}.parquet"
 
 
 def embedding_npy(out, column: str, shard_id: int) -> Path:
-    return Path(out) / "embeddings" / column / f"{column}_{shard_name(shard_id)}.npy"
+    return _root(out) / "embeddings" / column / f"{column}_{shard_name(shard_id)}.npy"
 
 
 def array_npy(out, column: str, shard_id: int) -> Path:
     """A ``store="arrays"`` ragged column of a shard's samples, concatenated."""
-    return Path(out) / "arrays" / column / f"{column}_{shard_name(shard_id)}.npy"
+    return _root(out) / "arrays" / column / f"{column}_{shard_name(shard_id)}.npy"
 
 
 def array_offsets(out, column: str, shard_id: int) -> Path:
     """Where each sample's rows start in :func:`array_npy` (n + 1 int64)."""
-    return Path(out) / "arrays" / column / f"{column}_{shard_name(shard_id)}.offsets.npy"
+    return _root(out) / "arrays" / column / f"{column}_{shard_name(shard_id)}.offsets.npy"
 
 
 def embedding_metadata(out, shard_id: int) -> Path:
     """The metadata of the rows of ``embedding_npy(out, *, shard_id)``, in their
     order: clip-retrieval's ``index`` copies ``embeddings/metadata`` beside the
     index and ``back`` serves its rows by their position in the embeddings."""
-    return Path(out) / "embeddings" / "metadata" / f"metadata_{shard_name(shard_id)}.parquet"
+    return _root(out) / "embeddings" / "metadata" / f"metadata_{shard_name(shard_id)}.parquet"
 
 
 def rejects_embedding_npy(out, column: str, shard_id: int) -> Path:
     """Embeddings of the rejected rows, in the order of ``rejects/S.parquet``
     (zeros where a row was rejected before it had one)."""
-    return Path(out) / "rejects" / f"{shard_name(shard_id)}_{column}.npy"
+    return _root(out) / "rejects" / f"{shard_name(shard_id)}_{column}.npy"
 
 
 def manifest_json(out) -> Path:
-    return Path(out) / "manifest.json"
+    return _root(out) / "manifest.json"
 
 
 def work_dir(out) -> Path:
-    return Path(out) / "_work"
+    return _root(out) / "_work"
 
 
 def rows_dir(out, shard_id: int) -> Path:
@@ -126,7 +137,7 @@ def reduced_dir(out, stage: str) -> Path:
 
 
 def side_table_dir(out, table: str) -> Path:
-    return Path(out) / table
+    return _root(out) / table
 
 
 def side_table_parquet(out, table: str, shard_id: int) -> Path:
@@ -138,7 +149,7 @@ def job_record(out) -> Path:
 
 
 def input_dir(out) -> Path:
-    return Path(out) / "_work" / "input"
+    return _root(out) / "_work" / "input"
 
 
 def input_shard(out, shard_id: int) -> Path:
@@ -154,17 +165,13 @@ def input_index(out) -> Path:
 TEMP_NAME = re.compile(r"^\..+\.tmp(-\d+)?$")
 
 
-def temp_files(out) -> list[Path]:
-    """Temporary files an interrupted run left anywhere under ``OUT``."""
-    return sorted(Path(root) / f for root, _, files in os.walk(out) for f in files if TEMP_NAME.match(f))
+def temp_files(out) -> list[Path | ObjectPath]:
+    """Temporary files an interrupted run left anywhere under ``OUT`` (none
+    on object storage, where an object is uploaded whole to its own key)."""
+    return sorted(f for f in storage.walk_files(_root(out)) if TEMP_NAME.match(f.name))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write_bytes(path: Path | ObjectPath, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename over
+    ``path``; on object storage, one upload of the whole object."""
+    storage.write_atomic(path, data)

@@ -17,9 +17,7 @@ import tarfile
 from importlib import metadata
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from manifests import layout
+from manifests import layout, storage
 from manifests.sources import count_sources, verify_sources
 
 FORMAT = "pairforge-manifest/2"
@@ -79,10 +77,10 @@ def stage_counters(stage_names: list[str], total: int, shard_stats: list[dict]) 
     return out
 
 
-def _sha256_file(path: Path) -> tuple[int, str]:
+def _sha256_file(path) -> tuple[int, str]:
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
             size += len(chunk)
@@ -91,13 +89,13 @@ def _sha256_file(path: Path) -> tuple[int, str]:
 
 def side_table_entries(out_dir, side_tables: dict[str, tuple[str, ...]]) -> dict:
     """Per side table: its link columns, rows and files with checksums."""
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     entries = {}
     for name, links in sorted(side_tables.items()):
         files, rows = {}, 0
         for path in sorted(layout.side_table_dir(out, name).glob("*.parquet")):
             size, digest = _sha256_file(path)
-            n = pq.read_metadata(path).num_rows
+            n = storage.read_metadata(path).num_rows
             files[str(path.relative_to(out))] = {"bytes": size, "sha256": digest, "rows": n}
             rows += n
         entries[name] = {"links": list(links), "rows": rows, "files": files}
@@ -129,7 +127,7 @@ def build_manifest(
     fits: list[dict] | None = None,
     side_tables: dict | None = None,
 ) -> dict:
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     shard_stats = sorted(shard_stats, key=lambda s: s["shard_id"])
     shards = []
     for st in shard_stats:
@@ -184,14 +182,14 @@ def write_manifest(out_dir, manifest: dict) -> Path:
 def read_manifest(out_dir) -> dict:
     path = layout.manifest_json(out_dir)
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"no manifest at {path}: is {out_dir} the output folder of a finished run?") from None
 
 
-def _tar_keys(path: Path) -> list[str]:
+def _tar_keys(path) -> list[str]:
     keys = []
-    with tarfile.open(path) as tar:
+    with path.open("rb") as f, tarfile.open(fileobj=f) as tar:
         for m in tar.getmembers():
             if m.name.endswith(".json"):
                 keys.append(m.name[: -len(".json")])
@@ -200,7 +198,7 @@ def _tar_keys(path: Path) -> list[str]:
 
 def verify(out_dir) -> list[str]:
     """Every problem found, as a sentence; an empty list means the run is whole."""
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     try:
         man = read_manifest(out)
     except (FileNotFoundError, json.JSONDecodeError) as e:
@@ -229,8 +227,8 @@ def verify(out_dir) -> list[str]:
         if not (tar.exists() and par.exists() and rej.exists()):
             continue
         tar_keys = _tar_keys(tar)
-        par_keys = pq.read_table(par, columns=["key"]).column("key").to_pylist()
-        rej_keys = pq.read_table(rej, columns=["key"]).column("key").to_pylist()
+        par_keys = storage.read_parquet(par, columns=["key"]).column("key").to_pylist()
+        rej_keys = storage.read_parquet(rej, columns=["key"]).column("key").to_pylist()
         if sorted(tar_keys) != sorted(par_keys):
             problems.append(
                 f"shard {sh['name']}: tar and parquet hold different keys ({len(tar_keys)} vs {len(par_keys)})"
@@ -257,7 +255,7 @@ def verify(out_dir) -> list[str]:
     return problems
 
 
-def _verify_side_tables(out: Path, tables: dict, shard_keys: set[str]) -> list[str]:
+def _verify_side_tables(out, tables: dict, shard_keys: set[str]) -> list[str]:
     """Checksums of every side-table file, and every key they link to is a
     sample in the shards (not a reject, not missing)."""
     problems = []
@@ -275,7 +273,7 @@ def _verify_side_tables(out: Path, tables: dict, shard_keys: set[str]) -> list[s
             if (size, digest) != (want["bytes"], want["sha256"]):
                 problems.append(f"{fname}: checksum mismatch")
                 continue
-            table = pq.read_table(path, columns=entry["links"])
+            table = storage.read_parquet(path, columns=entry["links"])
             for col in entry["links"]:
                 bad = [k for k in table.column(col).to_pylist() if k is not None and k not in shard_keys]
                 if bad:

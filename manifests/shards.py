@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from manifests import layout
+from manifests import layout, storage
 from stages.base import (
     IMAGE_COLUMN,
     STATUS_FAILED,
@@ -249,7 +249,7 @@ def write_shard(
     shard, ok or not) and return its stats (also written as ``S_stats.json``).
     ``schema``: the stages' declared columns (see ``stages.base.Column``);
     ``counters``: extra per-shard counters the runner adds to the stats."""
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     t_start = time.time()
     n = batch_len(rows)
     if n:
@@ -350,7 +350,7 @@ def _nested(counter: Counter) -> dict[str, dict[str, int]]:
 def read_stats(out_dir: str | Path, shard_id: int) -> dict | None:
     """The stats of a finished shard, or ``None`` when the shard is not
     finished (no stats file, or a file it lists is missing)."""
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     path = layout.shard_stats(out, shard_id)
     try:
         stats = json.loads(path.read_text())

@@ -14,20 +14,18 @@ from the shards and rejects alone (``_work`` is not part of the dataset).
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from manifests import layout
+from manifests import layout, storage
 
 
-def _by_source(path: Path, columns: tuple[str, ...] = ()) -> Counter:
+def _by_source(path, columns: tuple[str, ...] = ()) -> Counter:
     """Rows of a parquet file per ``(source, *columns)`` value, in the order
     they first appear (a file without a ``source`` column counts as ``""``)."""
-    names = set(pq.read_schema(path).names)
-    table = pq.read_table(path, columns=[c for c in ("source", *columns) if c in names])
+    names = set(storage.read_schema(path).names)
+    table = storage.read_parquet(path, columns=[c for c in ("source", *columns) if c in names])
     if not table.num_rows:
         return Counter()
     if not columns:
@@ -44,7 +42,7 @@ def count_sources(out_dir, shard_ids: list[int], with_input: bool = True) -> dic
     ``ok``, ``rejected`` and ``rejects_by_stage`` (stage -> reason -> rows).
     Without ``with_input`` (or when an input shard is gone), ``input`` is
     ``ok + rejected``."""
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     seen: dict[str, dict] = {}
 
     def entry(name) -> dict:

@@ -20,10 +20,13 @@ stage configs' own checks, ``pipeline.config``):
   with no network is an error saying how to give a local checkpoint;
 * every column a stage reads (``Stage.inputs()``) is in the URL list or
   declared (``Stage.outputs()``) by an earlier stage; else the error names the
-  stage, the column and the stage that would make it.
+  stage, the column and the stage that would make it;
+* an output on object storage (``s3://``, ``gs://``; ``manifests.storage``):
+  its bucket answers at the job's ``storage`` endpoint.
 
-Nothing here makes a network request, imports Ray or torch, or loads weights:
-open_clip's registries are read from its own files (its model configs, and its
+Nothing here imports Ray or torch or loads weights, and no network request
+is made but to the job's own object storage (the output's bucket, the input
+files' schemas) when it uses one. open_clip's registries are read from its own files (its model configs, and its
 ``pretrained.py`` loaded without the package, which would import torch), the
 weights are looked up in the Hugging Face and open_clip caches, and "no
 network" is ``HF_HUB_OFFLINE`` or no route to a public address (a UDP
@@ -46,6 +49,8 @@ import sys
 import types
 from pathlib import Path
 
+from manifests import storage
+from manifests.storage import StorageConfig
 from pipeline.config import ConfigError, JobConfig, field_error, input_entries
 from stages.base import IDENTITY_COLUMNS, Stage
 
@@ -76,13 +81,17 @@ def check_job(job: JobConfig) -> list[str]:
             if len(problems) > before:
                 bad.add(where)
         prior = getattr(st.config, "prior_build", None)
-        if prior and not any((Path(prior) / "shards").glob("*.parquet")):
+        if prior and storage.is_uri(prior) and not str(prior).startswith("file://"):
+            problems.append(
+                f"{where}.prior_build: {prior!r}: an earlier build on object storage is not read yet; give a local copy of its shards/*.parquet"
+            )
+        elif prior and not any((Path(prior) / "shards").glob("*.parquet")):
             problems.append(f"{where}.prior_build: {prior!r} holds no shards/*.parquet (not the OUT of an earlier run)")
     if columns is not None:  # a stage with a problem declares nothing: the stages after it are not judged on it
         problems += check_columns([(w, None if w in bad else s) for w, s in stages], columns)
     if job.ray.num_cpus is not None and job.ray.num_cpus < 1:
         problems.append(f"job.ray.num_cpus: expected >= 1 (or null: all of this machine's), got {job.ray.num_cpus!r}")
-    problems += _check_output(job.output.dir)
+    problems += _check_output(job.output.dir, job.storage)
     if problems:
         raise ConfigError("\n".join(problems))
     return warnings
@@ -102,7 +111,15 @@ def _build_stages(job: JobConfig, problems: list[str]) -> list[tuple[str, Stage 
     return out
 
 
-def _check_output(out_dir: str) -> list[str]:
+def _check_output(out_dir: str, config: StorageConfig) -> list[str]:
+    if storage.is_uri(out_dir):
+        try:
+            root = storage.path(out_dir, config)
+        except ValueError as e:
+            return [f"job.output.dir: {e}"]
+        if storage.is_object(root):
+            return _check_bucket(root)
+        out_dir = str(root)
     p = Path(out_dir)
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -110,6 +127,23 @@ def _check_output(out_dir: str) -> list[str]:
         return [f"job.output.dir: {out_dir!r} is inside {str(p)!r}, which is not a folder"]
     if not os.access(p, os.W_OK | os.X_OK):
         return [f"job.output.dir: {out_dir!r} cannot be written ({str(p)!r} is not writable)"]
+    return []
+
+
+def _check_bucket(root) -> list[str]:
+    """The output's bucket answers: one request to the job's own storage
+    (the only one made here), so that a wrong endpoint, bucket or missing
+    credentials is a line now rather than a failed task later."""
+    bucket = root.key.split("/", 1)[0]
+    where = f"job.output.dir: {str(root)!r}"
+    endpoint = root.config.endpoint_url or "the provider's endpoint"
+    try:
+        found = storage.ObjectPath(root.scheme, bucket, root.config).is_dir()
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return [f"{where}: cannot reach bucket {bucket!r} at {endpoint} (job.storage): {first}"]
+    if not found:
+        return [f"{where}: bucket {bucket!r} does not exist at {endpoint} (job.storage)"]
     return []
 
 
@@ -126,7 +160,7 @@ def input_columns(job: JobConfig, problems: list[str]) -> set[str] | None:
     common: set[str] | None = None
     for where, cfg in input_entries(job.input):
         try:
-            paths = expand_paths(cfg.paths, where)
+            paths = expand_paths(cfg.paths, where, job.storage)
         except ConfigError as e:
             problems.append(str(e))
             return None
@@ -150,26 +184,25 @@ def input_columns(job: JobConfig, problems: list[str]) -> set[str] | None:
     return common
 
 
-def _schema_names(path: Path, fmt: str) -> list[str]:
+def _schema_names(path, fmt: str) -> list[str]:
     """Column names from a file's footer or first block, not its rows."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
-    import pyarrow.parquet as pq
 
     if fmt == "parquet":
-        return pq.read_schema(path).names
+        return storage.read_schema(path).names
     if fmt == "coco":  # one JSON object: its rows' columns are the reader's; the reader checks the rest
         from pipeline.reader import COCO_COLUMNS
 
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             if f.read(4096).lstrip()[:1] != b"{":
                 raise ValueError("not COCO captions JSON (an object with 'images' and 'annotations')")
         return list(COCO_COLUMNS)
     if fmt in ("csv", "tsv"):
         opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
-        with pacsv.open_csv(path, parse_options=opts) as reader:
+        with storage.arrow_input(path) as src, pacsv.open_csv(src, parse_options=opts) as reader:
             return reader.schema.names
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         head = f.read(1 << 20)
     head = head[: head.rfind(b"\n") + 1] or head
     return pajson.read_json(io.BytesIO(head)).schema.names if head.strip() else []

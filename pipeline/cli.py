@@ -2,9 +2,9 @@
 
 pairforge run JOB.yaml [--address ADDR] [--resume] [--verbose] [--progress-every S]
 pairforge demo [--out DIR] [--runner ray|local] [--verbose]
-pairforge manifest show DIR
-pairforge manifest verify DIR
-pairforge manifest diff OLD NEW [--json]
+pairforge manifest show DIR [--endpoint-url URL] [--region R]
+pairforge manifest verify DIR [--endpoint-url URL] [--region R]
+pairforge manifest diff OLD NEW [--json] [--endpoint-url URL] [--region R]
 pairforge export coco DIR [--out FILE] [--captions FILE]
 pairforge report DIR [--out DIR] [--pairs N]
 pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
@@ -32,7 +32,7 @@ def _cmd_run(args) -> int:
 
         # every file is written under a temporary name and renamed, so what is there is whole
         print(
-            f"pairforge: interrupted; {run_state(job.output.dir)}. Nothing is half-written; "
+            f"pairforge: interrupted; {run_state(job.output.dir, job.storage)}. Nothing is half-written; "
             f"finish with: pairforge run {args.job} --resume",
             file=sys.stderr,
         )
@@ -53,15 +53,30 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _where(args, location: str):
+    """A run folder or object-storage URI (``s3://bucket/run``), with the
+    storage options given on the command line (``--endpoint-url``, ``--region``)."""
+    from manifests import storage
+    from pipeline.config import ConfigError
+
+    try:
+        cfg = storage.StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
+        return storage.path(location, cfg)
+    except ValueError as e:
+        raise ConfigError(f"{location}: {e}") from None
+
+
 def _cmd_show(args) -> int:
+    from manifests import storage
     from manifests.manifest import read_manifest
 
-    man = read_manifest(args.dir)
+    where = _where(args, args.dir)
+    man = read_manifest(where)
     if args.json:
         print(json.dumps(man, indent=1))
         return 0
     c = man["counts"]
-    print(f"run:      {os.path.abspath(args.dir)}")
+    print(f"run:      {where if storage.is_object(where) else os.path.abspath(args.dir)}")
     print(
         f"format:   {man['format']}   pairforge {man['versions'].get('pairforge')}   ray {man['versions'].get('ray')}"
     )
@@ -81,7 +96,7 @@ def _cmd_show(args) -> int:
 def _cmd_verify(args) -> int:
     from manifests.manifest import verify
 
-    problems = verify(args.dir)
+    problems = verify(_where(args, args.dir))
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
         for p in problems[:50]:
@@ -96,7 +111,7 @@ def _cmd_verify(args) -> int:
 def _cmd_diff(args) -> int:
     from manifests.diff import diff_runs, format_diff
 
-    d = diff_runs(args.old, args.new)
+    d = diff_runs(_where(args, args.old), _where(args, args.new))
     print(json.dumps(d, indent=1) if args.json else format_diff(d))
     return 1 if d["changed"] else 0
 
@@ -132,6 +147,15 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _storage_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="an S3-compatible server for s3:// runs (default: $AWS_ENDPOINT_URL, else AWS)",
+    )
+    p.add_argument("--region", help="the S3 region (default: $AWS_REGION, else us-east-1)")
+
+
 def _progress_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="also Ray Data's own progress bars and INFO logs")
     p.add_argument(
@@ -165,14 +189,17 @@ def _parser() -> argparse.ArgumentParser:
     s = msub.add_parser("show", help="summarise a run")
     s.add_argument("dir")
     s.add_argument("--json", action="store_true", help="print the whole manifest")
+    _storage_flags(s)
     s.set_defaults(fn=_cmd_show)
     v = msub.add_parser("verify", help="recompute checksums and check the row accounting")
-    v.add_argument("dir")
+    v.add_argument("dir", help="the run's folder, or its s3:// / gs:// prefix")
+    _storage_flags(v)
     v.set_defaults(fn=_cmd_verify)
     df = msub.add_parser("diff", help="what changed between two runs (exit 1 if anything did)", description=_diff_doc())
     df.add_argument("old")
     df.add_argument("new")
     df.add_argument("--json", action="store_true", help="the differences as JSON")
+    _storage_flags(df)
     df.set_defaults(fn=_cmd_diff)
 
     e = sub.add_parser("export", help="write a run's shards in another tool's format")

@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+from manifests import storage
+from manifests.storage import StorageConfig
+
 
 class ConfigError(ValueError):
     pass
@@ -88,6 +91,8 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     #: ``ray`` (default) or ``local`` (in-process, for tests and debugging)
     runner: str = "ray"
+    #: how to reach ``s3://`` / ``gs://`` input and output (``manifests.storage``)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 def build(cls, data: Any, where: str):
@@ -238,25 +243,27 @@ def load_job(source: str | Path | dict, base_dir: Path | None = None) -> JobConf
     raw_stages = data.pop("stages", None)
     job = build(_JobNoStages, data, "job")
     inp = _inputs(job.input, base)
-    out = dataclasses.replace(job.output, dir=str(_abs(base, job.output.dir)))
+    out = dataclasses.replace(job.output, dir=str(_abs(base, job.output.dir, "job.output.dir")))
     if job.runner not in ("ray", "local"):
         raise ConfigError(f"job.runner: expected 'ray' or 'local', got {job.runner!r}")
     if out.samples_per_shard < 1:
         raise ConfigError("job.output.samples_per_shard: must be >= 1")
-    return JobConfig(input=inp, output=out, stages=stage_specs(raw_stages), ray=job.ray, runner=job.runner)
+    return JobConfig(
+        input=inp, output=out, stages=stage_specs(raw_stages), ray=job.ray, runner=job.runner, storage=job.storage
+    )
 
 
 def _inputs(raw: Any, base: Path) -> InputConfig | tuple[InputConfig, ...]:
     """The single form as before; a list builds each source as ``input[i]``."""
 
-    def resolved(cfg: InputConfig) -> InputConfig:
-        return dataclasses.replace(cfg, paths=tuple(str(_abs(base, p)) for p in cfg.paths))
+    def resolved(cfg: InputConfig, where: str) -> InputConfig:
+        return dataclasses.replace(cfg, paths=tuple(str(_abs(base, p, f"{where}.paths")) for p in cfg.paths))
 
     if not isinstance(raw, list):
-        return resolved(build(InputConfig, raw, "job.input"))
+        return resolved(build(InputConfig, raw, "job.input"), "job.input")
     if not raw:
         raise ConfigError("input: expected a mapping or a non-empty list of sources, got []")
-    items = tuple(resolved(build(InputConfig, item, f"input[{i}]")) for i, item in enumerate(raw))
+    items = tuple(resolved(build(InputConfig, item, f"input[{i}]"), f"input[{i}]") for i, item in enumerate(raw))
     named: dict[str, int] = {}
     for i, cfg in enumerate(items):
         if cfg.source is not None and named.setdefault(cfg.source, i) != i:
@@ -272,9 +279,20 @@ class _JobNoStages:
     output: OutputConfig
     ray: RayConfig = field(default_factory=RayConfig)
     runner: str = "ray"
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
-def _abs(base: Path, p: str) -> Path:
+def _abs(base: Path, p: str, where: str) -> Path | str:
+    """A local path relative to the job file's folder; an object-storage URI
+    as it is (``file://`` is a local path)."""
+    if storage.is_uri(p):
+        try:
+            loc = storage.path(p)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if storage.is_object(loc):
+            return p
+        p = str(loc)
     q = Path(p).expanduser()
     return q if q.is_absolute() else (base / q)
 
@@ -286,4 +304,6 @@ def to_dict(job: JobConfig) -> dict:
         if not entry["columns"]:  # recorded as before there was one (a resume compares the records)
             del entry["columns"]
     d["stages"] = [{"name": s.name, **dataclasses.asdict(s.config)} for s in job.stages]
+    if job.storage == StorageConfig():  # a job without the section is recorded as before it existed
+        del d["storage"]
     return d

@@ -15,25 +15,25 @@ the in-process runner and the Ray plan (they differ only in who calls them).
 Why files rather than Ray datasets between the phases: the images flow from
 download to their shard once, global stages read a few columns of every row
 without materialising the dataset, decisions never travel as a broadcast,
-and every phase's output survives the driver.
+and every phase's output survives the driver. ``OUT`` is a local folder or a
+bucket prefix (``manifests.storage``): on a cluster, every node reads and
+writes the same ``_work``, and a resume finds its marks there either way.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from manifests import layout
+from manifests import layout, storage
 from manifests.shards import to_arrow
+from manifests.storage import ObjectPath
 from pipeline.batches import table_to_batch
 from stages.base import (
     STATUS_DROPPED,
@@ -56,7 +56,8 @@ FIT_BASE = ("key", "status", "stage")
 class RunSpec:
     """What every task of a run needs: small, picklable, O(1) in rows."""
 
-    out: str
+    #: the output folder (a path) or object-storage prefix (``manifests.storage.ObjectPath``)
+    out: str | ObjectPath
     stages: tuple[Stage, ...]
     shard_stage: Stage
     samples_per_shard: int
@@ -102,7 +103,7 @@ def alive_at(rows: Batch, spec: RunSpec, position: int) -> np.ndarray:
 
 
 def read_input(spec: RunSpec, shard_id: int) -> Batch:
-    return table_to_batch(pq.read_table(layout.input_shard(spec.out, shard_id)))
+    return table_to_batch(storage.read_parquet(layout.input_shard(spec.out, shard_id)))
 
 
 def save_rows(batch: Batch, spec: RunSpec) -> Batch:
@@ -115,14 +116,9 @@ def save_rows(batch: Batch, spec: RunSpec) -> Batch:
     for sid in np.unique(sids):
         rows = take(batch, np.flatnonzero(sids == sid))
         folder = layout.rows_dir(spec.out, int(sid))
-        folder.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
-        tmp = folder / f".{name}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            pickle.dump(rows, f, protocol=5)
-        os.replace(tmp, folder / f"{name}.pkl")
-        pq.write_table(to_arrow(rows, fit_cols, spec.schema), tmp)
-        os.replace(tmp, folder / f"{name}.fit.parquet")
+        storage.write_atomic(folder / f"{name}.pkl", pickle.dumps(rows, protocol=5), fsync=False)
+        storage.write_parquet(folder / f"{name}.fit.parquet", to_arrow(rows, fit_cols, spec.schema))
         rec["shard_id"].append(int(sid))
         rec["rows"].append(batch_len(rows))
         rec["part"].append(name)
@@ -177,9 +173,7 @@ def rows_mark(out, shard_id: int, images: bool = True) -> dict | None:
 
 def clear_rows(out, shard_id: int) -> None:
     """Forget an unfinished per-row pass of one input shard."""
-    import shutil
-
-    shutil.rmtree(layout.rows_dir(out, shard_id), ignore_errors=True)
+    storage.rmtree(layout.rows_dir(out, shard_id))
 
 
 def read_fit_rows(spec: RunSpec, shard_id: int, columns) -> Batch:
@@ -188,7 +182,7 @@ def read_fit_rows(spec: RunSpec, shard_id: int, columns) -> Batch:
         raise RuntimeError(f"input shard {shard_id} has no finished per-row pass")
     folder = layout.rows_dir(spec.out, shard_id)
     cols = list(dict.fromkeys([*FIT_BASE, *columns]))
-    tables = [pq.read_table(folder / f"{p}.fit.parquet", columns=cols) for p in mark["parts"]]
+    tables = [storage.read_parquet(folder / f"{p}.fit.parquet", columns=cols) for p in mark["parts"]]
     return table_to_batch(pa.concat_tables(tables)) if tables else {}
 
 
@@ -197,7 +191,7 @@ def read_fit_rows(spec: RunSpec, shard_id: int, columns) -> Batch:
 
 def read_decisions(spec: RunSpec, stage: str, shard_id: int) -> Batch:
     path = layout.decisions_parquet(spec.out, stage, shard_id)
-    return table_to_batch(pq.read_table(path)) if path.exists() else {}
+    return table_to_batch(storage.read_parquet(path)) if path.exists() else {}
 
 
 def _reset_later_columns(rows: Batch, idx: np.ndarray, spec: RunSpec, position: int) -> None:
@@ -271,10 +265,9 @@ def write_output_shard(spec: RunSpec, shard_id: int) -> dict:
     folder = layout.rows_dir(spec.out, shard_id)
     parts = []
     for p in mark["parts"]:
-        with open(folder / f"{p}.pkl", "rb") as f:
-            parts.append(pickle.load(f))
+        parts.append(pickle.loads((folder / f"{p}.pkl").read_bytes()))
     rows, counters = apply_decisions(concat(parts), spec, shard_id)
     stats = spec.shard_stage.write_group(rows, spec.out, shard_id, schema=spec.schema, counters=counters)
     for p in mark["parts"]:
-        Path(folder / f"{p}.pkl").unlink(missing_ok=True)
+        (folder / f"{p}.pkl").unlink(missing_ok=True)
     return stats

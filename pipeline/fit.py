@@ -23,13 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import shutil
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from manifests import layout
+from manifests import layout, storage
 from manifests.shards import to_arrow
 from pipeline.engine import RunSpec, alive_at, read_decisions, read_fit_rows
 from stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
@@ -93,10 +91,7 @@ def _sample_shard(shard_id: int, spec: RunSpec, stage: GlobalStage, cut: int) ->
     rows = alive_rows(spec, stage, shard_id)
     h = key_hashes(rows["key"])
     pick = take(rows, np.flatnonzero(h < np.uint64(cut)))
-    path = _sample_dir(spec, stage) / f"{shard_id:08d}.pkl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(pick, f, protocol=5)
+    storage.write_atomic(_sample_dir(spec, stage) / f"{shard_id:08d}.pkl", pickle.dumps(pick, protocol=5), fsync=False)
     return len(h), batch_len(pick)
 
 
@@ -110,8 +105,7 @@ def _learn(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
     is no work for the driver)."""
     parts = []
     for path in sorted(_sample_dir(spec, stage).glob("*.pkl")):
-        with open(path, "rb") as f:
-            parts.append(pickle.load(f))
+        parts.append(pickle.loads(path.read_bytes()))
     sample = concat([p for p in parts if batch_len(p)])
     limit = int(stage.sample_rows)
     if batch_len(sample) > limit:
@@ -119,7 +113,7 @@ def _learn(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
     if batch_len(sample):
         sample = take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
     stage.learn(sample)
-    shutil.rmtree(_sample_dir(spec, stage), ignore_errors=True)
+    storage.rmtree(_sample_dir(spec, stage))
     stage._fit_sample_rows = batch_len(sample)
     return stage
 
@@ -132,25 +126,22 @@ def _emit_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> Batch:
 
 def _reduce(rows: Batch, spec: RunSpec, stage: GlobalStage) -> str:
     """One bucket's reduction, left in a file: the combine task reads it, so
-    reduced rows never pass through the driver."""
+    reduced rows never pass through the driver. Returns the file's name in
+    ``reduced_dir``."""
     out = stage.reduce_bucket(rows)
     bucket = int(np.asarray(rows["bucket"])[0])
     path = layout.reduced_dir(spec.out, stage.name) / f"{bucket:08d}.pkl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(out, f, protocol=5)
-    tmp.replace(path)
-    return str(path)
+    storage.write_atomic(path, pickle.dumps(out, protocol=5), fsync=False)
+    return path.name
 
 
-def _combine(paths: list[str], spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
+def _combine(names: list[str], spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
+    folder = layout.reduced_dir(spec.out, stage.name)
     reduced = []
-    for path in sorted(paths):  # bucket order, whatever order the reducers finished in
-        with open(path, "rb") as f:
-            reduced.append(pickle.load(f))
+    for name in sorted(names):  # bucket order, whatever order the reducers finished in
+        reduced.append(pickle.loads((folder / name).read_bytes()))
     result = stage.combine(concat([r for r in reduced if batch_len(r)]))
-    shutil.rmtree(layout.reduced_dir(spec.out, stage.name), ignore_errors=True)
+    storage.rmtree(folder)
     return stage, store_result(spec, stage, result, shards=None)
 
 
@@ -182,7 +173,7 @@ def store_result(spec: RunSpec, stage: GlobalStage, result: FitResult, shards, m
             if merge and path.exists():
                 from pipeline.batches import table_to_batch
 
-                part = concat([table_to_batch(pq.read_table(path)), part])
+                part = concat([table_to_batch(storage.read_parquet(path)), part])
             part = take(part, np.argsort(part[link].astype(str), kind="stable"))
             _write_parquet(path, part, spec)
         if table == "decisions":
@@ -194,10 +185,7 @@ def store_result(spec: RunSpec, stage: GlobalStage, result: FitResult, shards, m
 
 
 def _write_parquet(path, batch: Batch, spec: RunSpec) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(to_arrow(batch, list(batch), spec.schema), tmp, compression="zstd")
-    tmp.replace(path)
+    storage.write_parquet(path, to_arrow(batch, list(batch), spec.schema), compression="zstd")
 
 
 # ------------------------------------------------------------------ the fit
@@ -221,9 +209,9 @@ def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: li
     """Fit ``stage`` over every shard's fit files and store its decisions.
     Returns the fit's counters (also written as its done mark)."""
     t0 = time.perf_counter()
-    shutil.rmtree(layout.fit_dir(spec.out, stage.name), ignore_errors=True)
+    storage.rmtree(layout.fit_dir(spec.out, stage.name))
     for table in stage.side_tables():
-        shutil.rmtree(layout.side_table_dir(spec.out, table), ignore_errors=True)
+        storage.rmtree(layout.side_table_dir(spec.out, table))
     info: dict = {"stage": stage.name}
     steps: dict[str, float] = {}
 

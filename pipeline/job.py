@@ -11,9 +11,8 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
-from manifests import layout
+from manifests import layout, storage
 from manifests.manifest import build_manifest, write_manifest, write_sizes
 from manifests.shards import read_stats
 from pipeline import engine
@@ -72,12 +71,13 @@ def _ray_info(ray) -> dict:
     }
 
 
-def _check_job_record(out: Path, job: JobConfig, resume: bool) -> None:
+def _check_job_record(out, job: JobConfig, resume: bool) -> None:
     """A resumed run must run the same stages with the same settings: its
     finished rows and fits were made by them."""
     rec = to_dict(job)
     rec.pop("ray", None)
     rec.pop("runner", None)  # both runners give the same rows
+    rec.pop("storage", None)  # how the bucket is reached, not what is in it
     rec["output"] = {k: v for k, v in rec["output"].items() if k != "dir"}
     path = layout.job_record(out)
     if resume and path.exists():
@@ -121,13 +121,13 @@ def run_job(
     seconds between progress lines when stderr is not a terminal."""
     for warning in check_job(job):
         _log(f"warning: {warning}")
-    out = Path(job.output.dir)
+    out = storage.path(job.output.dir, job.storage)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     if not resume and (layout.shards_dir(out).exists() or layout.manifest_json(out).exists()):
         raise JobError(f"{out} already holds a run; pass --resume to finish it, or choose a new output folder")
     old_index = read_index(out) if resume else None
-    index = split_input(job.input, out, job.output.samples_per_shard)
+    index = split_input(job.input, out, job.output.samples_per_shard, config=job.storage)
     if old_index is not None and old_index.to_json() != index.to_json():
         raise JobError(f"{out}: the URL lists changed since the interrupted run; resume needs the same input")
     _check_job_record(out, job, resume)
@@ -139,7 +139,7 @@ def run_job(
             _log(f"resume: removed {len(stale)} temporary file(s) an interrupted write left")
     shard_ids = sorted(index.shard_rows)
     stages, shard_stage = instantiate(job)
-    spec = RunSpec(str(out), tuple(stages), shard_stage, index.samples_per_shard)
+    spec = RunSpec(out if storage.is_object(out) else str(out), tuple(stages), shard_stage, index.samples_per_shard)
     written = [s for s in shard_ids if resume and read_stats(out, s) is not None]
     have_fit = {s for s in shard_ids if engine.rows_mark(out, s, images=False) is not None}
     waiting = [s for s in shard_ids if s not in written and engine.rows_mark(out, s) is not None]
@@ -161,6 +161,8 @@ def run_job(
     try:
         if session is not None:
             ray_info = _ray_info(session[0])
+            if ray_info["nodes"] > 1 and not storage.is_object(out):
+                _log(f"warning: {ray_info['nodes']} nodes write to {out}: it must be a folder every node sees (NFS)")
         t_rows = time.perf_counter()
         if todo:
             tracker = ProgressTracker(spec, {s: index.shard_rows[s] for s in todo}, every=progress_every)
@@ -249,22 +251,20 @@ def _find_stage_error(e: BaseException | None, depth: int = 0) -> StageError | N
     return None
 
 
-def _stage_error(out: Path, e: StageError) -> str:
+def _stage_error(out, e: StageError) -> str:
     """One line for the user; the trace goes to ``OUT/_work/error.log``."""
     log = layout.work_dir(out) / "error.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write(f"{datetime.now(timezone.utc).isoformat()} stage {e.stage}, row {e.key}\n{e.trace}\n")
+    storage.append_text(log, f"{datetime.now(timezone.utc).isoformat()} stage {e.stage}, row {e.key}\n{e.trace}\n")
     where = f"row {e.key}" if e.key is not None else "a batch (no single row fails alone)"
     # the fields, not str(e): under Ray the exception's text is Ray's whole traceback
     return f"stage {e.stage} failed on {where}: {e.error} (trace in {log}; a stage should reject a bad row, not raise)"
 
 
-def run_state(out_dir) -> str:
+def run_state(out_dir, config: storage.StorageConfig | None = None) -> str:
     """What an interrupted run left on disk, in one line."""
     from pipeline.reader import read_index
 
-    out = Path(out_dir)
+    out = storage.path(out_dir, config)
     index = read_index(out)
     if index is None:
         return "no input shard was written yet"

@@ -26,9 +26,8 @@ import time
 from collections import Counter
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from manifests import layout
+from manifests import layout, storage
 from pipeline.engine import RowsTracker, RunSpec
 
 #: seconds between progress lines when stderr is not a terminal
@@ -110,7 +109,7 @@ class ProgressTracker(RowsTracker):
             return
         path = layout.rows_dir(self.spec.out, shard_id) / f"{part}.fit.parquet"
         try:
-            stage = pq.read_table(path, columns=["stage"]).column("stage")
+            stage = storage.read_parquet(path, columns=["stage"]).column("stage")
         except (OSError, KeyError, ValueError):  # not readable from the driver: show no drops
             self._read_drops = False
             return

@@ -14,7 +14,6 @@ columns first; a COCO captions JSON is read as one row per caption.
 
 from __future__ import annotations
 
-import glob
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from manifests import layout
+from manifests import layout, storage
+from manifests.storage import ObjectPath, StorageConfig
 from pipeline.config import FORMATS, ConfigError, InputConfig, input_entries
 from stages.base import IDENTITY_COLUMNS, STATUS_OK
 
@@ -63,20 +63,27 @@ class InputIndex:
         )
 
 
-def expand_paths(paths: tuple[str, ...], where: str = "input") -> list[Path]:
-    out: list[Path] = []
+def expand_paths(
+    paths: tuple[str, ...], where: str = "input", config: StorageConfig | None = None
+) -> list[Path | ObjectPath]:
+    """The files ``paths`` name, globs expanded: local paths, or objects
+    (``s3://``, ``gs://``) reached with the job's ``storage`` options."""
+    out: list[Path | ObjectPath] = []
     for p in paths:
-        hits = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
+        try:
+            hits = storage.expand(p, config)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{where}.paths: {e}") from None
         if not hits:
             raise ConfigError(f"{where}.paths: no file matches {p!r}")
         for h in hits:
-            if not Path(h).is_file():
+            if not h.is_file():
                 raise ConfigError(f"{where}.paths: not a file: {h}")
-            out.append(Path(h))
+            out.append(h)
     return out
 
 
-def detect_format(path: Path, fmt: str, where: str = "input") -> str:
+def detect_format(path: Path | ObjectPath, fmt: str, where: str = "input") -> str:
     if fmt != "auto":
         if fmt not in FORMATS:
             raise ConfigError(f"{where}.format: expected one of auto, {', '.join(FORMATS)}, got {fmt!r}")
@@ -88,7 +95,7 @@ def detect_format(path: Path, fmt: str, where: str = "input") -> str:
     return by_suffix[suffix]
 
 
-def renamed_names(names: list[str], cfg: InputConfig, path: Path, where: str = "input") -> list[str]:
+def renamed_names(names: list[str], cfg: InputConfig, path, where: str = "input") -> list[str]:
     """A file's column names after ``cfg.columns``; a mapped column the file
     lacks, a target that is pairforge's own or that two columns would get is
     an error naming the key."""
@@ -113,20 +120,22 @@ def carried_names(names: list[str], cfg: InputConfig) -> dict[str, str]:
     return {n: f"input_{n}" if n in RESERVED else n for n in names if n not in (cfg.url_col, cfg.caption_col)}
 
 
-def iter_batches(path: Path, fmt: str) -> Iterator[pa.RecordBatch]:
-    if fmt == "parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=READ_ROWS)
-    elif fmt in ("csv", "tsv"):
-        opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
-        conv = pacsv.ConvertOptions(strings_can_be_null=True)
-        yield from pacsv.open_csv(path, parse_options=opts, convert_options=conv)
-    elif fmt == "coco":
+def iter_batches(path: Path | ObjectPath, fmt: str) -> Iterator[pa.RecordBatch]:
+    if fmt == "coco":
         yield from _coco_batches(path)
-    else:
-        yield from pajson.read_json(path).to_batches(READ_ROWS)
+        return
+    with storage.arrow_input(path) as src:  # a local path as it is; an object opened for reading
+        if fmt == "parquet":
+            yield from pq.ParquetFile(src).iter_batches(batch_size=READ_ROWS)
+        elif fmt in ("csv", "tsv"):
+            opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+            conv = pacsv.ConvertOptions(strings_can_be_null=True)
+            yield from pacsv.open_csv(src, parse_options=opts, convert_options=conv)
+        else:
+            yield from pajson.read_json(src).to_batches(READ_ROWS)
 
 
-def _coco_batches(path: Path) -> Iterator[pa.RecordBatch]:
+def _coco_batches(path: Path | ObjectPath) -> Iterator[pa.RecordBatch]:
     """COCO captions JSON (``{"images": [{id, file_name, coco_url|flickr_url|url}],
     "annotations": [{id, image_id, caption}]}``) as one row per annotation, in
     the file's order. An annotation whose image is not listed, or has no URL,
@@ -168,7 +177,7 @@ def _array(values: list) -> pa.Array:
         return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
-def _normalise(batch: pa.RecordBatch, cfg: InputConfig, path: Path, source: str, where: str = "input") -> pa.Table:
+def _normalise(batch: pa.RecordBatch, cfg: InputConfig, path, source: str, where: str = "input") -> pa.Table:
     if cfg.columns:
         batch = batch.rename_columns(renamed_names(batch.schema.names, cfg, path, where))
     names = batch.schema.names
@@ -188,11 +197,16 @@ def _normalise(batch: pa.RecordBatch, cfg: InputConfig, path: Path, source: str,
 
 
 def split_input(
-    cfg: InputConfig | tuple[InputConfig, ...], out_dir: str | Path, samples_per_shard: int, progress=None
+    cfg: InputConfig | tuple[InputConfig, ...],
+    out_dir: str | Path | ObjectPath,
+    samples_per_shard: int,
+    progress=None,
+    config: StorageConfig | None = None,
 ) -> InputIndex:
     """Stream every input file once, source after source, write the input
-    shards, return the index."""
-    out = Path(out_dir)
+    shards, return the index. ``config``: how to reach input files on
+    object storage (the job's ``storage``)."""
+    out = storage.path(out_dir)
     layout.input_dir(out).mkdir(parents=True, exist_ok=True)
     width = len(str(samples_per_shard - 1))
     pending: list[pa.Table] = []
@@ -215,7 +229,7 @@ def split_input(
                 progress(sid, take_n)
 
     for where, src in input_entries(cfg):
-        for path in expand_paths(src.paths, where):
+        for path in expand_paths(src.paths, where, config):
             fmt = detect_format(path, src.format, where)
             source = src.source or path.stem
             rows = 0
@@ -233,7 +247,7 @@ def split_input(
     return index
 
 
-def _write_input_shard(out: Path, sid: int, table: pa.Table, width: int) -> None:
+def _write_input_shard(out, sid: int, table: pa.Table, width: int) -> None:
     n = table.num_rows
     ident = {
         "key": pa.array([f"{layout.shard_name(sid)}{i:0{width}d}" for i in range(n)], pa.string()),
@@ -245,13 +259,10 @@ def _write_input_shard(out: Path, sid: int, table: pa.Table, width: int) -> None
     }
     for name in table.column_names:
         ident[name] = table.column(name)
-    path = layout.input_shard(out, sid)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(ident), tmp)
-    tmp.replace(path)
+    storage.write_parquet(layout.input_shard(out, sid), pa.table(ident))
 
 
-def read_index(out_dir: str | Path) -> InputIndex | None:
+def read_index(out_dir) -> InputIndex | None:
     try:
         return InputIndex.from_json(json.loads(layout.input_index(out_dir).read_text()))
     except FileNotFoundError:

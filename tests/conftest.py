@@ -4,6 +4,18 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Object storage in the tests is a moto S3 server on 127.0.0.1 (tests/test_object_storage.py).
+# Set here, at import, so that every process of the session has them, the session's Ray
+# workers included (they inherit this environment when Ray starts, as a cluster's nodes
+# have theirs): dummy credentials and a region, so that no AWS SDK client looks for them
+# anywhere, and no cloud metadata lookup (169.254.169.254) in any case.
+for _k, _v in {
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ACCESS_KEY_ID": "pairforge-test",
+    "AWS_SECRET_ACCESS_KEY": "pairforge-test",
+    "AWS_REGION": "us-east-1",
+}.items():
+    os.environ.setdefault(_k, _v)
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,22 @@
 """ray_cluster.yaml is a config `ray up` accepts: checked against Ray's own
-schema (ray/autoscaler/ray-schema.json) through Ray's own loader."""
+schema (ray/autoscaler/ray-schema.json) through Ray's own loader; its images
+and pins are the project's (the Ray installed here, the Makefile's Python and
+torch), and every `ray` command its header shows parses with Ray's own CLI."""
 
 import copy
+import re
+import shlex
+from importlib import metadata
 from pathlib import Path
 
+import click
 import pytest
 import yaml
 from jsonschema import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CONFIG = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "ray_cluster.yaml"
 
 
 def _load():
@@ -21,7 +28,9 @@ def test_cluster_config_passes_rays_schema():
     validate_config(cfg)
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] == "head" and {"cpu_worker", "gpu_worker"} <= set(types)
-    assert any("pip install -e" in c for c in cfg["setup_commands"]), "the project must be installed on every node"
+    assert any("pip install" in c and "-e /home/ray/pairforge" in c for c in cfg["setup_commands"]), (
+        "the project must be installed on every node"
+    )
 
 
 def test_a_broken_config_is_refused_by_the_same_check():
@@ -29,3 +38,65 @@ def test_a_broken_config_is_refused_by_the_same_check():
     bad["available_node_types"]["gpu_worker"]["max_workerz"] = 3
     with pytest.raises(ValidationError, match="max_workerz"):
         validate_config(prepare_config(bad))
+
+
+def test_images_and_pins_are_the_projects():
+    cfg = _load()
+    make = (ROOT / "Makefile").read_text()
+    assert "python3.11" in make  # the venv's Python, as the images'
+    ray_version = metadata.version("ray")
+    assert cfg["docker"]["image"] == f"rayproject/ray:{ray_version}-py311-cpu"
+    assert (
+        cfg["available_node_types"]["gpu_worker"]["docker"]["worker_image"] == f"rayproject/ray:{ray_version}-py311-gpu"
+    )
+    torch_pin = re.search(r"torch==\S+ torchvision==\S+", make).group(0)
+    setup = " ".join(cfg["setup_commands"])
+    assert torch_pin in setup and f'"ray[data]=={ray_version}"' in setup
+    assert setup.index(torch_pin) < setup.index("-e /home/ray/pairforge"), "pins before the project"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cfg[key] if "ray start" in c]
+        assert start and all(c.startswith("ulimit -n 65536;") for c in start), key
+    assert "--ulimit nofile=65536:65536" in cfg["docker"]["run_options"]
+
+
+def _header_commands() -> list[list[str]]:
+    lines = []
+    for line in CONFIG.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text.startswith("ray "):
+            lines.append(shlex.split(text.split("   #")[0]))
+    return lines
+
+
+def test_the_header_shows_the_launch_in_order_and_each_command_parses():
+    from ray.scripts.scripts import cli
+
+    commands = _header_commands()
+    verbs = [c[1] for c in commands]
+    assert verbs[0] == "up" and "exec" in verbs and "down" in verbs and verbs.index("down") > verbs.index("exec")
+    for argv in commands:
+        ctx = cli.make_context("ray", argv[1:])
+        name, cmd, rest = cli.resolve_command(ctx, argv[1:])
+        if isinstance(cmd, click.Group):  # `ray job submit`
+            sub_ctx = cmd.make_context(name, rest, parent=ctx)
+            name, cmd, rest = cmd.resolve_command(sub_ctx, rest)
+            ctx = sub_ctx
+        cmd.make_context(name, rest, parent=ctx)  # raises click.UsageError on a wrong usage
+        if argv[1] in ("up", "exec", "rsync-up", "down", "submit"):
+            assert argv[2] == "ray_cluster.yaml", argv
+        if argv[1] == "submit":  # it copies a Python script to the head and runs it: not a command line
+            assert [a for a in argv[3:] if a != "--"][0].endswith(".py"), argv
+    runs = [c for c in commands if c[1] == "exec" and "pairforge run" in c[3]]
+    assert runs and all("--address auto" in c[3] for c in runs)
+    assert any(c[1] == "exec" and c[3].startswith("pairforge manifest verify s3://") for c in commands)
+
+
+def test_the_cluster_job_writes_to_object_storage():
+    from manifests import storage
+    from pipeline.config import input_entries, load_job
+
+    job = load_job(ROOT / "pipeline" / "example_cluster_job.yaml")
+    assert storage.is_object(storage.path(job.output.dir, job.storage))
+    assert all(storage.is_uri(p) for _, src in input_entries(job.input) for p in src.paths)
