@@ -158,3 +158,15 @@ def test_silent_server_accepts_and_never_answers():
                     break
                 time.sleep(0.02)
             assert s.accepted == 1
+
+
+def test_reset_answers_with_a_rst_and_in_flight_names_the_client():
+    with LocalHTTPServer({"/reset": Route(reset=True), "/slow": Route(b"late", delay=0.5)}) as s:
+        with raw_get(s.host, s.port, "/reset", 2.0) as c:
+            with pytest.raises(ConnectionResetError):
+                c.recv(10)
+        with raw_get(s.host, s.port, "/slow", 2.0) as c:
+            time.sleep(0.2)
+            assert s.in_flight() == {c.getsockname(): "/slow"}
+            assert read_for(c, 2.0).endswith(b"late")
+        assert s.in_flight() == {} and s.hits["/reset"] == 1
