@@ -196,20 +196,25 @@ def flatness(samples: list[dict], key: str) -> dict:
 
 def account(out: Path, n: int, kinds) -> dict:
     """Every input row in exactly one of shards or rejects, and its reason
-    against the one planted for it."""
+    against the one planted for it (the first 20 rows that differ, with
+    their detail)."""
     seen: Counter = Counter()
     observed: Counter = Counter()
     wrong: Counter = Counter()
-    for folder, cols in (("shards", ["i", "plant"]), ("rejects", ["i", "plant", "stage", "reason"])):
+    examples: list[dict] = []
+    for folder, cols in (("shards", ["i", "plant"]), ("rejects", ["i", "plant", "stage", "reason", "detail"])):
         for p in sorted((out / folder).glob("*.parquet")):
             t = pq.read_table(p, columns=cols).to_pydict()
-            stages = t.get("stage", [""] * len(t["i"]))
-            reasons = t.get("reason", [""] * len(t["i"]))
-            for i, kind, st, reason in zip(t["i"], t["plant"], stages, reasons):
+            blank = [""] * len(t["i"])
+            for i, kind, st, reason, detail in zip(
+                t["i"], t["plant"], t.get("stage", blank), t.get("reason", blank), t.get("detail", blank)
+            ):
                 seen[i] += 1
                 observed[(st, reason)] += 1
                 if (st, reason) != MIX[kind][1:]:
                     wrong[(kind, st, reason)] += 1
+                    if len(examples) < 20:
+                        examples.append({"i": i, "planted": kind, "stage": st, "reason": reason, "detail": detail})
     planted = Counter(MIX[KINDS[int(k)]][1:] for k in kinds)
     table = [
         {"stage": st or "-", "reason": r or "ok", "planted": planted[(st, r)], "observed": observed[(st, r)]}
@@ -220,6 +225,7 @@ def account(out: Path, n: int, kinds) -> dict:
         "duplicated": sum(c - 1 for c in seen.values() if c > 1),
         "reasons": table,
         "not_as_planted": {f"{k} -> {s or '-'}/{r or 'ok'}": c for (k, s, r), c in sorted(wrong.items())},
+        "not_as_planted_rows": examples,
     }
 
 
