@@ -285,7 +285,7 @@ def test_worker_node_killed_while_downloading_loses_and_duplicates_nothing(tmp_p
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / "driver.log", "w"),
         )
-        hot: dict = {}
+        hot: set[str] = set()
         deadline = time.time() + 120
         try:
             while not hot and proc.poll() is None and time.time() < deadline:
