@@ -3,7 +3,8 @@
 It serves a table of paths -> :class:`Route`; a route can misbehave on
 purpose (wrong status, slow start, slow drip, redirect, cut-off transfer,
 opt-out headers, a status line and headers trickled a byte at a time, an
-endless header, a request never answered, a chunked body), so a download
+endless header, a request never answered, a connection reset, a chunked
+body), so a download
 run can be tested against every failure a real URL list holds without
 reaching the internet::
 
@@ -15,6 +16,7 @@ reaching the internet::
         url = server.url("/cat.jpg")
         ...
         server.hits["/slow"]          # how many requests reached a path
+        server.in_flight()            # {client (host, port): path} being answered now
 
 Unknown paths answer 404. The server speaks HTTP/1.1 with keep-alive, so a
 client that pools connections can reuse them, and it has a deep listen
@@ -30,6 +32,7 @@ server stops, or after ``Route.drip_limit`` seconds, whichever comes first.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -76,6 +79,8 @@ class Route:
     endless_header: bool = False
     #: read the request and never answer
     hang: bool = False
+    #: read the request, then reset the connection (a TCP RST, no answer)
+    reset: bool = False
     #: the longest a dripping or hanging answer goes on before the server
     #: closes the connection
     drip_limit: float = 60.0
@@ -89,6 +94,7 @@ class LocalHTTPServer:
         self.routes: dict[str, Route] = dict(routes or {})
         self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._in_flight: dict[tuple[str, int], str] = {}
         self._stopping = threading.Event()
         self._httpd = _Server((host, port), _handler_for(self))
         self.host, self.port = self._httpd.server_address[:2]
@@ -120,6 +126,12 @@ class LocalHTTPServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def in_flight(self) -> dict[tuple[str, int], str]:
+        """The requests being answered now: client address -> path (a test
+        maps the client's port to the process holding that socket)."""
+        with self._lock:
+            return dict(self._in_flight)
 
     def _record(self, path: str) -> Route | None:
         with self._lock:
@@ -203,6 +215,15 @@ def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             path = self.path.split("#", 1)[0]
+            with server._lock:
+                server._in_flight[self.client_address] = path
+            try:
+                self._get(path)
+            finally:
+                with server._lock:
+                    server._in_flight.pop(self.client_address, None)
+
+        def _get(self, path: str) -> None:
             route = server._record(path)
             if route is None and "?" in path:
                 route = server._record(path.split("?", 1)[0])
@@ -231,6 +252,12 @@ def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
         def _answer(self, route: Route) -> None:
             if route.hang:
                 self._wait(route.drip_limit)
+            if route.reset:
+                # linger 0: close() sends a RST, not a FIN
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
+                return
             if route.delay:
                 time.sleep(route.delay)
             if route.head_drip or route.endless_header:

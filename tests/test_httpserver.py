@@ -158,3 +158,21 @@ def test_silent_server_accepts_and_never_answers():
                     break
                 time.sleep(0.02)
             assert s.accepted == 1
+
+
+def test_reset_answers_with_a_rst_and_in_flight_names_the_client():
+    with LocalHTTPServer({"/reset": Route(reset=True), "/slow": Route(b"late", delay=0.5)}) as s:
+        with raw_get(s.host, s.port, "/reset", 2.0) as c:
+            with pytest.raises(ConnectionResetError):
+                c.recv(10)
+        conn = http.client.HTTPConnection(s.host, s.port, timeout=2.0)
+        conn.request("GET", "/slow")
+        time.sleep(0.2)
+        assert s.in_flight() == {conn.sock.getsockname(): "/slow"}
+        assert conn.getresponse().read() == b"late"
+        conn.close()
+        for _ in range(50):  # the handler forgets the request just after its last write
+            if not s.in_flight():
+                break
+            time.sleep(0.02)
+        assert s.in_flight() == {} and s.hits["/reset"] == 1
