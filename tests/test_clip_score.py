@@ -385,3 +385,47 @@ def test_cpu_prefetch_gives_the_libjpeg_scores(trained_ckpt):
     ok = ~np.isnan(direct["clip_score"])
     assert np.allclose(pre["clip_score"][ok], direct["clip_score"][ok], atol=1e-5)
     assert np.array_equal(np.isnan(pre["clip_score"]), ~ok)
+
+
+def test_a_cpu_decode_share_decodes_rows_chosen_by_key_and_leaves_the_rest_to_nvjpeg(trained_ckpt):
+    """The CPU tasks' half of ``cpu_decode_share``: which rows they decode
+    depends on the key only, and the others are marked for the GPU."""
+    from stages.common.cuda_towers import DECODE_ON_GPU, _interleave
+
+    rows, _ = planted(n_per_colour=8)
+    rows["image"][5] = b"not an image"
+    st = stage(trained_ckpt, image_decode="nvjpeg", num_gpus=1.0, cpu_prefetch=True, cpu_decode_share=0.5)
+    out = st.cpu_prepare(dict(rows))
+    marks = out["__pf_clip_pixel_errors"]
+    here = _clip.rows_by_key(rows["key"], 0.5)
+    assert 0.3 < here.mean() < 0.7
+    assert [m == DECODE_ON_GPU for m in marks] == list(~here)
+    # the same row in another batch (reversed) gets the same decoder and pixels
+    rev = st.cpu_prepare({c: v[::-1] for c, v in rows.items()})
+    assert [m == DECODE_ON_GPU for m in rev["__pf_clip_pixel_errors"][::-1]] == list(~here)
+    assert np.array_equal(rev["__pf_clip_pixels"][::-1], out["__pf_clip_pixels"])
+    lib = stage(trained_ckpt, image_decode="libjpeg", cpu_prefetch=True).cpu_prepare(dict(rows))
+    assert np.array_equal(out["__pf_clip_pixels"][here], lib["__pf_clip_pixels"][here])
+    assert (out["__pf_clip_pixels"][~here] == 0).all()
+    if here[5]:
+        assert marks[5] and marks[5] != DECODE_ON_GPU
+    # on CPU actors the share does not apply: everything is decoded ahead
+    cpu = stage(trained_ckpt, image_decode="libjpeg", cpu_prefetch=True, cpu_decode_share=0.5).cpu_prepare(dict(rows))
+    assert DECODE_ON_GPU not in list(cpu["__pf_clip_pixel_errors"])
+    chunks = list(_interleave(np.flatnonzero(here), np.flatnonzero(~here), 4))
+    assert sorted(np.concatenate([c for c, _ in chunks]).tolist()) == list(range(len(here)))
+    assert all(g == bool((~here[c]).all()) for c, g in chunks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the nvJPEG half of cpu_decode_share needs a CUDA GPU")
+def test_a_cpu_decode_share_on_a_gpu_scores_as_the_decoders_do(trained_ckpt):
+    from pipeline.local import map_stage as local_map
+
+    rows, _ = planted(n_per_colour=16)
+    kw = dict(image_decode="nvjpeg", num_gpus=1.0, device="cuda", cpu_prefetch=True)
+    gpu = local_map(stage(trained_ckpt, **kw), dict(rows))
+    mixed = local_map(stage(trained_ckpt, cpu_decode_share=0.5, **kw), dict(rows))
+    lib = local_map(stage(trained_ckpt, image_decode="libjpeg", device="cuda", cpu_prefetch=True), dict(rows))
+    here = _clip.rows_by_key(rows["key"], 0.5)
+    assert np.allclose(mixed["clip_score"][~here], gpu["clip_score"][~here], atol=1e-6)
+    assert np.allclose(mixed["clip_score"][here], lib["clip_score"][here], atol=1e-6)
