@@ -26,8 +26,7 @@ Plans (``--plans``, comma separated; default: all that apply):
   (``pipeline/example_job.yaml``; the headline); ``ray-nvjpeg-1t`` one actor, one batch at a time; ``ray-libjpeg`` ``--prefetch-actors`` actors with
   CPU tasks decoding (libjpeg), resizing and tokenising ahead of them (the
   plan this project recommended before); a ``+compiled`` suffix (``ray-nvjpeg-2a+compiled``)
-  runs that plan with the stage's ``compile: true``, ``+cpuNN`` with ``cpu_decode_share: NN/100``
-  (that share of rows decoded by libjpeg in the CPU tasks, the rest by nvJPEG in the actors)
+  runs that plan with the stage's ``compile: true``
 
 Method: every plan is set up (models loaded, graphs captured; untimed), runs
 one untimed warm-up pass, then ``--passes`` timed passes; pass ``r`` runs the
@@ -113,10 +112,9 @@ class RayPlan(Plan):
     def __init__(self, args, source, name: str):
         self.args, self.source, self.name = args, source, name
         a = args
-        name, *extras = name.split("+")
-        for x in extras:
-            if not (x == "compiled" or (x.startswith("cpu") and x[3:].isdigit() and int(x[3:]) <= 100)):
-                raise ValueError(f"unknown Ray plan {self.name!r} (suffixes: +compiled, +cpuNN)")
+        name, _, extra = name.partition("+")
+        if extra not in ("", "compiled"):
+            raise ValueError(f"unknown Ray plan {self.name!r} (the only suffix is +compiled)")
         if name == "ray-nvjpeg":
             self.cfg = dict(decode="nvjpeg", actors=1, cpus=1, threads=a.actor_threads, prefetch=True)
             what = f"1 actor x {a.actor_threads} threads, nvJPEG in the actor, tokens in CPU tasks"
@@ -134,13 +132,9 @@ class RayPlan(Plan):
             what = f"{a.prefetch_actors} actors x 1 CPU, libjpeg decode + resize + tokens in CPU tasks"
         else:
             raise ValueError(f"unknown Ray plan {name!r}")
-        if "compiled" in extras:  # the stage's compile: true (kept only within 1e-3 of eager; else graphs)
+        if extra:  # the stage's compile: true (kept only within 1e-3 of eager; else graphs)
             self.cfg["compile"] = True
             what += ", compiled towers"
-        for x in extras:
-            if x.startswith("cpu"):  # cpu_decode_share: that share of rows decoded in the CPU tasks
-                self.cfg["cpu_decode_share"] = int(x[3:]) / 100
-                what += f", {int(x[3:])}% of rows decoded in the CPU tasks"
         self.label = f"Ray Data: {what}"
 
     def run(self) -> Clock:

@@ -67,6 +67,7 @@ from stages.base import (
     GlobalStage,
     Resources,
     batch_len,
+    object_array,
     reject,
 )
 from stages.common import clip as _clip
@@ -103,11 +104,6 @@ class Config:
     #: with nvJPEG, decode (libjpeg), resize and crop there too; in process:
     #: the same functions, before ``process_batch``
     cpu_prefetch: bool = False
-    #: with nvJPEG actors and ``cpu_prefetch``: the share of rows the CPU tasks
-    #: decode (libjpeg) and resize instead, which takes that work off the GPU
-    #: when its towers are the limit; rows are picked by key, so a row's
-    #: decoder never depends on the batch it lands in
-    cpu_decode_share: float = 0.0
     #: on a GPU, replay the towers from CUDA graphs captured at ``micro_batch``
     #: (kept only where they match the eager towers within 1e-3; the same kernels)
     cuda_graphs: bool = True
@@ -129,8 +125,6 @@ class Config:
             raise ValueError(f"image_decode: expected one of {_clip.DECODERS}, got {self.image_decode!r}")
         if self.precision not in ("auto", "fp32"):
             raise ValueError(f"precision: expected 'auto' or 'fp32', got {self.precision!r}")
-        if not 0.0 <= self.cpu_decode_share <= 1.0:
-            raise ValueError(f"cpu_decode_share: expected a share in [0, 1], got {self.cpu_decode_share!r}")
         if self.top_fraction is not None and not 0.0 <= self.top_fraction <= 1.0:
             raise ValueError(f"top_fraction: expected a share in [0, 1], got {self.top_fraction}")
         for name, ok, want in (
@@ -250,25 +244,19 @@ class ClipScoreStage(GlobalStage):
         captions = [c if isinstance(c, str) else "" for c in batch["caption"]]
         out = dict(batch)
         out[TOKENS] = _clip.tokenizer(self.config.model)(captions).numpy()
-        n = batch_len(batch)
-        here = np.ones(n, dtype=bool)
         if self._nvjpeg():
-            share = self.config.cpu_decode_share if self._on_gpu() else 0.0
-            if not share:
-                return out
-            here = _clip.rows_by_key(batch["key"], share)
+            return out
+        n = batch_len(batch)
         cfg = _clip.pixel_cfg(self.config.model)
         th, tw = _clip.size_hw(cfg["size"])
-        images = [b if isinstance(b, (bytes, bytearray)) else b"" for b in batch["image"][here]]
+        images = [b if isinstance(b, (bytes, bytearray)) else b"" for b in batch["image"]]
         tensors, errors = _clip.decode_cpu(images, "cpu", threads=1)
         pixels = np.zeros((n, 3, th, tw), dtype=np.uint8)
         good = [i for i, t in enumerate(tensors) if t is not None]
         if good:
-            pixels[np.flatnonzero(here)[good]] = _clip.resize_crop([tensors[i] for i in good], cfg).numpy()
+            pixels[good] = _clip.resize_crop([tensors[i] for i in good], cfg).numpy()
         # "" for no error: a column of only None would not survive Ray's Arrow blocks as None
-        marks = np.full(n, _cuda.DECODE_ON_GPU, dtype=object)
-        marks[here] = [e or "" for e in errors]
-        out[PIXELS], out[PIXEL_ERRORS] = pixels, marks
+        out[PIXELS], out[PIXEL_ERRORS] = pixels, object_array([e or "" for e in errors])
         return out
 
     def process_batch(self, batch: Batch) -> Batch:
@@ -338,8 +326,6 @@ class ClipScoreStage(GlobalStage):
         if self._towers is not None and (pix is not None or decoder != "pil"):
             self._emb_dim = self._towers.dim
             return self._towers.score(images, pix, errors, tokens, decoder, threads)
-        if errors is not None and _cuda.DECODE_ON_GPU in errors:
-            raise RuntimeError("clip_score: rows were left for nvJPEG, but this actor has no CUDA device")
 
         def transform(x):
             return _clip.normalize(x, ld.cfg)

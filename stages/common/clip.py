@@ -375,12 +375,3 @@ def encode(encode_fn, inputs, device: str, micro_batch: int, bf16: bool, transfo
                 x = transform(x)
             parts.append(F.normalize(encode_fn(x)[: b - a].float(), dim=-1))
     return torch.cat(parts)
-
-
-def rows_by_key(keys, share: float) -> np.ndarray:
-    """A stable ``share`` of rows chosen by their key (crc32), whatever batch
-    they are in."""
-    import zlib
-
-    cut = int(round(share * 10_000))
-    return np.array([zlib.crc32(str(k).encode()) % 10_000 < cut for k in keys], dtype=bool)

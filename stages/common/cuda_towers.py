@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 #: rows decoded per nvJPEG call on a GPU: the towers of one chunk run while the next decodes
 DECODE_ROWS = 512
-#: a prefetched row's error slot when the CPU tasks left its decoding to nvJPEG
-DECODE_ON_GPU = "\x00decode-on-gpu"
 
 _streams = threading.local()
 
@@ -252,48 +250,22 @@ class CudaTowers:
         if not n:
             return np.zeros(0, np.float32), np.zeros((0, dim), np.float16), np.zeros((0, dim), np.float16), []
         step = max(self.mb, DECODE_ROWS // self.mb * self.mb)
-        gpu = np.ones(n, bool) if pix is None else np.array([e == DECODE_ON_GPU for e in pix_errors], bool)
-        pending, errors, tok = [], [None] * n, None
-        for rows, on_gpu in _interleave(np.flatnonzero(~gpu), np.flatnonzero(gpu), step):
-            if on_gpu:
-                p, e = decode_cuda([images[i] for i in rows], self.device_name, self.cfg, decoder, threads)
+        pending, errors, tok = [], [], None
+        for a, b in chunks(n, step):
+            if pix is not None:
+                p, e = np.ascontiguousarray(pix[a:b]), list(pix_errors[a:b])
             else:
-                p, e = np.ascontiguousarray(pix[rows]), [pix_errors[i] for i in rows]
+                p, e = decode_cuda(images[a:b], self.device_name, self.cfg, decoder, threads)
             if tok is None:
                 tok = tokens()
-            pending.append((rows, self.enqueue(p, tok[_index(rows, tok)])))
-            for i, err in zip(rows, e):
-                errors[i] = err
-        scores = np.zeros(n, np.float32)
-        img, txt = np.zeros((n, dim), np.float16), np.zeros((n, dim), np.float16)
-        for rows, h in pending:
-            img[rows], txt[rows], scores[rows] = h.wait()
+            pending.append(self.enqueue(p, tok[a:b]))
+            errors.extend(e)
+        parts = [h.wait() for h in pending]
+        img, txt, scores = (np.concatenate([q[j] for q in parts]) for j in range(3))
         failed = np.array([e is not None for e in errors], dtype=bool)
         scores[failed] = np.nan
         img[failed] = 0
         return scores, img, txt, errors
-
-
-def _interleave(cpu_rows: np.ndarray, gpu_rows: np.ndarray, step: int):
-    """Chunks of at most ``step`` rows, alternating rows decoded ahead (CPU)
-    with rows nvJPEG decodes, so the GPU's decoding overlaps towers of rows
-    that need none; each chunk keeps its rows in order."""
-    cpu = [cpu_rows[i : i + step] for i in range(0, len(cpu_rows), step)]
-    gpu = [gpu_rows[i : i + step] for i in range(0, len(gpu_rows), step)]
-    for i in range(max(len(cpu), len(gpu))):
-        if i < len(gpu):
-            yield gpu[i], True
-        if i < len(cpu):
-            yield cpu[i], False
-
-
-def _index(rows: np.ndarray, tok):
-    """``rows`` as an index into ``tok`` (a torch tensor or an array)."""
-    if isinstance(tok, np.ndarray):
-        return rows
-    import torch
-
-    return torch.as_tensor(rows, device=tok.device)
 
 
 def _compiled(forward):
