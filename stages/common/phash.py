@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
-
 #: decode (or average) to no smaller than this before hashing
 DRAFT_SIZE = 128
 ALGORITHMS = ("phash", "dhash")
