@@ -23,12 +23,16 @@ the stage runs the same steps as ``bucket_rows`` and ``reduce_bucket``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 #: float32 products are within ~1e-6 of float64; the prefilter admits this much more
 SLACK = {"float32": 1e-4, "float16": 4e-3}
 #: similarities per block of queries: a few MB of cache on a CPU, GBs on a GPU
 BLOCK_ELEMS = {"float32": 1 << 22, "float16": 1 << 28}
+#: rows per float64 product with the centroids
+CELL_CHUNK = 1 << 15
 
 
 def unit_rows(emb) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +40,9 @@ def unit_rows(emb) -> tuple[np.ndarray, np.ndarray]:
     e = np.asarray(emb, dtype=np.float32)
     if e.ndim != 2:
         e = np.stack([np.asarray(r, dtype=np.float32) for r in emb]) if len(emb) else e.reshape(0, 0)
-    norm = np.linalg.norm(e.astype(np.float64), axis=1) if e.size else np.zeros(len(e))
+    norm = np.zeros(len(e))
+    for lo in range(0, len(e) if e.size else 0, 1 << 15):  # float64 a chunk at a time: the same norms, less memory
+        norm[lo : lo + (1 << 15)] = np.linalg.norm(e[lo : lo + (1 << 15)].astype(np.float64), axis=1)
     valid = np.isfinite(norm) & (norm > 0)
     out = np.zeros_like(e)
     out[valid] = (e[valid] / norm[valid, None]).astype(np.float32)
@@ -87,23 +93,60 @@ def spherical_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, devi
     return centroids
 
 
-def nearest_cells(x: np.ndarray, centroids: np.ndarray, probes: int, device: str = "cpu") -> np.ndarray:
+def nearest_cells(
+    x: np.ndarray, centroids: np.ndarray, probes: int, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """``(n, probes)`` cell ids per row, nearest first (ties to the smaller
-    id), from float64 similarities (a GPU's too) so that a row near a border
-    lands on the same side in any batch."""
+    id), and their similarities, from float64 products (a GPU's too) so that
+    a row near a border lands on the same side in any batch."""
     probes = max(1, min(probes, len(centroids)))
+    ids, sims = np.zeros((len(x), probes), dtype=np.int64), np.zeros((len(x), probes))
     tdev = _torch_device(device)
-    if tdev is None:
-        sims = x.astype(np.float64) @ centroids.astype(np.float64).T
-        return np.argsort(-sims, axis=1, kind="stable")[:, :probes].astype(np.int64)
-    import torch
+    if tdev is not None:
+        import torch
 
-    c = torch.from_numpy(centroids.astype(np.float64)).to(tdev)
-    out = []
-    for lo in range(0, len(x), 1 << 16):
-        xb = torch.from_numpy(x[lo : lo + (1 << 16)].astype(np.float64)).to(tdev)
-        out.append(torch.sort(-(xb @ c.T), dim=1, stable=True).indices[:, :probes].cpu().numpy())
-    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, probes), dtype=np.int64)
+        c = torch.from_numpy(centroids.astype(np.float64)).to(tdev)
+    for lo in range(0, len(x), CELL_CHUNK):
+        xb = np.ascontiguousarray(x[lo : lo + CELL_CHUNK], dtype=np.float32)
+        if tdev is None:
+            s = xb.astype(np.float64) @ centroids.astype(np.float64).T
+            ids[lo : lo + len(xb)] = _top_columns(s, probes)
+            sims[lo : lo + len(xb)] = np.take_along_axis(s, ids[lo : lo + len(xb)], axis=1)
+            continue
+        s = torch.from_numpy(xb).to(tdev).double() @ c.T  # float32 -> float64 is exact: the CPU's numbers
+        v, i = torch.sort(-s, dim=1, stable=True)
+        ids[lo : lo + len(xb)], sims[lo : lo + len(xb)] = i[:, :probes].cpu().numpy(), -v[:, :probes].cpu().numpy()
+    return ids, sims
+
+
+def _top_columns(s: np.ndarray, k: int) -> np.ndarray:
+    """Per row the ``k`` largest columns, best first, ties to the smaller
+    column (a stable argsort of ``-s``) without sorting whole rows."""
+    if k >= s.shape[1]:
+        return np.argsort(-s, axis=1, kind="stable")
+    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(s, top, axis=1).min(axis=1)
+    tied = np.flatnonzero((s >= kth[:, None]).sum(axis=1) > k)  # the k-th value ties a column left out
+    top[tied] = np.argsort(-s[tied], axis=1, kind="stable")[:, :k]
+    vals = np.take_along_axis(s, top, axis=1)
+    order = _row_lexsort(top, vals)
+    return np.take_along_axis(top, order, axis=1)
+
+
+def _row_lexsort(cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """Per row: the order by value descending, then column ascending."""
+    order = np.argsort(cols, axis=1, kind="stable")
+    v = np.take_along_axis(vals, order, axis=1)
+    return np.take_along_axis(order, np.argsort(-v, axis=1, kind="stable"), axis=1)
+
+
+def members(sims: np.ndarray, margin: float, query_probes: int = 1) -> np.ndarray:
+    """Which of a row's nearest cells (``nearest_cells``' similarities) it
+    joins: those within ``margin`` of its nearest, and the ``query_probes``
+    nearest it looks in."""
+    out = sims >= sims[:, :1] - margin
+    out[:, :query_probes] = True
+    return out
 
 
 def _torch_device(device: str):
@@ -146,15 +189,17 @@ def best_partners(
         return best, sim_p, sim_s
     products = _Products(primary, secondary, group, bound, device, max_primary)
     group = np.arange(n, dtype=np.int64) if group is None else np.asarray(group, dtype=np.int64)
-    p64 = primary.astype(np.float64)
-    s64 = secondary.astype(np.float64) if secondary is not None else None
+    f64 = lambda a, at: a[at].astype(np.float64)  # noqa: E731  (rows in float64 when needed, not the block)
     block = max(1, (block_elems or BLOCK_ELEMS[products.dtype]) // n)
     for lo in range(0, len(queries), block):
         qb = queries[lo : lo + block]
         rows, cols = products.band(qb)
-        ep = np.einsum("pd,pd->p", p64[qb[rows]], p64[cols])
-        es = np.einsum("pd,pd->p", s64[qb[rows]], s64[cols]) if s64 is not None else np.full(len(rows), np.nan)
-        ok = (es < bound if s64 is not None else np.ones(len(rows), dtype=bool)) & (ep < max_primary)
+        ep = np.einsum("pd,pd->p", f64(primary, qb[rows]), f64(primary, cols))
+        if secondary is not None:
+            es = np.einsum("pd,pd->p", f64(secondary, qb[rows]), f64(secondary, cols))
+        else:
+            es = np.full(len(rows), np.nan)
+        ok = (es < bound if secondary is not None else np.ones(len(rows), dtype=bool)) & (ep < max_primary)
         # per row: the best exact score, ties to the smaller column
         order = np.lexsort((cols, -np.where(ok, ep, -np.inf), rows))
         rows, cols, ep, es, ok = rows[order], cols[order], ep[order], es[order], ok[order]
@@ -163,12 +208,14 @@ def best_partners(
         at = lo + rows[hit]
         best[at], sim_p[at], sim_s[at] = cols[hit], ep[hit], es[hit]
         for r in np.unique(rows[first[~ok[first]]]):  # the whole band broke the bound in float64 (rare)
-            best[lo + r], sim_p[lo + r], sim_s[lo + r] = _exact_one(int(qb[r]), p64, s64, bound, group, max_primary)
+            best[lo + r], sim_p[lo + r], sim_s[lo + r] = _exact_one(int(qb[r]), primary, secondary, bound, group, max_primary)
     return best, sim_p, sim_s
 
 
-def _exact_one(i: int, p64, s64, bound: float, group, max_primary: float) -> tuple[int, float, float]:
+def _exact_one(i: int, primary, secondary, bound: float, group, max_primary: float) -> tuple[int, float, float]:
     """One row's answer in float64 over the whole block."""
+    p64 = primary.astype(np.float64)
+    s64 = secondary.astype(np.float64) if secondary is not None else None
     ep = p64 @ p64[i]
     ok = (group != group[i]) & (ep < max_primary)
     es = s64 @ s64[i] if s64 is not None else np.full(len(ep), np.nan)
@@ -241,33 +288,103 @@ def ivf_search(
     group: np.ndarray | None = None,
     device: str = "cpu",
     query_probes: int = 1,
+    margin: float = np.inf,
+    max_primary: float = np.inf,
+    stats: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`best_partners` for every row among the rows that put themselves
-    in its ``query_probes`` nearest cells (each row is in its ``probes``
-    nearest), the best over those cells (the stage's scheme, in memory)."""
+    """:func:`best_partners` for every row among the rows that joined one of
+    its ``query_probes`` nearest cells (a row joins those of its ``probes``
+    nearest within ``margin`` of its nearest), the best over those cells: the
+    stage's scheme, in memory. ``stats`` gets the pairs scored and the cells
+    joined per row."""
     n = len(primary)
-    cells = nearest_cells(primary, centroids, max(probes, query_probes), device)
+    cells, sims = nearest_cells(primary, centroids, max(probes, query_probes), device)
+    joined = members(sims[:, :probes], margin, query_probes)
     best = np.full(n, -1, dtype=np.int64)
     sim_p, sim_s = np.full(n, -np.inf), np.full(n, np.nan)
     group = np.arange(n) if group is None else np.asarray(group, dtype=np.int64)
-    member_rows = np.repeat(np.arange(n), probes)
-    member_cells = cells[:, :probes].ravel()
+    member_rows = np.repeat(np.arange(n), joined.sum(axis=1))
+    member_cells = cells[:, :probes][joined]
     order = np.argsort(member_cells, kind="stable")
     member_rows, member_cells = member_rows[order], member_cells[order]
     bounds = np.searchsorted(member_cells, np.arange(len(centroids) + 1))
+    home = np.zeros(len(member_rows), dtype=bool)
+    for q in range(query_probes):
+        home |= cells[member_rows, q] == member_cells
+    pairs = 0
     for cell in range(len(centroids)):
-        rows = member_rows[bounds[cell] : bounds[cell + 1]]  # ascending: ties go to the smaller row
-        asks = np.flatnonzero((cells[rows, :query_probes] == cell).any(axis=1))
+        lo, hi = bounds[cell], bounds[cell + 1]
+        rows = member_rows[lo:hi]  # ascending: ties go to the smaller row
+        asks = np.flatnonzero(home[lo:hi])
         if not len(asks):
             continue
+        pairs += len(asks) * len(rows)
         sec = secondary[rows] if secondary is not None else None
-        b, sp, ss = best_partners(primary[rows], asks, sec, bound, group[rows], device=device)
+        b, sp, ss = best_partners(primary[rows], asks, sec, bound, group[rows], device=device, max_primary=max_primary)
         found = b >= 0
         at, b, sp, ss = rows[asks][found], rows[b[found]], sp[found], ss[found]
         better = (sp > sim_p[at]) | ((sp == sim_p[at]) & (b < best[at]))  # over cells: (similarity, index)
         best[at[better]], sim_p[at[better]], sim_s[at[better]] = b[better], sp[better], ss[better]
     sim_p[best < 0] = np.nan
+    if stats is not None:
+        stats.update(pairs=pairs, cells_per_row=len(member_rows) / max(1, n))
     return best, sim_p, sim_s
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The margin a space's rows join cells with, and what it gives on the sample."""
+
+    margin: float
+    #: share of the calibration rows whose exact partner (in the sample) the search finds
+    recall: float
+    #: cells a row joins on average (the search's cost relative to one cell each)
+    cells_per_row: float
+    queries: int
+
+
+def calibrate(
+    primary: np.ndarray,
+    centroids: np.ndarray,
+    probes: int,
+    target: float,
+    query_probes: int = 1,
+    secondary: np.ndarray | None = None,
+    bound: float = np.inf,
+    group: np.ndarray | None = None,
+    max_primary: float = np.inf,
+    device: str = "cpu",
+    queries: int = 2000,
+    seed: int = 0,
+) -> Calibration:
+    """The smallest margin at which :func:`ivf_search` over ``primary`` (a
+    sample, unit rows) would find the exact partner of a share ``target`` of
+    ``queries`` of its rows, bounds and groups included. The partners are
+    searched in the sample, so they are farther than in the whole dataset
+    and need a wider margin: the figure errs towards more cells, not less
+    recall. Where ``probes`` cells cannot reach the target, the margin that
+    finds every pair they can reach (``recall`` then says how far short)."""
+    n = len(primary)
+    ask = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, queries)])
+    truth = best_partners(primary, ask, secondary, bound, group, device, max_primary=max_primary)[0]
+    cells, sims = nearest_cells(primary, centroids, max(probes, query_probes), device)
+    has = truth >= 0
+    q, x = ask[has], truth[has]
+    gaps = sims[x, :1] - sims[x, :probes]  # the margin at which x joins its r-th cell (the first qp: always)
+    gaps[:, :query_probes] = 0.0
+    need = np.full(len(q), np.inf)  # per pair: the margin at which x joins one of the cells q looks in
+    for j in range(query_probes):
+        need = np.minimum(need, np.where(cells[x, :probes] == cells[q, j : j + 1], gaps, np.inf).min(axis=1))
+    if not len(need):  # no row of the sample has a partner: nothing to measure
+        return Calibration(np.inf, 1.0, float(min(probes, len(centroids))), len(ask))
+    need = np.sort(need)
+    reach = need[np.isfinite(need)]  # pairs ``probes`` cells can find at all
+    if not len(reach):
+        return Calibration(np.inf, 0.0, float(min(probes, len(centroids))), len(ask))
+    # the target's quantile; where it is out of reach, the margin that finds every pair in reach
+    margin = float(reach[min(max(int(np.ceil(target * len(need))) - 1, 0), len(reach) - 1)]) + 1e-9
+    joined = members(sims[:, :probes], margin, query_probes).sum(axis=1)
+    return Calibration(margin, float(np.mean(need <= margin)), float(joined.mean()), len(ask))
 
 
 def auto_cells(rows: int, rows_per_cell: int) -> int:
