@@ -31,8 +31,10 @@ import numpy as np
 SLACK = {"float32": 1e-4, "float16": 4e-3}
 #: similarities per block of queries: a few MB of cache on a CPU, GBs on a GPU
 BLOCK_ELEMS = {"float32": 1 << 22, "float16": 1 << 28}
-#: rows per float64 product with the centroids
-CELL_CHUNK = 1 << 15
+#: rows per float64 product with the centroids; candidate pairs per float32 narrowing on a GPU
+CELL_CHUNK, NARROW = 1 << 15, 1 << 18
+#: torch devices whose products run in float16 (tests add "cpu" to run the GPU's steps here)
+HALF_ON = ("cuda",)
 
 
 def unit_rows(emb) -> tuple[np.ndarray, np.ndarray]:
@@ -228,40 +230,36 @@ def _exact_one(i: int, primary, secondary, bound: float, group, max_primary: flo
 
 
 class _Products:
-    """The blocked products of one block: numpy float32, or torch on a GPU."""
+    """The blocked products of one block: numpy float32, or torch on a GPU
+    (float16 products, then each row's band narrowed in float32)."""
 
     def __init__(self, primary, secondary, group, bound, device, max_primary=np.inf):
         self.tdev = _torch_device(device)
-        self.dtype = "float16" if self.tdev is not None and self.tdev.type == "cuda" else "float32"
-        self.loose, self.slack = bound + SLACK[self.dtype], SLACK[self.dtype]
-        self.loose_p = max_primary + SLACK[self.dtype]
-        self.group = group
+        self.dtype = "float16" if self.tdev is not None and self.tdev.type in HALF_ON else "float32"
+        self.bound, self.max_p, self.group = bound, max_primary, group
         if self.tdev is None:
             self.p, self.s = primary.astype(np.float32, copy=False), secondary
-        else:
-            import torch
+            return
+        import torch
 
-            tdt = torch.float16 if self.dtype == "float16" else torch.float32
-            self.p = torch.from_numpy(np.ascontiguousarray(primary)).to(self.tdev, tdt)
-            self.s = (
-                torch.from_numpy(np.ascontiguousarray(secondary)).to(self.tdev, tdt) if secondary is not None else None
-            )
-            self.g = torch.from_numpy(group).to(self.tdev) if group is not None else None
+        tdt = torch.float16 if self.dtype == "float16" else torch.float32
+        self.p32 = torch.from_numpy(np.ascontiguousarray(primary, dtype=np.float32)).to(self.tdev)
+        self.s32 = None if secondary is None else torch.from_numpy(np.ascontiguousarray(secondary, dtype=np.float32)).to(self.tdev)
+        self.p = self.p32.to(tdt)
+        self.s = None if secondary is None else self.s32.to(tdt)
+        self.g = torch.from_numpy(group).to(self.tdev) if group is not None else None
 
     def band(self, qb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(row in ``qb``, column) of every allowed pair within the slack of its row's best."""
+        """(row in ``qb``, column) of every pair that may be its row's best
+        allowed one: see :func:`_band`."""
         if self.tdev is None:
             sp = self.p[qb] @ self.p.T
             if self.group is None:  # a row never pairs with itself
                 sp[np.arange(len(qb)), qb] = -np.inf
             else:
                 np.putmask(sp, self.group[qb][:, None] == self.group[None, :], -np.inf)
-            if self.s is not None:
-                np.putmask(sp, (self.s[qb] @ self.s.T) >= self.loose, -np.inf)
-            if self.loose_p < np.inf:
-                np.putmask(sp, sp >= self.loose_p, -np.inf)
-            top = sp.max(axis=1)
-            return np.nonzero((sp >= (top - self.slack)[:, None]) & (top > -np.inf)[:, None])
+            ss = self.s[qb] @ self.s.T if self.s is not None else None
+            return np.nonzero(_band(np, sp, ss, self.bound, self.max_p, SLACK["float32"]))
         import torch
 
         tq = torch.from_numpy(qb).to(self.tdev)
@@ -270,13 +268,60 @@ class _Products:
             sp[torch.arange(len(qb), device=self.tdev), tq] = -float("inf")
         else:
             sp.masked_fill_(self.g[tq][:, None] == self.g[None, :], -float("inf"))
-        if self.s is not None:
-            sp.masked_fill_((self.s[tq] @ self.s.T).float() >= self.loose, -float("inf"))
-        if self.loose_p < np.inf:
-            sp.masked_fill_(sp >= self.loose_p, -float("inf"))
-        top = sp.max(dim=1).values
-        r, c = torch.nonzero((sp >= (top - self.slack)[:, None]) & (top > -float("inf"))[:, None], as_tuple=True)
+        ss = (self.s[tq] @ self.s.T).float() if self.s is not None else None
+        r, c = torch.nonzero(_band(torch, sp, ss, self.bound, self.max_p, SLACK[self.dtype]), as_tuple=True)
+        del sp, ss
+        if self.dtype == "float16" and len(r) > len(qb):  # several candidates in a row: narrow them in float32
+            keep = torch.cat([self._narrow(tq, r[i : i + NARROW], c[i : i + NARROW]) for i in range(0, len(r), NARROW)])
+            r, c = r[keep], c[keep]
         return r.cpu().numpy(), c.cpu().numpy()
+
+    def _narrow(self, tq, r, c):
+        import torch
+
+        ep = (self.p32[tq[r]] * self.p32[c]).sum(dim=1)[None, :]
+        es = (self.s32[tq[r]] * self.s32[c]).sum(dim=1)[None, :] if self.s32 is not None else None
+        pairs = _band(torch, ep, es, self.bound, self.max_p, SLACK["float32"], rows=r, n_rows=len(tq))[0]
+        # a row none of whose pairs may be allowed keeps them all (float64 decides, then scans the block)
+        alive = torch.zeros(len(tq), dtype=torch.int64, device=r.device).index_add_(0, r, pairs.long()) > 0
+        return pairs | ~alive[r]
+
+
+def _band(xp, sp, ss, bound: float, max_p: float, slack: float, rows=None, n_rows: int = 0):
+    """The pairs within ``slack`` of their row's best that may be allowed:
+    ``sp``, ``ss`` are (rows, columns) products with rounding errors below
+    ``slack / 2``; or one row of pairs whose rows are ``rows`` (of ``n_rows``).
+
+    A pair may be allowed when ``ss < bound + slack`` and ``sp < max_p +
+    slack``, is surely allowed below ``bound - slack`` and ``max_p - slack``.
+    The band is measured from the best pair that is surely allowed (else the
+    best that may be): the best allowed pair is never below it by more than
+    the rounding, however many pairs sit in the uncertain strip at a bound
+    (a bound at a dense similarity, like swap_text's, fills it)."""
+    inf = float("inf")
+    may, sure = sp > -inf, None
+    if ss is not None:
+        may, sure = may & (ss < bound + slack), ss < bound - slack
+    if max_p < inf:
+        may &= sp < max_p + slack
+        sure = (sp < max_p - slack) if sure is None else sure & (sp < max_p - slack)
+    sp = xp.where(may, sp, -inf)
+    top = _row_max(xp, sp, rows, n_rows)
+    if sure is not None:
+        top_sure = _row_max(xp, xp.where(sure & may, sp, -inf), rows, n_rows)
+        top = xp.where(top_sure > -inf, top_sure, top)
+    if rows is not None:
+        top = top[rows][None, :]
+    else:
+        top = top[:, None]
+    return may & (sp >= top - slack) & (top > -inf)
+
+
+def _row_max(xp, v, rows, n_rows):
+    if rows is None:
+        return v.max(axis=1) if xp is np else v.max(dim=1).values
+    out = xp.full((n_rows,), -float("inf"), device=v.device, dtype=v.dtype)
+    return out.scatter_reduce(0, rows, v[0], reduce="amax")
 
 
 def ivf_search(
