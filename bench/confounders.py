@@ -183,10 +183,14 @@ def main(argv=None) -> int:
     p.add_argument("--data", choices=("cliplike", "blobs", "isotropic"), default="cliplike")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="20,000 rows, 2,000 queries: a smoke run")
-    p.add_argument("--queries", type=int, default=None, help="brute-force queries (0: all rows; default 2,048, cuda 262,144)")
+    p.add_argument(
+        "--queries", type=int, default=None, help="brute-force queries (0: all rows; default 2,048, cuda 262,144)"
+    )
     p.add_argument("--rows-per-cell", type=int, default=None, help="default 2,000 (cpu), 20,000 (cuda)")
     p.add_argument("--probes", type=int, default=16, help="the most cells a row joins")
-    p.add_argument("--target-recall", type=float, default=0.97, help="calibrated on the sample; 0: every row joins --probes cells")
+    p.add_argument(
+        "--target-recall", type=float, default=0.97, help="calibrated on the sample; 0: every row joins --probes cells"
+    )
     p.add_argument("--query-probes", type=int, default=1)
     p.add_argument("--fit-sample", type=int, default=100_000)
     p.add_argument("--calibration-queries", type=int, default=2000)
@@ -206,7 +210,9 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     img, txt = make_data(args)
     gen_s = time.perf_counter() - t
-    print(f"[bench] {args.n:,} x {args.dim} float16 {args.data} rows in {gen_s:.1f} s, device {args.device}", flush=True)
+    print(
+        f"[bench] {args.n:,} x {args.dim} float16 {args.data} rows in {gen_s:.1f} s, device {args.device}", flush=True
+    )
     q = args.queries if 0 < args.queries < args.n else args.n
     queries = np.sort(np.random.default_rng(args.seed + 7).permutation(args.n)[:q])
     out = {

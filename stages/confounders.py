@@ -34,14 +34,18 @@ a pair fall on one side. Anchors without a confounder of a kind are counted
 in ``OUT/confounder_skips`` (``anchor_key``, ``kind``, ``reason``).
 
 The fit (``stages.common.knn``): ``learn`` fits spherical k-means cells on
-a hash sample, once over image and once over text embeddings;
-``bucket_rows`` puts each row in its ``probes`` nearest cells of each space
-and, once, in a caption bucket by the hash of its word multiset (a caption
-and its rewrites share it); ``reduce_bucket`` searches each cell exactly
-(blocked products, float64 re-scoring) for the rows whose nearest cell it
-is (``query_probes``: nearest cells), and joins rewrites to captions in the
-caption buckets; ``combine`` keeps each row's best answer, links the groups
-and writes the tables. Place the stage after every filter
+a hash sample, once over image and once over text embeddings, as many as
+the dataset's rows (estimated from the sample) over ``rows_per_cell``, and
+calibrates on the sample the margin within which a row joins more cells
+than its nearest, so that ``target_recall`` of the exact partners would be
+found; ``bucket_rows`` puts each row in those cells of each space (at most
+``probes``) and, once, in a caption bucket by the hash of its word multiset
+(a caption and its rewrites share it); ``reduce_bucket`` searches each cell
+exactly (blocked products, float64 re-scoring) for the rows whose nearest
+cell it is (``query_probes``: nearest cells), and joins rewrites to
+captions in the caption buckets; ``combine`` keeps each row's best answer,
+links the groups and writes the tables (its counters say the cells and
+what the calibration measured). Place the stage after every filter
 (last before ``shard``): a partner a later stage dropped fails ``manifest
 verify``.
 """
@@ -187,7 +191,9 @@ class ConfounderStage(GlobalStage):
         c = self.config
         hashes = key_hashes(sample["key"])
         rows = int(ok.sum()) * self._population(hashes) / len(hashes)  # the dataset's swappable rows
-        k = c.n_clusters or min(knn.auto_cells(int(rows), c.rows_per_cell), -(-int(ok.sum()) // KMEANS_MIN_ROWS_PER_CELL))
+        k = c.n_clusters or min(
+            knn.auto_cells(int(rows), c.rows_per_cell), -(-int(ok.sum()) // KMEANS_MIN_ROWS_PER_CELL)
+        )
         # k-means needs a few hundred rows a cell (faiss's default: 256): the smallest key hashes
         pick = np.flatnonzero(ok)
         pick = np.sort(pick[np.argsort(hashes[pick], kind="stable")[: k * KMEANS_ROWS_PER_CELL]])
