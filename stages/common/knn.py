@@ -44,7 +44,10 @@ __all__ = ["unit_rows", "best_partners", "spherical_kmeans", "nearest_cells", "m
 def spherical_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, device: str = "cpu") -> np.ndarray:
     """k-means on unit rows by cosine similarity (k-means++ start), fully
     determined by the row order of ``x``, ``seed`` and the device (numpy, or
-    torch on a GPU). Returns unit centroids (float32, numpy)."""
+    torch on a GPU). Returns unit centroids (float32, numpy). Semantic dedup
+    and the confounders' cells both use it; on the CPU its arithmetic is the
+    one dedup_semantic's own copy had (matrix-vector products in the start),
+    so dedup's decisions did not move when the two became one."""
     n = len(x)
     if n == 0:
         raise ValueError("k-means: no valid embeddings to cluster")
@@ -54,23 +57,22 @@ def spherical_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, devi
         import torch
 
         xp = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(tdev)
-        mm = lambda a, b: a @ b.T  # noqa: E731
-        to_np = lambda t: t.cpu().numpy()  # noqa: E731
-        argmax = lambda t: torch.argmax(t, dim=1)  # noqa: E731
+        sims_to = lambda i: (xp @ xp[i]).cpu().numpy()  # noqa: E731
+        assign_of = lambda c: torch.argmax(xp @ torch.from_numpy(c).to(tdev).T, dim=1).cpu().numpy()  # noqa: E731
     else:
-        xp, mm, to_np, argmax = x, (lambda a, b: a @ b.T), (lambda t: t), (lambda t: np.argmax(t, axis=1))
+        sims_to = lambda i: x @ x[i]  # noqa: E731
+        assign_of = lambda c: np.argmax(x @ c.T, axis=1)  # noqa: E731
     rng = np.random.default_rng(seed)
     picks = [int(rng.integers(n))]
-    dist = np.maximum(0.0, 1.0 - to_np(mm(xp, xp[picks[0] : picks[0] + 1])).ravel()).astype(np.float64)
+    dist = np.maximum(0.0, 1.0 - sims_to(picks[0])).astype(np.float64)
     for _ in range(1, k):
         total = float(dist.sum())
         pick = int(rng.choice(n, p=dist / total)) if total > 0 else int(rng.integers(n))
         picks.append(pick)
-        dist = np.minimum(dist, np.maximum(0.0, 1.0 - to_np(mm(xp, xp[pick : pick + 1])).ravel()))
+        dist = np.minimum(dist, np.maximum(0.0, 1.0 - sims_to(pick)))
     centroids = np.ascontiguousarray(x[picks], dtype=np.float32)
     for _ in range(iters):
-        cp = torch.from_numpy(centroids).to(tdev) if tdev is not None else centroids
-        assign = to_np(argmax(mm(xp, cp)))
+        assign = assign_of(centroids)
         order = np.argsort(assign, kind="stable")
         starts = np.flatnonzero(np.r_[True, assign[order][1:] != assign[order][:-1]])
         sums = np.zeros_like(centroids)  # on the CPU, in row order: a GPU's atomic adds would vary
