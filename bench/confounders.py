@@ -82,9 +82,10 @@ def cells_search(p, s, bound, top, args, seed: int):
     """The stage's learn and search over all rows; returns (partner, similarity, figures)."""
     n = len(p)
     t0 = time.perf_counter()
-    sample = np.sort(np.random.default_rng(seed).permutation(n)[: args.fit_sample])
+    perm = np.random.default_rng(seed).permutation(n)  # the stage: the smallest key hashes
+    sample = np.sort(perm[: args.fit_sample])
     k = min(knn.auto_cells(n, args.rows_per_cell), -(-len(sample) // KMEANS_MIN_ROWS_PER_CELL))
-    fit = sample[: k * KMEANS_ROWS_PER_CELL]  # a random subset of a random subset
+    fit = np.sort(perm[: k * KMEANS_ROWS_PER_CELL])  # a random part of the sample (rows come grouped)
     centroids = knn.spherical_kmeans(p[fit], k, args.kmeans_iters, seed, args.device)
     margin, cal = np.inf, None
     if args.target_recall > 0:
