@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows-per-cell", type=int, default=None, help="default 2,000 (cpu), 20,000 (cuda)")
     p.add_argument("--probes", type=int, default=16, help="the most cells a row joins")
     p.add_argument(
-        "--target-recall", type=float, default=0.97, help="calibrated on the sample; 0: every row joins --probes cells"
+        "--target-recall", type=float, default=0.98, help="calibrated on the sample; 0: every row joins --probes cells"
     )
     p.add_argument("--query-probes", type=int, default=1)
     p.add_argument("--fit-sample", type=int, default=100_000)

@@ -94,7 +94,7 @@ class Config:
     #: the share of partners the search should find: ``learn`` measures, on the sample, how far
     #: beyond its nearest cell a row must join to reach it (``knn.calibrate``); 0: every row joins
     #: exactly ``probes`` cells
-    target_recall: float = 0.97
+    target_recall: float = 0.98
     #: sample rows whose exact partner the calibration looks up
     calibration_queries: int = 2000
     #: each row looks for its partner in its ``query_probes`` nearest cells (<= probes); 1 needs no
