@@ -2,7 +2,8 @@
 cells, a calibrated margin, exact search inside a cell) against brute
 force, recall and time measured in the same run.
 
-    python bench/confounders.py --quick                    # 20k rows, CPU, ~1 minute on 2 cores
+    python bench/confounders.py --quick                    # 20k rows, CPU, a few minutes on 2 cores
+    python bench/confounders.py --quick --device cuda      # 200k rows, one GPU, under a minute
     python bench/confounders.py --n 300000                 # CPU (numpy, float32 products)
     python bench/confounders.py --n 1000000 --device cuda  # one GPU (torch, float16 then float32)
     python bench/confounders.py --n 100000 --data blobs --json out.json
@@ -179,7 +180,7 @@ def run_kind(kind: str, p, s, bound, top, queries, args, seed: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=None, help="rows (default 100,000; --quick: 20,000)")
+    p.add_argument("--n", type=int, default=None, help="rows (default 100,000; --quick: 20,000, cuda 200,000)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--data", choices=("cliplike", "blobs", "isotropic"), default="cliplike")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
-    args.n = args.n or (20_000 if args.quick else 100_000)
+    args.n = args.n or ((200_000 if args.device == "cuda" else 20_000) if args.quick else 100_000)
     if args.queries is None:
         args.queries = 2000 if args.quick else (1 << 18 if args.device == "cuda" else 2048)
     args.rows_per_cell = args.rows_per_cell or (20_000 if args.device == "cuda" else 2000)
