@@ -34,14 +34,18 @@ a pair fall on one side. Anchors without a confounder of a kind are counted
 in ``OUT/confounder_skips`` (``anchor_key``, ``kind``, ``reason``).
 
 The fit (``stages.common.knn``): ``learn`` fits spherical k-means cells on
-a hash sample, once over image and once over text embeddings;
-``bucket_rows`` puts each row in its ``probes`` nearest cells of each space
-and, once, in a caption bucket by the hash of its word multiset (a caption
-and its rewrites share it); ``reduce_bucket`` searches each cell exactly
-(blocked products, float64 re-scoring) for the rows whose nearest cell it
-is (``query_probes``: nearest cells), and joins rewrites to captions in the
-caption buckets; ``combine`` keeps each row's best answer, links the groups
-and writes the tables. Place the stage after every filter
+a hash sample, once over image and once over text embeddings, as many as
+the dataset's rows (estimated from the sample) over ``rows_per_cell``, and
+calibrates on the sample the margin within which a row joins more cells
+than its nearest, so that ``target_recall`` of the exact partners would be
+found; ``bucket_rows`` puts each row in those cells of each space (at most
+``probes``) and, once, in a caption bucket by the hash of its word multiset
+(a caption and its rewrites share it); ``reduce_bucket`` searches each cell
+exactly (blocked products, float64 re-scoring) for the rows whose nearest
+cell it is (``query_probes``: nearest cells), and joins rewrites to
+captions in the caption buckets; ``combine`` keeps each row's best answer,
+links the groups and writes the tables (its counters say the cells and
+what the calibration measured). Place the stage after every filter
 (last before ``shard``): a partner a later stage dropped fails ``manifest
 verify``.
 """
@@ -61,8 +65,8 @@ from stages.common import knn
 from stages.common import wordorder as wo
 
 KINDS = ("word_order", "swap_image", "swap_text")
-#: rows of the sample k-means sees per cell
-KMEANS_ROWS_PER_CELL = 256
+#: rows of the sample k-means sees per cell (faiss's default), and the fewest it fits a cell on
+KMEANS_ROWS_PER_CELL, KMEANS_MIN_ROWS_PER_CELL = 256, 40
 TABLE, SKIPS = "confounders", "confounder_skips"
 _OUT = ("anchor_key", "kind", "partner_key", "caption", "similarity", "other_similarity", "rule", "reason")
 
@@ -79,12 +83,20 @@ class Config:
     max_text_similarity: float = 0.85
     #: swap_text: the partner's image must be less similar than this (it shows something else)
     max_image_similarity: float = 0.85
-    #: k-means cells per space; 0: the sample's rows / ``rows_per_cell`` (set it for
-    #: datasets beyond ``fit_sample`` rows: about rows / 2,000)
+    #: k-means cells per space; 0: the dataset's swappable rows / ``rows_per_cell`` (the rows are
+    #: estimated from the hash sample), at most the sample's / ``KMEANS_MIN_ROWS_PER_CELL``
     n_clusters: int = 0
+    #: the cost of the search grows with the cell size, that of sorting rows into cells with the
+    #: cell count: ~2,000 suits a CPU, ~20,000 a GPU (``bench/confounders.py``)
     rows_per_cell: int = 2000
-    #: each row joins its ``probes`` nearest cells (recall against the cost of the search)
-    probes: int = 3
+    #: the most cells a row joins: its nearest, and those within the calibrated margin of it
+    probes: int = 16
+    #: the share of partners the search should find: ``learn`` measures, on the sample, how far
+    #: beyond its nearest cell a row must join to reach it (``knn.calibrate``); 0: every row joins
+    #: exactly ``probes`` cells
+    target_recall: float = 0.98
+    #: sample rows whose exact partner the calibration looks up
+    calibration_queries: int = 2000
     #: each row looks for its partner in its ``query_probes`` nearest cells (<= probes); 1 needs no
     #: merge across cells, more buys a little recall (``bench/confounders.py``) for more work
     query_probes: int = 1
@@ -108,6 +120,8 @@ class Config:
                 raise ValueError(f"{name}: expected a cosine in (-1, 1], got {getattr(self, name)}")
         if self.probes < 1 or self.n_clusters < 0 or self.rows_per_cell < 1:
             raise ValueError("probes and rows_per_cell must be >= 1, n_clusters >= 0")
+        if not 0.0 <= self.target_recall <= 1.0:
+            raise ValueError(f"target_recall: expected a share in [0, 1], got {self.target_recall}")
         if not 1 <= self.query_probes <= self.probes:
             raise ValueError(f"query_probes: expected 1..probes ({self.probes}), got {self.query_probes}")
         if not 0.0 <= self.val_fraction <= 1.0:
@@ -137,6 +151,8 @@ class ConfounderStage(GlobalStage):
         c = config
         self.fit_columns = tuple(dict.fromkeys(("key", c.caption_column, c.image_column, c.text_column)))
         self.cells: dict[str, np.ndarray] = {}
+        self.margins: dict[str, float] = {}  # per space: how far beyond its nearest cell a row joins
+        self.calibration: dict[str, knn.Calibration] = {}
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
@@ -164,7 +180,7 @@ class ConfounderStage(GlobalStage):
         return img, txt, ok_i & ok_t & has_caption
 
     def learn(self, sample: Batch) -> None:
-        self.cells = {}
+        self.cells, self.margins, self.calibration = {}, {}, {}
         if not self._swaps() or not batch_len(sample):
             return
         order = np.argsort(dd.str_keys(sample["key"]), kind="stable")
@@ -173,14 +189,37 @@ class ConfounderStage(GlobalStage):
         if not ok.any():
             return
         c = self.config
-        k = c.n_clusters or knn.auto_cells(int(ok.sum()), c.rows_per_cell)
+        hashes = key_hashes(sample["key"])
+        rows = int(ok.sum()) * self._population(hashes) / len(hashes)  # the dataset's swappable rows
+        k = c.n_clusters or min(
+            knn.auto_cells(int(rows), c.rows_per_cell), -(-int(ok.sum()) // KMEANS_MIN_ROWS_PER_CELL)
+        )
         # k-means needs a few hundred rows a cell (faiss's default: 256): the smallest key hashes
         pick = np.flatnonzero(ok)
-        pick = np.sort(pick[np.argsort(key_hashes(sample["key"][pick]), kind="stable")[: k * KMEANS_ROWS_PER_CELL]])
-        if "swap_image" in c.kinds:  # swap_image searches image embeddings, swap_text text embeddings
-            self.cells["image"] = knn.spherical_kmeans(img[pick], k, c.kmeans_iters, c.seed, c.device)
-        if "swap_text" in c.kinds:
-            self.cells["text"] = knn.spherical_kmeans(txt[pick], k, c.kmeans_iters, c.seed + 1, c.device)
+        pick = np.sort(pick[np.argsort(hashes[pick], kind="stable")[: k * KMEANS_ROWS_PER_CELL]])
+        _, group = np.unique([wo.normalize(x) for x in sample[c.caption_column][ok]], return_inverse=True)
+        # swap_image searches image embeddings, swap_text text embeddings, each with its bounds
+        spaces = {"image": (img, txt, c.max_text_similarity, np.inf, c.seed),
+                  "text": (txt, img, c.max_image_similarity, c.max_text_similarity, c.seed + 1)}  # fmt: skip
+        for space, (p, s, bound, top, seed) in spaces.items():
+            if f"swap_{space}" not in c.kinds:
+                continue
+            self.cells[space] = knn.spherical_kmeans(p[pick], k, c.kmeans_iters, seed, c.device)
+            if c.target_recall > 0:
+                cal = knn.calibrate(
+                    p[ok], self.cells[space], c.probes, c.target_recall, c.query_probes, s[ok], bound, group,
+                    top, c.device, c.calibration_queries, seed,
+                )  # fmt: skip
+                self.margins[space], self.calibration[space] = cal.margin, cal
+
+    def _population(self, hashes: np.ndarray) -> float:
+        """Alive rows in the dataset, from the hash sample: all of them when
+        it is short of ``fit_sample``, else (the runner's sample holds the
+        smallest key hashes) ``m`` hashes below ``h`` of ``2**64`` say
+        about ``m * 2**64 / h`` rows."""
+        if len(hashes) < self.config.fit_sample:
+            return float(len(hashes))
+        return max(float(len(hashes)), len(hashes) * 2.0**64 / (float(hashes.max()) + 1.0))
 
     def _offsets(self) -> tuple[int, int, int]:
         """First bucket of the image cells, the text cells and the caption buckets."""
@@ -209,10 +248,11 @@ class ConfounderStage(GlobalStage):
             if space not in self.cells:
                 continue
             idx = np.flatnonzero(ok)
-            near = knn.nearest_cells(emb[idx], self.cells[space], c.probes, c.device)
+            near, sims = knn.nearest_cells(emb[idx], self.cells[space], c.probes, c.device)
+            joined = knn.members(sims, self.margins.get(space, np.inf), c.query_probes)
             home = np.zeros(near.shape, dtype=bool)
             home[:, : c.query_probes] = True  # the cells the row looks in
-            parts.append((np.repeat(idx, near.shape[1]), base + near.ravel(), home.ravel()))
+            parts.append((np.repeat(idx, joined.sum(axis=1)), base + near[joined], home[joined]))
         at = np.concatenate([p[0] for p in parts])
         return {
             "bucket": np.concatenate([p[1] for p in parts]).astype(np.int64),
@@ -322,6 +362,12 @@ class ConfounderStage(GlobalStage):
         # counts per kind made and per kind and reason skipped, for the manifest's fit entry
         counters = Counter(f"made:{k}" for k in table["kind"])
         counters.update(f"skipped:{k}:{why}" for k, why in zip(skips["kind"], skips["reason"]))
+        for space, cells in self.cells.items():  # the search's cells and what calibration promised (per mille)
+            counters[f"search:{space}:cells"] = len(cells)
+            if space in self.calibration:
+                cal = self.calibration[space]
+                counters[f"search:{space}:sample_recall_permille"] = int(round(1000 * cal.recall))
+                counters[f"search:{space}:cells_per_row_permille"] = int(round(1000 * cal.cells_per_row))
         return FitResult(tables={TABLE: table, SKIPS: skips}, counters=dict(sorted(counters.items())))
 
 

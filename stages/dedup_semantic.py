@@ -29,6 +29,7 @@ import numpy as np
 
 from stages.base import Batch, Column, FitResult, GlobalStage, Resources, batch_len, object_array
 from stages.common import dedup as dd
+from stages.common.knn import spherical_kmeans
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class SemanticDedupStage(GlobalStage):
         if len(keys) > self.config.fit_sample:
             pick = np.argsort(_key_hash(keys), kind="stable")[: self.config.fit_sample]
             keys, emb = keys[pick], emb[pick]
+        if not len(keys):
+            raise ValueError("dedup_semantic: no valid embeddings to cluster")
         order = np.argsort(keys, kind="stable")
         self.centroids = spherical_kmeans(
             emb[order], self.config.n_clusters, self.config.kmeans_iters, self.config.seed
@@ -208,35 +211,3 @@ def _key_hash(keys: np.ndarray) -> np.ndarray:
     return np.array(
         [int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "big") for k in keys], dtype=np.uint64
     )
-
-
-def spherical_kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
-    """k-means on unit vectors by cosine similarity (k-means++ start), fully
-    determined by the row order of ``x`` and ``seed``. Returns unit centroids."""
-    n = len(x)
-    if n == 0:
-        raise ValueError("dedup_semantic: no valid embeddings to cluster")
-    k = min(k, n)
-    rng = np.random.default_rng(seed)
-    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
-    centroids[0] = x[rng.integers(n)]
-    dist = np.maximum(0.0, 1.0 - x @ centroids[0]).astype(np.float64)
-    for c in range(1, k):
-        total = float(dist.sum())
-        pick = int(rng.choice(n, p=dist / total)) if total > 0 else int(rng.integers(n))
-        centroids[c] = x[pick]
-        dist = np.minimum(dist, np.maximum(0.0, 1.0 - x @ centroids[c]))
-    for _ in range(iters):
-        assign = np.argmax(x @ centroids.T, axis=1)
-        order = np.argsort(assign, kind="stable")
-        starts = np.flatnonzero(np.r_[True, assign[order][1:] != assign[order][:-1]])
-        sums = np.zeros_like(centroids)
-        sums[assign[order][starts]] = np.add.reduceat(x[order], starts, axis=0)
-        norms = np.linalg.norm(sums, axis=1)
-        moved = norms > 0  # an emptied cluster keeps its old centroid
-        new = centroids.copy()
-        new[moved] = sums[moved] / norms[moved, None]
-        if np.allclose(new, centroids, atol=1e-6):
-            break
-        centroids = new
-    return centroids

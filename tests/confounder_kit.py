@@ -71,3 +71,17 @@ def fit_rows(n: int, dim: int = 32, seed: int = 0, captions=None, first_key: int
         "img_emb": clustered(n, dim, 30, 0.7, seed + 1).astype(np.float16),
         "text_emb": clustered(n, dim, 30, 0.7, seed + 2).astype(np.float16),
     }
+
+
+def brute(p, s=None, bound=np.inf, group=None):
+    """float64 all pairs, ties to the smaller index: (partner or -1, its similarity)."""
+    p = p.astype(np.float64)
+    sim = p @ p.T
+    n = len(p)
+    bad = np.eye(n, dtype=bool) if group is None else group[:, None] == group[None, :]
+    if s is not None:
+        s = s.astype(np.float64)
+        bad |= s @ s.T >= bound
+    sim[bad] = -np.inf
+    best = np.argmax(sim, axis=1)
+    return np.where(np.isfinite(sim[np.arange(n), best]), best, -1), sim[np.arange(n), best]

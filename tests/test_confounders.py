@@ -1,6 +1,5 @@
 """The confounders stage: the word-order rules on a hand-checked table of
-caption styles, the blocked and the cell-by-cell nearest-neighbour search
-against brute force, the stage's fit on in-memory batches (links, skips,
+caption styles, the stage's fit on in-memory batches (links, skips,
 groups, the split, order independence), planted scenes through the real
 scorer, and a local job whose side table ``manifest verify`` checks."""
 
@@ -18,7 +17,7 @@ from stages.base import concat, object_array, take
 from stages.common import knn
 from stages.common import wordorder as wo
 from stages.confounders import KINDS, SKIPS, TABLE, Config, ConfounderStage, split_of
-from tests.confounder_kit import clustered, fit_rows
+from tests.confounder_kit import brute, fit_rows
 
 # ------------------------------------------------------------ the rules
 
@@ -129,53 +128,6 @@ def test_a_generated_scene_pair_is_among_the_rewrites_of_its_first_caption():
     for _ in range(100):
         a, b = scenes.confounder_pair(rng)
         assert b.caption in [r.caption for r in wo.rewrites(a.caption)[0]], (a.caption, b.caption)
-
-
-# ------------------------------------------------------------ the search
-
-
-def _brute(p, s=None, bound=np.inf, group=None):
-    """float64 all pairs, ties to the smaller index."""
-    p = p.astype(np.float64)
-    sim = p @ p.T
-    n = len(p)
-    bad = np.eye(n, dtype=bool) if group is None else group[:, None] == group[None, :]
-    if s is not None:
-        s = s.astype(np.float64)
-        bad |= s @ s.T >= bound
-    sim[bad] = -np.inf
-    best = np.argmax(sim, axis=1)
-    return np.where(np.isfinite(sim[np.arange(n), best]), best, -1), sim[np.arange(n), best]
-
-
-def test_blocked_search_is_the_float64_brute_force_with_bounds_groups_and_ties():
-    p, _ = knn.unit_rows(clustered(700, 24, 10, 0.6, 0))
-    s, _ = knn.unit_rows(clustered(700, 24, 10, 0.6, 1))
-    p[40] = p[50] = p[30]  # exact ties: the smaller index wins
-    group = np.arange(700) // 3  # rows of one group never pair
-    for bound in (np.inf, 0.3):
-        want, want_sim = _brute(p, s if bound < np.inf else None, bound, group)
-        got, got_sim, got_s = knn.best_partners(
-            p, np.arange(700), s if bound < np.inf else None, bound, group, block_elems=5000
-        )
-        assert np.array_equal(got, want)
-        assert np.allclose(got_sim[got >= 0], want_sim[want >= 0])
-        if bound < np.inf:
-            assert (got_s[got >= 0] < bound).all()
-    got = knn.best_partners(p, np.array([30, 40, 50, 2]), group=group)[0]
-    assert list(got[:3]) == [40, 30, 30] and got[3] == _brute(p, group=group)[0][2]
-
-
-def test_cell_by_cell_search_recalls_the_brute_force_neighbour():
-    p, _ = knn.unit_rows(clustered(6000, 48, 40, 0.7, 3))
-    s, _ = knn.unit_rows(clustered(6000, 48, 40, 0.7, 4))
-    cells = knn.spherical_kmeans(p[::4], 30, 20, 0)
-    for sec, bound in ((None, np.inf), (s, 0.2)):
-        want, want_sim = _brute(p, sec, bound)
-        got, got_sim, _ = knn.ivf_search(p, cells, probes=3, secondary=sec, bound=bound)
-        recall = np.mean(got_sim[want >= 0] >= want_sim[want >= 0] - 1e-9)
-        assert recall >= 0.95, recall
-        assert (got_sim[got >= 0] <= want_sim[got >= 0] + 1e-9).all()  # never better than the truth
 
 
 # ------------------------------------------------------------ the stage
@@ -367,7 +319,7 @@ def test_swap_image_finds_the_planted_partner_scene_not_the_copy_with_the_same_c
     # measured: 37 of 40; the other 3 find a scene of another layout that looks alike
     assert np.mean([got[i] == i + 2 for i in anchors]) >= 0.85
     txt, _ = knn.unit_rows(emb["text_emb"])
-    want, _ = _brute(img, txt, 0.9, np.unique(captions, return_inverse=True)[1])
+    want, _ = brute(img, txt, 0.9, np.unique(captions, return_inverse=True)[1])
     assert all(got[i] == want[i] for i in anchors)  # and it is the brute-force answer
 
 
