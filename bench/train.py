@@ -197,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             res = timed(step, forever(ready), steps, min(args.warmup, 5), device)
         else:
             w, r = (part.split("=")[1] for part in name.split()[1:])
-            kw = {} if r == "device" else {"resize": r}  # (an older trainer.prep has no resize option)
-            prep = Prep(model_name, size, **kw)
+            prep = Prep(model_name, size, resize=r)
             stream = replace(cfg, workers=int(w)).stream()
             loader = train_loader(shards, prep, stream, pin_memory=device.type == "cuda")
             res = timed(step, feed(loader), steps, args.warmup, device)

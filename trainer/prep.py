@@ -50,8 +50,9 @@ class Prep:
     image_size: int
     augment: bool = False
     seed: int = 0
-    #: where squares are resized to ``image_size``: ``device`` (the training step) or ``worker``
-    resize: str = "device"
+    #: where squares are resized to ``image_size``: ``worker`` (PIL, here) or ``device`` (the
+    #: training step; what ``pairforge train`` chooses on CUDA)
+    resize: str = "worker"
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_WHERE:
