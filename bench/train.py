@@ -1,7 +1,7 @@
 """Does ``pairforge train``'s data path keep the GPU busy? (issue 12: >= 0.95
 of the model-only rate, median of 3)
 
-    python bench/train.py --budget-s 200                  # one GPU: ViT-B-32, batch 256, bf16
+    python bench/train.py --budget-s 200 --resize-list device,worker   # one GPU: ViT-B-32, batch 256, bf16
     python bench/train.py --loader-only --device cpu      # the loader alone, samples/s and per core
     python bench/train.py --profile --device cpu          # CPU us/sample of each step of a worker
 
@@ -213,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] warm-up {pl}: {r['rate']:.0f} samples/s", flush=True)
     steps = args.steps
     if steps is None:
-        left = args.budget_s * 0.9 - (time.perf_counter() - t_begin)
+        left = args.budget_s * 0.85 - (time.perf_counter() - t_begin)  # a margin for drift
         fixed = sum(r["overhead_s"] for r in warm.values()) * args.passes
         per_step = sum(bs / r["rate"] for r in warm.values()) * args.passes
         steps = max(20, min(400, int((left - fixed) / per_step)))
-    print(f"[bench] {args.passes} timed passes x {steps} steps per plan, order rotated", flush=True)
+    print(f"[bench] {args.passes} timed passes x {steps} steps per plan, order rotated "
+          f"({time.perf_counter() - t_begin:.0f}s so far)", flush=True)  # fmt: skip
     runs: dict[str, list[dict]] = {pl: [] for pl in plans}
     for r in range(args.passes):
         for pl in plans[r % len(plans) :] + plans[: r % len(plans)]:
