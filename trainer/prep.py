@@ -95,8 +95,8 @@ class Prep:
         return canvas(squares)
 
     def image(self, data: bytes, key: str = "", epoch: int = 0) -> torch.Tensor:
-        """One model input image, uint8 ``[3, S, S]``, resized on the CPU
-        exactly as the training step resizes it."""
+        """One model input image, uint8 ``[3, S, S]``, resized (on the CPU)
+        where this Prep says, as a training batch would be."""
         return model_images(self.images([data], [key], [epoch]), self.image_size, "cpu")[0]
 
     def tokens(self, captions: list[str]) -> torch.Tensor:
@@ -140,22 +140,22 @@ def model_images(batch: dict, size: int, device: str | torch.device) -> torch.Te
     each square resized to ``S`` (antialiased bicubic, rounded to uint8, as
     PIL does), squares of one size in one call. Reads ``side`` on the host,
     so it never waits for the device."""
-    canvas = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2)
+    held = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2)
     sides = batch["side"].tolist()
-    n = canvas.shape[0]
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=canvas.device)
+    n = held.shape[0]
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8, device=held.device)
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(sides):
         groups.setdefault(s, []).append(i)
     for side, idx in groups.items():
-        x = canvas[:, :, :side, :side]
+        x = held[:, :, :side, :side]
         if len(idx) < n:
-            x = x[torch.tensor(idx, device=canvas.device)]
+            x = x[torch.tensor(idx, device=held.device)]
         if side != size:
             x = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp_(0, 255).round_().to(torch.uint8)
         if len(idx) < n:
-            out[torch.tensor(idx, device=canvas.device)] = x
+            out[torch.tensor(idx, device=held.device)] = x
         else:
             out.copy_(x)
     return out
