@@ -1,27 +1,39 @@
-"""Does the data path keep the GPU busy?
+"""Does ``pairforge train``'s data path keep the GPU busy? (issue 12: >= 0.95
+of the model-only rate, median of 3)
 
-    python bench/train.py                               # GPU: ViT-B-32, batch 256
-    python bench/train.py --device cpu --steps 20       # a small CPU run
+    python bench/train.py --budget-s 200 --resize-list device,worker   # one GPU: ViT-B-32, batch 256, bf16
+    python bench/train.py --loader-only --device cpu      # the loader alone, samples/s and per core
+    python bench/train.py --profile --device cpu          # CPU us/sample of each step of a worker
 
-In one run: the training step rate on ready tensors already on the device
-(model only: the ceiling), then the rate of the same steps fed by
-``pairforge train``'s data path (webdataset over local tar shards, JPEG
-decode, resize, tokenize in DataLoader workers), then the model-only rate
-again so clock drift shows. Prints samples/s of each and their ratio; the
-goal is a ratio >= 0.90.
+Plans: ``model-only`` (training steps on ready uint8 tensors already on the
+device: the ceiling) and ``data-path`` for each ``--workers-list`` x
+``--resize-list`` (the same steps fed by ``trainer.data.train_loader``:
+webdataset over local tar shards, decode, crop, tokenise in DataLoader
+workers, pinned copies, the resize on the device or in the workers).
 
-The shards are written first with the pipeline's shard writer: random crops
-of scikit-image's photos as ``--image-px`` JPEGs (what a download stage that
-resizes to 256 writes), with captions.
+Each plan gets one untimed warm-up pass, then ``--passes`` timed passes; the
+order of the plans rotates from pass to pass, so drift shows as spread and
+no plan is always first. A data-path pass starts its own loader (fresh
+workers) and runs ``--warmup`` untimed steps before its clock starts, so its
+figure is the loader's steady state, not a prefetch queue filled while
+another plan ran. The table gives the median and min-max samples/s, the
+ratio of medians to model-only, the time spent waiting for data and the
+cores the pass kept busy (CPU seconds of the trainer and its workers over
+wall seconds). ``--budget-s`` sizes the timed passes from the warm-up so the
+whole run (shards and model included) ends within it.
+
+``--loader-only`` iterates the same loaders without a model (``--device-step``
+adds the device-side resize, on ``--device``); samples per CPU second is the
+per-core figure. The shards are written first with the pipeline's shard
+writer: random crops of scikit-image's photos as ``--image-px`` JPEGs.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import random
+import statistics
 import sys
 import tempfile
 import time
@@ -31,69 +43,11 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-WORDS = ("photo", "picture", "close up", "view", "detail", "image", "shot", "crop")
+from bench.trainkit import cpu_seconds, header, profile, write_shards  # noqa: E402
 
-
-def _photos() -> list[tuple[str, np.ndarray]]:
-    import skimage.data
-
-    names = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-             "camera", "coins", "moon", "brick", "grass", "gravel", "colorwheel", "cat", "clock")  # fmt: skip
-    photos = []
-    for n in names:
-        a = np.asarray(getattr(skimage.data, n)())
-        photos.append((n, np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]))
-    return photos
-
-
-def _write_one(job: tuple[str, int, int, int, int, int]) -> dict:
-    """One shard of random crops (its own seeded RNG, so shards can be written in parallel)."""
-    from PIL import Image
-
-    from manifests.shards import write_shard
-    from stages.base import fresh_rows, object_array
-
-    out, shard_id, start, n, px, seed = job
-    photos = _photos()
-    rng = random.Random(f"{seed}:{shard_id}")
-    images, captions = [], []
-    for _ in range(n):
-        name, arr = rng.choice(photos)
-        h, w = arr.shape[:2]
-        side = rng.randint(min(h, w) // 3, min(h, w))
-        y, x = rng.randint(0, h - side), rng.randint(0, w - side)
-        im = Image.fromarray(arr[y : y + side, x : x + side]).resize((px, px), Image.BICUBIC)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=90)
-        images.append(buf.getvalue())
-        captions.append(f"a {rng.choice(WORDS)} of the {name.replace('_', ' ')} number {rng.randint(0, 999)}")
-    rows = fresh_rows(
-        [f"{shard_id:05d}{i:05d}" for i in range(n)],
-        shard_id,
-        image=object_array(images),
-        image_ext=object_array(["jpg"] * n),
-        caption=object_array(captions),
-    )
-    return write_shard(rows, Path(out), shard_id)
-
-
-def write_shards(out: Path, samples: int, per_shard: int, px: int, seed: int = 0) -> int:
-    """Random crops of skimage's photos as ``px``-square JPEGs, in shards
-    written by one process per core."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from manifests.manifest import write_sizes
-
-    jobs = [
-        (str(out), sid, a, min(per_shard, samples - a), px, seed) for sid, a in enumerate(range(0, samples, per_shard))
-    ]
-    with ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-        stats = list(pool.map(_write_one, jobs))
-    write_sizes(out, stats)
-    return len(stats)
+GOAL = 0.95
 
 
 def _sync(device: torch.device) -> None:
@@ -101,52 +55,72 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step_fn, batches, steps: int, warmup: int, device) -> tuple[float, float]:
-    """(seconds for ``steps`` steps after ``warmup``, seconds of those spent
-    waiting for a batch)."""
+def timed(step_fn, batches, steps: int, warmup: int, device) -> dict:
+    """Run ``warmup`` untimed steps, then ``steps`` timed ones."""
     for _ in range(warmup):
         step_fn(next(batches))
     _sync(device)
     wait = 0.0
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t
         step_fn(batch)
     _sync(device)
-    return time.perf_counter() - t0, wait
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "wait": wait / wall, "cpu_s": cpu_seconds() - c0}
+
+
+def plan_names(args) -> list[str]:
+    data = [f"data-path w={w} resize={r}" for w in args.workers_list for r in args.resize_list]
+    return data if args.loader_only else ["model-only", *data]
 
 
 def main(argv: list[str] | None = None) -> int:
+    t_begin = time.perf_counter()
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--model", help="open_clip architecture (default: ViT-B-32 on CUDA, pf-tiny on CPU)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--samples", type=int, help="samples written to the bench shards")
+    p.add_argument(
+        "--model", help="open_clip architecture (default: ViT-B-32 on CUDA or for --loader-only, else pf-tiny)"
+    )
+    p.add_argument("--batch-size", type=int, help="default: 256 on CUDA or for --loader-only, else 32")
+    p.add_argument("--passes", type=int, default=3, help="timed passes per plan")
+    p.add_argument("--steps", type=int, help="timed steps per pass (default: what fits --budget-s)")
+    p.add_argument("--budget-s", type=float, default=200.0, help="seconds the whole run may take")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps at the start of every pass")
+    p.add_argument("--samples", type=int, help="samples written to the bench shards (default: 1,000 a shard)")
     p.add_argument("--per-shard", type=int, default=1000)
     p.add_argument("--image-px", type=int, default=256)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    p.add_argument("--workers-list", help="comma list of loader worker counts to try (the best is reported)")
-    p.add_argument("--nice", default=str(10), help="comma list of loader worker niceness values to try")
+    p.add_argument("--workers-list", default=str(min(8, max(1, (os.cpu_count() or 2) - 2))),
+                   help="comma list of loader worker counts; the first is the headline")  # fmt: skip
+    p.add_argument("--resize-list", default="device", help="comma list of device,worker (trainer.prep)")
+    p.add_argument("--nice", type=int, default=10, help="loader workers' niceness (trainer.data.WORKER_NICENESS)")
+    p.add_argument("--loader-only", action="store_true", help="iterate the loaders without a model")
+    p.add_argument("--device-step", action="store_true", help="with --loader-only: resize on --device too")
+    p.add_argument("--profile", action="store_true", help="CPU us/sample of each step of a worker, then exit")
     p.add_argument("--shards", help="existing shards to read instead of writing new ones")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
+    args.workers_list = [int(v) for v in args.workers_list.split(",")]
+    args.resize_list = args.resize_list.split(",")
 
-    from trainer.data import Prep, find_shards, tokenizer, train_loader
+    import trainer.data
+    from trainer.data import Prep, find_shards, train_loader
     from trainer.loop import TrainConfig, train_step
-    from trainer.model import create_model, optimizer_for
 
     device = torch.device(args.device)
-    model_name = args.model or ("ViT-B-32" if device.type == "cuda" else "pf-tiny")
-    bs = args.batch_size or (256 if device.type == "cuda" else 32)
-    samples = args.samples or max(
-        bs * (args.steps + args.warmup) // 2, 4 * args.per_shard if device.type == "cuda" else bs * 8
-    )
-    per_shard = min(args.per_shard, max(bs, samples // max(2, args.workers)))
+    big = device.type == "cuda" or args.loader_only or args.profile
+    model_name = args.model or ("ViT-B-32" if big else "pf-tiny")
+    bs = args.batch_size or (256 if big else 32)
+    head = {
+        **header(device),
+        "model": model_name,
+        "batch_size": bs,
+        "precision": "bf16" if device.type == "cuda" else "fp32",
+    }
+    print("[bench] " + ", ".join(f"{k} {v}" for k, v in head.items() if v is not None), flush=True)
 
     tmp = None
     if args.shards:
@@ -154,76 +128,131 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="pf-bench-train-")
         root = Path(tmp.name)
+        samples = args.samples or args.per_shard * max(4, 2 * max(args.workers_list))
         t0 = time.perf_counter()
-        n = write_shards(root, samples, per_shard, args.image_px)
-        print(
-            f"[bench] wrote {samples} samples in {n} shards of {args.image_px}px JPEGs in {time.perf_counter() - t0:.1f}s",
-            flush=True,
-        )
+        n = write_shards(root, samples, args.per_shard, args.image_px)
+        print(f"[bench] wrote {samples} samples in {n} shards of {args.image_px}px JPEGs "
+              f"in {time.perf_counter() - t0:.1f}s", flush=True)  # fmt: skip
     shards = find_shards([root])
 
-    torch.manual_seed(0)
-    model, spec = create_model(model_name, device=device)
-    optimizer = optimizer_for(model, 1e-4, 0.1)
+    if args.loader_only or args.profile:
+        import open_clip
+
+        from trainer.model import register_configs
+
+        register_configs()
+        size, model, spec = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"], None, None
+    else:
+        from trainer.model import create_model, optimizer_for
+
+        torch.manual_seed(0)
+        model, spec = create_model(model_name, device=device)
+        optimizer = optimizer_for(model, 1e-4, 0.1)
+        size = spec.size
+    if args.profile:
+        res = profile(shards, model_name, size, bs)
+        print(f"\n{'step (CPU us/sample, 1 thread)':34}" + "".join(f"{'resize=' + w:>16}" for w in res))
+        for k in dict.fromkeys(k for w in res for k in res[w]):
+            print(f"{k:34}" + "".join(f"{res[w].get(k, 0.0):16.1f}" for w in res))
+        for w in res:
+            print(f"{'total resize=' + w:34}{sum(v for k, v in res[w].items() if 'on this CPU' not in k):16.1f}")
+        return 0
+
     cfg = TrainConfig(shards=(str(root),), out="", model=model_name, batch_size=bs, warmup=0, steps=10**9,
-                      hard_negatives=False, eval_fraction=0.0, shuffle_buffer=1000, workers=args.workers)  # fmt: skip
+                      hard_negatives=False, eval_fraction=0.0, shuffle_buffer=1000)  # fmt: skip
     bf16 = device.type == "cuda"
+    trainer.data.WORKER_NICENESS = args.nice  # read by each worker as it starts
 
     def step(batch):
         train_step(model, optimizer, batch, cfg, spec, device, 0, bf16)
 
+    if args.loader_only:
+
+        def step(batch):  # noqa: F811
+            pass
+
+    def feed(loader):
+        """The data path's batches as the trainer takes them (trainer.loop)."""
+        if args.loader_only and not args.device_step:
+            return iter(loader)
+        from trainer.prep import device_batches
+
+        return device_batches(iter(loader), size, device, cfg.hard_negatives)
+
     # ready tensors: random (not zero) images and real tokens, already on the device
     caps = [f"a photo of the astronaut number {i}" for i in range(bs)]
     ready = {
-        "image": torch.randint(0, 256, (bs, 3, spec.size, spec.size), dtype=torch.uint8, device=device),
-        "text": tokenizer(model_name)(caps).to(device),
-        "neg_text": torch.zeros((bs, 1), dtype=torch.long),
-        "has_neg": torch.zeros(bs, dtype=torch.bool),
+        "image": torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device),
+        "text": trainer.data.tokenizer(model_name)(caps).to(device),
+        "neg_text": None,
     }
 
     def forever(batch):
         while True:
             yield batch
 
-    rates = {}
-    s, _ = time_steps(step, forever(ready), args.steps, args.warmup, device)
-    rates["model_only_before"] = args.steps * bs / s
-    print(f"[bench] model only:  {rates['model_only_before']:9.0f} samples/s", flush=True)
-
-    import trainer.data
-
-    runs = []  # (workers, niceness, samples/s, wait fraction)
-    for nice in [int(v) for v in args.nice.split(",")]:
-        trainer.data.WORKER_NICENESS = nice  # read by each worker as it starts
-        for w in [int(v) for v in args.workers_list.split(",")] if args.workers_list else [args.workers]:
-            stream = replace(cfg, workers=w).stream()
-            loader = train_loader(shards, Prep(model_name, spec.size), stream, pin_memory=device.type == "cuda")
-            s, wait = time_steps(step, iter(loader), args.steps, args.warmup, device)
-            runs.append((loader.num_workers, nice, args.steps * bs / s, wait / s))
-            print(f"[bench] streaming, {loader.num_workers} workers at nice {nice}: {runs[-1][2]:9.0f} samples/s "
-                  f"({runs[-1][3]:.0%} of the time waiting for data)", flush=True)  # fmt: skip
+    def one_pass(name: str, steps: int) -> dict:
+        t0 = time.perf_counter()
+        if name == "model-only":
+            res = timed(step, forever(ready), steps, min(args.warmup, 5), device)
+        else:
+            w, r = (part.split("=")[1] for part in name.split()[1:])
+            prep = Prep(model_name, size, resize=r)
+            stream = replace(cfg, workers=int(w)).stream()
+            loader = train_loader(shards, prep, stream, pin_memory=device.type == "cuda")
+            res = timed(step, feed(loader), steps, args.warmup, device)
+            res["workers"] = loader.num_workers
             del loader
-    workers, _, rates["streaming"], wait_fraction = max(runs, key=lambda r: r[2])
+        res.update(rate=steps * bs / res["wall_s"], cores_busy=res["cpu_s"] / res["wall_s"], steps=steps,
+                   overhead_s=time.perf_counter() - t0 - res["wall_s"])  # fmt: skip
+        return res
 
-    s, _ = time_steps(step, forever(ready), args.steps, args.warmup, device)
-    rates["model_only_after"] = args.steps * bs / s
-    print(f"[bench] model only:  {rates['model_only_after']:9.0f} samples/s (again)", flush=True)
+    plans = plan_names(args)
+    warm = {pl: one_pass(pl, 10) for pl in plans}  # untimed: compiles, caches, page cache, a first rate
+    for pl, r in warm.items():
+        print(f"[bench] warm-up {pl}: {r['rate']:.0f} samples/s", flush=True)
+    steps = args.steps
+    if steps is None:
+        left = args.budget_s * 0.85 - (time.perf_counter() - t_begin)  # a margin for drift
+        fixed = sum(r["overhead_s"] for r in warm.values()) * args.passes
+        per_step = sum(bs / r["rate"] for r in warm.values()) * args.passes
+        steps = max(20, min(400, int((left - fixed) / per_step)))
+    print(f"[bench] {args.passes} timed passes x {steps} steps per plan, order rotated "
+          f"({time.perf_counter() - t_begin:.0f}s so far)", flush=True)  # fmt: skip
+    runs: dict[str, list[dict]] = {pl: [] for pl in plans}
+    for r in range(args.passes):
+        for pl in plans[r % len(plans) :] + plans[: r % len(plans)]:
+            res = one_pass(pl, steps)
+            runs[pl].append(res)
+            print(f"[bench] pass {r + 1} {pl}: {res['rate']:9.0f} samples/s, waiting {res['wait']:.0%}, "
+                  f"{res['cores_busy']:.1f} cores busy", flush=True)  # fmt: skip
 
-    model_only = (rates["model_only_before"] + rates["model_only_after"]) / 2
-    ratio = rates["streaming"] / model_only
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "model": model_name, "batch_size": bs, "image_size": spec.size, "image_px_on_disk": args.image_px,
-        "steps": args.steps, "warmup": args.warmup, "loader_workers": workers, "cpus": os.cpu_count(),
-        "shards": len(shards), "samples_per_s": rates, "data_wait_fraction": wait_fraction,
-        "ratio_streaming_to_model_only": ratio, "goal": 0.90,
-        "streaming_runs": [dict(zip(("workers", "nice", "samples_per_s", "wait_fraction"), r)) for r in runs],
-    }  # fmt: skip
-    print(f"\ntorch {torch.__version__}, {os.cpu_count()} cores")
-    print(f"{'device':<12}{'model':<12}{'batch':>6}{'workers':>8}{'model-only/s':>14}{'streaming/s':>13}{'ratio':>8}")
-    print(f"{result['device'][:11]:<12}{model_name:<12}{bs:>6}{workers:>8}{model_only:>14.0f}{rates['streaming']:>13.0f}{ratio:>8.2f}"
-          f"   goal >= 0.90: {'met' if ratio >= 0.9 else 'NOT met'}")  # fmt: skip
+    base = statistics.median(x["rate"] for x in runs["model-only"]) if "model-only" in runs else None
+    table = {}
+    for pl, rs in runs.items():
+        rates = [x["rate"] for x in rs]
+        m = statistics.median(rates)
+        table[pl] = {
+            "median": m, "min": min(rates), "max": max(rates), "passes": rates,
+            "ratio": m / base if base else None,
+            "wait": statistics.median(x["wait"] for x in rs),
+            "cores_busy": statistics.median(x["cores_busy"] for x in rs),
+            "per_core": statistics.median(x["rate"] / x["cores_busy"] for x in rs),
+        }  # fmt: skip
+    print(f"\n{'plan':32}{'median/s':>10}{'min-max':>16}{'x model':>9}{'wait':>7}{'cores':>7}{'per core/s':>12}")
+    for pl, t in table.items():
+        ratio = f"{t['ratio']:.3f}" if t["ratio"] else "-"
+        print(f"{pl:32}{t['median']:10.0f}{t['min']:8.0f}-{t['max']:<7.0f}{ratio:>9}{t['wait']:7.0%}"
+              f"{t['cores_busy']:7.1f}{t['per_core']:12.0f}")  # fmt: skip
+    headline = plans[1] if base else plans[0]
+    if base:
+        ratio = table[headline]["ratio"]
+        print(f"\n{headline} / model-only = {ratio:.3f} (median of {args.passes}); goal >= {GOAL}: "
+              f"{'met' if ratio >= GOAL else 'NOT met'}; {time.perf_counter() - t_begin:.0f}s in all")  # fmt: skip
     if args.json:
+        result = {**head, "steps": steps, "warmup": args.warmup, "passes": args.passes, "shards": len(shards),
+                  "image_px_on_disk": args.image_px, "plans": table, "runs": runs, "goal": GOAL, "headline": headline,
+                  "seconds": time.perf_counter() - t_begin}  # fmt: skip
         Path(args.json).write_text(json.dumps(result, indent=1))
     if tmp is not None:
         tmp.cleanup()

@@ -151,17 +151,20 @@ def test_fine_tuning_starts_from_the_given_checkpoint(trained, corpus, tmp_path)
 # -------------------------------------------------------------------- resume
 
 
-def test_a_resumed_run_continues_the_same_curve(corpus, tmp_path):
-    """Interrupted after step 5 (odd: the two loader workers are mid-turn)
-    and resumed: the same losses and the same final weights as one run."""
-    kw = {"steps": 10, "batch_size": 16, "eval_every": 100, "eval_limit": 40, "augment": True}
+@pytest.mark.parametrize(("resize", "steps", "until"), [("worker", 10, 5), ("device", 6, 3)])
+def test_a_resumed_run_continues_the_same_curve(corpus, tmp_path, resize, steps, until):
+    """Interrupted after an odd step (the two loader workers are mid-turn)
+    and resumed: the same losses and the same final weights as one run,
+    with images resized in the loader workers (what a CPU run does) or in the
+    training step (what a CUDA run does)."""
+    kw = {"steps": steps, "batch_size": 16, "eval_every": 100, "eval_limit": 40, "augment": True, "resize": resize}
     whole = train(config(corpus, tmp_path / "whole", **kw))
     cfg = config(corpus, tmp_path / "parts", **kw)
-    first = train(cfg, until=5)
-    assert first["steps"]["done"] == 5 and len(first["history"]["train"]) == 5
-    assert load_checkpoint(tmp_path / "parts" / CHECKPOINT)["step"] == 5
+    first = train(cfg, until=until)
+    assert first["steps"]["done"] == until and len(first["history"]["train"]) == until
+    assert load_checkpoint(tmp_path / "parts" / CHECKPOINT)["step"] == until
     resumed = train(resume_config(replace(cfg, steps=999, lr=1.0)))  # the saved config wins
-    assert resumed["steps"] == {"done": 10, "planned": 10, "resumed_from": 5}
+    assert resumed["steps"] == {"done": steps, "planned": steps, "resumed_from": until}
     assert [h["loss"] for h in resumed["history"]["train"]] == [h["loss"] for h in whole["history"]["train"]]
     a = load_checkpoint(tmp_path / "whole" / CHECKPOINT)
     b = load_checkpoint(tmp_path / "parts" / CHECKPOINT)

@@ -21,7 +21,7 @@ from trainer.loop import CHECKPOINT, TrainConfig
 #: TrainConfig fields offered as ``--flag`` (the rest keep their defaults)
 FLAGS = (
     "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "eval_fraction", "eval_every",
-    "eval_limit", "log_every", "checkpoint_every", "shuffle_buffer", "workers", "seed", "device", "precision",
+    "eval_limit", "log_every", "checkpoint_every", "shuffle_buffer", "workers", "seed", "device", "precision", "resize",
 )  # fmt: skip
 
 

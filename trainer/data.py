@@ -17,26 +17,23 @@ negative from it (:mod:`trainer.confounders`).
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trainer.prep import NEGATIVE_CAPTION, Prep, model_images, tokenizer  # noqa: F401 (re-exported)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 #: metadata field naming the key of the sample this one is a confounder of
 CONFOUNDER_OF = "confounder_of"
-#: metadata field holding a caption that does *not* describe the image
-NEGATIVE_CAPTION = "confounder_caption"
 #: metadata field naming the group a sample is held out with (from the
 #: confounders side table, see :mod:`trainer.confounders`)
 CONFOUNDER_GROUP = "confounder_group"
@@ -126,71 +123,6 @@ def _parse(sample: dict) -> dict:
     }
 
 
-# ------------------------------------------------------------- sample decoding
-
-
-@dataclass(frozen=True)
-class Prep:
-    """Turns a parsed sample into tensors: a uint8 ``[3, S, S]`` image (resized
-    on its shorter side and centre-cropped like open_clip's preprocess; the
-    float conversion and normalisation happen on the device) and tokens."""
-
-    model_name: str
-    image_size: int
-    augment: bool = False
-    seed: int = 0
-
-    def image(self, data: bytes, key: str = "", epoch: int = 0) -> torch.Tensor:
-        im = Image.open(io.BytesIO(data))
-        if im.format == "JPEG":
-            im.draft("RGB", (self.image_size, self.image_size))  # decode big JPEGs at a reduced scale
-        im = im.convert("RGB")
-        s = self.image_size
-        if self.augment:  # a seeded random crop of 90-100% of the area: the same for the same (seed, epoch, key)
-            rng = random.Random(f"{self.seed}:{epoch}:{key}")
-            frac = rng.uniform(0.9, 1.0) ** 0.5
-            w, h = max(1, round(im.width * frac)), max(1, round(im.height * frac))
-            x, y = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
-            im = im.crop((x, y, x + w, y + h))
-        scale = s / min(im.size)
-        im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BICUBIC)
-        left, top = (im.width - s) // 2, (im.height - s) // 2
-        arr = np.asarray(im.crop((left, top, left + s, top + s)), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-    def tokens(self, captions: list[str]) -> torch.Tensor:
-        return tokenizer(self.model_name)(captions)
-
-    def __call__(self, parsed: dict, epoch: int = 0) -> dict:
-        neg = parsed["meta"].get(NEGATIVE_CAPTION)
-        toks = self.tokens([parsed["caption"], neg or ""])
-        return {
-            "image": self.image(parsed["image_bytes"], parsed["key"], epoch),
-            "text": toks[0],
-            "neg_text": toks[1],
-            "has_neg": torch.tensor(bool(neg)),
-        }
-
-
-_TOKENIZERS: dict[str, object] = {}
-
-
-def tokenizer(model_name: str):
-    """open_clip's tokenizer for ``model_name``, built once per process."""
-    if model_name not in _TOKENIZERS:
-        import open_clip
-
-        from trainer.model import register_configs
-
-        register_configs()
-        _TOKENIZERS[model_name] = open_clip.get_tokenizer(model_name)
-    return _TOKENIZERS[model_name]
-
-
-def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-
-
 # ----------------------------------------------------------------- the stream
 
 
@@ -225,11 +157,13 @@ class TrainStream(IterableDataset):
         skip = len(range(worker, self.start_batch, workers)) * self.cfg.batch_size
         samples = itertools.islice(self._raw(worker, workers), skip, None)
         batch: list[dict] = []
-        for parsed, epoch in samples:
-            batch.append(self.prep(parsed, epoch))
+        epochs: list[int] = []
+        for parsed, epoch in samples:  # decoded a batch at a time, in the worker (see trainer.prep)
+            batch.append(parsed)
+            epochs.append(epoch)
             if len(batch) == self.cfg.batch_size:
-                yield collate(batch)
-                batch = []
+                yield self.prep.batch(batch, epochs)
+                batch, epochs = [], []
 
     def _raw(self, worker: int, workers: int) -> Iterator[tuple[dict, int]]:
         """(parsed sample, epoch) forever for one worker's stream, image bytes not yet decoded."""
@@ -327,12 +261,14 @@ def load_eval_set(shards: list[str], prep: Prep, cfg: StreamConfig, limit: int =
             break
     found.sort(key=lambda p: p["key"])
     found = found[:limit]
+    plain = replace(prep, augment=False)  # held-out images are never augmented
+    chunks = [[p["image_bytes"] for p in found[i : i + 256]] for i in range(0, len(found), 256)]
     if not found:
         raise ValueError(f"no held-out samples (eval fraction {cfg.eval_fraction}) in {len(shards)} shard(s)")
     return EvalSet(
         keys=[p["key"] for p in found],
         captions=[p["caption"] for p in found],
-        images=torch.stack([prep.image(p["image_bytes"]) for p in found]),
+        images=torch.cat([model_images(plain.images(c), plain.image_size, "cpu") for c in chunks]),
         texts=prep.tokens([p["caption"] for p in found]),
         metas=[p["meta"] for p in found],
     )

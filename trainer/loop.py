@@ -30,6 +30,7 @@ from trainer.model import (
     save_checkpoint,
     unwrap,
 )
+from trainer.prep import device_batches
 
 CHECKPOINT = "checkpoint.pt"
 REPORT = "report.json"
@@ -67,6 +68,9 @@ class TrainConfig:
     device: str = "auto"
     #: ``auto``: bf16 autocast on CUDA, fp32 elsewhere; or ``bf16`` / ``fp32``
     precision: str = "auto"
+    #: where images are resized to the model's size (``trainer.prep``): ``auto`` is the
+    #: training step on CUDA, the loader workers (PIL) on the CPU; or ``device`` / ``worker``
+    resize: str = "auto"
 
     def stream(self) -> StreamConfig:
         return StreamConfig(
@@ -108,13 +112,11 @@ def _device(name: str) -> torch.device:
 def train_step(
     model, optimizer, batch: dict, cfg: TrainConfig, spec, device: torch.device, step: int, bf16: bool
 ) -> torch.Tensor:
-    """One optimisation step on a batch from the loader; returns the loss
-    (detached, on the device: reading it would wait for the GPU)."""
-    images = normalize_images(batch["image"].to(device, non_blocking=True), spec)
-    texts = batch["text"].to(device, non_blocking=True)
-    negs = None
-    if cfg.hard_negatives and bool(batch["has_neg"].any()):
-        negs = batch["neg_text"][batch["has_neg"]].to(device, non_blocking=True)
+    """One optimisation step on a batch from :func:`trainer.prep.device_batches`
+    (on the device already); returns the loss (detached, on the device:
+    reading it would wait for the GPU)."""
+    images = normalize_images(batch["image"], spec)
+    texts, negs = batch["text"], batch["neg_text"]
     for group in optimizer.param_groups:
         group["lr"] = lr_at(cfg, step)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -153,7 +155,8 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
 
     shards = find_shards(cfg.shards)
     sizes = shard_sizes(shards)
-    prep = Prep(cfg.model, spec.size, cfg.augment, cfg.seed)
+    resize = cfg.resize if cfg.resize != "auto" else ("device" if device.type == "cuda" else "worker")
+    prep = Prep(cfg.model, spec.size, cfg.augment, cfg.seed, resize)
     evalset = load_eval_set(shards, prep, cfg.stream(), cfg.eval_limit) if rank == 0 else None
     loader = train_loader(shards, prep, cfg.stream(), start, world, pin_memory=device.type == "cuda")
     end = min(cfg.steps, until if until is not None else cfg.steps)
@@ -178,7 +181,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
     data_s = 0.0
     loss_sum = torch.zeros((), device=device)
     loss_n = 0
-    batches = iter(loader)
+    batches = device_batches(iter(loader), spec.size, device, cfg.hard_negatives)
     for step in range(start, end):
         t0 = time.perf_counter()
         batch = next(batches)
