@@ -2,6 +2,7 @@
 without them and compare Winoground scores on held-out word-order pairs.
 
     python scripts/confounder_negatives.py [--work build/confounder_negatives] [--pairs 1500] [--steps 300]
+    python scripts/confounder_negatives.py --seeds 0,1,2,3,4    # the paired comparison over 5 seeds
 
 1. Generated compositional scenes (``trainer.scenes``): ``--pairs``
    Winoground pairs (two shapes; the partner's caption is the same words in
@@ -20,6 +21,10 @@ without them and compare Winoground scores on held-out word-order pairs.
    the table's ``word_order`` partners) and word-order accuracy (the image
    prefers its own caption to the rewrite), for the scorer before and each
    run after. Writes ``WORK/results.json``.
+5. With ``--seeds``, step 3 runs once per training seed (its data order and
+   initial state of the trainer's randomness; the run and the held-out pairs
+   stay the same), and the summary gives each seed's group score with and
+   without, and the mean paired difference with its standard error.
 """
 
 from __future__ import annotations
@@ -99,6 +104,28 @@ def _scores(metrics: dict) -> dict:
     }
 
 
+def _paired(results: dict, seeds: list[int]) -> dict:
+    """Per score: the mean with and without over the seeds, and the mean of
+    the per-seed differences with its standard error and sign count."""
+    import statistics
+
+    out = {}
+    for score in ("group", "text", "image", "word_order_accuracy"):
+        w = [results[f"with-seed{s}"].get(score) for s in seeds]
+        wo = [results[f"without-seed{s}"].get(score) for s in seeds]
+        if None in w or None in wo:
+            continue
+        d = [a - b for a, b in zip(w, wo)]
+        out[score] = {
+            "with": round(statistics.mean(w), 4),
+            "without": round(statistics.mean(wo), 4),
+            "diff": round(statistics.mean(d), 4),
+            "se": round(statistics.stdev(d) / len(d) ** 0.5, 4),
+            "seeds_higher_with": sum(x > 0 for x in d),
+        }
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="build/confounder_negatives")
@@ -107,7 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--eval-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the scenes' seed")
+    p.add_argument("--seeds", default="", help="comma list of training seeds (default: --seed)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     work = Path(args.work).resolve()
@@ -149,13 +177,20 @@ def main(argv=None) -> int:
     results = {"config": vars(args), "run": {"counts": man["counts"], "confounders": fit["tables"]}}
     results["before"] = _scores(evaluate(model, evalset, spec, prep, args.device))
     print(f"[negatives] scorer before fine-tuning: {results['before']}", flush=True)
-    for name, hard in (("without", False), ("with", True)):
-        t = time.perf_counter()
-        report = train(TrainConfig(out=str(work / name), hard_negatives=hard, **common))
-        results[name] = {**_scores(report["metrics"]), "train_s": round(time.perf_counter() - t, 1)}
-        print(f"[negatives] fine-tuned {name} hard negatives: {results[name]}", flush=True)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or [args.seed]
+    for seed in seeds:
+        for name, hard in (("without", False), ("with", True)):
+            t = time.perf_counter()
+            run = dict(common, seed=seed)
+            tag = name if len(seeds) == 1 else f"{name}-seed{seed}"
+            report = train(TrainConfig(out=str(work / tag), hard_negatives=hard, **run))
+            results[tag] = {**_scores(report["metrics"]), "train_s": round(time.perf_counter() - t, 1)}
+            print(f"[negatives] seed {seed}: fine-tuned {name} hard negatives: {results[tag]}", flush=True)
+    if len(seeds) > 1:
+        results["paired"] = _paired(results, seeds)
+        print(f"[negatives] over {len(seeds)} seeds: {json.dumps(results['paired'])}", flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: results[k] for k in ("before", "without", "with")}, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k not in ("config", "run")}, indent=1))
     return 0
 
 
