@@ -46,8 +46,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def make_images(n: int, seed: int = 0) -> list[bytes]:
-    """``n`` distinct JPEGs, 256-512 px a side, cut from skimage's photos."""
+def make_images(n: int, seed: int = 0, sides: tuple[int, int] = (256, 512), quality: int = 90) -> list[bytes]:
+    """``n`` distinct JPEGs, ``sides`` px a side, cut from skimage's photos."""
     import io
 
     from PIL import Image
@@ -62,9 +62,9 @@ def make_images(n: int, seed: int = 0) -> list[bytes]:
         w, h = im.size
         cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
         x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        size = (int(rng.integers(256, 513)), int(rng.integers(256, 513)))
+        size = (int(rng.integers(sides[0], sides[1] + 1)), int(rng.integers(sides[0], sides[1] + 1)))
         buf = io.BytesIO()
-        im.crop((x, y, x + cw, y + ch)).resize(size, Image.BILINEAR).save(buf, "JPEG", quality=90)
+        im.crop((x, y, x + cw, y + ch)).resize(size, Image.BILINEAR).save(buf, "JPEG", quality=quality)
         out.append(buf.getvalue())
     return out
 

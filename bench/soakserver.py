@@ -30,7 +30,6 @@ or after 8 s.
 from __future__ import annotations
 
 import gzip
-import io
 import multiprocessing as mp
 import struct
 import zlib
@@ -73,23 +72,9 @@ def path(i: int, kind: int) -> str:
 def good_images(count: int = GOOD_IMAGES) -> list[bytes]:
     """``count`` distinct JPEGs, 256-320 px a side, cut from skimage's photos
     (so ``basic_filter``'s 200 px minimum keeps them)."""
-    from PIL import Image
+    from bench.download import make_images
 
-    from pipeline.datasets import skimage_photos
-
-    photos = [Image.fromarray(a).convert("RGB") for _, _, a in skimage_photos()]
-    rng = np.random.default_rng(1)
-    out = []
-    for i in range(count):
-        im = photos[i % len(photos)]
-        w, h = im.size
-        cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        size = (int(rng.integers(256, 321)), int(rng.integers(256, 321)))
-        buf = io.BytesIO()
-        im.crop((x, y, x + cw, y + ch)).resize(size, Image.BILINEAR).save(buf, "JPEG", quality=85)
-        out.append(buf.getvalue())
-    return out
+    return make_images(count, seed=1, sides=(256, 320), quality=85)
 
 
 def pixel_bomb(width: int = 40000, height: int = 40000) -> bytes:
