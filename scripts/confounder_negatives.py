@@ -21,10 +21,11 @@ without them and compare Winoground scores on held-out word-order pairs.
    the table's ``word_order`` partners) and word-order accuracy (the image
    prefers its own caption to the rewrite), for the scorer before and each
    run after. Writes ``WORK/results.json``.
-5. With ``--seeds``, step 3 runs once per training seed (its data order and
-   initial state of the trainer's randomness; the run and the held-out pairs
-   stay the same), and the summary gives each seed's group score with and
-   without, and the mean paired difference with its standard error.
+5. With ``--seeds``, step 3 runs once per training seed: the seed sets the
+   data order, the trainer's randomness and which groups are held out, so
+   each seed is another split, shared by its two runs; the summary gives the
+   mean with and without, and the mean paired difference with its standard
+   error over the seeds.
 """
 
 from __future__ import annotations
