@@ -73,7 +73,17 @@ def _start_driver(tmp_path, server, stderr) -> subprocess.Popen:
         stderr=stderr,
         text=True,
         start_new_session=True,
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal delivers it. Earlier tests of the
+    session can leave the pytest process with SIGINT blocked or ignored, and
+    a child inherits both (a Python started with SIGINT ignored never raises
+    KeyboardInterrupt)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_sigkill_half_way_then_resume_downloads_only_the_rest(tmp_path, ray_local):
