@@ -199,10 +199,11 @@ def stage_specs(raw: Any) -> tuple[StageSpec, ...]:
 
 
 def decode_once(specs: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
-    """A ``dedup_phash`` after ``download`` reads the hash that download made
-    from the pixels it had decoded anyway, instead of decoding every stored
-    image again; the hashes agree but for JPEG quantisation, and the dedup
-    decisions on the planted set are the same (``tests/test_resize.py``).
+    """A ``dedup_phash`` after ``download`` reads the hash that download's
+    threads took of each stored image right after encoding it, instead of
+    going over every stored image again in a pass of its own; it is the
+    hash ``dedup_phash`` computes (``stages.common.phash``), so the
+    decisions are the same (``tests/test_resize.py``).
     Explicit settings win: a ``hash_column`` or a ``perceptual_hash`` the
     job gives is left as it is."""
     names = [s.name for s in specs]

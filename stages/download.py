@@ -29,8 +29,9 @@ encoding, so once the cores are busy more threads only add switching. On a
 real network a task needs about (its images/s) x (a fetch's latency)
 fetches in flight, ~40-120 for 380 images/s at 0.1-0.3 s, so the default
 stays 32 and a job on the internet wants more (img2dataset users run 64-256).
-A task is one input shard (``batch_size`` rows per call); ``2 *
-thread_count`` fetched bodies at most wait for their thread to resize them.
+A task is one input shard (``batch_size`` rows per call); at most ``2 *
+thread_count`` rows of a call are in the threads or done and not yet
+collected, which bounds the bytes a task holds.
 """
 
 from __future__ import annotations

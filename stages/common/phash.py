@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 
-#: decode (or average) to no smaller than this before hashing
+#: a JPEG is decoded at a reduced DCT scale no smaller than this before hashing
 DRAFT_SIZE = 128
 ALGORITHMS = ("phash", "dhash")
 
