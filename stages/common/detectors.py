@@ -118,11 +118,15 @@ class TorchvisionDetector(Detector):
     are used as they are; see the module doc for the features)."""
 
     def __init__(self, model, categories, device: str, limits: Limits, identity: dict,
-                 feature_level: str | None = None, half: bool = False):  # fmt: skip
+                 feature_level: str | None = None, half: bool = False, batched: bool = True):  # fmt: skip
         self.model, self.device, self.limits, self.identity = model.eval().to(device), device, limits, identity
         apply_limits(model, limits)
         self.categories = tuple(categories)
         self.half = half and device.startswith("cuda")
+        from stages.common import rcnn_batched
+
+        #: a Faster R-CNN runs batched (:mod:`stages.common.rcnn_batched`); off: the model's own forward
+        self.batched = batched and rcnn_batched.supports(model)
         self._local = threading.local()
         model.transform.register_forward_hook(self._keep_batch)
         model.backbone.register_forward_hook(self._keep_features)
@@ -151,6 +155,8 @@ class TorchvisionDetector(Detector):
 
         if not images:
             return []
+        if self.batched and len({tuple(t.shape) for t in images}) == 1:
+            return self._detect_batched(torch.stack(list(images)))
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
             out = self.model([t.float().div_(255.0) if t.dtype == torch.uint8 else t for t in images])
         batch, feats = self._local.batch, _level(self._local.features, self.feature_level)
@@ -166,6 +172,35 @@ class TorchvisionDetector(Detector):
             start += len(k)
             result.append(Regions(b.cpu().numpy(), names, o["scores"][k].float().cpu().numpy(), f))
         return result
+
+    def _detect_batched(self, images) -> list[Regions]:
+        """Faster R-CNN through :mod:`stages.common.rcnn_batched`: the same
+        decisions as the model's own forward and :func:`keep_best`, with
+        no host sync per image, and one transfer to the host."""
+        import torch
+        from torchvision.models.detection.image_list import ImageList
+
+        from stages.common import rcnn_batched
+
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
+            boxes, scores, labels, mask, padded, hw, feats = rcnn_batched.run(self.model, images, self.limits)
+        n, k = mask.shape
+        size = tuple(images.shape[-2:])
+        self._local.batch = ImageList(padded, [hw] * n)
+        self._local.features, self._local.sizes = feats, [size] * n
+        level = _level(feats, self.feature_level)
+        with torch.inference_mode():
+            rois = torch.cat([torch.arange(n, device=boxes.device, dtype=torch.float32).repeat_interleave(k)[:, None],
+                              (boxes.float() * _to_resized(hw, size, boxes.device)).reshape(-1, 4)], 1)  # fmt: skip
+            pooled = _pool(level, rois, padded.shape[-2:]).view(n, k, -1)
+        host = [t.cpu().numpy() for t in (boxes.float(), scores.float(), labels, mask, pooled)]
+        b, s, lab, m, f = host
+        out = []
+        for j in range(n):
+            keep = m[j]
+            names = np.array([self._name(int(i)) for i in lab[j][keep]], dtype=str)
+            out.append(Regions(b[j][keep], names, s[j][keep], f[j][keep]))
+        return out
 
     def pool_last(self, j: int, boxes) -> np.ndarray:
         """RoI features of other ``boxes`` (xyxy pixels) in image ``j`` of
@@ -190,18 +225,32 @@ def roi_features(feats, boxes: list, padded_hw, resized_hw: list, original_hw: l
     xyxy in the original image's pixels) on ``feats`` (``[N, C, h, w]``, the
     backbone's map of the resized, padded batch of size ``padded_hw``)."""
     import torch
-    from torchvision.ops import roi_align
 
     total = sum(len(b) for b in boxes)
     if total == 0:
         return np.zeros((0, feats.shape[1]), np.float32)
-    scaled = []
-    for b, (rh, rw), (oh, ow) in zip(boxes, resized_hw, original_hw):
-        s = torch.tensor([rw / ow, rh / oh, rw / ow, rh / oh], device=b.device, dtype=torch.float32)
-        scaled.append(b.float() * s)
+    scaled = [b.float() * _to_resized(r, o, b.device) for b, r, o in zip(boxes, resized_hw, original_hw)]
+    return _pool(feats, scaled, padded_hw).cpu().numpy().astype(np.float32)
+
+
+def _to_resized(resized_hw, original_hw, device):
+    """The factors (x, y, x, y) taking boxes from an image's pixels to its
+    resized copy's."""
+    import torch
+
+    (rh, rw), (oh, ow) = resized_hw, original_hw
+    return torch.tensor([rw / ow, rh / oh, rw / ow, rh / oh], device=device, dtype=torch.float32)
+
+
+def _pool(feats, rois, padded_hw):
+    """RoIAlign of ``rois`` (a list of per-image boxes, or ``[R, 5]`` with
+    the image index first; resized pixels) on ``feats``, averaged to
+    ``[R, C]`` float32."""
+    from torchvision.ops import roi_align
+
     scale = feats.shape[-1] / float(padded_hw[-1])
-    pooled = roi_align(feats.float(), scaled, ROI_SIZE, spatial_scale=scale, sampling_ratio=ROI_SAMPLING)
-    return pooled.mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
+    pooled = roi_align(feats.float(), rois, ROI_SIZE, spatial_scale=scale, sampling_ratio=ROI_SAMPLING)
+    return pooled.mean(dim=(2, 3))
 
 
 def torchvision_categories(name: str, weights=None) -> list[str]:

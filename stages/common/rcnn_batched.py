@@ -1,0 +1,264 @@
+"""Faster R-CNN inference for a whole batch at once, without a host sync per
+image, for :class:`stages.common.detectors.TorchvisionDetector`.
+
+torchvision's ``GeneralizedRCNN`` batches the backbone and the heads but runs
+everything around them image by image: the resize, the RPN's proposal filter
+and the box head's post-processing each loop over the images, and each NMS
+returns a tensor whose length the host must read before the next step. On a
+GPU, at 64 images a call, that is a few hundred syncs and thousands of tiny
+kernels a call, and the detector waits on Python (bench/regions.py measured
+430 images/s for MobileNetV3-FPN on an H200 with the GPU "busy" but idle
+most of each kernel).
+
+Here the same model runs with the same weights and the same decisions, but
+every step is a tensor operation over the batch:
+
+* one resize of the stacked batch (every image of a call has one size, see
+  ``stages.regions._chunks``), the same bilinear interpolation and padding
+  as ``GeneralizedRCNNTransform``;
+* proposals and detections kept as fixed-shape ``[B, N]`` tensors with a
+  validity mask, so invalid slots flow through the heads instead of being
+  cut out;
+* NMS as a dense, batched computation (:func:`batched_nms_mask`): per image
+  the IoU of every ordered pair in one group (an FPN level for proposals, a
+  class for detections), then greedy suppression solved as a fixed point
+  (a box is kept when no kept box before it suppresses it), which gives
+  exactly greedy NMS's result, with ties broken by position;
+* one transfer of the results to the host at the end.
+
+The host reads two numbers a call: how many detection candidates the
+fullest image has (so the dense NMS is no wider than needed) and, in the
+fixed point, whether it has converged.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: at most this many pair entries (images x boxes x boxes) in one dense NMS
+#: step; larger batches are split over the images
+NMS_PAIR_BUDGET = 64 * 1024 * 1024
+
+
+def supports(model) -> bool:
+    """Whether ``model`` is a torchvision Faster R-CNN this path can run
+    (boxes only: no mask or keypoint heads)."""
+    heads = getattr(model, "roi_heads", None)
+    return (
+        hasattr(model, "rpn")
+        and hasattr(model, "transform")
+        and heads is not None
+        and hasattr(heads, "box_predictor")
+        and getattr(heads, "mask_roi_pool", None) is None
+        and getattr(heads, "keypoint_roi_pool", None) is None
+    )
+
+
+def preprocess(transform, images):
+    """``GeneralizedRCNNTransform`` on a uint8 ``[B, 3, H, W]`` batch of one
+    size: scale to ``[0, 1]``, normalise, resize (bilinear, the scale its
+    ``min_size``/``max_size`` give), zero-pad to its ``size_divisible``.
+    Returns the padded batch and the resized ``(h, w)``."""
+    import torch
+    import torch.nn.functional as F
+
+    x = images.float().div_(255.0)
+    mean = torch.as_tensor(transform.image_mean, dtype=x.dtype, device=x.device)[None, :, None, None]
+    std = torch.as_tensor(transform.image_std, dtype=x.dtype, device=x.device)[None, :, None, None]
+    x = (x - mean) / std
+    h, w = x.shape[-2:]
+    if transform.fixed_size is not None:
+        x = F.interpolate(x, size=[transform.fixed_size[1], transform.fixed_size[0]], mode="bilinear",
+                          align_corners=False)  # fmt: skip
+    else:
+        scale = min(float(transform.min_size[-1]) / min(h, w), float(transform.max_size) / max(h, w))
+        x = F.interpolate(x, scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False)
+    rh, rw = x.shape[-2:]
+    d = float(transform.size_divisible)
+    ph, pw = int(math.ceil(rh / d) * d), int(math.ceil(rw / d) * d)
+    return F.pad(x, (0, pw - rw, 0, ph - rh)), (int(rh), int(rw))
+
+
+def batched_nms_mask(boxes, scores, groups, valid, iou: float, keep_top: int):
+    """Greedy NMS per image and group over ``[B, M]`` candidates, then the
+    best ``keep_top`` kept per image.
+
+    Returns ``(order, kept)``: ``order`` ``[B, M]`` the candidates by score,
+    best first (ties: lower index first), and ``kept`` ``[B, M]`` bool in
+    that order. A candidate is suppressed by a kept one before it in the
+    same group whose IoU with it is above ``iou``, as torchvision's ``nms``
+    decides (the same IoU formula, in float32)."""
+    import torch
+
+    neg = torch.finfo(torch.float32).min
+    s = torch.where(valid, scores.float(), torch.full_like(scores, neg, dtype=torch.float32))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    kept = torch.zeros_like(valid)
+    b, m = valid.shape
+    if m == 0 or b == 0:
+        return order, kept
+    step = max(1, NMS_PAIR_BUDGET // max(1, m * m))
+    for a in range(0, b, step):
+        o = order[a : a + step]
+        kept[a : a + step] = _greedy(
+            boxes[a : a + step].float().gather(1, o[..., None].expand(-1, -1, 4)),
+            groups[a : a + step].gather(1, o),
+            valid[a : a + step].gather(1, o),
+            iou,
+        )
+    rank = kept.cumsum(dim=1) - 1
+    return order, kept & (rank < keep_top)
+
+
+def _greedy(boxes, groups, valid, iou: float):
+    """Greedy NMS on candidates already in score order (``[b, m]``)."""
+    import torch
+
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    area = (x2 - x1) * (y2 - y1)
+    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp_(min=0)
+    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
+    inter = w * h
+    over = inter / (area[:, :, None] + area[:, None, :] - inter) > iou
+    del w, h, inter
+    m = boxes.shape[1]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=boxes.device).tril_(-1)  # [i, j]: j before i
+    # over[b, i, j]: j may suppress i (j earlier, same group, valid, IoU above)
+    over &= earlier[None] & (groups[:, :, None] == groups[:, None, :]) & valid[:, None, :]
+    over = over.to(torch.float16 if boxes.is_cuda else torch.float32)
+    kept = valid.clone()
+    # the fixed point: statuses settle in dependency order, each pass fixes at
+    # least the first unsettled box, and a few passes suffice in practice
+    for _ in range(m + 1):
+        hit = torch.bmm(over, kept.to(over.dtype)[..., None])[..., 0] > 0
+        new = valid & ~hit
+        if torch.equal(new, kept):
+            break
+        kept = new
+    return kept
+
+
+def _gather(t, idx):
+    """``t[b, idx[b, i]]`` for ``t`` of shape ``[B, M, ...]``."""
+    extra = t.shape[2:]
+    return t.gather(1, idx.view(*idx.shape, *([1] * len(extra))).expand(*idx.shape, *extra))
+
+
+def _clip_boxes(boxes, hw):
+    import torch
+
+    h, w = hw
+    x = boxes[..., 0::2].clamp(min=0, max=w)
+    y = boxes[..., 1::2].clamp(min=0, max=h)
+    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+
+def _not_small(boxes, min_size: float):
+    return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
+
+
+def proposals(rpn, padded, image_hw, features):
+    """The RPN's proposals for every image: ``[B, N, 4]`` boxes in the
+    resized image's pixels and a ``[B, N]`` mask, ``N`` its
+    ``post_nms_top_n`` (as its ``filter_proposals``: the top
+    ``pre_nms_top_n`` objectness per level, clipped, boxes under 1e-3 px
+    and scores under ``score_thresh`` dropped, NMS per level)."""
+    import torch
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    feats = list(features.values())
+    objectness, deltas = rpn.head(feats)
+    b = padded.shape[0]
+    # anchors in float32 (from autocast's float16 maps they would be rounded to 0.5 px)
+    anchors = rpn.anchor_generator(ImageList(padded[:1].float(), [image_hw]), [f[:1].float() for f in feats])[0]
+    per_level = [int(o.shape[1] * o.shape[2] * o.shape[3]) for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    boxes = rpn.box_coder.decode_single(deltas.float(), anchors.float().repeat(b, 1)).view(b, -1, 4)
+    objectness = objectness.float().view(b, -1)
+    picks, levels, offset = [], [], 0
+    for lvl, n in enumerate(per_level):
+        k = min(rpn.pre_nms_top_n(), n)
+        top = objectness[:, offset : offset + n].topk(k, dim=1).indices + offset
+        picks.append(top)
+        levels.append(torch.full_like(top, lvl))
+        offset += n
+    top, levels = torch.cat(picks, 1), torch.cat(levels, 1)
+    scores = torch.sigmoid(objectness.gather(1, top))
+    boxes = _clip_boxes(_gather(boxes, top), image_hw)
+    valid = _not_small(boxes, rpn.min_size) & (scores >= rpn.score_thresh)
+    keep_n = rpn.post_nms_top_n()
+    order, kept = batched_nms_mask(boxes, scores, levels, valid, rpn.nms_thresh, keep_n)
+    return _first_kept(_gather(boxes, order), kept, keep_n)
+
+
+def _first_kept(values, kept, n: int):
+    """The first ``n`` kept entries per image, in order, as ``[B, n, ...]``
+    and a mask (slots past an image's kept count are zero and masked)."""
+    import torch
+
+    b, m = kept.shape
+    # kept first (stable: in order), then the rest
+    idx = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    out = _gather(values, idx)
+    mask = kept.gather(1, idx)
+    if idx.shape[1] < n:  # fewer candidates than slots
+        pad = n - idx.shape[1]
+        out = torch.cat([out, out.new_zeros(b, pad, *out.shape[2:])], 1)
+        mask = torch.cat([mask, mask.new_zeros(b, pad)], 1)
+    return out * mask.view(*mask.shape, *([1] * (out.dim() - 2))).to(out.dtype), mask
+
+
+def detections(heads, features, props, props_mask, image_hw, limits):
+    """The box head on every proposal slot, then torchvision's
+    ``postprocess_detections`` for the batch: class boxes clipped, the
+    background dropped, scores above ``limits.score_threshold``, boxes of
+    at least 1e-2 px, class-aware NMS at ``limits.nms_iou``, the best
+    ``limits.max_regions``. Returns boxes ``[B, K, 4]`` (resized pixels),
+    scores ``[B, K]``, labels ``[B, K]`` and the mask ``[B, K]``."""
+    import torch
+    import torch.nn.functional as F
+
+    b, n = props_mask.shape
+    # masked slots hold an empty box; they are pooled and scored, then dropped
+    rois = heads.box_roi_pool(features, list(props.unbind(0)), [image_hw] * b)
+    logits, regression = heads.box_predictor(heads.box_head(rois))
+    c = logits.shape[-1]
+    boxes = heads.box_coder.decode_single(regression.float().reshape(b * n, -1), props.reshape(-1, 4).float())
+    boxes = _clip_boxes(boxes.reshape(b, n, c, 4)[:, :, 1:], image_hw).reshape(b, -1, 4)
+    scores = F.softmax(logits.float(), -1).reshape(b, n, c)[:, :, 1:].reshape(b, -1)
+    labels = torch.arange(1, c, device=scores.device).repeat(b, n, 1).reshape(b, -1)
+    valid = props_mask[:, :, None].expand(b, n, c - 1).reshape(b, -1)
+    valid = valid & (scores > limits.score_threshold) & _not_small(boxes, 1e-2)
+    # only the fullest image's count of candidates needs a dense NMS
+    width = int(valid.sum(1).max().item())
+    k = limits.max_regions
+    if width == 0:
+        z = scores.new_zeros(b, k)
+        return z[..., None].expand(b, k, 4).contiguous(), z, labels.new_zeros(b, k), torch.zeros_like(z, dtype=torch.bool)
+    neg = torch.finfo(torch.float32).min
+    top = torch.sort(torch.where(valid, scores, neg), dim=1, descending=True, stable=True).indices[:, :width]
+    boxes, scores, labels, valid = _gather(boxes, top), scores.gather(1, top), labels.gather(1, top), valid.gather(1, top)
+    order, kept = batched_nms_mask(boxes, scores, labels, valid, limits.nms_iou, k)
+    out_boxes, mask = _first_kept(_gather(boxes, order), kept, k)
+    out_scores, _ = _first_kept(scores.gather(1, order), kept, k)
+    out_labels, _ = _first_kept(labels.gather(1, order), kept, k)
+    return out_boxes, out_scores, out_labels, mask
+
+
+def run(model, images, limits):
+    """The whole model on uint8 ``[B, 3, H, W]`` (one size). Returns boxes
+    ``[B, K, 4]`` in the input's pixels, scores, labels, the mask, and what
+    RoI features need: the padded batch's size, the resized ``(h, w)`` and
+    the backbone's maps."""
+    import torch
+
+    padded, hw = preprocess(model.transform, images)
+    features = model.backbone(padded)
+    props, props_mask = proposals(model.rpn, padded, hw, features)
+    boxes, scores, labels, mask = detections(model.roi_heads, features, props, props_mask, hw, limits)
+    oh, ow = images.shape[-2:]
+    rh = torch.tensor(oh, dtype=torch.float32) / torch.tensor(hw[0], dtype=torch.float32)
+    rw = torch.tensor(ow, dtype=torch.float32) / torch.tensor(hw[1], dtype=torch.float32)
+    scale = torch.stack([rw, rh, rw, rh]).to(boxes.device)
+    return boxes * scale, scores, labels, mask, padded, hw, features
