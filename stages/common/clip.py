@@ -254,18 +254,25 @@ def decode_tensors(images: list, device: str) -> tuple[list, list[str | None]]:
                     decoded.append(None)
         for i, t in zip(jpeg, decoded):
             out[i] = t
+    for i, b in enumerate(images):
+        if out[i] is None:
+            t, errors[i] = pil_tensor(b)
+            out[i] = t.to(device) if t is not None else None
+    return out, errors
+
+
+def pil_tensor(data) -> tuple[Any, str | None]:
+    """One image decoded by PIL to a ``[3, H, W]`` uint8 CPU tensor (RGB), or
+    ``None`` and what was wrong with it: the fallback of the tensor decoders."""
+    import torch
     from PIL import Image
 
-    for i, b in enumerate(images):
-        if out[i] is not None:
-            continue
-        try:
-            with Image.open(io.BytesIO(b)) as im:
-                arr = np.asarray(im.convert("RGB"))
-            out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(device)
-        except Exception as e:  # undecodable: a per-row failure
-            errors[i] = f"{type(e).__name__}: {e}"
-    return out, errors
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), None
+    except Exception as e:  # undecodable: a per-row failure
+        return None, f"{type(e).__name__}: {e}"
 
 
 def decode_cpu(images: list, device: str, threads: int) -> tuple[list, list[str | None]]:
