@@ -1,6 +1,7 @@
 """CLIP scoring machinery for :mod:`stages.clip_score` that every device
 needs: model loading and identity, the tokenizer, image decoding and
-preprocessing (PIL, libjpeg or nvJPEG, then tensor resizing), and the two
+preprocessing (PIL, libjpeg or nvJPEG, then tensor resizing; nvImageCodec's
+hardware decoding is :mod:`stages.common.gpudecode`), and the two
 towers run eagerly in fixed-size chunks. The GPU-only path (CUDA graphs,
 streams, pinned buffers, chunked decoding) is :mod:`stages.common.cuda_towers`.
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 #: ``pretrained`` value for random weights (benchmarks and smoke tests only)
 RANDOM_WEIGHTS = "random"
-DECODERS = ("auto", "pil", "nvjpeg", "libjpeg")
+DECODERS = ("auto", "pil", "nvjpeg", "nvimgcodec", "libjpeg")
 
 _registered = False
 _lock = threading.Lock()

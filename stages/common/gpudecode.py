@@ -237,3 +237,19 @@ def check(device: str = "cuda", size: int = 256) -> dict:
     except Exception as e:  # any failure means no hardware decoding here
         info["hw"], info["hw_error"] = False, f"{type(e).__name__}: {e}"
     return info
+
+
+def require(device: str) -> dict:
+    """:func:`check` for a stage's set-up: raise where ``image_decode:
+    nvimgcodec`` cannot work (no GPU, no package); log whether the hardware
+    engines decode (if not, nvImageCodec's CUDA decoders run on the SMs)."""
+    if not str(device).startswith("cuda"):
+        raise RuntimeError(f"image_decode: nvimgcodec needs a GPU; this worker's device is {device!r} "
+                           "(use image_decode: pil or libjpeg on the CPU)")  # fmt: skip
+    info = check(device)
+    if info["hw"]:
+        log.info("nvimgcodec %s decodes on the hardware JPEG engines", info["version"])
+    else:
+        log.warning("nvimgcodec %s: no hardware JPEG decoding here (%s); its CUDA decoders run on the SMs",
+                    info["version"], info["hw_error"])  # fmt: skip
+    return info
