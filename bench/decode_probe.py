@@ -15,7 +15,8 @@ Decoders:
   stage's ``nvjpeg``
 * ``nvimgcodec-hw``: nvImageCodec with the hardware backend only
   (``HW_GPU_ONLY``, the NVJPG engines); ``-planar``: planar RGB output (no
-  permute); ``-fancy``: ``:fancy_upsampling=1`` (PIL-like chroma upsampling)
+  permute); ``-fancy``: ``:fancy_upsampling=1`` (PIL-like chroma upsampling);
+  ``-reuse``: each call decodes into the previous call's buffers (no allocation)
 * ``nvimgcodec``: the stage's backend list (hardware, CUDA, hybrid)
 * ``nvimgcodec-gpu`` (CUDA decoder, GPU Huffman), ``nvimgcodec-hybrid`` (CPU Huffman)
 * ``pil``: PIL on ``--cpu-threads`` threads to host arrays, the CPU reference
@@ -61,7 +62,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from bench.clipbench import corpus  # noqa: E402
 
-HW_ONLY = ("nvimgcodec-hw", "nvimgcodec-hw-planar", "nvimgcodec-hw-fancy")
+HW_ONLY = ("nvimgcodec-hw", "nvimgcodec-hw-planar", "nvimgcodec-hw-fancy", "nvimgcodec-hw-reuse")
 #: decoders timed again under the matmul load (the CPU reference uses no SMs)
 UNDER_LOAD = ("torchvision", "nvimgcodec-hw", "nvimgcodec", "nvimgcodec-gpu", "stage:nvjpeg", "stage:nvimgcodec")
 
@@ -151,6 +152,7 @@ def make_decoders(args, failed: dict) -> dict:
             "nvimgcodec-hw": dict(backends=("HW_GPU_ONLY",)),
             "nvimgcodec-hw-planar": dict(backends=("HW_GPU_ONLY",), planar=True),
             "nvimgcodec-hw-fancy": dict(backends=("HW_GPU_ONLY",), options=":fancy_upsampling=1"),
+            "nvimgcodec-hw-reuse": dict(backends=("HW_GPU_ONLY",)),
             "nvimgcodec": dict(),
             "nvimgcodec-gpu": dict(backends=("GPU_ONLY",)),
             "nvimgcodec-hybrid": dict(backends=("HYBRID_CPU_GPU",)),
@@ -158,8 +160,11 @@ def make_decoders(args, failed: dict) -> dict:
         for name, kw in variants.items():
             dec = gpudecode.NvImgDecoder(device, cpu_threads=args.nv_threads, **kw)
 
-            def fn(batch, dec=dec, name=name):
-                imgs = dec.decode_streams([dec.nv.CodeStream(b) for b in batch])
+            def fn(batch, dec=dec, name=name, last: dict = {}):  # noqa: B006 (one dict per variant, by design)
+                reuse = last.pop("imgs", None)
+                imgs = dec.decode_streams([dec.nv.CodeStream(b) for b in batch], reuse=reuse)
+                if name.endswith("-reuse"):  # safe here: every call's tensors are dropped before the next
+                    last["imgs"] = imgs
                 ts = [dec.tensor(i) for i in imgs]
                 failed[name] = failed.get(name, 0) + sum(t is None for t in ts)
                 return ts

@@ -138,15 +138,19 @@ class NvImgDecoder:
                 out[i] = t.to(self.device) if t is not None else None
         return out, errors
 
-    def decode_streams(self, streams: list) -> list:
+    def decode_streams(self, streams: list, reuse: list | None = None) -> list:
         """nvImageCodec Images (or None where one failed), one per code
-        stream, decoded in one call onto the current torch stream."""
+        stream, decoded in one call onto the current torch stream. ``reuse``:
+        Images of an earlier call, as many as ``streams``, whose buffers
+        nvImageCodec may decode into instead of allocating (only safe once
+        no tensor made from them is still in use)."""
         import torch
 
         cuda = self.device.type == "cuda"
         stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
+        kw = {"images": reuse} if reuse is not None and len(reuse) == len(streams) and all(reuse) else {}
         try:
-            res = list(self.decoder().decode(streams, params=self.params, cuda_stream=stream))
+            res = list(self.decoder().decode(streams, params=self.params, cuda_stream=stream, **kw))
         except Exception as e:  # the whole call failed: one by one below
             log.warning("nvimgcodec: batched decode of %d images failed (%s: %s)", len(streams), type(e).__name__, e)
             res = []
