@@ -11,8 +11,8 @@ nvImageCodec can (backend ``HW_GPU_ONLY``).
 
 How: a batch is decoded in one ``Decoder.decode`` call, with the backends
 tried in order hardware, CUDA (GPU Huffman), hybrid (CPU Huffman), so a JPEG
-the engines refuse (progressive, CMYK, an odd subsampling) still decodes on
-the GPU. The call is given the calling thread's current torch stream
+the engines refuse (the engines decode baseline JPEGs only, so a progressive
+one is refused) still decodes on the GPU. The call is given the calling thread's current torch stream
 (``cuda_stream``): nvImageCodec allocates the output there (stream-ordered)
 and orders the decode before whatever that stream runs next. The pixels
 reach torch with no host copy (DLPack, else ``__cuda_array_interface__``)
@@ -23,10 +23,11 @@ decode (non-JPEGs, or a None in its result) go through PIL
 the device, or None and an error message. EXIF orientation is not applied,
 because the other decoders here don't apply it either.
 
-Threads: nvImageCodec does not say that one Decoder may be used from several
-threads at once, and each decode call keeps state in the Decoder (nvJPEG
-states, its executor), so each thread gets its own Decoder
-(``threading.local``). The decode call releases the GIL.
+Threads: nvImageCodec's documentation says only that "not all nvImageCodec
+types are thread safe" and does not name Decoder as one that is, and a
+Decoder keeps per-call state (nvJPEG states, its executor). So each thread
+gets its own Decoder (``threading.local``). The decode call releases the
+GIL.
 
 ``device="cpu"`` decodes with nvImageCodec's CPU backend (libjpeg-turbo).
 It exists so that this module's batching and fallbacks can be tested on a
