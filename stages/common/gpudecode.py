@@ -11,8 +11,8 @@ nvImageCodec can (backend ``HW_GPU_ONLY``).
 
 How: a batch is decoded in one ``Decoder.decode`` call, with the backends
 tried in order hardware, CUDA (GPU Huffman), hybrid (CPU Huffman), so a JPEG
-the engines refuse (the engines decode baseline JPEGs only, so a progressive
-one is refused) still decodes on the GPU. The call is given the calling thread's current torch stream
+the engines refuse (they decode baseline JPEGs only) still decodes on the
+GPU. The call is given the calling thread's current torch stream
 (``cuda_stream``): nvImageCodec allocates the output there (stream-ordered)
 and orders the decode before whatever that stream runs next. The pixels
 reach torch with no host copy (DLPack, else ``__cuda_array_interface__``)
@@ -29,9 +29,8 @@ Decoder keeps per-call state (nvJPEG states, its executor). So each thread
 gets its own Decoder (``threading.local``). The decode call releases the
 GIL.
 
-``device="cpu"`` decodes with nvImageCodec's CPU backend (libjpeg-turbo).
-It exists so that this module's batching and fallbacks can be tested on a
-machine without a GPU; the stage itself never uses it.
+``device="cpu"`` uses nvImageCodec's CPU backend (libjpeg-turbo) so that the
+batching and fallbacks can be tested without a GPU; the stage never uses it.
 """
 
 from __future__ import annotations
@@ -90,11 +89,9 @@ class NvImgDecoder:
             self.device_id, backends = nv.NVIMGCODEC_DEVICE_CPU_ONLY, ("CPU_ONLY",)
         else:
             raise ValueError(f"nvimgcodec: device {device!r} is neither cuda nor cpu")
-        unknown = [b for b in backends if not hasattr(nv.BackendKind, b)]
-        if unknown or not backends:
-            raise ValueError(
-                f"nvimgcodec: backends {list(backends)}: expected names of {list(nv.BackendKind.__members__)}"
-            )
+        if not backends or not all(hasattr(nv.BackendKind, b) for b in backends):
+            raise ValueError(f"nvimgcodec: backends {list(backends)}: expected names of "
+                             f"{list(nv.BackendKind.__members__)}")  # fmt: skip
         self.device, self.backends, self.options = dev, tuple(backends), options
         self.cpu_threads, self.planar = max(1, int(cpu_threads)), planar
         fmt = nv.SampleFormat.P_RGB if planar else nv.SampleFormat.I_RGB
@@ -106,22 +103,17 @@ class NvImgDecoder:
         """This thread's own nvImageCodec Decoder (made on first use)."""
         d = getattr(self._local, "decoder", None)
         if d is None:
-            nv = self.nv
-            d = self._local.decoder = nv.Decoder(
-                device_id=self.device_id,
-                max_num_cpu_threads=self.cpu_threads,
-                backends=[nv.Backend(getattr(nv.BackendKind, b)) for b in self.backends],
-                options=self.options,
-            )
+            kinds = [self.nv.Backend(getattr(self.nv.BackendKind, b)) for b in self.backends]
+            d = self._local.decoder = self.nv.Decoder(device_id=self.device_id, max_num_cpu_threads=self.cpu_threads,
+                                                      backends=kinds, options=self.options)  # fmt: skip
         return d
 
     def decode(self, images: list) -> tuple[list, list[str | None]]:
         """Per image a uint8 ``[3, H, W]`` tensor on the device or None, and
         an error message or None. JPEGs are decoded by nvImageCodec in one
         call; everything else, and any JPEG it failed on, by PIL."""
-        n = len(images)
-        out: list = [None] * n
-        errors: list[str | None] = [None] * n
+        out: list = [None] * len(images)
+        errors: list[str | None] = [None] * len(images)
         idx, streams = [], []
         for i, b in enumerate(images):
             if isinstance(b, (bytes, bytearray)) and is_jpeg(b):
@@ -133,7 +125,7 @@ class NvImgDecoder:
         if streams:
             for i, img in zip(idx, self.decode_streams(streams)):
                 out[i] = self.tensor(img)
-        for i in range(n):
+        for i in range(len(images)):
             if out[i] is None:
                 t, errors[i] = pil_tensor(images[i])
                 out[i] = t.to(self.device) if t is not None else None
@@ -147,8 +139,7 @@ class NvImgDecoder:
         no tensor made from them is still in use)."""
         import torch
 
-        cuda = self.device.type == "cuda"
-        stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
         kw = {"images": reuse} if reuse is not None and len(reuse) == len(streams) and all(reuse) else {}
         try:
             res = list(self.decoder().decode(streams, params=self.params, cuda_stream=stream, **kw))
@@ -203,20 +194,15 @@ class NvImgDecoder:
         return t
 
 
-def shared(device: str, threads: int = 2, **kw) -> NvImgDecoder:
-    """The process's decoder for these settings (made once; its nvImageCodec
-    Decoders are per thread)."""
-    key = (str(device), threads, tuple(sorted(kw.items())))
-    with _lock:
-        if key not in _decoders:
-            _decoders[key] = NvImgDecoder(device, cpu_threads=threads, **kw)
-        return _decoders[key]
-
-
 def decode_tensors(images: list, device: str, threads: int = 2) -> tuple[list, list[str | None]]:
     """:func:`stages.common.clip.decode_tensors` with nvImageCodec: ``[3, H,
-    W]`` uint8 tensors on ``device`` (None where a row failed) and errors."""
-    return shared(device, threads).decode(images)
+    W]`` uint8 tensors on ``device`` (None where a row failed) and errors,
+    by the process's decoder for (device, threads), made once."""
+    with _lock:
+        dec = _decoders.get((str(device), threads))
+        if dec is None:
+            dec = _decoders[(str(device), threads)] = NvImgDecoder(device, cpu_threads=threads)
+    return dec.decode(images)
 
 
 def check(device: str = "cuda", size: int = 256) -> dict:
