@@ -23,7 +23,9 @@ Plans (``--plans``, comma separated; default: all that apply):
   plan a job runs) from JPEG bytes in the object store: ``ray-nvjpeg`` one
   actor, ``--actor-threads`` batches at once, nvJPEG in the actor, CPU tasks
   tokenise ahead of it; ``ray-nvjpeg-2a`` two such actors sharing the GPU
-  (``pipeline/example_job.yaml``; the headline); ``ray-nvjpeg-1t`` one actor, one batch at a time; ``ray-libjpeg`` ``--prefetch-actors`` actors with
+  (``pipeline/example_job.yaml``; the headline); ``ray-nvjpeg-1t`` one actor, one batch at a time;
+  ``ray-nvimgcodec``, ``ray-nvimgcodec-2a``, ``-1t``: the same with ``image_decode: nvimgcodec``
+  (the hardware JPEG engines; needs nvidia-nvimgcodec-cu13); ``ray-libjpeg`` ``--prefetch-actors`` actors with
   CPU tasks decoding (libjpeg), resizing and tokenising ahead of them (the
   plan this project recommended before); a ``+compiled`` suffix (``ray-nvjpeg-2a+compiled``)
   runs that plan with the stage's ``compile: true``
@@ -115,18 +117,15 @@ class RayPlan(Plan):
         name, _, extra = name.partition("+")
         if extra not in ("", "compiled"):
             raise ValueError(f"unknown Ray plan {self.name!r} (the only suffix is +compiled)")
-        if name == "ray-nvjpeg":
-            self.cfg = dict(decode="nvjpeg", actors=1, cpus=1, threads=a.actor_threads, prefetch=True)
-            what = f"1 actor x {a.actor_threads} threads, nvJPEG in the actor, tokens in CPU tasks"
-        elif name == "ray-nvjpeg-2a":
-            self.cfg = dict(decode="nvjpeg", actors=2, cpus=1, threads=a.actor_threads, prefetch=True)
-            what = f"2 actors x {a.actor_threads} threads (half a GPU each), nvJPEG in the actors, tokens in CPU tasks"
-        elif name == "ray-nvjpeg-1t":
-            self.cfg = dict(decode="nvjpeg", actors=1, cpus=1, threads=1, prefetch=True)
-            what = "1 actor x 1 thread, nvJPEG in the actor, tokens in CPU tasks"
-        elif name == "ray-nvjpeg-noprefetch":
-            self.cfg = dict(decode="nvjpeg", actors=1, cpus=1, threads=a.actor_threads, prefetch=False)
-            what = f"1 actor x {a.actor_threads} threads, nvJPEG and tokens in the actor"
+        decoder, _, shape = name.removeprefix("ray-").partition("-")
+        if decoder in ("nvjpeg", "nvimgcodec") and shape in ("", "2a", "1t", "noprefetch"):
+            actors, threads = (2 if shape == "2a" else 1), (1 if shape == "1t" else a.actor_threads)
+            prefetch = shape != "noprefetch"
+            self.cfg = dict(decode=decoder, actors=actors, cpus=1, threads=threads, prefetch=prefetch)
+            dec = {"nvjpeg": "nvJPEG", "nvimgcodec": "nvImageCodec (hardware JPEG engines)"}[decoder]
+            what = (f"{actors} actor{'s' * (actors > 1)} x {threads} thread{'s' * (threads > 1)}"
+                    + (" (half a GPU each)" if actors > 1 else "") + f", {dec} in the actor"
+                    + (", tokens in CPU tasks" if prefetch else ", tokens in the actor too"))  # fmt: skip
         elif name == "ray-libjpeg":
             self.cfg = dict(decode="libjpeg", actors=a.prefetch_actors, cpus=1, threads=1, prefetch=True)
             what = f"{a.prefetch_actors} actors x 1 CPU, libjpeg decode + resize + tokens in CPU tasks"

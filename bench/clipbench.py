@@ -349,8 +349,9 @@ def agreement(args, images, captions) -> None:
 
 
 def parts(args, images, captions) -> None:
-    """Rows/s of the stage's parts alone: nvJPEG + GPU resize, libjpeg on every
-    core + GPU resize, tokenising on one thread."""
+    """Rows/s of the stage's parts alone: nvJPEG + GPU resize, nvImageCodec +
+    GPU resize (where installed), libjpeg on every core + GPU resize,
+    tokenising on one thread."""
     from stages.common import clip as _clip
     from stages.common.cuda_towers import decode_cuda
 
@@ -368,6 +369,14 @@ def parts(args, images, captions) -> None:
 
     if gpu:
         rate("nvJPEG decode + GPU resize, one thread", lambda im, _: decode_cuda(im, args.device, cfg))
+        try:
+            from stages.common import gpudecode
+
+            gpudecode.load()
+            rate("nvImageCodec (hardware engines) decode + GPU resize, one thread",
+                 lambda im, _: decode_cuda(im, args.device, cfg, "nvimgcodec", 2))  # fmt: skip
+        except ImportError as e:
+            print(f"   part: nvImageCodec skipped ({e})", flush=True)
         cores = os.cpu_count() or 1
         rate(f"libjpeg decode on {cores} threads + GPU resize",
              lambda im, _: decode_cuda(im, args.device, cfg, "libjpeg", cores))  # fmt: skip

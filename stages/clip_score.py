@@ -19,12 +19,16 @@ cannot be decoded fail with ``decode_error``.
 
 Images: ``image_decode: pil`` is open_clip's own transform on PIL images
 (decoded on ``decode_threads`` threads); ``nvjpeg`` decodes JPEGs in batched
-``torchvision.io.decode_jpeg`` calls on the GPU (its hardware JPEG decoder
-for baseline JPEGs) and resizes there (antialiased bicubic: within a few 1e-3
-of PIL's pixels); other formats go through PIL. ``libjpeg`` decodes on
-``decode_threads`` CPU threads (the same pixels as ``nvjpeg`` gives on a CPU)
-and resizes on the device. ``auto`` is ``nvjpeg`` on a GPU, ``pil`` on the
-CPU. On a GPU the towers run under bf16 autocast; on the CPU in plain fp32.
+``torchvision.io.decode_jpeg`` calls on the GPU (nvJPEG's CUDA decoder, on
+the SMs) and resizes there (antialiased bicubic: within a few 1e-3 of PIL's
+pixels); other formats go through PIL. ``nvimgcodec`` is the same with the
+decoding on the GPU's hardware JPEG engines, off the SMs
+(:mod:`stages.common.gpudecode`; a worker without a GPU or the
+``nvidia-nvimgcodec-cu13`` package fails at ``setup``, saying so).
+``libjpeg`` decodes on ``decode_threads`` CPU threads (the same pixels as
+``nvjpeg`` gives on a CPU) and resizes on the device. ``auto`` is
+``nvjpeg`` on a GPU, ``pil`` on the CPU. On a GPU the towers run under bf16
+autocast; on the CPU in plain fp32.
 
 On a GPU (:mod:`stages.common.cuda_towers`) a batch is decoded in chunks
 while the towers of the previous chunk run, and every forward pass replays a
@@ -36,13 +40,14 @@ kept only within 1e-3 of eager). Under Ray an actor scores
 towers run.
 
 ``cpu_prefetch: true`` tokenises in plain Ray CPU tasks ahead of the actors
-(:meth:`cpu_prepare`), and unless the actors decode with nvJPEG also decodes
-(libjpeg), resizes and crops there. With nvJPEG the object store carries
-only the encoded bytes and the tokens to the GPU actors. Measured on one
-H200 with 16 cores, ViT-B-32 bf16, 256 px JPEGs (``bench/clip_score.py``,
-median of 3): 2 actors x 2 threads per GPU with nvJPEG and prefetched tokens
-9,400 pairs/s, 1 actor 8,600 (towers on ready tensors: 12,800 eager); CPU
-decoding in the prefetch tasks instead, 4,800 (CPU-bound).
+(:meth:`cpu_prepare`), and unless the actors decode on the GPU (nvJPEG or
+nvImageCodec) also decodes (libjpeg), resizes and crops there. With GPU
+decoding the object store carries only the encoded bytes and the tokens to
+the GPU actors. Measured on one H200 with 16 cores, ViT-B-32 bf16, 256 px
+JPEGs (``bench/clip_score.py``, median of 3): 2 actors x 2 threads per GPU
+with nvJPEG and prefetched tokens 9,400 pairs/s, 1 actor 8,600 (towers on
+ready tensors: 12,800 eager); CPU decoding in the prefetch tasks instead,
+4,800 (CPU-bound).
 
 The top-fraction fit (``learn`` ... ``decide_rows``) is
 :class:`stages.common.topfraction.TopFraction`: rows rank by (score desc, key
@@ -72,6 +77,7 @@ from stages.base import (
 )
 from stages.common import clip as _clip
 from stages.common import cuda_towers as _cuda
+from stages.common import gpudecode as _gpudecode
 from stages.common.topfraction import BINS, TopFraction  # noqa: F401 (BINS: tests read it here)
 
 PIXELS, PIXEL_ERRORS, TOKENS = (SCRATCH_PREFIX + c for c in ("clip_pixels", "clip_pixel_errors", "clip_tokens"))
@@ -96,12 +102,12 @@ class Config:
     batch_size: int = 512
     #: rows per forward pass (fixed, so a row's score does not depend on its batch)
     micro_batch: int = 128
-    #: ``auto``, ``pil``, ``nvjpeg`` or ``libjpeg`` (see the module doc)
+    #: ``auto``, ``pil``, ``nvjpeg``, ``nvimgcodec`` or ``libjpeg`` (see the module doc)
     image_decode: str = "auto"
-    #: threads for PIL decoding; 0: ``num_cpus``
+    #: threads for PIL/libjpeg decoding and nvImageCodec's host work; 0: ``num_cpus``
     decode_threads: int = 0
     #: tokenise in CPU tasks ahead of the actors and, unless the actors decode
-    #: with nvJPEG, decode (libjpeg), resize and crop there too; in process:
+    #: on the GPU, decode (libjpeg), resize and crop there too; in process:
     #: the same functions, before ``process_batch``
     cpu_prefetch: bool = False
     #: on a GPU, replay the towers from CUDA graphs captured at ``micro_batch``
@@ -202,6 +208,8 @@ class ClipScoreStage(GlobalStage):
             device = _clip.pick_device(c.device)
             if device == "cpu":
                 torch.set_num_threads(max(1, int(c.num_cpus)))
+            if c.image_decode == "nvimgcodec":
+                _gpudecode.require(device)  # before a batch: the error names what is missing
             self._loaded = ld = _clip.load(c.model, c.pretrained, device)
             if device.startswith("cuda") and c.precision == "auto":
                 self._towers = _cuda.CudaTowers(ld.model, ld.cfg, device, c.micro_batch, ld.tokenizer.context_length,
@@ -216,10 +224,11 @@ class ClipScoreStage(GlobalStage):
         the prepare tasks may have none)."""
         return self.config.num_gpus > 0 or self.config.device.startswith("cuda")
 
-    def _nvjpeg(self) -> bool:
-        """Whether the actors decode with nvJPEG (then prepare only tokenises)."""
+    def _gpu_decode(self) -> bool:
+        """Whether the actors decode on the GPU, with nvJPEG or nvImageCodec
+        (then prepare only tokenises)."""
         d = self.config.image_decode
-        return d == "nvjpeg" or (d == "auto" and self._on_gpu())
+        return d in ("nvjpeg", "nvimgcodec") or (d == "auto" and self._on_gpu())
 
     def has_cpu_prepare(self) -> bool:
         return self.config.cpu_prefetch
@@ -234,17 +243,17 @@ class ClipScoreStage(GlobalStage):
         float copy for the resize and the crop when it decodes."""
         # measured (Ray's max USS per task) on 256 px JPEGs at batch 2048: 1.1 GiB
         # tokenising, 5.1 GiB decoding and resizing too
-        per_row = 96 << 10 if self._nvjpeg() else 3 << 20
+        per_row = 96 << 10 if self._gpu_decode() else 3 << 20
         return (5 << 28) + self.config.batch_size * per_row
 
     def cpu_prepare(self, batch: Batch) -> Batch:
-        """Tokens, and unless the actors decode with nvJPEG, libjpeg/PIL
+        """Tokens, and unless the actors decode on the GPU, libjpeg/PIL
         decode, open_clip's resize and centre crop (uint8), per row; the
         actor normalises and runs the towers."""
         captions = [c if isinstance(c, str) else "" for c in batch["caption"]]
         out = dict(batch)
         out[TOKENS] = _clip.tokenizer(self.config.model)(captions).numpy()
-        if self._nvjpeg():
+        if self._gpu_decode():
             return out
         n = batch_len(batch)
         cfg = _clip.pixel_cfg(self.config.model)
@@ -333,9 +342,11 @@ class ClipScoreStage(GlobalStage):
         if pix is not None:
             good = [i for i, e in enumerate(errors) if e is None]
             pixels = torch.from_numpy(np.ascontiguousarray(pix[good])) if good else None
-        elif decoder in ("nvjpeg", "libjpeg"):
+        elif decoder in ("nvjpeg", "nvimgcodec", "libjpeg"):
             if decoder == "nvjpeg":
                 tensors, errors = _clip.decode_tensors(images, ld.device)
+            elif decoder == "nvimgcodec":
+                tensors, errors = _gpudecode.decode_tensors(images, ld.device, threads)
             else:
                 tensors, errors = _clip.decode_cpu(images, ld.device, threads)
             good = [i for i, t in enumerate(tensors) if t is not None]

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from pipeline.config import ConfigError, build
 from pipeline.local import fit_global, map_stage, run_global
 from stages.base import STATUS_OK, batch_len, concat, fresh_rows, object_array, reject, take
-from stages.clip_score import BINS, ClipScoreStage, Config
+from stages.clip_score import BINS, PIXELS, TOKENS, ClipScoreStage, Config
 from stages.common import clip as _clip
 
 COLOURS = {
@@ -320,8 +320,9 @@ def test_config_checks():
     assert build(Config, {"pretrained": "x.pt", "concurrency": [1, 4], "top_fraction": 0.3}, "s").concurrency == (1, 4)
     with pytest.raises(ConfigError, match="pretrained"):
         build(Config, {"model": "ViT-B-32"}, "s")
-    with pytest.raises(ConfigError, match="image_decode"):
+    with pytest.raises(ConfigError, match="s.image_decode: expected one of .*'nvimgcodec'.*, got 'gpu'"):
         build(Config, {"pretrained": "x.pt", "image_decode": "gpu"}, "s")
+    assert build(Config, {"pretrained": "x.pt", "image_decode": "nvimgcodec"}, "s").image_decode == "nvimgcodec"
     with pytest.raises(ConfigError, match="top_fraction"):
         build(Config, {"pretrained": "x.pt", "top_fraction": 30}, "s")
     st = ClipScoreStage(Config(pretrained="x.pt", num_gpus=0.5, concurrency=(2, 2)))
@@ -329,6 +330,25 @@ def test_config_checks():
     assert (r.num_gpus, r.concurrency) == (0.5, (2, 2)) and st.runs_on_actors and not st.needs_fit()
     cols = {c.name: c for c in st.outputs()}
     assert cols["img_emb"].shape == (512,) and cols["img_emb"].store == "embeddings"  # ViT-B-32, from its config
+
+
+def test_nvimgcodec_fails_at_setup_saying_what_is_missing(monkeypatch):
+    # no GPU: refused before the model loads, naming the value and what to use instead
+    with pytest.raises(RuntimeError, match="image_decode: nvimgcodec needs a GPU.*'cpu'.*pil or libjpeg"):
+        stage("unused.pt", image_decode="nvimgcodec").setup()
+    # a GPU but no package: an ImportError naming it (nothing touches CUDA before)
+    monkeypatch.setitem(__import__("sys").modules, "nvidia.nvimgcodec", None)
+    cuda = ClipScoreStage(Config(pretrained="unused.pt", model="pf-tiny", device="cuda", image_decode="nvimgcodec"))
+    with pytest.raises(ImportError, match="image_decode: nvimgcodec needs the nvidia-nvimgcodec-cu13 package"):
+        cuda.setup()
+    assert cuda._loaded is None
+
+
+def test_nvimgcodec_prefetch_only_tokenises():
+    rows, _ = planted(1)
+    st = ClipScoreStage(Config(pretrained="unused.pt", model="pf-tiny", image_decode="nvimgcodec", cpu_prefetch=True))
+    out = st.cpu_prepare(dict(rows))
+    assert TOKENS in out and PIXELS not in out  # the actors decode: only bytes and tokens travel
 
 
 # --------------------------------------------------------------------- Ray

@@ -1,6 +1,7 @@
 """CLIP scoring machinery for :mod:`stages.clip_score` that every device
 needs: model loading and identity, the tokenizer, image decoding and
-preprocessing (PIL, libjpeg or nvJPEG, then tensor resizing), and the two
+preprocessing (PIL, libjpeg or nvJPEG, then tensor resizing; nvImageCodec's
+hardware decoding is :mod:`stages.common.gpudecode`), and the two
 towers run eagerly in fixed-size chunks. The GPU-only path (CUDA graphs,
 streams, pinned buffers, chunked decoding) is :mod:`stages.common.cuda_towers`.
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 #: ``pretrained`` value for random weights (benchmarks and smoke tests only)
 RANDOM_WEIGHTS = "random"
-DECODERS = ("auto", "pil", "nvjpeg", "libjpeg")
+DECODERS = ("auto", "pil", "nvjpeg", "nvimgcodec", "libjpeg")
 
 _registered = False
 _lock = threading.Lock()
@@ -254,18 +255,25 @@ def decode_tensors(images: list, device: str) -> tuple[list, list[str | None]]:
                     decoded.append(None)
         for i, t in zip(jpeg, decoded):
             out[i] = t
+    for i, b in enumerate(images):
+        if out[i] is None:
+            t, errors[i] = pil_tensor(b)
+            out[i] = t.to(device) if t is not None else None
+    return out, errors
+
+
+def pil_tensor(data) -> tuple[Any, str | None]:
+    """One image decoded by PIL to a ``[3, H, W]`` uint8 CPU tensor (RGB), or
+    ``None`` and what was wrong with it: the fallback of the tensor decoders."""
+    import torch
     from PIL import Image
 
-    for i, b in enumerate(images):
-        if out[i] is not None:
-            continue
-        try:
-            with Image.open(io.BytesIO(b)) as im:
-                arr = np.asarray(im.convert("RGB"))
-            out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(device)
-        except Exception as e:  # undecodable: a per-row failure
-            errors[i] = f"{type(e).__name__}: {e}"
-    return out, errors
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), None
+    except Exception as e:  # undecodable: a per-row failure
+        return None, f"{type(e).__name__}: {e}"
 
 
 def decode_cpu(images: list, device: str, threads: int) -> tuple[list, list[str | None]]:

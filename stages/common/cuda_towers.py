@@ -1,8 +1,8 @@
 """The GPU path of :mod:`stages.clip_score`: both towers at a fixed
 micro-batch on a CUDA stream of their own, replayed from CUDA graphs (or
 ``torch.compile`` + graphs) where they match the eager towers, fed through
-pinned host buffers, and nvJPEG/libjpeg decoding in chunks on a
-high-priority stream per thread.
+pinned host buffers, and nvJPEG/nvImageCodec/libjpeg decoding in chunks on
+a high-priority stream per thread.
 
 It lives apart from :mod:`stages.common.clip` (model loading, identity,
 tokenizer, CPU decoding: what every device needs) because all of it is
@@ -30,6 +30,7 @@ import threading
 
 import numpy as np
 
+from stages.common import gpudecode
 from stages.common.clip import chunks, decode_cpu, decode_tensors, padded, resize_crop, size_hw
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,10 @@ def thread_stream(device: str):
 
 
 def decode_cuda(images: list, device: str, cfg: dict, decoder: str = "nvjpeg", threads: int = 1):
-    """nvJPEG (the GPU's hardware decoder for baseline JPEGs, via
-    :func:`decode_tensors`; or ``libjpeg`` on ``threads`` CPU threads, via
+    """nvJPEG (torchvision's batched decode on the SMs, via
+    :func:`decode_tensors`; ``nvimgcodec``: the hardware JPEG engines, via
+    :func:`stages.common.gpudecode.decode_tensors` with ``threads`` host
+    threads; or ``libjpeg`` on ``threads`` CPU threads, via
     :func:`decode_cpu`) + :func:`resize_crop` on this thread's stream.
     Returns uint8 ``[n, 3, S, S]`` pixels on ``device`` (zeros where an image
     failed) and per-row errors. When it returns, the pixels are ready: the
@@ -70,6 +73,8 @@ def decode_cuda(images: list, device: str, cfg: dict, decoder: str = "nvjpeg", t
     with torch.cuda.stream(stream):
         if decoder == "nvjpeg":
             tensors, errors = decode_tensors(images, device)
+        elif decoder == "nvimgcodec":
+            tensors, errors = gpudecode.decode_tensors(images, device, threads)
         else:
             tensors, errors = decode_cpu(images, device, threads)
         good = [i for i, t in enumerate(tensors) if t is not None]
@@ -241,7 +246,7 @@ class CudaTowers:
         """Scores (float32; NaN where the image failed), image and text
         embeddings (float16; zeros where it failed) and per-row decode errors
         of a batch: per chunk of :data:`DECODE_ROWS` rows, decode and resize
-        (``decoder`` ``nvjpeg`` or ``libjpeg`` via :func:`decode_cuda`; or
+        (``decoder`` ``nvjpeg``, ``nvimgcodec`` or ``libjpeg`` via :func:`decode_cuda`; or
         ``pix``/``pix_errors``, prefetched uint8 pixels), then queue both
         towers without waiting, so the next chunk decodes while the GPU runs
         this one's towers; wait once at the end. ``tokens()`` gives the
