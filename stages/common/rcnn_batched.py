@@ -176,20 +176,34 @@ def proposals(rpn, padded, image_hw, features):
     objectness, deltas = concat_box_prediction_layers(objectness, deltas)
     boxes = rpn.box_coder.decode_single(deltas.float(), anchors.float().repeat(b, 1)).view(b, -1, 4)
     objectness = objectness.float().view(b, -1)
-    picks, levels, offset = [], [], 0
-    for lvl, n in enumerate(per_level):
+    picks, starts, widths, offset, first = [], [], [], 0, 0
+    for n in per_level:
         k = min(rpn.pre_nms_top_n(), n)
-        top = objectness[:, offset : offset + n].topk(k, dim=1).indices + offset
-        picks.append(top)
-        levels.append(torch.full_like(top, lvl))
-        offset += n
-    top, levels = torch.cat(picks, 1), torch.cat(levels, 1)
+        picks.append(objectness[:, offset : offset + n].topk(k, dim=1).indices + offset)
+        starts.append(first)
+        widths.append(k)
+        offset, first = offset + n, first + k
+    top = torch.cat(picks, 1)
     scores = torch.sigmoid(objectness.gather(1, top))
     boxes = _clip_boxes(_gather(boxes, top), image_hw)
     valid = _not_small(boxes, rpn.min_size) & (scores >= rpn.score_thresh)
+    # NMS is per level: levels of one width run as blocks of their own, so
+    # the dense pairs are per level, not over all levels at once
+    kept = torch.zeros_like(valid)
+    by_width: dict[int, list[int]] = {}
+    for start, width in zip(starts, widths):
+        by_width.setdefault(width, []).append(start)
+    for width, firsts in by_width.items():
+        cols = torch.cat([torch.arange(a, a + width, device=boxes.device) for a in firsts])
+        blocks = b * len(firsts)
+        v = valid[:, cols].reshape(blocks, width)
+        order, k = batched_nms_mask(boxes[:, cols].reshape(blocks, width, 4), scores[:, cols].reshape(blocks, width),
+                                    torch.zeros_like(v, dtype=torch.long), v, rpn.nms_thresh, width)  # fmt: skip
+        kept[:, cols] = torch.zeros_like(v).scatter_(1, order, k).reshape(b, -1)
     keep_n = rpn.post_nms_top_n()
-    order, kept = batched_nms_mask(boxes, scores, levels, valid, rpn.nms_thresh, keep_n)
-    return _first_kept(_gather(boxes, order), kept, keep_n)
+    neg = torch.finfo(torch.float32).min
+    order = torch.sort(torch.where(kept, scores, neg), dim=1, descending=True, stable=True).indices
+    return _first_kept(_gather(boxes, order), kept.gather(1, order), keep_n)
 
 
 def _first_kept(values, kept, n: int):
