@@ -21,6 +21,8 @@ Plans per model:
   image (fp16 autocast on a GPU), then the backbone again on the resized
   image for the RoI features, ``roi_align`` and a float16 copy on the host;
 * ``inproc``: the stage in this process, ``--threads`` batches at once;
+* ``unbatched``: ``inproc`` with torchvision's own forward and per-image
+  post-processing (the stage before ``stages/common/rcnn_batched.py``);
 * ``ray``: the stage through Ray Data (``pipeline.plan.map_on_actors``, the
   plan a job runs), ``--actors`` actors sharing the GPU x ``--threads``
   batches each, the rows with their features delivered to the driver.
@@ -149,6 +151,21 @@ class InProcess(Plan):
         return clock.stop()
 
 
+class Unbatched(InProcess):
+    """``inproc`` with each detector on the model's own forward (per-image
+    post-processing, :func:`stages.common.detectors.keep_best`): the path
+    before ``stages/common/rcnn_batched.py``."""
+
+    def __init__(self, args, images, key, ckpt):
+        super().__init__(args, images, key, ckpt)
+        self.label = f"{key}: stage in process, model's own forward, {args.threads} batches at once"
+
+    def setup(self):
+        super().setup()
+        for d in self.stage._detectors:
+            d.batched = False
+
+
 class RayPlan(Plan):
     def __init__(self, args, source, key, ckpt):
         self.args, self.source, self.key, self.ckpt = args, source, key, ckpt
@@ -223,7 +240,7 @@ def main(argv=None) -> None:
         if src is not None and share < 1.0:
             src = src.limit(len(mine)).repartition(max(1, len(mine) // a.batch_size)).materialize()
         for name in names:
-            pl = {"naive": Naive, "inproc": InProcess}.get(name)
+            pl = {"naive": Naive, "inproc": InProcess, "unbatched": Unbatched}.get(name)
             pl = pl(a, mine, key, ckpt) if pl else RayPlan(a, src, key, ckpt)
             pl.name = f"{key}-{name}"
             plans.append(pl)

@@ -118,14 +118,17 @@ class TorchvisionDetector(Detector):
     are used as they are; see the module doc for the features)."""
 
     def __init__(self, model, categories, device: str, limits: Limits, identity: dict,
-                 feature_level: str | None = None, half: bool = False, batched: bool = True):  # fmt: skip
+                 feature_level: str | None = None, half: bool = False, batched: bool | None = None):  # fmt: skip
         self.model, self.device, self.limits, self.identity = model.eval().to(device), device, limits, identity
         apply_limits(model, limits)
         self.categories = tuple(categories)
         self.half = half and device.startswith("cuda")
         from stages.common import rcnn_batched
 
-        #: a Faster R-CNN runs batched (:mod:`stages.common.rcnn_batched`); off: the model's own forward
+        #: a Faster R-CNN runs batched (:mod:`stages.common.rcnn_batched`), by default on a GPU,
+        #: where per-image syncs are the cost; on the CPU, where the layers are, the model's own
+        #: forward is as fast (its dense NMS costs more there at low score thresholds)
+        batched = device.startswith("cuda") if batched is None else batched
         self.batched = batched and rcnn_batched.supports(model)
         self._local = threading.local()
         model.transform.register_forward_hook(self._keep_batch)

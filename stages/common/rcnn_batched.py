@@ -94,13 +94,15 @@ def batched_nms_mask(boxes, scores, groups, valid, iou: float, keep_top: int):
     s = torch.where(valid, scores.float(), torch.full_like(scores, neg, dtype=torch.float32))
     order = torch.sort(s, dim=1, descending=True, stable=True).indices
     kept = torch.zeros_like(valid)
-    b, m = valid.shape
+    b = valid.shape[0]
+    # candidates are sorted valid first: only the fullest row's count is computed
+    m = int(valid.sum(1).max().item()) if valid.numel() else 0
     if m == 0 or b == 0:
         return order, kept
     step = max(1, NMS_PAIR_BUDGET // max(1, m * m))
     for a in range(0, b, step):
-        o = order[a : a + step]
-        kept[a : a + step] = _greedy(
+        o = order[a : a + step, :m]
+        kept[a : a + step, :m] = _greedy(
             boxes[a : a + step].float().gather(1, o[..., None].expand(-1, -1, 4)),
             groups[a : a + step].gather(1, o),
             valid[a : a + step].gather(1, o),
@@ -244,16 +246,22 @@ def detections(heads, features, props, props_mask, image_hw, limits):
     labels = torch.arange(1, c, device=scores.device).repeat(b, n, 1).reshape(b, -1)
     valid = props_mask[:, :, None].expand(b, n, c - 1).reshape(b, -1)
     valid = valid & (scores > limits.score_threshold) & _not_small(boxes, 1e-2)
-    # only the fullest image's count of candidates needs a dense NMS
-    width = int(valid.sum(1).max().item())
+    # class-aware NMS: one block per (image, class) holding that class's box
+    # of each proposal; only blocks with a candidate are computed
+    blocks = (b * (c - 1), n)
+    by_class = [t.view(b, n, c - 1, *t.shape[2:]).transpose(1, 2).reshape(*blocks, *t.shape[2:])
+                for t in (boxes, scores, valid)]  # fmt: skip
+    active = torch.nonzero(by_class[2].any(1)).flatten()
+    kept = torch.zeros(blocks, dtype=torch.bool, device=valid.device)
+    if len(active):
+        bx, sc, va = (t[active] for t in by_class)
+        order, k_act = batched_nms_mask(bx, sc, torch.zeros_like(va, dtype=torch.long), va, limits.nms_iou, n)
+        kept[active] = torch.zeros_like(va).scatter_(1, order, k_act)
+    kept = kept.view(b, c - 1, n).transpose(1, 2).reshape(b, -1)
     k = limits.max_regions
-    if width == 0:
-        z = scores.new_zeros(b, k)
-        return z[..., None].expand(b, k, 4).contiguous(), z, labels.new_zeros(b, k), torch.zeros_like(z, dtype=torch.bool)
     neg = torch.finfo(torch.float32).min
-    top = torch.sort(torch.where(valid, scores, neg), dim=1, descending=True, stable=True).indices[:, :width]
-    boxes, scores, labels, valid = _gather(boxes, top), scores.gather(1, top), labels.gather(1, top), valid.gather(1, top)
-    order, kept = batched_nms_mask(boxes, scores, labels, valid, limits.nms_iou, k)
+    order = torch.sort(torch.where(kept, scores, neg), dim=1, descending=True, stable=True).indices
+    kept = kept.gather(1, order)
     out_boxes, mask = _first_kept(_gather(boxes, order), kept, k)
     out_scores, _ = _first_kept(scores.gather(1, order), kept, k)
     out_labels, _ = _first_kept(labels.gather(1, order), kept, k)
