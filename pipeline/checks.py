@@ -26,42 +26,41 @@ stage configs' own checks, ``pipeline.config``):
 
 Nothing here imports Ray or torch or loads weights, and no network request
 is made but to the job's own object storage (the output's bucket, the input
-files' schemas) when it uses one. open_clip's registries are read from its own files (its model configs, and its
-``pretrained.py`` loaded without the package, which would import torch), the
-weights are looked up in the Hugging Face and open_clip caches, and "no
-network" is ``HF_HUB_OFFLINE`` or no route to a public address (a UDP
-``connect`` asks the kernel's routing table; it sends nothing).
+files' schemas) when it uses one. The column checks are
+:mod:`pipeline.checks_columns`; what open_clip has on this machine (its
+registries, its cached weights, whether there is a network), found without
+importing torch and without sending anything, is
+:mod:`pipeline.open_clip_local`. Their public names are importable from
+here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import importlib
-import importlib.util
-import io
-import json
 import os
-import re
-import socket
-import sys
-import types
+import socket  # noqa: F401 - tests reach the socket module the route check uses as checks.socket
 from pathlib import Path
 
 from manifests import storage
 from manifests.storage import StorageConfig
-from pipeline.config import ConfigError, JobConfig, field_error, input_entries
-from stages.base import IDENTITY_COLUMNS, Stage
+
+# the names of the column and open_clip modules are re-exported: callers import them from here
+from pipeline.checks_columns import KNOWN_PRODUCERS, MAX_SCHEMA_FILES, check_columns, input_columns, producers  # noqa: F401
+from pipeline.config import ConfigError, JobConfig, field_error
+from pipeline.open_clip_local import (  # noqa: F401
+    ROUTE_PROBES,
+    _hub_cached,
+    _weights_source,
+    cached_weights,
+    offline_reason,
+    open_clip_models,
+    pretrained_registry,
+)
+from stages.base import Stage
 
 #: stages whose ``model`` / ``pretrained`` options name open_clip weights
 OPEN_CLIP_STAGES = ("clip_score",)
-#: built-in stages that cannot be built from defaults alone (cheaply), and what they declare
-KNOWN_PRODUCERS = {"clip_score": "clip_score", "img_emb": "clip_score", "text_emb": "clip_score"}
-#: input files whose columns are read here; the reader checks the others as it streams them
-MAX_SCHEMA_FILES = 200
-#: public addresses for the route check (Cloudflare's resolver; nothing is sent to it)
-ROUTE_PROBES = ((socket.AF_INET, ("1.1.1.1", 53)), (socket.AF_INET6, ("2606:4700:4700::1111", 53)))
 
 
 def check_job(job: JobConfig) -> list[str]:
@@ -147,124 +146,6 @@ def _check_bucket(root) -> list[str]:
     return []
 
 
-# ------------------------------------------------------------------ columns
-
-
-def input_columns(job: JobConfig, problems: list[str]) -> set[str] | None:
-    """The columns every row has after the reader (``url``, ``caption``,
-    ``source``, the identity columns and the URL lists' own, renamed as the
-    reader renames them), from the files' schemas, common to every source;
-    ``None`` when the input itself is wrong (then that is the problem reported)."""
-    from pipeline.reader import carried_names, detect_format, expand_paths, renamed_names
-
-    common: set[str] | None = None
-    for where, cfg in input_entries(job.input):
-        try:
-            paths = expand_paths(cfg.paths, where, job.storage)
-        except ConfigError as e:
-            problems.append(str(e))
-            return None
-        for path in paths[:MAX_SCHEMA_FILES]:
-            try:
-                fmt = detect_format(path, cfg.format, where)
-                names = renamed_names(_schema_names(path, fmt), cfg, path, where)
-            except ConfigError as e:
-                problems.append(str(e))
-                return None
-            except Exception as e:  # noqa: BLE001 - an unreadable file is a job error
-                problems.append(f"{where}.paths: cannot read {str(path)!r} as {cfg.format}: {type(e).__name__}: {e}")
-                return None
-            for role, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
-                if col not in names:
-                    problems.append(
-                        f"{where}.{role}: {col!r} is not a column of {str(path)!r} (columns: {', '.join(names)})"
-                    )
-            cols = {"url", "caption", "source", *IDENTITY_COLUMNS, *carried_names(names, cfg).values()}
-            common = cols if common is None else common & cols
-    return common
-
-
-def _schema_names(path, fmt: str) -> list[str]:
-    """Column names from a file's footer or first block, not its rows."""
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-
-    if fmt == "parquet":
-        return storage.read_schema(path).names
-    if fmt == "coco":  # one JSON object: its rows' columns are the reader's; the reader checks the rest
-        from pipeline.reader import COCO_COLUMNS
-
-        with path.open("rb") as f:
-            if f.read(4096).lstrip()[:1] != b"{":
-                raise ValueError("not COCO captions JSON (an object with 'images' and 'annotations')")
-        return list(COCO_COLUMNS)
-    if fmt in ("csv", "tsv"):
-        opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
-        with storage.arrow_input(path) as src, pacsv.open_csv(src, parse_options=opts) as reader:
-            return reader.schema.names
-    with path.open("rb") as f:
-        head = f.read(1 << 20)
-    head = head[: head.rfind(b"\n") + 1] or head
-    return pajson.read_json(io.BytesIO(head)).schema.names if head.strip() else []
-
-
-def check_columns(stages: list[tuple[str, Stage | None]], available: set[str]) -> list[str]:
-    """Every column a stage reads must be in the URL list or declared by an
-    earlier stage (the stages' ``inputs()`` against their ``outputs()``).
-    ``None`` for a stage that could not be built: what it would declare is
-    unknown, so the stages after it are not judged."""
-    have = set(available)
-    problems = []
-    declared, reads = [], {}
-    for where, st in stages:
-        if st is None:
-            break
-        try:  # a stage of one's own may fail here; say which
-            declared.append((where, st, {c.name for c in st.outputs()}))
-            reads[where] = tuple(dict.fromkeys(st.inputs()))
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{where}: its declared columns cannot be read: {type(e).__name__}: {e}")
-            break
-    for i, (where, st, own) in enumerate(declared):
-        if where not in reads:
-            break
-        for col in reads[where]:
-            if col in have or col in own:
-                continue
-            later = [st2.name for _, st2, cols in declared[i + 1 :] if col in cols]
-            if later:
-                hint = f"{later[0]} declares it but runs after {st.name}: put {st.name} after {later[0]}"
-            else:
-                maker = producers().get(col)
-                hint = f"add a {maker!r} stage before it" if maker else "no stage declares it; add it to the URL list"
-            problems.append(
-                f"{where}: reads column {col!r}, which neither the URL list nor an earlier stage provides ({hint})"
-            )
-        have |= own
-    return problems
-
-
-@functools.lru_cache(maxsize=1)
-def producers() -> dict[str, str]:
-    """Column -> the built-in stage that declares it (stages that build from
-    their defaults, plus :data:`KNOWN_PRODUCERS`)."""
-    from pipeline.config import build
-    from pipeline.registry import STAGES, stage_class
-
-    out = dict(KNOWN_PRODUCERS)
-    for name in STAGES:
-        if name in KNOWN_PRODUCERS.values():
-            continue
-        try:
-            cls = stage_class(name)
-            st = cls(build(cls.Config, {}, name))
-            for c in st.outputs():
-                out.setdefault(c.name, name)
-        except (ConfigError, ValueError, TypeError):
-            continue
-    return out
-
-
 # ------------------------------------------------------------------ open_clip
 
 
@@ -348,138 +229,3 @@ def _looks_like_path(value: str) -> bool:
         or value.startswith(("~", "."))
         or Path(value).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
     )
-
-
-def _weights_source(reg, tag_cfg: dict) -> str:
-    """Where open_clip would download a tag's weights from (the file it prefers)."""
-    hub = tag_cfg.get("hf_hub", "")
-    if not hub:
-        return tag_cfg.get("url") or "its source"
-    repo, filename = os.path.split(hub)
-    filename = filename or "open_clip_pytorch_model.bin"
-    alternatives = list(getattr(reg, "_get_safe_alternatives", lambda _: ())(filename))
-    names = " or ".join([*alternatives, filename])
-    return f"{names} from https://huggingface.co/{repo}"
-
-
-def offline_reason() -> str | None:
-    """Why there is no network for a download, or ``None`` when there may be
-    one. Sends nothing: ``HF_HUB_OFFLINE``, then whether the kernel has a
-    route to a public address (``connect`` on a UDP socket only picks a route)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE=1"
-    for family, addr in ROUTE_PROBES:
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as s:
-                s.connect(addr)
-            return None
-        except OSError:
-            continue
-    return "no route to the internet"
-
-
-def cached_weights(reg, tag_cfg: dict) -> str | None:
-    """The local file open_clip's ``download_pretrained`` would use for a tag,
-    if it is already there (Hugging Face cache, or open_clip's ``~/.cache/clip``)."""
-    if tag_cfg.get("file") and os.path.isfile(tag_cfg["file"]):
-        return tag_cfg["file"]
-    hub = tag_cfg.get("hf_hub", "")
-    if hub:
-        repo, filename = os.path.split(hub)
-        filename = filename or "open_clip_pytorch_model.bin"
-        alternatives = getattr(reg, "_get_safe_alternatives", lambda _: ())
-        for name in (*alternatives(filename), filename):
-            hit = _hub_cached(repo, name)
-            if hit:
-                return hit
-    url = tag_cfg.get("url", "")
-    if url:
-        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _hub_cached(repo: str, filename: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        hit = try_to_load_from_cache(repo, filename)
-    except Exception:  # noqa: BLE001 - a malformed repo id is "not cached"; the name check reports it
-        return None
-    return hit if isinstance(hit, str) else None
-
-
-# ------------------------------------------------------------------ open_clip's registries, without torch
-
-
-def _open_clip_dir() -> Path | None:
-    spec = importlib.util.find_spec("open_clip")
-    locations = spec.submodule_search_locations if spec else None
-    return Path(next(iter(locations))) if locations else None
-
-
-@functools.lru_cache(maxsize=1)
-def open_clip_models() -> tuple[str, ...]:
-    """``open_clip.list_models()`` plus the project's configs (``pf-tiny``):
-    the model config files open_clip scans, read without importing it (its
-    import costs seconds: torch, timm)."""
-    from stages.common.clip import MODEL_CONFIG_DIR
-
-    if "open_clip" in sys.modules:
-        import open_clip
-
-        from stages.common.clip import register_model_configs
-
-        register_model_configs()
-        return tuple(open_clip.list_models())
-    names = []
-    base = _open_clip_dir()
-    for folder in (base / "model_configs" if base else None, MODEL_CONFIG_DIR):
-        for f in sorted(folder.glob("*.json")) if folder else ():
-            try:
-                cfg = json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-            if all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):  # what open_clip's scan keeps
-                names.append(f.stem)
-    # open_clip's own order (``factory._natural_key``): digits compare as numbers
-    return tuple(
-        sorted(
-            dict.fromkeys(names), key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s.lower())]
-        )
-    )
-
-
-_REGISTRY_PACKAGE = "_pairforge_open_clip_registry"
-
-
-@functools.lru_cache(maxsize=1)
-def pretrained_registry() -> types.ModuleType:
-    """open_clip's ``pretrained`` module (``get_pretrained_cfg``,
-    ``list_pretrained_tags_by_model``). Importing it through ``open_clip``
-    imports the whole package (torch, timm: seconds), so unless open_clip is
-    loaded already, its file is loaded as a module of a private package
-    over open_clip's folder (it needs only ``constants`` and ``version``
-    there), with ``safetensors.torch`` (which imports torch; the registry
-    does not use it) hidden while it loads."""
-    if "open_clip" in sys.modules:
-        return importlib.import_module("open_clip.pretrained")
-    base = _open_clip_dir()
-    if base is None:
-        return importlib.import_module("open_clip.pretrained")  # raises the ImportError a user should see
-    pkg = types.ModuleType(_REGISTRY_PACKAGE)
-    pkg.__path__ = [str(base)]
-    sys.modules[_REGISTRY_PACKAGE] = pkg
-    hide = "safetensors.torch" not in sys.modules
-    if hide:
-        sys.modules["safetensors.torch"] = None  # type: ignore[assignment]  # makes its import an ImportError
-    try:
-        return importlib.import_module(f"{_REGISTRY_PACKAGE}.pretrained")
-    except Exception:  # noqa: BLE001 - open_clip changed: pay for the real import
-        return importlib.import_module("open_clip.pretrained")
-    finally:
-        if hide:
-            sys.modules.pop("safetensors.torch", None)

@@ -1,0 +1,139 @@
+"""The columns of a job's rows, for the whole-job check (:mod:`pipeline.checks`).
+
+Why on its own: a stage that reads a column nobody makes used to fail deep
+in Ray (``dedup_semantic`` without ``clip_score`` ended as
+``KeyError: 'img_emb'``). Here the columns every row has after the reader
+are read from the URL lists' schemas (a footer or a first block, never the
+rows), and each stage's ``inputs()`` are held against those columns and the
+``outputs()`` of the stages before it, so the error names the stage, the
+column and the stage that would make it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+from manifests import storage
+from pipeline.config import ConfigError, JobConfig, input_entries
+from stages.base import IDENTITY_COLUMNS, Stage
+
+#: built-in stages that cannot be built from defaults alone (cheaply), and what they declare
+KNOWN_PRODUCERS = {"clip_score": "clip_score", "img_emb": "clip_score", "text_emb": "clip_score"}
+#: input files whose columns are read here; the reader checks the others as it streams them
+MAX_SCHEMA_FILES = 200
+
+
+def input_columns(job: JobConfig, problems: list[str]) -> set[str] | None:
+    """The columns every row has after the reader (``url``, ``caption``,
+    ``source``, the identity columns and the URL lists' own, renamed as the
+    reader renames them), from the files' schemas, common to every source;
+    ``None`` when the input itself is wrong (then that is the problem reported)."""
+    from pipeline.reader import carried_names, detect_format, expand_paths, renamed_names
+
+    common: set[str] | None = None
+    for where, cfg in input_entries(job.input):
+        try:
+            paths = expand_paths(cfg.paths, where, job.storage)
+        except ConfigError as e:
+            problems.append(str(e))
+            return None
+        for path in paths[:MAX_SCHEMA_FILES]:
+            try:
+                fmt = detect_format(path, cfg.format, where)
+                names = renamed_names(_schema_names(path, fmt), cfg, path, where)
+            except ConfigError as e:
+                problems.append(str(e))
+                return None
+            except Exception as e:  # noqa: BLE001 - an unreadable file is a job error
+                problems.append(f"{where}.paths: cannot read {str(path)!r} as {cfg.format}: {type(e).__name__}: {e}")
+                return None
+            for role, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
+                if col not in names:
+                    problems.append(
+                        f"{where}.{role}: {col!r} is not a column of {str(path)!r} (columns: {', '.join(names)})"
+                    )
+            cols = {"url", "caption", "source", *IDENTITY_COLUMNS, *carried_names(names, cfg).values()}
+            common = cols if common is None else common & cols
+    return common
+
+
+def _schema_names(path, fmt: str) -> list[str]:
+    """Column names from a file's footer or first block, not its rows."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    if fmt == "parquet":
+        return storage.read_schema(path).names
+    if fmt == "coco":  # one JSON object: its rows' columns are the reader's; the reader checks the rest
+        from pipeline.reader import COCO_COLUMNS
+
+        with path.open("rb") as f:
+            if f.read(4096).lstrip()[:1] != b"{":
+                raise ValueError("not COCO captions JSON (an object with 'images' and 'annotations')")
+        return list(COCO_COLUMNS)
+    if fmt in ("csv", "tsv"):
+        opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+        with storage.arrow_input(path) as src, pacsv.open_csv(src, parse_options=opts) as reader:
+            return reader.schema.names
+    with path.open("rb") as f:
+        head = f.read(1 << 20)
+    head = head[: head.rfind(b"\n") + 1] or head
+    return pajson.read_json(io.BytesIO(head)).schema.names if head.strip() else []
+
+
+def check_columns(stages: list[tuple[str, Stage | None]], available: set[str]) -> list[str]:
+    """Every column a stage reads must be in the URL list or declared by an
+    earlier stage (the stages' ``inputs()`` against their ``outputs()``).
+    ``None`` for a stage that could not be built: what it would declare is
+    unknown, so the stages after it are not judged."""
+    have = set(available)
+    problems = []
+    declared, reads = [], {}
+    for where, st in stages:
+        if st is None:
+            break
+        try:  # a stage of one's own may fail here; say which
+            declared.append((where, st, {c.name for c in st.outputs()}))
+            reads[where] = tuple(dict.fromkeys(st.inputs()))
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{where}: its declared columns cannot be read: {type(e).__name__}: {e}")
+            break
+    for i, (where, st, own) in enumerate(declared):
+        if where not in reads:
+            break
+        for col in reads[where]:
+            if col in have or col in own:
+                continue
+            later = [st2.name for _, st2, cols in declared[i + 1 :] if col in cols]
+            if later:
+                hint = f"{later[0]} declares it but runs after {st.name}: put {st.name} after {later[0]}"
+            else:
+                maker = producers().get(col)
+                hint = f"add a {maker!r} stage before it" if maker else "no stage declares it; add it to the URL list"
+            problems.append(
+                f"{where}: reads column {col!r}, which neither the URL list nor an earlier stage provides ({hint})"
+            )
+        have |= own
+    return problems
+
+
+@functools.lru_cache(maxsize=1)
+def producers() -> dict[str, str]:
+    """Column -> the built-in stage that declares it (stages that build from
+    their defaults, plus :data:`KNOWN_PRODUCERS`)."""
+    from pipeline.config import build
+    from pipeline.registry import STAGES, stage_class
+
+    out = dict(KNOWN_PRODUCERS)
+    for name in STAGES:
+        if name in KNOWN_PRODUCERS.values():
+            continue
+        try:
+            cls = stage_class(name)
+            st = cls(build(cls.Config, {}, name))
+            for c in st.outputs():
+                out.setdefault(c.name, name)
+        except (ConfigError, ValueError, TypeError):
+            continue
+    return out
