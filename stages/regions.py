@@ -28,7 +28,9 @@ by default, or a file with one name a line): ``agnostic`` for the boxes of
 detectors marked ``class_agnostic``, ``all`` for every box.
 
 Each image is decoded once (nvJPEG on a GPU, libjpeg/PIL on the CPU; grey
-and CMYK images become RGB) for the detectors and the crops. An image no
+and CMYK images become RGB) for the detectors and the crops. On a GPU a
+Faster R-CNN runs batched (:mod:`stages.common.rcnn_batched`: no host sync
+per image, the same regions as the model's own forward). An image no
 detector can take fails alone with ``detect_error`` (or keeps K = 0 with
 ``on_error: keep``); an undecodable one fails with ``decode_error``.
 """
