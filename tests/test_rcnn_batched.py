@@ -35,22 +35,21 @@ def test_dense_nms_keeps_what_torchvision_keeps(seed):
     scores = torch.tensor(rng.permutation(b * m).reshape(b, m) / (b * m), dtype=torch.float32)  # distinct
     labels = torch.tensor(rng.integers(0, groups, (b, m)))
     valid = torch.tensor(rng.random((b, m)) > 0.2)
-    order, kept = rcnn_batched.batched_nms_mask(boxes, scores, labels, valid, 0.5, keep_top)
+    kept = rcnn_batched.nms_keep(boxes, scores, valid, 0.5, groups=labels)
+    order = rcnn_batched.score_order(scores, kept)
     total_suppressed = 0
     for i in range(b):
         idx = torch.nonzero(valid[i]).flatten()
         want = idx[batched_nms(boxes[i, idx], scores[i, idx], labels[i, idx], 0.5)][:keep_top]
-        got = order[i][kept[i]]
+        got = order[i][kept[i][order[i]]][:keep_top]
         assert got.tolist() == want.tolist()
         total_suppressed += int(valid[i].sum()) - len(batched_nms(boxes[i, idx], scores[i, idx], labels[i, idx], 0.5))
     assert total_suppressed > 100  # the clusters made NMS do work
 
 
 def test_dense_nms_of_nothing():
-    order, kept = rcnn_batched.batched_nms_mask(
-        torch.zeros(2, 5, 4), torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.bool), 0.5, 3
-    )
-    assert order.shape == (2, 5) and not kept.any()
+    kept = rcnn_batched.nms_keep(torch.zeros(2, 5, 4), torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.bool), 0.5)
+    assert kept.shape == (2, 5) and not kept.any()
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stages.common import rcnn_batched
+
 #: the torchvision builders this backend knows (any other name of
 #: ``torchvision.models.detection`` works too, untested)
 TORCHVISION_MODELS = (
@@ -123,8 +125,6 @@ class TorchvisionDetector(Detector):
         apply_limits(model, limits)
         self.categories = tuple(categories)
         self.half = half and device.startswith("cuda")
-        from stages.common import rcnn_batched
-
         #: a Faster R-CNN runs batched (:mod:`stages.common.rcnn_batched`), by default on a GPU,
         #: where per-image syncs are the cost; on the CPU, where the layers are, the model's own
         #: forward is as fast (its dense NMS costs more there at low score thresholds)
@@ -183,8 +183,6 @@ class TorchvisionDetector(Detector):
         import torch
         from torchvision.models.detection.image_list import ImageList
 
-        from stages.common import rcnn_batched
-
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
             boxes, scores, labels, mask, padded, hw, feats = rcnn_batched.run(self.model, images, self.limits)
         n, k = mask.shape
@@ -196,8 +194,7 @@ class TorchvisionDetector(Detector):
             rois = torch.cat([torch.arange(n, device=boxes.device, dtype=torch.float32).repeat_interleave(k)[:, None],
                               (boxes.float() * _to_resized(hw, size, boxes.device)).reshape(-1, 4)], 1)  # fmt: skip
             pooled = _pool(level, rois, padded.shape[-2:]).view(n, k, -1)
-        host = [t.cpu().numpy() for t in (boxes.float(), scores.float(), labels, mask, pooled)]
-        b, s, lab, m, f = host
+        b, s, lab, m, f = (t.cpu().numpy() for t in (boxes.float(), scores.float(), labels, mask, pooled))
         out = []
         for j in range(n):
             keep = m[j]
@@ -227,8 +224,6 @@ def roi_features(feats, boxes: list, padded_hw, resized_hw: list, original_hw: l
     """Pooled RoI features (float32, ``(sum K, C)``) of ``boxes`` (per image,
     xyxy in the original image's pixels) on ``feats`` (``[N, C, h, w]``, the
     backbone's map of the resized, padded batch of size ``padded_hw``)."""
-    import torch
-
     total = sum(len(b) for b in boxes)
     if total == 0:
         return np.zeros((0, feats.shape[1]), np.float32)

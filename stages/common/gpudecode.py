@@ -7,7 +7,11 @@ cost ~31 us of GPU time per 256 px row beside the towers' 77 us, so the GPU
 limits clip_score (9,234 pairs/s through Ray Data against 12,944 for the
 towers alone, issue 12). Hopper has hardware JPEG engines (NVJPG) that
 decode baseline JPEGs without using the SMs. torchvision cannot select them;
-nvImageCodec can (backend ``HW_GPU_ONLY``).
+nvImageCodec can (backend ``HW_GPU_ONLY``). Measured on one H200
+(``bench/decode_probe.py``, ``bench/clip_score.py``, 2026-12-02): the
+engines decode 11,898 of these JPEGs a second against nvJPEG's 20,167, and
+through Ray Data the stage scored 10,812 pairs/s with them against 13,446
+with nvJPEG, so ``auto`` stays nvJPEG and this path is opt-in.
 
 How: a batch is decoded in one ``Decoder.decode`` call, with the backends
 tried in order hardware, CUDA (GPU Huffman), hybrid (CPU Huffman), so a JPEG

@@ -19,16 +19,18 @@ every step is a tensor operation over the batch:
 * proposals and detections kept as fixed-shape ``[B, N]`` tensors with a
   validity mask, so invalid slots flow through the heads instead of being
   cut out;
-* NMS as a dense, batched computation (:func:`batched_nms_mask`): per image
-  the IoU of every ordered pair in one group (an FPN level for proposals, a
-  class for detections), then greedy suppression solved as a fixed point
-  (a box is kept when no kept box before it suppresses it), which gives
-  exactly greedy NMS's result, with ties broken by position;
+* NMS as a dense, batched computation (:func:`nms_keep`) over blocks: one
+  per image and FPN level for proposals, one per image and class for
+  detections (only blocks holding a candidate). In each, the IoU of every
+  ordered pair, then greedy suppression solved as a fixed point (a box is
+  kept when no kept box before it suppresses it), which gives exactly
+  greedy NMS's result, with ties broken by position;
 * one transfer of the results to the host at the end.
 
-The host reads two numbers a call: how many detection candidates the
-fullest image has (so the dense NMS is no wider than needed) and, in the
-fixed point, whether it has converged.
+The host still reads a few numbers a call: how wide each dense NMS must be
+(its fullest block's count of candidates), which class blocks hold one,
+and, once per pass of each fixed point, whether it has converged (about 20
+in all for MobileNetV3-FPN, against several per image before).
 """
 
 from __future__ import annotations
@@ -79,41 +81,43 @@ def preprocess(transform, images):
     return F.pad(x, (0, pw - rw, 0, ph - rh)), (int(rh), int(rw))
 
 
-def batched_nms_mask(boxes, scores, groups, valid, iou: float, keep_top: int):
-    """Greedy NMS per image and group over ``[B, M]`` candidates, then the
-    best ``keep_top`` kept per image.
-
-    Returns ``(order, kept)``: ``order`` ``[B, M]`` the candidates by score,
-    best first (ties: lower index first), and ``kept`` ``[B, M]`` bool in
-    that order. A candidate is suppressed by a kept one before it in the
-    same group whose IoU with it is above ``iou``, as torchvision's ``nms``
-    decides (the same IoU formula, in float32)."""
+def score_order(scores, mask):
+    """Per row, the entries of ``mask`` by score, best first (ties: lower
+    index first), then the rest: ``[B, M]`` indices."""
     import torch
 
     neg = torch.finfo(torch.float32).min
-    s = torch.where(valid, scores.float(), torch.full_like(scores, neg, dtype=torch.float32))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    return torch.sort(torch.where(mask, scores.float(), neg), dim=1, descending=True, stable=True).indices
+
+
+def nms_keep(boxes, scores, valid, iou: float, groups=None):
+    """Greedy NMS per row over ``[B, M]`` candidates (per row and group
+    when ``groups`` is given): ``[B, M]`` bool, what is kept, in the input's
+    order. A candidate is suppressed by a kept one before it in score order
+    (ties: lower index first) in the same group whose IoU with it is above
+    ``iou``, as torchvision's ``nms`` decides (the same IoU formula, in
+    float32)."""
+    import torch
+
+    order = score_order(scores, valid)
     kept = torch.zeros_like(valid)
     b = valid.shape[0]
     # candidates are sorted valid first: only the fullest row's count is computed
     m = int(valid.sum(1).max().item()) if valid.numel() else 0
     if m == 0 or b == 0:
-        return order, kept
+        return kept
     step = max(1, NMS_PAIR_BUDGET // max(1, m * m))
     for a in range(0, b, step):
         o = order[a : a + step, :m]
-        kept[a : a + step, :m] = _greedy(
-            boxes[a : a + step].float().gather(1, o[..., None].expand(-1, -1, 4)),
-            groups[a : a + step].gather(1, o),
-            valid[a : a + step].gather(1, o),
-            iou,
-        )
-    rank = kept.cumsum(dim=1) - 1
-    return order, kept & (rank < keep_top)
+        g = groups[a : a + step].gather(1, o) if groups is not None else None
+        boxes_o = boxes[a : a + step].float().gather(1, o[..., None].expand(-1, -1, 4))
+        kept[a : a + step].scatter_(1, o, _greedy(boxes_o, g, valid[a : a + step].gather(1, o), iou))
+    return kept
 
 
 def _greedy(boxes, groups, valid, iou: float):
-    """Greedy NMS on candidates already in score order (``[b, m]``)."""
+    """Greedy NMS on candidates already in score order (``[b, m]``;
+    ``groups`` ``None``: one group a row)."""
     import torch
 
     x1, y1, x2, y2 = boxes.unbind(-1)
@@ -126,7 +130,9 @@ def _greedy(boxes, groups, valid, iou: float):
     m = boxes.shape[1]
     earlier = torch.ones(m, m, dtype=torch.bool, device=boxes.device).tril_(-1)  # [i, j]: j before i
     # over[b, i, j]: j may suppress i (j earlier, same group, valid, IoU above)
-    over &= earlier[None] & (groups[:, :, None] == groups[:, None, :]) & valid[:, None, :]
+    over &= earlier[None] & valid[:, None, :]
+    if groups is not None:
+        over &= groups[:, :, None] == groups[:, None, :]
     over = over.to(torch.float16 if boxes.is_cuda else torch.float32)
     kept = valid.clone()
     # the fixed point: statuses settle in dependency order, each pass fixes at
@@ -198,31 +204,32 @@ def proposals(rpn, padded, image_hw, features):
     for width, firsts in by_width.items():
         cols = torch.cat([torch.arange(a, a + width, device=boxes.device) for a in firsts])
         blocks = b * len(firsts)
-        v = valid[:, cols].reshape(blocks, width)
-        order, k = batched_nms_mask(boxes[:, cols].reshape(blocks, width, 4), scores[:, cols].reshape(blocks, width),
-                                    torch.zeros_like(v, dtype=torch.long), v, rpn.nms_thresh, width)  # fmt: skip
-        kept[:, cols] = torch.zeros_like(v).scatter_(1, order, k).reshape(b, -1)
-    keep_n = rpn.post_nms_top_n()
-    neg = torch.finfo(torch.float32).min
-    order = torch.sort(torch.where(kept, scores, neg), dim=1, descending=True, stable=True).indices
-    return _first_kept(_gather(boxes, order), kept.gather(1, order), keep_n)
+        k = nms_keep(boxes[:, cols].reshape(blocks, width, 4), scores[:, cols].reshape(blocks, width),
+                     valid[:, cols].reshape(blocks, width), rpn.nms_thresh)  # fmt: skip
+        kept[:, cols] = k.reshape(b, -1)
+    idx, mask = _best_kept(scores, kept, rpn.post_nms_top_n())
+    return _take(boxes, idx, mask), mask
 
 
-def _first_kept(values, kept, n: int):
-    """The first ``n`` kept entries per image, in order, as ``[B, n, ...]``
-    and a mask (slots past an image's kept count are zero and masked)."""
+def _best_kept(scores, kept, n: int):
+    """The ``n`` best-scored kept entries per row (ties: lower index first):
+    ``[B, n]`` indices and a mask (false past a row's kept count, and for
+    slots beyond ``M``, which index entry 0)."""
     import torch
 
     b, m = kept.shape
-    # kept first (stable: in order), then the rest
-    idx = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices[:, :n]
-    out = _gather(values, idx)
+    idx = score_order(scores, kept)[:, :n]  # kept entries sort first
     mask = kept.gather(1, idx)
-    if idx.shape[1] < n:  # fewer candidates than slots
-        pad = n - idx.shape[1]
-        out = torch.cat([out, out.new_zeros(b, pad, *out.shape[2:])], 1)
-        mask = torch.cat([mask, mask.new_zeros(b, pad)], 1)
-    return out * mask.view(*mask.shape, *([1] * (out.dim() - 2))).to(out.dtype), mask
+    if m < n:  # fewer candidates than slots
+        idx = torch.cat([idx, idx.new_zeros(b, n - m)], 1)
+        mask = torch.cat([mask, mask.new_zeros(b, n - m)], 1)
+    return idx, mask
+
+
+def _take(values, idx, mask):
+    """``values`` (``[B, M, ...]``) at ``idx``, zero where ``mask`` is false."""
+    out = _gather(values, idx)
+    return out * mask.view(*mask.shape, *([1] * (out.dim() - 2))).to(out.dtype)
 
 
 def detections(heads, features, props, props_mask, image_hw, limits):
@@ -254,18 +261,10 @@ def detections(heads, features, props, props_mask, image_hw, limits):
     active = torch.nonzero(by_class[2].any(1)).flatten()
     kept = torch.zeros(blocks, dtype=torch.bool, device=valid.device)
     if len(active):
-        bx, sc, va = (t[active] for t in by_class)
-        order, k_act = batched_nms_mask(bx, sc, torch.zeros_like(va, dtype=torch.long), va, limits.nms_iou, n)
-        kept[active] = torch.zeros_like(va).scatter_(1, order, k_act)
+        kept[active] = nms_keep(*(t[active] for t in by_class), limits.nms_iou)
     kept = kept.view(b, c - 1, n).transpose(1, 2).reshape(b, -1)
-    k = limits.max_regions
-    neg = torch.finfo(torch.float32).min
-    order = torch.sort(torch.where(kept, scores, neg), dim=1, descending=True, stable=True).indices
-    kept = kept.gather(1, order)
-    out_boxes, mask = _first_kept(_gather(boxes, order), kept, k)
-    out_scores, _ = _first_kept(scores.gather(1, order), kept, k)
-    out_labels, _ = _first_kept(labels.gather(1, order), kept, k)
-    return out_boxes, out_scores, out_labels, mask
+    idx, mask = _best_kept(scores, kept, limits.max_regions)
+    return _take(boxes, idx, mask), _take(scores, idx, mask), _take(labels, idx, mask), mask
 
 
 def run(model, images, limits):
