@@ -55,26 +55,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step_fn, batches, steps: int, warmup: int, device) -> dict:
+def timed(step_fn, batches, steps: int, warmup: int, device, busy=None) -> dict:
     """Run ``warmup`` untimed steps, then ``steps`` timed ones."""
     for _ in range(warmup):
         step_fn(next(batches))
     _sync(device)
     wait = 0.0
-    c0, t0 = cpu_seconds(), time.perf_counter()
+    c0, m0, t0 = cpu_seconds(), time.thread_time(), time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t
         step_fn(batch)
     _sync(device)
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "wait": wait / wall, "cpu_s": cpu_seconds() - c0}
+    t1 = time.perf_counter()
+    wall = t1 - t0
+    return {"wall_s": wall, "wait": wait / wall, "cpu_s": cpu_seconds() - c0, "main_cpu_s": time.thread_time() - m0,
+            "gpu_busy": busy.mean(t0, t1) if busy is not None else float("nan")}  # fmt: skip
 
 
 def plan_names(args) -> list[str]:
-    data = [f"data-path w={w} resize={r}" for w in args.workers_list for r in args.resize_list]
-    return data if args.loader_only else ["model-only", *data]
+    """``model-only`` and the data path per worker count and resize, each per
+    step mode (``graph``: trainer.graphstep); ``--probe`` adds the step on
+    ready tensors with the loader (``model+loader``) or the loader and the
+    device-side copies and resize (``model+prep``) running beside it."""
+    modes = [""] if args.loader_only else ["" if m == "eager" else " graph" for m in args.graph_list]
+    combos = [f"w={w} resize={r}" for w in args.workers_list for r in args.resize_list]
+    data = [f"data-path {c}{m}" for m in modes for c in combos]
+    if args.loader_only:
+        return data
+    probe = [f"{kind} {combos[0]}" for kind in ("model+loader", "model+prep")] if args.probe else []
+    return [f"model-only{m}" for m in modes] + data + probe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of loader worker counts; the first is the headline")  # fmt: skip
     p.add_argument("--resize-list", default="device", help="comma list of device,worker (trainer.prep)")
     p.add_argument("--nice", type=int, default=10, help="loader workers' niceness (trainer.data.WORKER_NICENESS)")
+    p.add_argument(
+        "--graph-list",
+        default="eager,graph" if cuda else "eager",
+        help="comma list of eager,graph: the training step eager or as a CUDA graph (trainer.graphstep)",
+    )
+    p.add_argument("--probe", action="store_true", help="add the step beside the loader and the copies (plan_names)")
     p.add_argument("--loader-only", action="store_true", help="iterate the loaders without a model")
     p.add_argument("--device-step", action="store_true", help="with --loader-only: resize on --device too")
     p.add_argument("--profile", action="store_true", help="CPU us/sample of each step of a worker, then exit")
@@ -105,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.workers_list = [int(v) for v in args.workers_list.split(",")]
     args.resize_list = args.resize_list.split(",")
+    args.graph_list = args.graph_list.split(",")
 
     import trainer.data
     from trainer.data import Prep, find_shards, train_loader
@@ -162,9 +180,19 @@ def main(argv: list[str] | None = None) -> int:
                       hard_negatives=False, eval_fraction=0.0, shuffle_buffer=1000)  # fmt: skip
     bf16 = device.type == "cuda"
     trainer.data.WORKER_NICENESS = args.nice  # read by each worker as it starts
+    graphed = None
+    if "graph" in args.graph_list and not args.loader_only:
+        from trainer.graphstep import GraphedStep
+
+        torch.manual_seed(0)  # a model and optimizer of its own: the eager plans keep the eager optimizer
+        g_model, _ = create_model(model_name, device=device)
+        graphed = GraphedStep(g_model, optimizer_for(g_model, 1e-4, 0.1), spec, bf16, cfg.grad_clip)
 
     def step(batch):
         train_step(model, optimizer, batch, cfg, spec, device, 0, bf16)
+
+    def graph_step(batch):
+        graphed(batch)
 
     if args.loader_only:
 
@@ -191,23 +219,36 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             yield batch
 
+    def beside(batches):
+        """The loader's batches taken and dropped; the step gets the ready tensors."""
+        for _ in batches:
+            yield ready
+
     def one_pass(name: str, steps: int) -> dict:
         t0 = time.perf_counter()
-        if name == "model-only":
-            res = timed(step, forever(ready), steps, min(args.warmup, 5), device)
+        words = name.split()
+        fn = graph_step if words[-1] == "graph" else step
+        if words[0] == "model-only":
+            res = timed(fn, forever(ready), steps, min(args.warmup, 5), device, busy)
         else:
-            w, r = (part.split("=")[1] for part in name.split()[1:])
+            w, r = (part.split("=")[1] for part in words[1:3])
             prep = Prep(model_name, size, resize=r)
             stream = replace(cfg, workers=int(w)).stream()
             loader = train_loader(shards, prep, stream, pin_memory=device.type == "cuda")
-            res = timed(step, feed(loader), steps, args.warmup, device)
+            batches = iter(loader) if words[0] == "model+loader" else feed(loader)
+            if words[0] != "data-path":
+                batches = beside(batches)
+            res = timed(fn, batches, steps, args.warmup, device, busy)
             res["workers"] = loader.num_workers
             del loader
         res.update(rate=steps * bs / res["wall_s"], cores_busy=res["cpu_s"] / res["wall_s"], steps=steps,
-                   overhead_s=time.perf_counter() - t0 - res["wall_s"])  # fmt: skip
+                   main_ms=1e3 * res["main_cpu_s"] / steps, overhead_s=time.perf_counter() - t0 - res["wall_s"])  # fmt: skip
         return res
 
     plans = plan_names(args)
+    from bench.clipbench import GpuBusy
+
+    busy = GpuBusy(device.index or 0).start() if device.type == "cuda" else None
     warm = {pl: one_pass(pl, 10) for pl in plans}  # untimed: compiles, caches, page cache, a first rate
     for pl, r in warm.items():
         print(f"[bench] warm-up {pl}: {r['rate']:.0f} samples/s", flush=True)
@@ -227,27 +268,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] pass {r + 1} {pl}: {res['rate']:9.0f} samples/s, waiting {res['wait']:.0%}, "
                   f"{res['cores_busy']:.1f} cores busy", flush=True)  # fmt: skip
 
-    base = statistics.median(x["rate"] for x in runs["model-only"]) if "model-only" in runs else None
+    if busy is not None:
+        busy.stop()
+
+    def base_of(pl: str) -> float | None:
+        """The model-only median of the plan's step mode."""
+        ref = "model-only graph" if pl.endswith(" graph") else "model-only"
+        return statistics.median(x["rate"] for x in runs[ref]) if ref in runs else None
+
     table = {}
     for pl, rs in runs.items():
         rates = [x["rate"] for x in rs]
         m = statistics.median(rates)
+        base = base_of(pl)
         table[pl] = {
             "median": m, "min": min(rates), "max": max(rates), "passes": rates,
             "ratio": m / base if base else None,
             "wait": statistics.median(x["wait"] for x in rs),
             "cores_busy": statistics.median(x["cores_busy"] for x in rs),
             "per_core": statistics.median(x["rate"] / x["cores_busy"] for x in rs),
+            "gpu_busy": statistics.median(x["gpu_busy"] for x in rs),
+            "main_ms_per_step": statistics.median(x["main_ms"] for x in rs),
         }  # fmt: skip
-    print(f"\n{'plan':32}{'median/s':>10}{'min-max':>16}{'x model':>9}{'wait':>7}{'cores':>7}{'per core/s':>12}")
+    print(f"\n{'plan':38}{'median/s':>10}{'min-max':>16}{'x model':>9}{'wait':>7}{'cores':>7}{'per core/s':>12}"
+          f"{'GPU busy':>10}{'main ms/step':>14}")  # fmt: skip
     for pl, t in table.items():
         ratio = f"{t['ratio']:.3f}" if t["ratio"] else "-"
-        print(f"{pl:32}{t['median']:10.0f}{t['min']:8.0f}-{t['max']:<7.0f}{ratio:>9}{t['wait']:7.0%}"
-              f"{t['cores_busy']:7.1f}{t['per_core']:12.0f}")  # fmt: skip
-    headline = plans[1] if base else plans[0]
-    if base:
-        ratio = table[headline]["ratio"]
-        print(f"\n{headline} / model-only = {ratio:.3f} (median of {args.passes}); goal >= {GOAL}: "
+        gpu = f"{t['gpu_busy']:.0f}%" if t["gpu_busy"] == t["gpu_busy"] else "-"
+        print(f"{pl:38}{t['median']:10.0f}{t['min']:8.0f}-{t['max']:<7.0f}{ratio:>9}{t['wait']:7.0%}"
+              f"{t['cores_busy']:7.1f}{t['per_core']:12.0f}{gpu:>10}{t['main_ms_per_step']:14.1f}")  # fmt: skip
+    # the headline: the data path as `pairforge train` runs it (a CUDA graph on CUDA when measured)
+    data = [pl for pl in plans if pl.startswith("data-path")]
+    headline = next((pl for pl in data if pl.endswith(" graph")), data[0])
+    ratio = table[headline]["ratio"]
+    if ratio:
+        print(f"\n{headline} / its model-only = {ratio:.3f} (median of {args.passes}); goal >= {GOAL}: "
               f"{'met' if ratio >= GOAL else 'NOT met'}; {time.perf_counter() - t_begin:.0f}s in all")  # fmt: skip
     if args.json:
         result = {**head, "steps": steps, "warmup": args.warmup, "passes": args.passes, "shards": len(shards),

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from trainer.data import Prep, StreamConfig, find_shards, load_eval_set, shard_sizes, train_loader
 from trainer.evaluate import evaluate
+from trainer.graphstep import GraphedStep, set_lr
 from trainer.model import (
     clamp_temperature,
     create_model,
@@ -71,6 +72,8 @@ class TrainConfig:
     #: where images are resized to the model's size (``trainer.prep``): ``auto`` is the
     #: training step on CUDA, the loader workers (PIL) on the CPU; or ``device`` / ``worker``
     resize: str = "auto"
+    #: replay the training step as one CUDA graph (``trainer.graphstep``) on a single GPU
+    cuda_graph: bool = True
 
     def stream(self) -> StreamConfig:
         return StreamConfig(
@@ -117,8 +120,7 @@ def train_step(
     reading it would wait for the GPU)."""
     images = normalize_images(batch["image"], spec)
     texts, negs = batch["text"], batch["neg_text"]
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(cfg, step)
+    set_lr(optimizer, lr_at(cfg, step))
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = forward_loss(model, images, texts, negs)
     optimizer.zero_grad(set_to_none=True)
@@ -176,6 +178,9 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
         )
         return metrics
 
+    graphed = None
+    if cfg.cuda_graph and device.type == "cuda" and world == 1:
+        graphed = GraphedStep(model, optimizer, spec, bf16, cfg.grad_clip)
     model.train()
     t_start = time.perf_counter()
     data_s = 0.0
@@ -186,7 +191,11 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
         t0 = time.perf_counter()
         batch = next(batches)
         data_s += time.perf_counter() - t0
-        loss = train_step(model, optimizer, batch, cfg, spec, device, step, bf16)
+        if graphed is not None and graphed.accepts(batch):
+            set_lr(optimizer, lr_at(cfg, step))
+            loss = graphed(batch)
+        else:
+            loss = train_step(model, optimizer, batch, cfg, spec, device, step, bf16)
         loss_sum += loss
         loss_n += 1
 
@@ -242,6 +251,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
             "wall_s": wall,
             "samples_per_s": ran * cfg.batch_size * world / wall if ran else 0.0,
             "data_wait_fraction": data_s / wall if ran else 0.0,
+            "cuda_graph_steps": graphed.replays if graphed is not None else 0,
         },
         "metrics": history["eval"][-1] if history["eval"] else None,
         "history": history,

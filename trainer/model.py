@@ -143,7 +143,7 @@ def save_checkpoint(path: str | Path, model, optimizer, step: int, extra: dict) 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "state_dict": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": _portable(optimizer.state_dict()) if optimizer is not None else None,
         "step": int(step),
         "model_config": open_clip.get_model_config(extra.get("model_name", "")) if extra.get("model_name") else None,
         **extra,
@@ -152,6 +152,15 @@ def save_checkpoint(path: str | Path, model, optimizer, step: int, extra: dict) 
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path
+
+
+def _portable(opt_state: dict) -> dict:
+    """An optimizer state as an eager run on any device takes it: learning
+    rates as floats, not capturable (``trainer.graphstep`` makes them device
+    tensors and capturable again when it captures a step)."""
+    groups = [{**g, "lr": float(g["lr"]), "capturable": False} if "capturable" in g or torch.is_tensor(g["lr"]) else g
+              for g in opt_state["param_groups"]]  # fmt: skip
+    return {**opt_state, "param_groups": groups}
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -1,0 +1,127 @@
+"""The training step captured once as a CUDA graph and replayed.
+
+Why: an eager step of a CLIP model is a few thousand small kernels, each
+launched by the training process's one Python thread, and that thread is
+also the one the data path shares the process with (the DataLoader's
+pin-memory thread, the copies and the device-side resize of
+:func:`trainer.prep.device_batches`). While the thread is the bottleneck,
+every microsecond the data path takes from it is a microsecond the GPU
+waits. Replaying a graph is one launch: the GPU runs the whole step
+(forward, backward, gradient clipping, the fused AdamW update, the
+temperature clamp) from device memory, and the host is free to prepare the
+next batch.
+
+What it needs, and what falls back to the eager step:
+
+* the optimizer is made *capturable* with its learning rate a device tensor
+  (refilled every step, outside the graph), so the update reads both the
+  step count and the rate on the device;
+* a batch of the captured shapes without hard-negative captions (their
+  count varies by batch) replays; any other batch runs the eager step on the
+  same parameters and optimizer state;
+* one process (DDP's reducer hooks are not captured here).
+
+Capture runs a few warm-up steps first (CUDA libraries set up their
+workspaces then) and puts the parameters and the optimizer state back as
+they were afterwards, in place, so the run's curve is the eager one's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.model import MAX_LOGIT_SCALE, forward_loss, unwrap
+
+WARMUP_STEPS = 3
+
+
+def device_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make ``optimizer`` capturable, its learning rates device tensors."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate for the next step: refill a device tensor in place
+    (a captured graph reads it), or set the float."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class GraphedStep:
+    """``step(batch)`` replays the captured step on ``batch`` (copied into
+    the graph's inputs) and returns its loss (a device tensor the next
+    replay overwrites: read or add it before then)."""
+
+    def __init__(self, model, optimizer, spec, bf16: bool, grad_clip: float):
+        self.model, self.optimizer, self.bf16, self.grad_clip = model, optimizer, bf16, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        device = self.params[0].device
+        self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.loss: torch.Tensor | None = None
+        self.replays = 0
+        device_lr(optimizer, device)
+
+    def accepts(self, batch: dict) -> bool:
+        if batch.get("neg_text") is not None:
+            return False
+        if self.graph is None:
+            return True
+        return all(batch[k].shape == v.shape and batch[k].dtype == v.dtype for k, v in self.inputs.items())
+
+    def _body(self) -> torch.Tensor:
+        images = (self.inputs["image"].float() - self.mean) / self.std
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            loss = forward_loss(self.model, images, self.inputs["text"], None)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.optimizer.step()
+        with torch.no_grad():
+            unwrap(self.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return loss.detach()
+
+    def _capture(self, batch: dict) -> None:
+        self.inputs = {k: batch[k].clone() for k in ("image", "text")}
+        saved_params = [p.detach().clone() for p in self.params]
+        had_state = {id(p): {k: v.clone() for k, v in self.optimizer.state[p].items()} for p in self.params
+                     if p in self.optimizer.state}  # fmt: skip
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():  # undo the warm-up: the parameters and the optimizer state as they were
+            for p, s in zip(self.params, saved_params):
+                p.copy_(s)
+            for p in self.params:
+                before = had_state.get(id(p))
+                for k, v in self.optimizer.state[p].items():
+                    if not torch.is_tensor(v):
+                        continue
+                    if before:
+                        v.copy_(before[k])
+                    else:
+                        v.zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._body()
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        if self.graph is None:
+            self._capture(batch)
+        for k, v in self.inputs.items():
+            v.copy_(batch[k], non_blocking=True)
+        self.graph.replay()
+        self.replays += 1
+        return self.loss
