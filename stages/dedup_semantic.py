@@ -29,7 +29,7 @@ import numpy as np
 
 from stages.base import Batch, Column, FitResult, GlobalStage, Resources, batch_len, object_array
 from stages.common import dedup as dd
-from stages.common.knn import spherical_kmeans
+from stages.common.knn import nearest_cells, spherical_kmeans, unit_rows
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class SemanticDedupStage(GlobalStage):
 
     def learn(self, sample: Batch) -> None:
         keys = dd.str_keys(sample["key"])
-        emb, valid = _unit_rows(sample[self.config.column])
+        emb, valid = unit_rows(sample[self.config.column])
         keys, emb = keys[valid], emb[valid]
         if len(keys) > self.config.fit_sample:
             pick = np.argsort(_key_hash(keys), kind="stable")[: self.config.fit_sample]
@@ -99,13 +99,11 @@ class SemanticDedupStage(GlobalStage):
     def bucket_rows(self, batch: Batch) -> Batch:
         if self.centroids is None:
             raise RuntimeError("dedup_semantic: learn() must run before bucket_rows()")
-        emb, valid = _unit_rows(batch[self.config.column])
+        emb, valid = unit_rows(batch[self.config.column])
         idx = np.flatnonzero(valid)
         emb = emb[idx]
         probes = min(self.config.probes, len(self.centroids))
-        # float64: a row near a cluster border must land on the same side in any batch
-        sims = emb.astype(np.float64) @ self.centroids.astype(np.float64).T
-        near = nearest_columns(sims, probes)  # (n, probes)
+        near, _ = nearest_cells(emb, self.centroids, probes)  # (n, probes), float64: the same side in any batch
         rows = np.repeat(idx, probes)
         prio = dd.row_priority(batch, self.config.keep)
         return {
@@ -174,37 +172,6 @@ class SemanticDedupStage(GlobalStage):
                 d["via"] = str(c["key"][best_other[i]])
             details.append(d)
         return dd.decisions(c["key"][drop], "duplicate_semantic", details, c["key"][c["survivor"][drop]])
-
-
-def nearest_columns(sims: np.ndarray, k: int) -> np.ndarray:
-    """Per row, the ``k`` columns of largest value, best first, ties to the
-    lower column: what a stable argsort of ``-sims`` gives, without sorting
-    every row (at 3M rows x 1,500 clusters the full sort was most of the fit)."""
-    if k == 1:
-        return np.argmax(sims, axis=1)[:, None]  # the first of equal maxima, as the stable sort
-    if k >= sims.shape[1]:
-        return np.argsort(-sims, axis=1, kind="stable")
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    # the k-th value may be tied with columns argpartition left out: take every column >= it
-    kth = np.take_along_axis(sims, top, axis=1).min(axis=1, keepdims=True)
-    out = np.empty((len(sims), k), dtype=np.int64)
-    for i in range(len(sims)):
-        cand = np.flatnonzero(sims[i] >= kth[i, 0])
-        out[i] = cand[np.argsort(-sims[i, cand], kind="stable")][:k]
-    return out
-
-
-def _unit_rows(emb) -> tuple[np.ndarray, np.ndarray]:
-    """Rows scaled to unit length (float32), and which rows could be (finite,
-    non-zero)."""
-    e = np.asarray(emb, dtype=np.float32)
-    if e.ndim != 2:
-        e = np.stack([np.asarray(r, dtype=np.float32) for r in emb]) if len(emb) else e.reshape(0, 0)
-    norm = np.linalg.norm(e, axis=1) if e.size else np.zeros(len(e), dtype=np.float32)
-    valid = np.isfinite(norm) & (norm > 0)
-    out = np.zeros_like(e)
-    out[valid] = e[valid] / norm[valid, None]
-    return out, valid
 
 
 def _key_hash(keys: np.ndarray) -> np.ndarray:

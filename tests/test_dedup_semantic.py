@@ -127,7 +127,7 @@ def test_ray_fit_with_several_blocks_matches_in_process(ray_local, tmp_path):
 
 
 def test_nearest_columns_is_the_stable_argsort_with_ties():
-    from stages.dedup_semantic import nearest_columns
+    from stages.common.knn import _top_columns as nearest_columns
 
     rng = np.random.default_rng(3)
     for k in (1, 2, 3, 9):
