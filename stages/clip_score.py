@@ -40,14 +40,10 @@ kept only within 1e-3 of eager). Under Ray an actor scores
 towers run.
 
 ``cpu_prefetch: true`` tokenises in plain Ray CPU tasks ahead of the actors
-(:meth:`cpu_prepare`), and unless the actors decode on the GPU (nvJPEG or
-nvImageCodec) also decodes (libjpeg), resizes and crops there. With GPU
-decoding the object store carries only the encoded bytes and the tokens to
-the GPU actors. Measured on one H200 with 16 cores, ViT-B-32 bf16, 256 px
-JPEGs (``bench/clip_score.py``, median of 3): 2 actors x 2 threads per GPU
-with nvJPEG and prefetched tokens 9,400 pairs/s, 1 actor 8,600 (towers on
-ready tensors: 12,800 eager); CPU decoding in the prefetch tasks instead,
-4,800 (CPU-bound).
+(:meth:`cpu_prepare`), and unless the actors decode on the GPU also decodes
+(libjpeg), resizes and crops there; with GPU decoding the object store
+carries only the encoded bytes and the tokens to the GPU actors (the
+measured plans are in the README, *clip_score on one GPU*).
 
 The top-fraction fit (``learn`` ... ``decide_rows``) is
 :class:`stages.common.topfraction.TopFraction`: rows rank by (score desc, key
