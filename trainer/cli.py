@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
                    help="ignore confounder captions")  # fmt: skip
     p.add_argument("--augment", action="store_true", help="seeded random crops of 90-100%% of each image")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="run every training step eagerly (default on one GPU: replay it as a CUDA graph)")  # fmt: skip
     p.add_argument("--ray", action="store_true", help="train with Ray Train (DDP), one worker per GPU")
     p.add_argument("--num-workers", type=int, default=0, help="Ray Train workers (default: every GPU in the cluster)")
     p.add_argument("--address", help="Ray cluster address for --ray (default: $RAY_ADDRESS or a local Ray)")
@@ -54,6 +56,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pretrained=args.pretrained,
         hard_negatives=args.hard_negatives,
         augment=args.augment,
+        cuda_graph=args.cuda_graph,
         **values,
     )
 
