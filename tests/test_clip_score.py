@@ -1,76 +1,28 @@
-import hashlib
+"""The clip_score stage on pf-tiny on the CPU: its scores and embeddings are
+a direct open_clip computation's, a row's score does not depend on its batch
+(bit for bit), the GPU-style decode path stays close to PIL's, and a row
+that does not decode fails alone; its config and the nvimgcodec decoder's
+checks; and Ray's actor pool, with and without CPU prefetch, gives the
+in-process results. Filtering by threshold and top_fraction:
+tests/test_clip_score_filter.py."""
+
 import io
-import json
-import logging
-from collections import defaultdict
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pipeline.config import ConfigError, build
-from pipeline.local import fit_global, map_stage, run_global
-from stages.base import STATUS_OK, batch_len, concat, fresh_rows, object_array, reject, take
-from stages.clip_score import BINS, PIXELS, TOKENS, ClipScoreStage, Config
+from pipeline.local import map_stage, run_global
+from stages.base import STATUS_OK, concat, take
+from stages.clip_score import PIXELS, TOKENS, ClipScoreStage, Config
 from stages.common import clip as _clip
+from tests import clipkit
+from tests.clipkit import draw, encoded, planted, rows_of, run_top_fraction, stage
 
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 40),
-    "blue": (30, 60, 220),
-    "yellow": (230, 210, 30),
-    "purple": (140, 40, 170),
-    "orange": (250, 140, 20),
-}
-SHAPES = ("circle", "square", "triangle")
-
-
-def draw(colour, shape, rng, size=(64, 64)):
-    w, h = size
-    im = Image.new("RGB", size, tuple(int(v) for v in rng.integers(200, 256, 3)))
-    r = int(rng.integers(10, min(w, h) // 2 - 4))
-    cx, cy = int(rng.integers(r + 2, w - r - 2)), int(rng.integers(r + 2, h - r - 2))
-    d, c = ImageDraw.Draw(im), COLOURS[colour]
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=c)
-    elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=c)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=c)
-    return im
-
-
-def encoded(im, fmt="JPEG"):
-    buf = io.BytesIO()
-    im.save(buf, fmt, quality=95) if fmt == "JPEG" else im.save(buf, fmt)
-    return buf.getvalue()
-
-
-def rows_of(images, captions, keys=None):
-    n = len(images)
-    return fresh_rows(
-        keys or [f"00000{i:04d}" for i in range(n)],
-        image=object_array(images),
-        image_ext=object_array(["jpg"] * n),
-        caption=object_array(captions),
-    )
-
-
-def planted(n_per_colour=8, seed=1, size=(96, 80)):
-    """Coloured shapes; even rows carry their own caption, odd rows a
-    caption naming another colour."""
-    rng = np.random.default_rng(seed)
-    cols = list(COLOURS)
-    images, captions, match = [], [], []
-    for i in range(n_per_colour * len(cols)):
-        colour, shape = cols[i % len(cols)], SHAPES[int(rng.integers(3))]
-        images.append(encoded(draw(colour, shape, rng, size)))
-        said = colour if i % 2 == 0 else cols[(i + 1 + i // 7 % 4) % len(cols)]
-        captions.append(f"a {said} {shape}")
-        match.append(i % 2 == 0)
-    return rows_of(images, captions), np.array(match)
+trained_ckpt = clipkit.trained_ckpt  # this module's own checkpoint (module scope)
 
 
 @pytest.fixture(scope="module")
@@ -83,43 +35,6 @@ def random_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "random.pt"
     torch.save(model.state_dict(), path)
     return str(path), model.eval(), preprocess
-
-
-@pytest.fixture(scope="module")
-def trained_ckpt(tmp_path_factory):
-    """pf-tiny trained for ~100 InfoNCE steps on coloured shapes captioned
-    "a <colour> <shape>" (a few seconds on one core): it tells colours apart."""
-    import open_clip
-
-    _clip.register_model_configs()
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("pf-tiny")
-    tokenizer = open_clip.get_tokenizer("pf-tiny")
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    cols, labels = list(COLOURS), torch.arange(len(COLOURS))
-    model.train()
-    for _ in range(100):
-        shapes = [SHAPES[int(s)] for s in rng.integers(0, 3, len(cols))]
-        x = torch.stack([preprocess(draw(c, s, rng)) for c, s in zip(cols, shapes)])
-        t = tokenizer([f"a {c} {s}" for c, s in zip(cols, shapes)])
-        logits = 20 * F.normalize(model.encode_image(x), dim=-1) @ F.normalize(model.encode_text(t), dim=-1).T
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("ckpt") / "trained.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-def stage(ckpt, **kw):
-    kw.setdefault("micro_batch", 16)
-    return ClipScoreStage(Config(pretrained=ckpt, model="pf-tiny", device="cpu", **kw))
-
-
-def ok_rows(out):
-    return out["status"] == STATUS_OK
 
 
 # ------------------------------------------------------------------ scores
@@ -184,123 +99,7 @@ def test_undecodable_image_fails_the_row_only(random_ckpt):
         assert not out["img_emb"][1].any() and out["img_emb"][3].any()
 
 
-# --------------------------------------------------------------- filtering
-
-
-def test_trained_scorer_separates_planted_matches(trained_ckpt):
-    rows, match = planted()
-    s = map_stage(stage(trained_ckpt), rows)["clip_score"]
-    assert s[match].min() > s[~match].max() + 0.02
-
-
-def test_threshold_keeps_matches_drops_shuffled_with_score_threshold_and_model(trained_ckpt):
-    rows, match = planted()
-    s = map_stage(stage(trained_ckpt), dict(rows))["clip_score"]
-    t = float(s[match].min() + s[~match].max()) / 2
-    out = map_stage(stage(trained_ckpt, threshold=t), rows)
-    assert np.array_equal(ok_rows(out), match)
-    assert set(out["reason"][~match]) == {"clip_score_below_threshold"}
-    d = json.loads(out["detail"][1])
-    sha = hashlib.sha256(open(trained_ckpt, "rb").read()).hexdigest()
-    assert d["model"] == {"name": "pf-tiny", "pretrained": trained_ckpt, "sha256": sha}
-    assert d["threshold"] == t and abs(d["clip_score"] - s[1]) < 1e-6 and d["clip_score"] < t
-
-
-def run_top_fraction(st, rows):
-    """The in-process runner's calls: per row, then the fit and its per-shard rule."""
-    return run_global(st, map_stage(st, rows))
-
-
-def finalize(st, batch):
-    """Apply the rule ``combine`` left on the stage (``decide_rows``) to the ok rows of ``batch``."""
-    ok = np.flatnonzero(ok_rows(batch))
-    dec = st.decide_rows({"key": batch["key"][ok], "clip_score": batch["clip_score"][ok]}).decisions
-    out = dict(batch)
-    if batch_len(dec):
-        mask = np.isin(out["key"].astype(str), dec["key"].astype(str))
-        reject(out, mask, st.name, "clip_score_below_top_fraction", [json.loads(d) for d in dec["detail"]])
-    return out
-
-
-def test_top_fraction_keeps_exactly_the_top_share(trained_ckpt):
-    rows, match = planted()
-    out = run_top_fraction(stage(trained_ckpt, top_fraction=0.5), rows)
-    assert np.array_equal(ok_rows(out), match)
-    n = len(match)
-    for f in (0.0, 0.13, 0.37, 0.9, 1.0):
-        st = stage(trained_ckpt, top_fraction=f)
-        out = run_top_fraction(st, dict(rows))
-        keep = ok_rows(out)
-        assert keep.sum() == int(np.floor(f * n + 0.5))
-        if 0 < keep.sum() < n:
-            assert out["clip_score"][keep].min() > out["clip_score"][~keep].max()
-            d = json.loads(out["detail"][np.flatnonzero(~keep)[0]])
-            assert d["top_fraction"] == f and d["exact"] and d["model"]["name"] == "pf-tiny"
-            assert set(out["reason"][~keep]) == {"clip_score_below_top_fraction"}
-
-
-def test_top_fraction_breaks_ties_by_key(trained_ckpt):
-    rows, _ = planted(n_per_colour=2)
-    twins = take(rows, np.zeros(6, dtype=np.int64))  # six copies of one pair: equal scores
-    twins["key"] = object_array([f"00000{i:04d}" for i in (90, 91, 92, 93, 94, 95)])
-    both = concat([rows, twins])
-    s = map_stage(stage(trained_ckpt), dict(both))["clip_score"]
-    rank = int(np.sum(s > s[0]))  # rows strictly above the twins
-    f = (rank + 3 + 0.2) / len(s)  # the cut falls among the twins (row 0 is one of them)
-    out = run_top_fraction(stage(trained_ckpt, top_fraction=f), both)
-    keep = ok_rows(out)
-    assert keep.sum() == rank + 3
-    tied = np.flatnonzero(s == s[0])
-    assert list(out["key"][tied][keep[tied]]) == sorted(out["key"][tied])[:3]
-
-
-def fit_with_sample(st, rows, sample, size=10):
-    """The fit steps with ``learn`` fed a chosen sample (a run samples by key hash)."""
-    st.learn(sample)
-    n = batch_len(rows)
-    cands = concat([st.bucket_rows(take(rows, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
-    groups = defaultdict(list)
-    for i, g in enumerate(cands["bucket"]):
-        groups[int(g)].append(i)
-    st.combine(concat([st.reduce_bucket(take(cands, np.asarray(ix))) for _, ix in sorted(groups.items())]))
-
-
-def test_top_fraction_is_exact_from_a_sample_and_says_when_a_sample_misled(trained_ckpt, caplog):
-    rows, _ = planted(n_per_colour=10)
-    st = stage(trained_ckpt, top_fraction=0.3)
-    scored = map_stage(st, rows)
-    fit = {"key": scored["key"], "clip_score": scored["clip_score"]}
-    k = int(np.floor(0.3 * len(rows["key"]) + 0.5))
-    fit_with_sample(st, fit, take(fit, np.arange(0, len(fit["key"]), 3)))
-    assert st._cut["exact"] and ok_rows(finalize(st, dict(scored))).sum() == k
-    low = take(fit, np.argsort(fit["clip_score"])[:10])  # a sample of the worst rows only
-    with caplog.at_level(logging.WARNING):
-        fit_with_sample(st, fit, low)
-    out = finalize(st, dict(scored))
-    assert not st._cut["exact"] and "outside the sampled window" in caplog.text
-    assert ok_rows(out).sum() >= k and json.loads(out["detail"][~ok_rows(out)][0])["exact"] is False
-
-
-def test_fit_sends_histograms_not_rows_outside_the_window():
-    rng = np.random.default_rng(0)
-    n = 20000
-    fit = {
-        "key": object_array([f"{i:09d}" for i in range(n)]),
-        "clip_score": rng.normal(0.3, 0.05, n).astype(np.float32),
-    }
-    st = ClipScoreStage(Config(pretrained="unused.pt", top_fraction=0.3))
-    st.learn(take(fit, np.arange(0, n, 4)))  # a sample, as a run gives
-    c = st.bucket_rows(fit)
-    windowed = c["bucket"] >= BINS
-    assert 0 < windowed.sum() < n / 5  # per-row data only near the cut
-    assert c["count"][~windowed].sum() == n  # every row in the histogram
-    red = st.reduce_bucket(take(c, np.flatnonzero(c["bucket"] == c["bucket"][0])))
-    assert batch_len(red) == 1 and red["count"][0] == c["count"][0]
-    st.combine(concat([c]))  # a single batch's candidates need no reduction to be exact
-    keep = finalize(st, fresh_rows(fit["key"], **{c: v for c, v in fit.items() if c != "key"}))
-    kept = np.sort(fit["clip_score"][keep["status"] == STATUS_OK])
-    assert len(kept) == 6000 and kept[0] == np.sort(fit["clip_score"])[-6000]
-    assert not fit_global(ClipScoreStage(Config(pretrained="unused.pt")), fit)  # no top_fraction: no fit
+# ------------------------------------------------------------------ config
 
 
 def test_embed_dim_reads_the_config_file_as_open_clip_does(monkeypatch):
