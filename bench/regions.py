@@ -237,6 +237,11 @@ def main(argv=None) -> None:
         # a pass's rate needs >= 3 batches after its first (bench.clipbench.Clock): keep >= 8
         a = argparse.Namespace(**{**vars(args), "naive_n": max(1, int(args.naive_n * share)),
                                   "batch_size": max(8, min(args.batch_size, len(mine) // 8))})  # fmt: skip
+        per_thread = len(mine) // a.batch_size / (args.actors * args.threads)
+        if "ray" in names and per_thread < 16:  # a pass would be a few waves: start-up, not steady state
+            want = 16 * args.actors * args.threads * a.batch_size / share
+            print(f"[bench] note: {key} on Ray Data gets {per_thread:.1f} batches per actor thread a pass; "
+                  f"its figure is not steady state below 16 (--n {int(want)} or more)", flush=True)  # fmt: skip
         if src is not None and share < 1.0:
             src = src.limit(len(mine)).repartition(max(1, len(mine) // a.batch_size)).materialize()
         for name in names:
