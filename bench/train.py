@@ -9,7 +9,13 @@ Plans: ``model-only`` (training steps on ready uint8 tensors already on the
 device: the ceiling) and ``data-path`` for each ``--workers-list`` x
 ``--resize-list`` (the same steps fed by ``trainer.data.train_loader``:
 webdataset over local tar shards, decode, crop, tokenise in DataLoader
-workers, pinned copies, the resize on the device or in the workers).
+workers, pinned copies, the resize on the device or in the workers), each
+with the eager step and with the step replayed as a CUDA graph (``graph``,
+``trainer.graphstep``: what ``pairforge train`` runs on one GPU); a data path
+is compared with the model-only plan of its own step. ``--probe`` adds the
+eager step on ready tensors with the loader (``model+loader``), or the
+loader and the device-side copies and resize (``model+prep``), running
+beside it: what the data path costs the step when the step does not wait.
 
 Each plan gets one untimed warm-up pass, then ``--passes`` timed passes; the
 order of the plans rotates from pass to pass, so drift shows as spread and
