@@ -51,11 +51,13 @@ def _graph_run(batches, device, bf16=False):
     step = GraphedStep(model, opt, spec, bf16, CFG.grad_clip)
     losses = []
     for i, b in enumerate(batches):
+        loss = None
         if step.accepts(b):
             set_lr(opt, lr_at(CFG, i))
-            losses.append(float(step(b)))
-        else:
-            losses.append(float(train_step(model, opt, b, CFG, spec, device, i, bf16)))
+            loss = step(b)
+        if loss is None:  # as trainer.loop does
+            loss = train_step(model, opt, b, CFG, spec, device, i, bf16)
+        losses.append(float(loss))
     return losses, model, step
 
 
@@ -123,3 +125,19 @@ def test_a_checkpoint_of_a_graphed_run_resumes_eagerly_on_the_cpu(tmp_path):
     opt2.load_state_dict(saved)
     train_step(fresh, opt2, _batches(2, 4, 64, "cpu")[1], CFG, spec, torch.device("cpu"), 1, False)
     assert all(type(g["lr"]) is float for g in opt2.param_groups)
+
+
+def test_a_step_that_cannot_be_captured_leaves_the_eager_step_as_it_was():
+    """Here the capture fails for want of a GPU (on the GPU, a model with an
+    operation a graph cannot hold would): the step says so, nothing moved,
+    the optimizer is eager again and the run goes on with the eager curve."""
+    if torch.cuda.is_available():
+        pytest.skip("the capture would succeed here")
+    device = torch.device("cpu")
+    batches = _batches(3, 4, 64, device)
+    eager, m_eager = _eager_run(batches, device)
+    graph, m_graph, step = _graph_run(batches, device)
+    assert step.failed and step.replays == 0 and not step.accepts(batches[0])
+    assert all(type(g["lr"]) is float and g["capturable"] is False for g in step.optimizer.param_groups)
+    assert graph == eager
+    _close_weights(m_eager, m_graph, 0.0)

@@ -31,11 +31,14 @@ they were afterwards, in place, so the run's curve is the eager one's.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from trainer.model import MAX_LOGIT_SCALE, forward_loss, unwrap
 
 WARMUP_STEPS = 3
+log = logging.getLogger(__name__)
 
 
 def device_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -43,6 +46,13 @@ def device_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     for group in optimizer.param_groups:
         group["capturable"] = True
         group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def host_lr(optimizer: torch.optim.Optimizer) -> None:
+    """Undo :func:`device_lr`: learning rates as floats, not capturable."""
+    for group in optimizer.param_groups:
+        group["capturable"] = False
+        group["lr"] = float(group["lr"])
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -70,10 +80,12 @@ class GraphedStep:
         self.inputs: dict[str, torch.Tensor] = {}
         self.loss: torch.Tensor | None = None
         self.replays = 0
+        #: why the capture failed (then every step is eager)
+        self.failed: str | None = None
         device_lr(optimizer, device)
 
     def accepts(self, batch: dict) -> bool:
-        if batch.get("neg_text") is not None:
+        if self.failed or batch.get("neg_text") is not None:
             return False
         if self.graph is None:
             return True
@@ -91,38 +103,61 @@ class GraphedStep:
             unwrap(self.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         return loss.detach()
 
-    def _capture(self, batch: dict) -> None:
-        self.inputs = {k: batch[k].clone() for k in ("image", "text")}
-        saved_params = [p.detach().clone() for p in self.params]
-        had_state = {id(p): {k: v.clone() for k, v in self.optimizer.state[p].items()} for p in self.params
-                     if p in self.optimizer.state}  # fmt: skip
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():  # undo the warm-up: the parameters and the optimizer state as they were
-            for p, s in zip(self.params, saved_params):
+    def _snapshot(self) -> tuple[list, dict]:
+        params = [p.detach().clone() for p in self.params]
+        state = {id(p): {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
+                 for p in self.params if p in self.optimizer.state}  # fmt: skip
+        return params, state
+
+    def _restore(self, snapshot: tuple[list, dict]) -> None:
+        """The parameters and the optimizer state as they were, in place (a
+        graph reads them where they are); state made since starts afresh."""
+        params, state = snapshot
+        with torch.no_grad():
+            for p, s in zip(self.params, params):
                 p.copy_(s)
             for p in self.params:
-                before = had_state.get(id(p))
+                before = state.get(id(p), {})
                 for k, v in self.optimizer.state[p].items():
                     if not torch.is_tensor(v):
                         continue
-                    if before:
+                    if k in before:
                         v.copy_(before[k])
                     else:
                         v.zero_()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self._body()
 
-    def __call__(self, batch: dict) -> torch.Tensor:
+    def _capture(self, batch: dict) -> None:
+        self.inputs = {k: batch[k].clone() for k in ("image", "text")}
+        snapshot = self._snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._body()
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+            self._restore(snapshot)  # undo the warm-up
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loss = self._body()
+        self.graph = graph
+
+    def __call__(self, batch: dict) -> torch.Tensor | None:
+        """The step's loss, or ``None`` when the step could not be captured
+        (an operation of the model that a graph cannot hold, say): the
+        caller runs the eager step then, and every step after it."""
         if self.graph is None:
-            self._capture(batch)
+            try:
+                self._capture(batch)
+            except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager step, which still works
+                self.optimizer.zero_grad(set_to_none=True)
+                host_lr(self.optimizer)  # the eager step as it was before
+                self.failed = f"{type(e).__name__}: {e}"
+                log.warning("the training step could not be captured as a CUDA graph (%s): eager steps", self.failed)
+                return None
         for k, v in self.inputs.items():
             v.copy_(batch[k], non_blocking=True)
         self.graph.replay()

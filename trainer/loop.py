@@ -191,10 +191,11 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
         t0 = time.perf_counter()
         batch = next(batches)
         data_s += time.perf_counter() - t0
+        loss = None
         if graphed is not None and graphed.accepts(batch):
             set_lr(optimizer, lr_at(cfg, step))
             loss = graphed(batch)
-        else:
+        if loss is None:
             loss = train_step(model, optimizer, batch, cfg, spec, device, step, bf16)
         loss_sum += loss
         loss_n += 1
@@ -252,6 +253,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
             "samples_per_s": ran * cfg.batch_size * world / wall if ran else 0.0,
             "data_wait_fraction": data_s / wall if ran else 0.0,
             "cuda_graph_steps": graphed.replays if graphed is not None else 0,
+            "cuda_graph_error": graphed.failed if graphed is not None else None,
         },
         "metrics": history["eval"][-1] if history["eval"] else None,
         "history": history,
