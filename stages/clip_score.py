@@ -17,27 +17,19 @@ Every reject's detail carries the score, the threshold and the model id
 (``name``, ``pretrained``, the checkpoint's ``sha256``). Rows whose image
 cannot be decoded fail with ``decode_error``.
 
-Images: ``image_decode: pil`` is open_clip's own transform on PIL images
-(decoded on ``decode_threads`` threads); ``nvjpeg`` decodes JPEGs in batched
-``torchvision.io.decode_jpeg`` calls on the GPU (nvJPEG's CUDA decoder, on
-the SMs) and resizes there (antialiased bicubic: within a few 1e-3 of PIL's
-pixels); other formats go through PIL. ``nvimgcodec`` is the same with the
-decoding on the GPU's hardware JPEG engines, off the SMs
-(:mod:`stages.common.gpudecode`; a worker without a GPU or the
-``nvidia-nvimgcodec-cu13`` package fails at ``setup``, saying so).
-``libjpeg`` decodes on ``decode_threads`` CPU threads (the same pixels as
-``nvjpeg`` gives on a CPU) and resizes on the device. ``auto`` is
-``nvjpeg`` on a GPU, ``pil`` on the CPU. On a GPU the towers run under bf16
-autocast; on the CPU in plain fp32.
+Images (``image_decode``): ``pil`` is open_clip's own transform; ``nvjpeg``
+decodes JPEGs in batched nvJPEG calls on the GPU's SMs and resizes there
+(antialiased bicubic, within a few 1e-3 of PIL's pixels); ``nvimgcodec``
+decodes on the GPU's hardware JPEG engines (:mod:`stages.common.gpudecode`);
+``libjpeg`` decodes on CPU threads and resizes on the device; other formats
+go through PIL. ``auto`` is ``nvjpeg`` on a GPU, ``pil`` on the CPU. The
+towers run under bf16 autocast on a GPU, in fp32 on the CPU.
 
 On a GPU (:mod:`stages.common.cuda_towers`) a batch is decoded in chunks
-while the towers of the previous chunk run, and every forward pass replays a
-CUDA graph captured from the eager towers at ``micro_batch`` rows
-(``cuda_graphs``; kept only if it agrees with eager within 1e-3).
-``compile: true`` adds ``torch.compile`` (~25 s more start-up per actor;
-kept only within 1e-3 of eager). Under Ray an actor scores
-``actor_threads`` batches at once on threads: one decodes while another's
-towers run.
+while the towers of the previous chunk run, every forward pass replays a
+CUDA graph captured at ``micro_batch`` rows, and ``compile: true`` adds
+``torch.compile`` (each kept only within 1e-3 of the eager towers). Under
+Ray an actor scores ``actor_threads`` batches at once on threads.
 
 ``cpu_prefetch: true`` tokenises in plain Ray CPU tasks ahead of the actors
 (:meth:`cpu_prepare`), and unless the actors decode on the GPU also decodes

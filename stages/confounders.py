@@ -4,9 +4,8 @@ dataset pairforge builds.
 Hateful Memes made models reason across modalities with "benign
 confounders" (one modality swapped so the meaning flips); Winoground showed
 that CLIP-style models cannot tell the same words in another order apart.
-Nobody's dataset builder makes such pairs. This stage adds, for each alive
-pair, up to three rows to the side table ``OUT/confounders`` (references by
-key, no copied images; no row is dropped):
+This stage adds, for each alive pair, up to three rows to the side table
+``OUT/confounders`` (references by key, no images copied, no row dropped):
 
 * ``word_order``: the caption's words in another order that changes its
   meaning (``stages.common.wordorder``: attribute or phrase swaps). When
@@ -33,21 +32,17 @@ similarity, NaN without a partner), ``other_similarity`` (the bounded one),
 a pair fall on one side. Anchors without a confounder of a kind are counted
 in ``OUT/confounder_skips`` (``anchor_key``, ``kind``, ``reason``).
 
-The fit (``stages.common.knn``): ``learn`` fits spherical k-means cells on
-a hash sample, once over image and once over text embeddings, as many as
-the dataset's rows (estimated from the sample) over ``rows_per_cell``, and
-calibrates on the sample the margin within which a row joins more cells
-than its nearest, so that ``target_recall`` of the exact partners would be
-found; ``bucket_rows`` puts each row in those cells of each space (at most
-``probes``) and, once, in a caption bucket by the hash of its word multiset
-(a caption and its rewrites share it); ``reduce_bucket`` searches each cell
-exactly (blocked products, float64 re-scoring) for the rows whose nearest
-cell it is (``query_probes``: nearest cells), and joins rewrites to
-captions in the caption buckets; ``combine`` keeps each row's best answer,
-links the groups and writes the tables (its counters say the cells and
-what the calibration measured). Place the stage after every filter
-(last before ``shard``): a partner a later stage dropped fails ``manifest
-verify``.
+The fit (``stages.common.knn``): ``learn`` fits spherical k-means cells
+(image and text spaces, ``rows_per_cell`` rows each) on a hash sample and
+calibrates the margin within which a row joins more cells than its nearest,
+so that ``target_recall`` of the exact partners would be found;
+``bucket_rows`` puts each row in those cells (at most ``probes``) and in a
+caption bucket by the hash of its word multiset (a caption and its rewrites
+share it); ``reduce_bucket`` searches each cell exactly (float64 re-scoring)
+for the rows whose nearest cell it is and joins rewrites to captions;
+``combine`` keeps each row's best answer, links the groups and writes the
+tables. Place the stage after every filter (last before ``shard``): a
+partner a later stage dropped fails ``manifest verify``.
 """
 
 from __future__ import annotations
