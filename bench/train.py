@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import trainer.data
     from trainer.data import Prep, find_shards, train_loader
-    from trainer.loop import TrainConfig, train_step
+    from trainer.loop import TrainConfig, lr_at, train_step
 
     device = torch.device(args.device)
     big = device.type == "cuda" or args.loader_only or args.profile
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         train_step(model, optimizer, batch, cfg, spec, device, 0, bf16)
 
     def graph_step(batch):
-        graphed(batch)
+        graphed(batch, lr_at(cfg, 0))  # the eager plans' rate
 
     if args.loader_only:
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from trainer.graphstep import GraphedStep, device_lr, set_lr
+from trainer.graphstep import GraphedStep, device_lr
 from trainer.loop import TrainConfig, lr_at, train, train_step
 from trainer.model import create_model, load_checkpoint, optimizer_for, save_checkpoint
 from trainer.prep import tokenizer
@@ -51,10 +51,7 @@ def _graph_run(batches, device, bf16=False):
     step = GraphedStep(model, opt, spec, bf16, CFG.grad_clip)
     losses = []
     for i, b in enumerate(batches):
-        loss = None
-        if step.accepts(b):
-            set_lr(opt, lr_at(CFG, i))
-            loss = step(b)
+        loss = step(b, lr_at(CFG, i)) if step.accepts(b) else None
         if loss is None:  # as trainer.loop does
             loss = train_step(model, opt, b, CFG, spec, device, i, bf16)
         losses.append(float(loss))

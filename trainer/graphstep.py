@@ -35,7 +35,7 @@ import logging
 
 import torch
 
-from trainer.model import MAX_LOGIT_SCALE, forward_loss, unwrap
+from trainer.model import normalize_images, update
 
 WARMUP_STEPS = 3
 log = logging.getLogger(__name__)
@@ -66,16 +66,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class GraphedStep:
-    """``step(batch)`` replays the captured step on ``batch`` (copied into
+    """``step(batch, lr)`` replays the captured step on ``batch`` (copied into
     the graph's inputs) and returns its loss (a device tensor the next
     replay overwrites: read or add it before then)."""
 
     def __init__(self, model, optimizer, spec, bf16: bool, grad_clip: float):
         self.model, self.optimizer, self.bf16, self.grad_clip = model, optimizer, bf16, grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.spec = spec
         device = self.params[0].device
-        self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: dict[str, torch.Tensor] = {}
         self.loss: torch.Tensor | None = None
@@ -92,16 +91,9 @@ class GraphedStep:
         return all(batch[k].shape == v.shape and batch[k].dtype == v.dtype for k, v in self.inputs.items())
 
     def _body(self) -> torch.Tensor:
-        images = (self.inputs["image"].float() - self.mean) / self.std
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            loss = forward_loss(self.model, images, self.inputs["text"], None)
-        loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        self.optimizer.step()
-        with torch.no_grad():
-            unwrap(self.model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return loss.detach()
+        images = normalize_images(self.inputs["image"], self.spec)
+        return update(self.model, self.optimizer, images, self.inputs["text"], None, self.bf16, self.grad_clip,
+                      autocast_cache=False)  # fmt: skip
 
     def _snapshot(self) -> tuple[list, dict]:
         params = [p.detach().clone() for p in self.params]
@@ -134,7 +126,6 @@ class GraphedStep:
         try:
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS):
-                    self.optimizer.zero_grad(set_to_none=True)
                     self._body()
         finally:
             torch.cuda.current_stream().wait_stream(side)
@@ -145,10 +136,12 @@ class GraphedStep:
             self.loss = self._body()
         self.graph = graph
 
-    def __call__(self, batch: dict) -> torch.Tensor | None:
-        """The step's loss, or ``None`` when the step could not be captured
-        (an operation of the model that a graph cannot hold, say): the
-        caller runs the eager step then, and every step after it."""
+    def __call__(self, batch: dict, lr: float) -> torch.Tensor | None:
+        """The loss of the step at learning rate ``lr``, or ``None`` when the
+        step could not be captured (an operation of the model that a graph
+        cannot hold, say): the caller runs the eager step then, and every
+        step after it."""
+        set_lr(self.optimizer, lr)
         if self.graph is None:
             try:
                 self._capture(batch)

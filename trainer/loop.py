@@ -22,14 +22,13 @@ from trainer.data import Prep, StreamConfig, find_shards, load_eval_set, shard_s
 from trainer.evaluate import evaluate
 from trainer.graphstep import GraphedStep, set_lr
 from trainer.model import (
-    clamp_temperature,
     create_model,
-    forward_loss,
     load_checkpoint,
     normalize_images,
     optimizer_for,
     save_checkpoint,
     unwrap,
+    update,
 )
 from trainer.prep import device_batches
 
@@ -118,18 +117,9 @@ def train_step(
     """One optimisation step on a batch from :func:`trainer.prep.device_batches`
     (on the device already); returns the loss (detached, on the device:
     reading it would wait for the GPU)."""
-    images = normalize_images(batch["image"], spec)
-    texts, negs = batch["text"], batch["neg_text"]
     set_lr(optimizer, lr_at(cfg, step))
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = forward_loss(model, images, texts, negs)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    clamp_temperature(model)
-    return loss.detach()
+    images = normalize_images(batch["image"], spec)
+    return update(model, optimizer, images, batch["text"], batch["neg_text"], bf16, cfg.grad_clip)
 
 
 def train(cfg: TrainConfig, device: torch.device | None = None, until: int | None = None) -> dict:
@@ -191,10 +181,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
         t0 = time.perf_counter()
         batch = next(batches)
         data_s += time.perf_counter() - t0
-        loss = None
-        if graphed is not None and graphed.accepts(batch):
-            set_lr(optimizer, lr_at(cfg, step))
-            loss = graphed(batch)
+        loss = graphed(batch, lr_at(cfg, step)) if graphed is not None and graphed.accepts(batch) else None
         if loss is None:
             loss = train_step(model, optimizer, batch, cfg, spec, device, step, bf16)
         loss_sum += loss

@@ -9,6 +9,7 @@ resumed run reads back).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +62,18 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
     return model, spec
 
 
+@functools.lru_cache(maxsize=16)
+def _image_stats(spec: ImageSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec's mean and std in 0-255 units on ``device``: made once, not
+    copied from the host at every step (a copy a CUDA graph cannot hold)."""
+    mean = torch.tensor(spec.mean, device=device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std, device=device, dtype=dtype).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize_images(images: torch.Tensor, spec: ImageSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 ``[B, 3, S, S]`` on the device -> the model's normalised input."""
-    mean = torch.tensor(spec.mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std = torch.tensor(spec.std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    mean, std = _image_stats(spec, images.device, dtype)
     return (images.to(dtype) - mean) / std
 
 
@@ -132,6 +141,22 @@ def clamp_temperature(model: torch.nn.Module) -> None:
         unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
+def update(model, optimizer, images, texts, negs, bf16: bool, grad_clip: float, autocast_cache: bool = True):
+    """One optimisation step on normalised images: the loss (bf16 autocast
+    where asked), backward, gradient clipping, the optimizer, the temperature
+    clamp; returns the loss, detached, on the device. The eager step and the
+    captured one (``trainer.graphstep``, without autocast's cache) are both this."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=autocast_cache):
+        loss = forward_loss(model, images, texts, negs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    clamp_temperature(model)
+    return loss.detach()
+
+
 # ------------------------------------------------------------------ checkpoints
 
 
@@ -158,8 +183,7 @@ def _portable(opt_state: dict) -> dict:
     """An optimizer state as an eager run on any device takes it: learning
     rates as floats, not capturable (``trainer.graphstep`` makes them device
     tensors and capturable again when it captures a step)."""
-    groups = [{**g, "lr": float(g["lr"]), "capturable": False} if "capturable" in g or torch.is_tensor(g["lr"]) else g
-              for g in opt_state["param_groups"]]  # fmt: skip
+    groups = [{**g, "lr": float(g["lr"]), "capturable": False} for g in opt_state["param_groups"]]
     return {**opt_state, "param_groups": groups}
 
 
