@@ -87,7 +87,7 @@ class InProcess(Plan):
         self.label = f"stage in process, {self.decode}, {threads} batch(es) at once"
 
     def setup(self) -> None:
-        from stages.clip_score import ClipScoreStage
+        from pairforge.stages.clip_score import ClipScoreStage
 
         self.stage = ClipScoreStage(stage_config(self.args, self.decode, cpus=os.cpu_count(), threads=self.threads))
         self.stage.setup()
@@ -95,7 +95,7 @@ class InProcess(Plan):
     def run(self) -> Clock:
         from concurrent.futures import ThreadPoolExecutor
 
-        from stages.base import run_stage_batch
+        from pairforge.stages.base import run_stage_batch
 
         clock = Clock()
         if self.threads == 1:
@@ -137,8 +137,8 @@ class RayPlan(Plan):
         self.label = f"Ray Data: {what}"
 
     def run(self) -> Clock:
-        from pipeline.plan import map_on_actors
-        from stages.clip_score import ClipScoreStage
+        from pairforge.pipeline.plan import map_on_actors
+        from pairforge.stages.clip_score import ClipScoreStage
 
         ds = map_on_actors(self.source, ClipScoreStage(stage_config(self.args, **self.cfg)))
         ds = ds.select_columns(["key", "clip_score"])
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             import pyarrow as pa
             import ray
 
-            from pipeline.raystart import init_local
+            from pairforge.pipeline.raystart import init_local
 
             init_local(num_cpus=os.cpu_count(), num_gpus=args.gpus if gpu else 0, log_to_driver=False)
             ray_started = True

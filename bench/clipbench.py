@@ -156,7 +156,7 @@ def sync(device: str) -> None:
 def load_model(model: str, device: str):
     import open_clip
 
-    from stages.common import clip as _clip
+    from pairforge.stages.common import clip as _clip
 
     _clip.register_model_configs()
     net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None, device=device)
@@ -164,7 +164,7 @@ def load_model(model: str, device: str):
 
 
 def stage_config(args, decode: str, actors: int = 1, cpus: int = 1, threads: int = 1, prefetch: bool = False, **kw):
-    from stages.clip_score import Config
+    from pairforge.stages.clip_score import Config
 
     gpu = args.device.startswith("cuda")
     return Config(
@@ -184,7 +184,7 @@ def stage_config(args, decode: str, actors: int = 1, cpus: int = 1, threads: int
 
 
 def rows_batch(images, captions, start: int = 0):
-    from stages.base import fresh_rows, object_array
+    from pairforge.stages.base import fresh_rows, object_array
 
     n = len(images)
     return fresh_rows(
@@ -221,8 +221,8 @@ class Ceiling(Plan):
     def setup(self) -> None:
         import torch
 
-        from stages.common import clip as _clip
-        from stages.common.cuda_towers import CudaTowers
+        from pairforge.stages.common import clip as _clip
+        from pairforge.stages.common.cuda_towers import CudaTowers
 
         a = self.args
         net, _, tokenizer = load_model(a.model, a.device)
@@ -247,7 +247,7 @@ class Ceiling(Plan):
             self.towers = None
 
     def run(self) -> Clock:
-        from stages.common import clip as _clip
+        from pairforge.stages.common import clip as _clip
 
         a = self.args
         clock = Clock()
@@ -323,8 +323,8 @@ def agreement(args, images, captions) -> None:
     compiled towers are checked on random inputs as they are made)."""
     import torch
 
-    from stages.base import run_stage_batch
-    from stages.clip_score import ClipScoreStage
+    from pairforge.stages.base import run_stage_batch
+    from pairforge.stages.clip_score import ClipScoreStage
 
     n = min(len(images), args.batch_size)
     rows = rows_batch(images[:n], captions[:n])
@@ -352,8 +352,8 @@ def parts(args, images, captions) -> None:
     """Rows/s of the stage's parts alone: nvJPEG + GPU resize, nvImageCodec +
     GPU resize (where installed), libjpeg on every core + GPU resize,
     tokenising on one thread."""
-    from stages.common import clip as _clip
-    from stages.common.cuda_towers import decode_cuda
+    from pairforge.stages.common import clip as _clip
+    from pairforge.stages.common.cuda_towers import decode_cuda
 
     cfg = _clip.pixel_cfg(args.model)
     tok = _clip.tokenizer(args.model)
@@ -370,7 +370,7 @@ def parts(args, images, captions) -> None:
     if gpu:
         rate("nvJPEG decode + GPU resize, one thread", lambda im, _: decode_cuda(im, args.device, cfg))
         try:
-            from stages.common import gpudecode
+            from pairforge.stages.common import gpudecode
 
             gpudecode.load()
             rate("nvImageCodec (hardware engines) decode + GPU resize, one thread",

@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 from bench import cliplike
-from stages.common import knn
+from pairforge.stages.common import knn
 
 KMEANS_ROWS_PER_CELL, KMEANS_MIN_ROWS_PER_CELL = 256, 40  # as stages/confounders.py
 

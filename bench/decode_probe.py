@@ -137,12 +137,12 @@ def make_decoders(args, failed: dict) -> dict:
     (returning per image a CHW tensor, a host array or None)."""
     from PIL import Image
 
-    from stages.common import clip
+    from pairforge.stages.common import clip
 
     device = args.device
     out = {"torchvision": lambda batch: clip.decode_tensors(batch, device)[0]}
     try:
-        from stages.common import gpudecode
+        from pairforge.stages.common import gpudecode
 
         gpudecode.load()
     except ImportError as e:
@@ -179,8 +179,8 @@ def make_decoders(args, failed: dict) -> dict:
 
     out["pil"] = lambda batch: list(pool.map(pil, batch))
     try:
-        from stages.common.clip import pixel_cfg
-        from stages.common.cuda_towers import decode_cuda
+        from pairforge.stages.common.clip import pixel_cfg
+        from pairforge.stages.common.cuda_towers import decode_cuda
 
         cfg = pixel_cfg("ViT-B-32")
         out["stage:nvjpeg"] = lambda batch: decode_cuda(batch, device, cfg, "nvjpeg")[0]
@@ -231,7 +231,7 @@ def main(argv=None) -> None:
 
     dev = args.device
     try:  # before torchvision: its bundled libnvjpeg.so.13, once loaded, would serve nvImageCodec too
-        from stages.common import gpudecode
+        from pairforge.stages.common import gpudecode
 
         info = gpudecode.check(dev)
     except ImportError as e:

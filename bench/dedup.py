@@ -36,10 +36,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np
 
-from pipeline.local import fit_global
-from stages.base import concat, fresh_rows, object_array, take
-from stages.common import dedup as dd
-from stages.dedup_phash import DEFAULT_MAX_DISTANCE, Config, PerceptualDedupStage
+from pairforge.pipeline.local import fit_global
+from pairforge.stages.base import concat, fresh_rows, object_array, take
+from pairforge.stages.common import dedup as dd
+from pairforge.stages.dedup_phash import DEFAULT_MAX_DISTANCE, Config, PerceptualDedupStage
 
 
 def synthetic(n: int, max_distance: int, seed: int = 0) -> dict:

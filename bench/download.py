@@ -52,7 +52,7 @@ def make_images(n: int, seed: int = 0, sides: tuple[int, int] = (256, 512), qual
 
     from PIL import Image
 
-    from pipeline.datasets import skimage_photos
+    from pairforge.pipeline.datasets import skimage_photos
 
     photos = [Image.fromarray(a).convert("RGB") for _, _, a in skimage_photos()]
     rng = np.random.default_rng(seed)
@@ -70,7 +70,7 @@ def make_images(n: int, seed: int = 0, sides: tuple[int, int] = (256, 512), qual
 
 
 def _serve(routes, ports) -> None:
-    from pipeline.httpserver import LocalHTTPServer
+    from pairforge.pipeline.httpserver import LocalHTTPServer
 
     server = LocalHTTPServer(routes)
     ports.put(server.port)
@@ -80,7 +80,7 @@ def _serve(routes, ports) -> None:
 def start_servers(images: list[bytes], count: int) -> tuple[list, list[int]]:
     """``count`` server processes, each serving every image on its own port
     (forked, so the images are shared, not copied)."""
-    from pipeline.httpserver import Route
+    from pairforge.pipeline.httpserver import Route
 
     routes = {f"/img/{i}.jpg": Route(b, "image/jpeg") for i, b in enumerate(images)}
     ctx = mp.get_context("fork")
@@ -97,8 +97,8 @@ def write_url_list(path: Path, n: int, ports: list[int]) -> None:
 
 
 def run_pairforge(args, urls: Path, out: Path, per_shard: int, phash: bool = False) -> tuple[float, int]:
-    from pipeline.config import load_job
-    from pipeline.job import run_job
+    from pairforge.pipeline.config import load_job
+    from pairforge.pipeline.job import run_job
 
     job = load_job(
         {
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ray_up = False
     try:
         if any(pl.startswith("pairforge") for pl in plans):
-            from pipeline.raystart import init_local
+            from pairforge.pipeline.raystart import init_local
 
             t0 = time.perf_counter()
             init_local(num_cpus=args.processes, log_to_driver=False)

@@ -68,7 +68,7 @@ def confident_checkpoint(name: str, scale: float, path: Path, min_size: int) -> 
 
 
 def stage_config(args, key: str, ckpt: Path, actors: int, threads: int):
-    from stages.regions import Config, DetectorSpec
+    from pairforge.stages.regions import Config, DetectorSpec
 
     gpu = args.device.startswith("cuda")
     min_size = args.r50_min_size if key == "r50" else 0
@@ -133,7 +133,7 @@ class InProcess(Plan):
         self.label = f"{key}: stage in process, {args.threads} batches at once"
 
     def setup(self):
-        from stages.regions import RegionsStage
+        from pairforge.stages.regions import RegionsStage
 
         self.stage = RegionsStage(stage_config(self.args, self.key, self.ckpt, 1, self.args.threads))
         self.stage.setup()
@@ -141,7 +141,7 @@ class InProcess(Plan):
     def run(self) -> Clock:
         from concurrent.futures import ThreadPoolExecutor
 
-        from stages.base import run_stage_batch
+        from pairforge.stages.base import run_stage_batch
 
         clock = Clock()
         with ThreadPoolExecutor(self.args.threads) as pool:
@@ -172,8 +172,8 @@ class RayPlan(Plan):
         self.label = f"{key}: Ray Data, {args.actors} actor(s) x {args.threads} threads, nvJPEG in the actor"
 
     def run(self) -> Clock:
-        from pipeline.plan import map_on_actors
-        from stages.regions import RegionsStage
+        from pairforge.pipeline.plan import map_on_actors
+        from pairforge.stages.regions import RegionsStage
 
         st = RegionsStage(stage_config(self.args, self.key, self.ckpt, self.args.actors, self.args.threads))
         ds = map_on_actors(self.source, st).select_columns(["key", "num_regions", "region_feats"])
@@ -219,7 +219,7 @@ def main(argv=None) -> None:
         import pyarrow as pa
         import ray
 
-        from pipeline.raystart import init_local
+        from pairforge.pipeline.raystart import init_local
 
         init_local(num_cpus=os.cpu_count(), num_gpus=1 if gpu else 0, log_to_driver=False)
         ctx = ray.data.DataContext.get_current()

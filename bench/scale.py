@@ -30,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.scalekit import write_urls  # noqa: E402
-from pipeline.config import load_job  # noqa: E402
-from pipeline.job import run_job  # noqa: E402
+from pairforge.pipeline.config import load_job  # noqa: E402
+from pairforge.pipeline.job import run_job  # noqa: E402
 
 SAMPLES_PER_SHARD = 10_000
 
@@ -107,7 +107,7 @@ def job_dict(urls: str, out: str, n: int) -> dict:
 
 
 def run_size(n: int, work: Path, spill: SpillMeter) -> dict:
-    from pipeline import plan
+    from pairforge.pipeline import plan
 
     urls = work / f"urls_{n}.parquet"
     if not urls.exists():
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed after)")
     args = ap.parse_args()
 
-    from pipeline.raystart import init_local
+    from pairforge.pipeline.raystart import init_local
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     work = Path(args.work or tempfile.mkdtemp(prefix="pf-scale-"))

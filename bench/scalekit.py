@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.base import Batch, Column, Resources, Stage, batch_len, object_array
+from pairforge.stages.base import Batch, Column, Resources, Stage, batch_len, object_array
 
 IMAGE_BYTES = 2048
 EMB_DIM = 64

@@ -52,7 +52,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench.soakserver import KINDS, MIX, plant, start_servers, urls  # noqa: E402
-from manifests import layout  # noqa: E402
+from pairforge.manifests import layout  # noqa: E402
 
 MIB = 1 << 20
 
@@ -263,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
-        from pipeline.config import load_job
-        from pipeline.job import run_job
-        from pipeline.raystart import init_local
+        from pairforge.pipeline.config import load_job
+        from pairforge.pipeline.job import run_job
+        from pairforge.pipeline.raystart import init_local
 
         init_local(num_cpus=args.cpus, log_to_driver=False)
         t0 = time.perf_counter()

@@ -91,7 +91,7 @@ def pixel_bomb(width: int = 40000, height: int = 40000) -> bytes:
 
 def kind_routes() -> list:
     """One route (or, for ``good``, a list of them) per kind, in :data:`KINDS` order."""
-    from pipeline.httpserver import Route
+    from pairforge.pipeline.httpserver import Route
 
     images = good_images()
     jpg = images[0]
@@ -116,7 +116,7 @@ def kind_routes() -> list:
 
 
 def _serve(n: int, seed: int, ports) -> None:
-    from pipeline.httpserver import LocalHTTPServer
+    from pairforge.pipeline.httpserver import LocalHTTPServer
 
     per_kind = kind_routes()
     routes = {}

@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     args.resize_list = args.resize_list.split(",")
     args.graph_list = args.graph_list.split(",")
 
-    import trainer.data
-    from trainer.data import Prep, find_shards, train_loader
-    from trainer.loop import TrainConfig, lr_at, train_step
+    from pairforge.trainer import data as trainer_data
+    from pairforge.trainer.data import Prep, find_shards, train_loader
+    from pairforge.trainer.loop import TrainConfig, lr_at, train_step
 
     device = torch.device(args.device)
     big = device.type == "cuda" or args.loader_only or args.profile
@@ -162,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.loader_only or args.profile:
         import open_clip
 
-        from trainer.model import register_configs
+        from pairforge.trainer.model import register_configs
 
         register_configs()
         size, model, spec = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"], None, None
     else:
-        from trainer.model import create_model, optimizer_for
+        from pairforge.trainer.model import create_model, optimizer_for
 
         torch.manual_seed(0)
         model, spec = create_model(model_name, device=device)
@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(shards=(str(root),), out="", model=model_name, batch_size=bs, warmup=0, steps=10**9,
                       hard_negatives=False, eval_fraction=0.0, shuffle_buffer=1000)  # fmt: skip
     bf16 = device.type == "cuda"
-    trainer.data.WORKER_NICENESS = args.nice  # read by each worker as it starts
+    trainer_data.WORKER_NICENESS = args.nice  # read by each worker as it starts
     graphed = None
     if "graph" in args.graph_list and not args.loader_only:
-        from trainer.graphstep import GraphedStep
+        from pairforge.trainer.graphstep import GraphedStep
 
         torch.manual_seed(0)  # a model and optimizer of its own: the eager plans keep the eager optimizer
         g_model, _ = create_model(model_name, device=device)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         """The data path's batches as the trainer takes them (trainer.loop)."""
         if args.loader_only and not args.device_step:
             return iter(loader)
-        from trainer.prep import device_batches
+        from pairforge.trainer.prep import device_batches
 
         return device_batches(iter(loader), size, device, cfg.hard_negatives)
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     caps = [f"a photo of the astronaut number {i}" for i in range(bs)]
     ready = {
         "image": torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=device),
-        "text": trainer.data.tokenizer(model_name)(caps).to(device),
+        "text": trainer_data.tokenizer(model_name)(caps).to(device),
         "neg_text": None,
     }
 

@@ -42,8 +42,8 @@ def _write_one(job: tuple[str, int, int, int, int, int]) -> dict:
     """One shard of random crops (its own seeded RNG, so shards can be written in parallel)."""
     from PIL import Image
 
-    from manifests.shards import write_shard
-    from stages.base import fresh_rows, object_array
+    from pairforge.manifests.shards import write_shard
+    from pairforge.stages.base import fresh_rows, object_array
 
     out, shard_id, start, n, px, seed = job
     photos = _photos()
@@ -75,7 +75,7 @@ def write_shards(out: Path, samples: int, per_shard: int, px: int, seed: int = 0
     process per core."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from manifests.manifest import write_sizes
+    from pairforge.manifests.manifest import write_sizes
 
     jobs = [
         (str(out), sid, a, min(per_shard, samples - a), px, seed) for sid, a in enumerate(range(0, samples, per_shard))
@@ -138,7 +138,7 @@ def profile(shards: list[str], model_name: str, size: int, batch: int, n: int = 
     the device-side resize when run on the CPU), from ``n`` samples."""
     import webdataset as wds
 
-    import trainer.data as td
+    import pairforge.trainer.data as td
 
     torch.set_num_threads(1)
     urls = [{"url": s} for s in shards]
@@ -167,7 +167,7 @@ def profile(shards: list[str], model_name: str, size: int, batch: int, n: int = 
 
 
 def _prep_steps(prep, parsed: list[dict], batches: list[list[dict]], size: int, reps: int) -> dict[str, float]:
-    from trainer.prep import canvas, model_images
+    from pairforge.trainer.prep import canvas, model_images
 
     decode = "decode + crop (+ PIL resize: worker)"
     steps = {decode: _least(lambda: [prep.square(p["image_bytes"], p["key"]) for p in parsed], reps)}

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from manifests import layout
-from manifests.regions import RegionsError, regions_of, shard_ids
+from pairforge.manifests import layout
+from pairforge.manifests.regions import RegionsError, regions_of, shard_ids
 
 PLACEHOLDERS = ("N/A",)
 

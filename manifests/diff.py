@@ -11,7 +11,7 @@ read: run ``pairforge manifest verify`` first to know the files match them.
 
 from __future__ import annotations
 
-from manifests.manifest import read_manifest
+from pairforge.manifests.manifest import read_manifest
 
 #: job settings that differ between any two runs of one job
 JOB_NOISE = ("output.dir",)

@@ -36,8 +36,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from manifests import storage
-from manifests.storage import ObjectPath
+from pairforge.manifests import storage
+from pairforge.manifests.storage import ObjectPath
 
 SHARD_DIGITS = 5
 

@@ -17,8 +17,8 @@ import tarfile
 from importlib import metadata
 from pathlib import Path
 
-from manifests import layout, storage
-from manifests.sources import count_sources, verify_sources
+from pairforge.manifests import layout, storage
+from pairforge.manifests.sources import count_sources, verify_sources
 
 FORMAT = "pairforge-manifest/2"
 KEY_PACKAGES = (

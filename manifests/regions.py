@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests import layout
+from pairforge.manifests import layout
 
 #: the regions stage's parquet columns this reader needs
 REGION_COLUMNS = ("region_boxes", "region_labels", "region_scores")

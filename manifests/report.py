@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from manifests import layout, report_html, report_images, report_plots
-from manifests.regions import ragged_rows
+from pairforge.manifests import layout, report_html, report_images, report_plots
+from pairforge.manifests.regions import ragged_rows
 
 GRID = 48
 PER_REASON = 4

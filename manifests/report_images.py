@@ -16,7 +16,7 @@ import tarfile
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from manifests import layout
+from pairforge.manifests import layout
 
 THUMB = 192  # longest side of a thumbnail, pixels
 REGION_SIDE = 320  # images with boxes are drawn this large so labels stay legible

@@ -47,8 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from manifests import layout, storage
-from stages.base import (
+from pairforge.manifests import layout, storage
+from pairforge.stages.base import (
     IMAGE_COLUMN,
     STATUS_FAILED,
     STATUS_OK,

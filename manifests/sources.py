@@ -18,7 +18,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from manifests import layout, storage
+from pairforge.manifests import layout, storage
 
 
 def _by_source(path, columns: tuple[str, ...] = ()) -> Counter:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from stages.base import Batch
+from pairforge.stages.base import Batch
 
 
 def table_to_batch(table: pa.Table) -> Batch:

@@ -42,13 +42,13 @@ import os
 import socket  # noqa: F401 - tests reach the socket module the route check uses as checks.socket
 from pathlib import Path
 
-from manifests import storage
-from manifests.storage import StorageConfig
+from pairforge.manifests import storage
+from pairforge.manifests.storage import StorageConfig
 
 # the names of the column and open_clip modules are re-exported: callers import them from here
-from pipeline.checks_columns import KNOWN_PRODUCERS, MAX_SCHEMA_FILES, check_columns, input_columns, producers  # noqa: F401
-from pipeline.config import ConfigError, JobConfig, field_error
-from pipeline.open_clip_local import (  # noqa: F401
+from pairforge.pipeline.checks_columns import KNOWN_PRODUCERS, MAX_SCHEMA_FILES, check_columns, input_columns, producers  # noqa: F401
+from pairforge.pipeline.config import ConfigError, JobConfig, field_error
+from pairforge.pipeline.open_clip_local import (  # noqa: F401
     ROUTE_PROBES,
     _hub_cached,
     _weights_source,
@@ -57,7 +57,7 @@ from pipeline.open_clip_local import (  # noqa: F401
     open_clip_models,
     pretrained_registry,
 )
-from stages.base import Stage
+from pairforge.stages.base import Stage
 
 #: stages whose ``model`` / ``pretrained`` options name open_clip weights
 OPEN_CLIP_STAGES = ("clip_score",)
@@ -97,7 +97,7 @@ def check_job(job: JobConfig) -> list[str]:
 
 
 def _build_stages(job: JobConfig, problems: list[str]) -> list[tuple[str, Stage | None]]:
-    from pipeline.registry import stage_class
+    from pairforge.pipeline.registry import stage_class
 
     out: list[tuple[str, Stage | None]] = []
     for i, spec in enumerate(job.stages):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 import io
 
-from manifests import storage
-from pipeline.config import ConfigError, JobConfig, input_entries
-from stages.base import IDENTITY_COLUMNS, Stage
+from pairforge.manifests import storage
+from pairforge.pipeline.config import ConfigError, JobConfig, input_entries
+from pairforge.stages.base import IDENTITY_COLUMNS, Stage
 
 #: built-in stages that cannot be built from defaults alone (cheaply), and what they declare
 KNOWN_PRODUCERS = {"clip_score": "clip_score", "img_emb": "clip_score", "text_emb": "clip_score"}
@@ -29,7 +29,7 @@ def input_columns(job: JobConfig, problems: list[str]) -> set[str] | None:
     ``source``, the identity columns and the URL lists' own, renamed as the
     reader renames them), from the files' schemas, common to every source;
     ``None`` when the input itself is wrong (then that is the problem reported)."""
-    from pipeline.reader import carried_names, detect_format, expand_paths, renamed_names
+    from pairforge.pipeline.reader import carried_names, detect_format, expand_paths, renamed_names
 
     common: set[str] | None = None
     for where, cfg in input_entries(job.input):
@@ -66,7 +66,7 @@ def _schema_names(path, fmt: str) -> list[str]:
     if fmt == "parquet":
         return storage.read_schema(path).names
     if fmt == "coco":  # one JSON object: its rows' columns are the reader's; the reader checks the rest
-        from pipeline.reader import COCO_COLUMNS
+        from pairforge.pipeline.reader import COCO_COLUMNS
 
         with path.open("rb") as f:
             if f.read(4096).lstrip()[:1] != b"{":
@@ -122,8 +122,8 @@ def check_columns(stages: list[tuple[str, Stage | None]], available: set[str]) -
 def producers() -> dict[str, str]:
     """Column -> the built-in stage that declares it (stages that build from
     their defaults, plus :data:`KNOWN_PRODUCERS`)."""
-    from pipeline.config import build
-    from pipeline.registry import STAGES, stage_class
+    from pairforge.pipeline.config import build
+    from pairforge.pipeline.registry import STAGES, stage_class
 
     out = dict(KNOWN_PRODUCERS)
     for name in STAGES:

@@ -21,14 +21,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via im
 
 
 def _cmd_run(args) -> int:
-    from pipeline.config import load_job
-    from pipeline.job import run_job
+    from pairforge.pipeline.config import load_job
+    from pairforge.pipeline.job import run_job
 
     job = load_job(args.job)
     try:
         run_job(job, address=args.address, resume=args.resume, verbose=args.verbose, progress_every=args.progress_every)
     except KeyboardInterrupt:
-        from pipeline.job import run_state
+        from pairforge.pipeline.job import run_state
 
         # every file is written under a temporary name and renamed, so what is there is whole
         print(
@@ -41,7 +41,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from pipeline.demo import run_demo
+    from pairforge.pipeline.demo import run_demo
 
     run_demo(
         out_dir=args.out,
@@ -56,8 +56,8 @@ def _cmd_demo(args) -> int:
 def _where(args, location: str):
     """A run folder or object-storage URI (``s3://bucket/run``), with the
     storage options given on the command line (``--endpoint-url``, ``--region``)."""
-    from manifests import storage
-    from pipeline.config import ConfigError
+    from pairforge.manifests import storage
+    from pairforge.pipeline.config import ConfigError
 
     try:
         cfg = storage.StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
@@ -67,8 +67,8 @@ def _where(args, location: str):
 
 
 def _cmd_show(args) -> int:
-    from manifests import storage
-    from manifests.manifest import read_manifest
+    from pairforge.manifests import storage
+    from pairforge.manifests.manifest import read_manifest
 
     where = _where(args, args.dir)
     man = read_manifest(where)
@@ -94,7 +94,7 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from manifests.manifest import verify
+    from pairforge.manifests.manifest import verify
 
     problems = verify(_where(args, args.dir))
     if problems:
@@ -109,7 +109,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_diff(args) -> int:
-    from manifests.diff import diff_runs, format_diff
+    from pairforge.manifests.diff import diff_runs, format_diff
 
     d = diff_runs(_where(args, args.old), _where(args, args.new))
     print(json.dumps(d, indent=1) if args.json else format_diff(d))
@@ -117,8 +117,8 @@ def _cmd_diff(args) -> int:
 
 
 def _cmd_export_coco(args) -> int:
-    from manifests.coco import export_coco
-    from manifests.regions import RegionsError
+    from pairforge.manifests.coco import export_coco
+    from pairforge.manifests.regions import RegionsError
 
     try:
         done = export_coco(args.dir, args.out, args.captions)
@@ -133,7 +133,7 @@ def _cmd_export_coco(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from manifests.report import ReportError, write_report
+    from pairforge.manifests.report import ReportError, write_report
 
     try:
         done = write_report(args.dir, args.out, args.pairs)
@@ -218,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a small CLIP on a run's shards", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
-    t.set_defaults(fn=lambda a: __import__("trainer.cli", fromlist=["main"]).main(a.rest))
+    t.set_defaults(fn=lambda a: __import__("pairforge.trainer.cli", fromlist=["main"]).main(a.rest))
     return p
 
 
@@ -233,12 +233,12 @@ def _diff_doc() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # the trainer owns its flags (--help included)
-        from trainer.cli import main as train_main
+        from pairforge.trainer.cli import main as train_main
 
         return int(train_main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
-    from pipeline.config import ConfigError
-    from pipeline.job import JobError
+    from pairforge.pipeline.config import ConfigError
+    from pairforge.pipeline.job import JobError
 
     try:
         return int(args.fn(args) or 0)

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from manifests import storage
-from manifests.storage import StorageConfig
+from pairforge.manifests import storage
+from pairforge.manifests.storage import StorageConfig
 
 
 class ConfigError(ValueError):
@@ -176,7 +176,7 @@ def _kind(value) -> str:
 
 
 def stage_specs(raw: Any) -> tuple[StageSpec, ...]:
-    from pipeline.registry import stage_class
+    from pairforge.pipeline.registry import stage_class
 
     if not isinstance(raw, list) or not raw:
         raise ConfigError("stages: expected a non-empty list of {name: ..., <options>}")

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.datasets import FASHION_CLASSES, fashion_mnist, skimage_photos
-from pipeline.httpserver import LocalHTTPServer, Route
-from trainer import scenes
+from pairforge.pipeline.datasets import FASHION_CLASSES, fashion_mnist, skimage_photos
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+from pairforge.trainer import scenes
 
 FASHION_TEMPLATES = (
     "a photo of a {c}",
@@ -118,7 +118,7 @@ def build_corpus(seed: int = 0) -> tuple[dict[str, Route], list[dict]]:
 
 def _composites(n: int) -> list[tuple[np.ndarray, str]]:
     """Held-out composites (``trainer.detection_data``) captioned by what is in them."""
-    from trainer.detection_data import CATEGORIES, Ingredients, make_composite
+    from pairforge.trainer.detection_data import CATEGORIES, Ingredients, make_composite
 
     ingr = Ingredients.from_sources(train_items=1, t10k_items=2000)
     out = []
@@ -146,7 +146,7 @@ def write_url_list(server: LocalHTTPServer, rows: list[dict], path: Path) -> int
 
 def demo_stages(scorer: Path | None) -> list[dict]:
     """Every stage that exists, configured for the demo's small images."""
-    from pipeline.registry import stage_class
+    from pairforge.pipeline.registry import stage_class
 
     def have(name: str) -> bool:
         try:
@@ -186,8 +186,8 @@ def run_demo(
     verbose: bool = False,
     progress_every: float | None = None,
 ) -> dict:
-    from pipeline.config import load_job
-    from pipeline.job import run_job
+    from pairforge.pipeline.config import load_job
+    from pairforge.pipeline.job import run_job
 
     out = Path(out_dir).resolve()
     routes, rows = build_corpus()
@@ -205,13 +205,13 @@ def run_demo(
             }
         )
         manifest = run_job(job, resume=resume, verbose=verbose, progress_every=progress_every)
-    from pipeline.cli import main as cli_main
+    from pairforge.pipeline.cli import main as cli_main
 
     cli_main(["manifest", "show", str(out / "run")])
     print(
         f"\nshards:   {out / 'run' / 'shards'}\nrejects:  {out / 'run' / 'rejects'}\nmanifest: {out / 'run' / 'manifest.json'}"
     )
-    from manifests.report import write_report
+    from pairforge.manifests.report import write_report
 
     print(f"report:   {write_report(out / 'run')['path']}")
     return manifest

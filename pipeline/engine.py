@@ -31,11 +31,11 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from manifests import layout, storage
-from manifests.shards import to_arrow
-from manifests.storage import ObjectPath
-from pipeline.batches import table_to_batch
-from stages.base import (
+from pairforge.manifests import layout, storage
+from pairforge.manifests.shards import to_arrow
+from pairforge.manifests.storage import ObjectPath
+from pairforge.pipeline.batches import table_to_batch
+from pairforge.stages.base import (
     STATUS_DROPPED,
     STATUS_OK,
     Batch,

@@ -27,10 +27,10 @@ import time
 
 import numpy as np
 
-from manifests import layout, storage
-from manifests.shards import to_arrow
-from pipeline.engine import RunSpec, alive_at, read_decisions, read_fit_rows
-from stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
+from pairforge.manifests import layout, storage
+from pairforge.manifests.shards import to_arrow
+from pairforge.pipeline.engine import RunSpec, alive_at, read_decisions, read_fit_rows
+from pairforge.stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
 
 #: hash-sample over-draw: the first cut takes about this many times the rows needed
 SAMPLE_SLACK = 1.2
@@ -171,7 +171,7 @@ def store_result(spec: RunSpec, stage: GlobalStage, result: FitResult, shards, m
                 else layout.side_table_parquet(spec.out, table, int(sid))
             )
             if merge and path.exists():
-                from pipeline.batches import table_to_batch
+                from pairforge.pipeline.batches import table_to_batch
 
                 part = concat([table_to_batch(storage.read_parquet(path)), part])
             part = take(part, np.argsort(part[link].astype(str), kind="stable"))

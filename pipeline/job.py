@@ -12,18 +12,18 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from manifests import layout, storage
-from manifests.manifest import build_manifest, write_manifest, write_sizes
-from manifests.shards import read_stats
-from pipeline import engine
-from pipeline.checks import check_job
-from pipeline.config import JobConfig, to_dict
-from pipeline.engine import RunSpec
-from pipeline.fit import Launcher, fit_mark, run_fit
-from pipeline.progress import ProgressTracker
-from pipeline.reader import read_index, split_input
-from pipeline.registry import stage_class
-from stages.base import Stage, StageError
+from pairforge.manifests import layout, storage
+from pairforge.manifests.manifest import build_manifest, write_manifest, write_sizes
+from pairforge.manifests.shards import read_stats
+from pairforge.pipeline import engine
+from pairforge.pipeline.checks import check_job
+from pairforge.pipeline.config import JobConfig, to_dict
+from pairforge.pipeline.engine import RunSpec
+from pairforge.pipeline.fit import Launcher, fit_mark, run_fit
+from pairforge.pipeline.progress import ProgressTracker
+from pairforge.pipeline.reader import read_index, split_input
+from pairforge.pipeline.registry import stage_class
+from pairforge.stages.base import Stage, StageError
 
 
 class JobError(RuntimeError):
@@ -44,7 +44,7 @@ def _ray_session(job: JobConfig, address: str | None, verbose: bool = False):
 
     import ray
 
-    from pipeline.progress import quiet_ray
+    from pairforge.pipeline.progress import quiet_ray
 
     addr = address or job.ray.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
@@ -54,7 +54,7 @@ def _ray_session(job: JobConfig, address: str | None, verbose: bool = False):
     if addr:
         ray.init(address=addr, log_to_driver=True, logging_level=level)
     else:  # a local Ray, started so that nothing leaves loopback (pipeline.raystart)
-        from pipeline.raystart import init_local
+        from pairforge.pipeline.raystart import init_local
 
         init_local(num_cpus=job.ray.num_cpus, logging_level=level)
     quiet_ray(verbose)
@@ -94,10 +94,10 @@ def _check_job_record(out, job: JobConfig, resume: bool) -> None:
 
 def _runner(job: JobConfig):
     if job.runner == "local":
-        from pipeline import local
+        from pairforge.pipeline import local
 
         return local, Launcher()
-    from pipeline import plan
+    from pairforge.pipeline import plan
 
     return plan, plan.RayLauncher()
 
@@ -262,7 +262,7 @@ def _stage_error(out, e: StageError) -> str:
 
 def run_state(out_dir, config: storage.StorageConfig | None = None) -> str:
     """What an interrupted run left on disk, in one line."""
-    from pipeline.reader import read_index
+    from pairforge.pipeline.reader import read_index
 
     out = storage.path(out_dir, config)
     index = read_index(out)

@@ -12,10 +12,10 @@ import json
 
 import numpy as np
 
-from pipeline import engine
-from pipeline.engine import RowsTracker, RunSpec
-from pipeline.fit import key_hashes
-from stages.base import (
+from pairforge.pipeline import engine
+from pairforge.pipeline.engine import RowsTracker, RunSpec
+from pairforge.pipeline.fit import key_hashes
+from pairforge.stages.base import (
     STATUS_DROPPED,
     Batch,
     FitResult,

@@ -105,12 +105,12 @@ def open_clip_models() -> tuple[str, ...]:
     """``open_clip.list_models()`` plus the project's configs (``pf-tiny``):
     the model config files open_clip scans, read without importing it (its
     import costs seconds: torch, timm)."""
-    from stages.common.clip import MODEL_CONFIG_DIR
+    from pairforge.stages.common.clip import MODEL_CONFIG_DIR
 
     if "open_clip" in sys.modules:
         import open_clip
 
-        from stages.common.clip import register_model_configs
+        from pairforge.stages.common.clip import register_model_configs
 
         register_model_configs()
         return tuple(open_clip.list_models())

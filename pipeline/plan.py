@@ -28,10 +28,10 @@ import numpy as np
 import ray
 from ray.data.context import ShuffleStrategy
 
-from pipeline import engine
-from pipeline.engine import RowsTracker, RunSpec
-from pipeline.fit import Launcher
-from stages.base import Batch, Stage, batch_len, concat, run_stage_batch, take
+from pairforge.pipeline import engine
+from pairforge.pipeline.engine import RowsTracker, RunSpec
+from pairforge.pipeline.fit import Launcher
+from pairforge.stages.base import Batch, Stage, batch_len, concat, run_stage_batch, take
 
 #: tasks in flight per launcher map (the driver holds their refs, nothing else)
 MAX_IN_FLIGHT = 1000

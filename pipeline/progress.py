@@ -27,8 +27,8 @@ from collections import Counter
 
 import pyarrow.compute as pc
 
-from manifests import layout, storage
-from pipeline.engine import RowsTracker, RunSpec
+from pairforge.manifests import layout, storage
+from pairforge.pipeline.engine import RowsTracker, RunSpec
 
 #: seconds between progress lines when stderr is not a terminal
 DEFAULT_EVERY = 30.0

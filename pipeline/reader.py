@@ -25,10 +25,10 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from manifests import layout, storage
-from manifests.storage import ObjectPath, StorageConfig
-from pipeline.config import FORMATS, ConfigError, InputConfig, input_entries
-from stages.base import IDENTITY_COLUMNS, STATUS_OK
+from pairforge.manifests import layout, storage
+from pairforge.manifests.storage import ObjectPath, StorageConfig
+from pairforge.pipeline.config import FORMATS, ConfigError, InputConfig, input_entries
+from pairforge.stages.base import IDENTITY_COLUMNS, STATUS_OK
 
 RESERVED = set(IDENTITY_COLUMNS) | {"url", "caption", "source"}
 READ_ROWS = 65536

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import importlib
 
-from stages.base import Stage
+from pairforge.stages.base import Stage
 
 STAGES: dict[str, str] = {
-    "download": "stages.download:DownloadStage",
-    "basic_filter": "stages.basic_filter:BasicFilterStage",
-    "dedup_exact": "stages.dedup_exact:ExactDedupStage",
-    "dedup_phash": "stages.dedup_phash:PerceptualDedupStage",
-    "dedup_semantic": "stages.dedup_semantic:SemanticDedupStage",
-    "clip_score": "stages.clip_score:ClipScoreStage",
-    "regions": "stages.regions:RegionsStage",
-    "confounders": "stages.confounders:ConfounderStage",
-    "shard": "stages.shard:ShardStage",
+    "download": "pairforge.stages.download:DownloadStage",
+    "basic_filter": "pairforge.stages.basic_filter:BasicFilterStage",
+    "dedup_exact": "pairforge.stages.dedup_exact:ExactDedupStage",
+    "dedup_phash": "pairforge.stages.dedup_phash:PerceptualDedupStage",
+    "dedup_semantic": "pairforge.stages.dedup_semantic:SemanticDedupStage",
+    "clip_score": "pairforge.stages.clip_score:ClipScoreStage",
+    "regions": "pairforge.stages.regions:RegionsStage",
+    "confounders": "pairforge.stages.confounders:ConfounderStage",
+    "shard": "pairforge.stages.shard:ShardStage",
 }
 
 

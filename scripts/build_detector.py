@@ -123,7 +123,7 @@ def evaluate(model, ingr, n: int, seed: int, ccfg, device, workers: int, batch_s
     """Held-out mAP@0.5 (all-point and COCO's 101-point) on ``n`` composites."""
     from torch.utils.data import DataLoader
 
-    from trainer.detection_data import CATEGORIES, CompositeDataset, collate
+    from pairforge.trainer.detection_data import CATEGORIES, CompositeDataset, collate
 
     data = CompositeDataset(ingr, "heldout", n, seed, ccfg)
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=collate)
@@ -141,8 +141,8 @@ def train(args, ingr, mcfg: dict, ccfg) -> tuple:
     import torch
     from torch.utils.data import DataLoader
 
-    from stages.common import pfdet
-    from trainer.detection_data import CompositeDataset, collate
+    from pairforge.stages.common import pfdet
+    from pairforge.trainer.detection_data import CompositeDataset, collate
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="a tiny model, 128 px, 40 steps: a CPU smoke test")
     args = p.parse_args(argv)
 
-    from trainer.detection_data import CATEGORIES, CompositeConfig, Ingredients, save_ingredients
+    from pairforge.trainer.detection_data import CATEGORIES, CompositeConfig, Ingredients, save_ingredients
 
     if not args.train:
         t0 = time.perf_counter()
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in SMALL_RUN.items():
             setattr(args, k, v)
         args.log_every = 10
-    from stages.common import pfdet
+    from pairforge.stages.common import pfdet
 
     if args.threads:
         import torch

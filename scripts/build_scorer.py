@@ -31,8 +31,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer.corpus import CorpusConfig, build_corpus
-from trainer.loop import CHECKPOINT, TrainConfig, train
+from pairforge.trainer.corpus import CorpusConfig, build_corpus
+from pairforge.trainer.loop import CHECKPOINT, TrainConfig, train
 
 #: ``--small``: a smoke test of this script in seconds
 SMALL = CorpusConfig(
@@ -53,7 +53,7 @@ def _corpus(work: Path, cfg: CorpusConfig, processes: int) -> dict:
 
 
 def _figures(sim, same, exact) -> dict:
-    from trainer.evaluate import chance_recall, matching_vs_shuffled, recall_at_k
+    from pairforge.trainer.evaluate import chance_recall, matching_vs_shuffled, recall_at_k
 
     ms = matching_vs_shuffled(sim, same)
     return {
@@ -79,9 +79,9 @@ def check_with_open_clip(path: Path, shards: str, cfg: TrainConfig) -> dict:
     import torch
     from PIL import Image
 
-    from trainer.data import Prep, find_shards, load_eval_set
-    from trainer.evaluate import _same_caption, same_meaning
-    from trainer.model import register_configs
+    from pairforge.trainer.data import Prep, find_shards, load_eval_set
+    from pairforge.trainer.evaluate import _same_caption, same_meaning
+    from pairforge.trainer.model import register_configs
 
     register_configs()
     model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=str(path))
@@ -116,9 +116,9 @@ def demo_fashion_check(model, preprocess, tok, n: int = 2000, seed: int = 0) -> 
     import torch
     from PIL import Image
 
-    from pipeline.datasets import FASHION_CLASSES, fashion_mnist
-    from pipeline.demo import FASHION_TEMPLATES
-    from trainer.evaluate import roc_auc
+    from pairforge.pipeline.datasets import FASHION_CLASSES, fashion_mnist
+    from pairforge.pipeline.demo import FASHION_TEMPLATES
+    from pairforge.trainer.evaluate import roc_auc
 
     rng = random.Random(seed)
     images, labels = fashion_mnist("t10k", n)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     report = train(cfg)
     train_s = time.perf_counter() - t0
 
-    from trainer.model import export_scorer
+    from pairforge.trainer.model import export_scorer
 
     m = report["metrics"]
     summary = {

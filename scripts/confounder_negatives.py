@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT))
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.demo import SCORER_CHECKPOINT
-from pipeline.httpserver import LocalHTTPServer, Route
-from trainer import scenes
+from pairforge.pipeline.demo import SCORER_CHECKPOINT
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+from pairforge.trainer import scenes
 
 
 def _scene_routes(pairs: int, seed: int) -> tuple[dict[str, Route], list[tuple[str, str]]]:
@@ -69,8 +69,8 @@ def _scene_routes(pairs: int, seed: int) -> tuple[dict[str, Route], list[tuple[s
 
 
 def build_run(work: Path, pairs: int, seed: int) -> dict:
-    from pipeline.config import load_job
-    from pipeline.job import run_job
+    from pairforge.pipeline.config import load_job
+    from pairforge.pipeline.job import run_job
 
     routes, rows = _scene_routes(pairs, seed)
     with LocalHTTPServer(routes) as server:
@@ -150,10 +150,10 @@ def main(argv=None) -> int:
     fit = next(f for f in man["fits"] if f["stage"] == "confounders")
     print(f"[negatives] run: {man['counts']}, confounder tables {fit['tables']} ({time.perf_counter() - t0:.0f} s)")
 
-    from trainer.data import Prep, find_shards, load_eval_set
-    from trainer.evaluate import evaluate
-    from trainer.loop import TrainConfig, train
-    from trainer.model import create_model
+    from pairforge.trainer.data import Prep, find_shards, load_eval_set
+    from pairforge.trainer.evaluate import evaluate
+    from pairforge.trainer.loop import TrainConfig, train
+    from pairforge.trainer.model import create_model
 
     common = {
         "shards": (str(work / "run"),),

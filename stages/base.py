@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from stages.batch import (  # noqa: F401 - the helpers are part of what stages import from here
+from pairforge.stages.batch import (  # noqa: F401 - the helpers are part of what stages import from here
     STATUS_DROPPED,
     STATUS_FAILED,
     STATUS_OK,

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.base import Batch, Resources, Stage, batch_len, reject, require
+from pairforge.stages.base import Batch, Resources, Stage, batch_len, reject, require
 
 
 @dataclass(frozen=True)

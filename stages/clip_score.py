@@ -51,7 +51,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.base import (
+from pairforge.stages.base import (
     SCRATCH_PREFIX,
     STATUS_FAILED,
     Batch,
@@ -63,10 +63,10 @@ from stages.base import (
     object_array,
     reject,
 )
-from stages.common import clip as _clip
-from stages.common import cuda_towers as _cuda
-from stages.common import gpudecode as _gpudecode
-from stages.common.topfraction import BINS, TopFraction  # noqa: F401 (BINS: tests read it here)
+from pairforge.stages.common import clip as _clip
+from pairforge.stages.common import cuda_towers as _cuda
+from pairforge.stages.common import gpudecode as _gpudecode
+from pairforge.stages.common.topfraction import BINS, TopFraction  # noqa: F401 (BINS: tests read it here)
 
 PIXELS, PIXEL_ERRORS, TOKENS = (SCRATCH_PREFIX + c for c in ("clip_pixels", "clip_pixel_errors", "clip_tokens"))
 

@@ -54,10 +54,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.base import Batch, FitResult, GlobalStage, Resources, batch_len, concat, object_array
-from stages.common import dedup as dd
-from stages.common import knn
-from stages.common import wordorder as wo
+from pairforge.stages.base import Batch, FitResult, GlobalStage, Resources, batch_len, concat, object_array
+from pairforge.stages.common import dedup as dd
+from pairforge.stages.common import knn
+from pairforge.stages.common import wordorder as wo
 
 KINDS = ("word_order", "swap_image", "swap_text")
 #: rows of the sample k-means sees per cell (faiss's default), and the fewest it fits a cell on

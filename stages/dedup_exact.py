@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import numpy as np
 
-from stages.base import (
+from pairforge.stages.base import (
     Batch,
     Column,
     FitResult,
@@ -41,7 +41,7 @@ from stages.base import (
     object_array,
     reject,
 )
-from stages.common import dedup as dd
+from pairforge.stages.common import dedup as dd
 
 #: priority order of reasons: the first kind a dropped row shares with its survivor names it
 KINDS = ("pair", "sha256", "url")

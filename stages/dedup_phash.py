@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.base import (
+from pairforge.stages.base import (
     STATUS_FAILED,
     Batch,
     Column,
@@ -51,8 +51,8 @@ from stages.base import (
     object_array,
     reject,
 )
-from stages.common import dedup as dd
-from stages.common.phash import ALGORITHMS, image_hash
+from pairforge.stages.common import dedup as dd
+from pairforge.stages.common.phash import ALGORITHMS, image_hash
 
 #: Rows sharing one band value are compared pairwise; chosen from the planted set.
 DEFAULT_MAX_DISTANCE = 2

@@ -27,9 +27,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.base import Batch, Column, FitResult, GlobalStage, Resources, batch_len, object_array
-from stages.common import dedup as dd
-from stages.common.knn import nearest_cells, spherical_kmeans, unit_rows
+from pairforge.stages.base import Batch, Column, FitResult, GlobalStage, Resources, batch_len, object_array
+from pairforge.stages.common import dedup as dd
+from pairforge.stages.common.knn import nearest_cells, spherical_kmeans, unit_rows
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
-from stages.common.fetch import AddressPolicy, SafeFetcher, error_text
-from stages.common.phash import ALGORITHMS as HASHES
-from stages.common.phash import image_hash
-from stages.common.resize import Resize, probe
+from pairforge.stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
+from pairforge.stages.common.fetch import AddressPolicy, SafeFetcher, error_text
+from pairforge.stages.common.phash import ALGORITHMS as HASHES
+from pairforge.stages.common.phash import image_hash
+from pairforge.stages.common.resize import Resize, probe
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")

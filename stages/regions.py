@@ -46,9 +46,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
-from stages.common import clip as _clip
-from stages.common import detectors as _det
+from pairforge.stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
+from pairforge.stages.common import clip as _clip
+from pairforge.stages.common import detectors as _det
 
 log = logging.getLogger(__name__)
 BACKENDS = ("pf-tiny", "mtcnn")
@@ -160,11 +160,11 @@ def _roi_dim(spec: DetectorSpec) -> int:
 def _load(spec: DetectorSpec, device: str, limits: _det.Limits, half: bool) -> _det.Detector:
     level = spec.feature_level or None
     if spec.model == "mtcnn":
-        from stages.common.faces import load_faces
+        from pairforge.stages.common.faces import load_faces
 
         return load_faces(device, limits)
     if spec.model == "pf-tiny":
-        from stages.common import pfdet
+        from pairforge.stages.common import pfdet
 
         path = spec.weights or str(PF_TINY)
         model, categories, _ = pfdet.load(path, device)

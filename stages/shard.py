@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from manifests.shards import write_shard
-from stages.base import Batch, Resources, Stage
+from pairforge.manifests.shards import write_shard
+from pairforge.stages.base import Batch, Resources, Stage
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from pipeline.local import map_stage, run_global
-from stages.base import STATUS_OK, fresh_rows, object_array
-from stages.clip_score import ClipScoreStage, Config
-from stages.common import clip as _clip
+from pairforge.pipeline.local import map_stage, run_global
+from pairforge.stages.base import STATUS_OK, fresh_rows, object_array
+from pairforge.stages.clip_score import ClipScoreStage, Config
+from pairforge.stages.common import clip as _clip
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -10,8 +10,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.base import Batch, Column, Stage, object_array
-from stages.common import wordorder as wo
+from pairforge.stages.base import Batch, Column, Stage, object_array
+from pairforge.stages.common import wordorder as wo
 
 
 def _vec(text: str, dim: int) -> np.ndarray:

@@ -24,7 +24,7 @@ def ray_local():
     pairforge starts it: nothing leaves loopback (pipeline/raystart.py)."""
     import ray
 
-    from pipeline.raystart import init_local
+    from pairforge.pipeline.raystart import init_local
 
     if not ray.is_initialized():
         init_local(num_cpus=2, ignore_reinit_error=True, log_to_driver=False)

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.base import Batch, Column, FitResult, GlobalStage, Resources, Stage, batch_len, object_array, reject
+from pairforge.stages.base import Batch, Column, FitResult, GlobalStage, Resources, Stage, batch_len, object_array, reject
 
 
 def boxes_for(key: str) -> np.ndarray:

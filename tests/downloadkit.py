@@ -18,9 +18,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipeline.httpserver import LocalHTTPServer, Route
-from stages.base import STATUS_OK, object_array, run_stage_batch
-from stages.download import Config, DownloadStage
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+from pairforge.stages.base import STATUS_OK, object_array, run_stage_batch
+from pairforge.stages.download import Config, DownloadStage
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

@@ -12,8 +12,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from pipeline.httpserver import Route
-from stages.common.fetch import MAX_CONTENT_CODINGS
+from pairforge.pipeline.httpserver import Route
+from pairforge.stages.common.fetch import MAX_CONTENT_CODINGS
 
 LOCAL = ("127.0.0.1/32",)
 

@@ -30,8 +30,8 @@ import json
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from pipeline.datasets import fashion_mnist
-from stages.base import Batch, object_array
+from pairforge.pipeline.datasets import fashion_mnist
+from pairforge.stages.base import Batch, object_array
 
 SKIMAGE = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass", "gravel",
            "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "text", "cell",
@@ -198,19 +198,19 @@ def evaluate(rows: Batch, decisions: Batch) -> dict:
 
 def run_kind(stage, rows: Batch) -> Batch:
     """Hash (``process_batch``) then fit in process; returns the decisions."""
-    from pipeline.local import fit_global, map_stage
+    from pairforge.pipeline.local import fit_global, map_stage
 
     done = map_stage(stage, rows)
     return fit_global(stage, {c: done[c] for c in stage.fit_columns}) or {}
 
 
 def report() -> list[dict]:
-    from stages.dedup_exact import Config as ExactConfig
-    from stages.dedup_exact import ExactDedupStage
-    from stages.dedup_phash import Config as PConfig
-    from stages.dedup_phash import PerceptualDedupStage
-    from stages.dedup_semantic import Config as SConfig
-    from stages.dedup_semantic import SemanticDedupStage
+    from pairforge.stages.dedup_exact import Config as ExactConfig
+    from pairforge.stages.dedup_exact import ExactDedupStage
+    from pairforge.stages.dedup_phash import Config as PConfig
+    from pairforge.stages.dedup_phash import PerceptualDedupStage
+    from pairforge.stages.dedup_semantic import Config as SConfig
+    from pairforge.stages.dedup_semantic import SemanticDedupStage
 
     rows = build_planted()
     print(f"planted set: {len(rows['key'])} rows, {len(set(rows['origin']))} originals")
@@ -222,7 +222,7 @@ def report() -> list[dict]:
         hashed = stage.process_batch(dict(rows))
         for d in range(13):
             st = PerceptualDedupStage(PConfig(algorithm=algo, max_distance=d))
-            from pipeline.local import fit_global
+            from pairforge.pipeline.local import fit_global
 
             dec = fit_global(st, {c: hashed[c] for c in st.fit_columns}) or {}
             table.append({"kind": f"{algo} d={d}", **evaluate(rows, dec)})

@@ -10,7 +10,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from stages.base import object_array
+from pairforge.stages.base import object_array
 
 
 def jpeg(seed: int, size: int = 32) -> bytes:
@@ -52,14 +52,14 @@ def fit_on_ray(stage, rows: dict, out, width: int) -> dict:
 
     import pyarrow.parquet as pq
 
-    from manifests import layout
-    from manifests.shards import to_arrow
-    from pipeline.engine import RunSpec, read_decisions
-    from pipeline.fit import run_fit
-    from pipeline.plan import RayLauncher
-    from stages.base import concat, take
-    from stages.shard import Config as ShardConfig
-    from stages.shard import ShardStage
+    from pairforge.manifests import layout
+    from pairforge.manifests.shards import to_arrow
+    from pairforge.pipeline.engine import RunSpec, read_decisions
+    from pairforge.pipeline.fit import run_fit
+    from pairforge.pipeline.plan import RayLauncher
+    from pairforge.stages.base import concat, take
+    from pairforge.stages.shard import Config as ShardConfig
+    from pairforge.stages.shard import ShardStage
 
     keys = np.asarray(rows["key"]).astype(str)
     n = len(keys)

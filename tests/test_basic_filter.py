@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, build
-from pipeline.local import map_stage
-from stages.base import STATUS_OK, fresh_rows, object_array
-from stages.basic_filter import BasicFilterStage, Config
+from pairforge.pipeline.config import ConfigError, build
+from pairforge.pipeline.local import map_stage
+from pairforge.stages.base import STATUS_OK, fresh_rows, object_array
+from pairforge.stages.basic_filter import BasicFilterStage, Config
 
 
 def rows(captions, sizes, originals=None, **extra):

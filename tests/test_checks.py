@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import checks
-from pipeline.config import ConfigError, load_job
+from pairforge.pipeline import checks
+from pairforge.pipeline.config import ConfigError, load_job
 
 ROOT = Path(__file__).resolve().parent.parent
 SCORER = ROOT / "pipeline" / "assets" / "pf-tiny-scorer.pt"
@@ -56,7 +56,7 @@ PROBE = textwrap.dedent(
     """
     import json, sys, time
     t0 = time.perf_counter()
-    from pipeline.cli import main
+    from pairforge.pipeline.cli import main
     rc = main(["run", sys.argv[1]])
     seconds = time.perf_counter() - t0
     imported = "ray" in sys.modules
@@ -237,7 +237,7 @@ def test_the_registries_read_without_open_clip_match_open_clip():
 
 
 def test_the_demo_job_passes(tmp_path):
-    from pipeline.demo import demo_stages
+    from pairforge.pipeline.demo import demo_stages
 
     _urls(tmp_path)
     job = load_job(

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.config import ConfigError, build
-from pipeline.local import map_stage, run_global
-from stages.base import STATUS_OK, concat, take
-from stages.clip_score import PIXELS, TOKENS, ClipScoreStage, Config
-from stages.common import clip as _clip
+from pairforge.pipeline.config import ConfigError, build
+from pairforge.pipeline.local import map_stage, run_global
+from pairforge.stages.base import STATUS_OK, concat, take
+from pairforge.stages.clip_score import PIXELS, TOKENS, ClipScoreStage, Config
+from pairforge.stages.common import clip as _clip
 from tests import clipkit
 from tests.clipkit import draw, encoded, planted, rows_of, run_top_fraction, stage
 
@@ -158,7 +158,7 @@ def test_nvimgcodec_prefetch_only_tokenises():
 def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local, prefetch):
     import ray
 
-    from pipeline import plan
+    from pairforge.pipeline import plan
 
     rows, _ = planted(n_per_colour=10)
     cfg = dict(top_fraction=0.4, threshold=-0.5, batch_size=16, concurrency=(2, 2), cpu_prefetch=prefetch)
@@ -191,7 +191,7 @@ def test_ray_actor_pool_gives_the_in_process_results(trained_ckpt, ray_local, pr
 def test_cpu_prefetch_gives_the_libjpeg_scores(trained_ckpt):
     """Decode/resize/tokenise in prefetch (CPU tasks under Ray), towers in
     process_batch: the same pixels as the libjpeg decoder, so the same scores."""
-    from pipeline.local import map_stage as local_map
+    from pairforge.pipeline.local import map_stage as local_map
 
     rows, _ = planted(n_per_colour=4)
     rows["image"][3] = b"not an image"

@@ -13,9 +13,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.local import fit_global, map_stage
-from stages.base import STATUS_OK, batch_len, concat, fresh_rows, object_array, reject, take
-from stages.clip_score import BINS, ClipScoreStage, Config
+from pairforge.pipeline.local import fit_global, map_stage
+from pairforge.stages.base import STATUS_OK, batch_len, concat, fresh_rows, object_array, reject, take
+from pairforge.stages.clip_score import BINS, ClipScoreStage, Config
 from tests import clipkit
 from tests.clipkit import ok_rows, planted, run_top_fraction, stage
 

@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from manifests import layout
-from manifests.manifest import read_manifest, verify
-from pipeline.config import load_job
-from pipeline.engine import rows_mark
-from pipeline.httpserver import LocalHTTPServer, Route
-from pipeline.job import run_job
-from pipeline.raystart import loopback_env
+from pairforge.manifests import layout
+from pairforge.manifests.manifest import read_manifest, verify
+from pairforge.pipeline.config import load_job
+from pairforge.pipeline.engine import rows_mark
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+from pairforge.pipeline.job import run_job
+from pairforge.pipeline.raystart import loopback_env
 from tests.shardkit import jpeg
 
 pytestmark = pytest.mark.slow
@@ -154,7 +154,7 @@ def _run(tmp_path, addr: str, urls: list[str], out: str) -> dict:
     }
     (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump(job))
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / f"{out}.yaml"), "--address", addr],
+        [sys.executable, "-m", "pairforge.pipeline.cli", "run", str(tmp_path / f"{out}.yaml"), "--address", addr],
         env=_env(),
         capture_output=True,
         text=True,
@@ -275,7 +275,7 @@ def test_worker_node_killed_while_downloading_loses_and_duplicates_nothing(tmp_p
             [
                 sys.executable,
                 "-m",
-                "pipeline.cli",
+                "pairforge.pipeline.cli",
                 "run",
                 str(_loss_job(tmp_path, "lost", "ray")),
                 "--address",

@@ -17,10 +17,10 @@ import webdataset as wds
 from PIL import Image
 from pycocotools.coco import COCO
 
-from manifests import layout
-from manifests.regions import RegionsError, read_arrays, read_regions
-from manifests.shards import write_shard
-from stages.base import Column, fresh_rows, object_array
+from pairforge.manifests import layout
+from pairforge.manifests.regions import RegionsError, read_arrays, read_regions
+from pairforge.manifests.shards import write_shard
+from pairforge.stages.base import Column, fresh_rows, object_array
 
 PAIRFORGE = str(Path(sys.executable).parent / "pairforge")
 FEAT_DIM = 8

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, load_job
+from pairforge.pipeline.config import ConfigError, load_job
 
 
 def _job(**over):
@@ -61,13 +61,13 @@ def test_yaml_file(tmp_path):
 def test_example_job_in_the_package_loads():
     from pathlib import Path
 
-    import pipeline
+    from pairforge import pipeline
 
     path = Path(pipeline.__file__).parent / "example_job.yaml"
     job = load_job(str(path))
     names = [s.name for s in job.stages]
     assert names[0] == "download" and names[-1] == "shard" and "clip_score" in names
-    assert job.input.paths[0] == str(path.parent / "urls.parquet")
+    assert job.input.paths[0] == str(path.resolve().parent / "urls.parquet")
 
 
 def test_numbers_are_not_strings_or_booleans_and_pairs_have_two():

@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from manifests import layout
-from manifests.manifest import read_manifest, verify
-from pipeline.local import fit_result
-from stages.base import concat, object_array, take
-from stages.common import knn
-from stages.confounders import KINDS, SKIPS, TABLE, Config, ConfounderStage, split_of
+from pairforge.manifests import layout
+from pairforge.manifests.manifest import read_manifest, verify
+from pairforge.pipeline.local import fit_result
+from pairforge.stages.base import concat, object_array, take
+from pairforge.stages.common import knn
+from pairforge.stages.confounders import KINDS, SKIPS, TABLE, Config, ConfounderStage, split_of
 from tests.confounder_kit import brute, fit_rows
 
 # ------------------------------------------------------------ the stage
@@ -86,7 +86,7 @@ def test_word_order_links_partners_groups_and_splits_them_together():
     groups = dict(zip(t["anchor_key"], t["group_key"]))
     assert groups[dup] == groups[key[PAIRS[0][0]]] == min(dup, key[PAIRS[0][0]], key[PAIRS[0][1]])
     split = dict(zip(t["anchor_key"], t["split"]))
-    from trainer.data import is_held_out
+    from pairforge.trainer.data import is_held_out
 
     for a, g in groups.items():
         assert split[a] == ("val" if is_held_out(g, 0.1, 0) else "train") == split_of(g, 0.1, 0)
@@ -110,7 +110,7 @@ def test_word_order_links_partners_groups_and_splits_them_together():
 def _fit_in_chunks(stage, rows, chunk):
     """``pipeline.local.fit_result`` with ``bucket_rows`` over chunks of
     ``chunk`` rows, as shards of another size would give them."""
-    from pipeline.fit import key_hashes
+    from pairforge.pipeline.fit import key_hashes
 
     rows = take(rows, np.argsort(np.asarray(rows["key"]).astype(str), kind="stable"))
     stage.learn(take(rows, np.sort(np.argsort(key_hashes(rows["key"]), kind="stable")[: stage.sample_rows])))
@@ -171,12 +171,12 @@ def test_swap_image_finds_the_planted_partner_scene_not_the_copy_with_the_same_c
     import io
     import random
 
-    from pipeline.demo import SCORER_CHECKPOINT
-    from pipeline.local import map_stage
-    from stages.base import fresh_rows
-    from stages.clip_score import ClipScoreStage
-    from stages.clip_score import Config as ClipConfig
-    from trainer import scenes
+    from pairforge.pipeline.demo import SCORER_CHECKPOINT
+    from pairforge.pipeline.local import map_stage
+    from pairforge.stages.base import fresh_rows
+    from pairforge.stages.clip_score import ClipScoreStage
+    from pairforge.stages.clip_score import Config as ClipConfig
+    from pairforge.trainer import scenes
 
     rng = random.Random(1)
     images, captions = [], []
@@ -216,7 +216,7 @@ def test_swap_image_finds_the_planted_partner_scene_not_the_copy_with_the_same_c
 
 
 def _job(tmp_path, out):
-    from pipeline.config import load_job
+    from pairforge.pipeline.config import load_job
 
     caps = [c for pair in PAIRS for c in pair] + SHELF + [f"{c} at the shop" for c in SHELF[:8]]
     caps += ["a photo of a coat", "a coat", "a red coat", "a blue coat"]
@@ -240,7 +240,7 @@ def _job(tmp_path, out):
 
 @pytest.fixture(scope="module")
 def job_out(tmp_path_factory):
-    from pipeline.job import run_job
+    from pairforge.pipeline.job import run_job
 
     tmp = tmp_path_factory.mktemp("job")
     return tmp / "out", run_job(_job(tmp, "out"))
@@ -290,9 +290,9 @@ def test_local_job_writes_linked_tables_that_verify_checks(job_out, tmp_path):
 
 
 def test_trainer_reads_the_table_as_hard_negatives_and_winoground_groups(job_out):
-    from trainer.confounders import WORD_ORDER_CAPTION, WORD_ORDER_PARTNER, confounder_metadata
-    from trainer.data import CONFOUNDER_GROUP, NEGATIVE_CAPTION, EvalSet, find_shards, sample_group
-    from trainer.evaluate import confounder_pairs
+    from pairforge.trainer.confounders import WORD_ORDER_CAPTION, WORD_ORDER_PARTNER, confounder_metadata
+    from pairforge.trainer.data import CONFOUNDER_GROUP, NEGATIVE_CAPTION, EvalSet, find_shards, sample_group
+    from pairforge.trainer.evaluate import confounder_pairs
 
     out, _ = job_out
     shards = find_shards([out])

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from stages.common import wordorder as wo
+from pairforge.stages.common import wordorder as wo
 
 # ------------------------------------------------------------ the rules
 
@@ -114,7 +114,7 @@ def test_every_rewrite_keeps_the_words_and_changes_their_order():
 def test_a_generated_scene_pair_is_among_the_rewrites_of_its_first_caption():
     import random
 
-    from trainer import scenes
+    from pairforge.trainer import scenes
 
     rng = random.Random(0)
     for _ in range(100):

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from manifests import layout
-from manifests.manifest import read_manifest, verify
-from manifests.shards import write_shard
-from pipeline.config import load_job
-from pipeline.job import run_job
-from stages.base import STATUS_FAILED, Column, fresh_rows, object_array, reject, run_stage_batch
+from pairforge.manifests import layout
+from pairforge.manifests.manifest import read_manifest, verify
+from pairforge.manifests.shards import write_shard
+from pairforge.pipeline.config import load_job
+from pairforge.pipeline.job import run_job
+from pairforge.stages.base import STATUS_FAILED, Column, fresh_rows, object_array, reject, run_stage_batch
 from tests.contract_stages import RaggedConfig, RaggedStage, boxes_for
 
 N = 30
@@ -146,7 +146,7 @@ def test_ragged_and_side_tables_through_both_runners_resume_and_verify(tmp_path,
 
 
 def test_job_refuses_a_changed_job_on_resume(tmp_path):
-    from pipeline.job import JobError
+    from pairforge.pipeline.job import JobError
 
     run_job(_job(tmp_path, "out", "local"))
     (tmp_path / "out" / "shards" / "00001_stats.json").unlink()
@@ -183,7 +183,7 @@ def test_manifest_counts_survivors_a_later_stage_dropped(tmp_path):
 
 @pytest.mark.parametrize("runner", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_a_stage_that_raises_is_one_line_naming_stage_and_row(tmp_path, runner, request):
-    from pipeline.cli import main
+    from pairforge.pipeline.cli import main
 
     if runner == "ray":
         request.getfixturevalue("ray_local")

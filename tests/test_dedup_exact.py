@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.local import fit_global, run_global
-from stages.base import STATUS_DROPPED, batch_len, object_array, take
-from stages.dedup_exact import Config, ExactDedupStage, normalize_url
+from pairforge.pipeline.local import fit_global, run_global
+from pairforge.stages.base import STATUS_DROPPED, batch_len, object_array, take
+from pairforge.stages.dedup_exact import Config, ExactDedupStage, normalize_url
 from tests.planted import build_planted, evaluate, run_kind
 
 

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.local import fit_global, fit_result, run_global
-from stages.base import STATUS_DROPPED, STATUS_FAILED, object_array, take
-from stages.common import dedup as dd
-from stages.dedup_phash import Config, PerceptualDedupStage
+from pairforge.pipeline.local import fit_global, fit_result, run_global
+from pairforge.stages.base import STATUS_DROPPED, STATUS_FAILED, object_array, take
+from pairforge.stages.common import dedup as dd
+from pairforge.stages.dedup_phash import Config, PerceptualDedupStage
 from tests.planted import build_planted, evaluate, run_kind
 
 
@@ -137,7 +137,7 @@ def test_process_batch_hashes_real_images_and_fails_undecodable_ones():
 def test_run_global_marks_duplicates_with_reason_and_duplicate_of():
     rows = build_planted()
     stage = PerceptualDedupStage(Config())
-    from pipeline.local import map_stage
+    from pairforge.pipeline.local import map_stage
 
     out = run_global(stage, map_stage(stage, rows))
     dropped = out["status"] == STATUS_DROPPED

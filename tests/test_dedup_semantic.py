@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.local import fit_global, run_global
-from stages.base import STATUS_DROPPED, object_array, take
-from stages.common import dedup as dd
-from stages.dedup_semantic import Config, SemanticDedupStage, spherical_kmeans
+from pairforge.pipeline.local import fit_global, run_global
+from pairforge.stages.base import STATUS_DROPPED, object_array, take
+from pairforge.stages.common import dedup as dd
+from pairforge.stages.dedup_semantic import Config, SemanticDedupStage, spherical_kmeans
 from tests.planted import build_planted, evaluate, pixel_embedding, run_kind
 
 
@@ -127,7 +127,7 @@ def test_ray_fit_with_several_blocks_matches_in_process(ray_local, tmp_path):
 
 
 def test_nearest_columns_is_the_stable_argsort_with_ties():
-    from stages.common.knn import _top_columns as nearest_columns
+    from pairforge.stages.common.knn import _top_columns as nearest_columns
 
     rng = np.random.default_rng(3)
     for k in (1, 2, 3, 9):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stages.common import dedup as dd
+from pairforge.stages.common import dedup as dd
 
 
 def bfs_components(a, b, n):

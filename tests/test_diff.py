@@ -5,10 +5,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.diff import diff_runs
-from pipeline.cli import main as cli_main
-from pipeline.config import load_job
-from pipeline.job import run_job
+from pairforge.manifests.diff import diff_runs
+from pairforge.pipeline.cli import main as cli_main
+from pairforge.pipeline.config import load_job
+from pairforge.pipeline.job import run_job
 
 
 def _run(tmp_path, name: str, rows: int, min_words: int) -> str:

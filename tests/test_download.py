@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.base import STATUS_FAILED, STATUS_OK, run_stage_batch
-from stages.download import Config, DownloadStage
+from pairforge.stages.base import STATUS_FAILED, STATUS_OK, run_stage_batch
+from pairforge.stages.download import Config, DownloadStage
 from tests import downloadkit
 from tests.downloadkit import ASTRONAUT, LOCAL, detail, download, make_batch, outcome
 

@@ -14,9 +14,9 @@ import socket
 
 import pytest
 
-from stages.base import STATUS_FAILED, STATUS_OK, run_stage_batch
-from stages.common.fetch import AddressPolicy, SafeFetcher
-from stages.download import Config, DownloadStage
+from pairforge.stages.base import STATUS_FAILED, STATUS_OK, run_stage_batch
+from pairforge.stages.common.fetch import AddressPolicy, SafeFetcher
+from pairforge.stages.download import Config, DownloadStage
 from tests import downloadkit
 from tests.downloadkit import ASTRONAUT, LOCAL, detail, download, make_batch, outcome
 
@@ -185,7 +185,7 @@ def test_robots_parser_agrees_with_img2dataset(values, token):
 
     from img2dataset.downloader import is_disallowed
 
-    from stages.common.fetch import robots_disallowed
+    from pairforge.stages.common.fetch import robots_disallowed
 
     directives = {"noai", "noimageai", "noindex", "noimageindex"}
     msg = Message()

@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from manifests import layout
-from manifests.manifest import read_manifest, verify
-from pipeline.config import load_job
-from pipeline.httpserver import LocalHTTPServer, Route
-from pipeline.job import run_job
+from pairforge.manifests import layout
+from pairforge.manifests.manifest import read_manifest, verify
+from pairforge.pipeline.config import load_job
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+from pairforge.pipeline.job import run_job
 from tests.shardkit import jpeg
 
 pytestmark = pytest.mark.slow
@@ -135,7 +135,7 @@ def random_scorer(tmp_path_factory):
     import open_clip
     import torch
 
-    from stages.common import clip as _clip
+    from pairforge.stages.common import clip as _clip
 
     _clip.register_model_configs()
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from stages.common.detectors import Limits
-from stages.common.faces import LABEL, load_faces, weights_sha256
+from pairforge.stages.common.detectors import Limits
+from pairforge.stages.common.faces import LABEL, load_faces, weights_sha256
 
 #: data.astronaut() (512 x 512): Eileen Collins' face, forehead below the
 #: fringe to the chin, cheek to cheek (ears out), set by eye on a 5x crop

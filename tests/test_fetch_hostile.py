@@ -16,11 +16,11 @@ from ipaddress import ip_address as ip
 import numpy as np
 import pytest
 
-from pipeline.httpserver import LocalHTTPServer, Route, SilentServer
-from pipeline.local import map_stage
-from stages.base import STATUS_FAILED, STATUS_OK, object_array
-from stages.common.fetch import AddressPolicy, SafeFetcher
-from stages.download import Config, DownloadStage
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route, SilentServer
+from pairforge.pipeline.local import map_stage
+from pairforge.stages.base import STATUS_FAILED, STATUS_OK, object_array
+from pairforge.stages.common.fetch import AddressPolicy, SafeFetcher
+from pairforge.stages.download import Config, DownloadStage
 from tests.fetchkit import DEADLINE, DRIP, IMAGE, LOCAL, TIMEOUT, encoded_routes
 
 #: a row must end within this (the issue: deadline + 1 s)

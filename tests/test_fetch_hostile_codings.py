@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.httpserver import LocalHTTPServer, Route
-from stages.common.fetch import SafeFetcher
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+from pairforge.stages.common.fetch import SafeFetcher
 from tests.fetchkit import IMAGE, LOCAL, TIMEOUT, encoded_routes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ RSS_SLACK_MIB = 16
 
 _CHILD = """
 import json, sys
-from stages.common.fetch import SafeFetcher
+from pairforge.stages.common.fetch import SafeFetcher
 import urllib3
 
 def status_kib(field):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.common import clip as _clip
-from stages.common import gpudecode
+from pairforge.stages.common import clip as _clip
+from pairforge.stages.common import gpudecode
 
 nvimgcodec = pytest.importorskip("nvidia.nvimgcodec", reason="nvidia-nvimgcodec-cu13 is not installed")
 

@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from trainer.graphstep import GraphedStep, device_lr
-from trainer.loop import TrainConfig, lr_at, train, train_step
-from trainer.model import create_model, load_checkpoint, optimizer_for, save_checkpoint
-from trainer.prep import tokenizer
+from pairforge.trainer.graphstep import GraphedStep, device_lr
+from pairforge.trainer.loop import TrainConfig, lr_at, train, train_step
+from pairforge.trainer.model import create_model, load_checkpoint, optimizer_for, save_checkpoint
+from pairforge.trainer.prep import tokenizer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 CFG = TrainConfig(shards=(), out="", model="pf-tiny", lr=3e-3, warmup=3, steps=8, grad_clip=1.0)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.httpserver import LocalHTTPServer, Route, SilentServer
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route, SilentServer
 
 
 @pytest.fixture(scope="module")

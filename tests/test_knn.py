@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bench import cliplike
-from stages.common import exact_search, knn
-from stages.confounders import Config, ConfounderStage, key_hashes
+from pairforge.stages.common import exact_search, knn
+from pairforge.stages.confounders import Config, ConfounderStage, key_hashes
 from tests.confounder_kit import brute, clustered, fit_rows
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.raystart import SITE_DIR, apply_loopback_env, loopback_env
+from pairforge.pipeline.raystart import SITE_DIR, apply_loopback_env, loopback_env
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc"]
@@ -146,7 +146,7 @@ import ray
 temp = tempfile.mkdtemp(prefix="pf-egress-", dir="/tmp")
 t0 = time.time()
 if FIXED:
-    from pipeline.raystart import init_local
+    from pairforge.pipeline.raystart import init_local
 
     init_local(num_cpus=1, object_store_memory=100_000_000, log_to_driver=False, _temp_dir=temp)
 else:
@@ -158,7 +158,7 @@ res["ray_init"] = {"hits": take(), "dashboard_ran": ok, "seconds": round(time.ti
 shutil.rmtree(temp, ignore_errors=True)
 
 # 3. ray start --head --block, in the environment pairforge gives it
-from pipeline.raystart import loopback_env
+from pairforge.pipeline.raystart import loopback_env
 
 env = {**BASE_ENV, **loopback_env(BASE_ENV)} if FIXED else {**BASE_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
 temp = tempfile.mkdtemp(prefix="pf-egress-", dir="/tmp")

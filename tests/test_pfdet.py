@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common import pfdet
-from trainer.detection_data import (
+from pairforge.stages.common import pfdet
+from pairforge.trainer.detection_data import (
     CATEGORIES,
     HELD_OUT_PHOTOS,
     CompositeConfig,

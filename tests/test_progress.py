@@ -7,11 +7,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests import layout
-from pipeline.engine import RunSpec
-from pipeline.progress import ProgressTracker, duration, quiet_ray
-from stages.shard import Config as ShardConfig
-from stages.shard import ShardStage
+from pairforge.manifests import layout
+from pairforge.pipeline.engine import RunSpec
+from pairforge.pipeline.progress import ProgressTracker, duration, quiet_ray
+from pairforge.stages.shard import Config as ShardConfig
+from pairforge.stages.shard import ShardStage
 
 
 def _part(out, sid: int, name: str, stages: list[str]) -> dict:

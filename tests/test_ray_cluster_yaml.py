@@ -94,8 +94,8 @@ def test_the_header_shows_the_launch_in_order_and_each_command_parses():
 
 
 def test_the_cluster_job_writes_to_object_storage():
-    from manifests import storage
-    from pipeline.config import input_entries, load_job
+    from pairforge.manifests import storage
+    from pairforge.pipeline.config import input_entries, load_job
 
     job = load_job(ROOT / "pipeline" / "example_cluster_job.yaml")
     assert storage.is_object(storage.path(job.output.dir, job.storage))

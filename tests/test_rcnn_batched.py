@@ -11,8 +11,8 @@ import pytest
 import torch
 from skimage import data
 
-from stages.common import detectors as _det
-from stages.common import rcnn_batched
+from pairforge.stages.common import detectors as _det
+from pairforge.stages.common import rcnn_batched
 
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 

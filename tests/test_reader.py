@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from manifests import layout
-from pipeline.config import ConfigError, InputConfig
-from pipeline.reader import split_input
+from pairforge.manifests import layout
+from pairforge.pipeline.config import ConfigError, InputConfig
+from pairforge.pipeline.reader import split_input
 
 
 def _rows(n, start=0):

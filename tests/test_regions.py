@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from manifests import layout
-from manifests.shards import write_shard
-from stages.base import STATUS_OK, fresh_rows, object_array, run_stage_batch, stage_columns
-from stages.regions import Config, DetectorSpec, RegionsStage
+from pairforge.manifests import layout
+from pairforge.manifests.shards import write_shard
+from pairforge.stages.base import STATUS_OK, fresh_rows, object_array, run_stage_batch, stage_columns
+from pairforge.stages.regions import Config, DetectorSpec, RegionsStage
 
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
@@ -167,8 +167,8 @@ def test_config_errors_name_the_field():
 
 @pytest.mark.parametrize("model", [MODEL, "pf-tiny"])
 def test_declared_feature_width_is_the_built_models(model):
-    from stages.common.detectors import Limits
-    from stages.regions import _load, _roi_dim
+    from pairforge.stages.common.detectors import Limits
+    from pairforge.stages.regions import _load, _roi_dim
 
     spec = DetectorSpec(model, "random" if model == MODEL else "")
     assert _roi_dim(spec) == _load(spec, "cpu", Limits(), False).feature_dim

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.base import fresh_rows, object_array, run_stage_batch
-from stages.regions import PF_TINY, Config, DetectorSpec, RegionsStage
+from pairforge.stages.base import fresh_rows, object_array, run_stage_batch
+from pairforge.stages.regions import PF_TINY, Config, DetectorSpec, RegionsStage
 
 SCORER = PF_TINY.parent / "pf-tiny-scorer.pt"
 pytestmark = pytest.mark.skipif(not PF_TINY.exists(), reason="no shipped pf-tiny detector")
@@ -37,7 +37,7 @@ def _iou(a, b) -> float:
 
 
 def test_pf_tiny_finds_the_objects_of_held_out_composites():
-    from trainer.detection_data import CATEGORIES, Ingredients, make_composite
+    from pairforge.trainer.detection_data import CATEGORIES, Ingredients, make_composite
 
     ingr = Ingredients.from_sources(train_items=1, t10k_items=500)
     comps = [make_composite(ingr, "heldout", i, seed=11) for i in range(24)]

@@ -31,13 +31,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from manifests.manifest import read_manifest
-from pipeline.config import load_job
-from pipeline.datasets import skimage_photos
-from pipeline.demo import SCORER_CHECKPOINT, _jpeg
-from pipeline.httpserver import LocalHTTPServer, Route
-from pipeline.job import run_job
-from trainer import scenes
+from pairforge.manifests.manifest import read_manifest
+from pairforge.pipeline.config import load_job
+from pairforge.pipeline.datasets import skimage_photos
+from pairforge.pipeline.demo import SCORER_CHECKPOINT, _jpeg
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+from pairforge.pipeline.job import run_job
+from pairforge.trainer import scenes
 
 PAIRFORGE = str(Path(sys.executable).parent / "pairforge")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -314,8 +314,8 @@ def test_the_browser_check_sees_a_broken_page(tmp_path):
 def test_a_bare_run_makes_a_page_without_the_sections_it_has_no_data_for(tmp_path):
     """Shards written by the writer alone: no clip_score, regions or confounders,
     one shard whose rows were all rejected, a manifest with little in it."""
-    from manifests.report import write_report
-    from manifests.shards import write_shard
+    from pairforge.manifests.report import write_report
+    from pairforge.manifests.shards import write_shard
     from tests.shardkit import rows
 
     write_shard(rows(4, 0, rejected={1: "too_small"}), tmp_path, 0)

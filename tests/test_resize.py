@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import load_job
-from pipeline.datasets import skimage_photos
-from stages.batch import fresh_rows
-from stages.common.resize import Resize, img2dataset_resizer_class, probe
-from stages.dedup_phash import Config as PConfig
-from stages.dedup_phash import PerceptualDedupStage
+from pairforge.pipeline.config import load_job
+from pairforge.pipeline.datasets import skimage_photos
+from pairforge.stages.batch import fresh_rows
+from pairforge.stages.common.resize import Resize, img2dataset_resizer_class, probe
+from pairforge.stages.dedup_phash import Config as PConfig
+from pairforge.stages.dedup_phash import PerceptualDedupStage
 from tests.planted import build_planted, run_kind
 
 MODES = ("border", "keep_ratio", "center_crop", "keep_ratio_largest", "no")
@@ -156,10 +156,10 @@ def test_threads_resize_in_parallel_to_the_same_bytes(photos):
 def test_the_download_threads_hash_as_dedup_phash_does(tmp_path):
     """Hashed in the download stage or by dedup_phash from the stored files:
     the same hashes, so the same decisions on the planted set."""
-    from pipeline.httpserver import LocalHTTPServer, Route
-    from pipeline.local import map_stage
-    from stages.download import Config as DConfig
-    from stages.download import DownloadStage
+    from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+    from pairforge.pipeline.local import map_stage
+    from pairforge.stages.download import Config as DConfig
+    from pairforge.stages.download import DownloadStage
 
     rows = build_planted()
     routes = {f"/{i}": Route(b, "image/jpeg") for i, b in enumerate(rows["image"])}

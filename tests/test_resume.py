@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from manifests import layout
-from manifests.manifest import verify
-from pipeline.config import load_job
-from pipeline.engine import rows_mark
-from pipeline.httpserver import LocalHTTPServer, Route
-from pipeline.job import run_job
-from pipeline.raystart import loopback_env
+from pairforge.manifests import layout
+from pairforge.manifests.manifest import verify
+from pairforge.pipeline.config import load_job
+from pairforge.pipeline.engine import rows_mark
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+from pairforge.pipeline.job import run_job
+from pairforge.pipeline.raystart import loopback_env
 from tests.shardkit import jpeg
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def _start_driver(tmp_path, server, stderr) -> subprocess.Popen:
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "cut"))))
     env = {**os.environ, **loopback_env(), "RAY_AUTH_MODE": "disabled"}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")],
+        [sys.executable, "-m", "pairforge.pipeline.cli", "run", str(tmp_path / "job.yaml")],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=stderr,

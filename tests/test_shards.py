@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from manifests import layout
-from manifests.shards import read_stats, write_shard
-from stages.base import Column, take
+from pairforge.manifests import layout
+from pairforge.manifests.shards import read_stats, write_shard
+from pairforge.stages.base import Column, take
 from tests.shardkit import rows
 
 

@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from manifests import layout
-from manifests.manifest import read_manifest, verify, write_manifest
-from pipeline.checks import check_job
-from pipeline.config import ConfigError, InputConfig, load_job, to_dict
-from pipeline.httpserver import LocalHTTPServer, Route
-from pipeline.job import run_job
-from pipeline.reader import split_input
+from pairforge.manifests import layout
+from pairforge.manifests.manifest import read_manifest, verify, write_manifest
+from pairforge.pipeline.checks import check_job
+from pairforge.pipeline.config import ConfigError, InputConfig, load_job, to_dict
+from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+from pairforge.pipeline.job import run_job
+from pairforge.pipeline.reader import split_input
 from tests.shardkit import jpeg
 
 SHARED = jpeg(99, size=40)

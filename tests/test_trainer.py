@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.corpus import CorpusConfig, build_corpus
-from trainer.data import Prep, find_shards, load_eval_set
-from trainer.evaluate import embed_images, evaluate
-from trainer.loop import CHECKPOINT, CURVES, REPORT, TrainConfig, lr_at, resume_config, train
-from trainer.model import create_model, export_scorer, load_checkpoint, register_configs
+from pairforge.trainer.corpus import CorpusConfig, build_corpus
+from pairforge.trainer.data import Prep, find_shards, load_eval_set
+from pairforge.trainer.evaluate import embed_images, evaluate
+from pairforge.trainer.loop import CHECKPOINT, CURVES, REPORT, TrainConfig, lr_at, resume_config, train
+from pairforge.trainer.model import create_model, export_scorer, load_checkpoint, register_configs
 
 SMALL = CorpusConfig(
     fashion=320, scenes_one=60, scenes_count=40, scene_pairs=60, photo_variants=3, samples_per_shard=160
@@ -185,7 +185,7 @@ def test_schedule_warms_up_then_follows_a_cosine():
 
 
 def test_cli_writes_checkpoint_report_and_curves(corpus, tmp_path, capsys):
-    from pipeline.cli import main
+    from pairforge.pipeline.cli import main
 
     out = tmp_path / "cli"
     argv = ["train", str(corpus), "--out", str(out), "--steps", "4", "--batch-size", "16", "--workers", "1",
@@ -200,7 +200,7 @@ def test_cli_writes_checkpoint_report_and_curves(corpus, tmp_path, capsys):
 
 
 def test_cli_refuses_to_resume_nothing(corpus, tmp_path, capsys):
-    from trainer.cli import main
+    from pairforge.trainer.cli import main
 
     assert main([str(corpus), "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err

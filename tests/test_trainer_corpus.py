@@ -10,10 +10,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline.datasets import skimage_photos
-from trainer import scenes
-from trainer.corpus import EXTRA_PHOTOS, FASHION_NAMES, CorpusConfig, build_corpus
-from trainer.data import (
+from pairforge.pipeline.datasets import skimage_photos
+from pairforge.trainer import scenes
+from pairforge.trainer.corpus import EXTRA_PHOTOS, FASHION_NAMES, CorpusConfig, build_corpus
+from pairforge.trainer.data import (
     CONFOUNDER_OF,
     NEGATIVE_CAPTION,
     Prep,

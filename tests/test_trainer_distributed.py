@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from trainer.corpus import CorpusConfig, build_corpus
-from trainer.data import Prep, StreamConfig, TrainStream, find_shards
-from trainer.model import clip_loss
+from pairforge.trainer.corpus import CorpusConfig, build_corpus
+from pairforge.trainer.data import Prep, StreamConfig, TrainStream, find_shards
+from pairforge.trainer.model import clip_loss
 
 WORLD = 2
 

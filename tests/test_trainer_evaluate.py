@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.evaluate import (
+from pairforge.trainer.evaluate import (
     _same_caption,
     chance_recall,
     matching_vs_shuffled,
@@ -18,7 +18,7 @@ from trainer.evaluate import (
     same_meaning,
     winoground,
 )
-from trainer.model import clip_loss
+from pairforge.trainer.model import clip_loss
 
 
 def test_recall_counts_rows_whose_match_ranks_within_k():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.prep import NEGATIVE_CAPTION, Prep, device_batches, model_images, tokenizer
+from pairforge.trainer.prep import NEGATIVE_CAPTION, Prep, device_batches, model_images, tokenizer
 
 
 def _photo(w: int, h: int, fmt: str = "JPEG") -> bytes:

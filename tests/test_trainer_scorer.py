@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.datasets import FASHION_CLASSES, fashion_mnist
-from pipeline.demo import FASHION_TEMPLATES, SCORER_CHECKPOINT
-from trainer.evaluate import roc_auc
-from trainer.model import register_configs
+from pairforge.pipeline.datasets import FASHION_CLASSES, fashion_mnist
+from pairforge.pipeline.demo import FASHION_TEMPLATES, SCORER_CHECKPOINT
+from pairforge.trainer.evaluate import roc_auc
+from pairforge.trainer.model import register_configs
 
 
 @pytest.fixture(scope="module")

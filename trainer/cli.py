@@ -16,7 +16,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from trainer.loop import CHECKPOINT, TrainConfig
+from pairforge.trainer.loop import CHECKPOINT, TrainConfig
 
 #: TrainConfig fields offered as ``--flag`` (the rest keep their defaults)
 FLAGS = (
@@ -65,18 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = config_from_args(args)
     if args.resume:
-        from trainer.loop import resume_config
+        from pairforge.trainer.loop import resume_config
 
         if not (Path(cfg.out) / CHECKPOINT).exists():
             print(f"pairforge train: error: nothing to resume: no {CHECKPOINT} in {cfg.out}", file=sys.stderr)
             return 2
         cfg = resume_config(cfg)
     if args.ray:
-        from trainer.distributed import train_with_ray
+        from pairforge.trainer.distributed import train_with_ray
 
         report = train_with_ray(cfg, num_workers=args.num_workers or None, address=args.address)
     else:
-        from trainer.loop import train
+        from pairforge.trainer.loop import train
 
         report = train(cfg)
     m = report.get("metrics") or {}

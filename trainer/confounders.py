@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainer.data import CONFOUNDER_GROUP, NEGATIVE_CAPTION
+from pairforge.trainer.data import CONFOUNDER_GROUP, NEGATIVE_CAPTION
 
 TABLE = "confounders"
 WORD_ORDER_CAPTION = "word_order_caption"

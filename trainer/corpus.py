@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainer import scenes
-from trainer.data import CONFOUNDER_OF, NEGATIVE_CAPTION
-from trainer.evaluate import CONCEPT
+from pairforge.trainer import scenes
+from pairforge.trainer.data import CONFOUNDER_OF, NEGATIVE_CAPTION
+from pairforge.trainer.evaluate import CONCEPT
 
 FASHION_NAMES = {  # class -> names a caption may use (the first is the canonical one)
     "t-shirt": ("t-shirt", "t-shirt", "top", "tee shirt"),
@@ -142,7 +142,7 @@ def _scene(kind: str, rng: random.Random) -> list[dict]:
 def _photos() -> list[tuple[str, str, np.ndarray]]:
     import skimage.data
 
-    from pipeline.datasets import skimage_photos
+    from pairforge.pipeline.datasets import skimage_photos
 
     photos = list(skimage_photos())
     for name, caption in EXTRA_PHOTOS.items():
@@ -164,9 +164,9 @@ def _units(cfg: CorpusConfig) -> list[tuple[str, int]]:
 
 
 def _make_shard(cfg: CorpusConfig, out: str, job: tuple[int, list[tuple[str, int]]]) -> dict:
-    from manifests.shards import write_shard
-    from pipeline.datasets import FASHION_CLASSES, fashion_mnist
-    from stages.base import fresh_rows, object_array
+    from pairforge.manifests.shards import write_shard
+    from pairforge.pipeline.datasets import FASHION_CLASSES, fashion_mnist
+    from pairforge.stages.base import fresh_rows, object_array
 
     shard_id, units = job
     fashion = fashion_mnist("train") if any(s == "fashion" for s, _ in units) else None
@@ -201,7 +201,7 @@ def _make_shard(cfg: CorpusConfig, out: str, job: tuple[int, list[tuple[str, int
 def build_corpus(out: str | Path, cfg: CorpusConfig = CorpusConfig(), processes: int = 1) -> dict:
     """Write the corpus under ``out`` (``out/shards/...``); returns a summary.
     Deterministic: the same config writes the same bytes."""
-    from manifests.manifest import write_sizes
+    from pairforge.manifests.manifest import write_sizes
 
     units = _units(cfg)
     per = cfg.samples_per_shard

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.datasets import FASHION_CLASSES
+from pairforge.pipeline.datasets import FASHION_CLASSES
 
 SHAPES = ("circle", "square", "triangle")
 #: label 0 is the background, as in torchvision's weight enums' ``categories``
@@ -80,7 +80,7 @@ class Ingredients:
     @classmethod
     def from_sources(cls, train_items: int | None = 40000, t10k_items: int | None = None) -> Ingredients:
         """Read them from Debian's Fashion-MNIST and scikit-image (this machine)."""
-        from pipeline.datasets import fashion_mnist, skimage_photos
+        from pairforge.pipeline.datasets import fashion_mnist, skimage_photos
 
         fashion = {"train": fashion_mnist("train", train_items), "t10k": fashion_mnist("t10k", t10k_items)}
         photos = {}

@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from trainer.loop import REPORT, TrainConfig
+from pairforge.trainer.loop import REPORT, TrainConfig
 
 
 def _worker(config: dict) -> None:
@@ -26,7 +26,7 @@ def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from trainer.loop import train
+    from pairforge.trainer.loop import train
 
     cfg = TrainConfig(**{**config, "shards": tuple(config["shards"])})
     report = train(cfg, device=ray.train.torch.get_device())
@@ -42,7 +42,7 @@ def cluster_gpus(address: str | None = None) -> int:
     import ray
 
     if not ray.is_initialized():
-        from pipeline.raystart import apply_loopback_env
+        from pairforge.pipeline.raystart import apply_loopback_env
 
         apply_loopback_env()  # a local Ray (no address) must not probe cloud metadata
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)

@@ -14,9 +14,9 @@ from math import comb
 import numpy as np
 import torch
 
-from trainer.confounders import WORD_ORDER_CAPTION, WORD_ORDER_PARTNER
-from trainer.data import CONFOUNDER_OF, NEGATIVE_CAPTION, EvalSet, Prep
-from trainer.model import ImageSpec, normalize_images, unwrap
+from pairforge.trainer.confounders import WORD_ORDER_CAPTION, WORD_ORDER_PARTNER
+from pairforge.trainer.data import CONFOUNDER_OF, NEGATIVE_CAPTION, EvalSet, Prep
+from pairforge.trainer.model import ImageSpec, normalize_images, unwrap
 
 KS = (1, 5, 10)
 #: optional metadata field naming what a caption says without its wording

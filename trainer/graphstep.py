@@ -35,7 +35,7 @@ import logging
 
 import torch
 
-from trainer.model import normalize_images, update
+from pairforge.trainer.model import normalize_images, update
 
 WARMUP_STEPS = 3
 log = logging.getLogger(__name__)

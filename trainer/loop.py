@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.data import Prep, StreamConfig, find_shards, load_eval_set, shard_sizes, train_loader
-from trainer.evaluate import evaluate
-from trainer.graphstep import GraphedStep, set_lr
-from trainer.model import (
+from pairforge.trainer.data import Prep, StreamConfig, find_shards, load_eval_set, shard_sizes, train_loader
+from pairforge.trainer.evaluate import evaluate
+from pairforge.trainer.graphstep import GraphedStep, set_lr
+from pairforge.trainer.model import (
     create_model,
     load_checkpoint,
     normalize_images,
@@ -30,7 +30,7 @@ from trainer.model import (
     unwrap,
     update,
 )
-from trainer.prep import device_batches
+from pairforge.trainer.prep import device_batches
 
 CHECKPOINT = "checkpoint.pt"
 REPORT = "report.json"
@@ -246,7 +246,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
         "history": history,
     }
     (out / REPORT).write_text(json.dumps(report, indent=1))
-    from trainer.plot import plot_curves
+    from pairforge.trainer.plot import plot_curves
 
     plot_curves(history, out / CURVES, title=f"{cfg.model} on {len(shards)} shard(s)")
     return report

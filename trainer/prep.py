@@ -169,7 +169,7 @@ def tokenizer(model_name: str):
     if model_name not in _TOKENIZERS:
         import open_clip
 
-        from trainer.model import register_configs
+        from pairforge.trainer.model import register_configs
 
         register_configs()
         _TOKENIZERS[model_name] = open_clip.get_tokenizer(model_name)

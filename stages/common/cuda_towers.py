@@ -30,8 +30,8 @@ import threading
 
 import numpy as np
 
-from stages.common import gpudecode
-from stages.common.clip import chunks, decode_cpu, decode_tensors, padded, resize_crop, size_hw
+from pairforge.stages.common import gpudecode
+from pairforge.stages.common.clip import chunks, decode_cpu, decode_tensors, padded, resize_crop, size_hw
 
 log = logging.getLogger(__name__)
 

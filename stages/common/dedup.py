@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from stages.base import Batch, FitResult, object_array
+from pairforge.stages.base import Batch, FitResult, object_array
 
 #: The column every dropped row gets: the key of the row it duplicates.
 DUPLICATE_OF = "duplicate_of"

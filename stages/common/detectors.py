@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.common import rcnn_batched
+from pairforge.stages.common import rcnn_batched
 
 #: the torchvision builders this backend knows (any other name of
 #: ``torchvision.models.detection`` works too, untested)
@@ -269,7 +269,7 @@ def load_torchvision(name: str, weights: str, device: str, limits: Limits, min_s
     import torch
     from torchvision.models import get_model, get_model_weights
 
-    from stages.common.clip import file_sha256
+    from pairforge.stages.common.clip import file_sha256
 
     sizes = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v}
     if sizes and name.startswith("ssd"):
@@ -309,7 +309,7 @@ def crop_embeddings(loaded, images: list, boxes: list, device: str, micro_batch:
     import torch
     from torchvision.ops import roi_align
 
-    from stages.common import clip as _clip
+    from pairforge.stages.common import clip as _clip
 
     dim = int(loaded.model.visual.output_dim) if hasattr(loaded.model.visual, "output_dim") else 0
     out = [np.zeros((0, dim), np.float32) for _ in images]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common.detectors import Detector, Limits, Regions, keep_best
+from pairforge.stages.common.detectors import Detector, Limits, Regions, keep_best
 
 LABEL = "face"
 #: facenet-pytorch's defaults for P-, R- and O-Net

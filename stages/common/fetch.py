@@ -55,9 +55,9 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import LocationValueError
 
 # what callers import from here (this module's names before the split) is re-exported
-from stages.common.fetch_address import METADATA_ADDRESSES, AddressPolicy, BlockedAddress, IPAddress  # noqa: F401
-from stages.common.fetch_body import _discard, read_body, robots_disallowed  # noqa: F401
-from stages.common.fetch_connection import (  # noqa: F401
+from pairforge.stages.common.fetch_address import METADATA_ADDRESSES, AddressPolicy, BlockedAddress, IPAddress  # noqa: F401
+from pairforge.stages.common.fetch_body import _discard, read_body, robots_disallowed  # noqa: F401
+from pairforge.stages.common.fetch_connection import (  # noqa: F401
     _ATTEMPT,
     DeadlineExceeded,
     Resolver,
@@ -65,8 +65,8 @@ from stages.common.fetch_connection import (  # noqa: F401
     _VettedHTTPConnection,
     _VettedHTTPSConnection,
 )
-from stages.common.fetch_errors import _classify, _deadline_hit, _Failure, error_text  # noqa: F401
-from stages.common.inflate import _CHUNK, MAX_CONTENT_CODINGS, ContentDecoder, TooManyCodings  # noqa: F401
+from pairforge.stages.common.fetch_errors import _classify, _deadline_hit, _Failure, error_text  # noqa: F401
+from pairforge.stages.common.inflate import _CHUNK, MAX_CONTENT_CODINGS, ContentDecoder, TooManyCodings  # noqa: F401
 
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE = frozenset({"timeout", "connection_error", "truncated"})

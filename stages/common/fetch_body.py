@@ -25,9 +25,9 @@ import time
 import zlib
 from collections.abc import Sequence
 
-from stages.common.fetch_connection import DeadlineExceeded, _deadline_message
-from stages.common.fetch_errors import _deadline_hit, _Failure
-from stages.common.inflate import _CHUNK, ContentDecoder, TooManyCodings
+from pairforge.stages.common.fetch_connection import DeadlineExceeded, _deadline_message
+from pairforge.stages.common.fetch_errors import _deadline_hit, _Failure
+from pairforge.stages.common.inflate import _CHUNK, ContentDecoder, TooManyCodings
 
 _DRAIN_LIMIT = 1 << 16
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
-from stages.common.fetch_address import AddressPolicy, BlockedAddress
+from pairforge.stages.common.fetch_address import AddressPolicy, BlockedAddress
 
 Resolver = Callable[..., list]
 

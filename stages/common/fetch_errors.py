@@ -28,8 +28,8 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from stages.common.fetch_address import BlockedAddress
-from stages.common.fetch_connection import DeadlineExceeded
+from pairforge.stages.common.fetch_address import BlockedAddress
+from pairforge.stages.common.fetch_connection import DeadlineExceeded
 
 
 class _Failure(Exception):

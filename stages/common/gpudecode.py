@@ -45,7 +45,7 @@ import threading
 
 import numpy as np
 
-from stages.common.clip import is_jpeg, pil_tensor
+from pairforge.stages.common.clip import is_jpeg, pil_tensor
 
 log = logging.getLogger(__name__)
 

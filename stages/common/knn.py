@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.common.exact_search import _torch_device, best_partners, unit_rows
+from pairforge.stages.common.exact_search import _torch_device, best_partners, unit_rows
 
 #: rows per float64 product with the centroids
 CELL_CHUNK = 1 << 15

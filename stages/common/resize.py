@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from stages.common.fetch import error_text
+from pairforge.stages.common.fetch import error_text
 
 #: img2dataset's Resizer error strings -> our reasons
 _RESIZER_ERRORS = {

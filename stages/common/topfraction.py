@@ -37,7 +37,7 @@ import math
 
 import numpy as np
 
-from stages.base import Batch, FitResult, batch_len, object_array
+from pairforge.stages.base import Batch, FitResult, batch_len, object_array
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from stages.common.wordlists import (
+from pairforge.stages.common.wordlists import (
     ATTRIBUTE_KIND,
     AUXILIARIES,
     BOUNDARY,
