@@ -187,6 +187,22 @@ class Stage:
             return tuple(self.fit_columns)
         return ()
 
+    def services(self) -> dict[str, Any]:
+        """Run-wide services this stage uses, by name, with what the runner
+        needs to make them: ``{"host_gate": Limits(...)}`` (one
+        :class:`~stages.common.hostgate.HostGate` for the whole run, shared by
+        every task on every node) and ``{"work_store": "folder"}`` (a store of
+        small files under the run's work folder: ``read(name)``,
+        ``write(name, data)``). The runner makes each once per run and hands
+        it over with :meth:`attach` before the first batch. Default: none."""
+        return {}
+
+    def attach(self, name: str, service: Any) -> None:
+        """Take the run's service ``name`` (see :meth:`services`); it travels
+        with the stage to its workers, so it must pickle (the runners'
+        services do). Without one, a stage makes its own per process."""
+        self.__dict__.setdefault("attached", {})[name] = service
+
     def setup(self) -> None:
         """Load heavy state once per worker (models, clients)."""
 

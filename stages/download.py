@@ -38,13 +38,15 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from pairforge.stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
-from pairforge.stages.common.fetch import AddressPolicy, SafeFetcher, error_text
+from pairforge.stages.common.fetch import AddressPolicy, Fetched, SafeFetcher, default_user_agent
+from pairforge.stages.common.frontier import Frontier
+from pairforge.stages.common.hostgate import HostGate, Limits
 from pairforge.stages.common.phash import ALGORITHMS as HASHES
 from pairforge.stages.common.phash import image_hash
 from pairforge.stages.common.resize import Resize, probe
@@ -79,11 +81,40 @@ class Config:
     timeout: float = 10.0
     #: wall seconds for one attempt, redirects included (slow-drip servers)
     deadline: float = 60.0
-    #: extra tries after a timeout, broken connection or 5xx/429 answer
+    #: extra tries after a transient failure (timeout, broken connection,
+    #: 5xx, 429), each after ``backoff * 2**(try-1)`` seconds with jitter,
+    #: without holding a thread
     retries: int = 0
+    # who we are (docs/crawling.md: why not a browser string)
+    #: the whole User-Agent header; default ``pairforge/<version> (+<contact>)``
+    user_agent: str | None = None
+    #: where site owners reach the people running the crawl (a URL or an
+    #: e-mail address), put in the default User-Agent
+    contact: str | None = None
+    #: the product token robots.txt groups and ``X-Robots-Tag`` directives
+    #: are matched with; default: ``user_agent``'s first product name
+    #: (``pairforge``)
     user_agent_token: str | None = None
     #: ``X-Robots-Tag`` directives that opt an image out; ``[]`` ignores them
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    #: W3C TDMRep: a ``tdm-reservation: 1`` header opts the image out
+    tdm_reservation: bool = True
+    # per-host politeness, for the whole run across the cluster (Scrapy's
+    # CONCURRENT_REQUESTS_PER_DOMAIN and DOWNLOAD_DELAY)
+    #: requests in flight to one host from every task together (null: no bound)
+    per_host_connections: int | None = 8
+    #: seconds between two request starts to one host
+    per_host_interval: float = 0.0
+    #: the longest pause a ``Retry-After`` or a back-off imposes on a host
+    max_pause: float = 300.0
+    #: seconds of the first back-off (a row's retry; a host after 2 failures in a row)
+    backoff: float = 1.0
+    #: consecutive transient failures after which a host is down until its
+    #: back-off ends: its waiting rows end ``host_unavailable`` at once
+    host_failures: int = 5
+    #: rows that failed for a transient reason get one more try at the end of
+    #: the per-row pass, after their host's pause (the manifest counts them)
+    deferred_retry: bool = True
     # safety against untrusted URL lists
     max_redirects: int = 5
     max_bytes: int = 20_000_000
@@ -123,8 +154,19 @@ class Config:
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         for name in ("timeout", "deadline"):
             require(getattr(self, name) > 0, name, getattr(self, name), "> 0 seconds")
-        for name in ("retries", "max_redirects", "min_image_size"):
+        for name in ("retries", "max_redirects", "min_image_size", "per_host_interval", "backoff"):
             require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        require(
+            self.per_host_connections is None or self.per_host_connections >= 1,
+            "per_host_connections",
+            self.per_host_connections,
+            ">= 1 (or null: no bound)",
+        )
+        require(self.max_pause > 0, "max_pause", self.max_pause, "> 0 seconds")
+        require(self.host_failures >= 1, "host_failures", self.host_failures, ">= 1")
+        for name in ("user_agent", "contact", "user_agent_token"):
+            v = getattr(self, name)
+            require(v is None or (v.strip() and v.isprintable()), name, v, "printable text or null")
         for name in ("max_image_area", "max_aspect_ratio"):
             v = getattr(self, name)
             require(v is None or v > 0, name, v, "> 0 (or null: no limit)")
@@ -143,11 +185,12 @@ class _Worker:
             allow_networks=cfg.allow_networks,
             timeout=cfg.timeout,
             deadline=cfg.deadline,
-            retries=cfg.retries,
             max_redirects=cfg.max_redirects,
             max_bytes=cfg.max_bytes,
+            user_agent=cfg.user_agent or default_user_agent(cfg.contact),
             user_agent_token=cfg.user_agent_token,
             disallowed_header_directives=cfg.disallowed_header_directives,
+            tdm_reservation=cfg.tdm_reservation,
             pool_size=cfg.thread_count,
         )
         self.resize = Resize(
@@ -165,6 +208,19 @@ class _Worker:
             reduced_decode=cfg.reduced_decode,
         )
         self.threads = ThreadPoolExecutor(cfg.thread_count, thread_name_prefix="pairforge-download")
+        # without a run's gate (a stage used on its own): one for this process
+        self.gate = HostGate(limits_of(cfg))
+
+
+def limits_of(cfg: Config) -> Limits:
+    return Limits(
+        connections=cfg.per_host_connections,
+        interval=cfg.per_host_interval,
+        max_pause=cfg.max_pause,
+        backoff=cfg.backoff,
+        failures_down=cfg.host_failures,
+        lease_seconds=cfg.deadline + 60.0,
+    )
 
 
 # Stateless stages run as Ray tasks: a worker process runs many of them, so
@@ -229,39 +285,41 @@ class DownloadStage(Stage):
     def hash_column(self) -> str:
         return f"image_{self.config.perceptual_hash}"
 
-    def process_batch(self, batch: Batch) -> Batch:
+    def services(self) -> dict:
+        return {"host_gate": limits_of(self.config), "work_store": "robots"}
+
+    def process_batch(self, batch: Batch, retry_pass: bool = False) -> Batch:
+        """Every row of ``batch`` through the frontier (rows queued per host,
+        started under the run's gate leases). ``retry_pass``: the run's
+        deferred retry (rows of a down host wait for it; not counted again)."""
         if self._worker is None:
             self.setup()
         w = self._worker
         n = batch_len(batch)
         urls = batch["url"] if "url" in batch else np.full(n, None, dtype=object)
-        rows: list[_Row | None] = [None] * n
-        pending: dict = {}
-        todo = iter(range(n))
-        window = 2 * self.config.thread_count  # bounds bytes held waiting for the resizer
-
-        def submit_more():
-            for i in todo:
-                pending[w.threads.submit(self._fetch_one, urls[i])] = i
-                if len(pending) >= window:
-                    return
-
-        submit_more()
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                i = pending.pop(fut)
-                rows[i] = self._finish(fut, urls[i])
-            submit_more()
-        return self._write(batch, rows)
+        frontier = Frontier(
+            gate=getattr(self, "attached", {}).get("host_gate") or w.gate,
+            pool=w.threads,
+            threads=self.config.thread_count,
+            fetch=w.fetcher.fetch,
+            finish=self._finish,
+            fail=self._fail,
+            retries=self.config.retries,
+            backoff=self.config.backoff,
+            fail_down_fast=not retry_pass,
+            count_rows=not retry_pass,
+        )
+        return self._write(batch, frontier.run(list(urls)))
 
     # ------------------------------------------------------------ per row
 
-    def _fetch_one(self, url) -> _Row:
-        """In a download thread: fetch, hash, check the header, resize, encode."""
-        got = self._worker.fetcher.fetch(url)
+    def _finish(self, url, got: Fetched, attempts: int) -> _Row:
+        """In a download thread, after the fetch: hash, check the header,
+        resize, encode."""
         row = _Row(reason=got.reason, detail=got.detail, http_status=got.http_status)
         if got.reason:
+            if attempts > 1:
+                row.detail = {**got.detail, "attempts": attempts}
             return row
         data = got.body
         row.sha256 = hashlib.sha256(data).hexdigest()
@@ -289,12 +347,10 @@ class DownloadStage(Stage):
             row.phash = image_hash(out.image, self.config.perceptual_hash)
         return row
 
-    def _finish(self, fut, url) -> _Row:
-        """In the calling thread: the thread's outcome; never raise."""
-        try:
-            return fut.result()
-        except Exception as e:  # noqa: BLE001 - one bad row never fails the batch
-            return _Row(reason="internal_error", detail={"url": _text(url), "error": error_text(e)})
+    @staticmethod
+    def _fail(url, reason: str, detail: dict) -> _Row:
+        """A row that ends without a fetch (robots.txt, a list, a down host, a broken thread)."""
+        return _Row(reason=reason, detail={**detail, "url": _text(url)} if "url" not in detail else detail)
 
     # ------------------------------------------------------------ columns
 

@@ -176,8 +176,8 @@ def test_every_row_accounted_for(server):
 
 def test_an_exception_in_one_row_never_fails_the_batch(server):
     class Flaky(DownloadStage):
-        def _fetch_one(self, url):
-            row = super()._fetch_one(url)
+        def _finish(self, url, got, attempts):
+            row = super()._finish(url, got, attempts)
             if url.endswith("coffee.png"):
                 raise RuntimeError("boom")
             return row

@@ -70,7 +70,37 @@ from pairforge.stages.common.inflate import _CHUNK, MAX_CONTENT_CODINGS, Content
 
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE = frozenset({"timeout", "connection_error", "truncated"})
-DEFAULT_USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+#: the product token robots.txt groups and ``X-Robots-Tag`` directives are matched against
+PRODUCT_TOKEN = "pairforge"
+
+
+def transient(reason: str) -> bool:
+    """Whether a failure may pass if tried later: a timeout, a broken
+    connection, a truncated body, a 5xx or a 429 answer."""
+    return reason in _RETRYABLE or reason.startswith("http_5") or reason == "http_429"
+
+
+def default_user_agent(contact: str | None = None, version: str | None = None) -> str:
+    """pairforge's own User-Agent: its product token and version, and where a
+    site owner can learn who crawls (``contact``: a URL or an e-mail
+    address). Not a browser string: it would hide who we are from the robots.txt
+    groups written for us, and CDNs answer stale browser strings with 403."""
+    if version is None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("pairforge")
+        except metadata.PackageNotFoundError:
+            version = "0"
+    agent = f"{PRODUCT_TOKEN}/{version}"
+    return f"{agent} (+{contact.strip()})" if contact and contact.strip() else agent
+
+
+def product_token(agent: str) -> str:
+    """The product token of a User-Agent string (its first ``name/version``
+    word's name, lower-case), RFC 9309's way of naming a crawler."""
+    first = agent.strip().split()[0] if agent.strip() else PRODUCT_TOKEN
+    return first.split("/")[0].lower() or PRODUCT_TOKEN
 
 
 def _bind(policy: AddressPolicy, resolver: Resolver) -> dict[str, type]:
@@ -113,19 +143,21 @@ class SafeFetcher:
         retries: int = 0,
         max_redirects: int = 5,
         max_bytes: int = 20_000_000,
+        user_agent: str | None = None,
         user_agent_token: str | None = None,
         disallowed_header_directives: Sequence[str] = ("noai", "noimageai", "noindex", "noimageindex"),
+        tdm_reservation: bool = True,
         pool_size: int = 32,
         resolver: Resolver = socket.getaddrinfo,
     ):
         self.policy = AddressPolicy(allow_networks)
         self.timeout, self.deadline = timeout, deadline
         self.retries, self.max_redirects, self.max_bytes = retries, max_redirects, max_bytes
-        self.token = user_agent_token.strip().lower() if user_agent_token else None
+        agent = user_agent or default_user_agent()
+        self.agent = agent
+        self.token = (user_agent_token or product_token(agent)).strip().lower()
         self.directives = {d.strip().lower() for d in disallowed_header_directives} or None
-        agent = DEFAULT_USER_AGENT
-        if user_agent_token:
-            agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+        self.tdm = tdm_reservation
         # maxsize = threads: no connection is ever discarded for a full pool
         self._pm = urllib3.PoolManager(
             num_pools=max(64, 4 * pool_size),
@@ -139,15 +171,18 @@ class SafeFetcher:
     def close(self) -> None:
         self._pm.clear()
 
-    def fetch(self, url) -> Fetched:
-        """Download ``url`` with retries on timeouts, broken connections and
-        5xx/429 answers. One free extra try is given to a connection that
-        broke before any answer (a keep-alive connection the server closed)."""
+    def fetch(self, url, max_bytes: int | None = None, truncate: bool = False) -> Fetched:
+        """Download ``url``, at most ``max_bytes`` (default the fetcher's; with
+        ``truncate`` the first ``max_bytes`` of a longer body rather than a
+        failure). One free extra try is given to a connection that broke
+        before any answer (a keep-alive connection the server closed). The
+        fetcher's own ``retries`` are immediate; the download stage spaces
+        its retries per host instead (``stages/common/frontier.py``) and
+        builds its fetcher with none."""
         tries, free = 0, 1
         while True:
-            got = self._attempt(url)
-            retryable = got.reason in _RETRYABLE or got.reason.startswith("http_5") or got.reason == "http_429"
-            if not got.reason or not retryable:
+            got = self._attempt(url, max_bytes or self.max_bytes, truncate)
+            if not got.reason or not transient(got.reason):
                 return got
             if got.detail.pop("stale", False) and free:
                 free -= 1
@@ -158,16 +193,16 @@ class SafeFetcher:
                 return got
             tries += 1
 
-    def _attempt(self, url) -> Fetched:
+    def _attempt(self, url, max_bytes: int, truncate: bool) -> Fetched:
         out = Fetched(url=url if isinstance(url, str) else repr(url))
         started = time.monotonic()
         _ATTEMPT.deadline = (started + self.deadline, self.deadline)
         try:
-            return self._attempt_within_deadline(url, out, started)
+            return self._attempt_within_deadline(url, out, started, max_bytes, truncate)
         finally:
             _ATTEMPT.deadline = None
 
-    def _attempt_within_deadline(self, url, out: Fetched, started: float) -> Fetched:
+    def _attempt_within_deadline(self, url, out: Fetched, started: float, max_bytes: int, truncate: bool) -> Fetched:
         try:
             out.final_url = _checked_url(url)
             for _ in range(self.max_redirects + 1):
@@ -178,9 +213,11 @@ class SafeFetcher:
                         resp,
                         started,
                         deadline=self.deadline,
-                        max_bytes=self.max_bytes,
+                        max_bytes=max_bytes,
                         directives=self.directives,
                         token=self.token,
+                        truncate=truncate,
+                        tdm=self.tdm,
                     )
                     return out
                 location = resp.headers.get("Location")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Sequence
+from email.utils import parsedate_to_datetime
 
 from pairforge.stages.common.fetch_connection import DeadlineExceeded, _deadline_message
 from pairforge.stages.common.fetch_errors import _deadline_hit, _Failure
@@ -55,22 +56,60 @@ def robots_disallowed(values: Sequence[str], token: str | None, directives: set[
     return False
 
 
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from ``now`` that a ``Retry-After`` header asks for: a number
+    of seconds or an HTTP date (RFC 9110 10.2.3); ``None`` when absent or
+    unreadable, ``0`` for a date in the past."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def tdm_reserved(value: str | None) -> bool:
+    """W3C TDMRep: ``tdm-reservation: 1`` reserves text and data mining rights."""
+    return bool(value) and value.strip() == "1"
+
+
 def read_body(
-    resp, started: float, *, deadline: float, max_bytes: int, directives: set[str] | None, token: str | None
+    resp,
+    started: float,
+    *,
+    deadline: float,
+    max_bytes: int,
+    directives: set[str] | None,
+    token: str | None,
+    truncate: bool = False,
+    tdm: bool = False,
 ) -> bytes:
     """The body of a 2xx ``resp`` (urllib3, not preloaded), decoded; raises
     :class:`~stages.common.fetch_errors._Failure` for an error status, an
-    opt-out, too many bytes, a body that does not decode or the deadline
-    (``deadline`` seconds from ``started``, a ``time.monotonic()``)."""
+    opt-out (``X-Robots-Tag``; with ``tdm``, ``tdm-reservation: 1``), too
+    many bytes (with ``truncate``: the first ``max_bytes`` are returned
+    instead), a body that does not decode or the deadline (``deadline``
+    seconds from ``started``, a ``time.monotonic()``). An error status's
+    ``Retry-After`` is in the failure's detail as ``retry_after`` seconds."""
     status = resp.status
     if not 200 <= status < 300:
+        wait = retry_after(resp.headers.get("Retry-After"))
         _discard(resp)
-        raise _Failure(f"http_{status}", status)
+        raise _Failure(f"http_{status}", status, **({"retry_after": wait} if wait is not None else {}))
     if directives and robots_disallowed(resp.headers.getlist("X-Robots-Tag"), token, directives):
         _discard(resp)
         raise _Failure("opted_out", status, x_robots_tag=resp.headers.getlist("X-Robots-Tag"))
+    if tdm and tdm_reserved(resp.headers.get("tdm-reservation")):
+        _discard(resp)
+        raise _Failure("opted_out", status, tdm_reservation=resp.headers.get("tdm-reservation"))
     length = resp.headers.get("Content-Length")
-    if length and length.strip().isdigit() and int(length) > max_bytes:
+    if not truncate and length and length.strip().isdigit() and int(length) > max_bytes:
         _close(resp)
         raise _Failure("too_many_bytes", status, content_length=int(length), max_bytes=max_bytes)
     encoding = resp.headers.get("Content-Encoding")
@@ -86,12 +125,16 @@ def read_body(
             if time.monotonic() - started > deadline:
                 raise DeadlineExceeded(_deadline_message(deadline))
             # raw bytes, decoded here: urllib3's decoders are not relied on
-            raw = resp.read1(min(_CHUNK, max_bytes + 1 - raw_total), decode_content=False)
+            raw = resp.read1(_CHUNK if truncate else min(_CHUNK, max_bytes + 1 - raw_total), decode_content=False)
             raw_total += len(raw)
-            if raw_total > max_bytes:
+            if raw_total > max_bytes and not truncate:
                 raise _Failure("too_many_bytes", status, bytes_read=raw_total, max_bytes=max_bytes, **coded)
             for piece in decoder.feed(raw, final=not raw) if decoder else (raw,):
                 total += len(piece)
+                if total > max_bytes and truncate:
+                    chunks.append(piece[: len(piece) - (total - max_bytes)])
+                    _close(resp)
+                    return b"".join(chunks)
                 if total > max_bytes:
                     # reported as one past the cap: the size of the last
                     # piece depends on how the bytes arrived
@@ -100,6 +143,9 @@ def read_body(
                     chunks.append(piece)
             if not raw:
                 break
+            if truncate and raw_total > max_bytes:  # the rest is not read: the connection goes
+                _close(resp)
+                return b"".join(chunks)
     except _Failure:
         _close(resp)
         raise
