@@ -48,8 +48,9 @@ from pairforge.stages.base import (
     take,
 )
 
-#: fit-file columns every global stage reads, besides its own
-FIT_BASE = ("key", "status", "stage")
+#: fit-file columns every global stage reads, besides its own (``reason``:
+#: the deferred retry pass finds its rows by it)
+FIT_BASE = ("key", "status", "stage", "reason")
 
 
 @dataclass(frozen=True)
@@ -102,23 +103,43 @@ def alive_at(rows: Batch, spec: RunSpec, position: int) -> np.ndarray:
 # ------------------------------------------------------------------ rows phase
 
 
-def read_input(spec: RunSpec, shard_id: int) -> Batch:
-    return table_to_batch(storage.read_parquet(layout.input_shard(spec.out, shard_id)))
+def read_input(spec: RunSpec, shard_id: int, keys=None) -> Batch:
+    """An input shard's rows; with ``keys``, only those rows."""
+    rows = table_to_batch(storage.read_parquet(layout.input_shard(spec.out, shard_id)))
+    if keys is None:
+        return rows
+    want = set(map(str, keys))
+    return take(rows, np.array([i for i, k in enumerate(rows["key"]) if str(k) in want], dtype=np.int64))
+
+
+def write_part(folder, name: str, rows: Batch, spec: RunSpec) -> None:
+    """One part: the rows (pickle: bytes, ragged and object columns
+    round-trip exactly) and their fit columns beside them as parquet."""
+    storage.write_atomic(folder / f"{name}.pkl", pickle.dumps(rows, protocol=5), fsync=False)
+    fit_cols = [c for c in spec.fit_columns if c in rows]
+    storage.write_parquet(folder / f"{name}.fit.parquet", to_arrow(rows, fit_cols, spec.schema))
+
+
+def read_part(folder, name: str) -> Batch:
+    return pickle.loads((folder / f"{name}.pkl").read_bytes())
+
+
+def remove_part(folder, name: str, fit: bool = True) -> None:
+    (folder / f"{name}.pkl").unlink(missing_ok=True)
+    if fit:
+        (folder / f"{name}.fit.parquet").unlink(missing_ok=True)
 
 
 def save_rows(batch: Batch, spec: RunSpec) -> Batch:
     """Leave this batch's rows in one part file per shard they belong to
-    (pickle: bytes, ragged and object columns round-trip exactly), with the
-    fit columns beside it as parquet. Returns one record per part."""
+    (:func:`write_part`). Returns one record per part."""
     sids = np.asarray(batch["shard_id"]).astype(np.int64) if batch_len(batch) else np.zeros(0, np.int64)
     rec = {"shard_id": [], "rows": [], "part": [], "dropped": []}
-    fit_cols = [c for c in spec.fit_columns if c in batch]
     for sid in np.unique(sids):
         rows = take(batch, np.flatnonzero(sids == sid))
         folder = layout.rows_dir(spec.out, int(sid))
         name = uuid.uuid4().hex
-        storage.write_atomic(folder / f"{name}.pkl", pickle.dumps(rows, protocol=5), fsync=False)
-        storage.write_parquet(folder / f"{name}.fit.parquet", to_arrow(rows, fit_cols, spec.schema))
+        write_part(folder, name, rows, spec)
         rec["shard_id"].append(int(sid))
         rec["rows"].append(batch_len(rows))
         rec["part"].append(name)
@@ -263,11 +284,9 @@ def write_output_shard(spec: RunSpec, shard_id: int) -> dict:
     if mark is None:
         raise RuntimeError(f"input shard {shard_id}: rows are not on disk; rerun with --resume")
     folder = layout.rows_dir(spec.out, shard_id)
-    parts = []
-    for p in mark["parts"]:
-        parts.append(pickle.loads((folder / f"{p}.pkl").read_bytes()))
+    parts = [read_part(folder, p) for p in mark["parts"]]
     rows, counters = apply_decisions(concat(parts), spec, shard_id)
     stats = spec.shard_stage.write_group(rows, spec.out, shard_id, schema=spec.schema, counters=counters)
     for p in mark["parts"]:
-        (folder / f"{p}.pkl").unlink(missing_ok=True)
+        remove_part(folder, p, fit=False)
     return stats

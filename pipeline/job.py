@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pairforge.manifests import layout, storage
 from pairforge.manifests.manifest import build_manifest, write_manifest, write_sizes
 from pairforge.manifests.shards import read_stats
-from pairforge.pipeline import engine
+from pairforge.pipeline import engine, retrypass
 from pairforge.pipeline.checks import check_job
 from pairforge.pipeline.config import JobConfig, to_dict
 from pairforge.pipeline.engine import RunSpec
@@ -23,6 +23,7 @@ from pairforge.pipeline.fit import Launcher, fit_mark, run_fit
 from pairforge.pipeline.progress import ProgressTracker
 from pairforge.pipeline.reader import read_index, split_input
 from pairforge.pipeline.registry import stage_class
+from pairforge.pipeline.services import Services
 from pairforge.stages.base import Stage, StageError
 
 
@@ -157,12 +158,14 @@ def run_job(
     runner, launcher = _runner(job)
     ray_info: dict = {"runner": "local"}
     session = _ray_session(job, address, verbose) if job.runner != "local" and (todo or waiting) else None
+    services = Services(spec.out, on_ray=session is not None)
     fits: list[dict] = []
     try:
         if session is not None:
             ray_info = _ray_info(session[0])
             if ray_info["nodes"] > 1 and not storage.is_object(out):
                 _log(f"warning: {ray_info['nodes']} nodes write to {out}: it must be a folder every node sees (NFS)")
+        services.attach(spec.stages)
         t_rows = time.perf_counter()
         if todo:
             tracker = ProgressTracker(spec, {s: index.shard_rows[s] for s in todo}, every=progress_every)
@@ -173,6 +176,9 @@ def run_job(
             missing = [s for s in todo if s not in tracker.finished]
             if missing:
                 raise JobError(f"input shards {missing[:5]} did not finish their per-row pass; rerun with --resume")
+        if retrypass.wanted(spec):
+            _deferred_retry(runner, launcher, spec, [s for s in shard_ids if s not in written])
+        crawl = services.stats()
         rows_seconds = time.perf_counter() - t_rows
         refit = bool(todo)
         for g in spec.fitted:
@@ -194,6 +200,7 @@ def run_job(
             raise
         raise JobError(_stage_error(out, found)) from None
     finally:
+        services.close()
         if session is not None and session[1]:
             session[0].shutdown()
 
@@ -224,6 +231,10 @@ def run_job(
         fits=fits,
         side_tables={t: cols for g in spec.fitted for t, cols in g.side_tables().items()},
     )
+    if retrypass.wanted(spec):
+        manifest["crawl"] = {
+            name: {"hosts": crawl.get(name), "deferred_retry": retrypass.totals(out, shard_ids)} for name in crawl
+        } or {"deferred_retry": retrypass.totals(out, shard_ids)}
     path = write_manifest(out, manifest)
     c = manifest["counts"]
     _log(
@@ -231,6 +242,21 @@ def run_job(
     )
     _log(f"shards: {layout.shards_dir(out)}  manifest: {path}")
     return manifest
+
+
+def _deferred_retry(runner, launcher, spec: RunSpec, shard_ids: list[int]) -> None:
+    """One more try for the rows that failed for a transient reason
+    (``pipeline.retrypass``), after the per-row pass."""
+    todo = retrypass.plan(spec, shard_ids)
+    if not todo:
+        return
+    t = time.perf_counter()
+    parts = retrypass.Parts()
+    runner.run_rows(retrypass.retry_spec(spec), sorted(todo), parts, only=todo)
+    counts = launcher.map(retrypass.merge, sorted(todo), spec=spec, retried=parts.parts)
+    tried = sum(c["tried"] for cs in counts for c in cs.values())
+    back = sum(c["recovered"] for cs in counts for c in cs.values())
+    _log(f"deferred retry: {back} of {tried} rows recovered ({time.perf_counter() - t:.1f}s)")
 
 
 def manifest_schema(spec: RunSpec) -> list[dict]:

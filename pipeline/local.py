@@ -37,14 +37,15 @@ def map_stage(stage: Stage, batch: Batch) -> Batch:
     return concat([run_stage_batch(stage, stage.cpu_prepare(c) if stage.has_cpu_prepare() else c) for c in chunks])
 
 
-def run_rows(spec: RunSpec, shard_ids: list[int], tracker: RowsTracker) -> None:
+def run_rows(spec: RunSpec, shard_ids: list[int], tracker: RowsTracker, only: dict | None = None) -> None:
     """The per-row pass, one input shard at a time; each stage set up once
-    (the tracker shows the progress)."""
+    (the tracker shows the progress). ``only``: per shard, the keys of the
+    rows to run."""
     for st in spec.stages:
         st.setup()
     try:
         for sid in shard_ids:
-            batch = engine.read_input(spec, sid)
+            batch = engine.read_input(spec, sid, only[sid] if only else None)
             for st in spec.stages:
                 batch = map_stage(st, batch)
             tracker.add(engine.save_rows(batch, spec))

@@ -19,6 +19,7 @@ process sets a stage up on its first batch of it and keeps it (``_ready``).
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -51,6 +52,8 @@ def _ready(stage: Stage) -> Stage:
     if st is None:
         st = _READY[key] = stage
         st.setup()
+    elif st is not stage and "attached" in stage.__dict__:
+        st.attached = stage.attached  # this run's services, not an earlier run's
     return st
 
 
@@ -66,7 +69,8 @@ def _segment(batch: dict, spec: RunSpec, stages: tuple[Stage, ...], read: bool, 
     """A run of task stages over one block (with ``read``: over the input
     shards named in it), then, with ``save``, its rows to part files."""
     if read:
-        batch = concat([engine.read_input(spec, int(s)) for s in batch["sid"]])
+        keys = batch["keys"] if "keys" in batch else [None] * len(batch["sid"])
+        batch = concat([engine.read_input(spec, int(s), _keys(k)) for s, k in zip(batch["sid"], keys)])
     for st in stages:
         batch = _chunked(_ready(st), batch)
     return engine.save_rows(batch, spec) if save else batch
@@ -152,8 +156,14 @@ def map_on_actors(ds: "ray.data.Dataset", st: Stage) -> "ray.data.Dataset":
     )
 
 
-def rows_dataset(spec: RunSpec, shard_ids: list[int]) -> "ray.data.Dataset":
-    ds = ray.data.from_items([{"sid": s} for s in shard_ids], override_num_blocks=len(shard_ids))
+def _keys(text):
+    return None if text is None else json.loads(str(text))
+
+
+def rows_dataset(spec: RunSpec, shard_ids: list[int], only: dict | None = None) -> "ray.data.Dataset":
+    """``only``: per shard, the keys of the rows to run (the deferred retry pass)."""
+    items = [{"sid": s, **({"keys": json.dumps(only[s])} if only else {})} for s in shard_ids]
+    ds = ray.data.from_items(items, override_num_blocks=len(shard_ids))
     segs = segments(spec.stages)
     if segs[0][0]:  # an actor stage first: read in a task of its own
         segs.insert(0, (False, ()))
@@ -186,8 +196,9 @@ def _kw(spec: RunSpec, stages, read: bool, save: bool) -> dict:
     return kw
 
 
-def run_rows(spec: RunSpec, shard_ids: list[int], tracker: RowsTracker) -> None:
-    """The per-row pass over ``shard_ids``; each finished shard is marked as it lands."""
+def run_rows(spec: RunSpec, shard_ids: list[int], tracker: RowsTracker, only: dict | None = None) -> None:
+    """The per-row pass over ``shard_ids``; each finished shard is marked as
+    it lands. ``only``: per shard, the keys of the rows to run."""
     ctx = ray.data.DataContext.get_current()
     # Ray Data reserves a share of the cluster for each operator; our stages
     # bound their own concurrency (actor pools, num_cpus), so the operators
@@ -196,7 +207,7 @@ def run_rows(spec: RunSpec, shard_ids: list[int], tracker: RowsTracker) -> None:
     # a stage's StageError (stage and row key) reaches the driver as itself,
     # not as Ray Data's generic "UDF failed" wrapper
     ctx.raise_original_map_exception = True
-    ds = rows_dataset(spec, shard_ids)
+    ds = rows_dataset(spec, shard_ids, only)
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
         tracker.add(b)
     if os.environ.get("PAIRFORGE_RAY_STATS"):  # Ray Data's per-operator timings, for profiling a plan

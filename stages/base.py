@@ -203,6 +203,17 @@ class Stage:
         services do). Without one, a stage makes its own per process."""
         self.__dict__.setdefault("attached", {})[name] = service
 
+    def retry_later(self, reason: str) -> bool:
+        """Whether a row this stage failed with ``reason`` gets one more try
+        at the end of the per-row pass (the download stage's transient
+        failures). Such rows go through every per-row stage again, as
+        :meth:`for_retry` gives them. Default: never."""
+        return False
+
+    def for_retry(self) -> Stage:
+        """This stage as the deferred retry pass runs it. Default: itself."""
+        return self
+
     def setup(self) -> None:
         """Load heavy state once per worker (models, clients)."""
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pairforge.stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
-from pairforge.stages.common.fetch import AddressPolicy, Fetched, SafeFetcher, default_user_agent
+from pairforge.stages.common.fetch import AddressPolicy, Fetched, SafeFetcher, default_user_agent, transient
 from pairforge.stages.common.frontier import Frontier
 from pairforge.stages.common.hostgate import HostGate, Limits
 from pairforge.stages.common.phash import ALGORITHMS as HASHES
@@ -288,10 +288,21 @@ class DownloadStage(Stage):
     def services(self) -> dict:
         return {"host_gate": limits_of(self.config), "work_store": "robots"}
 
-    def process_batch(self, batch: Batch, retry_pass: bool = False) -> Batch:
-        """Every row of ``batch`` through the frontier (rows queued per host,
-        started under the run's gate leases). ``retry_pass``: the run's
-        deferred retry (rows of a down host wait for it; not counted again)."""
+    #: the run's deferred retry pass (rows of a down host wait for its probe)
+    retry_pass = False
+
+    def retry_later(self, reason: str) -> bool:
+        return self.config.deferred_retry and (transient(reason) or reason == "host_unavailable")
+
+    def for_retry(self) -> Stage:
+        again = DeferredDownloadStage(self.config)
+        again.__dict__.update({k: v for k, v in self.__dict__.items() if k == "attached"})
+        return again
+
+    def process_batch(self, batch: Batch) -> Batch:
+        """Every row of ``batch`` through the frontier: rows queued per host
+        and started under the run's gate leases."""
+        retry_pass = self.retry_pass
         if self._worker is None:
             self.setup()
         w = self._worker
@@ -367,6 +378,15 @@ class DownloadStage(Stage):
         bad = [r for r in rows if r.reason]
         reject(batch, failed, self.name, [r.reason for r in bad], [r.detail or {} for r in bad], status=STATUS_FAILED)
         return batch
+
+
+class DeferredDownloadStage(DownloadStage):
+    """The download stage in the run's deferred retry pass: rows of a host
+    that is down wait for its probe instead of ending at once, and its rows
+    are not counted again in the per-host figures. A class of its own, so a
+    worker's set-up copy of each is kept apart."""
+
+    retry_pass = True
 
 
 def _text(url) -> str:

@@ -1,0 +1,129 @@
+"""The run-wide services stages ask for (``Stage.services``), made once per run.
+
+Why the runner makes them. A per-host bound or a robots.txt read once per
+run only holds if every task of the run shares one book of hosts, and
+stages never import Ray: so a stage names what it needs, as data, and the
+runner makes it for the way the run executes. In process, the service is
+the object itself; on Ray, the host gate is one actor (threaded: a
+``acquire`` may wait a few milliseconds for a lease) and what the stage
+gets is a small client that pickles with it to every task.
+
+* ``host_gate``: a :class:`~stages.common.hostgate.HostGate` for the
+  ``Limits`` the stage gives.
+* ``work_store``: :class:`WorkStore`, small files under ``OUT/_work/<name>/``
+  (local or object storage), which a resume and every node see.
+"""
+
+from __future__ import annotations
+
+from pairforge.manifests import layout, storage
+from pairforge.stages.common.hostgate import HostGate
+
+
+class WorkStore:
+    """Small files under the run's work folder; names are the stage's own
+    (safe, derived from data it hashed), contents are data, never code."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        storage.write_atomic(self.root / name, data, fsync=False)
+
+
+class RayGate:
+    """A :class:`HostGate` served by a Ray actor: the same calls, made remotely."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def acquire(self, asks, budget, wait=0.0, rows=None):
+        import ray
+
+        return ray.get(self.actor.acquire.remote(asks, budget, wait, rows))
+
+    def release(self, host, outcome="ok", retry_after=None, status=0):
+        import ray
+
+        ray.get(self.actor.release.remote(host, outcome, retry_after, status))
+
+    def set_interval(self, host, seconds):
+        import ray
+
+        ray.get(self.actor.set_interval.remote(host, seconds))
+
+    def claim_robots(self, origins):
+        import ray
+
+        return ray.get(self.actor.claim_robots.remote(origins))
+
+    def robots_done(self, origin, host, outcome):
+        import ray
+
+        ray.get(self.actor.robots_done.remote(origin, host, outcome))
+
+    def stats(self, top: int = 20):
+        import ray
+
+        return ray.get(self.actor.stats.remote(top))
+
+
+class Services:
+    """The services of one run's stages; ``close`` ends them."""
+
+    def __init__(self, out, on_ray: bool):
+        self.out, self.on_ray = out, on_ray
+        self.gates: dict[str, object] = {}
+        self._actors: list = []
+
+    def attach(self, stages) -> None:
+        for st in stages:
+            for name, arg in st.services().items():
+                st.attach(name, self._make(name, arg, st))
+
+    def _make(self, name: str, arg, stage):
+        if name == "work_store":
+            return WorkStore(layout.work_dir(self.out) / str(arg))
+        if name == "host_gate":
+            if stage.name not in self.gates:
+                self.gates[stage.name] = self._gate(arg)
+            return self.gates[stage.name]
+        raise ValueError(f"stage {stage.name} asks for an unknown service {name!r}")
+
+    def _gate(self, limits):
+        if not self.on_ray:
+            return HostGate(limits)
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        actor = (
+            ray.remote(HostGate)
+            .options(
+                num_cpus=0,
+                max_concurrency=256,
+                name=f"pairforge-hostgate-{id(self):x}",
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+            )
+            .remote(limits)
+        )
+        self._actors.append(actor)
+        return RayGate(actor)
+
+    def stats(self) -> dict:
+        """Per stage with a host gate: its per-host figures."""
+        return {name: gate.stats() for name, gate in self.gates.items()}
+
+    def close(self) -> None:
+        if self._actors:
+            import ray
+
+            for a in self._actors:
+                ray.kill(a)
+        self._actors.clear()
