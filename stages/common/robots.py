@@ -166,7 +166,9 @@ def fetch_robots(get: Get, origin: str, max_bytes: int = MAX_ROBOTS_BYTES) -> Ro
         if got.reason == "too_many_bytes":
             got = get(url, max_bytes=max(OVERSIZE_BYTES, max_bytes))
     except Exception as e:  # noqa: BLE001 - a fetcher's bug is this origin's failure, not the job's
-        return RobotsFile(origin, "disallow_all", 0, "", error=f"fetch raised {type(e).__name__}: {e}", fetched_at=started)
+        return RobotsFile(
+            origin, "disallow_all", 0, "", error=f"fetch raised {type(e).__name__}: {e}", fetched_at=started
+        )
     return classify(origin, got, max_bytes, started)
 
 
@@ -203,7 +205,12 @@ ALLOWED = Verdict(True)
 
 
 def check_token(token: str, key: str = "token") -> str:
-    require(isinstance(token, str) and PRODUCT_TOKEN.fullmatch(token) is not None, key, token, "a product token ([A-Za-z0-9_-]+)")
+    require(
+        isinstance(token, str) and PRODUCT_TOKEN.fullmatch(token) is not None,
+        key,
+        token,
+        "a product token ([A-Za-z0-9_-]+)",
+    )
     return token
 
 
@@ -291,5 +298,3 @@ class RobotsPolicy:
             if not alone.can_fetch(url, "x"):
                 return rule
         return None
-
-
