@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 from protego import Protego
 
 from pairforge.stages.base import require
-from pairforge.stages.common.robots_text import PRODUCT_TOKEN, Rule, agent_key, read_groups
+from pairforge.stages.common.robots_text import PRODUCT_TOKEN, DisallowIndex, Rule, agent_key, read_groups
 
 #: product tokens of crawlers that gather AI training data, as their operators
 #: publish them; a disallow addressed to one of them is an opt-out of AI training
@@ -240,8 +240,7 @@ class RobotsPolicy:
         self._parser: Protego | None = None
         self._ours = "*"
         self._ai: list[tuple[str, str]] = []  # (token as given, its group name)
-        self._disallows: dict[str, list[Rule]] = {}  # per group, longest first (made on first use)
-        self._single: dict[Rule, Protego] = {}
+        self._indexes: dict[str, DisallowIndex] = {}  # per group, made on its first rejection
         if file.outcome == "rules":
             groups = read_groups(file.body)
             self._groups = groups.rules
@@ -283,18 +282,7 @@ class RobotsPolicy:
         }
 
     def _rule(self, url: str, group: str) -> Rule | None:
-        """The longest ``Disallow`` of ``group`` that matches ``url``, each
-        rule tested by protego on its own (so the rule named is one protego
-        matches); ``None`` if none does alone."""
-        rules = self._disallows.get(group)
-        if rules is None:
-            rules = self._disallows[group] = sorted(
-                (r for r in self._groups.get(group, ()) if not r.allow), key=lambda r: -len(r.path)
-            )
-        for rule in rules:
-            alone = self._single.get(rule)
-            if alone is None:
-                alone = self._single[rule] = Protego.parse(f"user-agent: *\ndisallow: {rule.path}\n")
-            if not alone.can_fetch(url, "x"):
-                return rule
-        return None
+        index = self._indexes.get(group)
+        if index is None:
+            index = self._indexes[group] = DisallowIndex(self._groups.get(group, ()))
+        return index.longest(url)
