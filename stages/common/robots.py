@@ -18,8 +18,8 @@ What a fetch means (RFC 9309 2.3.1):
   2.3.1.3), except 429, which asks us to slow down and is read as a server
   error (as Google does);
 * 5xx, 429, a timeout, a refused or reset connection, a blocked address, a
-  body that does not decode: the file is unreachable and everything is
-  disallowed (``disallow_all``, 2.3.1.4);
+  body that does not decode, any other answer: the file is unreachable and
+  everything is disallowed (``disallow_all``, 2.3.1.4);
 * more than the fetcher's redirects (5, 2.3.1.2 asks at least five): read as
   unavailable (``allow_all``), as the RFC allows and Google does.
 
@@ -149,7 +149,8 @@ class Get(Protocol):
 
 
 def fetch_robots(get: Get, origin: str, max_bytes: int = MAX_ROBOTS_BYTES) -> RobotsFile:
-    """Fetch and classify ``origin``'s robots.txt; never raises.
+    """Fetch and classify ``origin`` (an :func:`origin_of` string)'s
+    robots.txt; never raises for anything the site or the fetcher does.
 
     ``get`` should cut a longer body at ``max_bytes`` and return its start
     as a success. A fetcher that refuses it instead (``too_many_bytes``) gets
@@ -160,6 +161,7 @@ def fetch_robots(get: Get, origin: str, max_bytes: int = MAX_ROBOTS_BYTES) -> Ro
     results): such a refusal is reported as ``disallow_all`` with its
     reason."""
     require(isinstance(max_bytes, int) and max_bytes > 0, "max_bytes", max_bytes, "a positive int")
+    require(isinstance(origin, str) and origin_of(origin) == origin, "origin", origin, "an origin_of() string")
     url, started = robots_url(origin), time.time()
     try:
         got = get(url, max_bytes=max_bytes)
@@ -167,7 +169,7 @@ def fetch_robots(get: Get, origin: str, max_bytes: int = MAX_ROBOTS_BYTES) -> Ro
             got = get(url, max_bytes=max(OVERSIZE_BYTES, max_bytes))
     except Exception as e:  # noqa: BLE001 - a fetcher's bug is this origin's failure, not the job's
         return RobotsFile(
-            origin, "disallow_all", 0, "", error=f"fetch raised {type(e).__name__}: {e}", fetched_at=started
+            origin, "disallow_all", 0, "", error=f"fetch raised {type(e).__name__}: {e}"[:500], fetched_at=started
         )
     return classify(origin, got, max_bytes, started)
 
@@ -194,7 +196,9 @@ class Verdict:
     """Whether a URL may be fetched; when not, ``reason`` is
     ``robots_disallowed`` or ``opted_out`` and ``detail`` says which file,
     group and rule (``robots_url``, ``robots_group``, ``robots_rule``,
-    ``robots_line``; ``robots_token`` for an opt-out)."""
+    ``robots_line``; ``robots_token`` for an opt-out; ``robots_outcome``,
+    ``robots_status``, ``robots_error`` when the file could not be read).
+    ``detail`` is shared between verdicts: read it, copy it to change it."""
 
     allowed: bool
     reason: str = ""
