@@ -36,6 +36,7 @@ collected, which bounds the bytes a task holds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,8 @@ from pairforge.stages.common.fetch import AddressPolicy, Fetched, SafeFetcher, d
 from pairforge.stages.common.frontier import Frontier
 from pairforge.stages.common.hostgate import HostGate, Limits
 from pairforge.stages.common.phash import ALGORITHMS as HASHES
+from pairforge.stages.common.robots import AI_TOKENS, check_token
+from pairforge.stages.common.robots_cache import SharedRobots
 from pairforge.stages.common.phash import image_hash
 from pairforge.stages.common.resize import Resize, probe
 
@@ -99,6 +102,15 @@ class Config:
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     #: W3C TDMRep: a ``tdm-reservation: 1`` header opts the image out
     tdm_reservation: bool = True
+    #: obey robots.txt (RFC 9309), read once per origin for the run
+    #: (Scrapy's ROBOTSTXT_OBEY); ``false`` is recorded in the manifest
+    robots_txt: bool = True
+    #: crawlers whose robots.txt group, when the file has none for us, also
+    #: binds us: a URL it disallows ends ``opted_out`` (AI-training opt-outs);
+    #: ``[]`` turns that off
+    robots_ai_tokens: tuple[str, ...] = AI_TOKENS
+    #: the longest robots.txt ``Crawl-delay`` honoured, in seconds
+    max_crawl_delay: float = 10.0
     # per-host politeness, for the whole run across the cluster (Scrapy's
     # CONCURRENT_REQUESTS_PER_DOMAIN and DOWNLOAD_DELAY)
     #: requests in flight to one host from every task together (null: no bound)
@@ -164,6 +176,9 @@ class Config:
         )
         require(self.max_pause > 0, "max_pause", self.max_pause, "> 0 seconds")
         require(self.host_failures >= 1, "host_failures", self.host_failures, ">= 1")
+        require(self.max_crawl_delay >= 0, "max_crawl_delay", self.max_crawl_delay, ">= 0 seconds")
+        for t in self.robots_ai_tokens:
+            check_token(t, "robots_ai_tokens")
         for name in ("user_agent", "contact", "user_agent_token"):
             v = getattr(self, name)
             require(v is None or (v.strip() and v.isprintable()), name, v, "printable text or null")
@@ -210,6 +225,36 @@ class _Worker:
         self.threads = ThreadPoolExecutor(cfg.thread_count, thread_name_prefix="pairforge-download")
         # without a run's gate (a stage used on its own): one for this process
         self.gate = HostGate(limits_of(cfg))
+        # robots.txt comes through a client of its own: no header opt-outs
+        # (sites send X-Robots-Tag: noindex on robots.txt), the same addresses
+        robots = SafeFetcher(
+            allow_networks=cfg.allow_networks,
+            timeout=cfg.timeout,
+            deadline=cfg.deadline,
+            max_redirects=5,
+            user_agent=self.fetcher.agent,
+            user_agent_token=self.fetcher.token,
+            disallowed_header_directives=(),
+            tdm_reservation=False,
+            pool_size=4,
+        )
+        self.robots_get = functools.partial(robots.fetch, truncate=True)
+        self.robots: dict = {}  # store -> SharedRobots: policies kept per process
+
+    def robots_for(self, cfg: Config, store, retry_pass: bool) -> SharedRobots | None:
+        if not cfg.robots_txt:
+            return None
+        key = (str(getattr(store, "root", "")), retry_pass)
+        if key not in self.robots:
+            self.robots[key] = SharedRobots(
+                self.robots_get,
+                store,
+                token=self.fetcher.token,
+                ai_tokens=cfg.robots_ai_tokens,
+                max_crawl_delay=cfg.max_crawl_delay,
+                refetch_failed=retry_pass,
+            )
+        return self.robots[key]
 
 
 def limits_of(cfg: Config) -> Limits:
@@ -308,8 +353,10 @@ class DownloadStage(Stage):
         w = self._worker
         n = batch_len(batch)
         urls = batch["url"] if "url" in batch else np.full(n, None, dtype=object)
+        services = getattr(self, "attached", {})
         frontier = Frontier(
-            gate=getattr(self, "attached", {}).get("host_gate") or w.gate,
+            gate=services.get("host_gate") or w.gate,
+            robots=w.robots_for(self.config, services.get("work_store"), retry_pass),
             pool=w.threads,
             threads=self.config.thread_count,
             fetch=w.fetcher.fetch,

@@ -136,7 +136,11 @@ def test_a_download_batch_with_hostile_servers_finishes(servers):
     out = done["out"]
     assert list(out["reason"]) == ["timeout"] * len(HOSTILE) + ["", ""]
     assert list(out["status"]) == [STATUS_FAILED] * len(HOSTILE) + [STATUS_OK, STATUS_OK]
-    assert all(json.loads(d)["error"] == f"deadline of {DEADLINE}s exceeded" for d in out["detail"][: len(HOSTILE)])
+    # a host that never answers times out on its robots.txt first: the row
+    # says so ("robots.txt not read: timeout: deadline of ... exceeded")
+    assert all(
+        json.loads(d)["error"].endswith(f"deadline of {DEADLINE}s exceeded") for d in out["detail"][: len(HOSTILE)]
+    )
     assert took <= DEADLINE + GRACE, took
 
 

@@ -36,10 +36,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from pairforge.stages.common.fetch import error_text, transient
 from pairforge.stages.common.hostgate import ROBOTS_FETCH, ROBOTS_READY
+from pairforge.stages.common.robots import origin_of
 
 #: seconds between two robots.txt claims of an origin another client is fetching
 ROBOTS_POLL = 0.05
@@ -48,20 +48,13 @@ IDLE = 1.0
 
 
 def host_and_origin(url) -> tuple[str | None, str | None]:
-    """The politeness key (the host name, lower-case) and the robots.txt
+    """The politeness key (the host, as in the origin) and the robots.txt
     origin (``scheme://host:port``) of ``url``; ``(None, None)`` for what is
     not an http(s) URL with a host (the fetcher then names the problem)."""
-    if not isinstance(url, str):
+    origin = origin_of(url)
+    if origin is None:
         return None, None
-    try:
-        parts = urlsplit(url.strip())
-        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
-    except ValueError:
-        return None, None
-    if scheme not in ("http", "https") or not host:
-        return None, None
-    port = port or (443 if scheme == "https" else 80)
-    return host, f"{scheme}://{host}:{port}"
+    return origin.partition("://")[2].rpartition(":")[0], origin
 
 
 @dataclass
@@ -80,8 +73,8 @@ class Frontier:
 
     ``fetch(url) -> Fetched`` and ``finish(url, fetched, attempts) -> row``
     run in ``pool``'s threads; ``robots`` (optional) gives ``cached(origin)``,
-    ``stored(origin)`` and ``fetch(origin) -> (policy, outcome)``, a policy
-    having ``check(url) -> (reason, detail)`` and ``crawl_delay``."""
+    ``stored(origin)`` and ``fetch(origin) -> (policy, outcome, failed)``
+    (``stages.common.robots_cache.SharedRobots``)."""
 
     def __init__(
         self,
@@ -269,7 +262,7 @@ class Frontier:
             if policy is None:
                 self.robots_wait.setdefault(job.origin, []).append(job)
                 return
-            reason, detail = policy.check(job.url)
+            reason, detail = self.robots.check(policy, job.url)
             if reason:
                 self._done(job, self._fail(job.url, reason, {"url": job.url, **detail}))
                 return
@@ -303,7 +296,7 @@ class Frontier:
                 detail = {"url": job.url, "error": "robots.txt could not be read"}
                 self._done(job, self._fail(job.url, "internal_error", detail))
             return
-        delay = getattr(policy, "crawl_delay", None)
+        delay = policy.bounded_crawl_delay
         if delay and jobs:
             self.gate.set_interval(jobs[0].host, delay)
         for job in jobs:

@@ -116,6 +116,7 @@ class RobotsFile:
     error: str = ""  # why it is not ``rules``: the fetch's reason and error
     fetched_at: float = 0.0  # time.time() of the fetch
     truncated: bool = False  # the file was longer than what was parsed
+    detail: dict = field(default_factory=dict)  # the failed fetch's detail (its refused addresses ...)
 
     def __post_init__(self):
         require(self.outcome in OUTCOMES, "outcome", self.outcome, f"one of {OUTCOMES}")
@@ -131,7 +132,8 @@ class RobotsFile:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"robots file: not JSON ({e})") from None
         types = {"origin": str, "outcome": str, "status": int, "body": str, "error": str}
-        types.update({"fetched_at": (int, float), "truncated": bool})
+        types.update({"fetched_at": (int, float), "truncated": bool, "detail": dict})
+        obj.setdefault("detail", {}) if isinstance(obj, dict) else None
         if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
             raise ValueError(f"robots file: expected a format {_FORMAT} object")
         for key, kind in types.items():
@@ -188,7 +190,17 @@ def classify(origin: str, got: Any, max_bytes: int = MAX_ROBOTS_BYTES, fetched_a
     if reason == "opted_out":
         error += " (the fetcher refused robots.txt for its X-Robots-Tag; fetch robots.txt without header directives)"
     unavailable = reason.startswith("http_4") and status != 429 or reason == "too_many_redirects"
-    return RobotsFile(origin, "allow_all" if unavailable else "disallow_all", status, "", error[:500], fetched_at)
+    detail = {k: v for k, v in got.detail.items() if k not in ("url", "error") and _jsonable(v)}
+    outcome = "allow_all" if unavailable else "disallow_all"
+    return RobotsFile(origin, outcome, status, "", error[:500], fetched_at, detail=detail)
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pairforge.stages.base import require
+from pairforge.stages.common.fetch import transient
 from pairforge.stages.common.robots import (
     ALLOWED,
     DEFAULT_TOKEN,
@@ -43,6 +44,7 @@ from pairforge.stages.common.robots import (
     RobotsPolicy,
     Verdict,
     check_token,
+    fetch_robots,
     origin_of,
 )
 
@@ -190,3 +192,103 @@ class RobotsCache:
         if file.origin != origin or abs(time.time() - file.fetched_at) > self.max_age:
             return None
         return file
+
+
+def unreadable_reason(file: RobotsFile) -> str:
+    """The reason a robots.txt that disallows everything could not be read
+    for (``timeout``, ``connection_error``, ``http_503``, ``blocked_address``
+    ...), else ``""``."""
+    if file.outcome != "disallow_all" or not file.error:
+        return ""
+    return file.error.split(":", 1)[0].strip()
+
+
+class SharedRobots:
+    """The download frontier's view of robots.txt (``stages/common/frontier.py``):
+    lookups that never block, and a fetch made by whichever client the run's
+    host gate names, under a lease of the host like any request, so that a
+    robots.txt is read once per run across the cluster and counts against
+    the host's bounds. Policies are kept per process (least recently used
+    dropped past ``max_origins``); the store shares them with the run."""
+
+    def __init__(
+        self,
+        get: Callable,
+        store: Store | None = None,
+        *,
+        token: str = DEFAULT_TOKEN,
+        ai_tokens: tuple[str, ...] = (),
+        max_crawl_delay: float = 10.0,
+        max_age: float = MAX_AGE,
+        max_origins: int = 10_000,
+        refetch_failed: bool = False,
+    ):
+        check_token(token)
+        self.refetch_failed = refetch_failed
+        self.get, self.store = get, store
+        self.token, self.ai_tokens, self.max_crawl_delay = token, tuple(ai_tokens), max_crawl_delay
+        self.max_age, self.max_origins = max_age, max_origins
+        self._lock = threading.Lock()
+        self._policies: OrderedDict[str, RobotsPolicy] = OrderedDict()
+
+    def cached(self, origin: str) -> RobotsPolicy | None:
+        with self._lock:
+            policy = self._policies.get(origin)
+            if policy is not None:
+                self._policies.move_to_end(origin)
+        return None if policy is None or self._stale(policy.file) else policy
+
+    def check(self, policy: RobotsPolicy, url: str) -> tuple[str, dict]:
+        """``(reason, detail)`` for ``url`` under ``policy``; ``reason`` is
+        ``""`` when allowed. A robots.txt that could not be read for a
+        transient reason (unreachable, 5xx, 429) disallows the origin (RFC
+        9309 2.3.1.4), and its rows end with that reason (``timeout``,
+        ``http_503`` ...), so that the run's deferred retry tries them again;
+        one refused for its address ends ``blocked_address``, as its image would."""
+        verdict = policy.decide(url)
+        if verdict.allowed:
+            return "", {}
+        failed = unreadable_reason(policy.file)
+        if failed:
+            detail = {**policy.file.detail, **verdict.detail, "error": f"robots.txt not read: {policy.file.error}"}
+            return failed, detail
+        return verdict.reason, verdict.detail
+
+    def _stale(self, file: RobotsFile) -> bool:
+        """With ``refetch_failed`` (the deferred retry pass), a file that
+        failed transiently is read again."""
+        return self.refetch_failed and transient(unreadable_reason(file))
+
+    def stored(self, origin: str) -> RobotsPolicy | None:
+        """The policy from the run's store, or ``None`` (absent, stale, unreadable)."""
+        if self.store is None:
+            return None
+        try:
+            data = self.store.read(store_name(origin))
+            file = RobotsFile.from_json(data) if data is not None else None
+        except (OSError, ValueError) as e:
+            log.warning("robots.txt of %s: stored copy unreadable (%s); fetched again", origin, e)
+            return None
+        if file is None or file.origin != origin or abs(time.time() - file.fetched_at) > self.max_age:
+            return None
+        return None if self._stale(file) else self._keep(origin, file)
+
+    def fetch(self, origin: str) -> tuple[RobotsPolicy, str, bool]:
+        """Fetch, store and keep ``origin``'s robots.txt. Returns the policy,
+        the file's outcome and whether the host failed transiently (5xx,
+        429, unreachable: the host gate backs off as for any request)."""
+        file = fetch_robots(self.get, origin)
+        if self.store is not None:
+            try:
+                self.store.write(store_name(origin), file.to_json())
+            except OSError as e:
+                log.warning("robots.txt of %s: not stored (%s)", origin, e)
+        return self._keep(origin, file), file.outcome, transient(unreadable_reason(file))
+
+    def _keep(self, origin: str, file: RobotsFile) -> RobotsPolicy:
+        policy = RobotsPolicy(file, self.token, self.ai_tokens, self.max_crawl_delay)
+        with self._lock:
+            self._policies[origin] = policy
+            while len(self._policies) > self.max_origins:
+                self._policies.popitem(last=False)
+        return policy
