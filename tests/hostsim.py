@@ -12,8 +12,9 @@ with ``limit``, answer ``429`` + ``Retry-After`` when more than ``limit``
 requests are in flight (counted as nginx's ``limit_conn`` does: requests
 whose headers were read and whose answer is not yet sent); ``first_429``
 answers the first image request ``429`` with that ``Retry-After``, and
-``throttle_at`` the first one after that ``time.time()`` (with
-``retry_after``: so the requests before it are answered, not racing it);
+``throttle_at`` the first one after that ``time.time()``, ``throttle_after``
+the first one after that many images were served (both with
+``retry_after``: the requests before it are answered, not racing it);
 ``fail_until`` answers ``503`` until that ``time.time()``; ``robots`` is its
 robots.txt (404 when ``None``). Its :class:`Score`: requests, the most in
 flight at once, requests that arrived with ``limit`` already in flight
@@ -40,6 +41,7 @@ class Rule:
     retry_after: float = 1.0
     first_429: float | None = None
     throttle_at: float | None = None
+    throttle_after: int | None = None
     fail_until: float | None = None
     robots: bytes | None = None
 
@@ -181,7 +183,9 @@ class HostSim:
         if rule.first_429 is not None and ip not in self._first:
             self._first.add(ip)
             return self._too_many(sc, now, rule.first_429)
-        if rule.throttle_at is not None and now >= rule.throttle_at and ip not in self._first:
+        throttle = rule.throttle_at is not None and now >= rule.throttle_at
+        throttle |= rule.throttle_after is not None and sc.images >= rule.throttle_after
+        if throttle and ip not in self._first:
             self._first.add(ip)
             return self._too_many(sc, now, rule.retry_after)
         if rule.limit is not None and sc.in_flight > rule.limit:
