@@ -28,6 +28,7 @@ from pairforge.pipeline.engine import rows_mark
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.pipeline.job import run_job
 from pairforge.pipeline.raystart import loopback_env
+from tests.hostsim import HostSim, Rule, addresses
 from tests.shardkit import jpeg
 
 pytestmark = pytest.mark.slow
@@ -194,6 +195,62 @@ def test_rows_pass_spreads_over_every_node(tmp_path, cluster):
             for o in ("one", "two")
         )
         assert a.equals(b)
+
+
+# ------------------------------------------------------------------ politeness across nodes
+
+
+def test_per_host_bounds_and_retry_after_hold_across_nodes(tmp_path, cluster):
+    """Two nodes, 4 download threads a task: a host that counts requests in
+    flight never sees more than ``per_host_connections`` (2) from the job,
+    and a host that answers 429 + ``Retry-After: 3`` gets no request from
+    any node until 3 s have passed (requests already on the wire when it
+    answered, arriving within 0.2 s of it, are not counted)."""
+    if cluster.nodes() < 2:
+        cluster.add_node()
+    hot, paused = addresses(2, second=91)
+    rules = {hot: Rule(delay=0.05, limit=2), paused: Rule(delay=0.1, throttle_after=6, retry_after=3)}
+    with HostSim(rules, jpeg(3), grace=0.2) as sim:
+        urls = [sim.url(paused if i % 4 == 0 else hot, f"/img/{i}.jpg") for i in range(160)]
+        pq.write_table(pa.table({"url": urls, "caption": ["x y"] * len(urls)}), tmp_path / "urls.parquet")
+        job = {
+            "input": {"paths": ["urls.parquet"]},
+            "output": {"dir": "polite", "samples_per_shard": 10},
+            "stages": [
+                {
+                    "name": "download",
+                    "image_size": 16,
+                    "thread_count": 4,
+                    "per_host_connections": 2,
+                    "retries": 1,
+                    "allow_networks": ["127.0.0.0/8"],
+                },
+                {"name": "tests.contract_stages:RaggedStage", "record_worker": True, "reject_digit": "x"},
+                "shard",
+            ],
+        }
+        (tmp_path / "polite.yaml").write_text(yaml.safe_dump(job))
+        r = subprocess.run(
+            [sys.executable, "-m", "pairforge.pipeline.cli", "run", str(tmp_path / "polite.yaml"), "--address", cluster.addr],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert r.returncode == 0, r.stderr[-3000:]
+    man = read_manifest(tmp_path / "polite")
+    assert man["ray"]["nodes"] == 2 and man["counts"]["ok"] == 160, man["counts"]
+    parents = set()
+    for p in sorted((tmp_path / "polite" / "shards").glob("*.parquet")):
+        parents |= set(pq.read_table(p, columns=["worker_parent"]).column(0).to_pylist())
+    assert len(parents) == 2, parents  # both nodes downloaded
+    h, p = sim.scores[hot], sim.scores[paused]
+    assert h.max_in_flight <= 2 and h.over_limit == 0 and h.sent_429 == 0, (h.max_in_flight, h.over_limit)
+    assert p.sent_429 == 1 and p.early == 0, [round(t - p.sent_429_at, 3) for t, _ in p.arrivals]
+    after = [t for t, _ in p.arrivals if t > p.sent_429_at + sim.grace]
+    assert after and min(after) >= p.sent_429_at + 3.0
+    crawl = man["crawl"]["download"]["hosts"]
+    assert crawl["http_429"] == 1 and crawl["pauses"] >= 1 and crawl["rows"] == 160
 
 
 # ------------------------------------------------------------------ a node lost mid-run
