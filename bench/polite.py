@@ -209,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             results[plan].append(r)
             print(f"  pass {i + 1} {plan}: {r['wall']:.1f}s, {r['ok']} fetched, {r['sent_429']} 429s", flush=True)
     load1 = os.getloadavg()
-    print(f"\n{'plan':18} {'wall s (median [min-max])':>28} {'x bound':>8} {'fetched':>9} {'429s':>6} "
-          f"{'over limit':>10} {'early':>6}")
+    print(
+        f"\n{'plan':18} {'wall s (median [min-max])':>28} {'x bound':>8} {'fetched':>9} {'429s':>6} "
+        f"{'over limit':>10} {'early':>6}"
+    )
     for plan, rs in results.items():
         walls = [r["wall"] for r in rs]
         med = statistics.median(walls)

@@ -36,23 +36,29 @@ collected, which bounds the bytes a task holds.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from pairforge.stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
-from pairforge.stages.common.fetch import AddressPolicy, Fetched, SafeFetcher, default_user_agent, transient
+from pairforge.stages.base import (
+    STATUS_FAILED,
+    Batch,
+    Column,
+    Resources,
+    Stage,
+    batch_len,
+    object_array,
+    reject,
+    require,
+)
+from pairforge.stages.common.download_worker import limits_of, worker_for
+from pairforge.stages.common.fetch import AddressPolicy, Fetched, transient
 from pairforge.stages.common.frontier import Frontier
-from pairforge.stages.common.hostgate import HostGate, Limits
 from pairforge.stages.common.phash import ALGORITHMS as HASHES
-from pairforge.stages.common.robots import AI_TOKENS, check_token
-from pairforge.stages.common.robots_cache import SharedRobots
 from pairforge.stages.common.phash import image_hash
-from pairforge.stages.common.resize import Resize, probe
+from pairforge.stages.common.resize import probe
+from pairforge.stages.common.robots import AI_TOKENS, check_token
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")
@@ -191,96 +197,6 @@ class Config:
             raise ValueError(f"allow_networks: {e}") from None
 
 
-class _Worker:
-    """What one worker process keeps between batches: the HTTP pool, the
-    thread pool and the resizer."""
-
-    def __init__(self, cfg: Config):
-        self.fetcher = SafeFetcher(
-            allow_networks=cfg.allow_networks,
-            timeout=cfg.timeout,
-            deadline=cfg.deadline,
-            max_redirects=cfg.max_redirects,
-            max_bytes=cfg.max_bytes,
-            user_agent=cfg.user_agent or default_user_agent(cfg.contact),
-            user_agent_token=cfg.user_agent_token,
-            disallowed_header_directives=cfg.disallowed_header_directives,
-            tdm_reservation=cfg.tdm_reservation,
-            pool_size=cfg.thread_count,
-        )
-        self.resize = Resize(
-            image_size=cfg.image_size,
-            resize_mode=cfg.resize_mode,
-            resize_only_if_bigger=cfg.resize_only_if_bigger,
-            upscale_interpolation=cfg.upscale_interpolation,
-            downscale_interpolation=cfg.downscale_interpolation,
-            encode_format=cfg.encode_format,
-            encode_quality=cfg.encode_quality,
-            skip_reencode=cfg.skip_reencode,
-            min_image_size=cfg.min_image_size,
-            max_image_area=cfg.max_image_area,
-            max_aspect_ratio=cfg.max_aspect_ratio,
-            reduced_decode=cfg.reduced_decode,
-        )
-        self.threads = ThreadPoolExecutor(cfg.thread_count, thread_name_prefix="pairforge-download")
-        # without a run's gate (a stage used on its own): one for this process
-        self.gate = HostGate(limits_of(cfg))
-        # robots.txt comes through a client of its own: no header opt-outs
-        # (sites send X-Robots-Tag: noindex on robots.txt), the same addresses
-        robots = SafeFetcher(
-            allow_networks=cfg.allow_networks,
-            timeout=cfg.timeout,
-            deadline=cfg.deadline,
-            max_redirects=5,
-            user_agent=self.fetcher.agent,
-            user_agent_token=self.fetcher.token,
-            disallowed_header_directives=(),
-            tdm_reservation=False,
-            pool_size=4,
-        )
-        self.robots_get = functools.partial(robots.fetch, truncate=True)
-        self.robots: dict = {}  # store -> SharedRobots: policies kept per process
-
-    def robots_for(self, cfg: Config, store, retry_pass: bool) -> SharedRobots | None:
-        if not cfg.robots_txt:
-            return None
-        key = (str(getattr(store, "root", "")), retry_pass)
-        if key not in self.robots:
-            self.robots[key] = SharedRobots(
-                self.robots_get,
-                store,
-                token=self.fetcher.token,
-                ai_tokens=cfg.robots_ai_tokens,
-                max_crawl_delay=cfg.max_crawl_delay,
-                refetch_failed=retry_pass,
-            )
-        return self.robots[key]
-
-
-def limits_of(cfg: Config) -> Limits:
-    return Limits(
-        connections=cfg.per_host_connections,
-        interval=cfg.per_host_interval,
-        max_pause=cfg.max_pause,
-        backoff=cfg.backoff,
-        failures_down=cfg.host_failures,
-        lease_seconds=cfg.deadline + 60.0,
-    )
-
-
-# Stateless stages run as Ray tasks: a worker process runs many of them, so
-# its pools live here, one per distinct config, for the life of the process.
-_WORKERS: dict[Config, _Worker] = {}
-_WORKERS_LOCK = threading.Lock()
-
-
-def _worker_for(cfg: Config) -> _Worker:
-    with _WORKERS_LOCK:
-        if cfg not in _WORKERS:
-            _WORKERS[cfg] = _Worker(cfg)
-        return _WORKERS[cfg]
-
-
 @dataclass
 class _Row:
     """One row's outcome, filled by a download thread then the resizer."""
@@ -303,7 +219,7 @@ class DownloadStage(Stage):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        self._worker: _Worker | None = None
+        self._worker = None  # stages.common.download_worker._Worker, per process
 
     def __getstate__(self) -> dict:
         # the worker's pools stay in the process that made them
@@ -313,7 +229,7 @@ class DownloadStage(Stage):
         return Resources(num_cpus=self.config.num_cpus, batch_size=self.config.batch_size)
 
     def setup(self) -> None:
-        self._worker = _worker_for(self.config)
+        self._worker = worker_for(self.config)
 
     def outputs(self) -> tuple[Column, ...]:
         ints = ("width", "height", "original_width", "original_height")

@@ -46,7 +46,17 @@ from typing import ClassVar
 
 import numpy as np
 
-from pairforge.stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
+from pairforge.stages.base import (
+    STATUS_FAILED,
+    Batch,
+    Column,
+    Resources,
+    Stage,
+    batch_len,
+    object_array,
+    reject,
+    require,
+)
 from pairforge.stages.common import clip as _clip
 from pairforge.stages.common import detectors as _det
 

@@ -12,7 +12,17 @@ from typing import ClassVar
 
 import numpy as np
 
-from pairforge.stages.base import Batch, Column, FitResult, GlobalStage, Resources, Stage, batch_len, object_array, reject
+from pairforge.stages.base import (
+    Batch,
+    Column,
+    FitResult,
+    GlobalStage,
+    Resources,
+    Stage,
+    batch_len,
+    object_array,
+    reject,
+)
 
 
 def boxes_for(key: str) -> np.ndarray:

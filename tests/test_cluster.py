@@ -231,7 +231,15 @@ def test_per_host_bounds_and_retry_after_hold_across_nodes(tmp_path, cluster):
         }
         (tmp_path / "polite.yaml").write_text(yaml.safe_dump(job))
         r = subprocess.run(
-            [sys.executable, "-m", "pairforge.pipeline.cli", "run", str(tmp_path / "polite.yaml"), "--address", cluster.addr],
+            [
+                sys.executable,
+                "-m",
+                "pairforge.pipeline.cli",
+                "run",
+                str(tmp_path / "polite.yaml"),
+                "--address",
+                cluster.addr,
+            ],
             env=_env(),
             capture_output=True,
             text=True,

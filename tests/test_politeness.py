@@ -9,10 +9,10 @@ import time
 import pytest
 
 from pairforge.stages.base import STATUS_OK
-from pairforge.stages.common.hostgate import ROBOTS_FETCH, ROBOTS_READY, ROBOTS_WAIT, HostGate, Limits
-from pairforge.stages.download import Config, DownloadStage
 from pairforge.stages.common.fetch import default_user_agent, product_token
 from pairforge.stages.common.frontier import host_and_origin
+from pairforge.stages.common.hostgate import ROBOTS_FETCH, ROBOTS_READY, ROBOTS_WAIT, HostGate, Limits
+from pairforge.stages.download import Config, DownloadStage
 from tests.downloadkit import make_batch
 from tests.hostsim import HostSim, Rule, addresses
 from tests.shardkit import jpeg
@@ -151,8 +151,12 @@ def test_no_request_reaches_a_host_before_its_retry_after(image):
     # the slow host answers in 0.1 s, and the first request after 0.3 s gets 429 + Retry-After: 2
     rules = {slow: Rule(delay=0.1, throttle_at=time.time() + 0.3, retry_after=2), other: Rule(delay=0.02)}
     with HostSim(rules, image) as sim:
-        urls = [sim.url(slow, f"/img/{i}.jpg") for i in range(12)] + [sim.url(other, f"/img/{i}.jpg") for i in range(30)]
-        stage = DownloadStage(Config(allow_networks=LOCAL, thread_count=8, retries=1, image_size=32, per_host_connections=2))
+        urls = [sim.url(slow, f"/img/{i}.jpg") for i in range(12)] + [
+            sim.url(other, f"/img/{i}.jpg") for i in range(30)
+        ]
+        stage = DownloadStage(
+            Config(allow_networks=LOCAL, thread_count=8, retries=1, image_size=32, per_host_connections=2)
+        )
         out = _run(stage, urls)
     s = sim.scores[slow]
     assert s.sent_429 == 1 and s.early == 0, (s.early, s.arrivals)

@@ -256,7 +256,6 @@ class HostGate:
                 **total,
                 "robots": dict(sorted(robots.items())),
                 "top": [
-                    {"host": k, **{f: getattr(h, f) for f in fields}, "robots": h.robots or None}
-                    for k, h in order
+                    {"host": k, **{f: getattr(h, f) for f in fields}, "robots": h.robots or None} for k, h in order
                 ],
             }
