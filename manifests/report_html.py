@@ -94,6 +94,42 @@ def funnel(man: dict) -> str:
     return f'<table id="funnel">{head}{"".join(rows)}</table>'
 
 
+def crawl(man: dict) -> str:
+    """Per-host figures of each download stage (the manifest's ``crawl``):
+    totals, robots.txt outcomes, the deferred retry, the top hosts by rows."""
+    parts = []
+    for stage, c in (man.get("crawl") or {}).items():
+        h = c.get("hosts") or {}
+        if h:
+            robots = ", ".join(f"{esc(k)} {int(v)}" for k, v in (h.get("robots") or {}).items()) or "-"
+            parts.append(
+                f"<p><b>{esc(stage)}</b>: {int(h.get('hosts') or 0)} hosts, {int(h.get('requests') or 0)} requests, "
+                f"{int(h.get('http_429') or 0)} answered 429, {int(h.get('pauses') or 0)} pauses "
+                f"({float(h.get('paused_seconds') or 0):.1f} s), {int(h.get('down') or 0)} times a host was down; "
+                f"robots.txt: {robots}</p>"
+            )
+            cols = ("rows", "requests", "ok", "transient", "http_429", "pauses", "down")
+            head = "<tr><th>host</th>" + "".join(f"<th>{c}</th>" for c in cols) + "<th>robots.txt</th></tr>"
+            rows = "".join(
+                f"<tr><td>{esc(t.get('host'))}</td>"
+                + "".join(f"<td class=n>{int(t.get(k) or 0)}</td>" for k in cols)
+                + f"<td>{esc(t.get('robots') or '-')}</td></tr>"
+                for t in h.get("top") or []
+            )
+            parts.append(f'<table class="crawl">{head}{rows}</table>')
+        retry = c.get("deferred_retry") or {}
+        if retry:
+            rows = "".join(
+                f"<tr><td>{esc(r)}</td><td class=n>{int(v.get('tried') or 0)}</td>"
+                f"<td class=n>{int(v.get('recovered') or 0)}</td>"
+                f"<td>{esc(', '.join(f'{k} {n}' for k, n in (v.get('failed') or {}).items()) or '-')}</td></tr>"
+                for r, v in retry.items()
+            )
+            head = "<tr><th>first failure</th><th>retried</th><th>recovered</th><th>failed again</th></tr>"
+            parts.append(f'<p>Deferred retry</p><table class="crawl">{head}{rows}</table>')
+    return "".join(parts) or "<p>No download stage ran.</p>"
+
+
 def rejects(groups: list[dict]) -> str:
     if not groups:
         return "<p>No row was rejected.</p>"
@@ -183,7 +219,8 @@ def render(ctx: dict) -> str:
     nav = "".join(
         f'<a href="#{a}">{t}</a>'
         for a, t in (("s-funnel", "funnel"), ("s-pairs", "kept pairs"), ("s-plots", "histograms"),
-                     ("s-rejects", "rejects"), ("s-regions", "regions"), ("s-confounders", "confounders"))
+                     ("s-rejects", "rejects"), ("s-crawl", "hosts"), ("s-regions", "regions"),
+                     ("s-confounders", "confounders"))
     )  # fmt: skip
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -198,6 +235,7 @@ def render(ctx: dict) -> str:
 <div class="grid" id="pairs">{grid}</div>
 <h2 id="s-plots">Histograms</h2>{plots}
 <h2 id="s-rejects">Rejects</h2>{rejects(ctx["rejects"])}
+<h2 id="s-crawl">Hosts</h2>{crawl(man)}
 <h2 id="s-regions">Regions</h2>{regions(ctx["regions"])}
 <h2 id="s-confounders">Confounders</h2>{confounders(ctx["confounders"])}
 </body></html>

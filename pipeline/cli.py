@@ -90,6 +90,18 @@ def _cmd_show(args) -> int:
     for st in man["stages"]:
         dropped = ", ".join(f"{r}={n}" for r, n in st["dropped"].items()) or "-"
         print(f"{st['name']:<16}{st['in']:>10}{st['out']:>10}{st.get('seconds', 0):>10.1f}  {dropped}")
+    for name, crawl in (man.get("crawl") or {}).items():
+        h = crawl.get("hosts") or {}
+        if h:
+            robots = ", ".join(f"{k}={v}" for k, v in (h.get("robots") or {}).items()) or "-"
+            print(
+                f"\n{name}: {h['hosts']} hosts, {h['requests']} requests, {h['http_429']} answered 429, "
+                f"{h['pauses']} pauses, {h['down']} down; robots.txt: {robots}"
+            )
+            for t in h.get("top", [])[:5]:
+                print(f"  {t['host']:<40}{t['rows']:>8} rows{t['requests']:>8} requests{t['http_429']:>6} 429s")
+        for reason, c in (crawl.get("deferred_retry") or {}).items():
+            print(f"  deferred retry {reason}: {c['recovered']} of {c['tried']} recovered")
     return 0
 
 

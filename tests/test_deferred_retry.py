@@ -6,6 +6,7 @@ manifest counts first tries, recoveries and final failures per reason."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,9 +60,18 @@ def _check(man, score, failing_for: float, took: float, out) -> None:
     assert verify(out) == []
 
 
-def test_deferred_retry_in_process(tmp_path):
+def test_deferred_retry_in_process(tmp_path, capsys):
     man, score, took = _run(tmp_path, "local", failing_for=3.0, second=81)
     _check(man, score, 3.0, took, tmp_path / "out-local")
+    # the figures reach a person: `manifest show` and the report
+    from pairforge.manifests.report import write_report
+    from pairforge.pipeline.cli import main
+
+    assert main(["manifest", "show", str(tmp_path / "out-local")]) == 0
+    shown = capsys.readouterr().out
+    assert "download: 2 hosts" in shown and "deferred retry" in shown and "127.81.1.1" in shown
+    page = Path(write_report(tmp_path / "out-local")["path"]).read_text()
+    assert 'id="s-crawl"' in page and "127.81.1.1" in page and "Deferred retry" in page
 
 
 def test_deferred_retry_recovers_a_host_that_fails_its_first_30_s_on_ray(tmp_path, ray_local):
