@@ -45,14 +45,14 @@ def _run(tmp_path, runner: str, failing_for: float, second: int):
     return man, sim.scores[down], time.time() - start
 
 
-def _check(man, score, failing_for: float, took: float, out) -> None:
+def _check(man, score, failing_for: float, took: float, out, min_tried: int) -> None:
     retry = man["crawl"]["download"]["deferred_retry"]
     tried = sum(c["tried"] for c in retry.values())
     back = sum(c["recovered"] for c in retry.values())
     lost = sum(sum(c["failed"].values()) for c in retry.values())
-    assert man["counts"]["input"] == 60 and man["counts"]["ok"] == 30 + back
-    assert tried == back + lost and tried >= 28  # the failing host's rows (a first wave may pass)
-    assert back >= 27, retry  # a probe or two may still have met the failure
+    assert man["counts"]["input"] == 60 and man["counts"]["ok"] == 60 - lost, (man["counts"], retry)
+    assert tried == back + lost and tried >= min_tried, retry
+    assert lost <= 2, retry  # a probe or two may still have met the failure
     assert set(retry) <= {"http_503", "host_unavailable"}
     assert took >= failing_for and score.sent_503 < 30  # a down host is not hammered
     hosts = man["crawl"]["download"]["hosts"]
@@ -62,7 +62,7 @@ def _check(man, score, failing_for: float, took: float, out) -> None:
 
 def test_deferred_retry_in_process(tmp_path, capsys):
     man, score, took = _run(tmp_path, "local", failing_for=3.0, second=81)
-    _check(man, score, 3.0, took, tmp_path / "out-local")
+    _check(man, score, 3.0, took, tmp_path / "out-local", min_tried=1)
     # the figures reach a person: `manifest show` and the report
     from pairforge.manifests.report import write_report
     from pairforge.pipeline.cli import main
@@ -76,5 +76,5 @@ def test_deferred_retry_in_process(tmp_path, capsys):
 
 def test_deferred_retry_recovers_a_host_that_fails_its_first_30_s_on_ray(tmp_path, ray_local):
     man, score, took = _run(tmp_path, "ray", failing_for=30.0, second=82)
-    _check(man, score, 30.0, took, tmp_path / "out-ray")
+    _check(man, score, 30.0, took, tmp_path / "out-ray", min_tried=28)  # all its rows but a first wave
     print(f"deferred retry on Ray: {took:.1f}s, {man['crawl']['download']['deferred_retry']}")
