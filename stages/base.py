@@ -187,6 +187,16 @@ class Stage:
             return tuple(self.fit_columns)
         return ()
 
+    def check(self, declared: dict[str, Column]) -> list[str]:
+        """What would stop this stage on a worker and can be seen on the
+        driver before Ray starts: a model file or package missing, a head
+        whose input does not fit the embedding an earlier stage declares.
+        One line each, starting with the option it is about (``nsfw_model:
+        ...``); ``pipeline.checks`` puts the stage's place in front.
+        ``declared``: the columns the stages before this one declare. Must
+        not load a model or import a heavy package. Default: nothing."""
+        return []
+
     def setup(self) -> None:
         """Load heavy state once per worker (models, clients)."""
 
