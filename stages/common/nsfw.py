@@ -61,7 +61,7 @@ def prepare(rgb: np.ndarray, size: int) -> np.ndarray:
     side = max(h, w)
     square = cv2.copyMakeBorder(rgb, 0, side - h, 0, side - w, cv2.BORDER_CONSTANT, value=(0, 0, 0))
     resized = cv2.resize(square, (size, size), interpolation=cv2.INTER_LINEAR)
-    return np.ascontiguousarray(resized.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(resized.transpose(2, 0, 1), dtype=np.float32) * np.float32(1.0 / 255.0)  # blobFromImage's scale
 
 
 class NsfwDetector:
