@@ -39,7 +39,7 @@ class HeadSpec:
     path: str
     #: ``laion_aesthetic`` (its layout is checked) or ``mlp`` (any stack of linear layers)
     kind: str = "mlp"
-    #: between layers: ``none`` (LAION's linearMSE predictors), ``relu`` (its reluMSE ones) or ``gelu``
+    #: between layers: ``none`` (LAION's aesthetic predictor), ``relu`` or ``gelu``
     activation: str = "none"
     #: after the last layer: ``none``, ``sigmoid`` or ``softmax``
     output: str = "none"

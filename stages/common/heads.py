@@ -9,10 +9,12 @@ under the attribute ``layers``: ``Linear(768, 1024)``, ``Dropout(0.2)``,
 ``Dropout(0.1)``, ``Linear(64, 16)``, ``Linear(16, 1)``, with the ReLUs
 between them commented out. So its state dict holds ``layers.0``,
 ``layers.2``, ``layers.4``, ``layers.6`` and ``layers.7`` (``.weight`` and
-``.bias``; dropout has no parameters), there is no activation in the
-``linearMSE`` files (the ``reluMSE`` ones have a ReLU after each hidden
-layer, with the same keys: ``activation: relu``), and its input is the
-ViT-L/14 image embedding L2-normalised (``normalized(...)`` in that script).
+``.bias``; dropout has no parameters), no activation runs between the
+layers (``activation: none``; the script loads its ``reluMSE`` file into the
+same class, so that file has the same keys, and nothing in a state dict says
+whether ReLUs ran in training: ``activation: relu`` if they did), and its
+input is the ViT-L/14 image embedding L2-normalised (``normalized(...)`` in
+that script).
 :data:`LAION_AESTHETIC` is that layout; :func:`load` refuses a file that
 does not have it when ``kind`` is ``laion_aesthetic``.
 
