@@ -93,6 +93,9 @@ class Column:
     store: str = "parquet"
     #: ``ragged`` only: also write each row's array into the tar as ``{key}.{name}.npy``
     in_tar: bool = True
+    #: ``scalar`` only: the manifest counts it (rows with a value, their sum,
+    #: min, max, and how many are above 0) over every row of the run, kept or not
+    summary: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -100,6 +103,8 @@ class Column:
         stores = RAGGED_STORES if self.kind == "ragged" else VECTOR_STORES
         if self.store not in stores:
             raise ValueError(f"column {self.name!r}: store {self.store!r} is not one of {stores}")
+        if self.summary and self.kind != "scalar":
+            raise ValueError(f"column {self.name!r}: only a scalar column can have a summary")
         if self.kind == "vector" and len(self.shape) != 1:
             raise ValueError(f"column {self.name!r}: a vector needs shape (dim,), got {self.shape}")
 

@@ -98,7 +98,7 @@ class HeadsStage(Stage):
         return (self.config.input,)
 
     def outputs(self) -> tuple[Column, ...]:
-        return tuple(Column(h.name, "scalar", "float32", default=np.float32("nan")) for h in self.config.heads)
+        return tuple(Column(h.name, "scalar", "float32", default=np.float32("nan"), summary=True) for h in self.config.heads)
 
     def check(self, declared: dict) -> list[str]:
         """Each file exists; a safetensors file's layout and input width are

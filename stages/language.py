@@ -75,7 +75,7 @@ class LanguageStage(Stage):
     def outputs(self) -> tuple[Column, ...]:
         return (
             Column(self.config.column, "string"),
-            Column(self.config.prob_column, "scalar", "float32", default=np.float32("nan")),
+            Column(self.config.prob_column, "scalar", "float32", default=np.float32("nan"), summary=True),
         )
 
     def check(self, declared: dict) -> list[str]:

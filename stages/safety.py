@@ -136,13 +136,13 @@ class SafetyStage(Stage):
         c = self.config
         cols = []
         if c.nsfw:
-            cols.append(Column("punsafe", "scalar", "float32", default=np.float32("nan")))
+            cols.append(Column("punsafe", "scalar", "float32", default=np.float32("nan"), summary=True))
         if c.text:
-            cols.append(Column("text_area", "scalar", "float32", default=np.float32("nan")))
+            cols.append(Column("text_area", "scalar", "float32", default=np.float32("nan"), summary=True))
             if c.text_boxes:
                 cols.append(Column("text_boxes", "ragged", "float32", (4, 2)))
         if c.blur_faces:
-            cols.append(Column("num_faces", "scalar", "int32", default=-1))
+            cols.append(Column("num_faces", "scalar", "int32", default=-1, summary=True))
             cols.append(Column("face_boxes", "ragged", "float32", (4,)))
         return tuple(cols)
 
