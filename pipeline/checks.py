@@ -89,9 +89,11 @@ def check_job(job: JobConfig) -> list[str]:
             )
         elif prior and not any((Path(prior) / "shards").glob("*.parquet")):
             problems.append(f"{where}.prior_build: {prior!r} holds no shards/*.parquet (not the OUT of an earlier run)")
-    problems += check_stages(stages)
-    if columns is not None:  # a stage with a problem declares nothing: the stages after it are not judged on it
-        problems += check_columns([(w, None if w in bad else s) for w, s in stages], columns)
+    # a stage with a problem declares nothing: the stages after it are not judged on it
+    judged = [(w, None if w in bad else s) for w, s in stages]
+    problems += check_stages(judged)
+    if columns is not None:
+        problems += check_columns(judged, columns)
     if job.ray.num_cpus is not None and job.ray.num_cpus < 1:
         problems.append(f"job.ray.num_cpus: expected >= 1 (or null: all of this machine's), got {job.ray.num_cpus!r}")
     problems += _check_output(job.output.dir, job.storage)
