@@ -21,7 +21,13 @@ from pairforge.manifests.report_plots import DROPPED, KEPT, LINE, _figure, _fini
 #: column -> (its stage, the option holding its threshold, a title, what the x axis is, the dropped side)
 SIGNALS = {
     "punsafe": ("safety", "nsfw_threshold", "NSFW score", "punsafe (NudeNet: exposed body parts)", "above"),
-    "text_area": ("safety", "text_threshold", "Text in images", "text_area (share of the image in text boxes)", "above"),
+    "text_area": (
+        "safety",
+        "text_threshold",
+        "Text in images",
+        "text_area (share of the image in text boxes)",
+        "above",
+    ),
 }
 FIXED = ("lang", "lang_prob", "num_faces")
 

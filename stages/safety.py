@@ -34,7 +34,17 @@ from typing import ClassVar
 
 import numpy as np
 
-from pairforge.stages.base import STATUS_FAILED, Batch, Column, Resources, Stage, batch_len, object_array, reject, require
+from pairforge.stages.base import (
+    STATUS_FAILED,
+    Batch,
+    Column,
+    Resources,
+    Stage,
+    batch_len,
+    object_array,
+    reject,
+    require,
+)
 from pairforge.stages.common import blur as _blur
 from pairforge.stages.common import nsfw as _nsfw
 from pairforge.stages.common import onnx as _onnx
