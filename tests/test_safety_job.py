@@ -40,9 +40,9 @@ def _jpeg(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _job(tmp_path, urls_path, stages, out="out"):
+def _job(tmp_path, urls_path, stages, out="out", runner="local"):
     return load_job(
-        {"input": {"paths": [str(urls_path)]}, "output": {"dir": out, "samples_per_shard": 4}, "runner": "local",
+        {"input": {"paths": [str(urls_path)]}, "output": {"dir": out, "samples_per_shard": 4}, "runner": runner,
          "stages": stages},  # fmt: skip
         base_dir=tmp_path,
     )
@@ -132,3 +132,30 @@ def test_checks_name_a_missing_model_and_a_head_that_does_not_fit(tmp_path):
     assert f"stages[2](safety).nsfw_model: no model file {str(tmp_path / 'no.onnx')!r}" in lines
     assert "stages[4](heads).heads[0](aesthetic).path: the head takes 768 inputs, img_emb has 512" in lines
     assert len(lines) == 3, lines
+
+
+@pytest.mark.slow
+def test_both_runners_write_the_same_bytes(tmp_path, ray_local):
+    """The safety actor (NudeNet, PP-OCR, MTCNN and the blur) and the
+    language task on Ray give the bytes the local runner gives."""
+    photos = {name: _jpeg(img) for name, _, img in skimage_photos() if name in CAPTIONS}
+    with LocalHTTPServer({f"/{n}.jpg": Route(b, "image/jpeg") for n, b in photos.items()}) as server:
+        names = list(CAPTIONS)
+        pq.write_table(pa.table({"url": [server.url(f"/{n}.jpg") for n in names], "caption": [CAPTIONS[n] for n in names]}),
+                       tmp_path / "urls.parquet")  # fmt: skip
+        stages = [
+            {"name": "download", "image_size": 256, "allow_networks": ["127.0.0.0/8"]},
+            "language",
+            {"name": "safety", "text_threshold": 0.3, "blur_faces": True, "text_boxes": True, "micro_batch": 4},
+            "shard",
+        ]
+        files = {}
+        for runner in ("local", "ray"):
+            run_job(_job(tmp_path, tmp_path / "urls.parquet", stages, out=runner, runner=runner))
+            out = tmp_path / runner
+            assert verify(out) == []
+            files[runner] = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "shards").iterdir())
+                             if not p.name.endswith("_stats.json")}  # fmt: skip
+            files[runner] |= {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "rejects").iterdir())}
+    assert files["local"] == files["ray"] and len(files["local"]) >= 6
+
