@@ -13,7 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,safety]'
+	# the text detector's model file only: its own requirement opencv-python would clash with
+	# opencv-python-headless (pyproject.toml, the safety extra, says more)
+	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 	touch $@
 
 # real product photos for the demo and the tests (Debian's dataset-fashion-mnist, MIT)

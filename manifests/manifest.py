@@ -115,6 +115,24 @@ def _survivors_lost(shard_stats: list[dict]) -> dict:
     return lost
 
 
+def sum_columns(shard_stats: list[dict]) -> dict[str, dict]:
+    """The shards' column summaries (``manifests.shards.column_summaries``)
+    as one per column, with the mean of the rows that have a value."""
+    out: dict[str, dict] = {}
+    for st in shard_stats:
+        for name, s in (st.get("columns") or {}).items():
+            tot = out.setdefault(name, {"rows": 0, "sum": 0.0, "positive": 0})
+            tot["rows"] += s["rows"]
+            tot["sum"] += s["sum"]
+            tot["positive"] += s["positive"]
+            for k, pick in (("min", min), ("max", max)):
+                if k in s:
+                    tot[k] = pick(tot[k], s[k]) if k in tot else s[k]
+    for tot in out.values():
+        tot["mean"] = tot["sum"] / tot["rows"] if tot["rows"] else None
+    return dict(sorted(out.items()))
+
+
 def build_manifest(
     out_dir,
     job: dict,
@@ -158,6 +176,7 @@ def build_manifest(
         "input": index,
         "counts": {"input": index["total_rows"], "ok": ok, "rejected": sum(s["rejected"] for s in shard_stats)},
         "stages": stages,
+        "columns": sum_columns(shard_stats),
         "sources": count_sources(out, [s["shard_id"] for s in shard_stats]),
         "schema": schema or [],
         "fits": fits or [],

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pairforge.manifests import layout, report_html, report_images, report_plots
+from pairforge.manifests import layout, report_html, report_images, report_plots, report_signals
 from pairforge.manifests.regions import ragged_rows
 
 GRID = 48
@@ -127,8 +127,9 @@ class Report:
         if grid < 0:
             raise ReportError(f"--pairs: expected a count >= 0, got {grid}")
         self.grid_size = grid
-        self.samples = read_table(_numbered(layout.shards_dir(out)), SAMPLE_COLUMNS, shard_of=True)
-        self.rejects = read_table(_numbered(self.out / "rejects"), REJECT_COLUMNS)
+        signals = tuple(report_signals.columns(self.man))
+        self.samples = read_table(_numbered(layout.shards_dir(out)), SAMPLE_COLUMNS + signals, shard_of=True)
+        self.rejects = read_table(_numbered(self.out / "rejects"), REJECT_COLUMNS + signals)
         self.confounders = read_table(_numbered(layout.side_table_dir(out, "confounders")), None)
         self.samples["_rank"] = [rank(k) for k in self.samples["key"]]
         self.samples = self.samples.sort_values("_rank", kind="stable").reset_index(drop=True)
@@ -307,6 +308,7 @@ class Report:
         max_d = (stage_config(self.man, "dedup_phash") or {}).get("max_distance")
         png = report_plots.phash_distances([d for d in dups if d is not None], nearest, max_d)
         figs.append(("phash", "pHash distances", png, f"nearest other among {len(nearest)} kept images (by key hash)"))
+        figs += report_signals.plots(self.man, s, r)
         out = []
         for name, title, png, note in figs:
             if png is not None:

@@ -331,6 +331,7 @@ def write_shard(
         "status": dict(sorted({**({"success": int(ok.sum())} if ok.any() else {}), **written}.items())),
         "rejects_by_stage": _nested(rejected),
         "stage_seconds": stage_seconds,
+        "columns": column_summaries(rows, schema) if n else {},
         "files": files,
         **(counters or {}),
     }
@@ -338,6 +339,25 @@ def write_shard(
         layout.shard_stats(out, shard_id), json.dumps(stats, indent=1, sort_keys=True).encode("utf-8")
     )
     return stats
+
+
+def column_summaries(rows: Batch, schema: Schema | None) -> dict[str, dict]:
+    """Per declared scalar column with ``summary``: over the shard's rows that
+    have a value (not NaN, not the column's default), how many, their sum,
+    min and max, and how many are above 0 (``manifest.sum_columns`` adds
+    the shards up)."""
+    out = {}
+    for name, col in sorted((schema or {}).items()):
+        if not col.summary or name not in rows:
+            continue
+        v = np.asarray(rows[name], dtype=np.float64)
+        have = np.isfinite(v)
+        if col.default is not None and np.isfinite(float(col.default)):
+            have &= v != float(col.default)
+        v = v[have]
+        out[name] = {"rows": int(len(v)), "sum": float(v.sum()), "positive": int((v > 0).sum()),
+                     **({"min": float(v.min()), "max": float(v.max())} if len(v) else {})}  # fmt: skip
+    return out
 
 
 def _nested(counter: Counter) -> dict[str, dict[str, int]]:

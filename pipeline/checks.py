@@ -18,6 +18,9 @@ stage configs' own checks, ``pipeline.config``):
   suggested) and its ``pretrained`` a file, ``random`` or a tag of that model
   whose weights are in the local cache; a tag that is not cached on a machine
   with no network is an error saying how to give a local checkpoint;
+* each stage's own ``check()``: the model files and packages it needs are
+  on this machine (a missing one is a line naming the option), and what it
+  reads fits what the stages before it declare (an embedding head's width);
 * every column a stage reads (``Stage.inputs()``) is in the URL list or
   declared (``Stage.outputs()``) by an earlier stage; else the error names the
   stage, the column and the stage that would make it;
@@ -86,14 +89,35 @@ def check_job(job: JobConfig) -> list[str]:
             )
         elif prior and not any((Path(prior) / "shards").glob("*.parquet")):
             problems.append(f"{where}.prior_build: {prior!r} holds no shards/*.parquet (not the OUT of an earlier run)")
-    if columns is not None:  # a stage with a problem declares nothing: the stages after it are not judged on it
-        problems += check_columns([(w, None if w in bad else s) for w, s in stages], columns)
+    # a stage with a problem declares nothing: the stages after it are not judged on it
+    judged = [(w, None if w in bad else s) for w, s in stages]
+    problems += check_stages(judged)
+    if columns is not None:
+        problems += check_columns(judged, columns)
     if job.ray.num_cpus is not None and job.ray.num_cpus < 1:
         problems.append(f"job.ray.num_cpus: expected >= 1 (or null: all of this machine's), got {job.ray.num_cpus!r}")
     problems += _check_output(job.output.dir, job.storage)
     if problems:
         raise ConfigError("\n".join(problems))
     return warnings
+
+
+def check_stages(stages: list[tuple[str, Stage | None]]) -> list[str]:
+    """Each stage's own :meth:`~stages.base.Stage.check` (its models and
+    packages are on this machine, its inputs fit), given the columns the
+    stages before it declare; a stage that could not be built stops the walk."""
+    problems: list[str] = []
+    declared: dict = {}
+    for where, st in stages:
+        if st is None:
+            break
+        try:
+            problems += [f"{where}.{line}" for line in st.check(dict(declared))]
+            declared.update({c.name: c for c in st.outputs()})
+        except Exception as e:  # noqa: BLE001 - a stage of one's own may fail here; say which
+            problems.append(f"{where}: its check failed: {type(e).__name__}: {e}")
+            break
+    return problems
 
 
 def _build_stages(job: JobConfig, problems: list[str]) -> list[tuple[str, Stage | None]]:

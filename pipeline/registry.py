@@ -13,10 +13,13 @@ from pairforge.stages.base import Stage
 STAGES: dict[str, str] = {
     "download": "pairforge.stages.download:DownloadStage",
     "basic_filter": "pairforge.stages.basic_filter:BasicFilterStage",
+    "language": "pairforge.stages.language:LanguageStage",
+    "safety": "pairforge.stages.safety:SafetyStage",
     "dedup_exact": "pairforge.stages.dedup_exact:ExactDedupStage",
     "dedup_phash": "pairforge.stages.dedup_phash:PerceptualDedupStage",
     "dedup_semantic": "pairforge.stages.dedup_semantic:SemanticDedupStage",
     "clip_score": "pairforge.stages.clip_score:ClipScoreStage",
+    "heads": "pairforge.stages.heads:HeadsStage",
     "regions": "pairforge.stages.regions:RegionsStage",
     "confounders": "pairforge.stages.confounders:ConfounderStage",
     "shard": "pairforge.stages.shard:ShardStage",

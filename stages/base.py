@@ -93,6 +93,9 @@ class Column:
     store: str = "parquet"
     #: ``ragged`` only: also write each row's array into the tar as ``{key}.{name}.npy``
     in_tar: bool = True
+    #: ``scalar`` only: the manifest counts it (rows with a value, their sum,
+    #: min, max, and how many are above 0) over every row of the run, kept or not
+    summary: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -100,6 +103,8 @@ class Column:
         stores = RAGGED_STORES if self.kind == "ragged" else VECTOR_STORES
         if self.store not in stores:
             raise ValueError(f"column {self.name!r}: store {self.store!r} is not one of {stores}")
+        if self.summary and self.kind != "scalar":
+            raise ValueError(f"column {self.name!r}: only a scalar column can have a summary")
         if self.kind == "vector" and len(self.shape) != 1:
             raise ValueError(f"column {self.name!r}: a vector needs shape (dim,), got {self.shape}")
 
@@ -213,6 +218,16 @@ class Stage:
     def for_retry(self) -> Stage:
         """This stage as the deferred retry pass runs it. Default: itself."""
         return self
+
+    def check(self, declared: dict[str, Column]) -> list[str]:
+        """What would stop this stage on a worker and can be seen on the
+        driver before Ray starts: a model file or package missing, a head
+        whose input does not fit the embedding an earlier stage declares.
+        One line each, starting with the option it is about (``nsfw_model:
+        ...``); ``pipeline.checks`` puts the stage's place in front.
+        ``declared``: the columns the stages before this one declare. Must
+        not load a model or import a heavy package. Default: nothing."""
+        return []
 
     def setup(self) -> None:
         """Load heavy state once per worker (models, clients)."""

@@ -161,7 +161,7 @@ def test_keep_policy_and_language_columns_are_prerequisites(tmp_path):
 
     with pytest.raises(ConfigError, match=r"dedup_exact\).*'clip_score'.*add a 'clip_score' stage"):
         checks.check_job(job("download", {"name": "dedup_exact", "keep": "clip_score"}))
-    with pytest.raises(ConfigError, match=r"basic_filter\).*'lang'.*add it to the URL list"):
+    with pytest.raises(ConfigError, match=r"basic_filter\).*'lang'.*add a 'language' stage before it"):
         checks.check_job(job("download", {"name": "basic_filter", "languages": ["en"]}))
     with pytest.raises(ConfigError, match=r"dedup_exact\).*'sha256'.*add a 'download' stage"):
         checks.check_job(job("dedup_exact"))

@@ -1,0 +1,153 @@
+"""Text in an image: the share of its area that PP-OCRv4's text detector
+covers with text boxes (DataComp's and T-MARS's text signal, and a proxy
+for watermarks, screenshots and slides).
+
+The model is ``ch_PP-OCRv4_det_infer.onnx`` from the rapidocr-onnxruntime
+wheel (1.4.4; PaddleOCR's multilingual DBNet detector, Apache-2.0). Only the
+detector runs: the share needs no recognition. The file is opened directly
+(``stages.common.onnx``): rapidocr itself is not imported, because it is
+installed without its dependencies (its ``opencv-python`` would clash with
+our headless OpenCV) and its post-processing needs pyclipper and shapely.
+
+What this module does, and where it differs from rapidocr's ``TextDetector``:
+
+* **input**: BGR scaled to -1..1 (rapidocr's mean and std of 0.5), like
+  rapidocr; but the image is resized so its longer side is ``size`` (a
+  multiple of 32) and padded at the bottom and right to ``size`` x ``size``,
+  so every image of a batch has one shape. rapidocr instead scales the
+  *shorter* side up to 736 px, which for a 256 px image is 8x the pixels
+  and 8x the time (``bench/safety.py`` measures the sizes);
+* **boxes**: Differentiable Binarization's post-processing as rapidocr has it
+  (probability > ``thresh``, a 2 x 2 dilation, contours, their minimum-area
+  rectangles, the mean probability inside each >= ``box_thresh``, then the
+  rectangle grown by ``area * unclip_ratio / perimeter`` on every side).
+  rapidocr grows the rectangle with pyclipper's rounded offset and takes the
+  minimum-area rectangle again; for a rectangle that is the rectangle grown
+  by the same distance on every side, which is computed here directly;
+* **the share** (``text_area``): the boxes filled into a mask of the image's
+  own size, overlaps counted once, divided by its area.
+
+Boxes are four corners (clockwise from the top-left one, x then y),
+normalised to the image's width and height; rotated text gives rotated
+quadrilaterals, not axis-aligned boxes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PACKAGE, MODEL_FILE = "rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx"
+PIP = "--no-deps rapidocr-onnxruntime==1.4.4 (with onnxruntime==1.32.0)"
+
+
+@dataclass(frozen=True)
+class DBParams:
+    """rapidocr 1.4.4's defaults (its ``config.yaml``, section ``Det``)."""
+
+    thresh: float = 0.3
+    box_thresh: float = 0.5
+    unclip_ratio: float = 1.6
+    max_candidates: int = 1000
+    #: boxes whose shorter side is below this (px of the network's input) are noise
+    min_side: float = 3.0
+
+
+def prepare(rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``H x W x 3`` uint8 RGB -> the network's ``[3, size, size]`` float32
+    input (see the module doc) and the image's ``(h, w)`` inside it."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    rh, rw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    canvas = np.zeros((size, size, 3), dtype=np.float32)
+    bgr = cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_LINEAR)[:, :, ::-1]
+    canvas[:rh, :rw] = bgr.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    canvas[rh:, :] = canvas[:, rw:] = -1.0  # black padding, as the network sees black
+    return np.ascontiguousarray(canvas.transpose(2, 0, 1)), (rh, rw)
+
+
+def boxes_from_map(prob: np.ndarray, p: DBParams = DBParams()) -> np.ndarray:
+    """DB post-processing of one probability map ``[h, w]``: ``K x 4 x 2``
+    float32 corners in the map's pixels (see the module doc)."""
+    import cv2
+
+    bitmap = cv2.dilate((prob > p.thresh).astype(np.uint8), np.ones((2, 2), np.uint8))
+    contours = cv2.findContours(bitmap, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)[-2]
+    out = []
+    for contour in contours[: p.max_candidates]:
+        (cx, cy), (bw, bh), angle = cv2.minAreaRect(contour)
+        if min(bw, bh) < p.min_side:
+            continue
+        corners = cv2.boxPoints(((cx, cy), (bw, bh), angle))
+        if _mean_inside(prob, corners) < p.box_thresh:
+            continue
+        grow = bw * bh * p.unclip_ratio / (2.0 * (bw + bh))
+        bw, bh = bw + 2 * grow, bh + 2 * grow
+        if min(bw, bh) < p.min_side + 2:
+            continue
+        out.append(_clockwise(cv2.boxPoints(((cx, cy), (bw, bh), angle))))
+    return np.asarray(out, dtype=np.float32).reshape(-1, 4, 2)
+
+
+def _mean_inside(prob: np.ndarray, corners: np.ndarray) -> float:
+    """Mean probability inside a quadrilateral (rapidocr's ``box_score_fast``)."""
+    import cv2
+
+    h, w = prob.shape
+    x0, x1 = int(np.clip(np.floor(corners[:, 0].min()), 0, w - 1)), int(np.clip(np.ceil(corners[:, 0].max()), 0, w - 1))
+    y0, y1 = int(np.clip(np.floor(corners[:, 1].min()), 0, h - 1)), int(np.clip(np.ceil(corners[:, 1].max()), 0, h - 1))
+    mask = np.zeros((y1 - y0 + 1, x1 - x0 + 1), dtype=np.uint8)
+    cv2.fillPoly(mask, [(corners - [x0, y0]).astype(np.int32)], 1)
+    return float(cv2.mean(prob[y0 : y1 + 1, x0 : x1 + 1], mask)[0])
+
+
+def _clockwise(pts: np.ndarray) -> np.ndarray:
+    """Four corners from the top-left one, clockwise (image coordinates)."""
+    centre = pts.mean(axis=0)
+    order = np.argsort(np.arctan2(pts[:, 1] - centre[1], pts[:, 0] - centre[0]))
+    pts = pts[order]
+    start = int(np.argmin(pts[:, 0] + pts[:, 1]))
+    return np.roll(pts, -start, axis=0)
+
+
+def area_share(quads: np.ndarray, h: int, w: int) -> float:
+    """The share of an ``h x w`` image inside any of ``quads`` (normalised
+    corners), each pixel counted once."""
+    import cv2
+
+    if not len(quads):
+        return 0.0
+    mask = np.zeros((h, w), dtype=np.uint8)
+    pts = np.round(np.asarray(quads, np.float64) * [w, h] * 4).astype(np.int32)  # 2 fractional bits
+    cv2.fillPoly(mask, list(pts), 1, lineType=cv2.LINE_8, shift=2)
+    return float(mask.mean())
+
+
+class TextDetector:
+    """PP-OCRv4's detector with an open session (see the module doc)."""
+
+    def __init__(self, session, size: int = 320, micro_batch: int = 16, params: DBParams = DBParams()):
+        if size < 32 or size % 32:
+            raise ValueError(f"text_size: expected a multiple of 32, >= 32, got {size!r}")
+        self.session, self.size, self.micro_batch, self.params = session, int(size), int(micro_batch), params
+        self._input = session.get_inputs()[0].name
+
+    def detect(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """Per ``H x W x 3`` uint8 RGB image: its text boxes (``K x 4 x 2``
+        float32, normalised) and the share of its area they cover."""
+        out: list[tuple[np.ndarray, float]] = []
+        for a in range(0, len(images), self.micro_batch):
+            chunk = images[a : a + self.micro_batch]
+            prepared = [prepare(im, self.size) for im in chunk]
+            x = np.stack([p[0] for p in prepared])
+            if len(chunk) < self.micro_batch:  # a fixed batch: the same arithmetic whatever the neighbours
+                x = np.concatenate([x, np.repeat(x[-1:], self.micro_batch - len(chunk), axis=0)])
+            (pred,) = self.session.run(None, {self._input: x})
+            for im, (_, (rh, rw)), prob in zip(chunk, prepared, pred[:, 0]):
+                quads = boxes_from_map(prob[:rh, :rw], self.params)
+                quads = np.clip(quads / np.array([rw, rh], np.float32), 0.0, 1.0).astype(np.float32)
+                out.append((quads, area_share(quads, *im.shape[:2])))
+        return out
