@@ -95,7 +95,7 @@ def check_job(job: JobConfig) -> list[str]:
     if columns is not None:
         problems += check_columns(judged, columns)
     if job.ray.num_cpus is not None and job.ray.num_cpus < 1:
-        problems.append(f"job.ray.num_cpus: expected >= 1 (or null: all of this machine's), got {job.ray.num_cpus!r}")
+        problems.append(f"ray.num_cpus: expected >= 1 (or null: all of this machine's), got {job.ray.num_cpus!r}")
     problems += _check_output(job.output.dir, job.storage)
     if problems:
         raise ConfigError("\n".join(problems))
@@ -139,7 +139,7 @@ def _check_output(out_dir: str, config: StorageConfig) -> list[str]:
         try:
             root = storage.path(out_dir, config)
         except ValueError as e:
-            return [f"job.output.dir: {e}"]
+            return [f"output.dir: {e}"]
         if storage.is_object(root):
             return _check_bucket(root)
         out_dir = str(root)
@@ -147,9 +147,9 @@ def _check_output(out_dir: str, config: StorageConfig) -> list[str]:
     while not p.exists() and p != p.parent:
         p = p.parent
     if not p.is_dir():
-        return [f"job.output.dir: {out_dir!r} is inside {str(p)!r}, which is not a folder"]
+        return [f"output.dir: {out_dir!r} is inside {str(p)!r}, which is not a folder"]
     if not os.access(p, os.W_OK | os.X_OK):
-        return [f"job.output.dir: {out_dir!r} cannot be written ({str(p)!r} is not writable)"]
+        return [f"output.dir: {out_dir!r} cannot be written ({str(p)!r} is not writable)"]
     return []
 
 
@@ -158,15 +158,15 @@ def _check_bucket(root) -> list[str]:
     (the only one made here), so that a wrong endpoint, bucket or missing
     credentials is a line now rather than a failed task later."""
     bucket = root.key.split("/", 1)[0]
-    where = f"job.output.dir: {str(root)!r}"
+    where = f"output.dir: {str(root)!r}"
     endpoint = root.config.endpoint_url or "the provider's endpoint"
     try:
         found = storage.ObjectPath(root.scheme, bucket, root.config).is_dir()
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return [f"{where}: cannot reach bucket {bucket!r} at {endpoint} (job.storage): {first}"]
+        return [f"{where}: cannot reach bucket {bucket!r} at {endpoint} (storage): {first}"]
     if not found:
-        return [f"{where}: bucket {bucket!r} does not exist at {endpoint} (job.storage)"]
+        return [f"{where}: bucket {bucket!r} does not exist at {endpoint} (storage)"]
     return []
 
 

@@ -1,7 +1,12 @@
 """Job configuration: YAML in, frozen typed dataclasses out.
 
-Unknown keys are an error that names the key and where it was found, so a
-typo never silently falls back to a default.
+Why every problem at once: a user fixing a job one error per run spends a
+run per typo. :func:`load_job` goes over the whole file and reports every
+wrong key in one :class:`ConfigError`, a line each, in one style: the key's
+path (``input.paths``, ``output.samples_per_shard``,
+``stages[1](clip_score).threshold``), what was expected and the value given.
+An unknown key is an error that names the closest known one, so a typo
+never silently falls back to a default.
 
 ``input`` is one URL list source or a list of them (PMD-style jobs: COCO,
 CC3M, RedCaps... each with its own format and column names, into one schema);
@@ -11,6 +16,7 @@ errors name ``input[i].<key>`` in the list form.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +52,8 @@ class InputConfig:
     columns: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
+        if not self.paths:
+            raise ValueError("paths: expected at least one file or glob, got []")
         if self.format != "auto" and self.format not in FORMATS:
             raise ValueError(f"format: expected one of auto, {', '.join(FORMATS)}, got {self.format!r}")
         for old, new in self.columns.items():
@@ -95,26 +103,97 @@ class JobConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
-def build(cls, data: Any, where: str):
-    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown keys."""
+def build(cls, data: Any, where: str, problems: list[str] | None = None):
+    """Build dataclass ``cls`` from a mapping, recursively, rejecting unknown
+    keys. With ``problems``, every problem found is appended to it (a line
+    each) and ``None`` is returned when ``cls`` cannot be built; without, the
+    problems are raised together as one :class:`ConfigError`."""
+    own = problems is None
+    found: list[str] = [] if own else problems
+    before = len(found)
+    out = _build(cls, data, where, found)
+    if own and len(found) > before:
+        raise ConfigError("\n".join(found))
+    return out
+
+
+def key_path(where: str, key) -> str:
+    """``where.key`` (``key`` alone at the top of the job)."""
+    return f"{where}.{key}" if where else str(key)
+
+
+def did_you_mean(value: str, names) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``names``, else ``""``."""
+    close = difflib.get_close_matches(str(value), [str(n) for n in names], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def short(value, limit: int = 60) -> str:
+    """A value as a message shows it: its repr, cut at ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _build(cls, data: Any, where: str, problems: list[str]):
+    shorthand = getattr(cls, "SHORTHAND", None)
+    if isinstance(data, str) and shorthand:  # ``mtcnn`` for ``{model: mtcnn}``
+        data = {shorthand: data}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        problems.append(f"{where or 'job'}: expected a mapping, got {short(data)} ({_kind(data)})")
+        return None
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    for key in sorted(set(data) - set(names), key=str):
+        hint = did_you_mean(key, names) or f" (known: {', '.join(sorted(names))})"
+        problems.append(f"{key_path(where, key)}: unknown key, given {short(data[key])}{hint}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
+    failed = False
     for name, f in names.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}: missing required key {name!r}")
+            if required:
+                problems.append(f"{key_path(where, name)}: missing (required)")
+                failed = True
             continue
-        kwargs[name] = _coerce(hints[name], data[name], f"{where}.{name}")
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:  # a config's own checks (__post_init__)
-        raise field_error(where, e, names) from None
+        before = len(problems)
+        try:
+            value = _coerce(hints[name], data[name], key_path(where, name), problems)
+        except ConfigError as e:
+            problems.append(str(e))
+        if len(problems) > before:
+            failed = failed or required
+            continue
+        kwargs[name] = value
+    if failed:
+        return None
+    try:  # the config's own checks (__post_init__) on the keys that were right
+        built = cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        problems.extend(_each_check(cls, kwargs, where, e, names))
+        return None
+    wrong = set(data) - set(kwargs)  # unknown keys and wrong values: their own lines say so
+    return None if wrong else built
+
+
+def _each_check(cls, kwargs: dict, where: str, error: Exception, fields) -> list[str]:
+    """Every key a config's own checks refuse, not only the first: each
+    given key is tried alone (with the required ones), and the checks that
+    need several keys together show as the error of the whole."""
+    required = {
+        n: kwargs[n]
+        for n, f in fields.items()
+        if n in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    lines: list[str] = []
+    for name in kwargs:
+        try:
+            cls(**{**required, name: kwargs[name]})
+        except (ValueError, TypeError) as e:
+            line = str(field_error(where, e, fields))
+            if line not in lines:
+                lines.append(line)
+    whole = str(field_error(where, error, fields))
+    return lines if whole in lines else [*lines, whole]
 
 
 def field_error(where: str, error: Exception, fields) -> ConfigError:
@@ -125,30 +204,30 @@ def field_error(where: str, error: Exception, fields) -> ConfigError:
     head, sep, rest = msg.partition(":")
     field = head.strip().rsplit(".", 1)[-1]
     if sep and field in fields:
-        return ConfigError(f"{where}.{field}:{rest}")
-    return ConfigError(f"{where}: {msg}")
+        return ConfigError(f"{key_path(where, field)}:{rest}")
+    return ConfigError(f"{where or 'job'}: {msg}")
 
 
-def _coerce(tp, value, where):
+def _coerce(tp, value, where, problems: list[str] | None = None):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        return _coerce(inner[0], value, where, problems)
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, where)
+        return build(tp, value, where, problems)
     if origin is tuple:
         if isinstance(value, (str, int, float)):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(_coerce(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {list(value)!r}")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{where}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -175,26 +254,59 @@ def _kind(value) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def stage_specs(raw: Any) -> tuple[StageSpec, ...]:
-    from pairforge.pipeline.registry import stage_class
+def stage_specs(raw: Any, problems: list[str] | None = None) -> tuple[StageSpec, ...]:
+    """The job's ``stages``, each config built (``problems``: as :func:`build`).
+    A stage may appear once: its name keys its columns' owner, its
+    ``__t_<name>`` timing column, its reject reasons (``stage``), its fit's
+    folder (``_work/fit/<name>``) and its counts in the manifest, which two
+    of one name would mix up."""
+    from pairforge.pipeline.registry import STAGES, stage_class
 
+    own = problems is None
+    problems = [] if own else problems
+    before = len(problems)
+    specs: list[StageSpec | None] = []
     if not isinstance(raw, list) or not raw:
-        raise ConfigError("stages: expected a non-empty list of {name: ..., <options>}")
-    specs = []
+        problems.append(f"stages: expected a non-empty list of {{name: ..., <options>}}, got {short(raw)}")
+        raw = []
+    first: dict[str, int] = {}
     for i, item in enumerate(raw):
         if isinstance(item, str):
             item = {"name": item}
-        if not isinstance(item, dict) or "name" not in item:
-            raise ConfigError(f"stages[{i}]: each stage needs a 'name'")
-        opts = {k: v for k, v in item.items() if k != "name"}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            problems.append(f"stages[{i}]: each stage needs a 'name', got {short(item)}")
+            specs.append(None)
+            continue
+        name = item["name"]
+        where = f"stages[{i}]({name})"
+        if name in first:
+            problems.append(
+                f"{where}: {name!r} is already stages[{first[name]}]; a stage may appear once (its columns, "
+                "reject reasons, fit folder and manifest counts are keyed by its name, so two would collide); "
+                "merge their options into one"
+            )
+        first.setdefault(name, i)
         try:
-            cls = stage_class(item["name"])
+            if name not in STAGES and ":" not in name:
+                raise ValueError(
+                    f"unknown stage {name!r}{did_you_mean(name, STAGES)}; known stages: "
+                    f"{', '.join(sorted(STAGES))} (or package.module:Class)"
+                )
+            cls = stage_class(name)
         except ValueError as e:
-            raise ConfigError(f"stages[{i}]: {e}") from None
-        specs.append(StageSpec(item["name"], build(cls.Config, opts, f"stages[{i}]({item['name']})")))
-    names = [s.name for s in specs]
-    if names[-1] != "shard" or names.count("shard") != 1:
-        raise ConfigError("stages: the last stage must be 'shard', and only the last")
+            problems.append(f"stages[{i}]: {e}")
+            specs.append(None)
+            continue
+        opts = {k: v for k, v in item.items() if k != "name"}
+        cfg = build(cls.Config, opts, where, problems)
+        specs.append(None if cfg is None else StageSpec(name, cfg))
+    names = [item if isinstance(item, str) else item.get("name") if isinstance(item, dict) else None for item in raw]
+    if raw and (names[-1] != "shard" or names.count("shard") != 1):
+        problems.append(f"stages: the last stage must be 'shard', and only the last; got {names}")
+    if own and len(problems) > before:
+        raise ConfigError("\n".join(problems))
+    if len(problems) > before or any(s is None for s in specs):
+        return ()
     return decode_once(tuple(specs))
 
 
@@ -226,7 +338,8 @@ def decode_once(specs: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
 
 def load_job(source: str | Path | dict, base_dir: Path | None = None) -> JobConfig:
     """Read a job from a YAML file (or a dict). Relative input and output paths
-    are taken relative to the YAML file's folder."""
+    are taken relative to the YAML file's folder. Every problem found is
+    raised together, a line each, as one :class:`ConfigError`."""
     if isinstance(source, dict):
         data = dict(source)
         base = base_dir or Path.cwd()
@@ -240,38 +353,54 @@ def load_job(source: str | Path | dict, base_dir: Path | None = None) -> JobConf
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         base = path.resolve().parent
     if not isinstance(data, dict):
-        raise ConfigError("job: expected a mapping at the top level")
+        raise ConfigError(f"job: expected a mapping at the top level, got {short(data)}")
+    problems: list[str] = []
     raw_stages = data.pop("stages", None)
-    job = build(_JobNoStages, data, "job")
-    inp = _inputs(job.input, base)
-    out = dataclasses.replace(job.output, dir=str(_abs(base, job.output.dir, "job.output.dir")))
-    if job.runner not in ("ray", "local"):
-        raise ConfigError(f"job.runner: expected 'ray' or 'local', got {job.runner!r}")
-    if out.samples_per_shard < 1:
-        raise ConfigError("job.output.samples_per_shard: must be >= 1")
-    return JobConfig(
-        input=inp, output=out, stages=stage_specs(raw_stages), ray=job.ray, runner=job.runner, storage=job.storage
-    )
+    job = build(_JobNoStages, data, "", problems)
+    inp = out = None
+    if "input" in data:
+        inp = _inputs(data["input"], base, problems)
+    if job is not None:
+        try:
+            out = dataclasses.replace(job.output, dir=str(_abs(base, job.output.dir, "output.dir")))
+        except ConfigError as e:
+            problems.append(str(e))
+        if job.output.samples_per_shard < 1:
+            problems.append(f"output.samples_per_shard: expected >= 1, got {job.output.samples_per_shard!r}")
+    runner = data.get("runner", "ray")
+    if isinstance(runner, str) and runner not in ("ray", "local"):  # another type: build said so
+        problems.append(f"runner: expected 'ray' or 'local', got {runner!r}{did_you_mean(runner, ('ray', 'local'))}")
+    stages = stage_specs(raw_stages, problems)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return JobConfig(input=inp, output=out, stages=stages, ray=job.ray, runner=job.runner, storage=job.storage)
 
 
-def _inputs(raw: Any, base: Path) -> InputConfig | tuple[InputConfig, ...]:
+def _inputs(raw: Any, base: Path, problems: list[str]) -> InputConfig | tuple[InputConfig, ...] | None:
     """The single form as before; a list builds each source as ``input[i]``."""
 
-    def resolved(cfg: InputConfig, where: str) -> InputConfig:
-        return dataclasses.replace(cfg, paths=tuple(str(_abs(base, p, f"{where}.paths")) for p in cfg.paths))
+    def resolved(cfg: InputConfig | None, where: str) -> InputConfig | None:
+        if cfg is None:
+            return None
+        try:
+            return dataclasses.replace(cfg, paths=tuple(str(_abs(base, p, f"{where}.paths")) for p in cfg.paths))
+        except ConfigError as e:
+            problems.append(str(e))
+            return None
 
     if not isinstance(raw, list):
-        return resolved(build(InputConfig, raw, "job.input"), "job.input")
+        return resolved(build(InputConfig, raw, "input", problems), "input")
     if not raw:
-        raise ConfigError("input: expected a mapping or a non-empty list of sources, got []")
-    items = tuple(resolved(build(InputConfig, item, f"input[{i}]"), f"input[{i}]") for i, item in enumerate(raw))
+        problems.append("input: expected a mapping or a non-empty list of sources, got []")
+        return None
+    items = [resolved(build(InputConfig, item, f"input[{i}]", problems), f"input[{i}]") for i, item in enumerate(raw)]
     named: dict[str, int] = {}
     for i, cfg in enumerate(items):
-        if cfg.source is not None and named.setdefault(cfg.source, i) != i:
-            raise ConfigError(
+        if cfg is not None and cfg.source is not None and named.setdefault(cfg.source, i) != i:
+            problems.append(
                 f"input[{i}].source: {cfg.source!r} is input[{named[cfg.source]}]'s too; give each source its own name"
             )
-    return items
+    return None if any(c is None for c in items) else tuple(items)
 
 
 @dataclass(frozen=True)

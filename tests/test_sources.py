@@ -166,7 +166,7 @@ def test_single_input_form_is_unchanged(tmp_path):
     [
         ({"format": "xml"}, r"^input\[1\]\.format: expected one of auto, parquet, csv, tsv, jsonl, coco, got 'xml'$"),
         ({"source": "web"}, r"^input\[1\]\.source: 'web' is input\[0\]'s too"),
-        ({"colums": {}}, r"^input\[1\]: unknown key 'colums'"),
+        ({"colums": {}}, r"^input\[1\]\.colums: unknown key, given \{\} \(did you mean 'columns'\?\)$"),
         ({"columns": ["url"]}, r"^input\[1\]\.columns: expected a mapping"),
         ({"columns": {"TEXT": 3}}, r"^input\[1\]\.columns: expected column name: column name, got 'TEXT': 3$"),
     ],
