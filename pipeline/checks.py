@@ -29,7 +29,9 @@ stage configs' own checks, ``pipeline.config``):
 
 Nothing here imports Ray or torch or loads weights, and no network request
 is made but to the job's own object storage (the output's bucket, the input
-files' schemas) when it uses one. The column checks are
+files' schemas) when it uses one, and, for weights that are not cached, a
+DNS lookup of the hub and a TCP connect to it (nothing sent), each bounded
+by a few seconds; ``--address``: a TCP connect to that cluster's port. The column checks are
 :mod:`pipeline.checks_columns`; what open_clip has on this machine (its
 registries, its cached weights, whether there is a network), found without
 importing torch and without sending anything, is
@@ -42,7 +44,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import socket  # noqa: F401 - tests reach the socket module the route check uses as checks.socket
+import socket
+import threading
 from pathlib import Path
 
 from pairforge.manifests import storage
@@ -61,6 +64,7 @@ from pairforge.pipeline.open_clip_local import (  # noqa: F401
     pretrained_registry,
 )
 from pairforge.stages.base import Stage
+from pairforge.stages.common.assets import resolve as resolve_asset
 
 #: stages whose ``model`` / ``pretrained`` options name open_clip weights
 OPEN_CLIP_STAGES = ("clip_score",)
@@ -134,6 +138,51 @@ def _build_stages(job: JobConfig, problems: list[str]) -> list[tuple[str, Stage 
     return out
 
 
+#: seconds to wait for a Ray cluster's port to answer before saying it does not
+RAY_CONNECT_TIMEOUT = 10.0
+#: the ports a Ray address without one means: the GCS, and Ray Client's for ``ray://``
+RAY_DEFAULT_PORTS = {"": 6379, "ray://": 10001}
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> str | None:
+    """Why the Ray cluster at ``address`` cannot be joined, or ``None`` when
+    its port answers (or when Ray finds the cluster itself: ``auto``, ``local``).
+
+    ``ray.init(address=...)`` on a port where nothing listens retries for
+    minutes with GCS warnings; a TCP connect (the host name looked up once)
+    answers in seconds, bounded by ``timeout`` as a whole."""
+    if address in ("auto", "local") or "://" in address and not address.startswith("ray://"):
+        return None
+    scheme = "ray://" if address.startswith("ray://") else ""
+    rest = address[len(scheme) :].split("/", 1)[0]
+    host, sep, port = rest.rpartition(":") if not rest.endswith("]") else (rest, "", "")
+    if not sep:
+        host, port = rest, str(RAY_DEFAULT_PORTS[scheme])
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return f"--address {address!r}: expected host:port (or ray://host:port, auto)"
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout):
+                result.append(None)
+        except OSError as e:
+            result.append(e.strerror or type(e).__name__)
+
+    t = threading.Thread(target=probe, daemon=True, name="pairforge-ray-probe")
+    t.start()
+    t.join(timeout + 1.0)  # a host name whose lookup hangs counts against the same budget
+    why = result[0] if result else f"no answer in {timeout:.0f}s"
+    if result and result[0] is None:
+        return None
+    return (
+        f"--address {address!r}: no Ray cluster answers at {host}:{port} ({why}). Start one there "
+        "(ray start --head --port PORT), give the address `ray status` prints, or leave --address, "
+        "ray.address and $RAY_ADDRESS unset for a local Ray"
+    )
+
+
 def _check_output(out_dir: str, config: StorageConfig) -> list[str]:
     if storage.is_uri(out_dir):
         try:
@@ -193,7 +242,7 @@ def check_open_clip(where: str, cfg, problems: list[str], warnings: list[str]) -
         if pretrained == "random":
             warnings.append(f"{where}.pretrained: 'random' weights: scores mean nothing (benchmarks only)")
         return
-    if os.path.isfile(pretrained):
+    if os.path.isfile(resolve_asset(pretrained)):  # a file, or a shipped asset's short name (pf-tiny-scorer)
         return
     reg = pretrained_registry()
     tag_cfg = reg.get_pretrained_cfg(model, pretrained)
@@ -218,8 +267,9 @@ def check_open_clip(where: str, cfg, problems: list[str], warnings: list[str]) -
     offline = offline_reason()
     if offline:
         problems.append(
-            f"{where}.pretrained: the weights of {model} {pretrained!r} are not on this machine and there is no "
-            f"network ({offline}): fetch {source} where there is one and give the file, pretrained: /path/to/weights"
+            f"{where}.pretrained: {pretrained!r}: the weights of {model} are not on this machine and cannot be "
+            f"downloaded ({offline}): fetch {source} where there is a network and give the file "
+            f"(pretrained: /path/to/weights), or use the shipped model (model: pf-tiny, pretrained: pf-tiny-scorer)"
         )
     else:
         warnings.append(
@@ -235,7 +285,7 @@ def _check_hub_model(where: str, model: str, problems: list[str], warnings: list
     offline = offline_reason()
     line = f"{where}.model: {model!r} is not in the Hugging Face cache"
     if offline:
-        problems.append(f"{line} and there is no network ({offline}): download it elsewhere and use local-dir:/path")
+        problems.append(f"{line} and cannot be downloaded ({offline}): download it elsewhere and use local-dir:/path")
     else:
         warnings.append(f"{line}; each worker downloads it from https://huggingface.co/{repo}")
 

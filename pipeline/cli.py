@@ -24,9 +24,13 @@ def _cmd_run(args) -> int:
     from pairforge.pipeline.config import load_job
     from pairforge.pipeline.job import run_job
 
+    from pairforge.pipeline import outcome
+
     job = load_job(args.job)
     try:
-        run_job(job, address=args.address, resume=args.resume, verbose=args.verbose, progress_every=args.progress_every)
+        manifest = run_job(
+            job, address=args.address, resume=args.resume, verbose=args.verbose, progress_every=args.progress_every
+        )
     except KeyboardInterrupt:
         from pairforge.pipeline.job import run_state
 
@@ -36,8 +40,8 @@ def _cmd_run(args) -> int:
             f"finish with: pairforge run {args.job} --resume",
             file=sys.stderr,
         )
-        return 130
-    return 0
+        return outcome.EXIT_INTERRUPTED
+    return outcome.exit_code(manifest)  # non-zero when no row reached a shard
 
 
 def _cmd_demo(args) -> int:
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, JobError, FileNotFoundError) as e:
         for line in str(e).splitlines() or [type(e).__name__]:  # a whole-job check reports a line per problem
             print(f"pairforge: error: {line}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # pipeline.outcome: 2, or 4 (empty input), 5 (no cluster)
 
 
 if __name__ == "__main__":

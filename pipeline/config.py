@@ -315,7 +315,9 @@ def decode_once(specs: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
     threads took of each stored image right after encoding it, instead of
     going over every stored image again in a pass of its own; it is the
     hash ``dedup_phash`` computes (``stages.common.phash``), so the
-    decisions are the same (``tests/test_resize.py``).
+    decisions are the same (``tests/test_resize.py``). Download writes it
+    into ``dedup_phash``'s own column (``phash``), which ``dedup_phash``
+    then checks and keeps: the shards hold the hash once.
     Explicit settings win: a ``hash_column`` or a ``perceptual_hash`` the
     job gives is left as it is."""
     names = [s.name for s in specs]
@@ -331,7 +333,7 @@ def decode_once(specs: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
         if down.perceptual_hash not in (None, cfg.algorithm):
             continue
         down = dataclasses.replace(down, perceptual_hash=cfg.algorithm)
-        out[i] = StageSpec(spec.name, dataclasses.replace(cfg, hash_column=f"image_{cfg.algorithm}"))
+        out[i] = StageSpec(spec.name, dataclasses.replace(cfg, hash_column=cfg.algorithm))
     out[first] = StageSpec("download", down)
     return tuple(out)
 

@@ -15,20 +15,34 @@ from datetime import datetime, timezone
 from pairforge.manifests import layout, storage
 from pairforge.manifests.manifest import build_manifest, write_manifest, write_sizes
 from pairforge.manifests.shards import read_stats
-from pairforge.pipeline import engine, retrypass
-from pairforge.pipeline.checks import check_job
+from pairforge.pipeline import engine, outcome, retrypass
+from pairforge.pipeline.checks import check_job, check_ray_address
+from pairforge.pipeline.checks_urls import input_warnings
 from pairforge.pipeline.config import JobConfig, to_dict
 from pairforge.pipeline.engine import RunSpec
 from pairforge.pipeline.fit import Launcher, fit_mark, run_fit
 from pairforge.pipeline.progress import ProgressTracker
-from pairforge.pipeline.reader import read_index, split_input
+from pairforge.pipeline.reader import input_files, read_index, split_input
 from pairforge.pipeline.registry import stage_class
 from pairforge.pipeline.services import Services
 from pairforge.stages.base import Stage, StageError
 
 
 class JobError(RuntimeError):
-    pass
+    #: what ``pairforge run`` exits with (``pipeline.outcome``)
+    exit_code = outcome.EXIT_CONFIG
+
+
+class EmptyInput(JobError):
+    """The URL lists hold no rows: there is nothing to run."""
+
+    exit_code = outcome.EXIT_EMPTY_INPUT
+
+
+class Unreachable(JobError):
+    """The Ray cluster the run was told to join does not answer."""
+
+    exit_code = outcome.EXIT_UNREACHABLE
 
 
 def _log(msg: str) -> None:
@@ -72,25 +86,49 @@ def _ray_info(ray) -> dict:
     }
 
 
-def _check_job_record(out, job: JobConfig, resume: bool) -> None:
-    """A resumed run must run the same stages with the same settings: its
-    finished rows and fits were made by them."""
+def _job_record(job: JobConfig) -> dict:
+    """What a resumed run must share with the run it finishes: the stages
+    and their settings, the input, the shard size (its finished rows and
+    fits were made by them); not how it runs (Ray, runner, storage options)."""
     rec = to_dict(job)
     rec.pop("ray", None)
     rec.pop("runner", None)  # both runners give the same rows
     rec.pop("storage", None)  # how the bucket is reached, not what is in it
     rec["output"] = {k: v for k, v in rec["output"].items() if k != "dir"}
+    return json.loads(json.dumps(rec, sort_keys=True, default=str))
+
+
+def _check_resume(out, job: JobConfig, index) -> None:
+    """Refuse a resume of another job, before anything is written: the job's
+    settings against ``_work/job.json``, its URL lists against the index."""
     path = layout.job_record(out)
-    if resume and path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(rec, default=str)):
-            changed = sorted(
-                k for k in set(old) | set(rec) if old.get(k) != json.loads(json.dumps(rec.get(k), default=str))
-            )
+    if path.exists():
+        old, new = json.loads(path.read_text()), _job_record(job)
+        if old != new:
+            changed = _changed_keys(old, new)
             raise JobError(
-                f"{out}: the job changed since the interrupted run ({', '.join(changed)}); resume needs the same job"
+                f"{out}: the job changed since the interrupted run ({'; '.join(changed[:5])}); resume needs the "
+                "same job (nothing was changed on disk)"
             )
-    layout.atomic_write_bytes(path, json.dumps(rec, sort_keys=True, default=str).encode())
+    files = input_files(job.input, job.storage)
+    was = [{k: f.get(k) for k in ("path", "format", "rows")} for f in index.files]
+    if files != was or index.samples_per_shard != job.output.samples_per_shard:
+        diff = [f"{a['path']}: {a['rows']} -> {b['rows']} rows" for a, b in zip(was, files) if a != b]
+        if len(was) != len(files):
+            diff.append(f"{len(was)} -> {len(files)} files")
+        raise JobError(
+            f"{out}: the URL lists changed since the interrupted run ({'; '.join(diff[:5])}); resume needs the same "
+            "input (nothing was changed on disk)"
+        )
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each setting that differs (stages by position)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in sorted(set(old) | set(new)) for line in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [line for i, (a, b) in enumerate(zip(old, new)) for line in _changed_keys(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def _runner(job: JobConfig):
@@ -122,16 +160,27 @@ def run_job(
     seconds between progress lines when stderr is not a terminal."""
     for warning in check_job(job):
         _log(f"warning: {warning}")
+    addr = address or job.ray.address or os.environ.get("RAY_ADDRESS")
+    if job.runner != "local" and addr:
+        problem = check_ray_address(addr)
+        if problem:
+            raise Unreachable(problem)
     out = storage.path(job.output.dir, job.storage)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     if not resume and (layout.shards_dir(out).exists() or layout.manifest_json(out).exists()):
         raise JobError(f"{out} already holds a run; pass --resume to finish it, or choose a new output folder")
-    old_index = read_index(out) if resume else None
-    index = split_input(job.input, out, job.output.samples_per_shard, config=job.storage)
-    if old_index is not None and old_index.to_json() != index.to_json():
-        raise JobError(f"{out}: the URL lists changed since the interrupted run; resume needs the same input")
-    _check_job_record(out, job, resume)
+    index = read_index(out) if resume else None
+    if index is not None:  # checked before anything is written: a refused resume leaves the run as it was
+        _check_resume(out, job, index)
+    else:
+        index = split_input(job.input, out, job.output.samples_per_shard, config=job.storage)
+    if index.total_rows == 0:
+        files = ", ".join(f"{f['path']} ({f['rows']} rows)" for f in index.files)
+        raise EmptyInput(f"input: the URL lists hold no rows: {files}; nothing to run")
+    layout.atomic_write_bytes(layout.job_record(out), json.dumps(_job_record(job), sort_keys=True).encode())
+    for warning in input_warnings(job, out):
+        _log(f"warning: {warning}")
     if resume:
         stale = layout.temp_files(out)
         for tmp in stale:
@@ -236,11 +285,8 @@ def run_job(
             name: {"hosts": crawl.get(name), "deferred_retry": retrypass.totals(out, shard_ids)} for name in crawl
         } or {"deferred_retry": retrypass.totals(out, shard_ids)}
     path = write_manifest(out, manifest)
-    c = manifest["counts"]
-    _log(
-        f"done in {timing['wall_seconds']:.1f}s: {c['ok']} samples in {len(all_stats)} shards, {c['rejected']} rejected"
-    )
     _log(f"shards: {layout.shards_dir(out)}  manifest: {path}")
+    _log(outcome.summary(manifest, timing["wall_seconds"], len(all_stats)))  # the last line says what happened
     return manifest
 
 

@@ -8,8 +8,11 @@ the check must stay quick and load no weights. So open_clip's registries
 are read from its own files (its model configs, and its ``pretrained.py``
 loaded without the package, which would import torch), the weights are
 looked up in the Hugging Face and open_clip caches, and "no network" is
-``HF_HUB_OFFLINE`` or no route to a public address (a UDP ``connect`` asks
-the kernel's routing table; it sends nothing).
+``HF_HUB_OFFLINE``, no route to a public address (a UDP ``connect`` asks
+the kernel's routing table; it sends nothing), a hub whose name does not
+resolve, or a hub that does not accept a TCP connection, each within a few
+seconds (:data:`HUB_TIMEOUT`). The last two matter: on a machine whose DNS
+fails, open_clip's download retried for a minute in every worker.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ import os
 import re
 import socket
 import sys
+import threading
 import types
 from pathlib import Path
+from urllib.parse import urlsplit
 
 #: public addresses for the route check (Cloudflare's resolver; nothing is sent to it)
 ROUTE_PROBES = ((socket.AF_INET, ("1.1.1.1", 53)), (socket.AF_INET6, ("2606:4700:4700::1111", 53)))
+#: seconds the hub's DNS lookup, then its TCP connect, may take before it counts as unreachable
+HUB_TIMEOUT = 3.0
 
 
 def _weights_source(reg, tag_cfg: dict) -> str:
@@ -41,10 +48,13 @@ def _weights_source(reg, tag_cfg: dict) -> str:
     return f"{names} from https://huggingface.co/{repo}"
 
 
-def offline_reason() -> str | None:
-    """Why there is no network for a download, or ``None`` when there may be
-    one. Sends nothing: ``HF_HUB_OFFLINE``, then whether the kernel has a
-    route to a public address (``connect`` on a UDP socket only picks a route)."""
+def offline_reason(hub: str | None = None, timeout: float = HUB_TIMEOUT) -> str | None:
+    """Why the weights hub cannot be downloaded from, or ``None`` when it
+    can be reached. ``HF_HUB_OFFLINE``; then whether the kernel has a route
+    to a public address (``connect`` on a UDP socket only picks a route);
+    then the hub (``hub``: a URL or host, default ``$HF_ENDPOINT``, else
+    ``https://huggingface.co``): its name looked up, then a TCP connect,
+    each given ``timeout`` seconds; nothing is sent over the connection."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
@@ -53,10 +63,56 @@ def offline_reason() -> str | None:
         try:
             with socket.socket(family, socket.SOCK_DGRAM) as s:
                 s.connect(addr)
-            return None
+            break
         except OSError:
             continue
-    return "no route to the internet"
+    else:
+        return "no route to the internet"
+    return hub_unreachable(hub or constants.ENDPOINT, timeout)
+
+
+def hub_unreachable(hub: str, timeout: float = HUB_TIMEOUT) -> str | None:
+    """Why ``hub`` (``https://host[:port]`` or ``host``) cannot be reached:
+    its name does not resolve, or no TCP connection opens, each within
+    ``timeout`` seconds; ``None`` when a connection opened."""
+    parsed = urlsplit(hub if "://" in hub else f"https://{hub}")
+    host = parsed.hostname or hub
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    found = _within(timeout, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    if found is None or isinstance(found, BaseException):
+        why = "no answer" if found is None else (getattr(found, "strerror", None) or str(found))
+        return f"{host} cannot be resolved ({why}, within {timeout:g}s)"
+    family, kind, proto, _, addr = found[0]
+
+    def connect() -> bool:
+        with socket.socket(family, kind, proto) as s:
+            s.settimeout(timeout)
+            s.connect(addr)
+        return True
+
+    opened = _within(timeout + 1.0, connect)
+    if opened is True:
+        return None
+    why = "no answer" if opened is None else (getattr(opened, "strerror", None) or type(opened).__name__)
+    return f"{host} ({addr[0]}) cannot be reached on port {port} ({why}, within {timeout:g}s)"
+
+
+def _within(seconds: float, fn):
+    """``fn()``'s result (or the exception it raised) if it returns within
+    ``seconds``, else ``None``; it runs on a daemon thread, so a lookup that
+    hangs past that is left behind rather than waited for."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except Exception as e:  # noqa: BLE001 - returned, for the caller to word
+            box.append(e)
+
+    t = threading.Thread(target=run, daemon=True, name="pairforge-hub-probe")
+    t.start()
+    t.join(seconds)
+    return box[0] if box else None
 
 
 def cached_weights(reg, tag_cfg: dict) -> str | None:

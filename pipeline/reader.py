@@ -177,7 +177,9 @@ def _array(values: list) -> pa.Array:
         return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
-def _normalise(batch: pa.RecordBatch, cfg: InputConfig, path, source: str, where: str = "input") -> pa.Table:
+def _normalise(batch: pa.RecordBatch, cfg: InputConfig, path, source: str, where: str = "input") -> tuple[pa.Table, int]:
+    """The batch in pairforge's columns, and how many of its captions were
+    null (they become ``""``: counted in the index, see ``docs/troubleshooting.md``)."""
     if cfg.columns:
         batch = batch.rename_columns(renamed_names(batch.schema.names, cfg, path, where))
     names = batch.schema.names
@@ -193,7 +195,7 @@ def _normalise(batch: pa.RecordBatch, cfg: InputConfig, path, source: str, where
     }
     for name, out_name in carried_names(names, cfg).items():
         cols[out_name] = batch.column(name)
-    return pa.table(cols)
+    return pa.table(cols), cap.null_count
 
 
 def split_input(
@@ -232,19 +234,39 @@ def split_input(
         for path in expand_paths(src.paths, where, config):
             fmt = detect_format(path, src.format, where)
             source = src.source or path.stem
-            rows = 0
+            rows = nulls = 0
             for batch in iter_batches(path, fmt):
-                table = _normalise(batch, src, path, source, where)
+                table, null_captions = _normalise(batch, src, path, source, where)
                 pending.append(table)
                 pending_rows += table.num_rows
                 rows += table.num_rows
+                nulls += null_captions
                 flush(final=False)
-            files.append({"path": str(path), "format": fmt, "rows": rows})
+            files.append({"path": str(path), "format": fmt, "rows": rows, "null_captions": nulls})
             total += rows
         flush(final=True)  # the next source starts a shard of its own
     index = InputIndex(total, samples_per_shard, shard_rows, tuple(files))
     layout.atomic_write_bytes(layout.input_index(out), json.dumps(index.to_json(), indent=1).encode())
     return index
+
+
+def input_files(
+    cfg: InputConfig | tuple[InputConfig, ...], config: StorageConfig | None = None
+) -> list[dict]:
+    """Every input file with its format and rows, as the index lists them,
+    read without writing anything: a resume compares them with the index
+    before it touches the run (a parquet file's rows come from its footer)."""
+    files = []
+    for where, src in input_entries(cfg):
+        for path in expand_paths(src.paths, where, config):
+            fmt = detect_format(path, src.format, where)
+            if fmt == "parquet":
+                with storage.arrow_input(path) as f:
+                    rows = pq.ParquetFile(f).metadata.num_rows
+            else:
+                rows = sum(b.num_rows for b in iter_batches(path, fmt))
+            files.append({"path": str(path), "format": fmt, "rows": rows})
+    return files
 
 
 def _write_input_shard(out, sid: int, table: pa.Table, width: int) -> None:

@@ -80,8 +80,9 @@ class Config:
     #: decode a JPEG at 1/2, 1/4 or 1/8 scale (in the DCT domain) when that
     #: still leaves >= 2x the output size; ``false`` gives img2dataset's bytes
     reduced_decode: bool = True
-    #: ``phash`` or ``dhash``: hash the stored output into ``image_<name>``
-    #: (set by the job when a ``dedup_phash`` stage follows; see README)
+    #: ``phash`` or ``dhash``: hash the stored output into the column of that
+    #: name, the one ``dedup_phash`` declares (set by the job when a
+    #: ``dedup_phash`` stage follows, which then reads it; see README)
     perceptual_hash: str | None = None
     min_image_size: int = 0
     max_image_area: float | None = None
@@ -244,7 +245,9 @@ class DownloadStage(Stage):
 
     @property
     def hash_column(self) -> str:
-        return f"image_{self.config.perceptual_hash}"
+        # dedup_phash's own column (``phash``/``dhash``): one column per hash in the shards, not
+        # two equal ones (an ``image_phash`` from here beside dedup_phash's ``phash``)
+        return str(self.config.perceptual_hash)
 
     def services(self) -> dict:
         return {"host_gate": limits_of(self.config), "work_store": "robots"}

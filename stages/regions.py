@@ -59,6 +59,7 @@ from pairforge.stages.base import (
 )
 from pairforge.stages.common import clip as _clip
 from pairforge.stages.common import detectors as _det
+from pairforge.stages.common.assets import resolve as resolve_asset
 
 log = logging.getLogger(__name__)
 BACKENDS = ("pf-tiny", "mtcnn")
@@ -73,10 +74,13 @@ PF_TINY = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "pf-t
 
 @dataclass(frozen=True)
 class DetectorSpec:
+    #: a job may name a detector by its model alone: ``detectors: [mtcnn]``
+    SHORTHAND: ClassVar[str] = "model"
+
     #: ``pf-tiny``, ``mtcnn`` or a torchvision builder (``fasterrcnn_mobilenet_v3_large_fpn``)
     model: str = "pf-tiny"
     #: torchvision: ``random``, a weight enum member (``DEFAULT``, ``COCO_V1``) or a
-    #: checkpoint file; pf-tiny: a checkpoint file ("": the shipped one); mtcnn: unused
+    #: checkpoint file; pf-tiny: a checkpoint file ("" or ``pf-tiny-detector``: the shipped one); mtcnn: unused
     weights: str = ""
     #: torchvision's resize of the shorter / longer side (0: the model's own)
     min_size: int = 0
@@ -101,8 +105,10 @@ class Config:
     score_threshold: float = 0.5
     #: IoU of class-aware NMS
     nms_iou: float = 0.5
-    #: ``roi`` (pooled backbone features), ``clip`` (CLIP crop embeddings), both or none
-    features: tuple[str, ...] = ("roi",)
+    #: ``roi`` (pooled backbone features), ``clip`` (CLIP crop embeddings), both or none;
+    #: null (default): ``roi`` when the first detector has a backbone map to pool from
+    #: (every one but ``mtcnn``), else none
+    features: tuple[str, ...] | None = None
     #: ``off``, ``agnostic`` or ``all`` (see the module doc)
     clip_labels: str = "off"
     #: the run's CLIP model, for ``clip`` features and labels (as ``clip_score`` takes them)
@@ -124,6 +130,8 @@ class Config:
 
     def __post_init__(self):
         require(len(self.detectors) >= 1, "detectors", self.detectors, "at least one detector")
+        if self.features is None:  # what fits the first detector (see the field's comment)
+            object.__setattr__(self, "features", ("roi",) if self.detectors[0].model != "mtcnn" else ())
         require(self.max_regions >= 1, "max_regions", self.max_regions, ">= 1")
         require(0.0 <= self.score_threshold <= 1.0, "score_threshold", self.score_threshold, "a score in [0, 1]")
         require(0.0 < self.nms_iou <= 1.0, "nms_iou", self.nms_iou, "an IoU in (0, 1]")
@@ -132,8 +140,9 @@ class Config:
         needs_clip = "clip" in self.features or self.clip_labels != "off"
         require(not needs_clip or bool(self.clip_pretrained), "clip_pretrained", self.clip_pretrained,
                 "a CLIP checkpoint (file, open_clip tag or 'random') for clip features or labels")  # fmt: skip
-        require("roi" not in self.features or self.detectors[0].model != "mtcnn", "features", self.features,
-                "no 'roi' when the first detector is mtcnn (it has no backbone map)")  # fmt: skip
+        require("roi" not in self.features or self.detectors[0].model != "mtcnn", "features", list(self.features),
+                "no 'roi' when the first detector is mtcnn (it has no backbone map to pool from): leave features "
+                "out, or put a detector with one first (detectors: [pf-tiny, mtcnn])")  # fmt: skip
         require(self.on_error in ("reject", "keep"), "on_error", self.on_error, "reject or keep")
         for name in ("batch_size", "micro_batch", "actor_threads"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
@@ -156,7 +165,7 @@ def _roi_dim(spec: DetectorSpec) -> int:
     (``pipeline.checks`` asks before a run starts); else built on the CPU."""
     if spec.model == "mtcnn":
         return 0
-    if spec.model == "pf-tiny" and not spec.weights and not spec.feature_level:
+    if spec.model == "pf-tiny" and resolve_asset(spec.weights) in ("", str(PF_TINY)) and not spec.feature_level:
         meta = PF_TINY.with_suffix(".json")
         if meta.is_file():
             return int(json.loads(meta.read_text())["config"]["fpn_channels"])
@@ -176,11 +185,11 @@ def _load(spec: DetectorSpec, device: str, limits: _det.Limits, half: bool) -> _
     if spec.model == "pf-tiny":
         from pairforge.stages.common import pfdet
 
-        path = spec.weights or str(PF_TINY)
+        path = resolve_asset(spec.weights) or str(PF_TINY)
         model, categories, _ = pfdet.load(path, device)
         identity = {"backend": "pf-tiny", "weights": path, "sha256": _clip.file_sha256(path)}
         return _det.TorchvisionDetector(model, categories, device, limits, identity, level, half)
-    return _det.load_torchvision(spec.model, spec.weights or _det.RANDOM_WEIGHTS, device, limits,
+    return _det.load_torchvision(spec.model, resolve_asset(spec.weights) or _det.RANDOM_WEIGHTS, device, limits,
                                  spec.min_size, spec.max_size, level, half)  # fmt: skip
 
 

@@ -12,10 +12,12 @@ from PIL import Image
 
 from pairforge.pipeline.config import load_job
 from pairforge.pipeline.datasets import skimage_photos
+from pairforge.stages.base import stage_columns
 from pairforge.stages.batch import fresh_rows
 from pairforge.stages.common.resize import Resize, img2dataset_resizer_class, probe
 from pairforge.stages.dedup_phash import Config as PConfig
 from pairforge.stages.dedup_phash import PerceptualDedupStage
+from pairforge.stages.download import DownloadStage
 from tests.planted import build_planted, run_kind
 
 MODES = ("border", "keep_ratio", "center_crop", "keep_ratio_largest", "no")
@@ -170,13 +172,13 @@ def test_the_download_threads_hash_as_dedup_phash_does(tmp_path):
     assert (got["status"] == "ok").all()
     stored = {**rows, "image": got["image"], "original_width": got["original_width"]}
     own = PerceptualDedupStage(PConfig()).process_batch(dict(stored))["phash"]
-    assert list(got["image_phash"]) == list(own)
+    assert list(got["phash"]) == list(own)
     # and close to imagehash on the whole stored image (no reduced decode):
     # 1,020 rows, all but 1.2% within 2 bits, none above 4
     dist = np.array([imagehash.hex_to_hash(h) - imagehash.phash(Image.open(io.BytesIO(s))) for h, s in zip(own, got["image"])])
     assert (dist <= 2).mean() >= 0.98 and dist.max() <= 4
     decoded = run_kind(PerceptualDedupStage(PConfig()), stored)
-    hashed = run_kind(PerceptualDedupStage(PConfig(hash_column="image_phash")), {**stored, "image_phash": got["image_phash"]})
+    hashed = run_kind(PerceptualDedupStage(PConfig(hash_column="phash")), {**stored, "phash": got["phash"]})
     assert len(decoded["key"]) > 700
     assert dict(zip(decoded["key"], decoded["duplicate_of"])) == dict(zip(hashed["key"], hashed["duplicate_of"]))
 
@@ -187,9 +189,13 @@ def test_a_job_hashes_in_download_when_dedup_phash_follows(tmp_path):
         return {s.name: s.config for s in job.stages}
 
     got = stages("download", {"name": "dedup_phash"}, "shard")
-    assert (got["download"].perceptual_hash, got["dedup_phash"].hash_column) == ("phash", "image_phash")
+    assert (got["download"].perceptual_hash, got["dedup_phash"].hash_column) == ("phash", "phash")
+    # one hash column in the shards, declared by download (which computes it), read and kept by dedup_phash
+    built = [DownloadStage(got["download"]), PerceptualDedupStage(got["dedup_phash"])]
+    columns = stage_columns(built)
+    assert columns["phash"][0] == "download" and "image_phash" not in columns
     got = stages("download", {"name": "dedup_phash", "algorithm": "dhash"}, "shard")
-    assert (got["download"].perceptual_hash, got["dedup_phash"].hash_column) == ("dhash", "image_dhash")
+    assert (got["download"].perceptual_hash, got["dedup_phash"].hash_column) == ("dhash", "dhash")
     got = stages("download", {"name": "dedup_phash", "hash_column": "my_hash"}, "shard")
     assert (got["download"].perceptual_hash, got["dedup_phash"].hash_column) == (None, "my_hash")
     assert stages("download", "shard")["download"].perceptual_hash is None

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pairforge.stages.common.assets import resolve as resolve_asset
+
 #: open_clip configs that ship with the repo (``pf-tiny``)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "stages" / "model_configs"
 #: CLIP clamps its learnable temperature so logits are at most 100x cosines
@@ -51,7 +53,7 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every random init
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+        model = open_clip.create_model(name, pretrained=resolve_asset(pretrained), device=device)
     finally:
         logging.getLogger().setLevel(quiet)
     pcfg = model.visual.preprocess_cfg

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from pairforge.stages.common.assets import resolve as resolve_asset
+
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -143,8 +145,8 @@ def model_identity(model: str, pretrained: str, weights_file: str | None = None)
     and the sha256 of the checkpoint file (``None`` for random weights, or
     for an open_clip tag whose file is not on this machine)."""
     path = weights_file
-    if path is None and pretrained != RANDOM_WEIGHTS and os.path.isfile(pretrained):
-        path = pretrained
+    if path is None and pretrained != RANDOM_WEIGHTS and os.path.isfile(resolve_asset(pretrained)):
+        path = resolve_asset(pretrained)
     return {"name": model, "pretrained": pretrained, "sha256": file_sha256(path) if path else None}
 
 
@@ -179,6 +181,7 @@ def load(model: str, pretrained: str, device: str) -> Loaded:
 
     register_model_configs()
     weights_file = None
+    pretrained = resolve_asset(pretrained)  # a shipped asset's short name (pf-tiny-scorer)
     if pretrained == RANDOM_WEIGHTS:
         log.warning("clip_score: %s with random weights; its scores mean nothing", model)
         net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None, device=device)
