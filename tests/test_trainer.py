@@ -189,11 +189,12 @@ def test_cli_writes_checkpoint_report_and_curves(corpus, tmp_path, capsys):
 
     out = tmp_path / "cli"
     argv = ["train", str(corpus), "--out", str(out), "--steps", "4", "--batch-size", "16", "--workers", "1",
-            "--eval-every", "4", "--eval-limit", "40", "--log-every", "2", "--device", "cpu"]  # fmt: skip
+            "--eval-every", "4", "--eval-limit", "40", "--log-every", "2", "--device", "cpu", "--json", "-"]  # fmt: skip
     assert main(argv) == 0
-    printed = capsys.readouterr().out
-    summary = json.loads(printed[printed.index("{\n") :])
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out)  # stdout is the summary alone; the [train] lines are on stderr
     assert summary["steps"]["done"] == 4
+    assert "[train] step 4/4" in printed.err and summary["verdict"].startswith("recall@1 ")
     assert {p.name for p in out.iterdir()} >= {CHECKPOINT, REPORT, CURVES}
     assert json.loads((out / REPORT).read_text())["config"]["batch_size"] == 16
     _open_clip_load(out / CHECKPOINT)

@@ -232,6 +232,10 @@ def train_loader(
 # ------------------------------------------------------------------ eval split
 
 
+class NoHeldOut(ValueError):
+    """The split holds out no sample (a run of a few samples): nothing to evaluate on."""
+
+
 @dataclass
 class EvalSet:
     keys: list[str]
@@ -264,7 +268,7 @@ def load_eval_set(shards: list[str], prep: Prep, cfg: StreamConfig, limit: int =
     plain = replace(prep, augment=False)  # held-out images are never augmented
     chunks = [[p["image_bytes"] for p in found[i : i + 256]] for i in range(0, len(found), 256)]
     if not found:
-        raise ValueError(f"no held-out samples (eval fraction {cfg.eval_fraction}) in {len(shards)} shard(s)")
+        raise NoHeldOut(f"no held-out samples (eval fraction {cfg.eval_fraction}) in {len(shards)} shard(s)")
     return EvalSet(
         keys=[p["key"] for p in found],
         captions=[p["caption"] for p in found],

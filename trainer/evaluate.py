@@ -19,6 +19,8 @@ from pairforge.trainer.data import CONFOUNDER_OF, NEGATIVE_CAPTION, EvalSet, Pre
 from pairforge.trainer.model import ImageSpec, normalize_images, unwrap
 
 KS = (1, 5, 10)
+#: held-out pairs below which a recall is reported but called too few to judge
+FEW_PAIRS = 50
 #: optional metadata field naming what a caption says without its wording
 #: (a product class, a scene's content): captions of the same concept describe
 #: each other's images, so neither is a wrong caption for the other
@@ -44,6 +46,12 @@ def same_meaning(captions: list[str], metas: list[dict]) -> np.ndarray:
     return same
 
 
+def meaningful_ks(n: int, ks=KS) -> tuple[int, ...]:
+    """The k of recall@k that say something among ``n`` candidates: k < n
+    (with k >= n every ranking finds the match: recall and chance are 1)."""
+    return tuple(k for k in ks if k < n)
+
+
 def recall_at_k(sim: np.ndarray, correct: np.ndarray, ks=KS) -> dict[str, float]:
     """Fraction of rows whose best correct column ranks within the top k;
     ties with a wrong column count against the row."""
@@ -54,10 +62,12 @@ def recall_at_k(sim: np.ndarray, correct: np.ndarray, ks=KS) -> dict[str, float]
 
 def chance_recall(correct: np.ndarray, ks=KS) -> dict[str, float]:
     """Expected recall@k of a random ranking: with m correct among n columns,
-    1 - C(n - m, k) / C(n, k)."""
+    1 - C(n - m, k) / C(n, k); 1 when k >= n (every ranking has them all)."""
     n = correct.shape[1]
     m = correct.sum(axis=1)
-    return {f"r@{k}": float(np.mean([1 - comb(n - int(mi), k) / comb(n, k) for mi in m])) for k in ks}
+    return {
+        f"r@{k}": 1.0 if k >= n else float(np.mean([1 - comb(n - int(mi), k) / comb(n, k) for mi in m])) for k in ks
+    }
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -83,9 +93,9 @@ def matching_vs_shuffled(sim: np.ndarray, same: np.ndarray) -> dict[str, float]:
     pos = np.diag(sim)
     neg = sim[~same]
     return {
-        "auc": roc_auc(pos, neg),
+        "auc": roc_auc(pos, neg) if len(pos) and len(neg) else None,  # no shuffled caption: no AUC
         "mean_matching": float(pos.mean()),
-        "mean_shuffled": float(neg.mean()),
+        "mean_shuffled": float(neg.mean()) if len(neg) else None,
         "n_matching": len(pos),
         "n_shuffled": len(neg),
     }
@@ -159,11 +169,12 @@ def evaluate(model, evalset: EvalSet, spec: ImageSpec, prep: Prep, device="cpu")
     txt = embed_texts(model, evalset.texts, device)
     sim = (img @ txt.T).numpy()
     same = same_meaning(evalset.captions, evalset.metas)
+    ks = meaningful_ks(len(evalset))  # recall@k for k >= n is 1 for any model: not reported
     out = {
         "n": len(evalset),
-        "image_to_text": recall_at_k(sim, same),
-        "text_to_image": recall_at_k(sim.T, same.T),
-        "chance": chance_recall(same),
+        "image_to_text": recall_at_k(sim, same, ks),
+        "text_to_image": recall_at_k(sim.T, same.T, ks),
+        "chance": chance_recall(same, ks),
         "distinct_captions": len(set(evalset.captions)),
         "matching_vs_shuffled": matching_vs_shuffled(sim, same),
         "winoground": winoground(sim, confounder_pairs(evalset)),
@@ -171,9 +182,9 @@ def evaluate(model, evalset: EvalSet, spec: ImageSpec, prep: Prep, device="cpu")
     exact = _same_caption(evalset.captions)
     if (exact != same).any():  # the figures when only the very same caption counts as a match
         out["exact_caption"] = {
-            "image_to_text": recall_at_k(sim, exact),
-            "text_to_image": recall_at_k(sim.T, exact.T),
-            "chance": chance_recall(exact),
+            "image_to_text": recall_at_k(sim, exact, ks),
+            "text_to_image": recall_at_k(sim.T, exact.T, ks),
+            "chance": chance_recall(exact, ks),
             "auc": matching_vs_shuffled(sim, exact)["auc"],
         }
     sources = [str(m.get("source", "")) for m in evalset.metas]
@@ -184,8 +195,8 @@ def evaluate(model, evalset: EvalSet, spec: ImageSpec, prep: Prep, device="cpu")
             sub, sub_same = sim[np.ix_(idx, idx)], same[np.ix_(idx, idx)]
             out["by_source"][src] = {
                 "n": len(idx),
-                "image_to_text_r@1": recall_at_k(sub, sub_same, (1,))["r@1"],
-                "chance_r@1": chance_recall(sub_same, (1,))["r@1"],
+                "image_to_text_r@1": recall_at_k(sub, sub_same, meaningful_ks(len(idx), (1,))).get("r@1"),
+                "chance_r@1": chance_recall(sub_same, meaningful_ks(len(idx), (1,))).get("r@1"),
                 "auc": matching_vs_shuffled(sub, sub_same)["auc"] if len(idx) > 1 else None,
             }
     # each image against its own caption and a caption that does not fit it
@@ -198,3 +209,24 @@ def evaluate(model, evalset: EvalSet, spec: ImageSpec, prep: Prep, device="cpu")
             wrong = (img[idx] * neg_txt).sum(-1)
             out[name] = {"n": len(negs), "accuracy": float((own > wrong).float().mean()), "chance": 0.5}
     return out
+
+
+def verdict(metrics: dict | None, eval_fraction: float = 0.1) -> str:
+    """One line a person reads: image-to-text recall@1 next to chance on
+    the held-out pairs, or why there is none."""
+    if not metrics or not metrics.get("n"):
+        return (
+            f"no held-out pairs (eval fraction {eval_fraction}): recall not measured; the run is too small "
+            "for a held-out split (raise --eval-fraction, or train on more samples)"
+        )
+    n = metrics["n"]
+    i2t, chance = metrics["image_to_text"], metrics["chance"]
+    if "r@1" not in i2t:
+        return f"{n} held-out pair: recall needs at least 2 (a single candidate is always found)"
+    line = f"recall@1 {i2t['r@1']:.2f} vs chance {chance['r@1']:.2f} on {n} held-out pairs"
+    t2i = metrics.get("text_to_image", {}).get("r@1")
+    if t2i is not None:
+        line += f" (image to text; text to image {t2i:.2f})"
+    if n < FEW_PAIRS:
+        line += f"; too few pairs to judge (under {FEW_PAIRS})"
+    return line

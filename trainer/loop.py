@@ -3,6 +3,12 @@
 It runs the same in one CPU process, in one GPU process, and in each worker of
 a Ray Train (DDP) job; :mod:`trainer.distributed` only sets up the process
 group and calls :func:`train`. Only rank 0 evaluates and writes files.
+Progress goes to stderr (``[train] ...``); the report is a file.
+
+A run too small for the held-out split (a few samples) still trains: it
+reports no recall rather than a figure that means nothing, and says so
+(:func:`trainer.evaluate.verdict`). A run with no sample to train on stops
+before the model is built, with :class:`NothingToTrain`.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -18,8 +25,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pairforge.trainer.data import Prep, StreamConfig, find_shards, load_eval_set, shard_sizes, train_loader
-from pairforge.trainer.evaluate import evaluate
+from pairforge.trainer.data import (
+    NoHeldOut,
+    Prep,
+    StreamConfig,
+    find_shards,
+    load_eval_set,
+    shard_sizes,
+    train_loader,
+)
+from pairforge.trainer.evaluate import evaluate, verdict
 from pairforge.trainer.graphstep import GraphedStep, set_lr
 from pairforge.trainer.model import (
     create_model,
@@ -85,6 +100,26 @@ class TrainConfig:
         )
 
 
+class NothingToTrain(ValueError):
+    """The shards hold no sample to train on (an empty run, or every sample held out)."""
+
+
+def _say(msg: str) -> None:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def count_samples(cfg: TrainConfig) -> tuple[list[str], dict[str, int]]:
+    """The shards and their samples; :class:`NothingToTrain` when they hold none."""
+    shards = find_shards(cfg.shards)
+    sizes = shard_sizes(shards)
+    if not sum(sizes.values()):
+        raise NothingToTrain(
+            f"no samples in {len(shards)} shard(s) under {', '.join(cfg.shards)}: nothing to train on "
+            "(pairforge manifest show OUT says where the rows went)"
+        )
+    return shards, sizes
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup to ``lr``, then a cosine down to ``min_lr`` at ``steps``."""
     if step < cfg.warmup:
@@ -126,6 +161,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
     """Train for ``cfg.steps`` steps (or stop after step ``until``, as an
     interrupted run would, checkpoint included) and return the report."""
     rank, world = _rank_world()
+    shards, sizes = count_samples(cfg)  # before the model: an empty run stops here
     device = device or _device(cfg.device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     seed_everything(cfg.seed)
@@ -145,11 +181,20 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    shards = find_shards(cfg.shards)
-    sizes = shard_sizes(shards)
     resize = cfg.resize if cfg.resize != "auto" else ("device" if device.type == "cuda" else "worker")
     prep = Prep(cfg.model, spec.size, cfg.augment, cfg.seed, resize)
-    evalset = load_eval_set(shards, prep, cfg.stream(), cfg.eval_limit) if rank == 0 else None
+    evalset = None
+    if rank == 0:
+        try:
+            evalset = load_eval_set(shards, prep, cfg.stream(), cfg.eval_limit)
+        except NoHeldOut:
+            _say(f"no held-out samples among {sum(sizes.values())} (eval fraction {cfg.eval_fraction}): no evaluation")
+        held = len(evalset) if evalset is not None else 0
+        if held >= sum(sizes.values()):
+            raise NothingToTrain(
+                f"all {held} samples are held out for evaluation (eval fraction {cfg.eval_fraction}): nothing to "
+                "train on; lower --eval-fraction or train on more samples"
+            )
     loader = train_loader(shards, prep, cfg.stream(), start, world, pin_memory=device.type == "cuda")
     end = min(cfg.steps, until if until is not None else cfg.steps)
 
@@ -160,12 +205,8 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
     def log_eval(step: int) -> dict:
         metrics = evaluate(model, evalset, spec, prep, device)
         history["eval"].append({"step": step, **metrics})
-        i2t, t2i = metrics["image_to_text"], metrics["text_to_image"]
-        print(
-            f"[train] step {step}: eval n={metrics['n']} i2t r@1 {i2t['r@1']:.3f} t2i r@1 {t2i['r@1']:.3f} "
-            f"(chance {metrics['chance']['r@1']:.3f}) auc {metrics['matching_vs_shuffled']['auc']:.3f}",
-            flush=True,
-        )
+        auc = metrics["matching_vs_shuffled"]["auc"]
+        _say(f"step {step}: eval {verdict(metrics)}" + (f"; auc {auc:.3f}" if auc is not None else ""))
         return metrics
 
     graphed = None
@@ -201,8 +242,8 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
             if rank == 0:
                 h = history["train"][-1]
                 msg = f"loss {h['loss']:.4f} lr {h['lr']:.2e} T^-1 {h['logit_scale']:.1f}"
-                print(f"[train] step {done}/{cfg.steps} {msg}", flush=True)
-        if rank == 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
+                _say(f"step {done}/{cfg.steps} {msg}")
+        if rank == 0 and evalset is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             log_eval(done)
         if rank == 0 and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             checkpoint(done)
@@ -230,7 +271,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
             "shards": len(shards),
             "samples_in_shards": sum(sizes.values()),
             "held_out_fraction": cfg.eval_fraction,
-            "eval_samples": len(evalset),
+            "eval_samples": len(evalset) if evalset is not None else 0,
             "samples_seen": end * cfg.batch_size * world,
             "epochs": end * cfg.batch_size * world / max(1, sum(sizes.values()) * (1 - cfg.eval_fraction)),
         },
@@ -243,6 +284,7 @@ def train(cfg: TrainConfig, device: torch.device | None = None, until: int | Non
             "cuda_graph_error": graphed.failed if graphed is not None else None,
         },
         "metrics": history["eval"][-1] if history["eval"] else None,
+        "verdict": verdict(history["eval"][-1] if history["eval"] else None, cfg.eval_fraction),
         "history": history,
     }
     (out / REPORT).write_text(json.dumps(report, indent=1))
