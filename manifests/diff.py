@@ -7,6 +7,10 @@ what differs between any two runs (timings, the Ray cluster, the output
 folder, each shard's ``_stats.json``, which holds times); package versions
 are listed but do not count as a change. Nothing but the two manifests is
 read: run ``pairforge manifest verify`` first to know the files match them.
+
+Stages are paired by name, never by position: a stage inserted into a job
+is one line (``job stages.dedup_phash: absent -> stages[2]``), not a
+changed setting for every stage after it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def diff_manifests(old: dict, new: dict) -> dict:
         "counts": _changed_values(old.get("counts", {}), new.get("counts", {})),
         "stages": _stage_diff(old.get("stages", []), new.get("stages", [])),
         "schema": _schema_diff(old.get("schema", []), new.get("schema", [])),
-        "job": _changed_values(_flat(old.get("job", {})), _flat(new.get("job", {})), skip=JOB_NOISE),
+        "job": _job_diff(old.get("job", {}), new.get("job", {})),
         "side_tables": _side_table_diff(old.get("side_tables", {}), new.get("side_tables", {})),
         "shards": _shard_diff(old.get("shards", []), new.get("shards", [])),
         "versions": _changed_values(old.get("versions", {}), new.get("versions", {})),
@@ -57,6 +61,45 @@ def _flat(d: dict, prefix: str = "") -> dict:
             out.update(_flat(v, key + "."))
         else:
             out[key] = v
+    return out
+
+
+def _job_diff(old: dict, new: dict) -> dict:
+    """The job's settings that differ, its stages paired by name: a stage
+    in one run only is one entry (``stages.NAME``: where it is, or
+    ``absent``), a stage in both has an entry per changed option
+    (``stages.NAME.OPTION``), and ``stages.order`` when the stages both
+    runs have run in another order."""
+    a, b = dict(old), dict(new)
+    sa, sb = _named_stages(a.pop("stages", [])), _named_stages(b.pop("stages", []))
+    out = _changed_values(_flat(a), _flat(b), skip=JOB_NOISE)
+    for name in [*sb, *(n for n in sa if n not in sb)]:
+        if name not in sa or name not in sb:
+            out[f"stages.{name}"] = {
+                "old": f"stages[{list(sa).index(name)}]" if name in sa else "absent",
+                "new": f"stages[{list(sb).index(name)}]" if name in sb else "absent",
+            }
+            continue
+        opts_a = {k: v for k, v in sa[name].items() if k != "name"}
+        opts_b = {k: v for k, v in sb[name].items() if k != "name"}
+        out.update(_changed_values(_flat(opts_a, f"stages.{name}."), _flat(opts_b, f"stages.{name}.")))
+    order_a, order_b = [n for n in sa if n in sb], [n for n in sb if n in sa]
+    if order_a != order_b:
+        out["stages.order"] = {"old": order_a, "new": order_b}
+    return out
+
+
+def _named_stages(stages: list) -> dict[str, dict]:
+    """A job's stages by name, in order (a name met again, possible in runs
+    made before a stage could appear once only, gets ``#2``, ``#3``...)."""
+    out: dict[str, dict] = {}
+    for st in stages:
+        name = str(st.get("name")) if isinstance(st, dict) else str(st)
+        key, i = name, 1
+        while key in out:
+            i += 1
+            key = f"{name}#{i}"
+        out[key] = st if isinstance(st, dict) else {"name": name}
     return out
 
 

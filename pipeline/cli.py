@@ -182,8 +182,69 @@ def _progress_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: an example or two per command, shown at the end of its --help (``pairforge`` alone: the first steps)
+EXAMPLES = {
+    "pairforge": (
+        "pairforge demo --runner local                 # a small dataset from local data, no cluster\n"
+        "pairforge run job.yaml                        # a job file (see pipeline/example_job.yaml)\n"
+        "pairforge manifest show out/                  # what a run did\n"
+        "pairforge train out/ --out train/             # does the data teach image-text alignment?\n"
+        "exit codes: 0 done, 1 unexpected error, 2 bad job or flag, 3 no row reached a shard,\n"
+        "4 empty input, 5 Ray cluster unreachable, 130 interrupted (docs/troubleshooting.md)"
+    ),
+    "run": (
+        "pairforge run job.yaml\n"
+        "pairforge run job.yaml --resume               # finish an interrupted run\n"
+        "pairforge run job.yaml --address ray://head:10001"
+    ),
+    "demo": "pairforge demo --out demo_out --runner local\npairforge report demo_out",
+    "manifest": "pairforge manifest show out/\npairforge manifest verify out/\npairforge manifest diff old/ new/",
+    "show": "pairforge manifest show out/\npairforge manifest show s3://bucket/run --endpoint-url http://127.0.0.1:9000",
+    "verify": "pairforge manifest verify out/",
+    "diff": "pairforge manifest diff old/ new/\npairforge manifest diff old/ new/ --json > diff.json",
+    "export": "pairforge export coco out/",
+    "coco": "pairforge export coco out/ --out out/coco.json --captions out/coco_captions.json",
+    "report": "pairforge report out/\npairforge report out/ --out site/ --pairs 96",
+}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping for prose, lines as written for the indented
+    example lines of an epilog."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(
+            indent + line if line.startswith(" ") else super(_HelpFormatter, self)._fill_text(line, width, indent)
+            for line in text.splitlines()
+        )
+
+
+def _with_examples(parser: argparse.ArgumentParser, name: str = "pairforge") -> None:
+    """Put :data:`EXAMPLES` at the end of each command's help (nested commands included)."""
+    if name in EXAMPLES:
+        parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name].splitlines())
+        parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                _with_examples(sub, sub_name)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    from pairforge import __version__
+
+    try:
+        ray = metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        ray = "not installed"
+    return f"pairforge {__version__} (python {sys.version.split()[0]}, ray {ray})"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pairforge", description="Build image-text datasets on Ray.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run a job file")
@@ -235,6 +296,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a small CLIP on a run's shards", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=lambda a: __import__("pairforge.trainer.cli", fromlist=["main"]).main(a.rest))
+    _with_examples(p)
     return p
 
 
