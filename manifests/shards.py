@@ -131,6 +131,8 @@ def arrow_column(v: np.ndarray, col: Column | None) -> pa.Array:
     """One batch column as Arrow, by its declared kind (undeclared: inferred)."""
     if col is None and v.ndim == 2 and v.dtype != object:  # an undeclared matrix: fixed-size rows
         return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(v).reshape(-1)), v.shape[1])
+    if col is not None and col.kind == "string" and col.nullable:  # "" is "no value": null
+        return pa.array([x if isinstance(x, str) and x else None for x in v.tolist()], pa.string())
     if col is None or col.kind in ("string", "bytes"):
         return pa.array(v.tolist() if v.dtype == object else v)
     if col.kind == "scalar":

@@ -96,6 +96,9 @@ class Column:
     #: ``scalar`` only: the manifest counts it (rows with a value, their sum,
     #: min, max, and how many are above 0) over every row of the run, kept or not
     summary: bool = False
+    #: ``string`` only: ``""`` (or ``None``) means "no value" and is written as null
+    #: (parquet, the tar's ``{key}.json``), e.g. ``duplicate_of`` on a kept row
+    nullable: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -107,6 +110,8 @@ class Column:
             raise ValueError(f"column {self.name!r}: only a scalar column can have a summary")
         if self.kind == "vector" and len(self.shape) != 1:
             raise ValueError(f"column {self.name!r}: a vector needs shape (dim,), got {self.shape}")
+        if self.nullable and self.kind != "string":
+            raise ValueError(f"column {self.name!r}: only a string column is nullable, not a {self.kind}")
 
     def defaults(self, n: int) -> np.ndarray:
         """A column of ``n`` rows the stage never saw."""
@@ -144,6 +149,8 @@ class Column:
             d["store"] = self.store
         if self.kind in ("scalar", "string") and self.default is not None:
             d["default"] = self.default.item() if isinstance(self.default, np.generic) else self.default
+        if self.nullable:
+            d["nullable"] = True
         return d
 
 

@@ -84,7 +84,7 @@ class ExactDedupStage(GlobalStage):
         return Resources(num_cpus=1, batch_size=4096)
 
     def outputs(self) -> tuple[Column, ...]:
-        return (Column(dd.DUPLICATE_OF, "string"),)
+        return (Column(dd.DUPLICATE_OF, "string", nullable=True),)
 
     def setup(self) -> None:
         if self.config.prior_build and self._prior is None:

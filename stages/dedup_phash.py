@@ -97,7 +97,7 @@ class PerceptualDedupStage(GlobalStage):
         return Resources(num_cpus=1, batch_size=256)
 
     def outputs(self) -> tuple[Column, ...]:
-        return (Column(self.column, "string"), Column(dd.DUPLICATE_OF, "string"))
+        return (Column(self.column, "string"), Column(dd.DUPLICATE_OF, "string", nullable=True))
 
     def inputs(self) -> tuple[str, ...]:
         return (self.config.hash_column or "image", *self.fit_columns)

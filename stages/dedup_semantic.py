@@ -69,7 +69,7 @@ class SemanticDedupStage(GlobalStage):
         return Resources(num_cpus=1, batch_size=4096)
 
     def outputs(self) -> tuple[Column, ...]:
-        return (Column(dd.DUPLICATE_OF, "string"),)
+        return (Column(dd.DUPLICATE_OF, "string", nullable=True),)
 
     def process_batch(self, batch: Batch) -> Batch:
         out = dict(batch)
