@@ -21,10 +21,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via im
 
 
 def _cmd_run(args) -> int:
+    from pairforge.pipeline import outcome
     from pairforge.pipeline.config import load_job
     from pairforge.pipeline.job import run_job
-
-    from pairforge.pipeline import outcome
 
     job = load_job(args.job)
     try:

@@ -125,7 +125,9 @@ def _check_resume(out, job: JobConfig, index) -> None:
 def _changed_keys(old, new, prefix: str = "") -> list[str]:
     """``key: old -> new`` for each setting that differs (stages by position)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [line for k in sorted(set(old) | set(new)) for line in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+        return [
+            line for k in sorted(set(old) | set(new)) for line in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        ]
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [line for i, (a, b) in enumerate(zip(old, new)) for line in _changed_keys(a, b, f"{prefix}{i}.")]
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

@@ -177,7 +177,9 @@ def _array(values: list) -> pa.Array:
         return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
-def _normalise(batch: pa.RecordBatch, cfg: InputConfig, path, source: str, where: str = "input") -> tuple[pa.Table, int]:
+def _normalise(
+    batch: pa.RecordBatch, cfg: InputConfig, path, source: str, where: str = "input"
+) -> tuple[pa.Table, int]:
     """The batch in pairforge's columns, and how many of its captions were
     null (they become ``""``: counted in the index, see ``docs/troubleshooting.md``)."""
     if cfg.columns:
@@ -250,9 +252,7 @@ def split_input(
     return index
 
 
-def input_files(
-    cfg: InputConfig | tuple[InputConfig, ...], config: StorageConfig | None = None
-) -> list[dict]:
+def input_files(cfg: InputConfig | tuple[InputConfig, ...], config: StorageConfig | None = None) -> list[dict]:
     """Every input file with its format and rows, as the index lists them,
     read without writing anything: a resume compares them with the index
     before it touches the run (a parquet file's rows come from its footer)."""

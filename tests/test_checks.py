@@ -27,8 +27,13 @@ BAD_JOBS = {
     ),
     "tag_without_network": (
         ["download", {"name": "clip_score", "model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}, "shard"],
-        ["stages[1](clip_score).pretrained", "'laion2b_s34b_b79k'", "cannot be downloaded (HF_HUB_OFFLINE=1)",
-         "pretrained: /path/to/weights", "pretrained: pf-tiny-scorer"],
+        [
+            "stages[1](clip_score).pretrained",
+            "'laion2b_s34b_b79k'",
+            "cannot be downloaded (HF_HUB_OFFLINE=1)",
+            "pretrained: /path/to/weights",
+            "pretrained: pf-tiny-scorer",
+        ],
     ),
     "missing_checkpoint": (
         ["download", {"name": "clip_score", "model": "pf-tiny", "pretrained": "ckpt/missing.pt"}, "shard"],

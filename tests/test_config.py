@@ -22,17 +22,24 @@ def test_unknown_top_level_key_is_named():
 
 
 def test_unknown_nested_key_is_named():
-    with pytest.raises(ConfigError, match=r"^output.samples_per_shards: unknown key, given 3 \(did you mean 'samples_per_shard'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"^output.samples_per_shards: unknown key, given 3 \(did you mean 'samples_per_shard'\?\)"
+    ):
         load_job(_job(output={"dir": "o", "samples_per_shards": 3}))
 
 
 def test_unknown_stage_option_is_named():
-    with pytest.raises(ConfigError, match=r"stages\[0\]\(shard\).write_embedings: unknown key.*did you mean 'write_embeddings'"):
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\(shard\).write_embedings: unknown key.*did you mean 'write_embeddings'"
+    ):
         load_job(_job(stages=[{"name": "shard", "write_embedings": False}]))
 
 
 def test_unknown_stage_name_lists_known():
-    with pytest.raises(ConfigError, match=r"stages\[0\]: unknown stage 'downlaod' \(did you mean 'download'\?\); known stages: .*dedup_phash"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages\[0\]: unknown stage 'downlaod' \(did you mean 'download'\?\); known stages: .*dedup_phash",
+    ):
         load_job(_job(stages=["downlaod", "shard"]))
 
 

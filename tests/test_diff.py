@@ -76,10 +76,16 @@ def test_stages_are_paired_by_name_so_an_inserted_stage_is_one_line(tmp_path):
         "stages.basic_filter.min_caption_words": {"old": 2, "new": 3},
     }
     lines = [line for line in format_diff(d).splitlines() if line.startswith("job ")]
-    assert lines == ["job stages.dedup_exact: 'absent' -> 'stages[0]'", "job stages.basic_filter.min_caption_words: 2 -> 3"]
+    assert lines == [
+        "job stages.dedup_exact: 'absent' -> 'stages[0]'",
+        "job stages.basic_filter.min_caption_words: 2 -> 3",
+    ]
     swapped = json.loads(json.dumps(new))  # the same stages in another order: one entry
     st = swapped["job"]["stages"]
     st[0], st[1] = st[1], st[0]
     assert diff_manifests(new, swapped)["job"] == {
-        "stages.order": {"old": ["dedup_exact", "basic_filter", "shard"], "new": ["basic_filter", "dedup_exact", "shard"]}
+        "stages.order": {
+            "old": ["dedup_exact", "basic_filter", "shard"],
+            "new": ["basic_filter", "dedup_exact", "shard"],
+        }
     }

@@ -253,7 +253,9 @@ def test_a_pretrained_tag_whose_hub_does_not_resolve_fails_in_seconds_before_ray
 
 
 def test_the_hub_probe_says_why_it_cannot_download():
-    assert hub_unreachable("https://pairforge-hub.invalid", timeout=2).startswith("pairforge-hub.invalid cannot be resolved")
+    assert hub_unreachable("https://pairforge-hub.invalid", timeout=2).startswith(
+        "pairforge-hub.invalid cannot be resolved"
+    )
     why = hub_unreachable("http://127.0.0.1:1", timeout=2)
     assert why.startswith("127.0.0.1 (127.0.0.1) cannot be reached on port 1 (Connection refused")
 
@@ -298,7 +300,10 @@ def test_a_refused_resume_changes_nothing_on_disk(tmp_path, server):
     write_job(tmp_path, grown, stages=[dl, "shard"])
     got, lines = pairforge(["run", str(job), "--resume"], tmp_path)
     assert got["rc"] == 2
-    assert f"the URL lists changed since the interrupted run ({tmp_path / 'urls.parquet'}: {N} -> {N + 1} rows)" in errors(lines)[0]
+    assert (
+        f"the URL lists changed since the interrupted run ({tmp_path / 'urls.parquet'}: {N} -> {N + 1} rows)"
+        in errors(lines)[0]
+    )
     assert snapshot(out) == before
 
     (tmp_path / "urls.parquet").write_bytes(saved)  # the original job's own resume is still accepted

@@ -65,8 +65,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", help="run folders, shard folders, .tar files or brace patterns")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt, report.json and curves.png")
-    p.add_argument("--model", default="pf-tiny", help="open_clip architecture, e.g. ViT-B-32 (default: the repo's pf-tiny)")
-    p.add_argument("--pretrained", help="weights to fine-tune: a checkpoint path, pf-tiny-scorer (shipped) or an open_clip tag")
+    p.add_argument(
+        "--model", default="pf-tiny", help="open_clip architecture, e.g. ViT-B-32 (default: the repo's pf-tiny)"
+    )
+    p.add_argument(
+        "--pretrained", help="weights to fine-tune: a checkpoint path, pf-tiny-scorer (shipped) or an open_clip tag"
+    )
     p.add_argument("--resume", action="store_true", help=f"continue the run in --out from its {CHECKPOINT}")
     p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
                    help="ignore confounder captions")  # fmt: skip
