@@ -99,24 +99,34 @@ def _build(cls, data: Any, where: str, problems: list[str]):
 
 
 def _each_check(cls, kwargs: dict, where: str, error: Exception, fields) -> list[str]:
-    """Every key a config's own checks refuse, not only the first: each
-    given key is tried alone (with the required ones), and the checks that
-    need several keys together show as the error of the whole."""
+    """Every key a config's own checks refuse, not only the first. A key
+    is suspect when it fails tried alone (with the required keys); it is
+    reported when it still fails beside every key that is not suspect (so
+    a check that needs a companion key the job did give, ``features: [clip]``
+    with its ``clip_pretrained``, does not blame it). A check of several keys
+    together shows as the error of the whole."""
     required = {
         n: kwargs[n]
         for n, f in fields.items()
         if n in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
+    suspects = [n for n in kwargs if _refusal(cls, {**required, n: kwargs[n]}) is not None]
     lines: list[str] = []
-    for name in kwargs:
-        try:
-            cls(**{**required, name: kwargs[name]})
-        except (ValueError, TypeError) as e:
-            line = str(field_error(where, e, fields))
-            if line not in lines:
-                lines.append(line)
+    for name in suspects:
+        e = _refusal(cls, {k: v for k, v in kwargs.items() if k == name or k not in suspects})
+        line = str(field_error(where, e, fields)) if e is not None else None
+        if line is not None and line not in lines:
+            lines.append(line)
     whole = str(field_error(where, error, fields))
     return lines if whole in lines else [*lines, whole]
+
+
+def _refusal(cls, kwargs: dict) -> Exception | None:
+    try:
+        cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        return e
+    return None
 
 
 def field_error(where: str, error: Exception, fields) -> ConfigError:

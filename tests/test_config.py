@@ -92,3 +92,18 @@ def test_numbers_are_not_strings_or_booleans_and_pairs_have_two():
     assert stage(timeout=3).stages[0].config.timeout == 3.0  # a YAML int is a number
     with pytest.raises(ConfigError, match=r"\.concurrency: expected a list of 2 values, got \[1, 2, 3\]"):
         load_job(_job(stages=[{"name": "clip_score", "pretrained": "random", "concurrency": [1, 2, 3]}, "shard"]))
+
+
+def test_every_bad_value_of_a_stage_is_named_and_only_those():
+    """The config's own checks are tried key by key: three bad values are three
+    lines, and a key whose check needs a companion the job gave is not blamed."""
+    regions = {"name": "regions", "features": ["clip"], "clip_pretrained": "x.pt", "max_regions": 0, "nms_iou": 2.0}
+    with pytest.raises(ConfigError) as e:
+        load_job(_job(stages=["download", regions, {"name": "shard", "write_embedings": True}]))
+    assert str(e.value).splitlines() == [
+        "stages[1](regions).max_regions: expected >= 1, got 0",
+        "stages[1](regions).nms_iou: expected an IoU in (0, 1], got 2.0",
+        "stages[2](shard).write_embedings: unknown key, given True (did you mean 'write_embeddings'?)",
+    ]
+    with pytest.raises(ConfigError, match=r"^stages\[1\]\(regions\).clip_pretrained: expected a CLIP checkpoint"):
+        load_job(_job(stages=["download", {"name": "regions", "features": ["clip"]}, "shard"]))

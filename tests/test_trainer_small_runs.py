@@ -91,3 +91,12 @@ def test_recall_and_chance_skip_k_that_every_ranking_meets():
     assert verdict(None, 0.1).startswith("no held-out pairs (eval fraction 0.1)")
     line = verdict({"n": 120, "image_to_text": {"r@1": 0.41}, "text_to_image": {"r@1": 0.39}, "chance": {"r@1": 0.04}})
     assert line == "recall@1 0.41 vs chance 0.04 on 120 held-out pairs (image to text; text to image 0.39)"
+
+
+def test_an_unreachable_ray_address_fails_before_training(tmp_path, capsys):
+    make_run(tmp_path / "run", 5)
+    argv = ["train", str(tmp_path / "run"), "--out", str(tmp_path / "t"), "--ray", "--address", "127.0.0.1:1"]
+    assert main(argv) == 5
+    err = capsys.readouterr().err
+    assert "pairforge train: error: --address '127.0.0.1:1': no Ray cluster answers at 127.0.0.1:1" in err
+    assert not (tmp_path / "t").exists()

@@ -10,7 +10,8 @@ with a verdict a person reads (``recall@1 0.41 vs chance 0.04 on 120
 held-out pairs``); stdout stays empty unless ``--json -`` asks for the
 summary there, so ``--json r.json`` or ``--json - > r.json`` is JSON.
 Exit codes as ``pairforge run``'s (``pipeline.outcome``): 2 for a wrong
-flag, 4 when the shards hold nothing to train on.
+flag, 4 when the shards hold nothing to train on, 5 when ``--ray
+--address`` names a cluster that does not answer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from pairforge.pipeline.outcome import EXIT_CONFIG, EXIT_EMPTY_INPUT
+from pairforge.pipeline.outcome import EXIT_CONFIG, EXIT_EMPTY_INPUT, EXIT_UNREACHABLE
 from pairforge.trainer.loop import CHECKPOINT, REPORT, TrainConfig
 
 #: TrainConfig fields offered as ``--flag`` (the rest keep their defaults)
@@ -130,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         count_samples(cfg)  # an empty run stops here, before a model or Ray starts
         if args.ray:
+            from pairforge.pipeline.checks import check_ray_address
             from pairforge.trainer.distributed import train_with_ray
+
+            unreachable = check_ray_address(args.address) if args.address else None
+            if unreachable:
+                return _error(unreachable, EXIT_UNREACHABLE)
 
             report = train_with_ray(cfg, num_workers=args.num_workers or None, address=args.address)
         else:
