@@ -132,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         count_samples(cfg)  # an empty run stops here, before a model or Ray starts
         if args.ray:
             from pairforge.pipeline.checks import check_ray_address
-            from pairforge.trainer.distributed import train_with_ray
 
             unreachable = check_ray_address(args.address) if args.address else None
-            if unreachable:
+            if unreachable:  # before Ray is imported or started
                 return _error(unreachable, EXIT_UNREACHABLE)
+            from pairforge.trainer.distributed import train_with_ray
 
             report = train_with_ray(cfg, num_workers=args.num_workers or None, address=args.address)
         else:
