@@ -15,7 +15,8 @@ answers the first image request ``429`` with that ``Retry-After``, and
 ``throttle_at`` the first one after that ``time.time()``, ``throttle_after``
 the first one after that many images were served (both with
 ``retry_after``: the requests before it are answered, not racing it);
-``fail_until`` answers ``503`` until that ``time.time()``; ``robots`` is its
+``fail_until`` answers ``503`` until that ``time.time()``, ``fail_first``
+for that many seconds from the first request it gets; ``robots`` is its
 robots.txt (404 when ``None``). Its :class:`Score`: requests, the most in
 flight at once, requests that arrived with ``limit`` already in flight
 (``over_limit``), ``429``s sent, and requests that arrived before a
@@ -43,6 +44,7 @@ class Rule:
     throttle_at: float | None = None
     throttle_after: int | None = None
     fail_until: float | None = None
+    fail_first: float | None = None
     robots: bytes | None = None
 
 
@@ -59,6 +61,7 @@ class Score:
     early: int = 0
     paused_until: float = 0.0
     sent_429_at: float = 0.0
+    first_at: float = 0.0
     arrivals: list = field(default_factory=list)  # (time, path)
     agents: set = field(default_factory=set)  # User-Agent headers seen
 
@@ -177,7 +180,11 @@ class HostSim:
         if path == "/robots.txt":
             sc.robots += 1
             return (404, [], b"") if rule.robots is None else (200, ["Content-Type: text/plain"], rule.robots)
-        if rule.fail_until is not None and now < rule.fail_until:
+        if rule.fail_first is not None and not sc.first_at:
+            sc.first_at = now
+        failing = rule.fail_until is not None and now < rule.fail_until
+        failing |= rule.fail_first is not None and now < sc.first_at + rule.fail_first
+        if failing:
             sc.sent_503 += 1
             return 503, [], b""
         if rule.first_429 is not None and ip not in self._first:
