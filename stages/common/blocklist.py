@@ -1,0 +1,433 @@
+"""Opt-out and takedown lists, and the matcher that checks rows against them.
+
+A published dataset must be able to drop what it should not hold: LAION-5B
+was withdrawn in 2023 and came back as Re-LAION-5B once the rows matching
+hash lists from safety organisations were removed, and creators opt their
+work out by URL or by domain. The download stage checks each URL (and the
+fetched bytes' sha256 and pHash) before a row is kept; ``pairforge purge``
+(``manifests/purge.py``) removes what a list names from a finished build.
+Both use :class:`Blocklists`.
+
+Entry kinds (``blocklist_read`` reads the files): ``url`` (exact, in normal
+form), ``prefix`` (a URL prefix), ``domain`` (the host and its subdomains),
+``sha256`` (of the downloaded bytes) and ``phash`` (64 bits, matched within
+the list's ``max_distance`` bits).
+
+Why the index looks the way it does: lists are large (opt-out registries
+hold hundreds of millions of URLs) and rows are many, so entries are kept in
+numpy arrays (8-byte keys, sorted) and one Arrow string array, not in Python
+sets of strings (about a tenth of the memory), and a batch of rows is looked
+up with one ``searchsorted`` per kind. A key is Python's ``hash`` of the
+entry's normal form; a hit is confirmed against the entry itself, so a
+collision never removes a row. pHash entries use the pigeonhole band index
+of ``dedup_phash`` (``common.dedup.HammingIndex``): a query reads only the
+entries that share one of its ``max_distance + 1`` bands.
+
+Pickling: ``hash`` of a string differs between processes, and a large index
+is no thing to ship to every task, so a :class:`Blocklists` pickles as its
+configs only (a few hundred bytes) and builds its index once per process on
+first use (``load()``, or the first match); a stage calls ``load()`` in its
+``setup()``. The list files must therefore be readable where it runs (a
+shared file system, or files shipped with the job). Built indexes are kept
+per process, keyed by the configs and the files' size and mtime, so several
+stage instances in one worker share one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pairforge.stages.base import require
+from pairforge.stages.common.blocklist_norm import KINDS, normalize_phash, normalize_sha256, normalize_urls, url_host
+from pairforge.stages.common.blocklist_read import ListError, read_list
+
+__all__ = ["KINDS", "REASONS", "Blocklists", "ListConfig", "ListError", "Match"]
+
+#: the reject reason a list gives the rows it matches
+REASONS = ("opted_out", "blocklisted")
+#: the most pHash bits a list may allow to differ (a band index degenerates beyond)
+MAX_PHASH_DISTANCE = 16
+_STRING_KINDS = ("url", "prefix", "domain", "sha256")
+
+
+@dataclass(frozen=True)
+class ListConfig:
+    """One opt-out or takedown list (a download option, and ``pairforge purge --list``)."""
+
+    #: a text file (one entry a line, ``#`` comments), ``.parquet`` or ``.csv`` (with
+    #: ``column``); ``.gz`` text is read too
+    path: str
+    #: what rows and the purge record call it; default the file's stem
+    name: str = ""
+    #: how unprefixed entries are read: ``auto`` (detected per entry) or one of ``KINDS``;
+    #: a ``kind:`` prefix on a line (``domain:example.com``) always wins
+    kind: str = "auto"
+    #: the column of a parquet or CSV list (default: its only column)
+    column: str | None = None
+    #: the reject reason of a matched row: ``opted_out`` or ``blocklisted``
+    reason: str = "blocklisted"
+    #: pHash entries match hashes that differ in at most this many of the 64 bits
+    max_distance: int = 0
+
+    def __post_init__(self):
+        require(isinstance(self.path, str) and bool(self.path), "path", self.path, "the path of a list file")
+        require(isinstance(self.name, str), "name", self.name, "a string")
+        require(self.kind in ("auto", *KINDS), "kind", self.kind, f"auto or one of {KINDS}")
+        require(self.column is None or (isinstance(self.column, str) and bool(self.column)), "column", self.column,
+                "a column name")  # fmt: skip
+        require(self.reason in REASONS, "reason", self.reason, f"one of {REASONS}")
+        require(
+            isinstance(self.max_distance, int) and 0 <= self.max_distance <= MAX_PHASH_DISTANCE,
+            "max_distance", self.max_distance, f"an integer in 0..{MAX_PHASH_DISTANCE}",
+        )  # fmt: skip
+
+    @property
+    def list_name(self) -> str:
+        if self.name:
+            return self.name
+        stem = Path(self.path).name
+        for ext in (".gz", ".parquet", ".csv", ".txt", ".tsv", ".list"):
+            stem = stem.removesuffix(ext)
+        return stem
+
+
+@dataclass(frozen=True)
+class Match:
+    """Why a row goes: ``reason`` (the list's), and ``detail``: ``list``,
+    ``line`` (1-based; a table's row), ``entry`` (its normal form), ``kind``,
+    and for pHash entries ``distance`` (bits)."""
+
+    reason: str
+    detail: dict = field(hash=False)
+
+
+def as_config(c) -> ListConfig:
+    if isinstance(c, ListConfig):
+        return c
+    if isinstance(c, (str, os.PathLike)):
+        return ListConfig(path=str(c))
+    if isinstance(c, dict):
+        unknown = sorted(set(c) - set(ListConfig.__dataclass_fields__))
+        require(not unknown, "lists", unknown, f"only the keys {sorted(ListConfig.__dataclass_fields__)}")
+        return ListConfig(**c)
+    raise ValueError(f"lists: expected a path or a mapping with a path, got {c!r}")
+
+
+# ------------------------------------------------------------ the index
+
+
+class _StringIndex:
+    """Entries of one kind from every list, sorted by (key, list, line): the
+    first confirmed hit of a key is the earliest list's first line."""
+
+    def __init__(self, values: list[str], lists: list[int], lines: list[int]):
+        import pyarrow as pa
+
+        keys = np.fromiter((hash(v) for v in values), dtype=np.int64, count=len(values))
+        order = np.lexsort((np.asarray(lines, dtype=np.int64), np.asarray(lists, dtype=np.int32), keys))
+        self.keys = keys[order]
+        self.lists = np.asarray(lists, dtype=np.int32)[order]
+        self.lines = np.asarray(lines, dtype=np.int64)[order]
+        self.values = pa.array(values, pa.large_string()).take(pa.array(order))
+        self.lengths = np.unique([len(v) for v in values]).tolist() if values else []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, candidates: list[str]) -> list[int]:
+        """Per candidate: the position of its best entry, or -1."""
+        n = len(self.keys)
+        if not n or not candidates:
+            return [-1] * len(candidates)
+        q = np.fromiter((hash(c) for c in candidates), dtype=np.int64, count=len(candidates))
+        lo = np.searchsorted(self.keys, q, side="left")
+        hit = self.keys[np.minimum(lo, n - 1)] == q
+        out = [-1] * len(candidates)
+        for i in np.flatnonzero(hit).tolist():  # rare: confirm against the entry, past any collision
+            pos = int(lo[i])
+            while pos < n and self.keys[pos] == q[i]:
+                if self.values[pos].as_py() == candidates[i]:
+                    out[i] = pos
+                    break
+                pos += 1
+        return out
+
+
+class _PhashIndex:
+    """64-bit hashes answering "the nearest stored hash within ``max_distance``
+    bits" (multi-index hashing, Norouzi et al. 2012): the bits are cut into
+    ``m`` bands; two hashes within ``d`` bits agree to within ``d // m`` bits
+    in at least one band (pigeonhole), so a query reads, per band, the entries
+    whose band is one of the values within that radius of its own. ``m`` is
+    chosen from the list's size: ``d + 1`` bands (radius 0) read a fraction
+    ``(d + 1) / 2**(64 / (d + 1))`` of a large list per query (7% of it at
+    ``d = 8``), fewer, wider bands with a small radius a handful of entries."""
+
+    def __init__(self, hashes: np.ndarray, lines: list[int], hexes: list[str], max_distance: int):
+        from pairforge.stages.common.dedup import band_layout, band_values
+
+        self.hashes, self.lines, self.hexes = np.asarray(hashes, dtype=np.uint64), lines, hexes
+        self.max_distance = d = max_distance
+        self.bands = _plan_bands(len(self.hashes), d)
+        self.layout = band_layout(self.bands - 1)
+        self.radius = d // self.bands
+        vals = band_values(self.hashes, self.layout)
+        self.order = [np.argsort(vals[:, j], kind="stable") for j in range(self.bands)]
+        self.sorted = [vals[o, j] for j, o in enumerate(self.order)]
+        self.masks = [_flip_masks(w, self.radius) for _, w in self.layout]
+        self.line_of = np.asarray(lines, dtype=np.int64)
+
+    def nearest(self, q: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Per query: the index of the nearest entry within ``max_distance``
+        (ties: the first line), or -1; and its distance."""
+        from pairforge.stages.common.dedup import _ranges, band_values, popcount
+
+        best = np.full(len(q), -1, dtype=np.int64)
+        dist = np.full(len(q), -1, dtype=np.int64)
+        for s in range(0, len(q), chunk):
+            qc = q[s : s + chunk]
+            qb = band_values(qc, self.layout)
+            qi, si = [], []
+            for j in range(self.bands):
+                probe = (qb[:, j : j + 1] ^ self.masks[j][None, :]).reshape(-1)
+                lo = np.searchsorted(self.sorted[j], probe, side="left")
+                cnt = np.searchsorted(self.sorted[j], probe, side="right") - lo
+                qi.append(np.repeat(np.arange(len(qc)).repeat(len(self.masks[j])), cnt))
+                si.append(self.order[j][_ranges(lo, cnt)])
+            qi, si = np.concatenate(qi), np.concatenate(si)
+            dd = popcount(qc[qi] ^ self.hashes[si])
+            keep = dd <= self.max_distance
+            qi, si, dd = qi[keep], si[keep], dd[keep]
+            o = np.lexsort((self.line_of[si], dd, qi))
+            qi, si, dd = qi[o], si[o], dd[o]
+            first = np.r_[True, qi[1:] != qi[:-1]] if len(qi) else np.zeros(0, dtype=bool)
+            best[s + qi[first]], dist[s + qi[first]] = si[first], dd[first]
+        return best, dist
+
+
+def _flip_masks(width: int, radius: int) -> np.ndarray:
+    """Every ``width``-bit value with at most ``radius`` bits set."""
+    from itertools import combinations
+
+    out = [sum(1 << b for b in bits) for r in range(radius + 1) for bits in combinations(range(width), r)]
+    return np.array(out, dtype=np.uint64)
+
+
+def _plan_bands(n: int, d: int) -> int:
+    """The band count with the least work per query: probes (one lookup each)
+    plus the entries they read (one comparison each), for ``n`` entries."""
+    from math import comb
+
+    best, cost_best = d + 1, float("inf")
+    for m in range(1, d + 2):
+        widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
+        r = d // m
+        probes = [sum(comb(w, k) for k in range(r + 1)) for w in widths]
+        if max(probes) > 200_000:  # the masks would not fit a batch
+            continue
+        cost = sum(2 * p + p * n / 2.0**w for p, w in zip(probes, widths))
+        if cost < cost_best:
+            best, cost_best = m, cost
+    return best
+
+
+@dataclass
+class _Index:
+    infos: list[dict]
+    strings: dict[str, _StringIndex]
+    #: per list: the index of its pHash entries, or None
+    phash: list[_PhashIndex | None]
+
+
+def _build(configs: tuple[ListConfig, ...]) -> _Index:
+    vals: dict[str, list[str]] = {k: [] for k in _STRING_KINDS}
+    lists: dict[str, list[int]] = {k: [] for k in _STRING_KINDS}
+    lines: dict[str, list[int]] = {k: [] for k in _STRING_KINDS}
+    infos, phash = [], []
+    for i, cfg in enumerate(configs):
+        e = read_list(cfg.path, cfg.kind, cfg.column)
+        infos.append(
+            {
+                "name": cfg.list_name, "path": cfg.path, "sha256": e.sha256, "bytes": e.bytes, "kind": cfg.kind,
+                "column": cfg.column, "reason": cfg.reason, "max_distance": cfg.max_distance,
+                "entries": e.counts(), "skipped": e.skipped,
+            }
+        )  # fmt: skip
+        for k in _STRING_KINDS:
+            vals[k] += e.values[k]
+            lines[k] += e.lines[k]
+            lists[k] += [i] * len(e.values[k])
+        hexes = e.values["phash"]
+        hashes = np.array([int(h, 16) for h in hexes], dtype=np.uint64)
+        phash.append(_PhashIndex(hashes, e.lines["phash"], hexes, cfg.max_distance) if hexes else None)
+    names = [info["name"] for info in infos]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    require(not dup, "name", dup[0] if dup else None, "a name per list (two lists are called the same)")
+    strings = {k: _StringIndex(vals[k], lists[k], lines[k]) for k in _STRING_KINDS}
+    return _Index(infos, strings, phash)
+
+
+def _fingerprint(configs: tuple[ListConfig, ...]) -> tuple:
+    stats = []
+    for c in configs:
+        try:
+            st = os.stat(c.path)
+            stats.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append(None)  # read_list says what is wrong
+    return configs, tuple(stats)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_build(fingerprint: tuple) -> _Index:
+    return _build(fingerprint[0])
+
+
+# ------------------------------------------------------------ the matcher
+
+_Hit = tuple  # (rank, Match): the smallest rank wins
+
+
+class Blocklists:
+    """Lists checked together (in the order given: the first list that
+    matches a row names it). See the module doc for how it pickles."""
+
+    def __init__(self, configs: Sequence[ListConfig | dict | str]):
+        self.configs = tuple(as_config(c) for c in configs)
+        self._index: _Index | None = None
+
+    def __getstate__(self):
+        return {"configs": self.configs}
+
+    def __setstate__(self, state):
+        self.configs, self._index = state["configs"], None
+
+    def __repr__(self) -> str:
+        return f"Blocklists({[c.list_name for c in self.configs]})"
+
+    def load(self) -> Blocklists:
+        """Read the lists and build the index now (else at the first match)."""
+        if self._index is None:
+            self._index = _cached_build(_fingerprint(self.configs))
+        return self
+
+    @property
+    def lists(self) -> list[dict]:
+        """Per list: name, path, sha256 and bytes of the file, kind, column,
+        reason, max_distance, entries per kind, skipped lines."""
+        return [dict(i) for i in self.load()._index.infos]
+
+    def _match(self, kind: str, pos: int, rank_extra: int = 0, distance: int | None = None, ph=None) -> _Hit:
+        idx = self._index
+        if kind == "phash":
+            li, ph_index = ph
+            line, entry = ph_index.lines[pos], ph_index.hexes[pos]
+        else:
+            s = idx.strings[kind]
+            li, line, entry = int(s.lists[pos]), int(s.lines[pos]), s.values[pos].as_py()
+        cfg = self.configs[li]
+        detail = {"list": cfg.list_name, "line": int(line), "entry": entry, "kind": kind}
+        if distance is not None:
+            detail["distance"] = int(distance)
+        return (li, KINDS.index(kind), rank_extra, int(line)), Match(cfg.reason, detail)
+
+    def _url_hits(self, urls: Sequence) -> list[list[_Hit]]:
+        self.load()
+        s = self._index.strings
+        plens = s["prefix"].lengths
+        owner, kinds, cands = [], [], []
+        for i, norm in enumerate(normalize_urls(urls)):
+            if norm is None:
+                continue
+            owner.append(i), kinds.append("url"), cands.append(norm)
+            for n in plens:
+                if n > len(norm):
+                    break
+                owner.append(i), kinds.append("prefix"), cands.append(norm[:n])
+            host = url_host(norm)
+            labels = [host] if ":" in host or host[-1:].isdigit() else host.split(".")
+            for j in range(len(labels)):
+                owner.append(i), kinds.append("domain"), cands.append(".".join(labels[j:]))
+        hits: list[list[_Hit]] = [[] for _ in urls]
+        for kind in ("url", "prefix", "domain"):
+            sel = [j for j, k in enumerate(kinds) if k == kind]
+            if not sel or not len(s[kind]):
+                continue
+            for j, pos in zip(sel, s[kind].find([cands[j] for j in sel])):
+                if pos >= 0:  # the longest prefix or host of a list is its most specific entry
+                    hits[owner[j]].append(self._match(kind, pos, -len(cands[j])))
+        return hits
+
+    def _sha_hits(self, values: Sequence) -> list[list[_Hit]]:
+        self.load()
+        norms = [normalize_sha256(v) for v in values]
+        sel = [i for i, v in enumerate(norms) if v is not None]
+        hits: list[list[_Hit]] = [[] for _ in values]
+        for i, pos in zip(sel, self._index.strings["sha256"].find([norms[i] for i in sel])):
+            if pos >= 0:
+                hits[i].append(self._match("sha256", pos))
+        return hits
+
+    def _phash_hits(self, values: Sequence) -> list[list[_Hit]]:
+        self.load()
+        ints = [normalize_phash(v) for v in values]
+        sel = np.array([i for i, v in enumerate(ints) if v is not None], dtype=np.int64)
+        hits: list[list[_Hit]] = [[] for _ in values]
+        if not len(sel):
+            return hits
+        q = np.array([int(ints[i], 16) for i in sel], dtype=np.uint64)
+        for li, ph in enumerate(self._index.phash):
+            if ph is None:
+                continue
+            best, dist = ph.nearest(q)
+            for j in np.flatnonzero(best >= 0).tolist():
+                hits[int(sel[j])].append(self._match("phash", int(best[j]), int(dist[j]), int(dist[j]), (li, ph)))
+        return hits
+
+    @staticmethod
+    def _best(hits: list[list[_Hit]]) -> list[Match | None]:
+        return [min(h, key=lambda x: x[0])[1] if h else None for h in hits]
+
+    # one row at a time
+    def match_url(self, url: str) -> Match | None:
+        """An exact ``url`` entry, else the longest ``prefix``, else the
+        longest ``domain`` (of the first list with any)."""
+        return self.match_urls([url])[0]
+
+    def match_sha256(self, hex_digest: str) -> Match | None:
+        return self.match_sha256s([hex_digest])[0]
+
+    def match_phash(self, hex_hash: str) -> Match | None:
+        """The nearest pHash entry within its list's ``max_distance``."""
+        return self.match_phashes([hex_hash])[0]
+
+    # a batch at a time (one index lookup per kind): what stages and the purge call
+    def match_urls(self, urls: Sequence) -> list[Match | None]:
+        return self._best(self._url_hits(urls))
+
+    def match_sha256s(self, values: Sequence) -> list[Match | None]:
+        return self._best(self._sha_hits(values))
+
+    def match_phashes(self, values: Sequence) -> list[Match | None]:
+        return self._best(self._phash_hits(values))
+
+    def match_rows(self, urls: Sequence | None = None, sha256s: Sequence | None = None,
+                   phashes: Sequence | None = None) -> list[Match | None]:  # fmt: skip
+        """Per row, the best match of its URL, its bytes' sha256 and its pHash
+        (any may be ``None``: not checked): the first list wins, then the kind
+        in :data:`KINDS` order."""
+        cols = [c for c in (urls, sha256s, phashes) if c is not None]
+        n = len(cols[0]) if cols else 0
+        require(all(len(c) == n for c in cols), "rows", [len(c) for c in cols], "columns of one length")
+        hits: list[list[_Hit]] = [[] for _ in range(n)]
+        for col, fn in ((urls, self._url_hits), (sha256s, self._sha_hits), (phashes, self._phash_hits)):
+            if col is not None:
+                for h, more in zip(hits, fn(col)):
+                    h.extend(more)
+        return self._best(hits)
