@@ -1,8 +1,9 @@
 """What changed between two runs, from their manifests (``pairforge manifest diff OLD NEW``).
 
 Compared: the row counts, rows in and out of every stage and the drops by
-reason, the declared schema, the job's settings, the side tables, and every
-shard's files by checksum (shards added, removed, changed). Not compared:
+reason, the declared schema, the job's settings, the side tables, every
+shard's files by checksum (shards added, removed, changed), and the purges
+(``pairforge purge``) only the new run records. Not compared:
 what differs between any two runs (timings, the Ray cluster, the output
 folder, each shard's ``_stats.json``, which holds times); package versions
 are listed but do not count as a change. Nothing but the two manifests is
@@ -36,6 +37,7 @@ def diff_manifests(old: dict, new: dict) -> dict:
         "side_tables": _side_table_diff(old.get("side_tables", {}), new.get("side_tables", {})),
         "shards": _shard_diff(old.get("shards", []), new.get("shards", [])),
         "versions": _changed_values(old.get("versions", {}), new.get("versions", {})),
+        "purges": _purge_diff(old.get("purges", []), new.get("purges", [])),
     }
     sh = out["shards"]
     out["changed"] = bool(
@@ -47,8 +49,20 @@ def diff_manifests(old: dict, new: dict) -> dict:
         or sh["added"]
         or sh["removed"]
         or sh["changed"]
+        or out["purges"]
     )
     return out
+
+
+def _purge_diff(old: list[dict], new: list[dict]) -> list[dict]:
+    """Purges (``pairforge purge``) the new run records and the old one does not."""
+    seen = {p.get("id") for p in old}
+    return [
+        {k: p.get(k) for k in ("id", "finished", "samples", "rejects", "by_list", "by_kind", "side_tables")}
+        | {"lists": [{"name": x.get("name"), "sha256": x.get("sha256")} for x in p.get("lists", [])]}
+        for p in new
+        if p.get("id") not in seen
+    ]
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -212,6 +226,14 @@ def format_diff(d: dict) -> str:
         for name, v in d["side_tables"].items():
             lines.append(
                 f"side table {name}: rows {v['rows']['old']} -> {v['rows']['new']}, {len(v['files_changed'])} file(s) changed"
+            )
+        for p in d.get("purges", []):
+            names = ", ".join(f"{x['name']} (sha256 {str(x['sha256'])[:12]}…)" for x in p["lists"])
+            kinds = ", ".join(f"{k} {sum(c.values())}" for k, c in (p.get("by_kind") or {}).items())
+            tables = "".join(f", {t} {n} side-table rows" for t, n in (p.get("side_tables") or {}).items())
+            lines.append(
+                f"purge {p['id']}: {p['samples']} samples and {p['rejects']} reject rows removed ({kinds}){tables}; "
+                f"lists: {names}"
             )
         sh = d["shards"]
         if sh["added"]:

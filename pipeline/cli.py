@@ -5,6 +5,7 @@ pairforge demo [--out DIR] [--runner ray|local] [--verbose]
 pairforge manifest show DIR [--endpoint-url URL] [--region R]
 pairforge manifest verify DIR [--endpoint-url URL] [--region R]
 pairforge manifest diff OLD NEW [--json] [--endpoint-url URL] [--region R]
+pairforge purge DIR --list FILE [--list FILE ...] [--reason R] [--kind K] [--column C] [--max-distance N] [--dry-run]
 pairforge export coco DIR [--out FILE] [--captions FILE]
 pairforge report DIR [--out DIR] [--pairs N]
 pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
@@ -129,6 +130,75 @@ def _cmd_diff(args) -> int:
     d = diff_runs(_where(args, args.old), _where(args, args.new))
     print(json.dumps(d, indent=1) if args.json else format_diff(d))
     return 1 if d["changed"] else 0
+
+
+def _cmd_purge(args) -> int:
+    import tempfile
+
+    from pairforge.manifests import storage
+    from pairforge.manifests.purge import PurgeError, pending_plan, purge
+    from pairforge.pipeline.config import ConfigError
+    from pairforge.stages.common.blocklist import Blocklists, ListConfig, ListError
+
+    where = _where(args, args.dir)
+    if not args.lists and pending_plan(where) is None:
+        raise ConfigError("purge: --list: expected at least one list file")
+    with tempfile.TemporaryDirectory(prefix="pairforge-purge-") as tmp:
+        configs, origins = [], {}
+        for i, loc in enumerate(args.lists):
+            src = _where(args, loc)
+            local = str(src)
+            if storage.is_object(src):  # a list on object storage is read once, here
+                local = os.path.join(tmp, f"{i}-{src.name}")
+                with open(local, "wb") as f:
+                    f.write(src.read_bytes())
+                origins[local] = loc
+            try:
+                name = ListConfig(path=src.name).list_name if local != str(src) else ""
+                opts = {"kind": args.kind, "column": args.column, "reason": args.reason}
+                configs.append(ListConfig(path=local, name=name, max_distance=args.max_distance, **opts))
+            except ValueError as e:
+                raise ConfigError(f"purge: {e}") from None
+        try:
+            result = purge(where, Blocklists(configs), dry_run=args.dry_run, workers=args.workers, origins=origins)
+        except (ListError, PurgeError, ValueError) as e:
+            for line in str(e).splitlines():
+                print(f"pairforge: error: {line}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+        return 0
+    for line in _purge_lines(args.dir, result, args.dry_run):
+        print(line)
+    return 0
+
+
+def _purge_lines(where: str, result: dict, dry_run: bool) -> list[str]:
+    def counts(e: dict) -> str:
+        kinds = ", ".join(f"{k} {c.get('samples', 0)}+{c.get('rejects', 0)}" for k, c in e["by_kind"].items())
+        tables = ", ".join(f"{t} {n}" for t, n in e["side_tables"].items()) or "none"
+        return f"{e['samples']} samples and {e['rejects']} reject rows (by kind, samples+rejects: {kinds}); side-table rows: {tables}"
+
+    lines = []
+    if result["resumed"]:
+        lines.append(f"finished the interrupted purge {result['resumed']['id']}: {counts(result['resumed'])}")
+    plan = result["plan"]
+    if plan is not None:
+        for note in plan.get("notes", []):
+            lines.append(f"note: {note}")
+        if not plan["shards"]:
+            lines.append(f"nothing to purge: no row of {where} matches the lists")
+        elif dry_run:
+            e = plan["summary"]
+            lines.append(f"dry run: would remove {counts(e)} from {len(plan['shards'])} shard(s); nothing changed")
+        else:
+            e = result["purge"]
+            lines.append(f"purged {counts(e)} in {len(e['shards'])} shard(s); the manifest records purge {e['id']}")
+            if e["removed_files"]:
+                lines.append(
+                    f"removed views that quoted purged rows (regenerate them): {', '.join(e['removed_files'])}"
+                )
+    return lines
 
 
 def _cmd_export_coco(args) -> int:
@@ -277,6 +347,43 @@ def _parser() -> argparse.ArgumentParser:
     df.add_argument("--json", action="store_true", help="the differences as JSON")
     _storage_flags(df)
     df.set_defaults(fn=_cmd_diff)
+
+    pg = sub.add_parser(
+        "purge",
+        help="remove the rows opt-out and takedown lists name from a finished run",
+        description="Remove every row whose URL, sha256 or pHash a list names: from the tars, parquet, embeddings, "
+        "arrays and side tables of the affected shards (the rows stay counted as rejects with stage 'purge'); "
+        "record the purge in the manifest. Every other file stays as it was. See docs/takedown.md.",
+    )
+    pg.add_argument("dir", help="the run's folder, or its s3:// / gs:// prefix")
+    pg.add_argument(
+        "--list",
+        dest="lists",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a list: text (one entry a line), .parquet or .csv; a path or s3:// / gs:// URI; repeat for more",
+    )
+    pg.add_argument(
+        "--reason",
+        choices=("opted_out", "blocklisted"),
+        default="blocklisted",
+        help="the reject reason of the rows the lists match (default blocklisted)",
+    )
+    pg.add_argument(
+        "--kind",
+        default="auto",
+        help="how unprefixed entries are read: auto (default), url, prefix, domain, sha256, phash",
+    )
+    pg.add_argument("--column", help="the column of a parquet or CSV list (default: its only column)")
+    pg.add_argument(
+        "--max-distance", type=int, default=0, metavar="N", help="pHash entries match within N bits (0-16, default 0)"
+    )
+    pg.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
+    pg.add_argument("--workers", type=int, default=8, help="shards read and written at once (default 8)")
+    pg.add_argument("--json", action="store_true", help="the purge record (or the dry run's counts) as JSON")
+    _storage_flags(pg)
+    pg.set_defaults(fn=_cmd_purge)
 
     e = sub.add_parser("export", help="write a run's shards in another tool's format")
     esub = e.add_subparsers(dest="ecmd", required=True)
