@@ -19,9 +19,9 @@ numpy arrays (8-byte keys, sorted) and one Arrow string array, not in Python
 sets of strings (about a tenth of the memory), and a batch of rows is looked
 up with one ``searchsorted`` per kind. A key is Python's ``hash`` of the
 entry's normal form; a hit is confirmed against the entry itself, so a
-collision never removes a row. pHash entries use the pigeonhole band index
-of ``dedup_phash`` (``common.dedup.HammingIndex``): a query reads only the
-entries that share one of its ``max_distance + 1`` bands.
+collision never removes a row. pHash entries are searched by multi-index
+hashing (``common.mih``): a query reads the few entries that agree with it
+closely on one band of bits, not a share of the whole list.
 
 Pickling: ``hash`` of a string differs between processes, and a large index
 is no thing to ship to every task, so a :class:`Blocklists` pickles as its
@@ -46,6 +46,7 @@ import numpy as np
 from pairforge.stages.base import require
 from pairforge.stages.common.blocklist_norm import KINDS, normalize_phash, normalize_sha256, normalize_urls, url_host
 from pairforge.stages.common.blocklist_read import ListError, read_list
+from pairforge.stages.common.mih import PhashIndex
 
 __all__ = ["KINDS", "REASONS", "Blocklists", "ListConfig", "ListError", "Match"]
 
@@ -159,90 +160,12 @@ class _StringIndex:
         return out
 
 
-class _PhashIndex:
-    """64-bit hashes answering "the nearest stored hash within ``max_distance``
-    bits" (multi-index hashing, Norouzi et al. 2012): the bits are cut into
-    ``m`` bands; two hashes within ``d`` bits agree to within ``d // m`` bits
-    in at least one band (pigeonhole), so a query reads, per band, the entries
-    whose band is one of the values within that radius of its own. ``m`` is
-    chosen from the list's size: ``d + 1`` bands (radius 0) read a fraction
-    ``(d + 1) / 2**(64 / (d + 1))`` of a large list per query (7% of it at
-    ``d = 8``), fewer, wider bands with a small radius a handful of entries."""
-
-    def __init__(self, hashes: np.ndarray, lines: list[int], hexes: list[str], max_distance: int):
-        from pairforge.stages.common.dedup import band_layout, band_values
-
-        self.hashes, self.lines, self.hexes = np.asarray(hashes, dtype=np.uint64), lines, hexes
-        self.max_distance = d = max_distance
-        self.bands = _plan_bands(len(self.hashes), d)
-        self.layout = band_layout(self.bands - 1)
-        self.radius = d // self.bands
-        vals = band_values(self.hashes, self.layout)
-        self.order = [np.argsort(vals[:, j], kind="stable") for j in range(self.bands)]
-        self.sorted = [vals[o, j] for j, o in enumerate(self.order)]
-        self.masks = [_flip_masks(w, self.radius) for _, w in self.layout]
-        self.line_of = np.asarray(lines, dtype=np.int64)
-
-    def nearest(self, q: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-        """Per query: the index of the nearest entry within ``max_distance``
-        (ties: the first line), or -1; and its distance."""
-        from pairforge.stages.common.dedup import _ranges, band_values, popcount
-
-        best = np.full(len(q), -1, dtype=np.int64)
-        dist = np.full(len(q), -1, dtype=np.int64)
-        for s in range(0, len(q), chunk):
-            qc = q[s : s + chunk]
-            qb = band_values(qc, self.layout)
-            qi, si = [], []
-            for j in range(self.bands):
-                probe = (qb[:, j : j + 1] ^ self.masks[j][None, :]).reshape(-1)
-                lo = np.searchsorted(self.sorted[j], probe, side="left")
-                cnt = np.searchsorted(self.sorted[j], probe, side="right") - lo
-                qi.append(np.repeat(np.arange(len(qc)).repeat(len(self.masks[j])), cnt))
-                si.append(self.order[j][_ranges(lo, cnt)])
-            qi, si = np.concatenate(qi), np.concatenate(si)
-            dd = popcount(qc[qi] ^ self.hashes[si])
-            keep = dd <= self.max_distance
-            qi, si, dd = qi[keep], si[keep], dd[keep]
-            o = np.lexsort((self.line_of[si], dd, qi))
-            qi, si, dd = qi[o], si[o], dd[o]
-            first = np.r_[True, qi[1:] != qi[:-1]] if len(qi) else np.zeros(0, dtype=bool)
-            best[s + qi[first]], dist[s + qi[first]] = si[first], dd[first]
-        return best, dist
-
-
-def _flip_masks(width: int, radius: int) -> np.ndarray:
-    """Every ``width``-bit value with at most ``radius`` bits set."""
-    from itertools import combinations
-
-    out = [sum(1 << b for b in bits) for r in range(radius + 1) for bits in combinations(range(width), r)]
-    return np.array(out, dtype=np.uint64)
-
-
-def _plan_bands(n: int, d: int) -> int:
-    """The band count with the least work per query: probes (one lookup each)
-    plus the entries they read (one comparison each), for ``n`` entries."""
-    from math import comb
-
-    best, cost_best = d + 1, float("inf")
-    for m in range(1, d + 2):
-        widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
-        r = d // m
-        probes = [sum(comb(w, k) for k in range(r + 1)) for w in widths]
-        if max(probes) > 200_000:  # the masks would not fit a batch
-            continue
-        cost = sum(2 * p + p * n / 2.0**w for p, w in zip(probes, widths))
-        if cost < cost_best:
-            best, cost_best = m, cost
-    return best
-
-
 @dataclass
 class _Index:
     infos: list[dict]
     strings: dict[str, _StringIndex]
     #: per list: the index of its pHash entries, or None
-    phash: list[_PhashIndex | None]
+    phash: list[PhashIndex | None]
 
 
 def _build(configs: tuple[ListConfig, ...]) -> _Index:
@@ -265,7 +188,7 @@ def _build(configs: tuple[ListConfig, ...]) -> _Index:
             lists[k] += [i] * len(e.values[k])
         hexes = e.values["phash"]
         hashes = np.array([int(h, 16) for h in hexes], dtype=np.uint64)
-        phash.append(_PhashIndex(hashes, e.lines["phash"], hexes, cfg.max_distance) if hexes else None)
+        phash.append(PhashIndex(hashes, e.lines["phash"], hexes, cfg.max_distance) if hexes else None)
     names = [info["name"] for info in infos]
     dup = sorted({n for n in names if names.count(n) > 1})
     require(not dup, "name", dup[0] if dup else None, "a name per list (two lists are called the same)")
