@@ -21,6 +21,8 @@ from pairforge.manifests import layout, storage
 from pairforge.manifests.sources import count_sources, verify_sources
 
 FORMAT = "pairforge-manifest/2"
+#: the stage ``pairforge purge`` (``manifests.purge``) names on the rows it removes after a run
+PURGE_STAGE = "purge"
 KEY_PACKAGES = (
     "pairforge", "ray", "torch", "torchvision", "open_clip_torch", "img2dataset",
     "webdataset", "pyarrow", "numpy", "pillow", "imagehash",
@@ -52,7 +54,8 @@ def stage_counters(stage_names: list[str], total: int, shard_stats: list[dict]) 
         for stage, s in st.get("stage_seconds", {}).items():
             seconds[stage] = seconds.get(stage, 0.0) + s
     out, alive = [], total
-    for name in stage_names:
+    purged = [PURGE_STAGE] if PURGE_STAGE in dropped and PURGE_STAGE not in stage_names else []
+    for name in [*stage_names, *purged]:  # a purged build resumed: the purge comes after every stage
         d = dict(sorted(dropped.pop(name, {}).items()))
         n_drop = sum(d.values())
         out.append(
@@ -168,6 +171,7 @@ def build_manifest(
     for st in stages:
         if st["name"] in lost:  # duplicates whose survivor a later stage dropped
             st["survivors_dropped_later"] = lost[st["name"]]
+    purges = _recorded_purges(out)
     return {
         "format": FORMAT,
         "job": job,
@@ -183,7 +187,17 @@ def build_manifest(
         "side_tables": side_table_entries(out, side_tables or {}),
         "shards": shards,
         "timing": timing,
+        **({"purges": purges} if purges else {}),
     }
+
+
+def _recorded_purges(out) -> list[dict]:
+    """The purges an earlier manifest of this folder records (a purged build
+    resumed keeps them: its shards are the purged ones)."""
+    try:
+        return json.loads(layout.manifest_json(out).read_text()).get("purges", [])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
 
 
 def write_sizes(out_dir, shard_stats: list[dict]) -> dict:

@@ -44,9 +44,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pairforge.manifests import layout, storage
-from pairforge.manifests.manifest import _sha256_file, read_manifest, write_manifest
+from pairforge.manifests.manifest import PURGE_STAGE, _sha256_file, read_manifest, write_manifest
 from pairforge.manifests.purge_record import DERIVED, record_purge, summarize
-from pairforge.manifests.purge_shard import PURGE_STAGE, PurgeError, parquet_bytes, rewrite_shard
+from pairforge.manifests.purge_shard import PurgeError, parquet_bytes, rewrite_shard
 from pairforge.stages.common.blocklist import Blocklists
 
 PHASH_COLUMNS = ("image_phash", "phash")

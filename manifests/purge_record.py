@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pairforge.manifests.purge_shard import PURGE_STAGE
+from pairforge.manifests.manifest import PURGE_STAGE
 
 #: views made from the shards that quote captions or show images, removed by a purge
 DERIVED = ("report", "coco.json", "coco_captions.json")

@@ -34,9 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pairforge.manifests import layout
+from pairforge.manifests.manifest import PURGE_STAGE
 from pairforge.manifests.shards import RESIZE_REASONS, error_message
 
-PURGE_STAGE = "purge"
 TOMBSTONE_STATUS = "dropped"
 #: the values a purged row keeps (with status, stage, reason, detail and error_message)
 KEPT = ("key", "shard_id", "source")

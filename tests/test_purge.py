@@ -234,6 +234,15 @@ def test_purge_removes_exactly_the_listed_rows_everywhere(demo, tmp_path):
     assert cli_main(["purge", str(run), "--list", lst, "--reason", "opted_out"]) == 0
     assert _digests(run) == after
 
+    # a resumed run rebuilds the manifest from the shards' stats: the purge stays recorded
+    from pairforge.pipeline.config import load_job
+    from pairforge.pipeline.job import run_job
+
+    job = json.loads((run / "_work" / "job.json").read_text())
+    again = run_job(load_job({**job, "output": {**job["output"], "dir": str(run)}, "runner": "local"}), resume=True)
+    assert again["stages"][-1] == {**man["stages"][-1], "seconds": 0.0} and again["purges"] == man["purges"]
+    assert again["counts"] == man["counts"] and verify(run) == []
+
 
 def test_an_interrupted_purge_is_finished_by_the_next_one(demo, tmp_path, capsys):
     straight = _copy(demo, tmp_path / "straight")

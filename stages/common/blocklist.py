@@ -263,28 +263,31 @@ class Blocklists:
     def _url_hits(self, urls: Sequence) -> list[list[_Hit]]:
         self.load()
         s = self._index.strings
-        plens = s["prefix"].lengths
-        owner, kinds, cands = [], [], []
-        for i, norm in enumerate(normalize_urls(urls)):
-            if norm is None:
-                continue
-            owner.append(i), kinds.append("url"), cands.append(norm)
-            for n in plens:
-                if n > len(norm):
-                    break
-                owner.append(i), kinds.append("prefix"), cands.append(norm[:n])
-            host = url_host(norm)
-            labels = [host] if ":" in host or host[-1:].isdigit() else host.split(".")
-            for j in range(len(labels)):
-                owner.append(i), kinds.append("domain"), cands.append(".".join(labels[j:]))
         hits: list[list[_Hit]] = [[] for _ in urls]
-        for kind in ("url", "prefix", "domain"):
-            sel = [j for j, k in enumerate(kinds) if k == kind]
-            if not sel or not len(s[kind]):
-                continue
-            for j, pos in zip(sel, s[kind].find([cands[j] for j in sel])):
+        if not (len(s["url"]) or len(s["prefix"]) or len(s["domain"])):
+            return hits
+        norms = [(i, n) for i, n in enumerate(normalize_urls(urls)) if n is not None]
+        cands: dict[str, tuple[list[int], list[str]]] = {}
+        if len(s["url"]):
+            cands["url"] = ([i for i, _ in norms], [n for _, n in norms])
+        if len(s["prefix"]):  # every prefix length a list has, up to the URL's length
+            owner, text = cands.setdefault("prefix", ([], []))
+            for i, n in norms:
+                for cut in s["prefix"].lengths:
+                    if cut > len(n):
+                        break
+                    owner.append(i), text.append(n[:cut])
+        if len(s["domain"]):  # the host and every parent domain (an IP address only as it is)
+            owner, text = cands.setdefault("domain", ([], []))
+            for i, n in norms:
+                host = url_host(n)
+                labels = [host] if ":" in host or host[-1:].isdigit() else host.split(".")
+                for j in range(len(labels)):
+                    owner.append(i), text.append(".".join(labels[j:]))
+        for kind, (owner, text) in cands.items():
+            for i, c, pos in zip(owner, text, s[kind].find(text)):
                 if pos >= 0:  # the longest prefix or host of a list is its most specific entry
-                    hits[owner[j]].append(self._match(kind, pos, -len(cands[j])))
+                    hits[i].append(self._match(kind, pos, -len(c)))
         return hits
 
     def _sha_hits(self, values: Sequence) -> list[list[_Hit]]:
