@@ -143,15 +143,21 @@ class _StringIndex:
 
     def find(self, candidates: list[str]) -> list[int]:
         """Per candidate: the position of its best entry, or -1."""
+        import pyarrow as pa
+
         n = len(self.keys)
         if not n or not candidates:
             return [-1] * len(candidates)
         q = np.fromiter((hash(c) for c in candidates), dtype=np.int64, count=len(candidates))
         lo = np.searchsorted(self.keys, q, side="left")
-        hit = self.keys[np.minimum(lo, n - 1)] == q
+        hit = np.flatnonzero(self.keys[np.minimum(lo, n - 1)] == q)
         out = [-1] * len(candidates)
-        for i in np.flatnonzero(hit).tolist():  # rare: confirm against the entry, past any collision
-            pos = int(lo[i])
+        first = self.values.take(pa.array(lo[hit])).to_pylist()  # the hits' first entries, at once
+        for i, pos, entry in zip(hit.tolist(), lo[hit].tolist(), first):
+            if entry == candidates[i]:  # confirmed: no row goes on a hash collision
+                out[i] = pos
+                continue
+            pos += 1  # rare: another entry under the same key (a collision) may be the one
             while pos < n and self.keys[pos] == q[i]:
                 if self.values[pos].as_py() == candidates[i]:
                     out[i] = pos
@@ -254,11 +260,10 @@ class Blocklists:
         else:
             s = idx.strings[kind]
             li, line, entry = int(s.lists[pos]), int(s.lines[pos]), s.values[pos].as_py()
-        cfg = self.configs[li]
-        detail = {"list": cfg.list_name, "line": int(line), "entry": entry, "kind": kind}
+        detail = {"list": idx.infos[li]["name"], "line": int(line), "entry": entry, "kind": kind}
         if distance is not None:
             detail["distance"] = int(distance)
-        return (li, KINDS.index(kind), rank_extra, int(line)), Match(cfg.reason, detail)
+        return (li, KINDS.index(kind), rank_extra, int(line)), Match(idx.infos[li]["reason"], detail)
 
     def _url_hits(self, urls: Sequence) -> list[list[_Hit]]:
         self.load()
@@ -266,10 +271,12 @@ class Blocklists:
         hits: list[list[_Hit]] = [[] for _ in urls]
         if not (len(s["url"]) or len(s["prefix"]) or len(s["domain"])):
             return hits
-        norms = [(i, n) for i, n in enumerate(normalize_urls(urls)) if n is not None]
+        normal = normalize_urls(urls)
+        rows = [i for i, n in enumerate(normal) if n is not None]
+        norms = list(zip(rows, [normal[i] for i in rows]))
         cands: dict[str, tuple[list[int], list[str]]] = {}
         if len(s["url"]):
-            cands["url"] = ([i for i, _ in norms], [n for _, n in norms])
+            cands["url"] = (rows, [n for _, n in norms])
         if len(s["prefix"]):  # every prefix length a list has, up to the URL's length
             owner, text = cands.setdefault("prefix", ([], []))
             for i, n in norms:
