@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pairforge.manifests import layout, storage
-from pairforge.manifests.manifest import PURGE_STAGE, _sha256_file, read_manifest, write_manifest
+from pairforge.manifests.manifest import PURGE_STAGE, _sha256_file, read_manifest, sum_columns, write_manifest
 from pairforge.manifests.purge_record import DERIVED, record_purge, summarize
 from pairforge.manifests.purge_shard import PurgeError, parquet_bytes, rewrite_shard
 from pairforge.stages.common.blocklist import Blocklists
@@ -112,7 +112,7 @@ def _linked(table: pa.Table, links: list[str], gone: set[str]):
         if c in table.column_names:
             h = pc.fill_null(pc.is_in(table.column(c), value_set=pa.array(sorted(gone), pa.string())), False)
             hit = h if hit is None else pc.or_(hit, h)
-    return hit if hit is not None else pa.array([False] * table.num_rows)
+    return hit if hit is not None else pa.array([False] * table.num_rows, pa.bool_())
 
 
 def _scan_side_tables(out, man: dict, gone: set[str], pool) -> dict:
@@ -166,6 +166,7 @@ def plan_purge(out_dir, lists: Blocklists, workers: int = 8, origins: dict | Non
         "created": _now(),
         "lists": infos,
         "notes": _notes(out, man, lists),
+        "schema": [{"name": c["name"], "default": c.get("default")} for c in man.get("schema", [])],
         "shards": shards,
         "side_tables": side,
     }
@@ -180,7 +181,14 @@ def _apply_shard(out, shard: dict, plan: dict) -> tuple[dict, dict]:
     if any(p.get("id") == plan["id"] for p in stats.get("purges", [])):
         size, digest = _sha256_file(stats_path)
         return stats, {**stats["files"], str(stats_path.relative_to(out)): {"bytes": size, "sha256": digest}}
-    return rewrite_shard(out, shard, plan["shards"][shard["name"]], {"id": plan["id"], "time": plan["created"]})
+    defaults = {c["name"]: c.get("default") for c in plan.get("schema", [])}
+    return rewrite_shard(
+        out, shard, plan["shards"][shard["name"]], {"id": plan["id"], "time": plan["created"]}, defaults
+    )
+
+
+def _stats(out, shard: dict) -> dict:
+    return json.loads(layout.shard_stats(out, shard["shard_id"]).read_text())
 
 
 def _apply_side_table(out, man: dict, table: str, f: str, gone: set[str]) -> None:
@@ -244,6 +252,12 @@ def apply_plan(out_dir, plan: dict, workers: int = 8) -> dict:
     layout.atomic_write_bytes(sizes_path, json.dumps(dict(sorted(sizes.items())), indent=1).encode())
     removed = _remove_derived(out)
     entry = record_purge(man, plan, done, removed, _now())
+    if man.get("columns"):  # min and max do not subtract: the shards' summaries are added up again
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            every = list(
+                pool.map(lambda sh: done[sh["name"]][0] if sh["name"] in done else _stats(out, sh), man["shards"])
+            )
+        man["columns"] = sum_columns(every)
     for t, files in plan["side_tables"].items():
         e = man["side_tables"][t]
         for f in files:

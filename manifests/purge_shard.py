@@ -158,10 +158,12 @@ def _rows_of_files(out, shard) -> dict[str, bytes]:
     return data
 
 
-def rewrite_shard(out, shard: dict, plan: dict, purge: dict) -> tuple[dict, dict]:
+def rewrite_shard(out, shard: dict, plan: dict, purge: dict, defaults: dict | None = None) -> tuple[dict, dict]:
     """Rewrite shard ``shard`` (its manifest entry) as ``plan`` says
     (``samples`` and ``rejects``: key -> {source, reason, detail}); returns
-    its new stats and its files' new entries (the stats file's included)."""
+    its new stats and its files' new entries (the stats file's included).
+    ``defaults``: the declared columns' defaults (a value that counts as none
+    in the column summaries)."""
     name, sid = shard["name"], shard["shard_id"]
     roles = classify_files(list(shard["files"]), name)
     data = _rows_of_files(out, shard)
@@ -175,7 +177,7 @@ def rewrite_shard(out, shard: dict, plan: dict, purge: dict) -> tuple[dict, dict
     new[roles["parquet"]] = parquet_bytes(table.filter(pa.array(keep)))
     if roles["metadata"]:
         meta = pq.read_table(io.BytesIO(data[roles["metadata"]]))
-        mkeep = pa.array([k not in gone for k in meta.column("key").to_pylist()])
+        mkeep = pa.array([k not in gone for k in meta.column("key").to_pylist()], pa.bool_())
         new[roles["metadata"]] = parquet_bytes(meta.filter(mkeep))
     for f in roles["embeddings"].values():
         arr = load_npy(data[f], f)
@@ -194,7 +196,7 @@ def rewrite_shard(out, shard: dict, plan: dict, purge: dict) -> tuple[dict, dict
     rkeys = rej.column("key").to_pylist()
     marked = {k: e for k, e in plan["rejects"].items() if k in set(rkeys)}
     rows = _tombstone_rows(rej, marked, {k: plan["samples"][k] for k in gone}, sid)
-    kept = rej.filter(pa.array([k not in marked for k in rkeys]))
+    kept = rej.filter(pa.array([k not in marked for k in rkeys], pa.bool_()))
     merged = pa.concat_tables([kept, tombstones(rej.schema, rows)])
     order = np.argsort(np.array(merged.column("key").to_pylist(), dtype=str), kind="stable")
     merged = merged.take(pa.array(order))
@@ -205,6 +207,9 @@ def rewrite_shard(out, shard: dict, plan: dict, purge: dict) -> tuple[dict, dict
         layout.atomic_write_bytes(out / f, b)
         files[f] = {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
     stats = _new_stats(stats, merged, int(keep.sum()), files, purge, len(gone), len(marked))
+    if stats.get("columns"):  # the signal summaries count rows that have a value: tombstones have none
+        kept_rows = table.filter(pa.array(keep))
+        stats["columns"] = column_summaries(stats["columns"], [kept_rows, merged], defaults or {})
     stats_bytes = json.dumps(stats, indent=1, sort_keys=True).encode("utf-8")
     layout.atomic_write_bytes(out / roles["stats"], stats_bytes)  # last: the shard is finished
     entries = {**files, roles["stats"]: {"bytes": len(stats_bytes), "sha256": hashlib.sha256(stats_bytes).hexdigest()}}
@@ -254,4 +259,28 @@ def _new_stats(stats: dict, rejects: pa.Table, ok: int, files: dict, purge: dict
         files=files,
         purges=[*stats.get("purges", []), {**purge, "samples": samples, "rejects": marked}],
     )
+    return out
+
+
+def column_summaries(old: dict, tables: list[pa.Table], defaults: dict) -> dict:
+    """The shard's summaries of ``old``'s columns recounted over the rows of
+    ``tables`` that have a value (as ``manifests.shards.column_summaries``
+    counts them: not null, not NaN, not the column's default)."""
+    import pyarrow.compute as pc
+
+    out = {}
+    for name in sorted(old):
+        parts = [
+            pc.fill_null(t.column(name).cast(pa.float64()), float("nan")).to_numpy(zero_copy_only=False)
+            for t in tables
+            if name in t.column_names
+        ]
+        v = np.concatenate(parts) if parts else np.zeros(0)
+        have = np.isfinite(v)
+        d = defaults.get(name)
+        if d is not None and np.isfinite(float(d)):
+            have &= v != float(d)
+        v = v[have]
+        out[name] = {"rows": int(len(v)), "sum": float(v.sum()), "positive": int((v > 0).sum()),
+                     **({"min": float(v.min()), "max": float(v.max())} if len(v) else {})}  # fmt: skip
     return out

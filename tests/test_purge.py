@@ -324,3 +324,47 @@ def test_purge_on_s3_gives_the_bytes_of_a_local_purge(demo, tmp_path, s3):
     assert read_manifest(root)["purges"][0]["lists"][0]["path"] == f"s3://{BUCKET}/lists/takedowns.txt"
     assert cli_main(["purge", uri, "--list", f"s3://{BUCKET}/lists/takedowns.txt", *flags]) == 0
     assert _digests(root) == on_s3  # purging twice changes nothing
+
+
+def test_signal_summaries_are_recounted_without_the_purged_rows(tmp_path):
+    """A declared summary column (the language stage's ``lang_prob``): the
+    shard's and the manifest's summaries count only rows that still have a value."""
+    from pairforge.manifests.manifest import sum_columns
+    from pairforge.pipeline.config import load_job
+    from pairforge.pipeline.httpserver import LocalHTTPServer, Route
+    from pairforge.pipeline.job import run_job
+    from tests.shardkit import jpeg
+
+    captions = ["a red car parked on the street", "ein rotes Auto auf der Straße", "une voiture rouge dans la rue"] * 4
+    routes = {f"/{i}.jpg": Route(jpeg(i, size=32), "image/jpeg") for i in range(len(captions))}
+    routes["/gone.jpg"] = Route(b"", status=404)
+    with LocalHTTPServer(routes) as server:
+        urls = [server.url(f"/{i}.jpg") for i in range(len(captions))] + [server.url("/gone.jpg")]
+        pq.write_table(pa.table({"url": urls, "caption": [*captions, "a lost picture"]}), tmp_path / "urls.parquet")
+        job = {
+            "input": {"paths": [str(tmp_path / "urls.parquet")]},
+            "output": {"dir": str(tmp_path / "out"), "samples_per_shard": 5},
+            "runner": "local",
+            "stages": [{"name": "download", "image_size": 16, "allow_networks": ["127.0.0.1/32"]}, "language", "shard"],
+        }
+        run_job(load_job(job))
+    out = tmp_path / "out"
+    before = read_manifest(out)
+    assert before["columns"]["lang_prob"]["rows"] == len(captions)
+    (tmp_path / "l.txt").write_text(f"{urls[1]}\n{urls[7]}\n")
+    assert cli_main(["purge", str(out), "--list", str(tmp_path / "l.txt")]) == 0
+    assert verify(out) == []
+    man = read_manifest(out)
+    stats = [json.loads(layout.shard_stats(out, sh["shard_id"]).read_text()) for sh in man["shards"]]
+    assert man["columns"] == sum_columns(stats)
+    probs = np.concatenate(
+        [
+            pq.read_table(p, columns=["lang_prob"]).column("lang_prob").to_numpy(zero_copy_only=False)
+            for folder in ("shards", "rejects")
+            for p in sorted((out / folder).glob("0*.parquet"))
+        ]
+    ).astype(np.float64)
+    probs = probs[np.isfinite(probs)]
+    col = man["columns"]["lang_prob"]
+    assert col["rows"] == len(probs) == len(captions) - 2
+    assert col["sum"] == pytest.approx(probs.sum()) and col["max"] == pytest.approx(probs.max())
