@@ -295,11 +295,14 @@ def purge(
     out_dir, lists: Blocklists | None, dry_run: bool = False, workers: int = 8, origins: dict | None = None
 ) -> dict:
     """Finish an interrupted purge, then purge ``lists``. Returns
-    ``{"resumed": entry | None, "plan": plan | None, "purge": entry | None}``."""
+    ``{"resumed": entry | None, "pending": id | None (a dry run's), "plan": plan | None,
+    "purge": entry | None}``. One purge at a time per build: nothing locks ``OUT``."""
     out = storage.path(out_dir)
-    result: dict = {"resumed": None, "plan": None, "purge": None}
+    result: dict = {"resumed": None, "pending": None, "plan": None, "purge": None}
     pending = pending_plan(out)
-    if pending is not None and not dry_run:
+    if pending is not None and dry_run:
+        result["pending"] = pending["id"]  # a dry run changes nothing: it only says so
+    elif pending is not None:
         result["resumed"] = apply_plan(out, pending, workers)
     if lists is None or not lists.configs:
         return result

@@ -180,6 +180,10 @@ def _purge_lines(where: str, result: dict, dry_run: bool) -> list[str]:
         return f"{e['samples']} samples and {e['rejects']} reject rows (by kind, samples+rejects: {kinds}); side-table rows: {tables}"
 
     lines = []
+    if result.get("pending"):
+        lines.append(
+            f"an interrupted purge ({result['pending']}) is pending: a purge without --dry-run finishes it first"
+        )
     if result["resumed"]:
         lines.append(f"finished the interrupted purge {result['resumed']['id']}: {counts(result['resumed'])}")
     plan = result["plan"]

@@ -260,6 +260,8 @@ def test_an_interrupted_purge_is_finished_by_the_next_one(demo, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"shards/{last}.tar does not match the manifest" in err
     assert plan_path(run).exists() and verify(run) != []  # half done, and it says so
+    assert cli_main(["purge", str(run), "--list", lst, "--dry-run"]) == 0
+    assert "is pending: a purge without --dry-run finishes it first" in capsys.readouterr().out
     tar.write_bytes(good)
     assert cli_main(["purge", str(run)]) == 0  # no list: finish what is pending
     assert "finished the interrupted purge" in capsys.readouterr().out
