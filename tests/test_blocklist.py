@@ -216,7 +216,7 @@ def test_lists_in_order_reason_per_list_and_the_most_specific_entry(tmp_path):
     rows = lists.match_rows(urls=["http://other.example/", None], sha256s=[None, SHA], phashes=[None, None])
     assert rows == [None, None]
     with pytest.raises(ValueError, match="name: expected a name per list"):
-        Blocklists([a, a]).load()
+        Blocklists([a, a])
 
 
 @pytest.mark.parametrize(

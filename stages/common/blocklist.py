@@ -3,10 +3,10 @@
 A published dataset must be able to drop what it should not hold: LAION-5B
 was withdrawn in 2023 and came back as Re-LAION-5B once the rows matching
 hash lists from safety organisations were removed, and creators opt their
-work out by URL or by domain. The download stage checks each URL (and the
-fetched bytes' sha256 and pHash) before a row is kept; ``pairforge purge``
-(``manifests/purge.py``) removes what a list names from a finished build.
-Both use :class:`Blocklists`.
+work out by URL or by domain. :class:`Blocklists` is what checks a row: the
+download stage is to call it on each URL before a fetch and on the fetched
+bytes' sha256 and pHash (``docs/takedown.md``), and ``pairforge purge``
+(``manifests/purge.py``) removes what the lists name from a finished build.
 
 Entry kinds (``blocklist_read`` reads the files): ``url`` (exact, in normal
 form), ``prefix`` (a URL prefix), ``domain`` (the host and its subdomains),
@@ -195,9 +195,6 @@ def _build(configs: tuple[ListConfig, ...]) -> _Index:
         hexes = e.values["phash"]
         hashes = np.array([int(h, 16) for h in hexes], dtype=np.uint64)
         phash.append(PhashIndex(hashes, e.lines["phash"], hexes, cfg.max_distance) if hexes else None)
-    names = [info["name"] for info in infos]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    require(not dup, "name", dup[0] if dup else None, "a name per list (two lists are called the same)")
     strings = {k: _StringIndex(vals[k], lists[k], lines[k]) for k in _STRING_KINDS}
     return _Index(infos, strings, phash)
 
@@ -229,6 +226,9 @@ class Blocklists:
 
     def __init__(self, configs: Sequence[ListConfig | dict | str]):
         self.configs = tuple(as_config(c) for c in configs)
+        names = [c.list_name for c in self.configs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        require(not dup, "name", dup[0] if dup else None, "a name per list (two lists are called the same)")
         self._index: _Index | None = None
 
     def __getstate__(self):
