@@ -223,10 +223,13 @@ def _reject_embeddings(roles, data, name, rkeys, marked, merged, new) -> dict[st
     out = {}
     pos = {k: i for i, k in enumerate(rkeys)}
     where = np.array([-1 if k in marked else pos.get(k, -1) for k in merged.column("key").to_pylist()], dtype=np.int64)
-    for col, f in roles["embeddings"].items():
-        dim_src = load_npy(new[f], f)
+    for col in sorted(set(roles["embeddings"]) | set(roles["rejects_emb"])):
         rf = roles["rejects_emb"].get(col, f"rejects/{name}_{col}.npy")
-        old = load_npy(data[rf], rf) if rf in data else np.zeros((0, dim_src.shape[1]), dtype=np.float16)
+        if rf in data:
+            old = load_npy(data[rf], rf)
+        else:
+            f = roles["embeddings"][col]
+            old = np.zeros((0, *load_npy(new[f], f).shape[1:]), dtype=np.float16)
         if len(old) != len(rkeys):
             raise PurgeError(f"{rf}: {len(old)} rows, the shard's rejects have {len(rkeys)}")
         arr = np.zeros((len(where), *old.shape[1:]), dtype=old.dtype)

@@ -16,7 +16,8 @@ the list's ``max_distance`` bits).
 Why the index looks the way it does: lists are large (opt-out registries
 hold hundreds of millions of URLs) and rows are many, so entries are kept in
 numpy arrays (8-byte keys, sorted) and one Arrow string array, not in Python
-sets of strings (about a tenth of the memory), and a batch of rows is looked
+sets of strings (1.7x less memory for URLs, ``bench/blocklist.py``; the
+strings themselves are most of it), and a batch of rows is looked
 up with one ``searchsorted`` per kind. A key is Python's ``hash`` of the
 entry's normal form; a hit is confirmed against the entry itself, so a
 collision never removes a row. pHash entries are searched by multi-index
@@ -218,6 +219,7 @@ def _cached_build(fingerprint: tuple) -> _Index:
 # ------------------------------------------------------------ the matcher
 
 _Hit = tuple  # (rank, Match): the smallest rank wins
+_Hits = dict  # row -> its best _Hit so far
 
 
 class Blocklists:
@@ -265,67 +267,74 @@ class Blocklists:
             detail["distance"] = int(distance)
         return (li, KINDS.index(kind), rank_extra, int(line)), Match(idx.infos[li]["reason"], detail)
 
-    def _url_hits(self, urls: Sequence) -> list[list[_Hit]]:
+    @staticmethod
+    def _keep(hits: _Hits, row: int, hit: tuple) -> None:
+        old = hits.get(row)
+        if old is None or hit[0] < old[0]:
+            hits[row] = hit
+
+    def _url_hits(self, urls: Sequence, hits: _Hits) -> _Hits:
         self.load()
         s = self._index.strings
-        hits: list[list[_Hit]] = [[] for _ in urls]
         if not (len(s["url"]) or len(s["prefix"]) or len(s["domain"])):
             return hits
         normal = normalize_urls(urls)
         rows = [i for i, n in enumerate(normal) if n is not None]
-        norms = list(zip(rows, [normal[i] for i in rows]))
         cands: dict[str, tuple[list[int], list[str]]] = {}
         if len(s["url"]):
-            cands["url"] = (rows, [n for _, n in norms])
+            cands["url"] = (rows, [normal[i] for i in rows])
         if len(s["prefix"]):  # every prefix length a list has, up to the URL's length
             owner, text = cands.setdefault("prefix", ([], []))
-            for i, n in norms:
+            for i in rows:
+                n = normal[i]
                 for cut in s["prefix"].lengths:
                     if cut > len(n):
                         break
                     owner.append(i), text.append(n[:cut])
         if len(s["domain"]):  # the host and every parent domain (an IP address only as it is)
             owner, text = cands.setdefault("domain", ([], []))
-            for i, n in norms:
-                host = url_host(n)
+            for i in rows:
+                host = url_host(normal[i])
                 labels = [host] if ":" in host or host[-1:].isdigit() else host.split(".")
                 for j in range(len(labels)):
                     owner.append(i), text.append(".".join(labels[j:]))
         for kind, (owner, text) in cands.items():
             for i, c, pos in zip(owner, text, s[kind].find(text)):
                 if pos >= 0:  # the longest prefix or host of a list is its most specific entry
-                    hits[i].append(self._match(kind, pos, -len(c)))
+                    self._keep(hits, i, self._match(kind, pos, -len(c)))
         return hits
 
-    def _sha_hits(self, values: Sequence) -> list[list[_Hit]]:
+    def _sha_hits(self, values: Sequence, hits: _Hits) -> _Hits:
         self.load()
         norms = [normalize_sha256(v) for v in values]
         sel = [i for i, v in enumerate(norms) if v is not None]
-        hits: list[list[_Hit]] = [[] for _ in values]
         for i, pos in zip(sel, self._index.strings["sha256"].find([norms[i] for i in sel])):
             if pos >= 0:
-                hits[i].append(self._match("sha256", pos))
+                self._keep(hits, i, self._match("sha256", pos))
         return hits
 
-    def _phash_hits(self, values: Sequence) -> list[list[_Hit]]:
+    def _phash_hits(self, values: Sequence, hits: _Hits) -> _Hits:
         self.load()
-        ints = [normalize_phash(v) for v in values]
-        sel = np.array([i for i, v in enumerate(ints) if v is not None], dtype=np.int64)
-        hits: list[list[_Hit]] = [[] for _ in values]
+        hexes = [normalize_phash(v) for v in values]
+        sel = np.array([i for i, v in enumerate(hexes) if v is not None], dtype=np.int64)
         if not len(sel):
             return hits
-        q = np.array([int(ints[i], 16) for i in sel], dtype=np.uint64)
+        q = np.array([int(hexes[i], 16) for i in sel], dtype=np.uint64)
         for li, ph in enumerate(self._index.phash):
             if ph is None:
                 continue
             best, dist = ph.nearest(q)
             for j in np.flatnonzero(best >= 0).tolist():
-                hits[int(sel[j])].append(self._match("phash", int(best[j]), int(dist[j]), int(dist[j]), (li, ph)))
+                hit = self._match("phash", int(best[j]), int(dist[j]), int(dist[j]), (li, ph))
+                self._keep(hits, int(sel[j]), hit)
         return hits
 
     @staticmethod
-    def _best(hits: list[list[_Hit]]) -> list[Match | None]:
-        return [min(h, key=lambda x: x[0])[1] if h else None for h in hits]
+    def _best(hits: _Hits, n: int) -> list[Match | None]:
+        out: list[Match | None] = [None] * n
+        for row, (_, m) in hits.items():
+            out[row] = m
+        return out
 
     # one row at a time
     def match_url(self, url: str) -> Match | None:
@@ -342,13 +351,13 @@ class Blocklists:
 
     # a batch at a time (one index lookup per kind): what stages and the purge call
     def match_urls(self, urls: Sequence) -> list[Match | None]:
-        return self._best(self._url_hits(urls))
+        return self._best(self._url_hits(urls, {}), len(urls))
 
     def match_sha256s(self, values: Sequence) -> list[Match | None]:
-        return self._best(self._sha_hits(values))
+        return self._best(self._sha_hits(values, {}), len(values))
 
     def match_phashes(self, values: Sequence) -> list[Match | None]:
-        return self._best(self._phash_hits(values))
+        return self._best(self._phash_hits(values, {}), len(values))
 
     def match_rows(self, urls: Sequence | None = None, sha256s: Sequence | None = None,
                    phashes: Sequence | None = None) -> list[Match | None]:  # fmt: skip
@@ -358,9 +367,8 @@ class Blocklists:
         cols = [c for c in (urls, sha256s, phashes) if c is not None]
         n = len(cols[0]) if cols else 0
         require(all(len(c) == n for c in cols), "rows", [len(c) for c in cols], "columns of one length")
-        hits: list[list[_Hit]] = [[] for _ in range(n)]
+        hits: _Hits = {}
         for col, fn in ((urls, self._url_hits), (sha256s, self._sha_hits), (phashes, self._phash_hits)):
             if col is not None:
-                for h, more in zip(hits, fn(col)):
-                    h.extend(more)
-        return self._best(hits)
+                fn(col, hits)
+        return self._best(hits, n)
