@@ -37,6 +37,7 @@ collected, which bounds the bytes a task holds.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,7 @@ from pairforge.stages.base import (
     reject,
     require,
 )
+from pairforge.stages.common.blocklist import Blocklists
 from pairforge.stages.common.download_worker import limits_of, worker_for
 from pairforge.stages.common.fetch import AddressPolicy, Fetched, transient
 from pairforge.stages.common.frontier import Frontier
@@ -109,6 +111,11 @@ class Config:
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     #: W3C TDMRep: a ``tdm-reservation: 1`` header opts the image out
     tdm_reservation: bool = True
+    #: opt-out and takedown lists (docs/takedown.md): paths, or mappings with
+    #: ``path``, ``name``, ``kind``, ``column``, ``reason`` (``opted_out`` or
+    #: ``blocklisted``), ``max_distance``; a URL on one ends with the list's
+    #: reason unfetched, an image whose sha256 or pHash is on one after its fetch
+    lists: tuple = ()
     #: obey robots.txt (RFC 9309), read once per origin for the run
     #: (Scrapy's ROBOTSTXT_OBEY); ``false`` is recorded in the manifest
     robots_txt: bool = True
@@ -196,6 +203,10 @@ class Config:
             AddressPolicy(self.allow_networks)
         except ValueError as e:
             raise ValueError(f"allow_networks: {e}") from None
+        try:  # as hashable configs: the worker pools are kept per config
+            object.__setattr__(self, "lists", Blocklists(self.lists).configs)
+        except ValueError as e:
+            raise ValueError(str(e) if str(e).startswith("lists") else f"lists: {e}") from None
 
 
 @dataclass
@@ -249,6 +260,15 @@ class DownloadStage(Stage):
         # two equal ones (an ``image_phash`` from here beside dedup_phash's ``phash``)
         return str(self.config.perceptual_hash)
 
+    def check(self, declared: dict) -> list[str]:
+        """Each list file must be there before the run starts (the workers
+        read them; a takedown list applied in part is worse than none)."""
+        return [
+            f"lists[{i}].path: no such file {c.path!r}"
+            for i, c in enumerate(self.config.lists)
+            if "://" not in c.path and not os.path.isfile(c.path)
+        ]
+
     def services(self) -> dict:
         return {"host_gate": limits_of(self.config), "work_store": "robots"}
 
@@ -286,7 +306,13 @@ class DownloadStage(Stage):
             fail_down_fast=not retry_pass,
             count_rows=not retry_pass,
         )
-        return self._write(batch, frontier.run(list(urls)))
+        decided = None
+        if w.lists is not None:  # a URL on a list is never fetched
+            decided = [
+                None if m is None else self._fail(u, m.reason, {"url": u, **m.detail})
+                for u, m in zip(urls, w.lists.match_urls(list(urls)))
+            ]
+        return self._write(batch, frontier.run(list(urls), decided))
 
     # ------------------------------------------------------------ per row
 
@@ -300,6 +326,9 @@ class DownloadStage(Stage):
             return row
         data = got.body
         row.sha256 = hashlib.sha256(data).hexdigest()
+        listed = self._worker.lists.match_sha256(row.sha256) if self._worker.lists is not None else None
+        if listed is not None:
+            return self._fail(url, listed.reason, {"url": _text(url), "sha256": row.sha256, **listed.detail})
         head = probe(data, self.config.max_pixels)
         row.original_width, row.original_height = head.width, head.height
         if head.reason:
@@ -322,6 +351,11 @@ class DownloadStage(Stage):
         row.original_width, row.original_height = out.original_width, out.original_height
         if self.config.perceptual_hash:
             row.phash = image_hash(out.image, self.config.perceptual_hash)
+        if self._worker.list_phash:  # pHash entries are of stored images, as dedup_phash hashes them
+            ph = row.phash if self.config.perceptual_hash == "phash" else image_hash(out.image, "phash")
+            listed = self._worker.lists.match_phash(ph)
+            if listed is not None:
+                return self._fail(url, listed.reason, {"url": _text(url), "phash": ph, **listed.detail})
         return row
 
     @staticmethod

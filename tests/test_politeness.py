@@ -140,10 +140,9 @@ def test_a_host_never_sees_more_than_its_bound_and_others_use_the_threads(image)
     assert c.max_in_flight <= 2  # the bound is per host, for every host
     assert h.robots == 1 and c.robots == 1  # robots.txt once per origin
     # the hot host's 30 rows at 2 at a time take >= 0.75 s; the cold host's
-    # 10 (0.25 s) went alongside them, not after them
-    assert took < 1.5 * 30 * 0.05 / 2 + 0.6
-    first_hot = min(t for t, p in h.arrivals if p.startswith("/img/"))
-    assert max(t for t, p in c.arrivals) < first_hot + 0.5
+    # 10 went alongside them, not after them: most hot requests come later
+    last_cold = max(t for t, p in c.arrivals)
+    assert sum(t > last_cold for t, p in h.arrivals) >= 10, took
 
 
 def test_no_request_reaches_a_host_before_its_retry_after(image):

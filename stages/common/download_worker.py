@@ -14,6 +14,7 @@ import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from pairforge.stages.common.blocklist import Blocklists
 from pairforge.stages.common.fetch import SafeFetcher, default_user_agent
 from pairforge.stages.common.hostgate import HostGate, Limits
 from pairforge.stages.common.resize import Resize
@@ -69,6 +70,9 @@ class _Worker:
         )
         self.robots_get = functools.partial(robots.fetch, truncate=True)
         self.robots: dict = {}  # store -> SharedRobots: policies kept per process
+        # opt-out and takedown lists, read once per process
+        self.lists = Blocklists(cfg.lists).load() if cfg.lists else None
+        self.list_phash = bool(self.lists) and any(i["entries"].get("phash") for i in self.lists.lists)
 
     def robots_for(self, cfg, store, retry_pass: bool) -> SharedRobots | None:
         if not cfg.robots_txt:

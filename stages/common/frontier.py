@@ -99,7 +99,9 @@ class Frontier:
         self.fail_down_fast, self.count_rows, self.poll = fail_down_fast, count_rows, poll
         self._rng = random.Random(seed)
 
-    def run(self, urls) -> list:
+    def run(self, urls, decided: list | None = None) -> list:
+        """The rows of ``urls``, in order; ``decided``: rows already made
+        (not ``None``) for URLs that are not to be fetched."""
         self.results: list = [None] * len(urls)
         self.remaining = len(urls)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
@@ -115,7 +117,9 @@ class Frontier:
         for i, url in enumerate(urls):
             host, origin = host_and_origin(url)
             job = _Job(i, url, host, origin)
-            if host is None:  # no request will be made: the fetcher names the problem
+            if decided is not None and decided[i] is not None:
+                self._done(job, decided[i])
+            elif host is None:  # no request will be made: the fetcher names the problem
                 self._submit(self._run_row, job)
             else:
                 rows[host] = rows.get(host, 0) + 1
