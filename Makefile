@@ -6,7 +6,8 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: setup demo test test-fast bench-cpu lint clean
 
-setup: $(VENV)/.installed /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz /usr/bin/chromium
+setup: $(VENV)/.installed /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz /usr/bin/chromium \
+       $(VENV)/share/pairforge/wordnet_entries.txt
 
 # torch first, pinned, so pip does not fetch another build; then the project with its test extras
 $(VENV)/.installed: pyproject.toml
@@ -23,6 +24,14 @@ $(VENV)/.installed: pyproject.toml
 /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+# metadata_match's offline default entries (entries: wordnet), built from Debian's WordNet into the venv
+$(VENV)/share/pairforge/wordnet_entries.txt: $(VENV)/.installed /usr/share/wordnet/data.noun scripts/build_wordnet_entries.py
+	$(PY) scripts/build_wordnet_entries.py --out $@
+
+/usr/share/wordnet/data.noun:
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet
 
 # a headless browser: tests/test_report.py loads `pairforge report`'s page in it (Debian's chromium)
 /usr/bin/chromium:

@@ -22,6 +22,9 @@ STAGES: dict[str, str] = {
     "heads": "pairforge.stages.heads:HeadsStage",
     "regions": "pairforge.stages.regions:RegionsStage",
     "confounders": "pairforge.stages.confounders:ConfounderStage",
+    "metadata_match": "pairforge.stages.metadata_match:MetadataMatchStage",
+    "balance": "pairforge.stages.balance:BalanceStage",
+    "align_text": "pairforge.stages.align_text:AlignTextStage",
     "shard": "pairforge.stages.shard:ShardStage",
 }
 

@@ -1,0 +1,216 @@
+"""Metadata entries and how a caption matches them (MetaCLIP's first step).
+
+Why a module of its own: the ``metadata_match`` stage, its tests and
+``bench/balance.py`` need the same three things, and none of them needs a
+stage: the entry list read from a file, the normal form both sides are
+compared in, and the matcher. Keeping the naive loop (:func:`match_naive`)
+beside the automaton (:class:`Matcher`) is what lets a test hold them
+against each other and against a hand-checked table.
+
+* **Entries** come from a file: one per line, or MetaCLIP's ``metadata.json``
+  (a JSON list of strings). An entry's id is its position in the file (0-based
+  line or list index), so a user can map ids back with the file alone; a later
+  entry with the same normal form as an earlier one is skipped (it would match
+  exactly the same captions and double every count), as are blank lines.
+  ``wordnet`` names the offline default, built from Debian's WordNet by
+  ``scripts/build_wordnet_entries.py`` (``make setup`` installs it into the
+  virtual environment; never committed).
+* **Normal form**: Unicode NFKC, then ``casefold`` (``"Straße"`` and
+  ``"STRASSE"`` are the same caption), applied to entries and captions alike.
+* **Match**: an entry matches where it is a substring of the caption
+  (case-insensitive), as the issue asks. With ``word_boundaries`` the
+  character before and after the match must not continue a word (a letter or
+  digit of a spaced script, or ``_``); an entry edge in a script written
+  without spaces (Chinese, Japanese, Thai, ...) needs no boundary there, as in
+  MetaCLIP's ``get_spaced_metadata``. MetaCLIP's released matcher is
+  space-bounded and case-sensitive (``f" {entry} " in spacing(text)``);
+  ``word_boundaries: true`` is the closer of the two modes to it.
+
+The automaton is pyahocorasick's (a C Aho-Corasick trie): one pass over the
+caption finds every entry, overlaps included, whatever the entry count
+(``bench/balance.py`` measures it against the naive loop). :func:`matcher`
+builds it once per process and keeps it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import unicodedata
+from pathlib import Path
+
+#: the ``entries`` value that names the offline WordNet default
+WORDNET = "wordnet"
+
+
+def wordnet_path() -> Path:
+    """Where ``make setup`` installs the WordNet entries: inside the virtual
+    environment every worker of this machine runs in (``sys.prefix``)."""
+    return Path(sys.prefix) / "share" / "pairforge" / "wordnet_entries.txt"
+
+
+def resolve(entries: str) -> Path:
+    return wordnet_path() if entries == WORDNET else Path(entries).expanduser()
+
+
+def normalize(text: str) -> str:
+    """The form captions and entries are compared in."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def parse_entries(data: bytes, name: str) -> list[str]:
+    """The raw entries of a file's bytes: a JSON list of strings when ``name``
+    ends with ``.json``, else one entry per line. Raises ``ValueError`` saying
+    what is wrong and where."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text (byte {e.start})") from None
+    if name.endswith(".json"):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{name} is not JSON: {e}") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{name}: expected a JSON list of strings (MetaCLIP's metadata.json), got {type(items).__name__}")
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise ValueError(f"{name}: item {i} is {item!r}, not a string")
+        return items
+    return text.split("\n")
+
+
+class Entries:
+    """The distinct entries of a file in normal form, each with its id (its
+    position in the file)."""
+
+    def __init__(self, raw: list[str]):
+        self.size = len(raw)  # ids run from 0 to size - 1
+        self.ids: list[int] = []
+        self.words: list[str] = []
+        seen: set[str] = set()
+        for i, entry in enumerate(raw):
+            word = normalize(entry.strip())
+            if word and word not in seen:
+                seen.add(word)
+                self.ids.append(i)
+                self.words.append(word)
+        self.skipped = self.size - len(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_entries(path: Path) -> tuple[Entries, str]:
+    """The entries of ``path`` and the SHA-256 of its bytes."""
+    data = path.read_bytes()
+    return Entries(parse_entries(data, path.name)), hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------ boundaries
+
+
+def unspaced(ch: str) -> bool:
+    """A character of a script written without spaces between words (CJK,
+    kana, Thai, Lao, Burmese, Khmer, Tibetan): no word boundary is asked of it."""
+    o = ord(ch)
+    return (
+        0x2E80 <= o <= 0x9FFF  # CJK radicals, kana, CJK ideographs (ext. A included)
+        or 0xF900 <= o <= 0xFAFF  # CJK compatibility ideographs
+        or 0x20000 <= o <= 0x3134F  # CJK extensions B-G
+        or 0x0E00 <= o <= 0x0EFF  # Thai, Lao
+        or 0x0F00 <= o <= 0x0FFF  # Tibetan
+        or 0x1000 <= o <= 0x109F  # Burmese
+        or 0x1780 <= o <= 0x17FF  # Khmer
+        or 0xFF66 <= o <= 0xFF9F  # half-width katakana
+    )
+
+
+def word_char(ch: str) -> bool:
+    """A character that continues a word of a spaced script."""
+    return (ch.isalnum() or ch == "_") and not unspaced(ch)
+
+
+def bounded(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` (a match) stands as a word: no word
+    character just outside an edge that is itself a word character."""
+    if word_char(text[start]) and start > 0 and word_char(text[start - 1]):
+        return False
+    return not (word_char(text[end - 1]) and end < len(text) and word_char(text[end]))
+
+
+# ------------------------------------------------------------------ matching
+
+
+class Matcher:
+    """Every entry of :class:`Entries` found in a caption, as sorted ids."""
+
+    def __init__(self, entries: Entries, word_boundaries: bool = False):
+        import ahocorasick
+
+        self.word_boundaries = word_boundaries
+        self.entries = len(entries)
+        self.automaton = ahocorasick.Automaton()
+        for i, word in zip(entries.ids, entries.words):
+            self.automaton.add_word(word, (i, len(word)) if word_boundaries else i)
+        if len(entries):
+            self.automaton.make_automaton()
+
+    def match(self, caption) -> list[int]:
+        if not isinstance(caption, str) or not self.entries:
+            return []
+        text = normalize(caption)
+        if not self.word_boundaries:
+            return sorted({i for _, i in self.automaton.iter(text)})
+        found = set()
+        for end, (i, n) in self.automaton.iter(text):
+            if i not in found and bounded(text, end + 1 - n, end + 1):
+                found.add(i)
+        return sorted(found)
+
+    def memory(self) -> int:
+        """Bytes of the trie, as pyahocorasick counts them."""
+        return int(self.automaton.get_stats()["total_size"]) if self.entries else 0
+
+
+def match_naive(entries: Entries, caption, word_boundaries: bool = False) -> list[int]:
+    """The same matches by a loop over every entry (MetaCLIP's original
+    ``substr_matching``): the reference for tests and the benchmark's baseline."""
+    if not isinstance(caption, str):
+        return []
+    text = normalize(caption)
+    out = []
+    for i, word in zip(entries.ids, entries.words):
+        if not word_boundaries:
+            if word in text:
+                out.append(i)
+            continue
+        at = text.find(word)
+        while at >= 0:
+            if bounded(text, at, at + len(word)):
+                out.append(i)
+                break
+            at = text.find(word, at + 1)
+    return sorted(out)
+
+
+_MATCHERS: dict[tuple[str, str, bool], Matcher] = {}
+
+
+def matcher(path: Path, word_boundaries: bool, sha256: str | None = None) -> Matcher:
+    """This process's matcher for ``path`` (built on first use, then kept).
+    ``sha256``: the digest the driver saw; a worker that reads other bytes
+    (another file at that path on its node) raises instead of matching
+    against a different list."""
+    key = (str(path), sha256 or "", word_boundaries)
+    m = _MATCHERS.get(key)
+    if m is None:
+        entries, digest = read_entries(path)
+        if sha256 and digest != sha256:
+            raise RuntimeError(
+                f"metadata entries {path}: this worker reads a different file (sha256 {digest[:12]}…) "
+                f"from the one the job was checked with ({sha256[:12]}…); every node needs the same file"
+            )
+        m = _MATCHERS[key] = Matcher(entries, word_boundaries)
+    return m
