@@ -83,7 +83,10 @@ def tokens(form: str, bigrams: bool) -> tuple[list[str], list[str]]:
 
 def hash64(texts) -> np.ndarray:
     return np.array(
-        [int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") for t in texts],
+        [
+            int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+            for t in texts
+        ],
         dtype=np.uint64,
     )
 
@@ -180,7 +183,10 @@ class AlignTextStage(GlobalStage):
         shared, at = _lookup(self.shared[0], hash64(forms))
         for i, form in enumerate(forms):
             if shared[i]:
-                why, detail = "caption_shared", {"images": int(self.shared[1][at[i]]), "max_caption_images": c.max_caption_images}
+                why, detail = (
+                    "caption_shared",
+                    {"images": int(self.shared[1][at[i]]), "max_caption_images": c.max_caption_images},
+                )
             else:
                 why, detail = self._token_rules(form)
             if why:
@@ -200,7 +206,11 @@ class AlignTextStage(GlobalStage):
             rare = found if self.token_set_is_rare else ~found
             if rare.any():
                 words = [t for t, r in zip(toks, rare) if r][:5]
-                return "rare_token", {"tokens": words, "min_count": self.token_min_count, "rare_token_rank": c.rare_token_rank}
+                return "rare_token", {
+                    "tokens": words,
+                    "min_count": self.token_min_count,
+                    "rare_token_rank": c.rare_token_rank,
+                }
         if c.min_unigrams is not None and len(uni) < c.min_unigrams:
             return "too_few_unigrams", {"unigrams": len(uni), "min_unigrams": c.min_unigrams}
         if c.max_unigrams is not None and len(uni) > c.max_unigrams:

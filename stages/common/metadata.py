@@ -73,7 +73,9 @@ def parse_entries(data: bytes, name: str) -> list[str]:
         except ValueError as e:
             raise ValueError(f"{name} is not JSON: {e}") from None
         if not isinstance(items, list):
-            raise ValueError(f"{name}: expected a JSON list of strings (MetaCLIP's metadata.json), got {type(items).__name__}")
+            raise ValueError(
+                f"{name}: expected a JSON list of strings (MetaCLIP's metadata.json), got {type(items).__name__}"
+            )
         for i, item in enumerate(items):
             if not isinstance(item, str):
                 raise ValueError(f"{name}: item {i} is {item!r}, not a string")
