@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from pairforge.manifests import layout, report_html, report_images, report_plots, report_signals
 from pairforge.manifests.regions import ragged_rows
+from pairforge.stages.common import balancing
 
 GRID = 48
 PER_REASON = 4
@@ -309,6 +310,13 @@ class Report:
         png = report_plots.phash_distances([d for d in dups if d is not None], nearest, max_d)
         figs.append(("phash", "pHash distances", png, f"nearest other among {len(nearest)} kept images (by key hash)"))
         figs += report_signals.plots(self.man, s, r)
+        bal = balancing.summary(next((f for f in self.man.get("fits") or [] if f.get("stage") == "balance"), None))
+        if bal is not None:  # the balance fit's counters (stages/common/balancing.py)
+            png = report_plots.entry_counts(
+                balancing.ccdf(bal["hist_before"]), balancing.ccdf(bal["hist_after"]), bal["t"]
+            )
+            note = f"{bal['entries_used']:,} entries used, {bal['entries_over_t']:,} over t; {bal['kept']:,} of {bal['rows']:,} rows kept"
+            figs.append(("entries", "Metadata entry counts (balance)", png, note))
         out = []
         for name, title, png, note in figs:
             if png is not None:

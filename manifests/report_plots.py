@@ -162,3 +162,25 @@ def _popcount(a: np.ndarray) -> np.ndarray:
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(a).astype(np.int64)
     return _BYTE_BITS[np.ascontiguousarray(a).view(np.uint8)].reshape(*a.shape, 8).sum(axis=-1)
+
+
+def entry_counts(before: tuple, after: tuple, t: int | None) -> bytes | None:
+    """MetaCLIP's figure: rows per metadata entry before and after balancing,
+    as entries with at least that many rows (x) against the count (y), on
+    log axes; ``before`` / ``after`` are (counts, entries with at least that
+    count) from the balance fit's histogram. The cap ``t`` is a line."""
+    (cb, nb), (ca, na) = before, after
+    if not len(cb):
+        return None
+    plt, fig, (ax,) = _figure()
+    ax.step(nb, cb, where="post", color=DROPPED, label=f"before ({int(nb[0])} entries)")
+    if len(ca):
+        ax.step(na, ca, where="post", color=KEPT, label=f"after ({int(na[0])} entries)")
+    if t:
+        ax.axhline(t, color=LINE, linestyle="--", linewidth=1.2, label=f"t = {t:,}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("entries (with at least this many rows)")
+    ax.set_ylabel("rows per entry")
+    ax.legend(fontsize=8)
+    return _png(plt, fig)

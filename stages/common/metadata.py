@@ -80,7 +80,8 @@ def parse_entries(data: bytes, name: str) -> list[str]:
             if not isinstance(item, str):
                 raise ValueError(f"{name}: item {i} is {item!r}, not a string")
         return items
-    return text.split("\n")
+    lines = text.split("\n")  # not splitlines(): ids are line numbers as editors and `wc -l` count them
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 class Entries:
