@@ -313,7 +313,7 @@ class Report:
         bal = balancing.summary(next((f for f in self.man.get("fits") or [] if f.get("stage") == "balance"), None))
         if bal is not None:  # the balance fit's counters (stages/common/balancing.py)
             png = report_plots.entry_counts(
-                balancing.ccdf(bal["hist_before"]), balancing.ccdf(bal["hist_after"]), bal["t"]
+                balancing.rank_curve(bal["hist_before"]), balancing.rank_curve(bal["hist_after"]), bal["t"]
             )
             note = f"{bal['entries_used']:,} entries used, {bal['entries_over_t']:,} over t; {bal['kept']:,} of {bal['rows']:,} rows kept"
             figs.append(("entries", "Metadata entry counts (balance)", png, note))

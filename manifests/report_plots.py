@@ -165,22 +165,22 @@ def _popcount(a: np.ndarray) -> np.ndarray:
 
 
 def entry_counts(before: tuple, after: tuple, t: int | None) -> bytes | None:
-    """MetaCLIP's figure: rows per metadata entry before and after balancing,
-    as entries with at least that many rows (x) against the count (y), on
-    log axes; ``before`` / ``after`` are (counts, entries with at least that
-    count) from the balance fit's histogram. The cap ``t`` is a line."""
-    (cb, nb), (ca, na) = before, after
-    if not len(cb):
+    """MetaCLIP's figure: rows per metadata entry, entries ranked by count,
+    before and after balancing, on log axes; ``before`` / ``after`` are
+    (rank, count) corners of a step line (``stages.common.balancing.rank_curve``).
+    The cap ``t`` is a line."""
+    (xb, yb), (xa, ya) = before, after
+    if not len(xb):
         return None
     plt, fig, (ax,) = _figure()
-    ax.step(nb, cb, where="post", color=DROPPED, label=f"before ({int(nb[0])} entries)")
-    if len(ca):
-        ax.step(na, ca, where="post", color=KEPT, label=f"after ({int(na[0])} entries)")
+    ax.plot(xb, yb, color=DROPPED, label=f"before ({int(xb[-1]):,} entries)")
+    if len(xa):
+        ax.plot(xa, ya, color=KEPT, label=f"after ({int(xa[-1]):,} entries)")
     if t:
         ax.axhline(t, color=LINE, linestyle="--", linewidth=1.2, label=f"t = {t:,}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("entries (with at least this many rows)")
-    ax.set_ylabel("rows per entry")
+    ax.set_xlabel("entries, ranked by rows")
+    ax.set_ylabel("rows per entry (log bins)")
     ax.legend(fontsize=8)
     return _png(plt, fig)

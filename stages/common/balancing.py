@@ -126,12 +126,14 @@ def summary(info: dict | None, top: int = 20) -> dict | None:
     }
 
 
-def ccdf(hist: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """From log-bin counts: (count at each bin's lower edge, entries with at
-    least that count), for a rank-count figure on log axes."""
-    if not hist:
-        return np.zeros(0), np.zeros(0)
-    bins = np.array(sorted(hist))
-    n = np.array([hist[b] for b in bins], dtype=np.int64)
-    at_least = np.cumsum(n[::-1])[::-1]
-    return np.array([math.ceil(10 ** (b / 10) - 1e-6) for b in bins], dtype=np.float64), at_least
+def rank_curve(hist: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """From log-bin counts, MetaCLIP's rank-count curve: entries ranked by
+    count (x: rank 1, 2, ...) against their count (y: the bin's lower edge),
+    as the corners of a step line."""
+    x, y, rank = [], [], 0
+    for b in sorted(hist, reverse=True):
+        edge = float(math.ceil(10 ** (b / 10) - 1e-6))
+        x += [rank + 1, rank + hist[b]]
+        y += [edge, edge]
+        rank += hist[b]
+    return np.array(x, dtype=np.float64), np.array(y, dtype=np.float64)
