@@ -146,17 +146,40 @@ def bounded(text: str, start: int, end: int) -> bool:
 # ------------------------------------------------------------------ matching
 
 
+_WORD: dict[str, bool] = {}
+
+
+def _word_flags(text: str) -> list[bool]:
+    """:func:`word_char` of each character of ``text`` (memoised per character)."""
+    out = []
+    for ch in text:
+        w = _WORD.get(ch)
+        if w is None:
+            w = _WORD[ch] = word_char(ch)
+        out.append(w)
+    return out
+
+
 class Matcher:
-    """Every entry of :class:`Entries` found in a caption, as sorted ids."""
+    """Every entry of :class:`Entries` found in a caption, as sorted ids.
+    The automaton stores plain ints (``STORE_INTS``: no Python object per
+    match), the entry id; the word-boundary mode reads each id's length and
+    edge kinds from lists beside it."""
 
     def __init__(self, entries: Entries, word_boundaries: bool = False):
         import ahocorasick
 
         self.word_boundaries = word_boundaries
         self.entries = len(entries)
-        self.automaton = ahocorasick.Automaton()
+        self.automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+        size = entries.size if word_boundaries else 0
+        self.length = [0] * size
+        self.left = [False] * size  # the entry starts with a word character: the text before it must not be one
+        self.right = [False] * size
         for i, word in zip(entries.ids, entries.words):
-            self.automaton.add_word(word, (i, len(word)) if word_boundaries else i)
+            self.automaton.add_word(word, i)
+            if word_boundaries:
+                self.length[i], self.left[i], self.right[i] = len(word), word_char(word[0]), word_char(word[-1])
         if len(entries):
             self.automaton.make_automaton()
 
@@ -166,10 +189,19 @@ class Matcher:
         text = normalize(caption)
         if not self.word_boundaries:
             return sorted({i for _, i in self.automaton.iter(text)})
+        flags = _word_flags(text)
+        last = len(text) - 1
+        length, left, right = self.length, self.left, self.right
         found = set()
-        for end, (i, n) in self.automaton.iter(text):
-            if i not in found and bounded(text, end + 1 - n, end + 1):
-                found.add(i)
+        for end, i in self.automaton.iter(text):
+            if i in found:
+                continue
+            start = end + 1 - length[i]
+            if left[i] and start > 0 and flags[start - 1]:
+                continue
+            if right[i] and end < last and flags[end + 1]:
+                continue
+            found.add(i)
         return sorted(found)
 
     def memory(self) -> int:
