@@ -77,6 +77,27 @@ def test_example_job_in_the_package_loads():
     assert job.input.paths[0] == str(path.resolve().parent / "urls.parquet")
 
 
+@pytest.mark.parametrize(
+    "name, stages",
+    [
+        ("example_metaclip_job.yaml", ["metadata_match", "download", "dedup_exact", "balance", "shard"]),
+        ("example_align_job.yaml", ["align_text", "download", "dedup_exact", "shard"]),
+    ],
+)
+def test_curation_example_jobs_load_and_pass_their_checks(name, stages):
+    from pathlib import Path
+
+    from pairforge import pipeline
+    from pairforge.pipeline.checks import _build_stages
+    from pairforge.pipeline.checks_columns import check_columns
+
+    job = load_job(str(Path(pipeline.__file__).parent / name))
+    assert [s.name for s in job.stages] == stages
+    problems: list[str] = []
+    built = _build_stages(job, problems)  # the WordNet entries make setup installs, read here
+    assert problems == [] and check_columns(built, {"url", "caption", "key", "status", "stage"}) == []
+
+
 def test_numbers_are_not_strings_or_booleans_and_pairs_have_two():
     def stage(**opts):
         return load_job(_job(stages=[{"name": "download", **opts}, "shard"]))
