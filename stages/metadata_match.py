@@ -92,10 +92,9 @@ class MetadataMatchStage(Stage):
     def process_batch(self, batch: Batch) -> Batch:
         self.setup()
         n = batch_len(batch)
-        match = self._matcher.match
-        found = [match(c) for c in batch.get("caption", [None] * n)]
+        found = self._matcher.match_many(batch.get("caption", [None] * n))
         out = dict(batch)
-        out[ENTRIES_COLUMN] = object_array([np.asarray(ids, dtype=np.int32) for ids in found])
+        out[ENTRIES_COLUMN] = object_array(found)
         counts = np.fromiter((len(ids) for ids in found), dtype=np.int32, count=n)
         out[COUNT_COLUMN] = counts
         if self.config.drop_unmatched:

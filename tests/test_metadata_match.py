@@ -47,6 +47,7 @@ TABLE = {
     "Berliner Straße": ([6], [6]),
     "nothing here": ([], []),
     "": ([], []),
+    "🐶 dog 🐱cat, zoo\x00dog": ([3, 9], [3, 9]),  # beyond the BMP (one code point each); a NUL in a caption
 }
 
 
@@ -67,6 +68,8 @@ def test_automaton_and_naive_loop_match_the_hand_checked_table(entries_file, bou
         assert m.match(caption) == expected, (caption, bounds)
         assert md.match_naive(entries, caption, bounds) == expected, (caption, bounds)
     assert m.match(None) == [] and md.match_naive(entries, None) == []
+    many = m.match_many(list(TABLE) + [None, 3.5])  # one pass over a batch: the same as one by one
+    assert [x.tolist() for x in many] == [m.match(c) for c in TABLE] + [[], []]
 
 
 def test_metaclip_json_list_gives_the_same_ids(tmp_path, entries_file):
