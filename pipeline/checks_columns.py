@@ -19,7 +19,14 @@ from pairforge.pipeline.config import ConfigError, JobConfig, input_entries
 from pairforge.stages.base import IDENTITY_COLUMNS, Stage
 
 #: built-in stages that cannot be built from defaults alone (cheaply), and what they declare
-KNOWN_PRODUCERS = {"clip_score": "clip_score", "img_emb": "clip_score", "text_emb": "clip_score"}
+KNOWN_PRODUCERS = {
+    "clip_score": "clip_score",
+    "img_emb": "clip_score",
+    "text_emb": "clip_score",
+    # metadata_match reads its entries file when built (WordNet's, if make setup installed it)
+    "metadata_entries": "metadata_match",
+    "num_metadata_entries": "metadata_match",
+}
 #: input files whose columns are read here; the reader checks the others as it streams them
 MAX_SCHEMA_FILES = 200
 
