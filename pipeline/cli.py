@@ -106,6 +106,15 @@ def _cmd_show(args) -> int:
                 print(f"  {t['host']:<40}{t['rows']:>8} rows{t['requests']:>8} requests{t['http_429']:>6} 429s")
         for reason, c in (crawl.get("deferred_retry") or {}).items():
             print(f"  deferred retry {reason}: {c['recovered']} of {c['tried']} recovered")
+    from pairforge.stages.common.balancing import summary
+
+    bal = summary(next((f for f in man.get("fits") or [] if f.get("stage") == "balance"), None), top=10)
+    if bal is not None:  # MetaCLIP's balancing: the largest entries before -> after (ids: lines of the entries file)
+        print()
+        print(f"balance:  t={bal['t']}, {bal['entries_used']} entries used, {bal['entries_over_t']} over t")
+        print(
+            "          largest (entry: rows before -> after): " + ", ".join(f"{i}: {b}->{a}" for i, b, a in bal["top"])
+        )
     return 0
 
 

@@ -69,7 +69,7 @@ def _rows(out, shards: int, which: str) -> pa.Table:
 
 
 @pytest.mark.slow
-def test_both_runners_object_storage_resume_and_shard_size_give_the_same_rows(tmp_path, ray_local, s3):  # noqa: F811
+def test_both_runners_object_storage_resume_and_shard_size_give_the_same_rows(tmp_path, ray_local, s3, capsys):  # noqa: F811
     _url_list(tmp_path)
     shards = N // 100
     local = tmp_path / "local"
@@ -121,6 +121,13 @@ def test_both_runners_object_storage_resume_and_shard_size_give_the_same_rows(tm
     assert s["entries_over_t"] == int((before > T).sum()) >= 3
     for d in rej.filter(pa.compute.equal(rej.column("reason"), "balance_not_sampled")).column("detail").to_pylist():
         assert all(c > T for c in json.loads(d)["counts"])
+
+    from pairforge.pipeline.cli import main as cli_main
+
+    assert cli_main(["manifest", "show", str(local)]) == 0
+    shown = capsys.readouterr().out
+    e, b, a = s["top"][0]
+    assert f"balance:  t={T}, {s['entries_used']} entries used" in shown and f"{e}: {b}->{a}" in shown
 
     from pairforge.manifests.report import write_report
 
