@@ -18,7 +18,8 @@ timed on a slice of the captions (it runs ~10 captions/s at 500k entries).
 **The balance fit** (``pipeline.fit.run_fit`` with ``RayLauncher``, local Ray
 on every CPU) over synthetic fit files: 10,000 rows a shard, 1-3 entries a
 row drawn from a Zipf law over 500,000 entries with the head entry in 30% of
-the captions, ``t`` = 20,000. The fit files are written directly (what the
+the captions, ``t`` = 20,000 (``--per-shard`` sets the rows a shard: the
+driver's state follows the number of shards, not of rows). The fit files are written directly (what the
 per-row pass would leave), so the figures are the fit's own: wall time, the
 driver's peak RSS (sampled every 50 ms), the largest task argument, rows
 kept; then the 10M / 1M ratios (goal: driver RSS flat).
@@ -193,7 +194,7 @@ def write_fit_files(out: Path, n: int, per_shard: int, n_entries: int) -> list[i
     return shard_ids
 
 
-def bench_fit(sizes: list[int], repeats: int, work: Path, t: int, n_entries: int) -> dict:
+def bench_fit(sizes: list[int], repeats: int, work: Path, t: int, n_entries: int, per_shard: int) -> dict:
     from pairforge.pipeline import plan
     from pairforge.pipeline.engine import RunSpec
     from pairforge.pipeline.fit import run_fit
@@ -214,9 +215,9 @@ def bench_fit(sizes: list[int], repeats: int, work: Path, t: int, n_entries: int
             entries = work / "entries.txt"
             entries.write_text("x\n")  # metadata_match only declares the column here; it never runs
             stages = (MetadataMatchStage(MatchConfig(entries=str(entries))), BalanceStage(BalanceConfig(t=t)))
-            spec = RunSpec(str(out), stages, ShardStage(ShardStage.Config()), 10_000)
+            spec = RunSpec(str(out), stages, ShardStage(ShardStage.Config()), per_shard)
             t0 = time.perf_counter()
-            shard_ids = write_fit_files(out, n, 10_000, n_entries)
+            shard_ids = write_fit_files(out, n, per_shard, n_entries)
             write_s = time.perf_counter() - t0
             runs = []
             for _ in range(1 if n == 20_000 else repeats):
@@ -275,6 +276,7 @@ def main() -> None:
     ap.add_argument("--synthetic-entries", type=int, default=500_000)
     ap.add_argument("--fit-sizes", type=int, nargs="*", default=[1_000_000, 10_000_000])
     ap.add_argument("--t", type=int, default=20_000)
+    ap.add_argument("--per-shard", type=int, default=10_000, help="rows of one fit shard")
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--work", default=None, help="scratch folder for fit files (default: a temporary one)")
     ap.add_argument("--json", default=None)
@@ -293,7 +295,7 @@ def main() -> None:
     if not args.skip_fit and args.fit_sizes:
         work = Path(args.work or tempfile.mkdtemp(prefix="pf-balance-"))
         try:
-            res["fit"] = bench_fit(args.fit_sizes, args.repeats, work, args.t, args.synthetic_entries)
+            res["fit"] = bench_fit(args.fit_sizes, args.repeats, work, args.t, args.synthetic_entries, args.per_shard)
         finally:
             if not args.work:
                 shutil.rmtree(work, ignore_errors=True)
