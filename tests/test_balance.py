@@ -169,7 +169,7 @@ def test_counters_give_counts_before_and_after_and_the_figure(single):
     assert s["hist_after"] == {int(k): int(v) for k, v in want_a.items()}
     x, y = bal.rank_curve(s["hist_before"])
     assert x[0] == 1 and x[-1] == s["entries_used"] and np.all(np.diff(x) >= 0) and np.all(np.diff(y) <= 0)
-    assert y[0] <= before.max() < 10 ** 0.1 * y[0]  # the top entry's bin
+    assert y[0] <= before.max() < 10**0.1 * y[0]  # the top entry's bin
     from pairforge.manifests import report_plots
 
     png = report_plots.entry_counts(bal.rank_curve(s["hist_before"]), bal.rank_curve(s["hist_after"]), T)
