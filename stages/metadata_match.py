@@ -40,7 +40,7 @@ class Config:
     #: the entries file (one entry per line, or MetaCLIP's metadata.json list);
     #: ``wordnet``: the WordNet list ``make setup`` installs (scripts/build_wordnet_entries.py)
     entries: str = md.WORDNET
-    #: a match must stand as a word (see ``stages.common.metadata``); default: any substring, as MetaCLIP's issue text says
+    #: a match must stand as a word (see ``stages.common.metadata``); default: any substring (issue 25's rule)
     word_boundaries: bool = False
     #: drop rows that match no entry (``no_metadata_match``); false: keep them with no ids
     drop_unmatched: bool = True
