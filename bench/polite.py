@@ -96,6 +96,7 @@ def run_pairforge(args, urls: Path, out: Path, limit: int | None) -> int:
             {
                 "name": "download",
                 "image_size": 64,
+                "encode_quality": 95,
                 "thread_count": args.threads,
                 "batch_size": args.per_shard,
                 "per_host_connections": limit,
@@ -108,28 +109,19 @@ def run_pairforge(args, urls: Path, out: Path, limit: int | None) -> int:
 
 
 def run_img2dataset(args, urls: Path, out: Path) -> int:
-    import json
+    """img2dataset with bench/download.py's settings (64 px, no retries)."""
+    from bench.download import run_img2dataset as run
 
-    from img2dataset import download
-
-    download(
-        url_list=str(urls),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        output_format="webdataset",
-        output_folder=str(out),
-        processes_count=args.processes,
-        thread_count=args.threads,
+    settings = argparse.Namespace(
+        processes=args.processes,
+        threads=args.threads,
         image_size=64,
-        number_sample_per_shard=args.per_shard,
-        timeout=10,
-        retries=0,
-        extract_exif=False,
-        distributor="multiprocessing",
-        enable_wandb=False,
+        resize_mode="border",
+        encode_format="jpg",
+        encode_quality=95,
+        timeout=10.0,
     )
-    return sum(json.loads(p.read_text()).get("successes", 0) for p in out.glob("*_stats.json"))
+    return run(settings, urls, out, args.per_shard)[1]
 
 
 def one_pass(plan: str, args, urls: Path, out: Path, conn) -> dict:
