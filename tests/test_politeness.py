@@ -84,6 +84,20 @@ def test_back_off_doubles_and_a_down_host_is_probed_one_request_at_a_time():
     assert g.acquire([("a", 8)], budget=8)["grants"] == {"a": 8}  # up again
 
 
+def test_a_wave_of_failures_counts_once():
+    """Requests in flight when a host starts failing fail together: that is
+    one failure of the host, not eight (else 8 concurrent 503s would pause
+    it for 2**6 back-offs, and a limit-free crawl of a 429ing host stall)."""
+    g = HostGate(Limits(connections=8, backoff=10.0, failures_down=3), seed=0)
+    assert g.acquire([("a", 8)], budget=8)["grants"] == {"a": 8}
+    for _ in range(8):
+        g.release("a", "transient", status=503)
+    s = g.stats()
+    assert s["transient"] == 8 and s["down"] == 0 and s["pauses"] == 1
+    paused = g.acquire([("a", 1)], budget=1)["paused"]["a"] - time.time()
+    assert 4.9 < paused <= 15.0  # the second failure's back-off (10 s x 0.5-1.5), not 10 x 2**6
+
+
 def test_a_lease_not_given_back_expires():
     g = HostGate(Limits(connections=1, lease_seconds=0.1))
     g.acquire([("a", 1)], budget=1)
@@ -181,7 +195,8 @@ def test_retries_back_off_and_a_dead_host_ends_its_rows_at_once(image):
     assert out["status"][0] == STATUS_OK  # 503 until 1 s, back-offs 0.4, 0.8, 1.6 (x jitter)
     reasons = list(out["reason"][1:])
     assert reasons.count("host_unavailable") >= 30  # ended without a request
-    assert sim.scores[dead].requests <= 3 + 40 * 0 + 12  # robots.txt, the failures that took it down, retries
+    # robots.txt, then at most a wave of 8 connections per failure that took it down
+    assert sim.scores[dead].requests <= 1 + 8 * 3, sim.scores[dead].requests
     assert took < 15
 
 

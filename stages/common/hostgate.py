@@ -173,16 +173,18 @@ class HostGate:
                 h.failures = 0
             else:
                 h.transient += 1
-                h.failures += 1
                 h.http_429 += status == 429
+                # a failure while the host is paused answers a request sent
+                # before the pause (the same wave): it does not count again
                 pause = 0.0
-                if h.failures >= 2:  # back-off doubles from the second failure in a row, full jitter
-                    pause = self.limits.backoff * 2 ** (h.failures - 2) * self._rng.uniform(0.5, 1.5)
+                if now >= h.paused_until:
+                    h.failures += 1
+                    if h.failures >= 2:  # back-off doubles from the second failure in a row, full jitter
+                        pause = self.limits.backoff * 2 ** (h.failures - 2) * self._rng.uniform(0.5, 1.5)
+                    h.down += h.failures == self.limits.failures_down
                 if retry_after is not None:
                     pause = max(pause, retry_after)
                 self._pause(h, now, min(pause, self.limits.max_pause))
-                if h.failures == self.limits.failures_down:
-                    h.down += 1
             self._cv.notify_all()
 
     def set_interval(self, host: str, seconds: float) -> None:
