@@ -125,7 +125,7 @@ def check_stages(stages: list[tuple[str, Stage | None]]) -> list[str]:
 
 
 def _build_stages(job: JobConfig, problems: list[str]) -> list[tuple[str, Stage | None]]:
-    from pairforge.pipeline.registry import stage_class
+    from pairforge.stages import stage_class
 
     out: list[tuple[str, Stage | None]] = []
     for i, spec in enumerate(job.stages):

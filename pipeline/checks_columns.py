@@ -130,7 +130,7 @@ def producers() -> dict[str, str]:
     """Column -> the built-in stage that declares it (stages that build from
     their defaults, plus :data:`KNOWN_PRODUCERS`)."""
     from pairforge.pipeline.config import build
-    from pairforge.pipeline.registry import STAGES, stage_class
+    from pairforge.stages import STAGES, stage_class
 
     out = dict(KNOWN_PRODUCERS)
     for name in STAGES:

@@ -7,7 +7,9 @@ path (``input.paths``, ``output.samples_per_shard``,
 ``stages[1](clip_score).threshold``), what was expected and the value given.
 An unknown key is an error that names the closest known one, so a typo
 never silently falls back to a default. How a mapping becomes a typed
-config is :mod:`pipeline.config_build` (its names are importable from here).
+config is :mod:`stages.options` (its names are importable from here); the
+same builder checks a config made in Python, so ``pairforge.Job`` built from
+stage objects is refused in the same words.
 
 ``input`` is one URL list source or a list of them (PMD-style jobs: COCO,
 CC3M, RedCaps... each with its own format and column names, into one schema);
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,17 @@ import yaml
 
 from pairforge.manifests import storage
 from pairforge.manifests.storage import StorageConfig
+from pairforge.stages.base import Stage
 
 # the builder's names are re-exported: stages' tests and pipeline.checks import them from here
-from pairforge.pipeline.config_build import (  # noqa: F401
+from pairforge.stages.options import (  # noqa: F401
     ConfigError,
     build,
+    coerce,
     did_you_mean,
     field_error,
     key_path,
+    options,
     short,
 )
 
@@ -40,13 +46,15 @@ from pairforge.pipeline.config_build import (  # noqa: F401
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "coco")
 
 
-@dataclass(frozen=True)
+@options
 class InputConfig:
     #: URL list files (parquet, csv, tsv, jsonl, coco); globs are expanded
     paths: tuple[str, ...]
     #: one of :data:`FORMATS`; ``auto`` picks by file extension
     format: str = "auto"
+    #: the column holding the image URL
     url_col: str = "url"
+    #: the column holding the caption
     caption_col: str = "caption"
     #: value of the ``source`` column; default: the input file's stem
     source: str | None = None
@@ -72,14 +80,15 @@ def input_entries(inp: InputConfig | tuple[InputConfig, ...]) -> list[tuple[str,
     return [(f"input[{i}]", c) for i, c in enumerate(inp)]
 
 
-@dataclass(frozen=True)
+@options
 class OutputConfig:
+    #: the output folder (or ``s3://`` / ``gs://`` prefix); relative to the job file's folder
     dir: str
     #: rows of the URL list per shard (img2dataset's number_sample_per_shard)
     samples_per_shard: int = 10000
 
 
-@dataclass(frozen=True)
+@options
 class RayConfig:
     #: ``None`` starts a local Ray; ``auto`` or ``host:port`` joins a cluster
     address: str | None = None
@@ -95,6 +104,19 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class JobConfig:
+    """A job: the URL lists, the output folder and the stages, with where
+    and how to run them. ``pairforge.Job`` in the Python API.
+
+    ``load_job`` builds one from a YAML file; in Python the fields take
+    plain values too: ``input`` a path (or glob, or a list of them), an
+    ``InputConfig`` or a mapping (or a list of sources); ``output`` a
+    folder or an ``OutputConfig``; ``stages`` stage objects
+    (``pairforge.stages.Download(...)``), names or ``{name: ..., <options>}``
+    mappings, the last one ``shard``. Relative paths are made absolute
+    against the current folder, as a job file's are against its folder.
+    Every problem is raised together, as :func:`load_job` raises them.
+    """
+
     #: one source, or several read one after another (``input[0]`` first)
     input: InputConfig | tuple[InputConfig, ...]
     output: OutputConfig
@@ -105,24 +127,54 @@ class JobConfig:
     #: how to reach ``s3://`` / ``gs://`` input and output (``manifests.storage``)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
+    def __post_init__(self):
+        base, problems = Path.cwd(), []
+        fixed = {
+            "input": _inputs(self.input, base, problems),
+            "output": _output(self.output, base, problems),
+            "stages": stage_specs(self.stages, problems),
+            "ray": RayConfig() if self.ray is None else coerce(RayConfig, self.ray, "ray", problems),
+            "storage": StorageConfig()
+            if self.storage is None
+            else coerce(StorageConfig, self.storage, "storage", problems),
+        }
+        if not isinstance(self.runner, str) or self.runner not in ("ray", "local"):
+            problems.append(
+                f"runner: expected 'ray' or 'local', got {self.runner!r}{did_you_mean(self.runner, ('ray', 'local'))}"
+            )
+        if problems:
+            raise ConfigError("\n".join(dict.fromkeys(problems)))
+        for name, value in fixed.items():
+            object.__setattr__(self, name, value)
+
 
 def stage_specs(raw: Any, problems: list[str] | None = None) -> tuple[StageSpec, ...]:
     """The job's ``stages``, each config built (``problems``: as :func:`build`).
-    A stage may appear once: its name keys its columns' owner, its
-    ``__t_<name>`` timing column, its reject reasons (``stage``), its fit's
-    folder (``_work/fit/<name>``) and its counts in the manifest, which two
-    of one name would mix up."""
-    from pairforge.pipeline.registry import STAGES, stage_class
+    Each item is a stage object (``pairforge.stages.Download(...)``), a
+    :class:`StageSpec`, a name, or a mapping ``{name: ..., <options>}`` as a
+    job file writes it. A stage may appear once: its name keys its columns'
+    owner, its ``__t_<name>`` timing column, its reject reasons (``stage``),
+    its fit's folder (``_work/fit/<name>``) and its counts in the manifest,
+    which two of one name would mix up."""
+    from pairforge.stages import STAGES, spec_name, stage_class
 
     own = problems is None
     problems = [] if own else problems
     before = len(problems)
     specs: list[StageSpec | None] = []
-    if not isinstance(raw, list) or not raw:
+    if not isinstance(raw, (list, tuple)) or not raw:
         problems.append(f"stages: expected a non-empty list of {{name: ..., <options>}}, got {short(raw)}")
         raw = []
     first: dict[str, int] = {}
+    raw = [_as_item(item, spec_name) for item in raw]
     for i, item in enumerate(raw):
+        if isinstance(item, StageSpec):  # built already (a stage object, or a job built before)
+            if item.name in first:
+                problems.append(f"stages[{i}]({item.name}): {item.name!r} is already stages[{first[item.name]}]; "
+                                "a stage may appear once")  # fmt: skip
+            first.setdefault(item.name, i)
+            specs.append(item)
+            continue
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -152,7 +204,7 @@ def stage_specs(raw: Any, problems: list[str] | None = None) -> tuple[StageSpec,
         opts = {k: v for k, v in item.items() if k != "name"}
         cfg = build(cls.Config, opts, where, problems)
         specs.append(None if cfg is None else StageSpec(name, cfg))
-    names = [item if isinstance(item, str) else item.get("name") if isinstance(item, dict) else None for item in raw]
+    names = [_item_name(item) for item in raw]
     if raw and (names[-1] != "shard" or names.count("shard") != 1):
         problems.append(f"stages: the last stage must be 'shard', and only the last; got {names}")
     if own and len(problems) > before:
@@ -160,6 +212,18 @@ def stage_specs(raw: Any, problems: list[str] | None = None) -> tuple[StageSpec,
     if len(problems) > before or any(s is None for s in specs):
         return ()
     return decode_once(tuple(specs))
+
+
+def _as_item(item: Any, spec_name) -> Any:
+    """A stage object as its spec: its name and config (a run rebuilds it
+    from them on every worker); anything else as it is."""
+    return StageSpec(spec_name(item), item.config) if isinstance(item, Stage) else item
+
+
+def _item_name(item: Any) -> str | None:
+    if isinstance(item, StageSpec):
+        return item.name
+    return item if isinstance(item, str) else item.get("name") if isinstance(item, dict) else None
 
 
 def decode_once(specs: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
@@ -215,12 +279,7 @@ def load_job(source: str | Path | dict, base_dir: Path | None = None) -> JobConf
     if "input" in data:
         inp = _inputs(data["input"], base, problems)
     if job is not None:
-        try:
-            out = dataclasses.replace(job.output, dir=str(_abs(base, job.output.dir, "output.dir")))
-        except ConfigError as e:
-            problems.append(str(e))
-        if job.output.samples_per_shard < 1:
-            problems.append(f"output.samples_per_shard: expected >= 1, got {job.output.samples_per_shard!r}")
+        out = _output(job.output, base, problems)
     runner = data.get("runner", "ray")
     if isinstance(runner, str) and runner not in ("ray", "local"):  # another type: build said so
         problems.append(f"runner: expected 'ray' or 'local', got {runner!r}{did_you_mean(runner, ('ray', 'local'))}")
@@ -231,7 +290,8 @@ def load_job(source: str | Path | dict, base_dir: Path | None = None) -> JobConf
 
 
 def _inputs(raw: Any, base: Path, problems: list[str]) -> InputConfig | tuple[InputConfig, ...] | None:
-    """The single form as before; a list builds each source as ``input[i]``."""
+    """One source (a mapping, an :class:`InputConfig`, a path or glob, a list
+    of paths) as ``input``; a list of sources builds each as ``input[i]``."""
 
     def resolved(cfg: InputConfig | None, where: str) -> InputConfig | None:
         if cfg is None:
@@ -242,12 +302,23 @@ def _inputs(raw: Any, base: Path, problems: list[str]) -> InputConfig | tuple[In
             problems.append(str(e))
             return None
 
-    if not isinstance(raw, list):
-        return resolved(build(InputConfig, raw, "input", problems), "input")
+    def one(item: Any, where: str) -> InputConfig | None:
+        if isinstance(item, (str, PathLike)):
+            item = {"paths": [item]}
+        try:
+            return resolved(coerce(InputConfig, item, where, problems), where)
+        except ConfigError as e:
+            problems.append(str(e))
+            return None
+
+    if isinstance(raw, (list, tuple)) and raw and all(isinstance(p, (str, PathLike)) for p in raw):
+        return one({"paths": list(raw)}, "input")  # several files of one source
+    if not isinstance(raw, (list, tuple)):
+        return one(raw, "input")
     if not raw:
         problems.append("input: expected a mapping or a non-empty list of sources, got []")
         return None
-    items = [resolved(build(InputConfig, item, f"input[{i}]", problems), f"input[{i}]") for i, item in enumerate(raw)]
+    items = [one(item, f"input[{i}]") for i, item in enumerate(raw)]
     named: dict[str, int] = {}
     for i, cfg in enumerate(items):
         if cfg is not None and cfg.source is not None and named.setdefault(cfg.source, i) != i:
@@ -255,6 +326,20 @@ def _inputs(raw: Any, base: Path, problems: list[str]) -> InputConfig | tuple[In
                 f"input[{i}].source: {cfg.source!r} is input[{named[cfg.source]}]'s too; give each source its own name"
             )
     return None if any(c is None for c in items) else tuple(items)
+
+
+def _output(raw: Any, base: Path, problems: list[str]) -> OutputConfig | None:
+    """The output folder (a path, a mapping or an :class:`OutputConfig`), made absolute."""
+    try:
+        out = coerce(OutputConfig, {"dir": raw} if isinstance(raw, (str, PathLike)) else raw, "output", problems)
+        if out is None:
+            return None
+        if out.samples_per_shard < 1:
+            problems.append(f"output.samples_per_shard: expected >= 1, got {out.samples_per_shard!r}")
+        return dataclasses.replace(out, dir=str(_abs(base, out.dir, "output.dir")))
+    except ConfigError as e:
+        problems.append(str(e))
+        return None
 
 
 @dataclass(frozen=True)

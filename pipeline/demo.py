@@ -146,7 +146,7 @@ def write_url_list(server: LocalHTTPServer, rows: list[dict], path: Path) -> int
 
 def demo_stages(scorer: Path | None) -> list[dict]:
     """Every stage that exists, configured for the demo's small images."""
-    from pairforge.pipeline.registry import stage_class
+    from pairforge.stages import stage_class
 
     def have(name: str) -> bool:
         try:

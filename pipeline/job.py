@@ -23,8 +23,8 @@ from pairforge.pipeline.engine import RunSpec
 from pairforge.pipeline.fit import Launcher, fit_mark, run_fit
 from pairforge.pipeline.progress import ProgressTracker
 from pairforge.pipeline.reader import input_files, read_index, split_input
-from pairforge.pipeline.registry import stage_class
 from pairforge.pipeline.services import Services
+from pairforge.stages import stage_class
 from pairforge.stages.base import Stage, StageError
 
 

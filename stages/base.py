@@ -31,8 +31,10 @@ fit is spread over tasks is the runner's business (``pipeline/``).
 
 from __future__ import annotations
 
+import inspect
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -50,6 +52,8 @@ from pairforge.stages.batch import (  # noqa: F401 - the helpers are part of wha
     reject,
     take,
 )
+from pairforge.stages.options import ConfigError, build
+from pairforge.stages.options_doc import options_text
 
 #: Columns every row has from the reader on.
 IDENTITY_COLUMNS = ("key", "shard_id", "status", "stage", "reason", "detail")
@@ -166,7 +170,22 @@ class Resources:
     concurrency: tuple[int, int] = (1, 1)
 
 
-class Stage:
+class _StageType(type):
+    """Calling a stage class takes its ``Config``, a mapping of options, or the
+    options as keywords (``Download(image_size=128)``), checked as a job
+    file's are (:meth:`Stage.configure`); the class docstring lists them."""
+
+    def __init__(cls, name, bases, ns, **kw):
+        super().__init__(name, bases, ns, **kw)
+        config = ns.get("Config")
+        if config is not None and is_dataclass(config):
+            cls.__doc__ = "\n\n".join(p for p in (inspect.cleandoc(ns.get("__doc__") or ""), options_text(config)) if p)
+
+    def __call__(cls, config=None, /, **options):
+        return super().__call__(cls.configure(config, **options))
+
+
+class Stage(metaclass=_StageType):
     """A per-row stage: ``process_batch`` maps a batch of ok rows to a batch of
     the same rows (same order, same length), adding its declared
     :meth:`outputs` and possibly marking rows failed/dropped with :func:`reject`.
@@ -174,15 +193,39 @@ class Stage:
     ``setup`` runs once per worker process, before the first batch; the
     runner owns that (an actor calls it when it starts, a task process on its
     first batch of this stage, the in-process runner once per run).
+
+    A stage is made from its config alone (``Stage(config)``, or the
+    options as keywords): the runners rebuild it from its name and config.
     """
 
     name: ClassVar[str] = ""
+    #: the stage's options, a frozen dataclass (``stages.options.options``)
+    Config: ClassVar[type | None] = None
     #: ``True`` when ``setup`` loads heavy state (a model): the Ray runner
     #: keeps it in a pool of actors sized by :meth:`resources`
     runs_on_actors: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         self.config = config
+
+    @classmethod
+    def configure(cls, config: Any = None, /, **options) -> Any:
+        """The stage's config from a ``Config``, a mapping, or keyword options
+        (these override the first's), checked with a job file's messages:
+        ``download.retries: expected >= 0, got -3``."""
+        if cls.Config is None or (config is not None and not options and not isinstance(config, Mapping)):
+            if options:
+                raise ConfigError(f"{cls.name or cls.__name__}: takes no options, got {sorted(options)}")
+            return config
+        if config is None:
+            values = {}
+        elif isinstance(config, Mapping):
+            values = dict(config)
+        elif isinstance(config, cls.Config):
+            values = {f.name: getattr(config, f.name) for f in fields(config)}
+        else:
+            raise ConfigError(f"{cls.name or cls.__name__}: expected its Config or a mapping, got {config!r}")
+        return build(cls.Config, {**values, **options}, cls.name or cls.__name__)
 
     def resources(self) -> Resources:
         return Resources()

@@ -23,24 +23,32 @@ the order above, names the row; the detail holds the values behind it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from pairforge.stages.base import Batch, Resources, Stage, batch_len, reject, require
+from pairforge.stages.options import options
 
 
-@dataclass(frozen=True)
+@options
 class Config:
+    #: drop captions of fewer whitespace words (``caption_too_short``; DataComp: 3)
     min_caption_words: int = 3
+    #: drop captions of fewer characters (``caption_too_short``; DataComp: 6)
     min_caption_chars: int = 6
+    #: drop captions of more words (``caption_too_long``); null: no limit
     max_caption_words: int | None = None
+    #: drop images whose shorter side is below this (``image_too_small``; DataComp: 200)
     min_image_size: int = 200
+    #: drop images whose longer / shorter side is above this (``aspect_ratio_too_large``); null: no limit
     max_aspect_ratio: float | None = 3.0
+    #: judge sizes on the original image (``original_width`` / ``original_height``),
+    #: as DataComp did, rather than the stored one
     use_original_size: bool = True
     #: keep only rows whose ``language_column`` is one of these; empty: no check
     languages: tuple[str, ...] = ()
+    #: the URL list column holding each caption's language code
     language_column: str = "lang"
 
     def __post_init__(self):

@@ -46,7 +46,6 @@ batching, and no step brings per-row data for the whole dataset together.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -67,13 +66,14 @@ from pairforge.stages.common import clip as _clip
 from pairforge.stages.common import cuda_towers as _cuda
 from pairforge.stages.common import gpudecode as _gpudecode
 from pairforge.stages.common.topfraction import BINS, TopFraction  # noqa: F401 (BINS: tests read it here)
+from pairforge.stages.options import options
 
 PIXELS, PIXEL_ERRORS, TOKENS = (SCRATCH_PREFIX + c for c in ("clip_pixels", "clip_pixel_errors", "clip_tokens"))
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: a local checkpoint file, an open_clip tag (``laion2b_s34b_b79k``; needs
     #: a network on the workers) or ``random`` (random weights: benchmarks only)
@@ -84,9 +84,11 @@ class Config:
     device: str = "auto"
     #: GPUs each actor asks Ray for; 0.5 puts two actors on one GPU
     num_gpus: float = 0.0
+    #: CPUs each actor asks Ray for
     num_cpus: float = 1.0
     #: actors in the pool (min, max)
     concurrency: tuple[int, int] = (1, 1)
+    #: rows per ``process_batch`` call (one actor call)
     batch_size: int = 512
     #: rows per forward pass (fixed, so a row's score does not depend on its batch)
     micro_batch: int = 128

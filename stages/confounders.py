@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -58,6 +57,7 @@ from pairforge.stages.base import Batch, FitResult, GlobalStage, Resources, batc
 from pairforge.stages.common import dedup as dd
 from pairforge.stages.common import knn
 from pairforge.stages.common import wordorder as wo
+from pairforge.stages.options import options
 
 KINDS = ("word_order", "swap_image", "swap_text")
 #: rows of the sample k-means sees per cell (faiss's default), and the fewest it fits a cell on
@@ -66,12 +66,15 @@ TABLE, SKIPS = "confounders", "confounder_skips"
 _OUT = ("anchor_key", "kind", "partner_key", "caption", "similarity", "other_similarity", "rule", "reason")
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: which confounders to make
     kinds: tuple[str, ...] = KINDS
+    #: the caption column (word_order confounders reorder its words)
     caption_column: str = "caption"
+    #: the image embedding column (``clip_score``'s ``img_emb``)
     image_column: str = "img_emb"
+    #: the caption embedding column (``clip_score``'s ``text_emb``)
     text_column: str = "text_emb"
     #: two captions less similar than this say different things (swap_image's bound, and
     #: swap_text's upper limit); per model: measure on a first run's ``other_similarity``
@@ -95,11 +98,15 @@ class Config:
     #: each row looks for its partner in its ``query_probes`` nearest cells (<= probes); 1 needs no
     #: merge across cells, more buys a little recall (``bench/confounders.py``) for more work
     query_probes: int = 1
+    #: Lloyd iterations of each space's k-means fit
     kmeans_iters: int = 20
+    #: rows of the hash sample the cells and the calibration are fitted on
     fit_sample: int = 100_000
     #: buckets of the caption join; 0: as many as the cells of both spaces
     caption_buckets: int = 0
+    #: share of confounder groups put in the ``val`` split (``pairforge train``'s ``eval_fraction``)
     val_fraction: float = 0.1
+    #: seed of the k-means fits and of the train/val split (``pairforge train``'s ``seed``)
     seed: int = 0
     #: the search inside a cell: ``cpu`` (numpy), ``auto`` (a GPU where the task sees one), ``cuda``
     device: str = "cpu"

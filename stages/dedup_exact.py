@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
@@ -42,6 +41,7 @@ from pairforge.stages.base import (
     reject,
 )
 from pairforge.stages.common import dedup as dd
+from pairforge.stages.options import options
 
 #: priority order of reasons: the first kind a dropped row shares with its survivor names it
 KINDS = ("pair", "sha256", "url")
@@ -52,7 +52,7 @@ _PATH_SAFE = "/:@!$&'()*+,;=~"
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9_.\-/:@!$&'()*+,;=~]*")
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: which identities make two rows duplicates: any of ``sha256``, ``url``, ``pair``
     kinds: tuple[str, ...] = ("sha256", "url", "pair")

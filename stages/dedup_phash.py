@@ -35,7 +35,6 @@ collisions rare up to many millions of rows (see ``bench/dedup.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -53,12 +52,13 @@ from pairforge.stages.base import (
 )
 from pairforge.stages.common import dedup as dd
 from pairforge.stages.common.phash import ALGORITHMS, image_hash
+from pairforge.stages.options import options
 
 #: Rows sharing one band value are compared pairwise; chosen from the planted set.
 DEFAULT_MAX_DISTANCE = 2
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: ``phash`` (DCT-based, default) or ``dhash`` (gradients); the column
     #: holding the 16-hex-digit hash is named after it

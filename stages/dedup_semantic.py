@@ -22,7 +22,6 @@ values. Tune it on your data with the ``detail.similarity`` of a first run.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -30,9 +29,10 @@ import numpy as np
 from pairforge.stages.base import Batch, Column, FitResult, GlobalStage, Resources, batch_len, object_array
 from pairforge.stages.common import dedup as dd
 from pairforge.stages.common.knn import nearest_cells, spherical_kmeans, unit_rows
+from pairforge.stages.options import options
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: the embedding column (2-D float); any float embedding works
     column: str = "img_emb"
@@ -42,9 +42,11 @@ class Config:
     n_clusters: int = 100
     #: each row joins its ``probes`` nearest clusters (1 = plain SemDeDup)
     probes: int = 1
+    #: Lloyd iterations of the k-means fit
     kmeans_iters: int = 20
     #: rows of the sample the centroids are fitted on
     fit_sample: int = 100_000
+    #: seed of the k-means initialisation (the same seed gives the same clusters)
     seed: int = 0
     #: which row of a cluster survives: ``largest``, ``first`` or ``clip_score`` (see ``common.dedup.KEEP_POLICIES``)
     keep: str = "largest"

@@ -61,23 +61,33 @@ from pairforge.stages.common.phash import ALGORITHMS as HASHES
 from pairforge.stages.common.phash import image_hash
 from pairforge.stages.common.resize import probe
 from pairforge.stages.common.robots import AI_TOKENS, check_token
+from pairforge.stages.options import options
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 INTERPOLATIONS = ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4")
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     # what img2dataset users expect, with its defaults
+    #: side of the stored image in pixels (how it is reached: ``resize_mode``)
     image_size: int = 256
+    #: ``no`` (keep the size), ``keep_ratio`` (shorter side to ``image_size``),
+    #: ``keep_ratio_largest`` (longer side), ``center_crop`` (square crop) or
+    #: ``border`` (fit, then pad to a square): img2dataset's modes
     resize_mode: str = "border"
+    #: never upscale: images smaller than the target keep their size
     resize_only_if_bigger: bool = False
+    #: OpenCV interpolation when enlarging (``lanczos``, ``cubic``, ``area``, ...)
     upscale_interpolation: str = "lanczos"
+    #: OpenCV interpolation when shrinking
     downscale_interpolation: str = "area"
+    #: format of the stored image: ``jpg``, ``png`` or ``webp``
     encode_format: str = "jpg"
     #: jpg/webp quality 0-100; png compression 0-9
     encode_quality: int = 95
+    #: keep the original bytes when no resize is needed and the format already matches
     skip_reencode: bool = False
     #: decode a JPEG at 1/2, 1/4 or 1/8 scale (in the DCT domain) when that
     #: still leaves >= 2x the output size; ``false`` gives img2dataset's bytes
@@ -86,8 +96,11 @@ class Config:
     #: name, the one ``dedup_phash`` declares (set by the job when a
     #: ``dedup_phash`` stage follows, which then reads it; see README)
     perceptual_hash: str | None = None
+    #: fail images whose shorter side is below this (``image_too_small``); 0: no check
     min_image_size: int = 0
+    #: fail images of more pixels than this (``image_area_too_large``); null: no limit
     max_image_area: float | None = None
+    #: fail images whose longer / shorter side is above this (``aspect_ratio_too_large``); null: no limit
     max_aspect_ratio: float | None = None
     #: seconds to connect and between bytes (img2dataset's meaning)
     timeout: float = 10.0
@@ -142,7 +155,9 @@ class Config:
     #: the per-row pass, after their host's pause (the manifest counts them)
     deferred_retry: bool = True
     # safety against untrusted URL lists
+    #: redirects followed per URL (every hop is checked against the address policy)
     max_redirects: int = 5
+    #: largest body read per image; more fails the row with ``too_many_bytes``
     max_bytes: int = 20_000_000
     #: refused from the header, before any decoding
     max_pixels: int = 80_000_000
@@ -151,7 +166,9 @@ class Config:
     #: and metadata addresses are refused otherwise
     allow_networks: tuple[str, ...] = ()
     # throughput
+    #: URLs fetched and resized at once per task (see the module doc)
     thread_count: int = 32
+    #: rows per ``process_batch`` call
     batch_size: int = 256
     #: CPUs each download task asks Ray for; below 1 runs more tasks per core
     #: (they spend much of their time waiting on the network)

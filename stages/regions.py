@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -60,6 +59,7 @@ from pairforge.stages.base import (
 from pairforge.stages.common import clip as _clip
 from pairforge.stages.common import detectors as _det
 from pairforge.stages.common.assets import resolve as resolve_asset
+from pairforge.stages.options import options
 
 log = logging.getLogger(__name__)
 BACKENDS = ("pf-tiny", "mtcnn")
@@ -72,7 +72,7 @@ LABEL_DTYPE = "<U64"
 PF_TINY = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "pf-tiny-detector.pt"
 
 
-@dataclass(frozen=True)
+@options
 class DetectorSpec:
     #: a job may name a detector by its model alone: ``detectors: [mtcnn]``
     SHORTHAND: ClassVar[str] = "model"
@@ -82,8 +82,9 @@ class DetectorSpec:
     #: torchvision: ``random``, a weight enum member (``DEFAULT``, ``COCO_V1``) or a
     #: checkpoint file; pf-tiny: a checkpoint file ("" or ``pf-tiny-detector``: the shipped one); mtcnn: unused
     weights: str = ""
-    #: torchvision's resize of the shorter / longer side (0: the model's own)
+    #: torchvision's resize of the shorter side (0: the model's own)
     min_size: int = 0
+    #: torchvision's resize of the longer side (0: the model's own)
     max_size: int = 0
     #: the backbone map RoI features are pooled from ("": the finest)
     feature_level: str = ""
@@ -97,11 +98,14 @@ class DetectorSpec:
         require(self.min_size >= 0 and self.max_size >= 0, "min_size/max_size", (self.min_size, self.max_size), ">= 0")
 
 
-@dataclass(frozen=True)
+@options
 class Config:
+    #: the detectors run on every image, their boxes merged (see ``DetectorSpec``:
+    #: ``model``, ``weights``, ``min_size``, ``max_size``, ``feature_level``, ``class_agnostic``)
     detectors: tuple[DetectorSpec, ...] = (DetectorSpec(),)
     #: at most this many boxes an image, over all detectors (bottom-up attention: 36)
     max_regions: int = 36
+    #: boxes scoring below this are not kept
     score_threshold: float = 0.5
     #: IoU of class-aware NMS
     nms_iou: float = 0.5
@@ -113,13 +117,19 @@ class Config:
     clip_labels: str = "off"
     #: the run's CLIP model, for ``clip`` features and labels (as ``clip_score`` takes them)
     clip_model: str = "ViT-B-32"
+    #: its checkpoint: a file, an open_clip tag or ``random`` ("": no CLIP)
     clip_pretrained: str = ""
     #: ``coco80`` or a text file with one name a line
     vocabulary: str = "coco80"
+    #: ``auto`` (a GPU when the worker has one), ``cpu``, ``cuda``, ``cuda:N``
     device: str = "auto"
+    #: GPUs each actor asks Ray for; 0.5 puts two actors on one GPU
     num_gpus: float = 0.0
+    #: CPUs each actor asks Ray for
     num_cpus: float = 1.0
+    #: actors in the pool (min, max)
     concurrency: tuple[int, int] = (1, 1)
+    #: rows per ``process_batch`` call (one actor call)
     batch_size: int = 256
     #: images per detector call
     micro_batch: int = 64

@@ -4,14 +4,14 @@ it is not a per-row stage: the runners call :meth:`ShardStage.write_group`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from pairforge.manifests.shards import write_shard
 from pairforge.stages.base import Batch, Resources, Stage
+from pairforge.stages.options import options
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: write embedding columns (``store: embeddings``) to ``OUT/embeddings`` (clip-retrieval layout)
     write_embeddings: bool = True

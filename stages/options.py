@@ -1,29 +1,90 @@
-"""Mappings read from YAML into frozen dataclasses, every problem collected.
+"""Options: the frozen dataclass configs of stages and jobs, built and checked
+the same way from YAML and from Python.
 
-Why on its own: the job loader (:mod:`pipeline.config`) and the tests of
-each stage's options build typed configs the same way, and the rules of a
-good error live here once: the key's path in one style (``input.paths``,
-``stages[1](clip_score).threshold``), what was expected and the value given,
-the closest known key for an unknown one (``difflib``), and every problem of
-a mapping rather than the first (a config's own ``__post_init__`` checks are
-tried key by key, so three bad values are three lines).
+Why here, beside the stage contract: a config is made two ways, from a job
+file's mapping (the job loader, ``pipeline.config``) and in Python
+(``download.Config(...)``, ``pairforge.stages.Download(...)``). Both must
+accept the same values, turn them into the same typed fields (a YAML or a
+Python list becomes the tuple a frozen config needs to stay hashable) and
+refuse the same ones in the same words; stages never import ``pipeline/``,
+so the one builder lives here and the job loader imports it.
 
-A dataclass may name a ``SHORTHAND`` field (a ``ClassVar``): a plain string
-given for it means that field (``detectors: [mtcnn]`` for
+The rules of a good error live here once: the key's path in one style
+(``input.paths``, ``stages[1](clip_score).threshold``), what was expected
+and the value given, the closest known key for an unknown one (``difflib``),
+and every problem of a mapping rather than the first (a config's own
+``__post_init__`` checks are tried key by key, so three bad values are three
+lines). A dataclass may name a ``SHORTHAND`` field (a ``ClassVar``): a plain
+string given for it means that field (``detectors: [mtcnn]`` for
 ``detectors: [{model: mtcnn}]``).
+
+:func:`options` (``@options`` instead of ``@dataclass(frozen=True)``) runs
+the coercion in every config's ``__post_init__`` before the config's own
+checks, and keeps each field's ``#:`` comment as its documentation
+(``stages.options_doc``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
+import os
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any
+
+from pairforge.stages.options_doc import attach_docs
 
 
 class ConfigError(ValueError):
-    pass
+    """A job or stage option that cannot be used; the message names the key
+    path and the value (``stages[0](download).retries: expected >= 0, got -3``)."""
+
+
+def options(cls=None, /):
+    """``@dataclass(frozen=True)`` for configs, plus: values coerced to the
+    field types on construction (lists to tuples, ints to floats, mappings to
+    nested configs) with :func:`coerce`'s messages, and the ``#:`` comments
+    kept as the fields' docs and the class docstring."""
+
+    def wrap(c):
+        own_post_init = getattr(c, "__post_init__", None)  # the class's own checks, or its base's
+
+        def __post_init__(self):
+            hints = _hints(type(self))
+            for f in dataclasses.fields(self):
+                value = getattr(self, f.name)
+                fixed = coerce(hints.get(f.name, Any), value, f.name)
+                if fixed is not value:
+                    object.__setattr__(self, f.name, fixed)
+            if own_post_init is not None:
+                own_post_init(self)
+
+        c.__post_init__ = __post_init__
+        c = dataclass(frozen=True)(c)
+        attach_docs(c)
+        return c
+
+    return wrap if cls is None else wrap(cls)
+
+
+def _hints(cls) -> dict[str, Any]:
+    """The field types of ``cls``, resolved once; none (no coercion) where an
+    annotation names something its module does not have (a class made in a
+    function, annotated with a local name)."""
+    cached = cls.__dict__.get("_options_hints")
+    if cached is None:
+        try:
+            cached = typing.get_type_hints(cls)
+        except NameError:
+            cached = {}
+        type.__setattr__(cls, "_options_hints", cached)
+    return cached
+
+
+# ------------------------------------------------------------------ building from a mapping
 
 
 def build(cls, data: Any, where: str, problems: list[str] | None = None):
@@ -80,7 +141,7 @@ def _build(cls, data: Any, where: str, problems: list[str]):
             continue
         before = len(problems)
         try:
-            value = _coerce(hints[name], data[name], key_path(where, name), problems)
+            value = coerce(hints[name], data[name], key_path(where, name), problems)
         except ConfigError as e:
             problems.append(str(e))
         if len(problems) > before:
@@ -136,52 +197,63 @@ def field_error(where: str, error: Exception, fields) -> ConfigError:
     msg = str(error)
     head, sep, rest = msg.partition(":")
     field = head.strip().rsplit(".", 1)[-1]
-    if sep and field in fields:
+    if sep and field.split("[", 1)[0] in fields:
         return ConfigError(f"{key_path(where, field)}:{rest}")
     return ConfigError(f"{where or 'job'}: {msg}")
 
 
-def _coerce(tp, value, where, problems: list[str] | None = None):
+# ------------------------------------------------------------------ one value
+
+
+def coerce(tp, value, where: str, problems: list[str] | None = None):
+    """``value`` as type ``tp`` (a field's annotation), or a :class:`ConfigError`
+    naming ``where`` (a key path, or a bare field name that the job loader
+    prefixes with its path) and the value. YAML's values and Python's alike:
+    a list or one value for a tuple, an int (or numpy's) for a float, a
+    ``pathlib.Path`` for a string, a config or its mapping for a config."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp is Any:
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where, problems)
+        return coerce(inner[0], value, where, problems)
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, where, problems)
+        return value if isinstance(value, tp) else build(tp, value, where, problems)
     if origin is tuple:
         if isinstance(value, (str, int, float)):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a list, got {short(value)} ({_kind(value)})")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value))
-        if len(value) != len(args):
+            out = tuple(coerce(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value))
+        elif len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {list(value)!r}")
-        return tuple(_coerce(a, v, f"{where}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict:
+        else:
+            out = tuple(coerce(a, v, f"{where}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value)))
+        return value if isinstance(value, tuple) and all(a is b for a, b in zip(out, value)) else out
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is float:  # a YAML int is a float; a quoted number ("0.3") is a string, not a float
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            raise ConfigError(f"{where}: expected a mapping, got {short(value)} ({_kind(value)})")
+        return value
+    if tp is float:  # an int is a float; a quoted number ("0.3") is a string, not a float
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return value if type(value) is float else float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r} ({_kind(value)})")
-    if tp in (int, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+    if tp is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return value if type(value) is int else int(value)
+        raise ConfigError(f"{where}: expected int, got {value!r} ({_kind(value)})")
+    if tp is str and isinstance(value, os.PathLike):  # a pathlib.Path in Python
+        return os.fspath(value)
+    if tp in (str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({_kind(value)})")
     return value
 
 
 def _kind(value) -> str:
     """What YAML made of a value, in words a job author knows."""
-    names = {
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        list: "a list",
-        dict: "a mapping",
-    }
+    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list", dict: "a mapping"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
