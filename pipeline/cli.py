@@ -8,6 +8,7 @@ pairforge manifest diff OLD NEW [--json] [--endpoint-url URL] [--region R]
 pairforge purge DIR --list FILE [--list FILE ...] [--reason R] [--kind K] [--column C] [--max-distance N] [--dry-run]
 pairforge export coco DIR [--out FILE] [--captions FILE]
 pairforge report DIR [--out DIR] [--pairs N]
+pairforge stages [NAME]
 pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
 """
 
@@ -245,6 +246,20 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_stages(args) -> int:
+    from pairforge.pipeline import reference
+    from pairforge.stages import STAGES
+    from pairforge.stages.options import ConfigError
+
+    if args.name is None:
+        print(reference.stages_text())
+        return 0
+    if args.name not in STAGES:
+        raise ConfigError(f"unknown stage {args.name!r}; known stages: {', '.join(STAGES)}")
+    print(reference.stage_text(args.name))
+    return 0
+
+
 def _storage_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--endpoint-url",
@@ -411,6 +426,10 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", metavar="DIR", help="the report's folder (default: DIR/report)")
     rp.add_argument("--pairs", type=int, default=48, metavar="N", help="kept pairs in the grid (default 48)")
     rp.set_defaults(fn=_cmd_report)
+
+    st = sub.add_parser("stages", help="the stages, and every option of one (type, default, doc)")
+    st.add_argument("name", nargs="?", help="a stage's name (download, clip_score, ...)")
+    st.set_defaults(fn=_cmd_stages)
 
     t = sub.add_parser("train", help="train a small CLIP on a run's shards", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)

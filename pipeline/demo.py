@@ -144,39 +144,52 @@ def write_url_list(server: LocalHTTPServer, rows: list[dict], path: Path) -> int
     return len(urls)
 
 
-def demo_stages(scorer: Path | None) -> list[dict]:
-    """Every stage that exists, configured for the demo's small images."""
-    from pairforge.stages import stage_class
+def demo_stages(scorer: Path | None) -> list:
+    """Every stage, configured for the demo's small images (the model stages
+    only when the scorer checkpoint is there)."""
+    from pairforge.stages import (
+        BasicFilter,
+        ClipScore,
+        Confounders,
+        DedupExact,
+        DedupPhash,
+        DedupSemantic,
+        Download,
+        Regions,
+        Shard,
+    )
 
-    def have(name: str) -> bool:
-        try:
-            stage_class(name)
-            return True
-        except (ImportError, AttributeError):
-            return False
-
-    stages: list[dict] = [
-        {"name": "download", "image_size": 128, "timeout": 1.0, "retries": 0, "allow_networks": ["127.0.0.1/32"]}
+    stages = [
+        Download(image_size=128, timeout=1.0, retries=0, allow_networks=["127.0.0.1/32"]),
+        BasicFilter(min_image_size=64, min_caption_words=2),
+        DedupExact(),
+        DedupPhash(),
     ]
-    if have("basic_filter"):
-        stages.append({"name": "basic_filter", "min_image_size": 64, "min_caption_words": 2})
-    if have("dedup_exact"):
-        stages.append({"name": "dedup_exact"})
-    if have("dedup_phash"):
-        stages.append({"name": "dedup_phash"})
-    if have("clip_score") and scorer is not None and scorer.exists():
-        stages.append({"name": "clip_score", "model": "pf-tiny", "pretrained": str(scorer), "threshold": 0.6})
-        if have("dedup_semantic"):
+    if scorer is not None and scorer.exists():
+        stages += [
+            ClipScore(model="pf-tiny", pretrained=str(scorer), threshold=0.6),
             # eps is per model: the small scorer puts same-class product photos at cosine 0.95-0.99,
             # its re-encodes above 0.998 (SemDeDup's eps values were chosen for real CLIP on LAION)
-            stages.append({"name": "dedup_semantic", "eps": 0.002})
-        if have("regions"):  # the project's own detector and MTCNN's faces (weights in its wheel)
-            stages.append({"name": "regions", "detectors": [{"model": "pf-tiny"}, {"model": "mtcnn"}],
-                           "batch_size": 64, "micro_batch": 8})  # fmt: skip
-        if have("confounders"):  # after every filter: a partner must be a sample of the shards
-            stages.append({"name": "confounders"})
-    stages.append({"name": "shard"})
-    return stages
+            DedupSemantic(eps=0.002),
+            # the project's own detector and MTCNN's faces (weights in its wheel)
+            Regions(detectors=[{"model": "pf-tiny"}, {"model": "mtcnn"}], batch_size=64, micro_batch=8),
+            Confounders(),  # after every filter: a partner must be a sample of the shards
+        ]
+    return [*stages, Shard()]
+
+
+def demo_job(url_list: Path, out: Path, runner: str = "ray"):
+    """The demo's job, built from objects (``pairforge.Job``): what
+    ``docs/getting-started.md`` shows as YAML."""
+    from pairforge.pipeline.config import InputConfig, JobConfig, OutputConfig, RayConfig
+
+    return JobConfig(
+        input=InputConfig(paths=[str(url_list)], source="pairforge-demo"),
+        output=OutputConfig(dir=str(out), samples_per_shard=100),
+        ray=RayConfig(num_cpus=os.cpu_count()),
+        runner=runner,
+        stages=demo_stages(SCORER_CHECKPOINT),
+    )
 
 
 def run_demo(
@@ -186,7 +199,6 @@ def run_demo(
     verbose: bool = False,
     progress_every: float | None = None,
 ) -> dict:
-    from pairforge.pipeline.config import load_job
     from pairforge.pipeline.job import run_job
 
     out = Path(out_dir).resolve()
@@ -195,15 +207,7 @@ def run_demo(
         url_list = out / "input" / "urls.parquet"
         n = write_url_list(server, rows, url_list)
         print(f"[demo] serving {len(routes)} paths on {server.url('/')}; {n} URLs in {url_list}", file=sys.stderr)
-        job = load_job(
-            {
-                "input": {"paths": [str(url_list)], "source": "pairforge-demo"},
-                "output": {"dir": str(out / "run"), "samples_per_shard": 100},
-                "ray": {"num_cpus": os.cpu_count()},
-                "runner": runner,
-                "stages": demo_stages(SCORER_CHECKPOINT),
-            }
-        )
+        job = demo_job(url_list, out / "run", runner)
         manifest = run_job(job, resume=resume, verbose=verbose, progress_every=progress_every)
     from pairforge.pipeline.cli import main as cli_main
 

@@ -14,7 +14,7 @@
 * **write**: one task per output shard.
 
 Set-up is owned here: an actor calls ``setup`` when it starts; a task
-process sets a stage up on its first batch of it and keeps it (``_ready``).
+process sets a stage up on its first batch of it and keeps it (:func:`ready`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ray.data.context import ShuffleStrategy
 from pairforge.pipeline import engine
 from pairforge.pipeline.engine import RowsTracker, RunSpec
 from pairforge.pipeline.fit import Launcher
-from pairforge.stages.base import Batch, Stage, batch_len, concat, run_stage_batch, take
+from pairforge.stages.base import TIMING_PREFIX, Batch, Stage, batch_len, concat, run_stage_batch, take
 
 #: tasks in flight per launcher map (the driver holds their refs, nothing else)
 MAX_IN_FLIGHT = 1000
@@ -44,7 +44,7 @@ ARG_BYTES = {"max": 0}
 _READY: dict[tuple, Stage] = {}
 
 
-def _ready(stage: Stage) -> Stage:
+def ready(stage: Stage) -> Stage:
     """This process's set-up copy of ``stage`` (stages arrive pickled with
     every task: cache them by class and config, set up once)."""
     key = (type(stage).__qualname__, stage.config)
@@ -57,7 +57,8 @@ def _ready(stage: Stage) -> Stage:
     return st
 
 
-def _chunked(stage: Stage, batch: Batch) -> Batch:
+def run_chunked(stage: Stage, batch: Batch) -> Batch:
+    """``run_stage_batch`` over ``batch`` in pieces of the stage's batch size."""
     n = batch_len(batch)
     size = max(1, stage.resources().batch_size)
     if n <= size:
@@ -72,17 +73,18 @@ def _segment(batch: dict, spec: RunSpec, stages: tuple[Stage, ...], read: bool, 
         keys = batch["keys"] if "keys" in batch else [None] * len(batch["sid"])
         batch = concat([engine.read_input(spec, int(s), _keys(k)) for s, k in zip(batch["sid"], keys)])
     for st in stages:
-        batch = _chunked(_ready(st), batch)
+        batch = run_chunked(ready(st), batch)
     return engine.save_rows(batch, spec) if save else batch
 
 
 class _StageActor:
-    def __init__(self, stage: Stage):
-        self.stage = stage
+    def __init__(self, stage: Stage, timing: bool = True):
+        self.stage, self.timing = stage, timing
         self.stage.setup()
 
     def __call__(self, batch: Batch) -> Batch:
-        return run_stage_batch(self.stage, batch)
+        out = run_stage_batch(self.stage, batch)
+        return out if self.timing else {k: v for k, v in out.items() if not k.startswith(TIMING_PREFIX)}
 
 
 def _actor_class(stage: Stage) -> type:
@@ -122,9 +124,10 @@ def _prepare_memory(st: Stage) -> int | None:
     return int(min(want, per_cpu)) if per_cpu else None
 
 
-def map_on_actors(ds: "ray.data.Dataset", st: Stage) -> "ray.data.Dataset":
+def map_on_actors(ds: "ray.data.Dataset", st: Stage, timing: bool = True) -> "ray.data.Dataset":
     """One stage on an actor pool sized by its ``Resources``, with its
-    ``cpu_prepare`` in CPU tasks ahead of the actors.
+    ``cpu_prepare`` in CPU tasks ahead of the actors. ``timing``: keep the
+    stage's ``__t_<stage>`` column (a job's manifest sums it).
 
     Two optional stage methods (not part of :class:`stages.base.Stage`) tune
     it: ``actor_calls()``, the batches one actor works on at once on threads
@@ -148,7 +151,7 @@ def map_on_actors(ds: "ray.data.Dataset", st: Stage) -> "ray.data.Dataset":
     _note_args(st)
     return ds.map_batches(
         _actor_class(st),
-        fn_constructor_kwargs={"stage": st},
+        fn_constructor_kwargs={"stage": st, "timing": timing},
         compute=compute,
         num_cpus=res.num_cpus,
         num_gpus=res.num_gpus or None,
