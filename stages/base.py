@@ -52,7 +52,7 @@ from pairforge.stages.batch import (  # noqa: F401 - the helpers are part of wha
     reject,
     take,
 )
-from pairforge.stages.options import ConfigError, build
+from pairforge.stages.options import ConfigError, build, field_error
 from pairforge.stages.options_doc import options_text
 
 #: Columns every row has from the reader on.
@@ -182,7 +182,13 @@ class _StageType(type):
             cls.__doc__ = "\n\n".join(p for p in (inspect.cleandoc(ns.get("__doc__") or ""), options_text(config)) if p)
 
     def __call__(cls, config=None, /, **options):
-        return super().__call__(cls.configure(config, **options))
+        config = cls.configure(config, **options)
+        try:
+            return super().__call__(config)
+        except ValueError as e:  # a check in the stage's constructor: named as the config's are
+            if isinstance(e, ConfigError) or cls.Config is None:
+                raise
+            raise field_error(cls.name or cls.__name__, e, [f.name for f in fields(cls.Config)]) from e
 
 
 class Stage(metaclass=_StageType):
