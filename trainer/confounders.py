@@ -27,8 +27,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pairforge.trainer.data import CONFOUNDER_GROUP, NEGATIVE_CAPTION
+from pairforge.trainer.prep import NEGATIVE_CAPTION
 
+#: metadata field naming the group a sample is held out with (``trainer.data``'s split)
+CONFOUNDER_GROUP = "confounder_group"
 TABLE = "confounders"
 WORD_ORDER_CAPTION = "word_order_caption"
 WORD_ORDER_PARTNER = "word_order_partner"

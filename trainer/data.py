@@ -29,14 +29,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pairforge.trainer.confounders import CONFOUNDER_GROUP, confounder_metadata  # noqa: F401 (re-exported)
+from pairforge.trainer.confounders import annotate as _annotate
 from pairforge.trainer.prep import NEGATIVE_CAPTION, Prep, model_images, tokenizer  # noqa: F401 (re-exported)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 #: metadata field naming the key of the sample this one is a confounder of
 CONFOUNDER_OF = "confounder_of"
-#: metadata field naming the group a sample is held out with (from the
-#: confounders side table, see :mod:`trainer.confounders`)
-CONFOUNDER_GROUP = "confounder_group"
 
 
 # ------------------------------------------------------------------ shard lists
@@ -100,14 +99,10 @@ def is_held_out(group: str, fraction: float, seed: int = 0) -> bool:
 
 
 def _confounders(shards: Sequence[str]) -> dict[str, dict]:
-    from pairforge.trainer.confounders import confounder_metadata
-
     return confounder_metadata(shards)
 
 
 def annotate(parsed: dict, table: dict[str, dict]) -> dict:
-    from pairforge.trainer.confounders import annotate as _annotate
-
     return _annotate(parsed, table) if table else parsed
 
 
