@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from pairforge.manifests import layout, storage
-from pairforge.manifests.shards import to_arrow
+from pairforge.manifests.shards import to_arrow, write_shard
 from pairforge.manifests.storage import ObjectPath
 from pairforge.pipeline.batches import table_to_batch
 from pairforge.stages.base import (
@@ -286,7 +286,14 @@ def write_output_shard(spec: RunSpec, shard_id: int) -> dict:
     folder = layout.rows_dir(spec.out, shard_id)
     parts = [read_part(folder, p) for p in mark["parts"]]
     rows, counters = apply_decisions(concat(parts), spec, shard_id)
-    stats = spec.shard_stage.write_group(rows, spec.out, shard_id, schema=spec.schema, counters=counters)
+    stats = write_shard(
+        rows,
+        spec.out,
+        shard_id,
+        write_embeddings=spec.shard_stage.config.write_embeddings,
+        schema=spec.schema,
+        counters=counters,
+    )
     for p in mark["parts"]:
         remove_part(folder, p, fit=False)
     return stats

@@ -1,13 +1,12 @@
-"""The terminal stage: write each shard's rows in the LAION / img2dataset
+"""The terminal stage: where a job's rows go, in the LAION / img2dataset
 layout. It runs once per shard over every row of that shard (ok or not), so
-it is not a per-row stage: the runners call :meth:`ShardStage.write_group`."""
+it is not a per-row stage: it has no ``process_batch``, and what it holds is
+its options. The writer itself is the on-disk contract's
+(``manifests.shards.write_shard``); the runners call it with these options."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pairforge.manifests.shards import write_shard
-from pairforge.stages.base import Batch, Resources, Stage
+from pairforge.stages.base import Resources, Stage
 from pairforge.stages.options import options
 
 
@@ -25,8 +24,3 @@ class ShardStage(Stage):
 
     def resources(self) -> Resources:
         return Resources(num_cpus=self.config.num_cpus)
-
-    def write_group(self, rows: Batch, out_dir: str | Path, shard_id: int, schema=None, counters=None) -> dict:
-        return write_shard(
-            rows, out_dir, shard_id, write_embeddings=self.config.write_embeddings, schema=schema, counters=counters
-        )
