@@ -1,6 +1,6 @@
 """``python -m pairforge``: the ``pairforge`` command."""
 
-from pairforge.pipeline.cli import main
+from pairforge.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

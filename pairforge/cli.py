@@ -1,4 +1,6 @@
-"""The ``pairforge`` command line.
+"""The ``pairforge`` command line: the application layer over every folder
+(``pipeline`` runs jobs, ``manifests`` reads runs, ``trainer`` trains), so
+it lives here, above them, and none of them imports it.
 
 pairforge run JOB.yaml [--address ADDR] [--resume] [--verbose] [--progress-every S]
 pairforge demo [--out DIR] [--runner ray|local] [--verbose]
@@ -46,7 +48,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from pairforge.pipeline.demo import run_demo
+    from pairforge.demo import run_demo
 
     run_demo(
         out_dir=args.out,
@@ -74,48 +76,15 @@ def _where(args, location: str):
 def _cmd_show(args) -> int:
     from pairforge.manifests import storage
     from pairforge.manifests.manifest import read_manifest
+    from pairforge.manifests.summary import summary_lines
 
     where = _where(args, args.dir)
     man = read_manifest(where)
     if args.json:
         print(json.dumps(man, indent=1))
         return 0
-    c = man["counts"]
-    print(f"run:      {where if storage.is_object(where) else os.path.abspath(args.dir)}")
-    print(
-        f"format:   {man['format']}   pairforge {man['versions'].get('pairforge')}   ray {man['versions'].get('ray')}"
-    )
-    ray = man["ray"]
-    where = f"ray at {ray.get('address')} ({ray.get('nodes')} nodes)" if ray.get("runner") == "ray" else "in process"
-    print(f"ran:      {man['timing']['started']}  {man['timing']['wall_seconds']:.1f}s  {where}")
-    print(f"rows:     {c['input']} in, {c['ok']} in shards, {c['rejected']} rejected")
-    print(f"shards:   {len(man['shards'])}")
-    print()
-    print(f"{'stage':<16}{'in':>10}{'out':>10}{'seconds':>10}  dropped")
-    for st in man["stages"]:
-        dropped = ", ".join(f"{r}={n}" for r, n in st["dropped"].items()) or "-"
-        print(f"{st['name']:<16}{st['in']:>10}{st['out']:>10}{st.get('seconds', 0):>10.1f}  {dropped}")
-    for name, crawl in (man.get("crawl") or {}).items():
-        h = crawl.get("hosts") or {}
-        if h:
-            robots = ", ".join(f"{k}={v}" for k, v in (h.get("robots") or {}).items()) or "-"
-            print(
-                f"\n{name}: {h['hosts']} hosts, {h['requests']} requests, {h['http_429']} answered 429, "
-                f"{h['pauses']} pauses, {h['down']} down; robots.txt: {robots}"
-            )
-            for t in h.get("top", [])[:5]:
-                print(f"  {t['host']:<40}{t['rows']:>8} rows{t['requests']:>8} requests{t['http_429']:>6} 429s")
-        for reason, c in (crawl.get("deferred_retry") or {}).items():
-            print(f"  deferred retry {reason}: {c['recovered']} of {c['tried']} recovered")
-    from pairforge.stages.common.balancing import summary
-
-    bal = summary(next((f for f in man.get("fits") or [] if f.get("stage") == "balance"), None), top=10)
-    if bal is not None:  # MetaCLIP's balancing: the largest entries before -> after (ids: lines of the entries file)
-        print()
-        print(f"balance:  t={bal['t']}, {bal['entries_used']} entries used, {bal['entries_over_t']} over t")
-        print(
-            "          largest (entry: rows before -> after): " + ", ".join(f"{i}: {b}->{a}" for i, b, a in bal["top"])
-        )
+    location = str(where) if storage.is_object(where) else os.path.abspath(args.dir)
+    print("\n".join(summary_lines(man, location)))
     return 0
 
 

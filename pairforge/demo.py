@@ -1,5 +1,9 @@
 """``pairforge demo``: the main job on the embedded default, with no network.
 
+An application of the package (it makes its corpus with the trainer's scene
+and composite makers and runs a job), so it sits at the top with the command
+line, above ``pipeline`` and ``trainer``.
+
 It builds a small corpus of real image-caption pairs (skimage's photos and
 Debian's Fashion-MNIST product photos), plants what the stages must find
 (exact and near-duplicate images, captions that do not match their image,
@@ -38,7 +42,7 @@ N_FASHION = 240
 N_COMPOSITES = 24
 #: generated two-shape scenes, in pairs whose captions are the same words in another order
 N_SCENE_PAIRS = 30
-SCORER_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "pf-tiny-scorer.pt"
+SCORER_CHECKPOINT = Path(__file__).resolve().parent / "pipeline" / "assets" / "pf-tiny-scorer.pt"
 
 
 def _jpeg(img: np.ndarray | Image.Image, quality: int = 90) -> bytes:
@@ -199,6 +203,7 @@ def run_demo(
     verbose: bool = False,
     progress_every: float | None = None,
 ) -> dict:
+    from pairforge.manifests.summary import summary_lines
     from pairforge.pipeline.job import run_job
 
     out = Path(out_dir).resolve()
@@ -209,9 +214,7 @@ def run_demo(
         print(f"[demo] serving {len(routes)} paths on {server.url('/')}; {n} URLs in {url_list}", file=sys.stderr)
         job = demo_job(url_list, out / "run", runner)
         manifest = run_job(job, resume=resume, verbose=verbose, progress_every=progress_every)
-    from pairforge.pipeline.cli import main as cli_main
-
-    cli_main(["manifest", "show", str(out / "run")])
+    print("\n".join(summary_lines(manifest, str(out / "run"))))
     print(
         f"\nshards:   {out / 'run' / 'shards'}\nrejects:  {out / 'run' / 'rejects'}\nmanifest: {out / 'run' / 'manifest.json'}"
     )

@@ -117,7 +117,7 @@ def demo_fashion_check(model, preprocess, tok, n: int = 2000, seed: int = 0) -> 
     from PIL import Image
 
     from pairforge.pipeline.datasets import FASHION_CLASSES, fashion_mnist
-    from pairforge.pipeline.demo import FASHION_TEMPLATES
+    from pairforge.demo import FASHION_TEMPLATES
     from pairforge.trainer.evaluate import roc_auc
 
     rng = random.Random(seed)

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pairforge.pipeline.demo import SCORER_CHECKPOINT
+from pairforge.demo import SCORER_CHECKPOINT
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.trainer import scenes
 

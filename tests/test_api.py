@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pairforge
-from pairforge.pipeline.cli import main as cli_main
+from pairforge.cli import main as cli_main
 from pairforge.pipeline.config import ConfigError, load_job
 from pairforge.stages import STAGES, class_name, download, stage_class
 from pairforge.stages.options import describe
@@ -114,7 +114,7 @@ def test_stages_command_lists_every_option(capsys):
 
 
 def test_a_job_from_objects_is_the_job_the_yaml_makes(tmp_path, monkeypatch):
-    from pairforge.pipeline.demo import SCORER_CHECKPOINT, demo_job
+    from pairforge.demo import SCORER_CHECKPOINT, demo_job
 
     (tmp_path / "job.yaml").write_text(DEMO_YAML.format(scorer=SCORER_CHECKPOINT, cpus=__import__("os").cpu_count()))
     from_yaml = load_job(tmp_path / "job.yaml")
@@ -168,7 +168,7 @@ stages:
 
 @pytest.mark.slow
 def test_the_demo_job_from_objects_writes_the_bytes_of_the_yaml_run(tmp_path):
-    from pairforge.pipeline.demo import SCORER_CHECKPOINT, build_corpus, demo_job, write_url_list
+    from pairforge.demo import SCORER_CHECKPOINT, build_corpus, demo_job, write_url_list
     from pairforge.pipeline.httpserver import LocalHTTPServer
 
     routes, rows = build_corpus()
@@ -208,7 +208,7 @@ def test_ray_map_refuses_what_needs_the_whole_dataset():
 def test_download_and_clip_score_in_a_plain_ray_data_pipeline(ray_local):
     import ray
 
-    from pairforge.pipeline.demo import SCORER_CHECKPOINT
+    from pairforge.demo import SCORER_CHECKPOINT
     from pairforge.pipeline.httpserver import LocalHTTPServer, Route
     from pairforge.pipeline.local import map_stage
     from pairforge.pipeline.raymap import with_identity

@@ -62,7 +62,7 @@ PROBE = textwrap.dedent(
     """
     import json, sys, time
     t0 = time.perf_counter()
-    from pairforge.pipeline.cli import main
+    from pairforge.cli import main
     rc = main(["run", sys.argv[1]])
     seconds = time.perf_counter() - t0
     imported = "ray" in sys.modules
@@ -243,7 +243,7 @@ def test_the_registries_read_without_open_clip_match_open_clip():
 
 
 def test_the_demo_job_passes(tmp_path):
-    from pairforge.pipeline.demo import demo_stages
+    from pairforge.demo import demo_stages
 
     _urls(tmp_path)
     job = load_job(

@@ -155,7 +155,7 @@ def _run(tmp_path, addr: str, urls: list[str], out: str) -> dict:
     }
     (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump(job))
     r = subprocess.run(
-        [sys.executable, "-m", "pairforge.pipeline.cli", "run", str(tmp_path / f"{out}.yaml"), "--address", addr],
+        [sys.executable, "-m", "pairforge.cli", "run", str(tmp_path / f"{out}.yaml"), "--address", addr],
         env=_env(),
         capture_output=True,
         text=True,
@@ -234,7 +234,7 @@ def test_per_host_bounds_and_retry_after_hold_across_nodes(tmp_path, cluster):
             [
                 sys.executable,
                 "-m",
-                "pairforge.pipeline.cli",
+                "pairforge.cli",
                 "run",
                 str(tmp_path / "polite.yaml"),
                 "--address",
@@ -340,7 +340,7 @@ def test_worker_node_killed_while_downloading_loses_and_duplicates_nothing(tmp_p
             [
                 sys.executable,
                 "-m",
-                "pairforge.pipeline.cli",
+                "pairforge.cli",
                 "run",
                 str(_loss_job(tmp_path, "lost", "ray")),
                 "--address",

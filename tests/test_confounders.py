@@ -171,7 +171,7 @@ def test_swap_image_finds_the_planted_partner_scene_not_the_copy_with_the_same_c
     import io
     import random
 
-    from pairforge.pipeline.demo import SCORER_CHECKPOINT
+    from pairforge.demo import SCORER_CHECKPOINT
     from pairforge.pipeline.local import map_stage
     from pairforge.stages.base import fresh_rows
     from pairforge.stages.clip_score import ClipScoreStage

@@ -183,7 +183,7 @@ def test_manifest_counts_survivors_a_later_stage_dropped(tmp_path):
 
 @pytest.mark.parametrize("runner", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_a_stage_that_raises_is_one_line_naming_stage_and_row(tmp_path, runner, request):
-    from pairforge.pipeline.cli import main
+    from pairforge.cli import main
 
     if runner == "ray":
         request.getfixturevalue("ray_local")

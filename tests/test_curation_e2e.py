@@ -122,7 +122,7 @@ def test_both_runners_object_storage_resume_and_shard_size_give_the_same_rows(tm
     for d in rej.filter(pa.compute.equal(rej.column("reason"), "balance_not_sampled")).column("detail").to_pylist():
         assert all(c > T for c in json.loads(d)["counts"])
 
-    from pairforge.pipeline.cli import main as cli_main
+    from pairforge.cli import main as cli_main
 
     assert cli_main(["manifest", "show", str(local)]) == 0
     shown = capsys.readouterr().out

@@ -64,8 +64,8 @@ def test_deferred_retry_in_process(tmp_path, capsys):
     man, score, took = _run(tmp_path, "local", failing_for=3.0, second=81)
     _check(man, score, 3.0, took, tmp_path / "out-local", min_tried=1)
     # the figures reach a person: `manifest show` and the report
+    from pairforge.cli import main
     from pairforge.manifests.report import write_report
-    from pairforge.pipeline.cli import main
 
     assert main(["manifest", "show", str(tmp_path / "out-local")]) == 0
     shown = capsys.readouterr().out

@@ -5,9 +5,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pairforge.cli import main as cli_main
 from pairforge.manifests.diff import diff_manifests, diff_runs, format_diff
 from pairforge.manifests.manifest import read_manifest
-from pairforge.pipeline.cli import main as cli_main
 from pairforge.pipeline.config import load_job
 from pairforge.pipeline.job import run_job
 

@@ -36,7 +36,7 @@ PROBE = textwrap.dedent(
     """
     import json, sys, time
     t0 = time.perf_counter()
-    from pairforge.pipeline.cli import main
+    from pairforge.cli import main
     rc = main(sys.argv[1:])
     seconds = time.perf_counter() - t0
     ray = sys.modules.get("ray")

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pairforge.cli import _parser
 from pairforge.pipeline import checks
-from pairforge.pipeline.cli import _parser
 from pairforge.pipeline.config import load_job
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.pipeline.job import run_job

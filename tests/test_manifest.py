@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pairforge.cli import main as cli_main
 from pairforge.manifests import layout
 from pairforge.manifests.manifest import read_manifest, verify
-from pairforge.pipeline.cli import main as cli_main
 from pairforge.pipeline.config import load_job
 from pairforge.pipeline.job import JobError, run_job
 
@@ -78,11 +78,11 @@ def test_rerun_into_a_finished_run_needs_resume(run_dir):
 
 def test_cli_show_and_verify_as_a_user_runs_them(run_dir):
     show = subprocess.run(
-        [sys.executable, "-m", "pairforge.pipeline.cli", "manifest", "show", str(run_dir)], capture_output=True, text=True
+        [sys.executable, "-m", "pairforge.cli", "manifest", "show", str(run_dir)], capture_output=True, text=True
     )
     assert show.returncode == 0 and "23 in, 23 in shards, 0 rejected" in show.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "pairforge.pipeline.cli", "manifest", "verify", str(run_dir / "nope")],
+        [sys.executable, "-m", "pairforge.cli", "manifest", "verify", str(run_dir / "nope")],
         capture_output=True,
         text=True,
     )
@@ -90,7 +90,7 @@ def test_cli_show_and_verify_as_a_user_runs_them(run_dir):
 
 
 def test_cli_hands_train_its_own_flags(capsys):
-    from pairforge.pipeline.cli import main
+    from pairforge.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])

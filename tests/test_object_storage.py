@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pairforge.cli import main as cli_main
 from pairforge.manifests import layout, storage
 from pairforge.manifests.manifest import read_manifest, verify
 from pairforge.pipeline.checks import check_job
-from pairforge.pipeline.cli import main as cli_main
 from pairforge.pipeline.config import ConfigError, load_job
 from pairforge.pipeline.engine import rows_mark
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
@@ -150,7 +150,7 @@ def test_s3_run_killed_then_resumed_equals_a_local_run_and_verifies(s3, tmp_path
         job_file = tmp_path / "job.yaml"
         job_file.write_text(yaml.safe_dump(_job(urls, str(out), endpoint, runner="local")))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pairforge.pipeline.cli", "run", str(job_file)],
+            [sys.executable, "-m", "pairforge.cli", "run", str(job_file)],
             env={**os.environ, **loopback_env()},
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / "driver.log", "w"),

@@ -20,11 +20,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from pairforge.cli import main as cli_main
 from pairforge.manifests import layout, storage
 from pairforge.manifests.diff import diff_runs, format_diff
 from pairforge.manifests.manifest import read_manifest, verify
 from pairforge.manifests.purge import plan_path
-from pairforge.pipeline.cli import main as cli_main
 from pairforge.stages.common.blocklist_norm import normalize_url
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ BOOKKEEPING = ("manifest.json", "shards/sizes.json")
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from pairforge.pipeline.demo import run_demo
+    from pairforge.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     run_demo(out_dir=str(out), runner="local")

@@ -31,10 +31,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pairforge.demo import SCORER_CHECKPOINT, _jpeg
 from pairforge.manifests.manifest import read_manifest
 from pairforge.pipeline.config import load_job
 from pairforge.pipeline.datasets import skimage_photos
-from pairforge.pipeline.demo import SCORER_CHECKPOINT, _jpeg
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.pipeline.job import run_job
 from pairforge.trainer import scenes

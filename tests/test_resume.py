@@ -67,7 +67,7 @@ def _start_driver(tmp_path, server, stderr) -> subprocess.Popen:
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "cut"))))
     env = {**os.environ, **loopback_env(), "RAY_AUTH_MODE": "disabled"}
     return subprocess.Popen(
-        [sys.executable, "-m", "pairforge.pipeline.cli", "run", str(tmp_path / "job.yaml")],
+        [sys.executable, "-m", "pairforge.cli", "run", str(tmp_path / "job.yaml")],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=stderr,

@@ -185,7 +185,7 @@ def test_schedule_warms_up_then_follows_a_cosine():
 
 
 def test_cli_writes_checkpoint_report_and_curves(corpus, tmp_path, capsys):
-    from pairforge.pipeline.cli import main
+    from pairforge.cli import main
 
     out = tmp_path / "cli"
     argv = ["train", str(corpus), "--out", str(out), "--steps", "4", "--batch-size", "16", "--workers", "1",

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pairforge.demo import FASHION_TEMPLATES, SCORER_CHECKPOINT
 from pairforge.pipeline.datasets import FASHION_CLASSES, fashion_mnist
-from pairforge.pipeline.demo import FASHION_TEMPLATES, SCORER_CHECKPOINT
 from pairforge.trainer.evaluate import roc_auc
 from pairforge.trainer.model import register_configs
 

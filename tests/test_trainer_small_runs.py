@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 
+from pairforge.cli import main
 from pairforge.manifests.manifest import write_sizes
-from pairforge.pipeline.cli import main
 from pairforge.stages.shard import Config as ShardConfig
 from pairforge.stages.shard import ShardStage
 from pairforge.trainer.data import is_held_out, sample_group
