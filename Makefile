@@ -4,17 +4,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup demo test test-fast bench-cpu lint clean
+.PHONY: setup demo test test-fast bench-cpu lint docs clean
 
 setup: $(VENV)/.installed /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz /usr/bin/chromium \
        $(VENV)/share/pairforge/wordnet_entries.txt
 
-# torch first, pinned, so pip does not fetch another build; then the project with its test extras
+# torch first, pinned, so pip does not fetch another build; then the project with its test, safety and docs extras
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,safety]'
+	$(PY) -m pip install -q -e '.[test,safety,docs]'
 	# the text detector's model file only: its own requirement opencv-python would clash with
 	# opencv-python-headless (pyproject.toml, the safety extra, says more)
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
@@ -51,5 +51,9 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check pipeline manifests
 
+# the docs site into site/ (tests/test_docs.py builds it too)
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+
 clean:
-	rm -rf demo_out build *.egg-info .pytest_cache
+	rm -rf demo_out build site *.egg-info .pytest_cache

@@ -18,10 +18,10 @@ The Python API, which a job file only spells in YAML::
     )
     manifest = pairforge.run(job)  # or pairforge.run("job.yaml")
 
-* :class:`Job` (``pipeline.config.JobConfig``), :class:`Input`, :class:`Output`: a job
-  from objects; :func:`load_job` reads one from a YAML file or a dict.
-* :func:`run`: run a job (on Ray, or in process), returning its manifest.
-* :func:`ray_map`: a per-row stage inside your own ``ray.data`` pipeline.
+* ``Job`` (``pipeline.config.JobConfig``), ``Input``, ``Output``: a job from objects;
+  ``load_job`` reads one from a YAML file or a dict.
+* ``run``: run a job (on Ray, or in process), returning its manifest.
+* ``ray_map``: a per-row stage inside your own ``ray.data`` pipeline.
 
 Everything is imported on first use: ``import pairforge`` imports neither torch nor ray.
 """
@@ -63,7 +63,7 @@ def run(
     """Run a job and return its manifest (also written to ``OUT/manifest.json``).
 
     Args:
-        job: a :class:`Job`, a path to a job YAML file, or the job as a dict.
+        job: a ``Job``, a path to a job YAML file, or the job as a dict.
         address: a Ray cluster (``auto``, ``host:port``); default the job's
             ``ray.address``, then ``$RAY_ADDRESS``, else a local Ray that nothing
             leaves loopback from.

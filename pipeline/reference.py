@@ -125,8 +125,8 @@ def _table(opts: list[Option]) -> list[str]:
 
 
 def _cell(text: str) -> str:
-    """Markdown for a table cell: RST's double backticks become code, pipes are escaped."""
-    return text.replace("``", "`").replace("|", "\\|")
+    """Markdown for a table cell: RST's roles and double backticks become code, pipes are escaped."""
+    return re.sub(r":\w+:`([^`]*)`", r"`\1`", text).replace("``", "`").replace("|", "\\|")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,8 +116,8 @@ def demo_fashion_check(model, preprocess, tok, n: int = 2000, seed: int = 0) -> 
     import torch
     from PIL import Image
 
-    from pairforge.pipeline.datasets import FASHION_CLASSES, fashion_mnist
     from pairforge.demo import FASHION_TEMPLATES
+    from pairforge.pipeline.datasets import FASHION_CLASSES, fashion_mnist
     from pairforge.trainer.evaluate import roc_auc
 
     rng = random.Random(seed)

@@ -179,7 +179,8 @@ class _StageType(type):
         super().__init__(name, bases, ns, **kw)
         config = ns.get("Config")
         if config is not None and is_dataclass(config):
-            cls.__doc__ = "\n\n".join(p for p in (inspect.cleandoc(ns.get("__doc__") or ""), options_text(config)) if p)
+            own = inspect.cleandoc(ns.get("__doc__") or f"The ``{ns.get('name') or name}`` stage.")
+            cls.__doc__ = "\n\n".join(p for p in (own, options_text(config)) if p)
 
     def __call__(cls, config=None, /, **options):
         config = cls.configure(config, **options)

@@ -94,7 +94,7 @@ class Config:
     reduced_decode: bool = True
     #: ``phash`` or ``dhash``: hash the stored output into the column of that
     #: name, the one ``dedup_phash`` declares (set by the job when a
-    #: ``dedup_phash`` stage follows, which then reads it; see README)
+    #: ``dedup_phash`` stage follows, which then reads it)
     perceptual_hash: str | None = None
     #: fail images whose shorter side is below this (``image_too_small``); 0: no check
     min_image_size: int = 0
