@@ -1,7 +1,7 @@
 """How fast does the clip_score stage score pairs, against what the GPU can
 do and what a user would write?
 
-    python bench/clip_score.py --device cuda --compile       # the README's table (one GPU, ~8 min)
+    python bench/clip_score.py --device cuda --compile       # the table in docs/benchmarks.md (one GPU, ~8 min)
     python bench/clip_score.py --device cpu --n 2048         # any machine (smoke)
 
 Corpus: ``--n`` 256x256 JPEGs (``--unique`` distinct random-ish images,

@@ -35,7 +35,7 @@ Ray an actor scores ``actor_threads`` batches at once on threads.
 (:meth:`cpu_prepare`), and unless the actors decode on the GPU also decodes
 (libjpeg), resizes and crops there; with GPU decoding the object store
 carries only the encoded bytes and the tokens to the GPU actors (the
-measured plans are in the README, *clip_score on one GPU*).
+measured plans are in docs/benchmarks.md, *clip_score on one GPU*).
 
 The top-fraction fit (``learn`` ... ``decide_rows``) is
 :class:`stages.common.topfraction.TopFraction`: rows rank by (score desc, key

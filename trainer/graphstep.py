@@ -9,7 +9,7 @@ every microsecond the data path takes from it is a microsecond the GPU
 waits. Replaying a graph is one launch: the GPU runs the whole step
 (forward, backward, gradient clipping, the fused AdamW update, the
 temperature clamp) from device memory, and the host is free to prepare the
-next batch. Measured on one H200 (ViT-B-32, batch 256, bf16; README,
+next batch. Measured on one H200 (ViT-B-32, batch 256, bf16; docs/benchmarks.md,
 *Training*): the eager step on ready tensors lost 12% with only the loader
 running beside it; graphed, the data path runs at 0.970 of the graphed
 step's own rate (0.83-0.91 eager), and that rate is 8% above the eager one.
