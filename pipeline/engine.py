@@ -227,12 +227,22 @@ def _reset_later_columns(rows: Batch, idx: np.ndarray, spec: RunSpec, position: 
 def apply_decisions(rows: Batch, spec: RunSpec, shard_id: int) -> tuple[Batch, dict]:
     """Join one shard's rows with every global stage's decisions for it, in
     stage order. Returns the rows and counters for the shard's stats."""
+    return join_decisions(rows, spec, {g.name: read_decisions(spec, g.name, shard_id) for g in spec.fitted})
+
+
+def join_decisions(rows: Batch, spec: RunSpec, decisions: dict[str, Batch]) -> tuple[Batch, dict]:
+    """``rows`` with the decisions of global stages (stage name -> a
+    ``FitResult.decisions`` batch) applied in stage order: a decision with a
+    reason drops its row if the row is still alive at that stage (columns of
+    later stages back to their defaults), and declared columns it carries
+    are set. The one join, for a run's shards and for tests of a global
+    stage (``pipeline.local.run_global``). Returns the rows and counters."""
     rows = dict(rows)
     n = batch_len(rows)
     where = {str(k): i for i, k in enumerate(rows["key"])}
     survivor_of: dict[str, np.ndarray] = {}
-    for g in spec.fitted:
-        dec = read_decisions(spec, g.name, shard_id)
+    for g in spec.stages:
+        dec = decisions.get(g.name) or {}
         if not batch_len(dec):
             continue
         p = spec.positions[g.name]
@@ -256,7 +266,8 @@ def apply_decisions(rows: Batch, spec: RunSpec, shard_id: int) -> tuple[Batch, d
             rows["status"][d] = STATUS_DROPPED
             rows["stage"][d] = g.name
             rows["reason"][d] = reasons[drop]
-            rows["detail"][d] = np.asarray(dec["detail"], dtype=object)[use][drop]
+            details = np.asarray(dec["detail"], dtype=object)[use][drop]
+            rows["detail"][d] = [x if isinstance(x, str) else json.dumps(x, sort_keys=True) for x in details]
             _reset_later_columns(rows, d, spec, p)
         if "survivor" in dec:  # per row: how many duplicates name it as their survivor (0: none)
             dups = np.zeros(n, dtype=np.int64)

@@ -3,12 +3,11 @@
 by unit tests and ``runner: local`` jobs.
 
 :func:`fit_result` and :func:`run_global` are the same fit steps on an
-in-memory batch, for unit tests of a global stage without a run folder.
+in-memory batch, for unit tests of a global stage without a run folder;
+:func:`run_global` applies the decisions with the run's own join.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 
@@ -16,7 +15,6 @@ from pairforge.pipeline import engine
 from pairforge.pipeline.engine import RowsTracker, RunSpec
 from pairforge.pipeline.fit import key_hashes
 from pairforge.stages.base import (
-    STATUS_DROPPED,
     Batch,
     FitResult,
     GlobalStage,
@@ -27,6 +25,7 @@ from pairforge.stages.base import (
     run_stage_batch,
     take,
 )
+from pairforge.stages.shard import ShardStage
 
 
 def map_stage(stage: Stage, batch: Batch) -> Batch:
@@ -97,26 +96,13 @@ def fit_global(stage: GlobalStage, rows: Batch) -> Batch:
 
 
 def run_global(stage: GlobalStage, batch: Batch) -> Batch:
-    """Fit ``stage`` on the ok rows of ``batch`` and apply its decisions."""
+    """Fit ``stage`` on the ok rows of ``batch`` and apply its decisions with
+    the run's own join (``engine.join_decisions``); the caller's batch stays
+    as it was."""
     ok = take(batch, np.flatnonzero(ok_mask(batch))) if batch_len(batch) else {}
     rows = {c: ok[c] for c in stage.fit_columns} if ok else {}
     dec = fit_result(stage, rows).decisions
     if not batch_len(dec):
         return batch
-    out = dict(batch)
-    where = {str(k): i for i, k in enumerate(out["key"])}
-    cols = {c.name: c for c in stage.outputs()}
-    for c in ("status", "stage", "reason", "detail"):
-        out[c] = out[c].astype(object, copy=True)
-    setcols = [c for c in cols if c in dec]
-    for c in setcols:  # copies: the caller's batch stays as it was
-        out[c] = out[c].copy() if c in out else cols[c].defaults(batch_len(out))
-    for j, k in enumerate(dec["key"]):
-        i = where[str(k)]
-        for c in setcols:
-            out[c][i] = dec[c][j]
-        if dec["reason"][j]:
-            d = dec["detail"][j]
-            out["status"][i], out["stage"][i], out["reason"][i] = STATUS_DROPPED, stage.name, dec["reason"][j]
-            out["detail"][i] = d if isinstance(d, str) else json.dumps(d, sort_keys=True)
-    return out
+    spec = RunSpec("", (stage,), ShardStage(), samples_per_shard=1)
+    return engine.join_decisions(batch, spec, {stage.name: dec})[0]

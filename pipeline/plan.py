@@ -113,10 +113,9 @@ def segments(stages) -> list[tuple[bool, tuple[Stage, ...]]]:
 
 def _prepare_memory(st: Stage) -> int | None:
     """The ``memory`` a ``cpu_prepare`` task asks Ray for: the stage's
-    optional ``cpu_prepare_memory()`` (bytes), capped at the cluster's memory
-    per CPU so that a task never asks for more than a node can give."""
-    want = getattr(st, "cpu_prepare_memory", None)
-    want = want() if callable(want) else None
+    ``Resources.prepare_memory`` (bytes), capped at the cluster's memory per
+    CPU so that a task never asks for more than a node can give."""
+    want = st.resources().prepare_memory
     if not want:
         return None
     res = ray.cluster_resources()
@@ -129,19 +128,17 @@ def map_on_actors(ds: "ray.data.Dataset", st: Stage, timing: bool = True) -> "ra
     ``cpu_prepare`` in CPU tasks ahead of the actors. ``timing``: keep the
     stage's ``__t_<stage>`` column (a job's manifest sums it).
 
-    Two optional stage methods (not part of :class:`stages.base.Stage`) tune
-    it: ``actor_calls()``, the batches one actor works on at once on threads
-    of its own (Ray Data's ``enable_true_multi_threading``; the stage must be
-    thread-safe), and ``cpu_prepare_memory()``, the bytes one prepare task
-    needs (its ``memory`` request)."""
+    All it needs is the stage's ``Resources``: CPUs, GPUs, batch size, pool
+    size, ``actor_calls`` (batches one actor works on at once, on threads:
+    Ray Data's ``enable_true_multi_threading``) and ``prepare_memory`` (the
+    ``memory`` request of a prepare task)."""
     res = st.resources()
     common = dict(batch_format="numpy", zero_copy_batch=False, batch_size=res.batch_size)
     if st.has_cpu_prepare():
         mem = _prepare_memory(st)
         ds = ds.map_batches(_cpu_prepare, fn_kwargs={"stage": st}, num_cpus=1, memory=mem, **common)
     lo, hi = res.concurrency
-    calls = getattr(st, "actor_calls", None)
-    calls = max(1, int(calls() if callable(calls) else 1))
+    calls = max(1, int(res.actor_calls))
     compute = ray.data.ActorPoolStrategy(
         min_size=lo,
         max_size=max(lo, hi),

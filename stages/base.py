@@ -168,6 +168,12 @@ class Resources:
     batch_size: int = 256
     #: actors in the pool for stages that run on actors (min, max); ignored for tasks
     concurrency: tuple[int, int] = (1, 1)
+    #: batches one actor works on at once, on threads of its own (Ray Data's true
+    #: multi-threading: the stage must be thread-safe); ignored for tasks
+    actor_calls: int = 1
+    #: bytes of memory one ``cpu_prepare`` task needs (its Ray ``memory`` request,
+    #: capped at the cluster's memory per CPU); ``None``: no request
+    prepare_memory: int | None = None
 
 
 class _StageType(type):

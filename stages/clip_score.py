@@ -158,7 +158,14 @@ class ClipScoreStage(GlobalStage):
 
     def resources(self) -> Resources:
         c = self.config
-        return Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, batch_size=c.batch_size, concurrency=c.concurrency)
+        return Resources(
+            num_cpus=c.num_cpus,
+            num_gpus=c.num_gpus,
+            batch_size=c.batch_size,
+            concurrency=c.concurrency,
+            actor_calls=c.actor_threads if self._on_gpu() else 1,
+            prepare_memory=self._prepare_memory(),
+        )
 
     def needs_fit(self) -> bool:
         """Only the top-fraction filter needs the global pass."""
@@ -223,14 +230,10 @@ class ClipScoreStage(GlobalStage):
     def has_cpu_prepare(self) -> bool:
         return self.config.cpu_prefetch
 
-    def actor_calls(self) -> int:
-        """Batches an actor works on at once, on threads (read by the Ray plan)."""
-        return self.config.actor_threads if self._on_gpu() else 1
-
-    def cpu_prepare_memory(self) -> int:
-        """Bytes of memory a ``cpu_prepare`` task needs (read by the Ray plan):
-        the worker with torch imported, plus per row the decoded image, its
-        float copy for the resize and the crop when it decodes."""
+    def _prepare_memory(self) -> int:
+        """Bytes of memory a ``cpu_prepare`` task needs: the worker with torch
+        imported, plus per row the decoded image, its float copy for the
+        resize and the crop when it decodes."""
         # measured (Ray's max USS per task) on 256 px JPEGs at batch 2048: 1.1 GiB
         # tokenising, 5.1 GiB decoding and resizing too
         per_row = 96 << 10 if self._gpu_decode() else 3 << 20

@@ -233,14 +233,12 @@ class RegionsStage(Stage):
 
     def resources(self) -> Resources:
         c = self.config
-        return Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, batch_size=c.batch_size, concurrency=c.concurrency)
+        on_gpu = c.num_gpus > 0 or c.device.startswith("cuda")
+        return Resources(num_cpus=c.num_cpus, num_gpus=c.num_gpus, batch_size=c.batch_size, concurrency=c.concurrency,
+                         actor_calls=c.actor_threads if on_gpu else 1)  # fmt: skip
 
     def inputs(self) -> tuple[str, ...]:
         return ("image",)
-
-    def actor_calls(self) -> int:
-        on_gpu = self.config.num_gpus > 0 or self.config.device.startswith("cuda")
-        return self.config.actor_threads if on_gpu else 1
 
     def outputs(self) -> tuple[Column, ...]:
         c = self.config
