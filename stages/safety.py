@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -49,11 +48,12 @@ from pairforge.stages.common import blur as _blur
 from pairforge.stages.common import nsfw as _nsfw
 from pairforge.stages.common import onnx as _onnx
 from pairforge.stages.common import textdet as _text
+from pairforge.stages.options import options
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: score every image with NudeNet (``punsafe``)
     nsfw: bool = True
@@ -87,11 +87,13 @@ class Config:
     blur_quality: int = 95
     #: ``auto`` (a GPU when the worker has one), ``cpu``, ``cuda``, ``cuda:N``
     device: str = "auto"
+    #: GPUs each actor asks Ray for; 0.5 puts two actors on one GPU
     num_gpus: float = 0.0
     #: CPUs per actor, and the ONNX Runtime / torch threads it uses
     num_cpus: float = 1.0
     #: actors in the pool (min, max)
     concurrency: tuple[int, int] = (1, 1)
+    #: rows per ``process_batch`` call (one actor call)
     batch_size: int = 256
     #: images per model call (fixed: a row's score does not depend on its batch)
     micro_batch: int = 16
