@@ -170,8 +170,9 @@ def demo_stages(scorer: Path | None) -> list:
         DedupPhash(),
     ]
     if scorer is not None and scorer.exists():
+        pretrained = "pf-tiny-scorer" if scorer == SCORER_CHECKPOINT else str(scorer)  # the shipped one by its short name
         stages += [
-            ClipScore(model="pf-tiny", pretrained=str(scorer), threshold=0.6),
+            ClipScore(model="pf-tiny", pretrained=pretrained, threshold=0.6),
             # eps is per model: the small scorer puts same-class product photos at cosine 0.95-0.99,
             # its re-encodes above 0.998 (SemDeDup's eps values were chosen for real CLIP on LAION)
             DedupSemantic(eps=0.002),

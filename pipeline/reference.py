@@ -1,7 +1,7 @@
 """The stage and job option reference, made from the configs themselves.
 
 Why generated: an option's doc is written once, as the ``#:`` comment above
-its field (``stages.options``); ``pairforge stages [NAME]`` prints it and the
+its field (``stages.options_doc``); ``pairforge stages [NAME]`` prints it and the
 docs site's reference page (``docs/hooks.py``) renders it, so neither can fall
 behind the code. Nothing here imports a stage's heavy dependencies beyond
 what importing its module does (the model stages import torch).
@@ -20,7 +20,7 @@ import typing
 from pairforge.manifests.storage import StorageConfig
 from pairforge.pipeline.config import InputConfig, OutputConfig, RayConfig
 from pairforge.stages import STAGES, class_name, stage_class
-from pairforge.stages.options import Option, describe
+from pairforge.stages.options_doc import Option, describe
 
 #: the job file's sections other than ``stages``, in the order a job file writes them
 JOB_SECTIONS = (("input", InputConfig), ("output", OutputConfig), ("ray", RayConfig), ("storage", StorageConfig))

@@ -17,7 +17,7 @@ import pairforge
 from pairforge.cli import main as cli_main
 from pairforge.pipeline.config import ConfigError, load_job
 from pairforge.stages import STAGES, class_name, download, stage_class
-from pairforge.stages.options import describe
+from pairforge.stages.options_doc import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,9 +114,9 @@ def test_stages_command_lists_every_option(capsys):
 
 
 def test_a_job_from_objects_is_the_job_the_yaml_makes(tmp_path, monkeypatch):
-    from pairforge.demo import SCORER_CHECKPOINT, demo_job
+    from pairforge.demo import demo_job
 
-    (tmp_path / "job.yaml").write_text(DEMO_YAML.format(scorer=SCORER_CHECKPOINT, cpus=__import__("os").cpu_count()))
+    (tmp_path / "job.yaml").write_text(DEMO_YAML.format(cpus=__import__("os").cpu_count()))
     from_yaml = load_job(tmp_path / "job.yaml")
     from_objects = demo_job(tmp_path / "input" / "urls.parquet", tmp_path / "run", runner="local")
     assert from_objects == from_yaml
@@ -153,7 +153,7 @@ stages:
   - dedup_phash
   - name: clip_score
     model: pf-tiny
-    pretrained: {scorer}
+    pretrained: pf-tiny-scorer
     threshold: 0.6
   - name: dedup_semantic
     eps: 0.002
@@ -168,11 +168,11 @@ stages:
 
 @pytest.mark.slow
 def test_the_demo_job_from_objects_writes_the_bytes_of_the_yaml_run(tmp_path):
-    from pairforge.demo import SCORER_CHECKPOINT, build_corpus, demo_job, write_url_list
+    from pairforge.demo import build_corpus, demo_job, write_url_list
     from pairforge.pipeline.httpserver import LocalHTTPServer
 
     routes, rows = build_corpus()
-    (tmp_path / "job.yaml").write_text(DEMO_YAML.format(scorer=SCORER_CHECKPOINT, cpus=2))
+    (tmp_path / "job.yaml").write_text(DEMO_YAML.format(cpus=2))
     with LocalHTTPServer(routes) as server:
         write_url_list(server, rows, tmp_path / "input" / "urls.parquet")
         from_yaml = pairforge.run(tmp_path / "job.yaml")
@@ -208,7 +208,6 @@ def test_ray_map_refuses_what_needs_the_whole_dataset():
 def test_download_and_clip_score_in_a_plain_ray_data_pipeline(ray_local):
     import ray
 
-    from pairforge.demo import SCORER_CHECKPOINT
     from pairforge.pipeline.httpserver import LocalHTTPServer, Route
     from pairforge.pipeline.local import map_stage
     from pairforge.pipeline.raymap import with_identity
@@ -222,7 +221,7 @@ def test_download_and_clip_score_in_a_plain_ray_data_pipeline(ray_local):
         urls = [server.url(p) for p in routes] + [f"http://127.0.0.2:{server.port}/img/0.jpg", "not a url"]
         items = [{"url": u, "caption": f"a photo of thing {i}"} for i, u in enumerate(urls)]
         down = Download(image_size=48, allow_networks=["127.0.0.1/32"], timeout=5, thread_count=4)
-        scorer = {"model": "pf-tiny", "pretrained": str(SCORER_CHECKPOINT), "device": "cpu", "batch_size": 8}
+        scorer = {"model": "pf-tiny", "pretrained": "pf-tiny-scorer", "device": "cpu", "batch_size": 8}  # the shipped one
         # the same rows in process, for the reference scores and a threshold that drops some
         cols = {k: np.array([it[k] for it in items], dtype=object) for k in ("url", "caption")}
         local = map_stage(ClipScore(scorer), map_stage(down, with_identity(cols)))

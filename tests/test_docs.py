@@ -15,7 +15,7 @@ import pytest
 
 from pairforge.pipeline.reference import JOB_SECTIONS
 from pairforge.stages import STAGES, stage_class
-from pairforge.stages.options import describe
+from pairforge.stages.options_doc import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 NEEDED = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
