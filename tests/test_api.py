@@ -125,7 +125,7 @@ def test_a_job_from_objects_is_the_job_the_yaml_makes(tmp_path, monkeypatch):
     assert short.input.paths == (str(tmp_path / "input" / "urls.parquet"),) and short.output.dir == str(tmp_path / "run")
     with pytest.raises(ConfigError, match="the last stage must be 'shard'"):
         pairforge.Job(input="u.parquet", output="out", stages=[pairforge.stages.Download()])
-    with pytest.raises(ConfigError, match=r"job.runner: expected 'ray' or 'local', got 'spark'"):
+    with pytest.raises(ConfigError, match=r"runner: expected 'ray' or 'local', got 'spark'"):
         pairforge.Job(input="u.parquet", output="out", stages=["shard"], runner="spark")
 
 
