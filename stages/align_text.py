@@ -35,19 +35,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from pairforge.stages.base import Batch, FitResult, GlobalStage, Resources, batch_len, concat, object_array, require
 from pairforge.stages.common.metadata import normalize
+from pairforge.stages.options import options
 
 _TOKEN = re.compile(r"\w+")
 CAPTIONS, TOKENS = 0, 1
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: drop captions shared by more than this many rows (null: no limit)
     max_caption_images: int | None = 10

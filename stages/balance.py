@@ -30,16 +30,16 @@ figure.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from pairforge.stages.base import Batch, FitResult, GlobalStage, Resources, batch_len, object_array, require
 from pairforge.stages.common import balancing as bal
+from pairforge.stages.options import options
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: the most rows an entry keeps on its own (CLIP's and MetaCLIP's 20,000)
     t: int = 20000

@@ -22,20 +22,22 @@ fails loudly instead of matching a different list.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from typing import ClassVar
 
 import numpy as np
 
-from pairforge.manifests import storage
 from pairforge.stages.base import Batch, Column, Resources, Stage, batch_len, object_array, reject
 from pairforge.stages.common import metadata as md
+from pairforge.stages.options import options
 
 ENTRIES_COLUMN = "metadata_entries"
+#: ``scheme://...``: an object-storage location (stages never import ``manifests``' storage)
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 COUNT_COLUMN = "num_metadata_entries"
 
 
-@dataclass(frozen=True)
+@options
 class Config:
     #: the entries file (one entry per line, or MetaCLIP's metadata.json list);
     #: ``wordnet``: the WordNet list ``make setup`` installs (scripts/build_wordnet_entries.py)
@@ -44,6 +46,7 @@ class Config:
     word_boundaries: bool = False
     #: drop rows that match no entry (``no_metadata_match``); false: keep them with no ids
     drop_unmatched: bool = True
+    #: rows per ``process_batch`` call
     batch_size: int = 4096
 
     def __post_init__(self):
@@ -105,7 +108,7 @@ class MetadataMatchStage(Stage):
 
 def _entries_file(entries: str):
     """The local file ``entries`` names, or a ``ValueError`` naming the key."""
-    if storage.is_uri(entries) and not entries.startswith("file://"):
+    if _URI.match(entries) and not entries.startswith("file://"):
         raise ValueError(f"entries: {entries!r}: an entries file on object storage is not read yet; give a local copy")
     path = md.resolve(entries[len("file://") :] if entries.startswith("file://") else entries)
     if entries == md.WORDNET and not path.is_file():
