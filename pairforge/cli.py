@@ -271,6 +271,8 @@ EXAMPLES = {
     "export": "pairforge export coco out/",
     "coco": "pairforge export coco out/ --out out/coco.json --captions out/coco_captions.json",
     "report": "pairforge report out/\npairforge report out/ --out site/ --pairs 96",
+    "purge": "pairforge purge out/ --list takedown.txt --dry-run   # what would go\n"
+    "pairforge purge out/ --list takedown.txt --reason takedown",
     "stages": "pairforge stages                              # every stage, one line each\n"
     "pairforge stages clip_score                   # its options: type, default, doc",
 }
