@@ -107,7 +107,8 @@ class Services:
             ray.remote(HostGate)
             .options(
                 num_cpus=0,
-                max_concurrency=256,
+                # an ask may wait at the gate (50 ms at most): one thread a waiting task
+                max_concurrency=1024,
                 name=f"pairforge-hostgate-{id(self):x}",
                 scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
             )

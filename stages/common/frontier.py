@@ -16,7 +16,10 @@ The loop, on the task's own thread:
   request to the host like any other, under a lease), and each row is then
   checked against it: a disallowed row ends at once, with no request;
 * rows ready to go are asked for, least-served hosts first, up to the free
-  threads; a granted row runs in a thread: fetch, give the lease back with
+  threads (when none can start, the ask waits up to ``poll`` seconds at the
+  gate, which answers at once when any task gives a lease back: a host at
+  its bound gets its next request without polling); a granted row runs in a
+  thread: fetch, give the lease back with
   the outcome (the gate learns of a 429's ``Retry-After`` at once), then
   decode and resize without holding the lease;
 * a transient failure (timeout, broken connection, 5xx, 429) with tries
@@ -90,7 +93,7 @@ class Frontier:
         backoff: float = 1.0,
         fail_down_fast: bool = True,
         count_rows: bool = True,
-        poll: float = 0.005,
+        poll: float = 0.05,
         seed: int | None = None,
     ):
         self.gate, self.pool, self.threads = gate, pool, threads
