@@ -15,7 +15,7 @@ This is the on-disk contract (LAION / img2dataset layout) that trainers and
     OUT/arrays/<col>/<col>_00000.offsets.npy  n + 1 offsets into it
     OUT/<table>/00000.parquet              side tables of global stages (confounders), by shard
     OUT/_work/input/00000.parquet          the URL list cut into shards, keys assigned
-    OUT/_work/rows/00000/*.pkl             rows of input shard 0 after every per-row stage
+    OUT/_work/rows/00000/*.rows.arrow      rows of input shard 0 after every per-row stage (Arrow IPC)
     OUT/_work/rows/00000/*.fit.parquet     their fit columns (key, status, hashes, embeddings)
     OUT/_work/rows/00000/_done.json        input shard 0 finished its per-row pass (lists the parts)
     OUT/_work/fit/<stage>/decisions/00000.parquet  a global stage's decisions for shard 0

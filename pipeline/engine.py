@@ -23,7 +23,6 @@ writes the same ``_work``, and a resume finds its marks there either way.
 from __future__ import annotations
 
 import json
-import pickle
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,6 +33,7 @@ import pyarrow as pa
 from pairforge.manifests import layout, storage
 from pairforge.manifests.shards import to_arrow
 from pairforge.manifests.storage import ObjectPath
+from pairforge.pipeline import batchfile
 from pairforge.pipeline.batches import table_to_batch
 from pairforge.stages.base import (
     STATUS_DROPPED,
@@ -113,7 +113,7 @@ def read_input(spec: RunSpec, shard_id: int, keys=None) -> Batch:
 
 
 #: a part's rows file and its fit-columns file, beside each other in ``rows_dir``
-PART_ROWS, PART_FIT = ".pkl", ".fit.parquet"
+PART_ROWS, PART_FIT = ".rows.arrow", ".fit.parquet"
 
 
 def part_files(name: str, images: bool = True) -> list[str]:
@@ -124,17 +124,19 @@ def part_files(name: str, images: bool = True) -> list[str]:
 
 def write_part(folder, name: str, rows: Batch, spec: RunSpec) -> None:
     """Leave ``rows`` in part ``name`` under ``folder`` (a ``rows_dir``):
-    every column exactly (bytes, ragged and object columns round-trip), and
+    every column exactly (bytes, ragged and object columns round-trip) as
+    an Arrow IPC file (``pipeline.batchfile``: reading it runs no code), and
     the run's fit columns beside it as parquet. Writing a part again
     replaces it whole (each file is written atomically)."""
     fit_cols = [c for c in spec.fit_columns if c in rows]
-    storage.write_atomic(folder / f"{name}{PART_ROWS}", pickle.dumps(rows, protocol=5), fsync=False)
+    storage.write_atomic(folder / f"{name}{PART_ROWS}", batchfile.dumps(rows), fsync=False)
     storage.write_parquet(folder / f"{name}{PART_FIT}", to_arrow(rows, fit_cols, spec.schema))
 
 
 def read_part(folder, name: str) -> Batch:
     """The rows :func:`write_part` left in part ``name`` under ``folder``."""
-    return pickle.loads((folder / f"{name}{PART_ROWS}").read_bytes())
+    path = folder / f"{name}{PART_ROWS}"
+    return batchfile.loads(path.read_bytes(), str(path))
 
 
 def remove_part(folder, name: str, fit: bool = True) -> None:
