@@ -1,6 +1,6 @@
 """The ``pairforge`` command line.
 
-pairforge run JOB.yaml [--address ADDR] [--resume] [--verbose] [--progress-every S]
+pairforge run JOB.yaml [--address ADDR] [--resume | --clean-work] [--verbose] [--progress-every S]
 pairforge demo [--out DIR] [--runner ray|local] [--verbose]
 pairforge manifest show DIR [--endpoint-url URL] [--region R]
 pairforge manifest verify DIR [--endpoint-url URL] [--region R]
@@ -29,7 +29,12 @@ def _cmd_run(args) -> int:
     job = load_job(args.job)
     try:
         manifest = run_job(
-            job, address=args.address, resume=args.resume, verbose=args.verbose, progress_every=args.progress_every
+            job,
+            address=args.address,
+            resume=args.resume,
+            clean_work=args.clean_work,
+            verbose=args.verbose,
+            progress_every=args.progress_every,
         )
     except KeyboardInterrupt:
         from pairforge.pipeline.job import run_state
@@ -333,6 +338,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job YAML file")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     r.add_argument("--resume", action="store_true", help="finish an interrupted run, skipping finished shards")
+    r.add_argument(
+        "--clean-work",
+        action="store_true",
+        help="delete OUT/_work (another job's, or an interrupted run's) and start over (docs/security.md)",
+    )
     _progress_flags(r)
     r.set_defaults(fn=_cmd_run)
 

@@ -23,6 +23,7 @@ writes the same ``_work``, and a resume finds its marks there either way.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -114,6 +115,14 @@ def read_input(spec: RunSpec, shard_id: int, keys=None) -> Batch:
 
 #: a part's rows file and its fit-columns file, beside each other in ``rows_dir``
 PART_ROWS, PART_FIT = ".rows.arrow", ".fit.parquet"
+#: a part's name: what ``save_rows`` gives (a uuid's hex) or another writer's of the same alphabet
+PART_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _checked_name(name: str) -> str:
+    if not isinstance(name, str) or not PART_NAME.fullmatch(name):
+        raise ValueError(f"part name {name!r}: expected 1-64 of A-Z a-z 0-9 _ -")
+    return name
 
 
 def part_files(name: str, images: bool = True) -> list[str]:
@@ -123,11 +132,12 @@ def part_files(name: str, images: bool = True) -> list[str]:
 
 
 def write_part(folder, name: str, rows: Batch, spec: RunSpec) -> None:
-    """Leave ``rows`` in part ``name`` under ``folder`` (a ``rows_dir``):
+    """Leave ``rows`` in part ``name`` (:data:`PART_NAME`) under ``folder`` (a ``rows_dir``):
     every column exactly (bytes, ragged and object columns round-trip) as
     an Arrow IPC file (``pipeline.batchfile``: reading it runs no code), and
     the run's fit columns beside it as parquet. Writing a part again
     replaces it whole (each file is written atomically)."""
+    _checked_name(name)
     fit_cols = [c for c in spec.fit_columns if c in rows]
     storage.write_atomic(folder / f"{name}{PART_ROWS}", batchfile.dumps(rows), fsync=False)
     storage.write_parquet(folder / f"{name}{PART_FIT}", to_arrow(rows, fit_cols, spec.schema))
@@ -135,7 +145,7 @@ def write_part(folder, name: str, rows: Batch, spec: RunSpec) -> None:
 
 def read_part(folder, name: str) -> Batch:
     """The rows :func:`write_part` left in part ``name`` under ``folder``."""
-    path = folder / f"{name}{PART_ROWS}"
+    path = folder / f"{_checked_name(name)}{PART_ROWS}"
     return batchfile.loads(path.read_bytes(), str(path))
 
 
@@ -202,9 +212,19 @@ def rows_mark(out, shard_id: int, images: bool = True) -> dict | None:
         mark = json.loads(layout.rows_done(out, shard_id).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    if not _valid_mark(mark):
+        return None
     folder = layout.rows_dir(out, shard_id)
     need = [f for p in mark["parts"] for f in part_files(p, images)]
     return mark if all((folder / n).exists() for n in need) else None
+
+
+def _valid_mark(mark) -> bool:
+    """A mark read from ``_work`` names parts by safe names only: a planted
+    ``../`` never becomes a path that is read or deleted."""
+    if not isinstance(mark, dict) or not isinstance(mark.get("parts"), list) or type(mark.get("rows")) is not int:
+        return False
+    return all(isinstance(p, str) and PART_NAME.fullmatch(p) for p in mark["parts"])
 
 
 def clear_rows(out, shard_id: int) -> None:

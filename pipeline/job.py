@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pairforge.manifests import layout, storage
 from pairforge.manifests.manifest import build_manifest, write_manifest, write_sizes
 from pairforge.manifests.shards import read_stats
-from pairforge.pipeline import engine, outcome, retrypass
+from pairforge.pipeline import engine, outcome, retrypass, workdir
 from pairforge.pipeline.checks import check_job, check_ray_address
 from pairforge.pipeline.checks_urls import input_warnings
 from pairforge.pipeline.config import JobConfig, to_dict
@@ -89,13 +89,9 @@ def _ray_info(ray) -> dict:
 def _job_record(job: JobConfig) -> dict:
     """What a resumed run must share with the run it finishes: the stages
     and their settings, the input, the shard size (its finished rows and
-    fits were made by them); not how it runs (Ray, runner, storage options)."""
-    rec = to_dict(job)
-    rec.pop("ray", None)
-    rec.pop("runner", None)  # both runners give the same rows
-    rec.pop("storage", None)  # how the bucket is reached, not what is in it
-    rec["output"] = {k: v for k, v in rec["output"].items() if k != "dir"}
-    return json.loads(json.dumps(rec, sort_keys=True, default=str))
+    fits were made by them); not how it runs (Ray, runner, storage options).
+    URL credentials masked; its SHA-256 binds ``_work`` (``pipeline.workdir``)."""
+    return workdir.job_record(job)
 
 
 def _check_resume(out, job: JobConfig, index) -> None:
@@ -148,6 +144,7 @@ def run_job(
     *,
     address: str | None = None,
     resume: bool = False,
+    clean_work: bool = False,
     verbose: bool = False,
     progress_every: float | None = None,
 ) -> dict:
@@ -159,7 +156,9 @@ def run_job(
     rows are not on disk yet, each global stage's fit (skipped when nothing
     changed since a finished fit), then every shard not yet written.
     ``verbose``: Ray's own progress bars and INFO logs too; ``progress_every``:
-    seconds between progress lines when stderr is not a terminal."""
+    seconds between progress lines when stderr is not a terminal.
+    ``OUT/_work`` must be empty or this job's (``pipeline.workdir``);
+    ``clean_work`` deletes it first."""
     for warning in check_job(job):
         _log(f"warning: {warning}")
     addr = address or job.ray.address or os.environ.get("RAY_ADDRESS")
@@ -175,7 +174,11 @@ def run_job(
     index = read_index(out) if resume else None
     if index is not None:  # checked before anything is written: a refused resume leaves the run as it was
         _check_resume(out, job, index)
-    else:
+    try:  # _work is this job's, or empty (or cleaned on request): before anything is written there
+        workdir.bind_work(out, _job_record(job), resume=resume, clean=clean_work)
+    except workdir.WorkFolderError as e:
+        raise JobError(str(e)) from None
+    if index is None:
         index = split_input(job.input, out, job.output.samples_per_shard, config=job.storage)
     if index.total_rows == 0:
         files = ", ".join(f"{f['path']} ({f['rows']} rows)" for f in index.files)
