@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.sources import count_sources, verify_sources
+from pairforge.stages.base import READ_STAGE
 
 FORMAT = "pairforge-manifest/2"
 #: the stage ``pairforge purge`` (``manifests.purge``) names on the rows it removes after a run
@@ -55,7 +56,8 @@ def stage_counters(stage_names: list[str], total: int, shard_stats: list[dict]) 
             seconds[stage] = seconds.get(stage, 0.0) + s
     out, alive = [], total
     purged = [PURGE_STAGE] if PURGE_STAGE in dropped and PURGE_STAGE not in stage_names else []
-    for name in [*stage_names, *purged]:  # a purged build resumed: the purge comes after every stage
+    first = [READ_STAGE] if READ_STAGE in dropped and READ_STAGE not in stage_names else []  # rows the reader rejected
+    for name in [*first, *stage_names, *purged]:  # a purged build resumed: the purge comes after every stage
         d = dict(sorted(dropped.pop(name, {}).items()))
         n_drop = sum(d.values())
         out.append(

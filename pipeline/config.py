@@ -25,6 +25,7 @@ import yaml
 
 from pairforge.manifests import storage
 from pairforge.manifests.storage import StorageConfig
+from pairforge.pipeline.inputlimits import InputLimits
 
 # the builder's names are re-exported: stages' tests and pipeline.checks import them from here
 from pairforge.pipeline.config_build import (  # noqa: F401
@@ -53,6 +54,9 @@ class InputConfig:
     #: source column -> pairforge column, renamed before anything else reads
     #: the file (``{URL: url, TEXT: caption}`` for LAION parquet)
     columns: dict[str, str] = field(default_factory=dict)
+    #: bounds on what the files may hold (``pipeline.inputlimits``: caption and
+    #: URL length, columns, JSON line length and depth, file sizes)
+    limits: InputLimits = field(default_factory=InputLimits)
 
     def __post_init__(self):
         if not self.paths:
@@ -287,6 +291,8 @@ def to_dict(job: JobConfig) -> dict:
     for entry in [d["input"]] if isinstance(d["input"], dict) else d["input"]:
         if not entry["columns"]:  # recorded as before there was one (a resume compares the records)
             del entry["columns"]
+        if entry["limits"] == dataclasses.asdict(InputLimits()):  # the same: the defaults are left out
+            del entry["limits"]
     d["stages"] = [{"name": s.name, **dataclasses.asdict(s.config)} for s in job.stages]
     if job.storage == StorageConfig():  # a job without the section is recorded as before it existed
         del d["storage"]

@@ -70,7 +70,9 @@ def test_a_runs_rows_round_trip_exactly():
         "status": objects(["ok", "failed", "ok", "dropped"]),
         "image": objects([b"\xff\xd8jpeg", None, b"", b"\x89PNG"]),
         "img_emb": np.random.default_rng(0).standard_normal((n, 8)).astype(np.float32),
-        "boxes": objects([np.zeros((0, 4), np.float32), np.ones((2, 4), np.float32), None, np.ones((1, 4), np.float32)]),
+        "boxes": objects(
+            [np.zeros((0, 4), np.float32), np.ones((2, 4), np.float32), None, np.ones((1, 4), np.float32)]
+        ),
         "labels": objects([np.zeros(0, np.int64), np.arange(3), np.arange(1), np.arange(2)]),
         "ok": np.array([True, False, True, False]),
         "half": np.array([1.5, np.nan, -0.0, np.inf], np.float16),
@@ -83,7 +85,9 @@ def test_a_runs_rows_round_trip_exactly():
         "mixed": objects([1, 2.5, None, "x"]),
         "lists": objects([np.array([1, 2]), np.array(["a"], dtype=object), None, np.zeros(0)]),
         "struct": objects([{"a": 1, "b": [1, 2]}, None, {"a": None}, {}]),
-        "odd": objects([decimal.Decimal("1.10"), dt.date(2020, 1, 2), dt.datetime(2020, 1, 2, 3, 4, 5, 6), np.float32(2)]),
+        "odd": objects(
+            [decimal.Decimal("1.10"), dt.date(2020, 1, 2), dt.datetime(2020, 1, 2, 3, 4, 5, 6), np.float32(2)]
+        ),
         "nan_str": objects(["x", float("nan"), np.str_("y"), "\ud800"]),  # a lone surrogate too
         "objgrid": np.array([[None, 1], ["a", b"b"], [2.0, None], [(), []]], dtype=object),
     }
@@ -93,7 +97,9 @@ def test_a_runs_rows_round_trip_exactly():
     # what pickle gave (which turns a big-endian column into a native one; here it stays as it was)
     pickled = pickle.loads(pickle.dumps(batch))
     assert pickled["big_endian"].dtype == np.int32 and back["big_endian"].dtype == np.dtype(">i4")
-    assert same_batch({k: v for k, v in pickled.items() if k != "big_endian"}, {k: v for k, v in back.items() if k != "big_endian"})
+    assert same_batch(
+        {k: v for k, v in pickled.items() if k != "big_endian"}, {k: v for k, v in back.items() if k != "big_endian"}
+    )
 
 
 def test_empty_and_zero_row_batches():
@@ -182,9 +188,7 @@ def _column(draw, n: int):
     if kind == "ragged":
         dtype = np.dtype(draw(st.sampled_from(["<f4", "<i8", "|u1"])))
         tail = tuple(draw(st.lists(st.integers(1, 3), max_size=1)))
-        rows = [
-            draw(st.one_of(st.none(), hnp.arrays(dtype, (draw(st.integers(0, 3)), *tail)))) for _ in range(n)
-        ]
+        rows = [draw(st.one_of(st.none(), hnp.arrays(dtype, (draw(st.integers(0, 3)), *tail)))) for _ in range(n)]
         return objects(rows)
     return objects(draw(st.lists(_values, min_size=n, max_size=n)))
 

@@ -137,7 +137,9 @@ def test_resume_refuses_an_unbound_work_folder(tmp_path):
 def test_the_cli_names_the_flag(tmp_path, capsys):
     job = _job(tmp_path, "a", ["http://h/0"])
     (tmp_path / "job.yaml").write_text(
-        json.dumps({"input": {"paths": ["a.parquet"]}, "output": {"dir": "out"}, "stages": ["shard"], "runner": "local"})
+        json.dumps(
+            {"input": {"paths": ["a.parquet"]}, "output": {"dir": "out"}, "stages": ["shard"], "runner": "local"}
+        )
     )
     _plant(tmp_path, tmp_path / "out")
     assert cli_main(["run", str(tmp_path / "job.yaml")]) == 2
