@@ -24,6 +24,7 @@ import io
 import json
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 
@@ -38,98 +39,103 @@ COCO_URL_FIELDS = ("coco_url", "flickr_url", "url")
 _SCALARS = (str, int, float, bool, type(None))
 
 
-def checked_lines(stream, path, limits: InputLimits, max_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
-    """``(line number, line)`` of a JSONL stream, each within the limits
-    (a :class:`InputError` naming the line otherwise). ``max_bytes``: stop
-    after about this many bytes (a head for the check before a run)."""
-    seen = 0
-    number = 0
+def checked_blocks(f, path, limits: InputLimits, block_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """``(number of its first line, block)``: a JSONL stream in blocks of
+    whole lines of about ``block_bytes``, every line within the limits (a
+    :class:`InputError` naming the line otherwise). Lines are split and
+    measured by ``bytes`` methods, so a line costs no Python step unless it
+    holds more brackets than the depth bound."""
+    carry, first, seen = b"", 1, 0
     while True:
-        line = stream.readline(limits.max_line_bytes + 1)
-        if not line:
-            return
-        number += 1
-        seen += len(line)
-        if len(line) > limits.max_line_bytes:
-            raise InputError(
-                f"{path}, line {number}: longer than input.limits.max_line_bytes ({limits.max_line_bytes})"
-            )
+        data = f.read(max(block_bytes, limits.max_line_bytes + 1))
+        seen += len(data)
         if seen > limits.max_file_bytes:
             raise InputError(f"{path}: larger than input.limits.max_file_bytes ({limits.max_file_bytes})")
-        why = line_problem(line, limits)
-        if why:
-            raise InputError(f"{path}, line {number}: {why}")
-        yield number, line
-        if max_bytes is not None and seen >= max_bytes:
+        if not data:  # the end: what is left is the last line, without its newline
+            if carry:  # pieces: 1
+                _check_lines(carry, first, path, limits)
+                yield first, carry
             return
+        data = carry + data
+        cut = data.rfind(b"\n") + 1
+        block, carry = data[:cut], data[cut:]
+        if len(carry) > limits.max_line_bytes:
+            at = first + block.count(b"\n")
+            raise InputError(f"{path}, line {at}: {_too_long(limits)}")
+        if block:
+            pieces = _check_lines(block, first, path, limits)
+            yield first, block
+            first += pieces - 1  # the block ends with a newline: split() gives an empty last piece
 
 
-def _parse(lines: list[tuple[int, bytes]], path, limits: InputLimits) -> pa.Table:
-    body = b"".join(line if line.endswith(b"\n") else line + b"\n" for _, line in lines)
+def _too_long(limits: InputLimits) -> str:
+    return f"longer than input.limits.max_line_bytes ({limits.max_line_bytes})"
+
+
+def _check_lines(block: bytes, first: int, path, limits: InputLimits) -> int:
+    """Raise :class:`InputError` at the first line over a bound; returns
+    how many pieces ``block.split(b"\\n")`` has."""
+    lines = block.split(b"\n")
+    longest = max(map(len, lines))
+    if longest > limits.max_line_bytes:
+        at = next(i for i, line in enumerate(lines) if len(line) > limits.max_line_bytes)
+        raise InputError(f"{path}, line {first + at}: {_too_long(limits)}")
+    if block.count(b"[") + block.count(b"{") <= limits.max_json_depth:
+        return len(lines)
+    # brackets per line, counted by numpy: only a line with more than the
+    # depth bound can nest past it, and only such a line is parsed here
+    data = np.frombuffer(block, dtype=np.uint8)
+    opens = np.flatnonzero((data == ord("[")) | (data == ord("{")))
+    newlines = np.flatnonzero(data == ord("\n"))
+    per_line = np.bincount(np.searchsorted(newlines, opens), minlength=len(lines))  # the line of each bracket
+    for i in np.flatnonzero(per_line > limits.max_json_depth):
+        why = line_problem(lines[i], limits)
+        if why:
+            raise InputError(f"{path}, line {first + int(i)}: {why}")
+    return len(lines)
+
+
+def _parse(first: int, block: bytes, path, limits: InputLimits) -> pa.Table:
+    body = block if block.endswith(b"\n") else block + b"\n"
+    # pyarrow parses blocks of this size in parallel; a line must fit in one
+    opts = pajson.ReadOptions(block_size=max(1 << 20, limits.max_line_bytes + 2))
     try:
-        table = pajson.read_json(io.BytesIO(body), read_options=pajson.ReadOptions(block_size=max(1 << 20, len(body))))
+        table = pajson.read_json(io.BytesIO(body), read_options=opts)
     except pa.ArrowException as e:
-        raise InputError(f"{path}, {_first_bad_line(lines)}: {e}") from None
+        raise InputError(f"{path}, {_first_bad_line(first, block)}: {e}") from None
     check_column_count(table.column_names, limits, path)
     return table
 
 
-def _first_bad_line(lines: list[tuple[int, bytes]]) -> str:
+def _first_bad_line(first: int, block: bytes) -> str:
     """Where pyarrow's error is, in words: the first line that is not a JSON
-    object, else the lines the chunk spans (a type that changes between lines)."""
-    for number, line in lines:
+    object, else the lines the block spans (a type that changes between lines)."""
+    lines = block.rstrip(b"\n").split(b"\n")
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             if not isinstance(json.loads(line), dict):
-                return f"line {number} (not a JSON object)"
+                return f"line {first + i} (not a JSON object)"
         except ValueError:
-            return f"line {number} (not JSON)"
-    return f"lines {lines[0][0]}-{lines[-1][0]}" if lines else "line 1"
-
-
-class _Raw(io.RawIOBase):
-    """A file that only reads (a pyarrow stream on object storage) as a raw
-    stream, so that ``io.BufferedReader`` gives it ``readline``."""
-
-    def __init__(self, f):
-        super().__init__()
-        self._f = f
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        data = self._f.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
-
-
-def _lines(f):
-    return f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(_Raw(f), 1 << 20)
+            return f"line {first + i} (not JSON)"
+    return f"lines {first}-{first + len(lines) - 1}"
 
 
 def jsonl_batches(path, limits: InputLimits, rows: int) -> Iterator[pa.RecordBatch]:
     """A JSONL file as record batches of at most ``rows`` rows (see the module doc)."""
     with path.open("rb") as f:
-        stream = _lines(f)
-        chunk: list[tuple[int, bytes]] = []
-        size = 0
-        for number, line in checked_lines(stream, path, limits):
-            chunk.append((number, line))
-            size += len(line)
-            if size >= CHUNK_BYTES:
-                yield from _parse(chunk, path, limits).to_batches(rows)
-                chunk, size = [], 0
-        if chunk and any(line.strip() for _, line in chunk):
-            yield from _parse(chunk, path, limits).to_batches(rows)
+        for first, block in checked_blocks(f, path, limits, CHUNK_BYTES):
+            if not block.isspace():
+                yield from _parse(first, block, path, limits).to_batches(rows)
 
 
 def jsonl_head_names(path, limits: InputLimits, head_bytes: int = 1 << 20) -> list[str]:
-    """The column names of a JSONL file's first lines (about ``head_bytes``)."""
+    """The column names of a JSONL file's first lines (about ``head_bytes``,
+    whole lines; the first block :func:`checked_blocks` gives)."""
     with path.open("rb") as f:
-        lines = list(checked_lines(_lines(f), path, limits, max_bytes=head_bytes))
-    return _parse(lines, path, limits).column_names if any(line.strip() for _, line in lines) else []
+        first, block = next(checked_blocks(f, path, limits, head_bytes), (1, b""))
+    return _parse(first, block, path, limits).column_names if block and not block.isspace() else []
 
 
 # ------------------------------------------------------------------ COCO
