@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pairforge.manifests import layout, storage
+from pairforge.manifests.redact import redact
 from pairforge.manifests.sources import count_sources, verify_sources
 from pairforge.stages.base import READ_STAGE
 
@@ -176,10 +177,10 @@ def build_manifest(
     purges = _recorded_purges(out)
     return {
         "format": FORMAT,
-        "job": job,
+        "job": redact(job),  # a URL's credentials never reach the manifest (manifests.redact)
         "versions": versions(),
         "ray": ray_info,
-        "input": index,
+        "input": redact(index),
         "counts": {"input": index["total_rows"], "ok": ok, "rejected": sum(s["rejected"] for s in shard_stats)},
         "stages": stages,
         "columns": sum_columns(shard_stats),

@@ -450,8 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, JobError, FileNotFoundError) as e:
+        from pairforge.manifests.redact import redact_text
+
         for line in str(e).splitlines() or [type(e).__name__]:  # a whole-job check reports a line per problem
-            print(f"pairforge: error: {line}", file=sys.stderr)
+            print(f"pairforge: error: {redact_text(line)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # pipeline.outcome: 2, or 4 (empty input), 5 (no cluster)
 
 

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.manifest import build_manifest, write_manifest, write_sizes
+from pairforge.manifests.redact import redact_text
 from pairforge.manifests.shards import read_stats
 from pairforge.pipeline import engine, outcome, retrypass, workdir
 from pairforge.pipeline.checks import check_job, check_ray_address
@@ -46,7 +47,7 @@ class Unreachable(JobError):
 
 
 def _log(msg: str) -> None:
-    print(f"[pairforge] {msg}", file=sys.stderr, flush=True)
+    print(f"[pairforge] {redact_text(msg)}", file=sys.stderr, flush=True)
 
 
 def instantiate(job: JobConfig) -> tuple[list[Stage], Stage]:
@@ -331,7 +332,8 @@ def _find_stage_error(e: BaseException | None, depth: int = 0) -> StageError | N
 def _stage_error(out, e: StageError) -> str:
     """One line for the user; the trace goes to ``OUT/_work/error.log``."""
     log = layout.work_dir(out) / "error.log"
-    storage.append_text(log, f"{datetime.now(timezone.utc).isoformat()} stage {e.stage}, row {e.key}\n{e.trace}\n")
+    record = f"{datetime.now(timezone.utc).isoformat()} stage {e.stage}, row {e.key}\n{e.trace}\n"
+    storage.append_text(log, redact_text(record))
     where = f"row {e.key}" if e.key is not None else "a batch (no single row fails alone)"
     # the fields, not str(e): under Ray the exception's text is Ray's whole traceback
     return f"stage {e.stage} failed on {where}: {e.error} (trace in {log}; a stage should reject a bad row, not raise)"

@@ -30,6 +30,7 @@ import json
 from datetime import datetime, timezone
 
 from pairforge.manifests import layout, storage
+from pairforge.manifests.redact import redact
 from pairforge.pipeline.config import JobConfig, to_dict
 
 #: the version of ``run.json``
@@ -52,7 +53,7 @@ def job_record(job: JobConfig) -> dict:
     for key in ("ray", "runner", "storage"):
         rec.pop(key, None)
     rec["output"] = {k: v for k, v in rec["output"].items() if k != "dir"}
-    return json.loads(json.dumps(rec, default=str))
+    return json.loads(json.dumps(redact(rec), default=str))
 
 
 def fingerprint(record: dict) -> str:
