@@ -98,6 +98,15 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class CustomOptions:
+    """The options of a stage of one's own (``package.module:Class``) as the
+    job file wrote them: its module is code, imported only once the rest of
+    the job has passed its checks (``pipeline.registry.resolve_stages``)."""
+
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     #: one source, or several read one after another (``input[0]`` first)
     input: InputConfig | tuple[InputConfig, ...]
@@ -116,7 +125,7 @@ def stage_specs(raw: Any, problems: list[str] | None = None) -> tuple[StageSpec,
     ``__t_<name>`` timing column, its reject reasons (``stage``), its fit's
     folder (``_work/fit/<name>``) and its counts in the manifest, which two
     of one name would mix up."""
-    from pairforge.pipeline.registry import STAGES, stage_class
+    from pairforge.pipeline.registry import STAGES, check_custom_name, is_custom, stage_class
 
     own = problems is None
     problems = [] if own else problems
@@ -142,6 +151,15 @@ def stage_specs(raw: Any, problems: list[str] | None = None) -> tuple[StageSpec,
                 "merge their options into one"
             )
         first.setdefault(name, i)
+        if is_custom(name):  # not imported here: see CustomOptions
+            try:
+                check_custom_name(name)
+            except ValueError as e:
+                problems.append(f"stages[{i}]: {e}")
+                specs.append(None)
+                continue
+            specs.append(StageSpec(name, CustomOptions({k: v for k, v in item.items() if k != "name"})))
+            continue
         try:
             if name not in STAGES and ":" not in name:
                 raise ValueError(
@@ -293,7 +311,10 @@ def to_dict(job: JobConfig) -> dict:
             del entry["columns"]
         if entry["limits"] == dataclasses.asdict(InputLimits()):  # the same: the defaults are left out
             del entry["limits"]
-    d["stages"] = [{"name": s.name, **dataclasses.asdict(s.config)} for s in job.stages]
+    d["stages"] = [
+        {"name": s.name, **(s.config.options if isinstance(s.config, CustomOptions) else dataclasses.asdict(s.config))}
+        for s in job.stages
+    ]
     if job.storage == StorageConfig():  # a job without the section is recorded as before it existed
         del d["storage"]
     return d

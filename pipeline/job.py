@@ -24,7 +24,7 @@ from pairforge.pipeline.engine import RunSpec
 from pairforge.pipeline.fit import Launcher, fit_mark, run_fit
 from pairforge.pipeline.progress import ProgressTracker
 from pairforge.pipeline.reader import input_files, read_index, split_input
-from pairforge.pipeline.registry import stage_class
+from pairforge.pipeline.registry import resolve_stages, stage_class
 from pairforge.pipeline.services import Services
 from pairforge.stages.base import Stage, StageError
 
@@ -51,7 +51,7 @@ def _log(msg: str) -> None:
 
 
 def instantiate(job: JobConfig) -> tuple[list[Stage], Stage]:
-    stages = [stage_class(s.name)(s.config) for s in job.stages]
+    stages = [stage_class(s.name)(s.config) for s in resolve_stages(job).stages]
     return stages[:-1], stages[-1]
 
 
@@ -162,6 +162,7 @@ def run_job(
     ``clean_work`` deletes it first."""
     for warning in check_job(job):
         _log(f"warning: {warning}")
+    job = resolve_stages(job)  # custom stages' modules: imported once the job passed its checks
     addr = address or job.ray.address or os.environ.get("RAY_ADDRESS")
     if job.runner != "local" and addr:
         problem = check_ray_address(addr)
