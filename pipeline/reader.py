@@ -103,6 +103,9 @@ def renamed_names(names: list[str], cfg: InputConfig, path, where: str = "input"
             )
         if new in IDENTITY_COLUMNS or new == "source" or is_reserved_name(new):
             raise ConfigError(f"{where}.columns: {old!r} -> {new!r}: {new!r} is a column pairforge sets itself")
+    same = sorted({n for n in names if names.count(n) > 1})
+    if same:  # a CSV header may repeat a name
+        raise ConfigError(f"{path}: two columns are named {same[0]!r}")
     out = [cfg.columns.get(n, n) for n in names]
     twice = sorted({n for n in out if out.count(n) > 1})
     if twice:
@@ -169,19 +172,28 @@ def _batches(path: Path | ObjectPath, fmt: str, limits: InputLimits) -> Iterator
                 yield from reader
 
 
+def _text(column, path, key: str, name: str):
+    """A URL or caption column as text; one that is not (a list, a struct)
+    is an error naming the file, the column and its type."""
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        raise ConfigError(f"{path}: column {name!r} ({key}) holds {column.type}, not text") from None
+
+
 def _normalise(
     batch: pa.RecordBatch, cfg: InputConfig, path, source: str, where: str = "input"
 ) -> tuple[pa.Table, int]:
     """The batch in pairforge's columns, and how many of its captions were
     null (they become ``""``: counted in the index, see ``docs/troubleshooting.md``)."""
+    names = renamed_names(batch.schema.names, cfg, path, where)
     if cfg.columns:
-        batch = batch.rename_columns(renamed_names(batch.schema.names, cfg, path, where))
-    names = batch.schema.names
+        batch = batch.rename_columns(names)
     for role, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
         if col not in names:
             raise ConfigError(f"{path}: no column {col!r} ({where}.{role}); columns are: {', '.join(names)}")
-    url = pc.cast(batch.column(cfg.url_col), pa.string())
-    cap = pc.cast(batch.column(cfg.caption_col), pa.string())
+    url = _text(batch.column(cfg.url_col), path, f"{where}.url_col", cfg.url_col)
+    cap = _text(batch.column(cfg.caption_col), path, f"{where}.caption_col", cfg.caption_col)
     cols = {
         "url": pc.fill_null(url, ""),
         "caption": pc.fill_null(cap, ""),
