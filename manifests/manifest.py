@@ -15,7 +15,7 @@ import hashlib
 import json
 import tarfile
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.redact import redact
@@ -249,6 +249,9 @@ def verify(out_dir) -> list[str]:
     total = 0
     for sh in man["shards"]:
         for name, want in sh["files"].items():
+            if not _inside(name):
+                problems.append(f"{name!r}: not a path inside the run (a manifest names files under OUT only)")
+                continue
             path = out / name
             if not path.exists():
                 problems.append(f"{name}: missing")
@@ -291,16 +294,33 @@ def verify(out_dir) -> list[str]:
     return problems
 
 
+def _inside(name) -> bool:
+    """A file name a manifest may list: relative, under ``OUT``, no ``..``
+    (``verify`` reads what a manifest names; a manifest is data)."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        return False
+    parts = PurePosixPath(name).parts
+    return not PurePosixPath(name).is_absolute() and ".." not in parts and ":" not in parts[0]
+
+
 def _verify_side_tables(out, tables: dict, shard_keys: set[str]) -> list[str]:
     """Checksums of every side-table file, and every key they link to is a
     sample in the shards (not a reject, not missing)."""
     problems = []
     for name, entry in tables.items():
+        try:
+            folder = layout.side_table_dir(out, name)
+        except ValueError as e:
+            problems.append(f"side_tables: {e}")
+            continue
         listed = set(entry["files"])
-        on_disk = {str(p.relative_to(out)) for p in layout.side_table_dir(out, name).glob("*.parquet")}
+        on_disk = {str(p.relative_to(out)) for p in folder.glob("*.parquet")}
         for extra in sorted(on_disk - listed):
             problems.append(f"{extra}: side-table file not in the manifest")
         for fname, want in sorted(entry["files"].items()):
+            if not _inside(fname):
+                problems.append(f"{fname!r}: not a path inside the run (a manifest names files under OUT only)")
+                continue
             path = out / fname
             if not path.exists():
                 problems.append(f"{fname}: missing")

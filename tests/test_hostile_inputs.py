@@ -301,3 +301,27 @@ def test_a_shard_named_like_a_pipe_is_opened_as_a_file(tmp_path, monkeypatch):
     samples = list(shard_samples([{"url": s} for s in shards]))
     assert sorted(s["__key__"] for s in samples) == sorted(rows["key"].tolist())
     assert not (tmp_path / "X").exists() and not (folder / "X").exists()
+
+
+def test_names_that_become_paths_are_checked(tmp_path):
+    from pairforge.manifests.manifest import read_manifest, verify
+
+    for bad in ("../x", "a/b", "..", "", "x\x00"):
+        with pytest.raises(ValueError, match="a name that becomes part of a path"):
+            layout.embedding_npy(tmp_path, bad, 0)
+        with pytest.raises(ValueError, match="a name that becomes part of a path"):
+            layout.side_table_dir(tmp_path, bad)
+    assert layout.fit_dir(tmp_path, "dedup_semantic").name == "dedup_semantic"
+    # a manifest is data: verify reads only files under OUT, and says so
+    pq.write_table(pa.table({"url": ["http://h/0"], "caption": ["c"]}), tmp_path / "u.parquet")
+    run_job(_job(tmp_path, "u.parquet"))
+    out = tmp_path / "out"
+    man = read_manifest(out)
+    man["shards"][0]["files"]["/etc/passwd"] = {"bytes": 1, "sha256": "0" * 64}
+    man["shards"][0]["files"]["../u.parquet"] = {"bytes": 1, "sha256": "0" * 64}
+    man["side_tables"] = {"../..": {"links": ["key"], "rows": 0, "files": {}}}
+    layout.manifest_json(out).write_text(json.dumps(man))
+    problems = verify(out)
+    assert "'/etc/passwd': not a path inside the run (a manifest names files under OUT only)" in problems
+    assert "'../u.parquet': not a path inside the run (a manifest names files under OUT only)" in problems
+    assert any(p.startswith("side_tables: side table '../..'") for p in problems), problems
