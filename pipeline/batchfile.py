@@ -203,7 +203,8 @@ def loads(data: bytes, where: str = "batch file") -> Batch:
         n = int(meta["rows"])
     except (pa.ArrowException, KeyError, TypeError, ValueError, RecursionError) as e:
         raise BatchFileError(f"{where}: not a pairforge batch file ({type(e).__name__}: {e})") from None
-    if meta.get("version") != VERSION or len(columns) != table.num_columns or table.num_rows != n:
+    described = isinstance(columns, list) and all(isinstance(d, dict) for d in columns)
+    if meta.get("version") != VERSION or not described or len(columns) != table.num_columns or table.num_rows != n:
         raise BatchFileError(f"{where}: its description does not match its columns")
     out: Batch = {}
     for name, desc in zip(table.column_names, columns):
@@ -211,7 +212,7 @@ def loads(data: bytes, where: str = "batch file") -> Batch:
         arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
         try:
             out[name] = _decode_column(arr, desc, n)
-        except (pa.ArrowException, KeyError, TypeError, ValueError, RecursionError) as e:
+        except Exception as e:  # noqa: BLE001 - a file that lies about a column: whatever breaks, it is this file
             raise BatchFileError(f"{where}: column {name!r}: {type(e).__name__}: {e}") from None
     return out
 

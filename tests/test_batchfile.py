@@ -151,6 +151,22 @@ def test_damaged_files_are_errors():
         w.write_table(bad)
     with pytest.raises(BatchFileError, match="holds objects"):
         loads(sink.getvalue().to_pybytes())
+    # descriptions that lie about their columns
+    for lie in (b'"enc": "ragged"', b'"enc": "nope"', b'"shape": [1000000000000]'):
+        meta = table.schema.metadata[batchfile.META_KEY].replace(b'"enc": "str"', lie, 1)
+        bad = table.replace_schema_metadata({batchfile.META_KEY: meta})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, bad.schema) as w:
+            w.write_table(bad)
+        with pytest.raises(BatchFileError, match="column 'key'"):
+            loads(sink.getvalue().to_pybytes())
+    for meta in (b'{"version": 1, "rows": 3, "columns": 7}', b"[]", b'{"rows": "x"}'):
+        bad = table.replace_schema_metadata({batchfile.META_KEY: meta})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, bad.schema) as w:
+            w.write_table(bad)
+        with pytest.raises(BatchFileError):
+            loads(sink.getvalue().to_pybytes())
 
 
 # ------------------------------------------------------------------ properties
