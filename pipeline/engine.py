@@ -151,7 +151,7 @@ def read_part(folder, name: str) -> Batch:
 
 def remove_part(folder, name: str, fit: bool = True) -> None:
     """Remove part ``name``'s rows file (and, with ``fit``, its fit file)."""
-    (folder / f"{name}{PART_ROWS}").unlink(missing_ok=True)
+    (folder / f"{_checked_name(name)}{PART_ROWS}").unlink(missing_ok=True)
     if fit:
         (folder / f"{name}{PART_FIT}").unlink(missing_ok=True)
 
