@@ -337,7 +337,8 @@ def _stage_error(out, e: StageError) -> str:
     storage.append_text(log, redact_text(record))
     where = f"row {e.key}" if e.key is not None else "a batch (no single row fails alone)"
     # the fields, not str(e): under Ray the exception's text is Ray's whole traceback
-    return f"stage {e.stage} failed on {where}: {e.error} (trace in {log}; a stage should reject a bad row, not raise)"
+    line = f"stage {e.stage} failed on {where}: {e.error} (trace in {log}; a stage should reject a bad row, not raise)"
+    return redact_text(line)
 
 
 def run_state(out_dir, config: storage.StorageConfig | None = None) -> str:

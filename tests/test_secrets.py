@@ -96,7 +96,7 @@ def test_the_manifest_and_the_job_record_hold_no_secret(tmp_path):
         {
             "input": {"paths": ["u.parquet"]},
             "output": {"dir": "out"},
-            "stages": [{"name": "download", "user_agent_token": f"https://u:{SECRET}@h/bot"}, "shard"],
+            "stages": [{"name": "download", "contact": f"https://u:{SECRET}@h/bot"}, "shard"],
             "runner": "local",
         },
         base_dir=tmp_path,
