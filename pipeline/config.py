@@ -25,7 +25,6 @@ import yaml
 
 from pairforge.manifests import storage
 from pairforge.manifests.storage import StorageConfig
-from pairforge.pipeline.inputlimits import InputLimits
 
 # the builder's names are re-exported: stages' tests and pipeline.checks import them from here
 from pairforge.pipeline.config_build import (  # noqa: F401
@@ -36,6 +35,7 @@ from pairforge.pipeline.config_build import (  # noqa: F401
     key_path,
     short,
 )
+from pairforge.pipeline.inputlimits import InputLimits
 
 #: formats of a URL list; ``coco`` (COCO captions JSON) is never picked by ``auto``
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "coco")

@@ -98,7 +98,7 @@ def test_custom_stage_errors_name_the_stage(tmp_path, custom):
     name, mark = custom
     with pytest.raises(ConfigError, match=r"stages\[0\]: stage 'pathlib:Path': pathlib:Path is not a Stage class"):
         check_job(load_job(_job(tmp_path, "pathlib:Path"), base_dir=tmp_path))
-    with pytest.raises(ConfigError, match=r"stages\[0\]\(.*:Noop\): unknown key 'nope'"):
+    with pytest.raises(ConfigError, match=r"stages\[0\]\(.*:Noop\)\.nope: unknown key"):
         check_job(
             load_job(
                 {**_job(tmp_path, f"{name}:Noop"), "stages": [{"name": f"{name}:Noop", "nope": 1}, "shard"]},

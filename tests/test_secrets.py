@@ -63,7 +63,7 @@ def test_an_endpoint_url_with_credentials_is_refused_without_repeating_them(tmp_
     }
     with pytest.raises(ConfigError) as e:
         load_job(raw, base_dir=tmp_path)
-    assert SECRET not in str(e.value) and "job.storage.endpoint_url" in str(e.value)
+    assert SECRET not in str(e.value) and "storage.endpoint_url" in str(e.value)
     (tmp_path / "job.yaml").write_text(json.dumps(raw))
     assert cli_main(["manifest", "show", str(tmp_path), "--endpoint-url", f"http://k:{SECRET}@h:1"]) == 2
 

@@ -102,7 +102,7 @@ def test_another_jobs_interrupted_work_is_refused_then_cleaned(tmp_path):
     new = _job(tmp_path, "new", [f"http://new/{i}" for i in range(6)], out="out")
     with pytest.raises(JobError, match=r"holds the work of another job"):
         run_job(new)
-    with pytest.raises(JobError, match=r"job changed since the interrupted run \(input\)"):
+    with pytest.raises(JobError, match=r"job changed since the interrupted run \(input\.paths"):
         run_job(new, resume=True)
     man = run_job(new, clean_work=True)
     urls = pa.concat_tables([pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))])
