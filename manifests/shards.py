@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import tarfile
 import time
 from collections import Counter
@@ -49,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pairforge.manifests import layout, storage
+from pairforge.manifests.members import MEMBER_COLUMN, unsafe_names_rejected
 from pairforge.stages.base import (
     IMAGE_COLUMN,
     STATUS_FAILED,
@@ -74,12 +74,6 @@ RESIZE_REASONS = frozenset(
 )
 #: detail fields left out of ``error_message`` (long, and in ``detail``)
 _MESSAGE_SKIP = ("url", "model")
-#: what a tar member's name is made of, whatever the stages set: ``{key}.{ext}``,
-#: ``{key}.{column}.npy``; a sample whose key or ``image_ext`` is not of these
-#: is rejected here (``invalid_member_name``), never written under another name
-MEMBER_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
-MEMBER_EXT = re.compile(r"[A-Za-z0-9]{1,16}")
-MEMBER_COLUMN = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 Schema = dict[str, Column]
 
@@ -244,33 +238,6 @@ def _tar_bytes(rows: Batch, meta: pa.Table, arrays: list[str] = ()) -> bytes:
     return buf.getvalue()
 
 
-def _unsafe_names_rejected(rows: Batch) -> Batch:
-    """Samples whose tar member names would not be :data:`MEMBER_KEY` ``.``
-    :data:`MEMBER_EXT` become rejects of this stage (a URL list's own
-    ``image_ext`` in a job without ``download``, a stage's bug)."""
-    ok = np.flatnonzero(rows["status"] == STATUS_OK)
-    exts = rows["image_ext"] if "image_ext" in rows else None
-    images = rows.get(IMAGE_COLUMN)
-    bad = [
-        i
-        for i in ok
-        if not MEMBER_KEY.fullmatch(str(rows["key"][i]))
-        or (
-            exts is not None and images is not None and images[i] is not None and not MEMBER_EXT.fullmatch(str(exts[i]))
-        )
-    ]
-    if not bad:
-        return rows
-    rows = dict(rows)
-    for c in ("status", "stage", "reason", "detail"):
-        rows[c] = np.asarray(rows[c], dtype=object).copy()
-    for i in bad:
-        facts = {"key": str(rows["key"][i]), **({"image_ext": str(exts[i])} if exts is not None else {})}
-        rows["status"][i], rows["stage"][i], rows["reason"][i] = STATUS_FAILED, "shard", "invalid_member_name"
-        rows["detail"][i] = json.dumps(facts, sort_keys=True)
-    return rows
-
-
 def _file_entry(out: Path, path: Path, data: bytes) -> tuple[str, dict]:
     layout.atomic_write_bytes(path, data)
     return str(path.relative_to(out)), {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -292,7 +259,7 @@ def write_shard(
     t_start = time.time()
     n = batch_len(rows)
     if n:
-        rows = _unsafe_names_rejected(take(rows, np.argsort(rows["key"].astype(str), kind="stable")))
+        rows = unsafe_names_rejected(take(rows, np.argsort(rows["key"].astype(str), kind="stable")))
         ok = rows["status"] == STATUS_OK
     else:
         ok = np.zeros(0, dtype=bool)

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pairforge.manifests.shards import MEMBER_EXT as SAFE_EXT  # what an ``image_ext`` may be
+from pairforge.manifests.members import MEMBER_EXT as SAFE_EXT  # what an ``image_ext`` may be
 from pairforge.stages.base import READ_STAGE, STATUS_FAILED, STATUS_OK, require
 
 
