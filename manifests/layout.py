@@ -15,7 +15,7 @@ This is the on-disk contract (LAION / img2dataset layout) that trainers and
     OUT/arrays/<col>/<col>_00000.offsets.npy  n + 1 offsets into it
     OUT/<table>/00000.parquet              side tables of global stages (confounders), by shard
     OUT/_work/input/00000.parquet          the URL list cut into shards, keys assigned
-    OUT/_work/rows/00000/*.pkl             rows of input shard 0 after every per-row stage
+    OUT/_work/rows/00000/*.rows.arrow      rows of input shard 0 after every per-row stage (Arrow IPC)
     OUT/_work/rows/00000/*.fit.parquet     their fit columns (key, status, hashes, embeddings)
     OUT/_work/rows/00000/_done.json        input shard 0 finished its per-row pass (lists the parts)
     OUT/_work/fit/<stage>/decisions/00000.parquet  a global stage's decisions for shard 0
@@ -40,6 +40,15 @@ from pairforge.manifests import storage
 from pairforge.manifests.storage import ObjectPath
 
 SHARD_DIGITS = 5
+#: a stage, column or side-table name where it becomes part of a path (these
+#: come from the stages' declarations; a custom stage's are checked too)
+PATH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def _named(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not PATH_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{kind} {name!r}: a name that becomes part of a path must be {PATH_NAME.pattern}")
+    return name
 
 
 def _root(out) -> Path | ObjectPath:
@@ -76,16 +85,19 @@ def rejects_parquet(out, shard_id: int) -> Path:
 
 
 def embedding_npy(out, column: str, shard_id: int) -> Path:
+    column = _named("column", column)
     return _root(out) / "embeddings" / column / f"{column}_{shard_name(shard_id)}.npy"
 
 
 def array_npy(out, column: str, shard_id: int) -> Path:
     """A ``store="arrays"`` ragged column of a shard's samples, concatenated."""
+    column = _named("column", column)
     return _root(out) / "arrays" / column / f"{column}_{shard_name(shard_id)}.npy"
 
 
 def array_offsets(out, column: str, shard_id: int) -> Path:
     """Where each sample's rows start in :func:`array_npy` (n + 1 int64)."""
+    column = _named("column", column)
     return _root(out) / "arrays" / column / f"{column}_{shard_name(shard_id)}.offsets.npy"
 
 
@@ -99,7 +111,7 @@ def embedding_metadata(out, shard_id: int) -> Path:
 def rejects_embedding_npy(out, column: str, shard_id: int) -> Path:
     """Embeddings of the rejected rows, in the order of ``rejects/S.parquet``
     (zeros where a row was rejected before it had one)."""
-    return _root(out) / "rejects" / f"{shard_name(shard_id)}_{column}.npy"
+    return _root(out) / "rejects" / f"{shard_name(shard_id)}_{_named('column', column)}.npy"
 
 
 def manifest_json(out) -> Path:
@@ -121,7 +133,7 @@ def rows_done(out, shard_id: int) -> Path:
 
 
 def fit_dir(out, stage: str) -> Path:
-    return work_dir(out) / "fit" / stage
+    return work_dir(out) / "fit" / _named("stage", stage)
 
 
 def fit_done(out, stage: str) -> Path:
@@ -137,7 +149,7 @@ def reduced_dir(out, stage: str) -> Path:
 
 
 def side_table_dir(out, table: str) -> Path:
-    return _root(out) / table
+    return _root(out) / _named("side table", table)
 
 
 def side_table_parquet(out, table: str, shard_id: int) -> Path:

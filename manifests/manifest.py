@@ -15,10 +15,12 @@ import hashlib
 import json
 import tarfile
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pairforge.manifests import layout, storage
+from pairforge.manifests.redact import redact
 from pairforge.manifests.sources import count_sources, verify_sources
+from pairforge.stages.base import READ_STAGE
 
 FORMAT = "pairforge-manifest/2"
 #: the stage ``pairforge purge`` (``manifests.purge``) names on the rows it removes after a run
@@ -55,7 +57,8 @@ def stage_counters(stage_names: list[str], total: int, shard_stats: list[dict]) 
             seconds[stage] = seconds.get(stage, 0.0) + s
     out, alive = [], total
     purged = [PURGE_STAGE] if PURGE_STAGE in dropped and PURGE_STAGE not in stage_names else []
-    for name in [*stage_names, *purged]:  # a purged build resumed: the purge comes after every stage
+    first = [READ_STAGE] if READ_STAGE in dropped and READ_STAGE not in stage_names else []  # rows the reader rejected
+    for name in [*first, *stage_names, *purged]:  # a purged build resumed: the purge comes after every stage
         d = dict(sorted(dropped.pop(name, {}).items()))
         n_drop = sum(d.values())
         out.append(
@@ -174,10 +177,10 @@ def build_manifest(
     purges = _recorded_purges(out)
     return {
         "format": FORMAT,
-        "job": job,
+        "job": redact(job),  # a URL's credentials never reach the manifest (manifests.redact)
         "versions": versions(),
         "ray": ray_info,
-        "input": index,
+        "input": redact(index),
         "counts": {"input": index["total_rows"], "ok": ok, "rejected": sum(s["rejected"] for s in shard_stats)},
         "stages": stages,
         "columns": sum_columns(shard_stats),
@@ -246,6 +249,9 @@ def verify(out_dir) -> list[str]:
     total = 0
     for sh in man["shards"]:
         for name, want in sh["files"].items():
+            if not _inside(name):
+                problems.append(f"{name!r}: not a path inside the run (a manifest names files under OUT only)")
+                continue
             path = out / name
             if not path.exists():
                 problems.append(f"{name}: missing")
@@ -288,16 +294,33 @@ def verify(out_dir) -> list[str]:
     return problems
 
 
+def _inside(name) -> bool:
+    """A file name a manifest may list: relative, under ``OUT``, no ``..``
+    (``verify`` reads what a manifest names; a manifest is data)."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        return False
+    parts = PurePosixPath(name).parts
+    return not PurePosixPath(name).is_absolute() and ".." not in parts and ":" not in parts[0]
+
+
 def _verify_side_tables(out, tables: dict, shard_keys: set[str]) -> list[str]:
     """Checksums of every side-table file, and every key they link to is a
     sample in the shards (not a reject, not missing)."""
     problems = []
     for name, entry in tables.items():
+        try:
+            folder = layout.side_table_dir(out, name)
+        except ValueError as e:
+            problems.append(f"side_tables: {e}")
+            continue
         listed = set(entry["files"])
-        on_disk = {str(p.relative_to(out)) for p in layout.side_table_dir(out, name).glob("*.parquet")}
+        on_disk = {str(p.relative_to(out)) for p in folder.glob("*.parquet")}
         for extra in sorted(on_disk - listed):
             problems.append(f"{extra}: side-table file not in the manifest")
         for fname, want in sorted(entry["files"].items()):
+            if not _inside(fname):
+                problems.append(f"{fname!r}: not a path inside the run (a manifest names files under OUT only)")
+                continue
             path = out / fname
             if not path.exists():
                 problems.append(f"{fname}: missing")

@@ -96,8 +96,15 @@ def _numbered(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.parquet") if p.stem.isdigit())
 
 
+#: the most characters of one value (a caption, a URL, an error) the page shows
+TEXT_CHARS = 1000
+
+
 def _text(v) -> str:
-    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+    """A value as the page shows it: cut at :data:`TEXT_CHARS` (a caption of
+    megabytes is data, not something to put in a page), saying so."""
+    s = "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+    return s if len(s) <= TEXT_CHARS else f"{s[:TEXT_CHARS]}… ({len(s):,} characters)"
 
 
 def _float(v) -> float | None:

@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pairforge.manifests import layout, storage
+from pairforge.manifests.members import MEMBER_COLUMN, unsafe_names_rejected
 from pairforge.stages.base import (
     IMAGE_COLUMN,
     STATUS_FAILED,
@@ -211,6 +212,9 @@ def _tar_bytes(rows: Batch, meta: pa.Table, arrays: list[str] = ()) -> bytes:
     depend only on the rows. ``arrays``: ragged columns written as
     ``{key}.{column}.npy`` members (and left out of ``{key}.json``)."""
     buf = io.BytesIO()
+    for c in arrays:  # declared by a stage: a name that is not a member name is that stage's bug
+        if not MEMBER_COLUMN.fullmatch(c):
+            raise ValueError(f"column {c!r}: a tar member name needs {MEMBER_COLUMN.pattern}")
     if arrays:
         meta = meta.drop_columns([c for c in arrays if c in meta.column_names])
     records = meta.to_pylist()
@@ -255,7 +259,7 @@ def write_shard(
     t_start = time.time()
     n = batch_len(rows)
     if n:
-        rows = take(rows, np.argsort(rows["key"].astype(str), kind="stable"))
+        rows = unsafe_names_rejected(take(rows, np.argsort(rows["key"].astype(str), kind="stable")))
         ok = rows["status"] == STATUS_OK
     else:
         ok = np.zeros(0, dtype=bool)

@@ -75,7 +75,15 @@ class StorageConfig:
 
     def __post_init__(self):
         if self.endpoint_url is not None:
+            from pairforge.manifests.redact import has_userinfo, redact_text
+
             u = urlsplit(self.endpoint_url) if isinstance(self.endpoint_url, str) else None
+            if u is not None and has_userinfo(self.endpoint_url):  # the message must not repeat the secret
+                raise ValueError(
+                    f"endpoint_url: a user or password in the URL ({redact_text(self.endpoint_url)!r}) is never sent "
+                    "to S3 and would be recorded with the run: give credentials as AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or a profile, an instance role) instead"
+                )
             if u is None or u.scheme not in ("http", "https") or not u.netloc or u.path not in ("", "/"):
                 raise ValueError(
                     f"endpoint_url: expected http://HOST[:PORT] or https://HOST[:PORT], got {self.endpoint_url!r}"

@@ -2,7 +2,7 @@
 (``pipeline`` runs jobs, ``manifests`` reads runs, ``trainer`` trains), so
 it lives here, above them, and none of them imports it.
 
-pairforge run JOB.yaml [--address ADDR] [--resume] [--verbose] [--progress-every S]
+pairforge run JOB.yaml [--address ADDR] [--resume | --clean-work] [--verbose] [--progress-every S]
 pairforge demo [--out DIR] [--runner ray|local] [--verbose]
 pairforge manifest show DIR [--endpoint-url URL] [--region R]
 pairforge manifest verify DIR [--endpoint-url URL] [--region R]
@@ -32,7 +32,12 @@ def _cmd_run(args) -> int:
     job = load_job(args.job)
     try:
         manifest = run_job(
-            job, address=args.address, resume=args.resume, verbose=args.verbose, progress_every=args.progress_every
+            job,
+            address=args.address,
+            resume=args.resume,
+            clean_work=args.clean_work,
+            verbose=args.verbose,
+            progress_every=args.progress_every,
         )
     except KeyboardInterrupt:
         from pairforge.pipeline.job import run_state
@@ -321,6 +326,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job YAML file")
     r.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     r.add_argument("--resume", action="store_true", help="finish an interrupted run, skipping finished shards")
+    r.add_argument(
+        "--clean-work",
+        action="store_true",
+        help="delete OUT/_work (another job's, or an interrupted run's) and start over (docs/security.md)",
+    )
     _progress_flags(r)
     r.set_defaults(fn=_cmd_run)
 
@@ -432,8 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, JobError, FileNotFoundError) as e:
+        from pairforge.manifests.redact import redact_text
+
         for line in str(e).splitlines() or [type(e).__name__]:  # a whole-job check reports a line per problem
-            print(f"pairforge: error: {line}", file=sys.stderr)
+            print(f"pairforge: error: {redact_text(line)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)  # pipeline.outcome: 2, or 4 (empty input), 5 (no cluster)
 
 

@@ -53,7 +53,7 @@ from pairforge.manifests.storage import StorageConfig
 
 # the names of the column and open_clip modules are re-exported: callers import them from here
 from pairforge.pipeline.checks_columns import KNOWN_PRODUCERS, MAX_SCHEMA_FILES, check_columns, input_columns, producers  # noqa: F401
-from pairforge.pipeline.config import ConfigError, JobConfig, field_error
+from pairforge.pipeline.config import ConfigError, CustomOptions, JobConfig, field_error
 from pairforge.pipeline.open_clip_local import (  # noqa: F401
     ROUTE_PROBES,
     _hub_cached,
@@ -93,14 +93,15 @@ def check_job(job: JobConfig) -> list[str]:
             )
         elif prior and not any((Path(prior) / "shards").glob("*.parquet")):
             problems.append(f"{where}.prior_build: {prior!r} holds no shards/*.parquet (not the OUT of an earlier run)")
+    if job.ray.num_cpus is not None and job.ray.num_cpus < 1:
+        problems.append(f"ray.num_cpus: expected >= 1 (or null: all of this machine's), got {job.ray.num_cpus!r}")
+    problems += _check_output(job.output.dir, job.storage)
+    stages = _custom_stages(job, stages, problems)
     # a stage with a problem declares nothing: the stages after it are not judged on it
     judged = [(w, None if w in bad else s) for w, s in stages]
     problems += check_stages(judged)
     if columns is not None:
         problems += check_columns(judged, columns)
-    if job.ray.num_cpus is not None and job.ray.num_cpus < 1:
-        problems.append(f"ray.num_cpus: expected >= 1 (or null: all of this machine's), got {job.ray.num_cpus!r}")
-    problems += _check_output(job.output.dir, job.storage)
     if problems:
         raise ConfigError("\n".join(problems))
     return warnings
@@ -124,18 +125,42 @@ def check_stages(stages: list[tuple[str, Stage | None]]) -> list[str]:
     return problems
 
 
+def _custom_stages(job: JobConfig, stages: list, problems: list[str]) -> list:
+    """The custom stages (``module:Class``) built, their modules imported
+    now that the rest of the job is right (``config.resolve_stages``); with
+    any problem so far, none is imported and each stays unjudged."""
+    from pairforge.pipeline.config import resolve_stages
+
+    pending = [i for i, spec in enumerate(job.stages) if isinstance(spec.config, CustomOptions)]
+    if not pending or problems:
+        return stages
+    try:
+        resolved = resolve_stages(job)
+    except ConfigError as e:
+        problems.append(str(e))
+        return stages
+    out = list(stages)
+    for i in pending:
+        out[i] = _build_one(i, resolved.stages[i], problems)
+    return out
+
+
 def _build_stages(job: JobConfig, problems: list[str]) -> list[tuple[str, Stage | None]]:
+    """Each stage built from its options; a custom stage not yet imported is ``None``."""
+    return [_build_one(i, spec, problems) for i, spec in enumerate(job.stages)]
+
+
+def _build_one(i: int, spec, problems: list[str]) -> tuple[str, Stage | None]:
     from pairforge.stages import stage_class
 
-    out: list[tuple[str, Stage | None]] = []
-    for i, spec in enumerate(job.stages):
-        where = f"stages[{i}]({spec.name})"
-        try:
-            out.append((where, stage_class(spec.name)(spec.config)))
-        except (ValueError, TypeError) as e:  # the stage's own checks of its options
-            problems.append(str(field_error(where, e, [f.name for f in dataclasses.fields(spec.config)])))
-            out.append((where, None))
-    return out
+    where = f"stages[{i}]({spec.name})"
+    if isinstance(spec.config, CustomOptions):
+        return where, None
+    try:
+        return where, stage_class(spec.name)(spec.config)
+    except (ValueError, TypeError) as e:  # the stage's own checks of its options
+        problems.append(str(field_error(where, e, [f.name for f in dataclasses.fields(spec.config)])))
+        return where, None
 
 
 #: seconds to wait for a Ray cluster's port to answer before saying it does not

@@ -12,10 +12,10 @@ column and the stage that would make it.
 from __future__ import annotations
 
 import functools
-import io
 
 from pairforge.manifests import storage
 from pairforge.pipeline.config import ConfigError, JobConfig, input_entries
+from pairforge.pipeline.inputlimits import InputError, InputLimits, check_column_count
 from pairforge.stages.base import IDENTITY_COLUMNS, Stage
 
 #: built-in stages that cannot be built from defaults alone (cheaply), and what they declare
@@ -48,8 +48,9 @@ def input_columns(job: JobConfig, problems: list[str]) -> set[str] | None:
         for path in paths[:MAX_SCHEMA_FILES]:
             try:
                 fmt = detect_format(path, cfg.format, where)
-                names = renamed_names(_schema_names(path, fmt), cfg, path, where)
-            except ConfigError as e:
+                names = renamed_names(_schema_names(path, fmt, cfg.limits), cfg, path, where)
+                carried = carried_names(names, cfg, path)
+            except (ConfigError, InputError) as e:
                 problems.append(str(e))
                 return None
             except Exception as e:  # noqa: BLE001 - an unreadable file is a job error
@@ -60,18 +61,23 @@ def input_columns(job: JobConfig, problems: list[str]) -> set[str] | None:
                     problems.append(
                         f"{where}.{role}: {col!r} is not a column of {str(path)!r} (columns: {', '.join(names)})"
                     )
-            cols = {"url", "caption", "source", *IDENTITY_COLUMNS, *carried_names(names, cfg).values()}
+            cols = {"url", "caption", "source", *IDENTITY_COLUMNS, *carried.values()}
             common = cols if common is None else common & cols
     return common
 
 
-def _schema_names(path, fmt: str) -> list[str]:
-    """Column names from a file's footer or first block, not its rows."""
+def _schema_names(path, fmt: str, limits: InputLimits) -> list[str]:
+    """Column names from a file's footer or first block, not its rows,
+    within the source's ``limits`` (a JSON line is checked before pyarrow
+    parses it: ``pipeline.reader_json``)."""
     import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
+
+    from pairforge.pipeline.reader_json import jsonl_head_names
 
     if fmt == "parquet":
-        return storage.read_schema(path).names
+        names = storage.read_schema(path).names
+        check_column_count(names, limits, path)
+        return names
     if fmt == "coco":  # one JSON object: its rows' columns are the reader's; the reader checks the rest
         from pairforge.pipeline.reader import COCO_COLUMNS
 
@@ -82,11 +88,10 @@ def _schema_names(path, fmt: str) -> list[str]:
     if fmt in ("csv", "tsv"):
         opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
         with storage.arrow_input(path) as src, pacsv.open_csv(src, parse_options=opts) as reader:
-            return reader.schema.names
-    with path.open("rb") as f:
-        head = f.read(1 << 20)
-    head = head[: head.rfind(b"\n") + 1] or head
-    return pajson.read_json(io.BytesIO(head)).schema.names if head.strip() else []
+            names = reader.schema.names
+        check_column_count(names, limits, path)
+        return names
+    return jsonl_head_names(path, limits)
 
 
 def check_columns(stages: list[tuple[str, Stage | None]], available: set[str]) -> list[str]:

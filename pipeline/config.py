@@ -28,6 +28,7 @@ import yaml
 
 from pairforge.manifests import storage
 from pairforge.manifests.storage import StorageConfig
+from pairforge.pipeline.inputlimits import InputLimits
 from pairforge.stages.base import Stage
 
 # the builder's names are re-exported: stages' tests and pipeline.checks import them from here
@@ -61,6 +62,9 @@ class InputConfig:
     #: source column -> pairforge column, renamed before anything else reads
     #: the file (``{URL: url, TEXT: caption}`` for LAION parquet)
     columns: dict[str, str] = field(default_factory=dict)
+    #: bounds on what the files may hold (``pipeline.inputlimits``: caption and
+    #: URL length, columns, JSON line length and depth, file sizes)
+    limits: InputLimits = field(default_factory=InputLimits)
 
     def __post_init__(self):
         if not self.paths:
@@ -100,6 +104,15 @@ class RayConfig:
 class StageSpec:
     name: str
     config: Any
+
+
+@dataclass(frozen=True)
+class CustomOptions:
+    """The options of a stage of one's own (``package.module:Class``) as the
+    job file wrote them: its module is code, imported only once the rest of
+    the job has passed its checks (:func:`resolve_stages`)."""
+
+    options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -156,7 +169,7 @@ def stage_specs(raw: Any, problems: list[str] | None = None) -> tuple[StageSpec,
     owner, its ``__t_<name>`` timing column, its reject reasons (``stage``),
     its fit's folder (``_work/fit/<name>``) and its counts in the manifest,
     which two of one name would mix up."""
-    from pairforge.stages import STAGES, spec_name, stage_class
+    from pairforge.stages import STAGES, check_custom_name, is_custom, spec_name, stage_class
 
     own = problems is None
     problems = [] if own else problems
@@ -190,6 +203,15 @@ def stage_specs(raw: Any, problems: list[str] | None = None) -> tuple[StageSpec,
                 "merge their options into one"
             )
         first.setdefault(name, i)
+        if is_custom(name):  # not imported here: see CustomOptions
+            try:
+                check_custom_name(name)
+            except ValueError as e:
+                problems.append(f"stages[{i}]: {e}")
+                specs.append(None)
+                continue
+            specs.append(StageSpec(name, CustomOptions({k: v for k, v in item.items() if k != "name"})))
+            continue
         try:
             if name not in STAGES and ":" not in name:
                 raise ValueError(
@@ -372,7 +394,33 @@ def to_dict(job: JobConfig) -> dict:
     for entry in [d["input"]] if isinstance(d["input"], dict) else d["input"]:
         if not entry["columns"]:  # recorded as before there was one (a resume compares the records)
             del entry["columns"]
-    d["stages"] = [{"name": s.name, **dataclasses.asdict(s.config)} for s in job.stages]
+        if entry["limits"] == dataclasses.asdict(InputLimits()):  # the same: the defaults are left out
+            del entry["limits"]
+    d["stages"] = [
+        {"name": s.name, **(s.config.options if isinstance(s.config, CustomOptions) else dataclasses.asdict(s.config))}
+        for s in job.stages
+    ]
     if job.storage == StorageConfig():  # a job without the section is recorded as before it existed
         del d["storage"]
     return d
+
+
+def resolve_stages(job: JobConfig) -> JobConfig:
+    """``job`` with each custom stage's module imported and its options built
+    into its ``Config`` (:class:`CustomOptions` until then); a
+    ``ConfigError`` naming ``stages[i]`` when one cannot be. Built-in stages
+    are as they were. A job that names such a stage is code, to be trusted as
+    such (docs/security.md): this runs only once the rest of the job has
+    passed the whole-job check (``pipeline.checks``)."""
+    from pairforge.stages import stage_class
+
+    specs = list(job.stages)
+    for i, spec in enumerate(specs):
+        if not isinstance(spec.config, CustomOptions):
+            continue
+        try:
+            cls = stage_class(spec.name)
+        except ValueError as e:
+            raise ConfigError(f"stages[{i}]: {e}") from None
+        specs[i] = StageSpec(spec.name, build(cls.Config, dict(spec.config.options), f"stages[{i}]({spec.name})"))
+    return dataclasses.replace(job, stages=tuple(specs)) if specs != list(job.stages) else job

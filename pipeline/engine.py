@@ -23,7 +23,7 @@ writes the same ``_work``, and a resume finds its marks there either way.
 from __future__ import annotations
 
 import json
-import pickle
+import re
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,6 +34,7 @@ import pyarrow as pa
 from pairforge.manifests import layout, storage
 from pairforge.manifests.shards import to_arrow, write_shard
 from pairforge.manifests.storage import ObjectPath
+from pairforge.pipeline import batchfile
 from pairforge.pipeline.batches import table_to_batch
 from pairforge.stages.base import (
     STATUS_DROPPED,
@@ -112,34 +113,58 @@ def read_input(spec: RunSpec, shard_id: int, keys=None) -> Batch:
     return take(rows, np.array([i for i, k in enumerate(rows["key"]) if str(k) in want], dtype=np.int64))
 
 
+#: a part's rows file and its fit-columns file, beside each other in ``rows_dir``
+PART_ROWS, PART_FIT = ".rows.arrow", ".fit.parquet"
+#: a part's name: what ``save_rows`` gives (a uuid's hex) or another writer's of the same alphabet
+PART_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _checked_name(name: str) -> str:
+    if not isinstance(name, str) or not PART_NAME.fullmatch(name):
+        raise ValueError(f"part name {name!r}: expected 1-64 of A-Z a-z 0-9 _ -")
+    return name
+
+
+def part_files(name: str, images: bool = True) -> list[str]:
+    """The file names of part ``name``: its fit file and, with ``images``,
+    its rows file (removed once its shard is written)."""
+    return [f"{name}{PART_FIT}"] + ([f"{name}{PART_ROWS}"] if images else [])
+
+
 def write_part(folder, name: str, rows: Batch, spec: RunSpec) -> None:
-    """One part: the rows (pickle: bytes, ragged and object columns
-    round-trip exactly) and their fit columns beside them as parquet."""
-    storage.write_atomic(folder / f"{name}.pkl", pickle.dumps(rows, protocol=5), fsync=False)
+    """Leave ``rows`` in part ``name`` (:data:`PART_NAME`) under ``folder`` (a ``rows_dir``):
+    every column exactly (bytes, ragged and object columns round-trip) as
+    an Arrow IPC file (``pipeline.batchfile``: reading it runs no code), and
+    the run's fit columns beside it as parquet. Writing a part again
+    replaces it whole (each file is written atomically)."""
+    _checked_name(name)
     fit_cols = [c for c in spec.fit_columns if c in rows]
-    storage.write_parquet(folder / f"{name}.fit.parquet", to_arrow(rows, fit_cols, spec.schema))
+    storage.write_atomic(folder / f"{name}{PART_ROWS}", batchfile.dumps(rows), fsync=False)
+    storage.write_parquet(folder / f"{name}{PART_FIT}", to_arrow(rows, fit_cols, spec.schema))
 
 
 def read_part(folder, name: str) -> Batch:
-    return pickle.loads((folder / f"{name}.pkl").read_bytes())
+    """The rows :func:`write_part` left in part ``name`` under ``folder``."""
+    path = folder / f"{_checked_name(name)}{PART_ROWS}"
+    return batchfile.loads(path.read_bytes(), str(path))
 
 
 def remove_part(folder, name: str, fit: bool = True) -> None:
-    (folder / f"{name}.pkl").unlink(missing_ok=True)
+    """Remove part ``name``'s rows file (and, with ``fit``, its fit file)."""
+    (folder / f"{_checked_name(name)}{PART_ROWS}").unlink(missing_ok=True)
     if fit:
-        (folder / f"{name}.fit.parquet").unlink(missing_ok=True)
+        (folder / f"{name}{PART_FIT}").unlink(missing_ok=True)
 
 
 def save_rows(batch: Batch, spec: RunSpec) -> Batch:
-    """Leave this batch's rows in one part file per shard they belong to
+    """Leave this batch's rows in one part per shard they belong to
     (:func:`write_part`). Returns one record per part."""
     sids = np.asarray(batch["shard_id"]).astype(np.int64) if batch_len(batch) else np.zeros(0, np.int64)
     rec = {"shard_id": [], "rows": [], "part": [], "dropped": []}
     for sid in np.unique(sids):
         rows = take(batch, np.flatnonzero(sids == sid))
-        folder = layout.rows_dir(spec.out, int(sid))
         name = uuid.uuid4().hex
-        write_part(folder, name, rows, spec)
+        write_part(layout.rows_dir(spec.out, int(sid)), name, rows, spec)
         rec["shard_id"].append(int(sid))
         rec["rows"].append(batch_len(rows))
         rec["part"].append(name)
@@ -187,9 +212,19 @@ def rows_mark(out, shard_id: int, images: bool = True) -> dict | None:
         mark = json.loads(layout.rows_done(out, shard_id).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    if not _valid_mark(mark):
+        return None
     folder = layout.rows_dir(out, shard_id)
-    need = [f"{p}.fit.parquet" for p in mark["parts"]] + ([f"{p}.pkl" for p in mark["parts"]] if images else [])
+    need = [f for p in mark["parts"] for f in part_files(p, images)]
     return mark if all((folder / n).exists() for n in need) else None
+
+
+def _valid_mark(mark) -> bool:
+    """A mark read from ``_work`` names parts by safe names only: a planted
+    ``../`` never becomes a path that is read or deleted."""
+    if not isinstance(mark, dict) or not isinstance(mark.get("parts"), list) or type(mark.get("rows")) is not int:
+        return False
+    return all(isinstance(p, str) and PART_NAME.fullmatch(p) for p in mark["parts"])
 
 
 def clear_rows(out, shard_id: int) -> None:
@@ -203,7 +238,7 @@ def read_fit_rows(spec: RunSpec, shard_id: int, columns) -> Batch:
         raise RuntimeError(f"input shard {shard_id} has no finished per-row pass")
     folder = layout.rows_dir(spec.out, shard_id)
     cols = list(dict.fromkeys([*FIT_BASE, *columns]))
-    tables = [storage.read_parquet(folder / f"{p}.fit.parquet", columns=cols) for p in mark["parts"]]
+    tables = [storage.read_parquet(folder / f"{p}{PART_FIT}", columns=cols) for p in mark["parts"]]
     return table_to_batch(pa.concat_tables(tables)) if tables else {}
 
 

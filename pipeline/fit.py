@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import time
 
 import numpy as np
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.shards import to_arrow
+from pairforge.pipeline import batchfile
 from pairforge.pipeline.engine import RunSpec, alive_at, read_decisions, read_fit_rows
 from pairforge.stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
 
@@ -91,7 +91,7 @@ def _sample_shard(shard_id: int, spec: RunSpec, stage: GlobalStage, cut: int) ->
     rows = alive_rows(spec, stage, shard_id)
     h = key_hashes(rows["key"])
     pick = take(rows, np.flatnonzero(h < np.uint64(cut)))
-    storage.write_atomic(_sample_dir(spec, stage) / f"{shard_id:08d}.pkl", pickle.dumps(pick, protocol=5), fsync=False)
+    storage.write_atomic(_sample_dir(spec, stage) / f"{shard_id:08d}.arrow", batchfile.dumps(pick), fsync=False)
     return len(h), batch_len(pick)
 
 
@@ -104,8 +104,8 @@ def _learn(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
     hashes, in key order, then ``learn`` on them (k-means over a large sample
     is no work for the driver)."""
     parts = []
-    for path in sorted(_sample_dir(spec, stage).glob("*.pkl")):
-        parts.append(pickle.loads(path.read_bytes()))
+    for path in sorted(_sample_dir(spec, stage).glob("*.arrow")):
+        parts.append(batchfile.loads(path.read_bytes(), str(path)))
     sample = concat([p for p in parts if batch_len(p)])
     limit = int(stage.sample_rows)
     if batch_len(sample) > limit:
@@ -130,8 +130,8 @@ def _reduce(rows: Batch, spec: RunSpec, stage: GlobalStage) -> str:
     ``reduced_dir``."""
     out = stage.reduce_bucket(rows)
     bucket = int(np.asarray(rows["bucket"])[0])
-    path = layout.reduced_dir(spec.out, stage.name) / f"{bucket:08d}.pkl"
-    storage.write_atomic(path, pickle.dumps(out, protocol=5), fsync=False)
+    path = layout.reduced_dir(spec.out, stage.name) / f"{bucket:08d}.arrow"
+    storage.write_atomic(path, batchfile.dumps(out), fsync=False)
     return path.name
 
 
@@ -139,7 +139,7 @@ def _combine(names: list[str], spec: RunSpec, stage: GlobalStage) -> tuple[Globa
     folder = layout.reduced_dir(spec.out, stage.name)
     reduced = []
     for name in sorted(names):  # bucket order, whatever order the reducers finished in
-        reduced.append(pickle.loads((folder / name).read_bytes()))
+        reduced.append(batchfile.loads((folder / name).read_bytes(), str(folder / name)))
     result = stage.combine(concat([r for r in reduced if batch_len(r)]))
     storage.rmtree(folder)
     return stage, store_result(spec, stage, result, shards=None)

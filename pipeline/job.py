@@ -14,11 +14,12 @@ from datetime import datetime, timezone
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.manifest import build_manifest, write_manifest, write_sizes
+from pairforge.manifests.redact import redact_text
 from pairforge.manifests.shards import read_stats
-from pairforge.pipeline import engine, outcome, retrypass
+from pairforge.pipeline import engine, outcome, retrypass, workdir
 from pairforge.pipeline.checks import check_job, check_ray_address
 from pairforge.pipeline.checks_urls import input_warnings
-from pairforge.pipeline.config import JobConfig, to_dict
+from pairforge.pipeline.config import JobConfig, resolve_stages, to_dict
 from pairforge.pipeline.engine import RunSpec
 from pairforge.pipeline.fit import Launcher, fit_mark, run_fit
 from pairforge.pipeline.progress import ProgressTracker
@@ -46,11 +47,11 @@ class Unreachable(JobError):
 
 
 def _log(msg: str) -> None:
-    print(f"[pairforge] {msg}", file=sys.stderr, flush=True)
+    print(f"[pairforge] {redact_text(msg)}", file=sys.stderr, flush=True)
 
 
 def instantiate(job: JobConfig) -> tuple[list[Stage], Stage]:
-    stages = [stage_class(s.name)(s.config) for s in job.stages]
+    stages = [stage_class(s.name)(s.config) for s in resolve_stages(job).stages]
     return stages[:-1], stages[-1]
 
 
@@ -89,13 +90,9 @@ def _ray_info(ray) -> dict:
 def _job_record(job: JobConfig) -> dict:
     """What a resumed run must share with the run it finishes: the stages
     and their settings, the input, the shard size (its finished rows and
-    fits were made by them); not how it runs (Ray, runner, storage options)."""
-    rec = to_dict(job)
-    rec.pop("ray", None)
-    rec.pop("runner", None)  # both runners give the same rows
-    rec.pop("storage", None)  # how the bucket is reached, not what is in it
-    rec["output"] = {k: v for k, v in rec["output"].items() if k != "dir"}
-    return json.loads(json.dumps(rec, sort_keys=True, default=str))
+    fits were made by them); not how it runs (Ray, runner, storage options).
+    URL credentials masked; its SHA-256 binds ``_work`` (``pipeline.workdir``)."""
+    return workdir.job_record(job)
 
 
 def _check_resume(out, job: JobConfig, index) -> None:
@@ -148,6 +145,7 @@ def run_job(
     *,
     address: str | None = None,
     resume: bool = False,
+    clean_work: bool = False,
     verbose: bool = False,
     progress_every: float | None = None,
 ) -> dict:
@@ -159,9 +157,12 @@ def run_job(
     rows are not on disk yet, each global stage's fit (skipped when nothing
     changed since a finished fit), then every shard not yet written.
     ``verbose``: Ray's own progress bars and INFO logs too; ``progress_every``:
-    seconds between progress lines when stderr is not a terminal."""
+    seconds between progress lines when stderr is not a terminal.
+    ``OUT/_work`` must be empty or this job's (``pipeline.workdir``);
+    ``clean_work`` deletes it first."""
     for warning in check_job(job):
         _log(f"warning: {warning}")
+    job = resolve_stages(job)  # custom stages' modules: imported once the job passed its checks
     addr = address or job.ray.address or os.environ.get("RAY_ADDRESS")
     if job.runner != "local" and addr:
         problem = check_ray_address(addr)
@@ -175,7 +176,11 @@ def run_job(
     index = read_index(out) if resume else None
     if index is not None:  # checked before anything is written: a refused resume leaves the run as it was
         _check_resume(out, job, index)
-    else:
+    try:  # _work is this job's, or empty (or cleaned on request): before anything is written there
+        workdir.bind_work(out, _job_record(job), resume=resume, clean=clean_work)
+    except workdir.WorkFolderError as e:
+        raise JobError(str(e)) from None
+    if index is None:
         index = split_input(job.input, out, job.output.samples_per_shard, config=job.storage)
     if index.total_rows == 0:
         files = ", ".join(f"{f['path']} ({f['rows']} rows)" for f in index.files)
@@ -328,10 +333,12 @@ def _find_stage_error(e: BaseException | None, depth: int = 0) -> StageError | N
 def _stage_error(out, e: StageError) -> str:
     """One line for the user; the trace goes to ``OUT/_work/error.log``."""
     log = layout.work_dir(out) / "error.log"
-    storage.append_text(log, f"{datetime.now(timezone.utc).isoformat()} stage {e.stage}, row {e.key}\n{e.trace}\n")
+    record = f"{datetime.now(timezone.utc).isoformat()} stage {e.stage}, row {e.key}\n{e.trace}\n"
+    storage.append_text(log, redact_text(record))
     where = f"row {e.key}" if e.key is not None else "a batch (no single row fails alone)"
     # the fields, not str(e): under Ray the exception's text is Ray's whole traceback
-    return f"stage {e.stage} failed on {where}: {e.error} (trace in {log}; a stage should reject a bad row, not raise)"
+    line = f"stage {e.stage} failed on {where}: {e.error} (trace in {log}; a stage should reject a bad row, not raise)"
+    return redact_text(line)
 
 
 def run_state(out_dir, config: storage.StorageConfig | None = None) -> str:

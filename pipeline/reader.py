@@ -22,20 +22,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.storage import ObjectPath, StorageConfig
 from pairforge.pipeline.config import FORMATS, ConfigError, InputConfig, input_entries
+from pairforge.pipeline.inputlimits import InputError, InputLimits, bound_rows, check_column_count, is_reserved_name
+from pairforge.pipeline.reader_json import COCO_COLUMNS, COCO_URL_FIELDS, coco_batches, jsonl_batches  # noqa: F401
 from pairforge.stages.base import IDENTITY_COLUMNS, STATUS_OK
 
 RESERVED = set(IDENTITY_COLUMNS) | {"url", "caption", "source"}
 READ_ROWS = 65536
-#: the columns of a ``coco`` file's rows (one per annotation): ``id`` is the
-#: annotation's, ``url`` the image's first of :data:`COCO_URL_FIELDS`
-COCO_COLUMNS = ("url", "caption", "image_id", "id", "file_name")
-COCO_URL_FIELDS = ("coco_url", "flickr_url", "url")
 
 
 @dataclass(frozen=True)
@@ -104,8 +101,11 @@ def renamed_names(names: list[str], cfg: InputConfig, path, where: str = "input"
             raise ConfigError(
                 f"{where}.columns: {old!r} is not a column of {str(path)!r} (columns: {', '.join(names)})"
             )
-        if new in IDENTITY_COLUMNS or new == "source":
+        if new in IDENTITY_COLUMNS or new == "source" or is_reserved_name(new):
             raise ConfigError(f"{where}.columns: {old!r} -> {new!r}: {new!r} is a column pairforge sets itself")
+    same = sorted({n for n in names if names.count(n) > 1})
+    if same:  # a CSV header may repeat a name
+        raise ConfigError(f"{path}: two columns are named {same[0]!r}")
     out = [cfg.columns.get(n, n) for n in names]
     twice = sorted({n for n in out if out.count(n) > 1})
     if twice:
@@ -113,68 +113,72 @@ def renamed_names(names: list[str], cfg: InputConfig, path, where: str = "input"
     return out
 
 
-def carried_names(names: list[str], cfg: InputConfig) -> dict[str, str]:
+def carried_names(names: list[str], cfg: InputConfig, path=None) -> dict[str, str]:
     """The (renamed) columns carried to every row besides the URL and the
-    caption, and the name each gets there (one that collides with a column
-    of ours gets an ``input_`` prefix)."""
-    return {n: f"input_{n}" if n in RESERVED else n for n in names if n not in (cfg.url_col, cfg.caption_col)}
+    caption, and the name each gets there: one that collides with a column
+    of ours, or starts with ``_`` (pairforge's: ``pipeline.inputlimits``),
+    gets an ``input_`` prefix."""
+    out = {
+        n: f"input_{n}" if n in RESERVED or is_reserved_name(n) else n
+        for n in names
+        if n not in (cfg.url_col, cfg.caption_col)
+    }
+    targets = list(out.values())
+    twice = sorted({n for n in targets if targets.count(n) > 1})
+    if twice:
+        where = f" of {str(path)!r}" if path is not None else ""
+        raise ConfigError(f"columns{where}: two columns would be carried as {twice[0]!r} (a name of ours gets input_)")
+    return out
 
 
-def iter_batches(path: Path | ObjectPath, fmt: str) -> Iterator[pa.RecordBatch]:
+def _size(path: Path | ObjectPath) -> int:
+    return path.fs.get_file_info(path.key).size if isinstance(path, ObjectPath) else path.stat().st_size
+
+
+def iter_batches(path: Path | ObjectPath, fmt: str, limits: InputLimits | None = None) -> Iterator[pa.RecordBatch]:
+    """The file's rows in record batches, within ``limits``: a file that
+    breaks one, or that its format's reader cannot read, is a
+    ``ConfigError`` naming it (and the line, for JSONL)."""
+    limits = limits or InputLimits()
+    try:
+        yield from _batches(path, fmt, limits)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ConfigError(f"{path}: cannot read it as {fmt}: {type(e).__name__}: {e}") from None
+
+
+def _batches(path: Path | ObjectPath, fmt: str, limits: InputLimits) -> Iterator[pa.RecordBatch]:
     if fmt == "coco":
-        yield from _coco_batches(path)
+        yield from coco_batches(path, limits, READ_ROWS)
+        return
+    if fmt == "jsonl":
+        yield from jsonl_batches(path, limits, READ_ROWS)
         return
     with storage.arrow_input(path) as src:  # a local path as it is; an object opened for reading
         if fmt == "parquet":
-            yield from pq.ParquetFile(src).iter_batches(batch_size=READ_ROWS)
-        elif fmt in ("csv", "tsv"):
+            pf = pq.ParquetFile(src)
+            check_column_count(pf.schema_arrow.names, limits, path)
+            yield from pf.iter_batches(batch_size=READ_ROWS)
+        else:
+            if _size(path) > limits.max_file_bytes:
+                raise InputError(f"{path}: larger than input.limits.max_file_bytes ({limits.max_file_bytes})")
             opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
             conv = pacsv.ConvertOptions(strings_can_be_null=True)
-            yield from pacsv.open_csv(src, parse_options=opts, convert_options=conv)
-        else:
-            yield from pajson.read_json(src).to_batches(READ_ROWS)
+            with pacsv.open_csv(src, parse_options=opts, convert_options=conv) as reader:
+                check_column_count(reader.schema.names, limits, path)
+                yield from reader
 
 
-def _coco_batches(path: Path | ObjectPath) -> Iterator[pa.RecordBatch]:
-    """COCO captions JSON (``{"images": [{id, file_name, coco_url|flickr_url|url}],
-    "annotations": [{id, image_id, caption}]}``) as one row per annotation, in
-    the file's order. An annotation whose image is not listed, or has no URL,
-    gets an empty URL: it is rejected by ``download``, not lost."""
+def _text(column, path, key: str, name: str):
+    """A URL or caption column as text; one that is not (a list, a struct)
+    is an error naming the file, the column and its type."""
     try:
-        data = json.loads(path.read_bytes())
-    except ValueError as e:
-        raise ConfigError(f"{path}: not COCO captions JSON: {e}") from None
-    lists = isinstance(data, dict) and all(isinstance(data.get(k), list) for k in ("images", "annotations"))
-    if not lists:
-        raise ConfigError(f"{path}: not COCO captions JSON: expected an object with 'images' and 'annotations' lists")
-    images = {}
-    for im in data["images"]:
-        if isinstance(im, dict) and "id" in im:
-            url = next((im[f] for f in COCO_URL_FIELDS if im.get(f)), "")
-            images[im["id"]] = (str(url), im.get("file_name"))
-    anns = data["annotations"]
-    if not all(isinstance(a, dict) for a in anns):
-        raise ConfigError(f"{path}: not COCO captions JSON: an annotation is not an object")
-    for i in range(0, len(anns), READ_ROWS):
-        part = anns[i : i + READ_ROWS]
-        seen = [images.get(a.get("image_id"), ("", None)) for a in part]
-        yield pa.record_batch(
-            {
-                "url": pa.array([u for u, _ in seen], pa.string()),
-                "caption": pa.array([a.get("caption") for a in part], pa.string()),
-                "image_id": _array([a.get("image_id") for a in part]),
-                "id": _array([a.get("id") for a in part]),
-                "file_name": pa.array([f for _, f in seen], pa.string()),
-            }
-        )
-
-
-def _array(values: list) -> pa.Array:
-    """Ids as the file has them (COCO's are integers), strings if they mix."""
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([None if v is None else str(v) for v in values], pa.string())
+        return pc.cast(column, pa.string())
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        raise ConfigError(f"{path}: column {name!r} ({key}) holds {column.type}, not text") from None
 
 
 def _normalise(
@@ -182,22 +186,22 @@ def _normalise(
 ) -> tuple[pa.Table, int]:
     """The batch in pairforge's columns, and how many of its captions were
     null (they become ``""``: counted in the index, see ``docs/troubleshooting.md``)."""
+    names = renamed_names(batch.schema.names, cfg, path, where)
     if cfg.columns:
-        batch = batch.rename_columns(renamed_names(batch.schema.names, cfg, path, where))
-    names = batch.schema.names
+        batch = batch.rename_columns(names)
     for role, col in (("url_col", cfg.url_col), ("caption_col", cfg.caption_col)):
         if col not in names:
             raise ConfigError(f"{path}: no column {col!r} ({where}.{role}); columns are: {', '.join(names)}")
-    url = pc.cast(batch.column(cfg.url_col), pa.string())
-    cap = pc.cast(batch.column(cfg.caption_col), pa.string())
+    url = _text(batch.column(cfg.url_col), path, f"{where}.url_col", cfg.url_col)
+    cap = _text(batch.column(cfg.caption_col), path, f"{where}.caption_col", cfg.caption_col)
     cols = {
         "url": pc.fill_null(url, ""),
         "caption": pc.fill_null(cap, ""),
         "source": pa.array([source] * batch.num_rows, pa.string()),
     }
-    for name, out_name in carried_names(names, cfg).items():
+    for name, out_name in carried_names(names, cfg, path).items():
         cols[out_name] = batch.column(name)
-    return pa.table(cols), cap.null_count
+    return bound_rows(pa.table(cols), cfg.limits), cap.null_count
 
 
 def split_input(
@@ -237,7 +241,7 @@ def split_input(
             fmt = detect_format(path, src.format, where)
             source = src.source or path.stem
             rows = nulls = 0
-            for batch in iter_batches(path, fmt):
+            for batch in iter_batches(path, fmt, src.limits):
                 table, null_captions = _normalise(batch, src, path, source, where)
                 pending.append(table)
                 pending_rows += table.num_rows
@@ -264,7 +268,7 @@ def input_files(cfg: InputConfig | tuple[InputConfig, ...], config: StorageConfi
                 with storage.arrow_input(path) as f:
                     rows = pq.ParquetFile(f).metadata.num_rows
             else:
-                rows = sum(b.num_rows for b in iter_batches(path, fmt))
+                rows = sum(b.num_rows for b in iter_batches(path, fmt, src.limits))
             files.append({"path": str(path), "format": fmt, "rows": rows})
     return files
 
@@ -279,7 +283,7 @@ def _write_input_shard(out, sid: int, table: pa.Table, width: int) -> None:
         "reason": pa.array([""] * n, pa.string()),
         "detail": pa.array([""] * n, pa.string()),
     }
-    for name in table.column_names:
+    for name in table.column_names:  # the fate of a row the reader rejected replaces the four above, in place
         ident[name] = table.column(name)
     storage.write_parquet(layout.input_shard(out, sid), pa.table(ident))
 

@@ -14,6 +14,7 @@ imports torch.
 from __future__ import annotations
 
 import importlib
+import re
 
 #: the built-in stages: name in a job file -> ``module:Class``
 STAGES: dict[str, str] = {
@@ -60,6 +61,22 @@ def stage_class(name: str) -> type:
     if not (isinstance(found, type) and issubclass(found, Stage)):
         raise ValueError(f"stage {name!r}: {target} is not a Stage class")
     return found
+
+
+#: ``package.module:Class``: dotted identifiers, one colon, an identifier
+CUSTOM_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def is_custom(name: str) -> bool:
+    """A stage of one's own (``module:Class``), not a built-in one. Its module
+    is code: imported only once the rest of the job passed its checks."""
+    return name not in STAGES and ":" in str(name)
+
+
+def check_custom_name(name: str) -> None:
+    """A custom stage's name, checked without importing anything."""
+    if not CUSTOM_NAME.fullmatch(name):
+        raise ValueError(f"stage {name!r}: a stage of your own is named package.module:Class")
 
 
 def spec_name(stage) -> str:

@@ -57,6 +57,8 @@ from pairforge.stages.options_doc import options_text
 
 #: Columns every row has from the reader on.
 IDENTITY_COLUMNS = ("key", "shard_id", "status", "stage", "reason", "detail")
+#: the ``stage`` of a row the reader rejected (a bound of ``pipeline.inputlimits``)
+READ_STAGE = "input"
 #: Column holding encoded image bytes (its extension is in ``image_ext``);
 #: never written to parquet or rejects.
 IMAGE_COLUMN = "image"

@@ -21,7 +21,7 @@ def _part(out, sid: int, name: str, stages: list[str]) -> dict:
     keys = [f"{sid:05d}{i}" for i in range(n)]
     status = ["ok" if not s else "failed" for s in stages]
     pq.write_table(pa.table({"key": keys, "status": status, "stage": stages}), folder / f"{name}.fit.parquet")
-    (folder / f"{name}.pkl").write_bytes(b"")
+    (folder / f"{name}.rows.arrow").write_bytes(b"")
     return {"shard_id": np.array([sid]), "rows": np.array([n]), "part": np.array([name], dtype=object)}
 
 

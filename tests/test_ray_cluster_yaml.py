@@ -75,7 +75,7 @@ def test_the_header_shows_the_launch_in_order_and_each_command_parses():
 
     commands = _header_commands()
     verbs = [c[1] for c in commands]
-    assert verbs[0] == "up" and "exec" in verbs and "down" in verbs and verbs.index("down") > verbs.index("exec")
+    assert verbs[:2] == ["get-auth-token", "up"] and "exec" in verbs and "down" in verbs and verbs.index("down") > verbs.index("exec")
     for argv in commands:
         ctx = cli.make_context("ray", argv[1:])
         name, cmd, rest = cli.resolve_command(ctx, argv[1:])
@@ -100,3 +100,38 @@ def test_the_cluster_job_writes_to_object_storage():
     job = load_job(ROOT / "pipeline" / "example_cluster_job.yaml")
     assert storage.is_object(storage.path(job.output.dir, job.storage))
     assert all(storage.is_uri(p) for _, src in input_entries(job.input) for p in src.paths)
+
+
+def test_workers_get_least_privilege_imdsv2_and_token_auth():
+    """Issue 29, finding 3: workers had the launcher's default role
+    (ray-autoscaler-v1: EC2 and S3 full access) while they fetch untrusted
+    URLs; no node required IMDSv2; the head took no token."""
+    import json
+
+    cfg = _load()
+    types = cfg["available_node_types"]
+    for name, node in types.items():
+        meta = node["node_config"].get("MetadataOptions")
+        assert meta == {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"}, name
+        if name != cfg["head_node_type"]:
+            assert node["node_config"]["IamInstanceProfile"] == {"Name": "pairforge-worker"}, name
+    head = types[cfg["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}, "no task (no fetched image) on the head, whose role starts instances"
+    assert "IamInstanceProfile" not in head["node_config"]  # the launcher's own role, which it needs
+    assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    path = next(o.split("=", 1)[1] for o in cfg["docker"]["run_options"] if o.startswith("--env RAY_AUTH_TOKEN_PATH="))
+    assert cfg["file_mounts"][path] == "~/.ray/auth_token"
+
+    policy = json.loads((ROOT / "docs" / "cluster-worker-policy.json").read_text())
+    actions = {a for st in policy["Statement"] for a in st["Action"]}
+    assert all(st["Effect"] == "Allow" for st in policy["Statement"])
+    assert actions <= {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+    resources = [st["Resource"] for st in policy["Statement"]]
+    assert all(r.startswith("arn:aws:s3:::your-bucket") and r != "*" for r in resources)
+    writes = [st for st in policy["Statement"] if "s3:PutObject" in st["Action"]]
+    assert [st["Resource"] for st in writes] == ["arn:aws:s3:::your-bucket/runs/*"]  # OUT only
+    from pairforge.pipeline.config import input_entries, load_job
+
+    job = load_job(ROOT / "pipeline" / "example_cluster_job.yaml")
+    assert job.output.dir.startswith("s3://your-bucket/runs/")
+    assert all(p.startswith("s3://your-bucket/url-lists/") for _, src in input_entries(job.input) for p in src.paths)

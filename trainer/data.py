@@ -63,6 +63,28 @@ def find_shards(inputs: Sequence[str | Path]) -> list[str]:
     return shards
 
 
+def shard_samples(shards, handler=wds.warn_and_continue) -> Iterator[dict]:
+    """webdataset's ``tarfile_samples`` over ``{"url": path}`` dicts, but
+    each shard opened as a file, nothing else: webdataset's own opener
+    (``gopen``) runs a name that starts with ``pipe:`` as a shell command
+    and fetches ``http:``/``s3:`` names, and a shard folder's file names
+    are data (docs/security.md)."""
+
+    def opened(items):
+        for item in items:
+            try:
+                stream = open(os.fspath(Path(item["url"])), "rb")  # noqa: SIM115 - webdataset closes it
+            except OSError as e:
+                e.args = (*e.args, item["url"])
+                if handler(e):
+                    continue
+                raise
+            yield {**item, "stream": stream}
+
+    files = wds.tariterators.tar_file_expander(opened(shards), handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
+
+
 def shard_sizes(shards: Sequence[str]) -> dict[str, int]:
     """Samples per shard from the ``sizes.json`` beside each shard (the file
     open_clip's reader relies on); a shard it does not list is counted by
@@ -168,7 +190,7 @@ class TrainStream(IterableDataset):
             random.Random(f"{self.cfg.seed}:shards:{epoch}").shuffle(order)  # same order on every rank
             urls = itertools.islice(wds.split_by_node({"url": u} for u in order), worker, None, workers)
             table = _confounders(self.shards)
-            parsed = (annotate(_parse(s), table) for s in wds.tarfile_samples(urls, handler=wds.warn_and_continue))
+            parsed = (annotate(_parse(s), table) for s in shard_samples(urls))
             kept = (
                 p for p in parsed
                 if p["image_bytes"] is not None
@@ -250,7 +272,7 @@ def load_eval_set(shards: list[str], prep: Prep, cfg: StreamConfig, limit: int =
     found: list[dict] = []
     table = _confounders(shards)
     for shard in shards:
-        for s in wds.tarfile_samples([{"url": shard}], handler=wds.warn_and_continue):
+        for s in shard_samples([{"url": shard}]):
             p = annotate(_parse(s), table)
             if p["image_bytes"] is not None and is_held_out(
                 sample_group(p["key"], p["meta"]), cfg.eval_fraction, cfg.seed

@@ -15,9 +15,14 @@ from collections.abc import Iterable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-#: Cloud metadata services, named for clear reasons (all are also non-global).
+#: Cloud metadata services, named for clear reasons: AWS (IMDS, ECS task
+#: credentials, IMDS over IPv6), Alibaba, and Azure's WireServer
+#: (``168.63.129.16``: a public address that only answers from inside Azure,
+#: where it serves the VM agent's configuration; the only one here that
+#: Python calls global, so without this entry it would pass).
 METADATA_ADDRESSES = frozenset(
-    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200")
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
@@ -82,6 +87,10 @@ def _why_not_global(ip: IPAddress) -> str:
     for name in ("loopback", "link_local", "multicast", "private", "reserved", "unspecified"):
         if getattr(ip, f"is_{name}"):
             return name
+    # fec0::/10, deprecated site-local (RFC 3879): Python calls it global, but
+    # it was a site's own space and some networks still route it inside
+    if ip.version == 6 and ip.is_site_local:
+        return "site_local"
     if not ip.is_global:
         return "not_global"
     return ""
