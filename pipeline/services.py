@@ -74,6 +74,14 @@ class RayGate:
         return ray.get(self.actor.stats.remote(top))
 
 
+def _head_node(ray) -> str:
+    """The id of the cluster's head node (the driver's node when none says so)."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in (node.get("Resources") or {}):
+            return node["NodeID"]
+    return ray.get_runtime_context().get_node_id()
+
+
 class Services:
     """The services of one run's stages; ``close`` ends them."""
 
@@ -102,7 +110,6 @@ class Services:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        here = ray.get_runtime_context().get_node_id()
         actor = (
             ray.remote(HostGate)
             .options(
@@ -110,7 +117,12 @@ class Services:
                 # an ask may wait at the gate (50 ms at most): one thread a waiting task
                 max_concurrency=1024,
                 name=f"pairforge-hostgate-{id(self):x}",
-                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+                # on the head node, which lives as long as the cluster (a worker
+                # node may go); restarted with an empty book if it dies anyway,
+                # and the calls in flight then are retried
+                scheduling_strategy=NodeAffinitySchedulingStrategy(_head_node(ray), soft=True),
+                max_restarts=-1,
+                max_task_retries=-1,
             )
             .remote(limits)
         )

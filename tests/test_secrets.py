@@ -8,8 +8,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pairforge.pipeline.cli import main as cli_main
 
+from pairforge.cli import main as cli_main
 from pairforge.manifests import layout
 from pairforge.manifests.redact import redact, redact_text
 from pairforge.manifests.storage import StorageConfig

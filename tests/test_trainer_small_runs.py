@@ -14,8 +14,7 @@ import pytest
 
 from pairforge.cli import main
 from pairforge.manifests.manifest import write_sizes
-from pairforge.stages.shard import Config as ShardConfig
-from pairforge.stages.shard import ShardStage
+from pairforge.manifests.shards import write_shard
 from pairforge.trainer.data import is_held_out, sample_group
 from pairforge.trainer.evaluate import chance_recall, meaningful_ks, verdict
 from tests.shardkit import rows
@@ -29,7 +28,7 @@ def make_run(folder, samples: int, rejected: int = 0):
     """A run folder whose one shard holds ``samples`` samples and ``rejected`` rejects."""
     n = samples + rejected
     batch = rows(n, rejected={i: "too_small" for i in range(samples, n)})
-    stats = ShardStage(ShardConfig()).write_group(batch, folder, 0)
+    stats = write_shard(batch, folder, 0)
     write_sizes(folder, [stats])
     return [str(k) for k in batch["key"][:samples]]
 

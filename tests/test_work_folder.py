@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pairforge.pipeline.cli import main as cli_main
 
+from pairforge.cli import main as cli_main
 from pairforge.manifests import layout
 from pairforge.manifests.shards import to_arrow
 from pairforge.pipeline import engine, workdir
