@@ -1,7 +1,11 @@
 """Download, check, resize and re-encode the images of a URL list.
 
-Per batch, ``thread_count`` threads each take a URL from fetch to encoded
-output: the fetch (:mod:`stages.common.fetch`: address checks on every
+Per batch, the rows wait in per-host queues and start as the run's host
+gate grants leases (:mod:`stages.common.frontier`: per-host connections and
+spacing across the cluster, ``Retry-After`` and back-off pauses, robots.txt
+read once per origin, opt-out and takedown lists checked before any
+request; docs/crawling.md). ``thread_count`` threads each take a granted URL
+from fetch to encoded output: the fetch (:mod:`stages.common.fetch`: address checks on every
 connection and redirect, byte cap, opt-outs), the sha256 of the original
 bytes, the header (pixel cap and size checks before any decoding), then one
 decode, resize and re-encode with img2dataset's semantics
@@ -15,9 +19,12 @@ Every row ends ``ok`` with an image, or ``failed`` with one reason:
 ``invalid_url``, ``blocked_address``, ``timeout``, ``connection_error``,
 ``truncated`` (the transfer ended before its ``Content-Length``),
 ``http_<status>``, ``too_many_redirects``, ``too_many_bytes``,
-``opted_out`` (``X-Robots-Tag``), ``decode_error`` (not an image, or a
-truncated file), ``too_many_pixels``, ``image_too_small``,
-``image_area_too_large``, ``aspect_ratio_too_large``, ``internal_error``.
+``opted_out`` (``X-Robots-Tag``, ``tdm-reservation``, an AI crawler's
+robots.txt group, or a list whose reason it is), ``robots_disallowed``,
+``blocklisted`` (a takedown list), ``host_unavailable`` (its host was down),
+``decode_error`` (not an image, or a truncated file), ``too_many_pixels``,
+``image_too_small``, ``image_area_too_large``, ``aspect_ratio_too_large``,
+``internal_error``. Transient failures get the run's deferred retry.
 The row's ``detail`` holds the url, the HTTP status, the error and the
 sizes behind the decision.
 
@@ -29,9 +36,8 @@ encoding, so once the cores are busy more threads only add switching. On a
 real network a task needs about (its images/s) x (a fetch's latency)
 fetches in flight, ~40-120 for 380 images/s at 0.1-0.3 s, so the default
 stays 32 and a job on the internet wants more (img2dataset users run 64-256).
-A task is one input shard (``batch_size`` rows per call); at most ``2 *
-thread_count`` rows of a call are in the threads or done and not yet
-collected, which bounds the bytes a task holds.
+A task is one input shard (``batch_size`` rows per call); at most
+``thread_count`` rows of a call are in the threads at once.
 """
 
 from __future__ import annotations
