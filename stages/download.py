@@ -28,16 +28,8 @@ robots.txt group, or a list whose reason it is), ``robots_disallowed``,
 The row's ``detail`` holds the url, the HTTP status, the error and the
 sizes behind the decision.
 
-Threads and task sizes, from ``bench/download.py`` on 2 cores (3,000
-URLs, 750 a task, 2 tasks at once, median of 3): over loopback, where no
-latency needs hiding, 8 threads a task gave 793 images/s, 16 gave 756, 32
-gave 759 and 64 gave 708; each thread holds one image from fetch to
-encoding, so once the cores are busy more threads only add switching. On a
-real network a task needs about (its images/s) x (a fetch's latency)
-fetches in flight, ~40-120 for 380 images/s at 0.1-0.3 s, so the default
-stays 32 and a job on the internet wants more (img2dataset users run 64-256).
-A task is one input shard (``batch_size`` rows per call); at most
-``thread_count`` rows of a call are in the threads at once.
+Why 32 threads a task by default, and how many a job on the internet
+wants: docs/stages.md (download).
 """
 
 from __future__ import annotations
