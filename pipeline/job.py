@@ -232,10 +232,12 @@ def run_job(
             missing = [s for s in todo if s not in tracker.finished]
             if missing:
                 raise JobError(f"input shards {missing[:5]} did not finish their per-row pass; rerun with --resume")
+        rows_seconds = time.perf_counter() - t_rows
+        t_retry = time.perf_counter()
         if retrypass.wanted(spec):
             _deferred_retry(runner, launcher, spec, [s for s in shard_ids if s not in written])
+        retry_seconds = time.perf_counter() - t_retry
         crawl = services.stats()
-        rows_seconds = time.perf_counter() - t_rows
         refit = bool(todo)
         for g in spec.fitted:
             mark = fit_mark(out, g.name)
@@ -272,6 +274,7 @@ def run_job(
         "finished": datetime.now(timezone.utc).isoformat(),
         "wall_seconds": round(time.perf_counter() - t0, 3),
         "rows_seconds": round(rows_seconds, 3),
+        "retry_seconds": round(retry_seconds, 3),
         "resumed_shards": len(written),
         "resumed_rows_shards": len(waiting),
     }

@@ -63,7 +63,12 @@ def fit_on_ray(stage, rows: dict, out, width: int) -> dict:
 
     keys = np.asarray(rows["key"]).astype(str)
     n = len(keys)
-    rows = {**rows, "status": np.array(["ok"] * n, dtype=object), "stage": np.array([""] * n, dtype=object)}
+    rows = {
+        **rows,
+        "status": np.array(["ok"] * n, dtype=object),
+        "stage": np.array([""] * n, dtype=object),
+        "reason": np.array([""] * n, dtype=object),
+    }
     sids = np.array([int(k[:-width]) for k in keys])
     spec = RunSpec(str(out), (stage,), ShardStage(ShardConfig()), 10**width)
     for sid in np.unique(sids):
