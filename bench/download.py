@@ -118,6 +118,12 @@ def run_pairforge(args, urls: Path, out: Path, per_shard: int, phash: bool = Fal
                     # one task per input shard, as img2dataset has one per shard
                     "batch_size": per_shard,
                     "allow_networks": ["127.0.0.1/32"],
+                    # the stage's default bound unless given (0: none)
+                    **(
+                        {"per_host_connections": args.per_host_connections or None}
+                        if args.per_host_connections >= 0
+                        else {}
+                    ),
                 },
                 *([{"name": "dedup_phash"}] if phash else []),
                 {"name": "shard"},
@@ -218,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated subset of {','.join(PLANS)}")
     p.add_argument("--processes", type=int, default=cpus, help="img2dataset processes = Ray CPUs")
     p.add_argument("--threads", type=int, default=32, help="download threads per process/task")
+    p.add_argument(
+        "--per-host-connections", type=int, default=-1, help="pairforge's per-host bound (default: the stage's; 0: none)"
+    )
     p.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per pairforge download task (Ray's num_cpus)")
     p.add_argument("--server-procs", type=int, default=max(1, cpus // 4))
     p.add_argument("--image-size", type=int, default=256)
