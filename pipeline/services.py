@@ -48,10 +48,10 @@ class RayGate:
 
         return ray.get(self.actor.acquire.remote(asks, budget, wait, rows))
 
-    def release(self, host, outcome="ok", retry_after=None, status=0):
+    def release(self, host, outcome="ok", retry_after=None, status=0, again=False):
         import ray
 
-        ray.get(self.actor.release.remote(host, outcome, retry_after, status))
+        return ray.get(self.actor.release.remote(host, outcome, retry_after, status, again))
 
     def set_interval(self, host, seconds):
         import ray

@@ -35,6 +35,7 @@ from __future__ import annotations
 import heapq
 import queue
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -116,6 +117,7 @@ class Frontier:
         self.hold: dict[str, float] = {}
         self.served: dict[str, int] = {}
         self.running = 0
+        self._lock = threading.Lock()  # queues' pops and ``running``: threads hand rows over too
         rows: dict[str, int] = {}
         for i, url in enumerate(urls):
             host, origin = host_and_origin(url)
@@ -171,11 +173,14 @@ class Frontier:
         for host, k in ans["grants"].items():
             self.served[host] = self.served.get(host, 0) + k
             for _ in range(k):
-                todo, q = self.robots_todo.get(host), self.queues.get(host)
+                todo = self.robots_todo.get(host)
+                with self._lock:  # the threads hand rows over too (_hand_over)
+                    q = self.queues.get(host)
+                    job = q.popleft() if q and not todo else None
                 if todo:
                     self._submit(self._run_robots, todo.popleft(), host)
-                elif q:
-                    self._submit(self._run_row, q.popleft(), leased=True)
+                elif job is not None:
+                    self._submit(self._run_row, job, leased=True)
                 else:
                     self.gate.release(host, "none")
                     continue
@@ -186,7 +191,9 @@ class Frontier:
             if not self.fail_down_fast:
                 self.hold[host] = until
                 continue
-            for job in self.queues.pop(host, ()):
+            with self._lock:
+                gone = self.queues.pop(host, ())
+            for job in gone:
                 detail = {"url": job.url, "host": host, "down_until": round(until, 3)}
                 self._done(job, self._fail(job.url, "host_unavailable", detail))
         return n
@@ -204,7 +211,8 @@ class Frontier:
                 return
 
     def _event(self, kind: str, *args) -> None:
-        self.running -= 1
+        with self._lock:
+            self.running -= 1
         if kind == "row":
             job, row = args
             self._done(job, row)
@@ -222,7 +230,8 @@ class Frontier:
         self.remaining -= 1
 
     def _submit(self, fn, *args, **kwargs) -> None:
-        self.running += 1
+        with self._lock:
+            self.running += 1
         self.pool.submit(self._guard, fn, *args, **kwargs)
 
     def _guard(self, fn, *args, **kwargs) -> None:
@@ -246,11 +255,26 @@ class Frontier:
                 self.gate.release(job.host, "transient")
             elif leased:
                 wait = got.detail.get("retry_after") if got.reason else None
-                self.gate.release(job.host, "transient" if transient(got.reason) else "ok", wait, got.http_status)
+                outcome = "transient" if transient(got.reason) else "ok"
+                again = outcome == "ok" and bool(self.queues.get(job.host))
+                if self.gate.release(job.host, outcome, wait, got.http_status, again=again):
+                    self._hand_over(job.host)
         retry = transient(got.reason)
         if retry and job.attempts < self.retries and job.host is not None:
             return ("retry", job)
         return ("row", job, self._finish(job.url, got, job.attempts + 1))
+
+    def _hand_over(self, host: str) -> None:
+        """In a thread that just got the host's next lease with its release:
+        start the host's next row itself, without a turn of the task's loop
+        (one gate call a request instead of two, and no wait for the loop)."""
+        with self._lock:
+            q = self.queues.get(host)
+            job = q.popleft() if q else None
+        if job is None:
+            self.gate.release(host, "none")
+        else:
+            self._submit(self._run_row, job, leased=True)
 
     def _run_robots(self, origin: str, host: str):
         policy, outcome, failed = None, "error", True

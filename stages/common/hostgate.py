@@ -156,11 +156,15 @@ class HostGate:
             budget -= n
         return {"grants": grants, "paused": paused, "down": down}
 
-    def release(self, host: str, outcome: str = "ok", retry_after: float | None = None, status: int = 0) -> None:
+    def release(
+        self, host: str, outcome: str = "ok", retry_after: float | None = None, status: int = 0, again: bool = False
+    ) -> bool:
         """Give one lease of ``host`` back with the request's outcome:
         ``ok`` (any answer that is not a transient failure), ``transient``
         (timeout, broken connection, 5xx, 429) or ``none`` (no request was
-        made after all). ``retry_after``: the seconds the host asked for."""
+        made after all). ``retry_after``: the seconds the host asked for.
+        ``again``: take the host's next lease in the same call, under the
+        same rules as :meth:`acquire`; returns whether it was granted."""
         with self._cv:
             now = time.time()
             h = self._host(host)
@@ -185,7 +189,9 @@ class HostGate:
                 if retry_after is not None:
                     pause = max(pause, retry_after)
                 self._pause(h, now, min(pause, self.limits.max_pause))
+            granted = again and bool(self._grant([(host, 1)], 1, now)["grants"])
             self._cv.notify_all()
+            return granted
 
     def set_interval(self, host: str, seconds: float) -> None:
         """At least ``seconds`` between this host's request starts (its
