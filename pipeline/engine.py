@@ -200,8 +200,13 @@ class RowsTracker:
                 raise RuntimeError(f"input shard {sid}: {self.rows[sid]} rows saved, expected {want}")
             if self.rows[sid] == want:
                 mark = {"rows": want, "parts": sorted(self.parts.pop(sid))}
-                layout.atomic_write_bytes(layout.rows_done(self.spec.out, sid), json.dumps(mark).encode())
+                write_rows_mark(self.spec.out, sid, mark)
                 self.finished.append(sid)
+
+
+def write_rows_mark(out, shard_id: int, mark: dict) -> None:
+    """Write an input shard's finished mark (what :func:`rows_mark` reads), atomically."""
+    layout.atomic_write_bytes(layout.rows_done(out, shard_id), json.dumps(mark).encode())
 
 
 def rows_mark(out, shard_id: int, images: bool = True) -> dict | None:

@@ -22,7 +22,6 @@ valid. A mark that says ``retried`` is never retried again, on a resume too.
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import numpy as np
@@ -56,7 +55,7 @@ def plan(spec: RunSpec, shard_ids: list[int]) -> dict[int, list[str]]:
         if keys:
             out[sid] = keys
         else:
-            _write_mark(spec, sid, {**mark, "retried": {}})
+            engine.write_rows_mark(spec.out, sid, {**mark, "retried": {}})
     return out
 
 
@@ -109,7 +108,7 @@ def merge(shard_id: int, spec: RunSpec, retried: dict) -> dict:
         name = uuid.uuid4().hex
         engine.write_part(folder, name, rows, spec)
         names.append(name)
-    _write_mark(spec, shard_id, {**mark, "parts": sorted(names), "retried": counts})
+    engine.write_rows_mark(spec.out, shard_id, {**mark, "parts": sorted(names), "retried": counts})
     for p in set(mark["parts"]) - set(names):
         engine.remove_part(folder, p)
     for p in new_parts:
@@ -124,10 +123,6 @@ def _replaced(old: Batch, new: Batch, new_idx: list[int], old_idx: list[int]) ->
     both = concat([take(old, keep), take(new, np.array(new_idx, dtype=np.int64))])
     position = np.concatenate([keep, np.array(old_idx, dtype=np.int64)])
     return take(both, np.argsort(position, kind="stable"))
-
-
-def _write_mark(spec: RunSpec, shard_id: int, mark: dict) -> None:
-    layout.atomic_write_bytes(layout.rows_done(spec.out, shard_id), json.dumps(mark).encode())
 
 
 def totals(out, shard_ids: list[int]) -> dict:
