@@ -4,9 +4,11 @@ Why the runner makes them. A per-host bound or a robots.txt read once per
 run only holds if every task of the run shares one book of hosts, and
 stages never import Ray: so a stage names what it needs, as data, and the
 runner makes it for the way the run executes. In process, the service is
-the object itself; on Ray, the host gate is one actor (threaded: a
-``acquire`` may wait a few milliseconds for a lease) and what the stage
-gets is a small client that pickles with it to every task.
+the object itself; on Ray, the host gate is one actor
+(:class:`~stages.common.hostshare.ShareGate`) that lends each worker
+process shares of a host's connections, and what the stage gets is a small
+handle that pickles with it to every task and answers the gate's calls from
+its process's :class:`~stages.common.hostshare_client.ShareClient`.
 
 * ``host_gate``: a :class:`~stages.common.hostgate.HostGate` for the
   ``Limits`` the stage gives.
@@ -16,8 +18,13 @@ gets is a small client that pickles with it to every task.
 
 from __future__ import annotations
 
+import secrets
+import threading
+
 from pairforge.manifests import layout, storage
 from pairforge.stages.common.hostgate import HostGate
+from pairforge.stages.common.hostshare import ShareGate
+from pairforge.stages.common.hostshare_client import ShareClient
 
 
 class WorkStore:
@@ -37,26 +44,53 @@ class WorkStore:
         storage.write_atomic(self.root / name, data, fsync=False)
 
 
-class RayGate:
-    """A :class:`HostGate` served by a Ray actor: the same calls, made remotely."""
+class _ActorCalls:
+    """The gate actor's calls as plain methods (what a ShareClient talks to)."""
 
     def __init__(self, actor):
         self.actor = actor
 
-    def acquire(self, asks, budget, wait=0.0, rows=None):
+    def __getattr__(self, name):
         import ray
 
-        return ray.get(self.actor.acquire.remote(asks, budget, wait, rows))
+        method = getattr(self.actor, name)
+        return lambda *args: ray.get(method.remote(*args))
+
+
+#: this process's share clients, one per gate actor (tasks of one worker process share it)
+_CLIENTS: dict[str, ShareClient] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+class RayGate:
+    """The run's :class:`ShareGate` actor as a stage sees it: the
+    :class:`HostGate` calls, answered by this process's
+    :class:`ShareClient` (slots lent by the actor; no actor call a request)."""
+
+    def __init__(self, actor, limits, key: str):
+        self.actor, self.limits, self.key = actor, limits, key
+
+    def _client(self) -> ShareClient:
+        with _CLIENTS_LOCK:
+            c = _CLIENTS.get(self.key)
+            if c is None:
+                c = _CLIENTS[self.key] = ShareClient(_ActorCalls(self.actor), self.limits)
+            return c
+
+    def open(self, threads: int = 0) -> None:
+        self._client().open(threads)
+
+    def close(self, threads: int = 0) -> None:
+        self._client().close(threads)
+
+    def acquire(self, asks, budget, wait=0.0, rows=None):
+        return self._client().acquire(asks, budget, wait, rows)
 
     def release(self, host, outcome="ok", retry_after=None, status=0, again=False):
-        import ray
-
-        return ray.get(self.actor.release.remote(host, outcome, retry_after, status, again))
+        return self._client().release(host, outcome, retry_after, status, again)
 
     def set_interval(self, host, seconds):
-        import ray
-
-        ray.get(self.actor.set_interval.remote(host, seconds))
+        self._client().set_interval(host, seconds)
 
     def claim_robots(self, origins):
         import ray
@@ -111,10 +145,10 @@ class Services:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         actor = (
-            ray.remote(HostGate)
+            ray.remote(ShareGate)
             .options(
                 num_cpus=0,
-                # an ask may wait at the gate (50 ms at most): one thread a waiting task
+                # each process's share client keeps one long poll open here
                 max_concurrency=1024,
                 name=f"pairforge-hostgate-{id(self):x}",
                 # on the head node, which lives as long as the cluster (a worker
@@ -127,7 +161,7 @@ class Services:
             .remote(limits)
         )
         self._actors.append(actor)
-        return RayGate(actor)
+        return RayGate(actor, limits, secrets.token_hex(8))
 
     def stats(self) -> dict:
         """Per stage with a host gate: its per-host figures."""

@@ -130,8 +130,12 @@ class Frontier:
                 rows[host] = rows.get(host, 0) + 1
                 self._place(job)
         self._rows = rows if self.count_rows else {}
-        while self.remaining:
-            self._step()
+        self.gate.open(self.threads)
+        try:
+            while self.remaining:
+                self._step()
+        finally:
+            self.gate.close(self.threads)
         return self.results
 
     # ------------------------------------------------------------ the loop
@@ -282,6 +286,8 @@ class Frontier:
             policy, outcome, failed = self.robots.fetch(origin)
         finally:
             self.gate.release(host, "transient" if failed else "ok")
+            if policy is not None and policy.bounded_crawl_delay:  # before others may read it
+                self.gate.set_interval(host, policy.bounded_crawl_delay)
             self.gate.robots_done(origin, host, outcome)
         return ("robots", origin, policy)
 

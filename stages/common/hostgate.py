@@ -172,26 +172,38 @@ class HostGate:
                 h.leases.pop(0)
             if outcome == "none":
                 h.requests -= 1
-            elif outcome == "ok":
-                h.ok += 1
-                h.failures = 0
             else:
-                h.transient += 1
-                h.http_429 += status == 429
-                # a failure while the host is paused answers a request sent
-                # before the pause (the same wave): it does not count again
-                pause = 0.0
-                if now >= h.paused_until:
-                    h.failures += 1
-                    if h.failures >= 2:  # back-off doubles from the second failure in a row, full jitter
-                        pause = self.limits.backoff * 2 ** (h.failures - 2) * self._rng.uniform(0.5, 1.5)
-                    h.down += h.failures == self.limits.failures_down
-                if retry_after is not None:
-                    pause = max(pause, retry_after)
-                self._pause(h, now, min(pause, self.limits.max_pause))
+                self._outcome(h, now, outcome, retry_after, status)
             granted = again and bool(self._grant([(host, 1)], 1, now)["grants"])
             self._cv.notify_all()
             return granted
+
+    def _outcome(self, h: _Host, now: float, outcome: str, retry_after=None, status: int = 0, n: int = 1) -> None:
+        """Count ``n`` answers of one outcome; a transient one may pause the host."""
+        if outcome == "ok":
+            h.ok += n
+            h.failures = 0
+            return
+        h.transient += n
+        h.http_429 += n * (status == 429)
+        # a failure while the host is paused answers a request sent
+        # before the pause (the same wave): it does not count again
+        pause = 0.0
+        if now >= h.paused_until:
+            h.failures += 1
+            if h.failures >= 2:  # back-off doubles from the second failure in a row, full jitter
+                pause = self.limits.backoff * 2 ** (h.failures - 2) * self._rng.uniform(0.5, 1.5)
+            h.down += h.failures == self.limits.failures_down
+        if retry_after is not None:
+            pause = max(pause, retry_after)
+        self._pause(h, now, min(pause, self.limits.max_pause))
+
+    def open(self, threads: int = 0) -> None:
+        """A client starts using the gate (nothing to do in process; see
+        :class:`~stages.common.hostshare.ShareClient`)."""
+
+    def close(self, threads: int = 0) -> None:
+        """A client is done with the gate (see :meth:`open`)."""
 
     def set_interval(self, host: str, seconds: float) -> None:
         """At least ``seconds`` between this host's request starts (its
