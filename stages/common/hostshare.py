@@ -61,7 +61,7 @@ class ShareGate(HostGate):
     """A :class:`HostGate` that also lends shares (:meth:`exchange`,
     :meth:`watch`); its in-process calls keep working beside them."""
 
-    def __init__(self, limits: Limits = Limits(), seed: int | None = None):
+    def __init__(self, limits: Limits, seed: int | None = None):
         super().__init__(limits, seed)
         self.epoch = secrets.token_hex(8)
         self._books: dict[str, _Book] = {}
