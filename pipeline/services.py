@@ -54,6 +54,8 @@ class _ActorCalls:
         import ray
 
         method = getattr(self.actor, name)
+        if name == "watch":  # a long poll is not retried into a gate that was shut down
+            method = method.options(max_task_retries=0)
         return lambda *args: ray.get(method.remote(*args))
 
 

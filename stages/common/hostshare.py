@@ -99,9 +99,12 @@ class ShareGate(HostGate):
             for host, t in report.get("last_start", {}).items():
                 h = self._host(host)
                 h.next_start = max(h.next_start, float(t) + h.interval)
+            failed = set()
             for host, outcome, retry_after, status, n in report.get("events", ()):
                 self._outcome(self._host(host), now, outcome, retry_after, status, n)
                 touched.add(host)
+                if outcome != "ok":
+                    failed.add(host)
             for host, n in report.get("give", {}).items():
                 b = self._book(host)
                 b.alloc[client] = max(0, b.alloc.get(client, 0) - int(n))
@@ -111,6 +114,8 @@ class ShareGate(HostGate):
                 touched.add(host)
             for host in touched:
                 self._rebalance(host, now)
+            for host in failed:  # the client holds a failed host until it hears what the gate made of it
+                c.hosts[host] = self._book(host).sent.get(client) or self._state(host, None)
             self._cv.notify_all()
             return self._mail(c)
 
@@ -136,7 +141,6 @@ class ShareGate(HostGate):
         keeping current holders first (no churn); lend free slots to those
         below their share, cap those above it; mail each its host state."""
         b = self._book(host)
-        h = self._host(host)
         cap_total = self._capacity(host)
         clients = sorted(c for c in {*b.alloc, *b.want} if c in self._clients and (b.alloc.get(c) or b.want.get(c)))
         caps: dict[str, int | None] = dict.fromkeys(clients)
@@ -162,9 +166,8 @@ class ShareGate(HostGate):
                     free -= g
                     mail = self._clients[c].grants if c in self._clients else {}
                     mail[host] = mail.get(host, 0) + g
-        down = h.failures >= self.limits.failures_down
         for c in clients:
-            state = (h.paused_until, down, h.next_start, h.interval, caps[c])
+            state = self._state(host, caps[c])
             if b.sent.get(c) != state and c in self._clients:
                 b.sent[c] = state
                 self._clients[c].hosts[host] = state
@@ -172,6 +175,11 @@ class ShareGate(HostGate):
             del b.alloc[c]
         for c in [c for c in b.want if not b.want[c]]:
             del b.want[c]
+
+    def _state(self, host: str, cap: int | None) -> tuple:
+        """What a client is told of a host: (paused_until, down, next_start, interval, cap)."""
+        h = self._host(host)
+        return (h.paused_until, h.failures >= self.limits.failures_down, h.next_start, h.interval, cap)
 
     def _sweep(self, now: float) -> None:
         touched = self._expire(now)

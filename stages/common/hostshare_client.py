@@ -44,6 +44,7 @@ class _Local:
     down: bool = False
     next_start: float = 0.0
     interval: float = 0.0
+    unanswered: int = 0  # failures reported whose answer (a pause?) has not come back
 
 
 class ShareClient:
@@ -157,6 +158,7 @@ class ShareClient:
                 else:
                     self._events.append([host, outcome, retry_after, status, 1])
                 if outcome != "ok":
+                    h.unanswered += 1  # no new request until the gate has counted it
                     if retry_after is not None:  # here at once; the gate tells the others
                         h.paused_until = max(h.paused_until, now + min(retry_after, self.limits.max_pause))
                     self._kick.set()
@@ -195,6 +197,8 @@ class ShareClient:
             if budget <= 0:
                 break
             h = self._local(host)
+            if h.unanswered:  # a release of the gate's answer wakes the ask
+                continue
             if h.paused_until > now:
                 (down if h.down else paused)[host] = h.paused_until
                 continue
@@ -299,6 +303,10 @@ class ShareClient:
                         return
                     continue
                 report = self._report()
+                asked = {}
+                for host, outcome, *_ in report["events"]:
+                    if outcome != "ok":
+                        asked[host] = asked.get(host, 0) + 1
             try:
                 mail = self.remote.exchange(self.id, report)
             except Exception:  # noqa: BLE001 - the gate restarting: send the whole state again
@@ -308,8 +316,12 @@ class ShareClient:
                 with self._cv:
                     self._reset = True
                     self._kick.set()
+                    for host, n in asked.items():  # failures told again by the whole state: not awaited
+                        self._local(host).unanswered -= n
                 continue
             with self._cv:
+                for host, n in asked.items():
+                    self._local(host).unanswered -= n
                 self._apply(mail)
 
     def _watch_loop(self) -> None:
