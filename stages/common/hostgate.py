@@ -9,11 +9,12 @@ is granted by one :class:`HostGate`: at most ``connections`` requests in
 flight to a host, at least ``interval`` seconds between two starts, and no
 start while the host is paused (its ``Retry-After``, or the exponential
 back-off after consecutive transient failures, with jitter). The local
-runner uses one in its process; on Ray the pipeline serves the same class
-from one actor (``pipeline/hostgate.py``), so the bound holds across the
-cluster. Crawlers that partition their frontier by host (Nutch,
-StormCrawler) get the same bound by giving a host to one task at a time; a
-gate keeps pairforge's task-per-input-shard plan and makes the bound a
+runner uses one in its process; on Ray one actor serves a
+:class:`~stages.common.hostshare.ShareGate`, which lends each worker
+process a share of a host's connections (no actor call a request), so
+the bound holds across the cluster. Crawlers that partition their
+frontier by host (Nutch, StormCrawler) get the same bound by giving a host
+to one task at a time; a gate keeps pairforge's task-per-input-shard plan and makes the bound a
 property of the run rather than of how rows were grouped.
 
 What a client does (``stages/common/frontier.py``): it asks for leases for
