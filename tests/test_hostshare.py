@@ -116,6 +116,24 @@ def test_a_retry_after_reaches_the_other_clients_at_once():
     assert gate.stats()["http_429"] == 1
 
 
+def test_without_a_bound_a_process_new_to_a_host_hears_of_its_pause_first():
+    lim = Limits(connections=None)
+    gate = ShareGate(lim)
+    a, b = _client(gate, lim), _client(gate, lim)
+    try:
+        assert _take(a, "h", 1) == 1  # a's first request to h waits for the gate's word on h
+        t = time.time()
+        a.release("h", "transient", retry_after=2.0, status=429)
+        while a._local("h").unanswered and time.time() - t < 1:
+            time.sleep(0.005)
+        out = b.acquire([("h", 5)], budget=5, wait=0.3)
+        assert out["grants"] == {} and out["paused"]["h"] >= t + 1.9, out
+    finally:
+        a.close(8)
+        b.close(8)
+    assert "h" not in a._hosts or a._hosts["h"].paused_until > time.time()  # idle hosts forgotten, pauses kept
+
+
 def test_a_silent_client_loses_its_slots_and_a_new_gate_gets_the_state_again():
     lim = Limits(connections=2, lease_seconds=0.5)
     gate = ShareGate(lim)

@@ -171,6 +171,8 @@ class ShareGate(HostGate):
             if b.sent.get(c) != state and c in self._clients:
                 b.sent[c] = state
                 self._clients[c].hosts[host] = state
+        for c in [c for c in b.sent if c not in clients]:  # gone from the host: told afresh if it comes back
+            del b.sent[c]
         for c in [c for c in b.alloc if not b.alloc[c]]:
             del b.alloc[c]
         for c in [c for c in b.want if not b.want[c]]:

@@ -45,6 +45,7 @@ class _Local:
     next_start: float = 0.0
     interval: float = 0.0
     unanswered: int = 0  # failures reported whose answer (a pause?) has not come back
+    fresh: bool = True  # the gate has not told us of this host yet (a pause another process met?)
 
 
 class ShareClient:
@@ -58,6 +59,7 @@ class ShareClient:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._cv = threading.Condition()
         self._hosts: dict[str, _Local] = {}
+        self._asked: set[str] = set()  # the hosts of the last ask: only they can want more than they run
         self._users = 0
         self._threads = 0
         self._epoch: str | None = None
@@ -111,6 +113,15 @@ class ShareClient:
                 sync = self._sync
             if sync is not None:
                 sync.join()
+            with self._cv:  # forget idle hosts (the gate mails their state again when they come back)
+                now = time.time()
+                for host in [k for k, h in self._hosts.items() if not self._keep(h, now)]:
+                    del self._hosts[host]
+                self._asked = set()
+
+    @staticmethod
+    def _keep(h: _Local, now: float) -> bool:
+        return bool(h.held or h.busy or h.unanswered or h.paused_until > now or h.next_start > now)
 
     # ------------------------------------------------------------ HostGate's calls
 
@@ -128,11 +139,13 @@ class ShareClient:
                 h.want = min(cap, int(waiting) + h.busy)
                 self._note_want(host, h)
             if self._users == 1:  # rows of hosts not asked for are paused or waiting for robots.txt
-                for host, h in self._hosts.items():
-                    if host not in asked and h.want != h.busy:
+                for host in self._asked - asked:
+                    h = self._local(host)
+                    if h.want != h.busy:
                         h.want = h.busy
                         self._note_want(host, h)
                         self._trim(host, h)
+            self._asked = asked
             while True:
                 out = self._grant(asks, budget, time.time())
                 left = deadline - time.time()
@@ -197,7 +210,7 @@ class ShareClient:
             if budget <= 0:
                 break
             h = self._local(host)
-            if h.unanswered:  # a release of the gate's answer wakes the ask
+            if h.unanswered or (h.fresh and not self._bounded(h)):  # the gate's answer wakes the ask
                 continue
             if h.paused_until > now:
                 (down if h.down else paused)[host] = h.paused_until
@@ -223,7 +236,7 @@ class ShareClient:
             return
         self._want[host] = h.want
         h.sent_want = h.want
-        if self._bounded(h) and h.want > h.held == 0:  # rows that cannot start without the gate
+        if h.want > h.held == 0 and (h.fresh or self._bounded(h)):  # rows that cannot start without the gate
             self._kick.set()
 
     def _trim(self, host: str, h: _Local) -> None:
@@ -286,6 +299,7 @@ class ShareClient:
             self._trim(host, h)
         for host, (paused_until, down, next_start, interval, cap) in mail["hosts"].items():
             h = self._local(host)
+            h.fresh = False
             h.paused_until = max(h.paused_until, paused_until)  # never shortened: a 429 here may not be there yet
             h.down, h.interval, h.cap = down, interval, cap
             h.next_start = max(h.next_start, next_start)
