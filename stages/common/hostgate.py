@@ -48,6 +48,50 @@ from dataclasses import dataclass, field
 ROBOTS_FETCH, ROBOTS_WAIT, ROBOTS_READY = "fetch", "wait", "ready"
 
 
+def grant_or_wait(cv: threading.Condition, grant, asks, budget: int, deadline: float) -> dict:
+    """``grant(asks, budget, now)`` under ``cv`` (held by the caller) until
+    it grants a lease or ``deadline`` passes, waking at each notify (a
+    release) and when the soonest pause it reported ends."""
+    while True:
+        out = grant(asks, budget, time.time())
+        left = deadline - time.time()
+        if out["grants"] or left <= 0:
+            return out
+        soonest = min([*out["paused"].values(), *out["down"].values()], default=deadline)
+        cv.wait(max(0.001, min(left, soonest - time.time())))
+
+
+def grant_over(asks, budget: int, now: float, look, take) -> dict:
+    """The grant rule both gates share: for each ``(host, want)`` in order,
+    while ``budget`` lasts, ``look(host, want, now)`` gives ``(paused_until,
+    down, next_start, free, spaced)`` (``None``: skip the host for now) and
+    ``take(host, n, now)`` records the ``n`` leases granted (one at a time
+    for a ``spaced`` host). Returns what :meth:`HostGate.acquire` does."""
+    grants: dict[str, int] = {}
+    paused: dict[str, float] = {}
+    down: dict[str, float] = {}
+    for host, want in asks:
+        if budget <= 0:
+            break
+        seen = look(host, want, now)
+        if seen is None:
+            continue
+        paused_until, is_down, next_start, free, spaced = seen
+        if paused_until > now:
+            (down if is_down else paused)[host] = paused_until
+            continue
+        if next_start > now:
+            paused[host] = next_start
+            continue
+        n = min(want, budget, free, 1 if spaced else want)
+        if n <= 0:
+            continue
+        take(host, n, now)
+        grants[host] = grants.get(host, 0) + n
+        budget -= n
+    return {"grants": grants, "paused": paused, "down": down}
+
+
 @dataclass(frozen=True)
 class Limits:
     """The per-host rules (the download stage's options of the same meaning)."""
@@ -119,43 +163,25 @@ class HostGate:
             if rows:
                 for h, n in rows.items():
                     self._host(h).rows += int(n)
-            while True:
-                out = self._grant(asks, budget, time.time())
-                left = deadline - time.time()
-                if out["grants"] or left <= 0:
-                    return out
-                soonest = min([*out["paused"].values(), *out["down"].values()], default=deadline)
-                self._cv.wait(max(0.001, min(left, soonest - time.time())))
+            return grant_or_wait(self._cv, self._grant, asks, budget, deadline)
 
     def _grant(self, asks, budget: int, now: float) -> dict:
-        lim = self.limits
-        grants: dict[str, int] = {}
-        paused: dict[str, float] = {}
-        down: dict[str, float] = {}
-        for host, want in asks:
-            if budget <= 0:
-                break
-            h = self._host(host)
-            if h.paused_until > now:
-                (down if h.failures >= lim.failures_down else paused)[host] = h.paused_until
-                continue
-            if h.next_start > now:
-                paused[host] = h.next_start
-                continue
-            free = want if lim.connections is None else lim.connections - h.in_flight(now)
-            if h.failures >= lim.failures_down:  # a down host: one probe at a time
-                free = min(free, 1 - h.in_flight(now))
-            n = min(want, budget, free, 1 if h.interval > 0 else want)
-            if n <= 0:
-                continue
-            h.leases.extend([now + lim.lease_seconds] * n)
-            h.leases.sort()
-            h.requests += n
-            if h.interval > 0:
-                h.next_start = now + h.interval
-            grants[host] = grants.get(host, 0) + n
-            budget -= n
-        return {"grants": grants, "paused": paused, "down": down}
+        return grant_over(asks, budget, now, self._look, self._take)
+
+    def _look(self, host: str, want: int, now: float):
+        lim, h = self.limits, self._host(host)
+        free = want if lim.connections is None else lim.connections - h.in_flight(now)
+        if h.failures >= lim.failures_down:  # a down host: one probe at a time
+            free = min(free, 1 - h.in_flight(now))
+        return h.paused_until, h.failures >= lim.failures_down, h.next_start, free, h.interval > 0
+
+    def _take(self, host: str, n: int, now: float) -> None:
+        h = self._host(host)
+        h.leases.extend([now + self.limits.lease_seconds] * n)
+        h.leases.sort()
+        h.requests += n
+        if h.interval > 0:
+            h.next_start = now + h.interval
 
     def release(
         self, host: str, outcome: str = "ok", retry_after: float | None = None, status: int = 0, again: bool = False

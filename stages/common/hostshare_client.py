@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pairforge.stages.common.hostgate import Limits
+from pairforge.stages.common.hostgate import Limits, grant_or_wait, grant_over
 
 #: the longest the gate goes without hearing of answers, rows and slots not needed
 FLUSH = 0.1
@@ -146,13 +146,7 @@ class ShareClient:
                         self._note_want(host, h)
                         self._trim(host, h)
             self._asked = asked
-            while True:
-                out = self._grant(asks, budget, time.time())
-                left = deadline - time.time()
-                if out["grants"] or left <= 0:
-                    return out
-                soonest = min([*out["paused"].values(), *out["down"].values()], default=deadline)
-                self._cv.wait(max(0.001, min(left, soonest - time.time())))
+            return grant_or_wait(self._cv, self._grant, asks, budget, deadline)
 
     def release(self, host: str, outcome: str = "ok", retry_after=None, status: int = 0, again: bool = False) -> bool:
         """As :meth:`HostGate.release`: the slot is this process's again."""
@@ -203,33 +197,22 @@ class ShareClient:
         return self.limits.connections is not None or h.interval > 0 or h.down
 
     def _grant(self, asks, budget: int, now: float) -> dict:
-        grants: dict[str, int] = {}
-        paused: dict[str, float] = {}
-        down: dict[str, float] = {}
-        for host, want in asks:
-            if budget <= 0:
-                break
-            h = self._local(host)
-            if h.unanswered or (h.fresh and not self._bounded(h)):  # the gate's answer wakes the ask
-                continue
-            if h.paused_until > now:
-                (down if h.down else paused)[host] = h.paused_until
-                continue
-            if h.next_start > now:
-                paused[host] = h.next_start
-                continue
-            free = h.held - h.busy if self._bounded(h) else want
-            n = min(want, budget, free, 1 if h.interval > 0 else want)
-            if n <= 0:
-                continue
-            h.busy += n
-            self._requests[host] = self._requests.get(host, 0) + n
-            if h.interval > 0:
-                h.next_start = now + h.interval
-                self._last_start[host] = now
-            grants[host] = n
-            budget -= n
-        return {"grants": grants, "paused": paused, "down": down}
+        return grant_over(asks, budget, now, self._look, self._take)
+
+    def _look(self, host: str, want: int, now: float):
+        h = self._local(host)
+        if h.unanswered or (h.fresh and not self._bounded(h)):  # the gate's answer wakes the ask
+            return None
+        free = h.held - h.busy if self._bounded(h) else want
+        return h.paused_until, h.down, h.next_start, free, h.interval > 0
+
+    def _take(self, host: str, n: int, now: float) -> None:
+        h = self._local(host)
+        h.busy += n
+        self._requests[host] = self._requests.get(host, 0) + n
+        if h.interval > 0:
+            h.next_start = now + h.interval
+            self._last_start[host] = now
 
     def _note_want(self, host: str, h: _Local) -> None:
         if h.want == h.sent_want:
