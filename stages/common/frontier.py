@@ -117,6 +117,7 @@ class Frontier:
         self.hold: dict[str, float] = {}
         self.served: dict[str, int] = {}
         self.running = 0
+        self.queued = 0  # submitted to the pool, not started
         self._lock = threading.Lock()  # queues' pops and ``running``: threads hand rows over too
         rows: dict[str, int] = {}
         for i, url in enumerate(urls):
@@ -178,7 +179,7 @@ class Frontier:
             self.served[host] = self.served.get(host, 0) + k
             for _ in range(k):
                 todo = self.robots_todo.get(host)
-                with self._lock:  # the threads hand rows over too (_hand_over)
+                with self._lock:  # the threads hand rows over too (_next_row)
                     q = self.queues.get(host)
                     job = q.popleft() if q and not todo else None
                 if todo:
@@ -236,9 +237,12 @@ class Frontier:
     def _submit(self, fn, *args, **kwargs) -> None:
         with self._lock:
             self.running += 1
+            self.queued += 1
         self.pool.submit(self._guard, fn, *args, **kwargs)
 
     def _guard(self, fn, *args, **kwargs) -> None:
+        with self._lock:
+            self.queued -= 1
         try:
             self.events.put(fn(*args, **kwargs))
         except BaseException as e:  # noqa: BLE001 - never lose the event, whatever the thread met
@@ -251,34 +255,50 @@ class Frontier:
     # ------------------------------------------------------------ in threads
 
     def _run_row(self, job: _Job, leased: bool = False):
-        got = None
-        try:
-            got = self._fetch(job.url)
-        finally:  # the lease goes back whatever happened, with what the host said
-            if leased and got is None:
-                self.gate.release(job.host, "transient")
-            elif leased:
+        """Fetch ``job``'s URL (under its lease). When the release brings the
+        host's next lease, this thread goes on to the host's next row and
+        gives this row's decode and resize to the pool, unless a pool's worth
+        of work already waits there: a host's slot never waits for a free
+        thread behind other rows' resizing (with a bound of a few
+        connections a host, that wait was most of a slot's time)."""
+        while True:
+            got = nxt = None
+            try:
+                got = self._fetch(job.url)
+            except BaseException as e:  # noqa: BLE001 - this job's row says so (not the first job's)
+                if leased:
+                    self.gate.release(job.host, "transient")
+                return ("row", job, self._fail(job.url, "internal_error", {"error": error_text(e)}))
+            if leased:  # the lease goes back with what the host said
                 wait = got.detail.get("retry_after") if got.reason else None
                 outcome = "transient" if transient(got.reason) else "ok"
                 again = outcome == "ok" and bool(self.queues.get(job.host))
                 if self.gate.release(job.host, outcome, wait, got.http_status, again=again):
-                    self._hand_over(job.host)
-        retry = transient(got.reason)
-        if retry and job.attempts < self.retries and job.host is not None:
+                    nxt = self._next_row(job.host)
+            if nxt is None:
+                return self._conclude(job, got)
+            if self.queued >= self.threads:  # the pool is behind: the next row waits its turn
+                self._submit(self._run_row, nxt, leased=True)
+                return self._conclude(job, got)
+            self._submit(self._conclude, job, got)
+            job = nxt
+
+    def _conclude(self, job: _Job, got):
+        if transient(got.reason) and job.attempts < self.retries and job.host is not None:
             return ("retry", job)
         return ("row", job, self._finish(job.url, got, job.attempts + 1))
 
-    def _hand_over(self, host: str) -> None:
+    def _next_row(self, host: str) -> _Job | None:
         """In a thread that just got the host's next lease with its release:
-        start the host's next row itself, without a turn of the task's loop
-        (one gate call a request instead of two, and no wait for the loop)."""
+        the host's next row (the lease goes back unused when there is none),
+        started without a turn of the task's loop (one gate call a request
+        instead of two, and no wait for the loop)."""
         with self._lock:
             q = self.queues.get(host)
             job = q.popleft() if q else None
         if job is None:
             self.gate.release(host, "none")
-        else:
-            self._submit(self._run_row, job, leased=True)
+        return job
 
     def _run_robots(self, origin: str, host: str):
         policy, outcome, failed = None, "error", True
