@@ -263,7 +263,8 @@ def make_composite(ingr: Ingredients, split: str, index: int, seed: int = 0, cfg
 def make_plain(ingr: Ingredients, split: str, index: int, seed: int = 0, cfg: CompositeConfig | None = None):
     """One plain product photo: a single Fashion-MNIST item filling most of a
     plain light or dark frame. ``{"image": HxWx3 uint8, "boxes": Kx4 float32,
-    "labels": K int64, "background": the plain frame}`` with K = 1 (0 if the
+    "labels": K int64, "background": the plain frame, "foreground": the item's
+    colour at full intensity (3 floats)}`` with K = 1 (0 if the
     item has no pixel above ``mask_threshold``). The box is the tight box of the
     item's pixels above ``mask_threshold`` where it was drawn, scaled to ``size``."""
     cfg = cfg or CompositeConfig()
@@ -297,7 +298,7 @@ def make_plain(ingr: Ingredients, split: str, index: int, seed: int = 0, cfg: Co
         [[(x + xs.min()) * f, (y + ys.min()) * f, (x + xs.max() + 1) * f, (y + ys.max() + 1) * f]], np.float32)  # fmt: skip
     labels = np.full(len(boxes), 1 + int(item_labels[j]), np.int64)
     background = np.broadcast_to(np.round(bg).astype(np.uint8), image.shape).copy()
-    return {"image": image, "boxes": boxes, "labels": labels, "background": background}
+    return {"image": image, "boxes": boxes, "labels": labels, "background": background, "foreground": fg}
 
 
 def is_plain(index: int, fraction: float) -> bool:
