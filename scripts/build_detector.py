@@ -147,7 +147,8 @@ def evaluate(model, ingr, n: int, seed: int, ccfg, device, workers: int, batch_s
              kind: str = "composite") -> dict:  # fmt: skip
     """Held-out mAP@0.5 (all-point and COCO's 101-point) on ``n`` images of
     ``kind`` (``composite`` or ``plain``), the share of objects found at score
-    0.5 (``recall_at_0.5``) and of images with any box at 0.5 (``images_with_a_box``)."""
+    0.5 (``recall_at_0.5``) and of images with any box at 0.5 (``images_with_a_box``);
+    for ``empty`` photo crops (no object) only the last: false alarms."""
     from torch.utils.data import DataLoader
 
     from pairforge.trainer.detection_data import CATEGORIES, CompositeDataset, collate
@@ -157,28 +158,37 @@ def evaluate(model, ingr, n: int, seed: int, ccfg, device, workers: int, batch_s
     t0 = time.perf_counter()
     dets, tgts = predict(model, loader, device)
     seconds = time.perf_counter() - t0
+    with_a_box = float(np.mean([bool((d["scores"] >= 0.5).any()) for d in dets])) if dets else 0.0
+    if kind == "empty":  # no object: only false boxes to count
+        return {"kind": kind, "images": n, "images_with_a_box": with_a_box, "seed": seed, "seconds": seconds}
     out = mean_ap(dets, tgts, CATEGORIES)
     out["mAP_coco101"] = mean_ap(dets, tgts, CATEGORIES, recall_points=101)["mAP"]
     out["recall_at_0.5"] = recall_at(dets, tgts, 0.5)
-    out["images_with_a_box"] = float(np.mean([bool((d["scores"] >= 0.5).any()) for d in dets])) if dets else 0.0
+    out["images_with_a_box"] = with_a_box
     out.update(kind=kind, images=n, objects=int(sum(len(t["labels"]) for t in tgts)), seed=seed, seconds=seconds)
     return out
 
 
 def train(args, ingr, mcfg: dict, ccfg) -> tuple:
-    """Train a fresh model; returns (model, figures)."""
+    """Train a fresh model (or fine-tune ``--init``); returns (model, figures)."""
     import torch
     from torch.utils.data import DataLoader
 
     from pairforge.stages.common import pfdet
-    from pairforge.trainer.detection_data import CompositeDataset, collate
+    from pairforge.trainer.detection_data import CATEGORIES, CompositeDataset, collate
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    model = pfdet.build(mcfg).to(device).train()
+    model = pfdet.build(mcfg)
+    if getattr(args, "init", ""):  # fine-tune a saved detector of the same config (its float16 weights, as shipped)
+        start, categories, config = pfdet.load(args.init, "cpu")
+        if categories != list(CATEGORIES) or any(config.get(k) != v for k, v in mcfg.items()):
+            raise SystemExit(f"[detector] --init {args.init}: another config or categories than this build's")
+        model.load_state_dict(start.state_dict())
+    model = model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0}],
@@ -241,6 +251,17 @@ def train(args, ingr, mcfg: dict, ccfg) -> tuple:
                "weight_decay": args.weight_decay, "warmup": args.warmup, "seconds": seconds,
                "steps_per_s": steps / seconds, "device": str(device), "bf16": args.bf16, "seed": args.seed,
                "torch": torch.__version__, "history": history}  # fmt: skip
+    if getattr(args, "init", ""):
+        import hashlib
+
+        blob = Path(args.init).read_bytes()
+        figures["init"] = {"file": Path(args.init).name, "sha256": hashlib.sha256(blob).hexdigest()}
+        earlier = Path(args.init).with_suffix(".json")
+        if earlier.exists():  # what the starting point was trained on, for the record
+            old = json.loads(earlier.read_text())
+            figures["init"].update({k: old["train"][k] for k in ("steps", "batch_size", "images_seen", "seconds",
+                                                                  "device") if k in old.get("train", {})})  # fmt: skip
+            figures["init"]["held_out"] = {k: old.get("held_out", {}).get(k) for k in ("mAP", "mAP_coco101")}
     return model, figures
 
 
@@ -264,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-images", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--init", default="", help="a pf-tiny-detector file to fine-tune (same config) instead of "
+                   "training from scratch")
     p.add_argument("--small", action="store_true", help="a tiny model, 128 px, 40 steps: a CPU smoke test")
     args = p.parse_args(argv)
 
@@ -292,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     out = pfdet.save(model, mcfg, list(CATEGORIES), args.out)
     loaded, categories, config = pfdet.load(out, args.device)
     held_out = evaluate(loaded, ingr, args.eval_images, args.seed + 1000, ccfg, args.device, args.workers)
-    held_out_plain = evaluate(loaded, ingr, args.eval_images, args.seed + 1000, ccfg, args.device, args.workers,
-                              kind="plain")  # fmt: skip
+    held_out_plain, held_out_empty = (
+        evaluate(loaded, ingr, args.eval_images, args.seed + 1000, ccfg, args.device, args.workers, kind=kind)
+        for kind in ("plain", "empty")
+    )
     summary = {
         "model": "pf-tiny-detector", "file": out.name, "bytes": out.stat().st_size,
         "parameters": pfdet.parameter_count(loaded), "architecture": "torchvision FCOS, tiny residual CNN + FPN",
@@ -301,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         "ingredients": {"file": Path(args.ingredients).name, "fashion_train": int(len(ingr.fashion["train"][1])),
                         "fashion_t10k": int(len(ingr.fashion["t10k"][1])),
                         "photos_train": ingr.photo_names("train"), "photos_heldout": ingr.photo_names("heldout")},
-        "train": figures, "held_out": held_out, "held_out_plain": held_out_plain, "wall_seconds": time.perf_counter() - t_start,
+        "train": figures, "held_out": held_out, "held_out_plain": held_out_plain,
+        "held_out_empty": held_out_empty, "wall_seconds": time.perf_counter() - t_start,
     }  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     for h in (held_out, held_out_plain):
@@ -309,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[detector] held-out {h['kind']}: mAP@0.5 {h['mAP']:.3f} (COCO 101-point {h['mAP_coco101']:.3f}), "
               f"found at score 0.5 {h['recall_at_0.5']:.3f}, images with a box {h['images_with_a_box']:.3f} "
               f"on {h['images']} images, {h['objects']} objects: {per_class}")  # fmt: skip
+    print(f"[detector] held-out empty photo crops: a box at score 0.5 on {held_out_empty['images_with_a_box']:.3f} "
+          f"of {held_out_empty['images']}")  # fmt: skip
     print(f"[detector] wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {summary['parameters']:,} parameters) "
           f"and {out.with_suffix('.json')} in {summary['wall_seconds']:.0f}s")  # fmt: skip
     return 0

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pairforge.cli import main
+from pairforge.manifests.report import REGION_EXAMPLES
 from pairforge.pipeline import outcome
 from pairforge.pipeline.datasets import FASHION_CLASSES
 from pairforge.pipeline.httpserver import Route
@@ -46,6 +47,9 @@ def test_the_demo_exits_0_and_boxes_regions_on_a_third_of_its_kept_rows(demo_run
     right = sum(r["region_labels"][0] in r["caption"] for r in named)  # "shirt" is in "t-shirt": a lenient count
     assert all(r["region_labels"][0] in (*FASHION_CLASSES, "face") for r in named)
     assert right >= 0.5 * len(named), (right, len(named))
+    # the report the demo writes shows them: its regions section draws its full count of examples
+    drawn = list((run / "report" / "img").glob("*.regions.png"))
+    assert len(drawn) == REGION_EXAMPLES, drawn
 
 
 def _all_fail(seed: int = 0):

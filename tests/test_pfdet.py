@@ -25,9 +25,11 @@ from pairforge.trainer.detection_data import (
     CompositeDataset,
     Ingredients,
     _shape_mask,
-    is_plain,
     make_composite,
+    make_empty,
     make_plain,
+    mixed_kind,
+    picks,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,14 +171,18 @@ def test_plain_photos_are_deterministic_and_keep_the_splits_apart(ingr):
     assert train == set(range(5)) and held == set(range(5, 10))  # held-out plain photos: t10k items only
 
 
-def test_mixed_data_holds_exactly_the_plain_share(ingr):
+def test_mixed_data_holds_exactly_the_plain_and_empty_shares(ingr):
     cfg = CompositeConfig().scaled(128)
-    assert sum(is_plain(i, cfg.plain_fraction) for i in range(1000)) == 300
-    assert sum(is_plain(i, cfg.plain_fraction) for i in range(500, 510)) == 3  # spread evenly
+    assert sum(picks(i, 0.3) for i in range(1000)) == 300
+    assert sum(picks(i, 0.3) for i in range(500, 510)) == 3  # spread evenly
+    kinds = [mixed_kind(i, cfg) for i in range(1000)]
+    assert (kinds.count("plain"), kinds.count("empty")) == (300, 100)
+    assert {mixed_kind(i, cfg) for i in range(500, 520)} == {"plain", "empty", "composite"}
+    make = {"composite": make_composite, "plain": make_plain, "empty": make_empty}
     data = CompositeDataset(ingr, "train", 20, cfg=cfg, kind="mixed")
     for i in range(20):
         image, target = data[i]
-        want = (make_plain if is_plain(i, cfg.plain_fraction) else make_composite)(ingr, "train", i, 0, cfg)
+        want = make[mixed_kind(i, cfg)](ingr, "train", i, 0, cfg)
         assert np.array_equal(image.permute(1, 2, 0).numpy(), want["image"])
         assert np.array_equal(target["boxes"].numpy(), want["boxes"])
     with pytest.raises(ValueError, match="kind: 'photos'"):

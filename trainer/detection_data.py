@@ -15,9 +15,11 @@ the frame on a white or black background (the demo's product photos: boxes on
 1 of 216 kept). :func:`make_plain` makes those: one Fashion-MNIST item, either
 polarity, filling most of a plain frame, drawn at a smaller native size and
 often JPEG re-encoded before it is resized, as a small web photo reaches the
-detector. A share ``plain_fraction`` of the training images are plain ones;
-held-out figures are reported for each kind apart (:class:`CompositeDataset`'s
-``kind``).
+detector. A share ``plain_fraction`` of the training images are plain ones,
+and a share ``empty_fraction`` photo crops with no object (a cat filling the
+frame is no product); held-out figures are reported for each kind apart
+(:class:`CompositeDataset`'s ``kind``; on empty crops: the share of images
+with a false box).
 
 The GPU machine that trains the detector has neither scikit-image nor Debian's
 Fashion-MNIST, so :func:`save_ingredients` writes everything the generator
@@ -50,10 +52,11 @@ HELD_OUT_PHOTOS = ("chelsea", "coins", "grass", "page")
 #: split -> (Fashion-MNIST split, which photos)
 SPLITS = {"train": "train", "heldout": "t10k"}
 _SPLIT_CODE = {"train": 1, "heldout": 2}
-#: the plain images' own seed streams
+#: the plain and empty images' own seed streams
 _PLAIN_CODE = {"train": 3, "heldout": 4}
+_EMPTY_CODE = {"train": 5, "heldout": 6}
 #: what :class:`CompositeDataset` serves
-KINDS = ("composite", "plain", "mixed")
+KINDS = ("composite", "plain", "empty", "mixed")
 _MAX_PHOTO_SIDE = 512
 
 
@@ -81,6 +84,9 @@ class CompositeConfig:
     plain_light: float = 0.6
     #: the share of plain photos JPEG re-encoded (quality 50-95) at their native size
     plain_jpeg: float = 0.6
+    #: the share of ``mixed`` images that are a background crop with no object: a large
+    #: object-like thing in a photo (a cat, a cup) is no product
+    empty_fraction: float = 0.1
 
     def scaled(self, size: int) -> CompositeConfig:
         """The same layout at another image size (``--small`` runs)."""
@@ -301,18 +307,37 @@ def make_plain(ingr: Ingredients, split: str, index: int, seed: int = 0, cfg: Co
     return {"image": image, "boxes": boxes, "labels": labels, "background": background, "foreground": fg}
 
 
-def is_plain(index: int, fraction: float) -> bool:
-    """Whether item ``index`` of a ``mixed`` dataset is a plain photo: exactly
-    ``fraction`` of every run of items, evenly spread (no draw: any order of
-    loader workers gives the same data)."""
+def make_empty(ingr: Ingredients, split: str, index: int, seed: int = 0, cfg: CompositeConfig | None = None):
+    """A background crop with no object (``make_composite``'s keys, K = 0)."""
+    cfg = cfg or CompositeConfig()
+    rng = np.random.default_rng([seed, _EMPTY_CODE[split], index])
+    names = ingr.photo_names(split)
+    bg = _background(ingr.photos[names[int(rng.integers(len(names)))]], cfg.size, rng)
+    return {"image": bg, "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
+            "instances": np.zeros(bg.shape[:2], np.uint8), "background": bg}  # fmt: skip
+
+
+def picks(index: int, fraction: float) -> bool:
+    """Whether item ``index`` is one of a share ``fraction``: exactly that share
+    of every run of items, evenly spread (no draw: any order of loader workers
+    gives the same data)."""
     return int((index + 1) * fraction) > int(index * fraction)
+
+
+def mixed_kind(index: int, cfg: CompositeConfig) -> str:
+    """What item ``index`` of a ``mixed`` dataset is: ``plain`` for a share
+    ``plain_fraction``, ``empty`` for ``empty_fraction``, else ``composite``."""
+    if picks(index, cfg.plain_fraction):
+        return "plain"
+    rest = index - int(index * cfg.plain_fraction)  # its place among the items that are not plain
+    return "empty" if picks(rest, cfg.empty_fraction / max(1e-9, 1 - cfg.plain_fraction)) else "composite"
 
 
 class CompositeDataset:
     """A map-style torch dataset of ``n`` images: ``(CHW uint8 tensor,
     {"boxes", "labels"})``. ``kind``: ``composite`` (item ``i`` is
     ``make_composite(..., index=i)``), ``plain`` (``make_plain``) or ``mixed``
-    (plain where :func:`is_plain` says, with ``cfg.plain_fraction``)."""
+    ``empty`` (``make_empty``) or ``mixed`` (each as :func:`mixed_kind` says)."""
 
     def __init__(self, ingr: Ingredients, split: str, n: int, seed: int = 0, cfg: CompositeConfig | None = None,
                  kind: str = "composite"):  # fmt: skip
@@ -327,8 +352,9 @@ class CompositeDataset:
     def __getitem__(self, i: int):
         import torch
 
-        plain = self.kind == "plain" or (self.kind == "mixed" and is_plain(i, self.cfg.plain_fraction))
-        c = (make_plain if plain else make_composite)(self.ingr, self.split, i, self.seed, self.cfg)
+        kind = mixed_kind(i, self.cfg) if self.kind == "mixed" else self.kind
+        make = {"composite": make_composite, "plain": make_plain, "empty": make_empty}[kind]
+        c = make(self.ingr, self.split, i, self.seed, self.cfg)
         image = torch.from_numpy(np.ascontiguousarray(c["image"].transpose(2, 0, 1)))
         return image, {"boxes": torch.from_numpy(c["boxes"]), "labels": torch.from_numpy(c["labels"])}
 
