@@ -21,6 +21,8 @@ saved float16 file loaded back with ``pfdet.load``: the model users get,
 on held-out composites and, apart, held-out plain product photos (the kind of
 photo the demo serves), each with the share of objects found at the
 ``regions`` stage's default score threshold (0.5).
+``--evaluate FILE`` measures a saved file again (``--eval-images``
+each kind) and writes the figures into the ``.json`` beside it.
 ``--small`` is a CPU smoke test (a 0.2M-parameter model at 128 px, 40 steps).
 
 AP here is VOC's all-point interpolated AP at IoU 0.5 (``average_precision``),
@@ -169,6 +171,24 @@ def evaluate(model, ingr, n: int, seed: int, ccfg, device, workers: int, batch_s
     return out
 
 
+def held_out_figures(model, ingr, args, ccfg) -> dict:
+    """``held_out`` (composites), ``held_out_plain`` and ``held_out_empty``
+    on ``--eval-images`` each, printed as they come."""
+    found = {}
+    for key, kind in (("held_out", "composite"), ("held_out_plain", "plain"), ("held_out_empty", "empty")):
+        h = found[key] = evaluate(model, ingr, args.eval_images, args.seed + 1000, ccfg, args.device, args.workers,
+                                  kind=kind)  # fmt: skip
+        if kind == "empty":
+            print(f"[detector] held-out empty photo crops: a box at score 0.5 on {h['images_with_a_box']:.3f} "
+                  f"of {h['images']}", flush=True)  # fmt: skip
+            continue
+        per_class = " ".join(f"{k}={v['ap']:.2f}" for k, v in h["per_class"].items() if v["gt"])
+        print(f"[detector] held-out {kind}: mAP@0.5 {h['mAP']:.3f} (COCO 101-point {h['mAP_coco101']:.3f}), "
+              f"found at score 0.5 {h['recall_at_0.5']:.3f}, images with a box {h['images_with_a_box']:.3f} "
+              f"on {h['images']} images, {h['objects']} objects: {per_class}", flush=True)  # fmt: skip
+    return found
+
+
 def train(args, ingr, mcfg: dict, ccfg) -> tuple:
     """Train a fresh model (or fine-tune ``--init``); returns (model, figures)."""
     import torch
@@ -285,13 +305,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-images", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--init", default="", help="a pf-tiny-detector file to fine-tune (same config) instead of "
-                   "training from scratch")
+    p.add_argument(
+        "--init", default="", help="a pf-tiny-detector file to fine-tune (same config) instead of training from scratch"
+    )
+    p.add_argument(
+        "--evaluate",
+        default="",
+        metavar="FILE",
+        help="only the held-out figures of a saved detector (written into the .json beside it)",
+    )
     p.add_argument("--small", action="store_true", help="a tiny model, 128 px, 40 steps: a CPU smoke test")
     args = p.parse_args(argv)
 
     from pairforge.trainer.detection_data import CATEGORIES, CompositeConfig, Ingredients, save_ingredients
 
+    if args.evaluate:  # the held-out figures of a saved detector, into the .json beside it
+        from pairforge.stages.common import pfdet
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        model, _, config = pfdet.load(args.evaluate, args.device)
+        figures = held_out_figures(model, Ingredients.load(args.ingredients), args,
+                                   CompositeConfig().scaled(config["min_size"]))  # fmt: skip
+        card = Path(args.evaluate).with_suffix(".json")
+        if card.exists():
+            summary = json.loads(card.read_text())
+            summary.update(figures, held_out_device=args.device)
+            card.write_text(json.dumps(summary, indent=1))
+            print(f"[detector] wrote the held-out figures into {card}")
+        return 0
     if not args.train:
         t0 = time.perf_counter()
         path = save_ingredients(args.ingredients, args.train_items)
@@ -314,11 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     model, figures = train(args, ingr, mcfg, ccfg)
     out = pfdet.save(model, mcfg, list(CATEGORIES), args.out)
     loaded, categories, config = pfdet.load(out, args.device)
-    held_out = evaluate(loaded, ingr, args.eval_images, args.seed + 1000, ccfg, args.device, args.workers)
-    held_out_plain, held_out_empty = (
-        evaluate(loaded, ingr, args.eval_images, args.seed + 1000, ccfg, args.device, args.workers, kind=kind)
-        for kind in ("plain", "empty")
-    )
     summary = {
         "model": "pf-tiny-detector", "file": out.name, "bytes": out.stat().st_size,
         "parameters": pfdet.parameter_count(loaded), "architecture": "torchvision FCOS, tiny residual CNN + FPN",
@@ -326,17 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         "ingredients": {"file": Path(args.ingredients).name, "fashion_train": int(len(ingr.fashion["train"][1])),
                         "fashion_t10k": int(len(ingr.fashion["t10k"][1])),
                         "photos_train": ingr.photo_names("train"), "photos_heldout": ingr.photo_names("heldout")},
-        "train": figures, "held_out": held_out, "held_out_plain": held_out_plain,
-        "held_out_empty": held_out_empty, "wall_seconds": time.perf_counter() - t_start,
+        "train": figures, **held_out_figures(loaded, ingr, args, ccfg), "wall_seconds": time.perf_counter() - t_start,
     }  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    for h in (held_out, held_out_plain):
-        per_class = " ".join(f"{k}={v['ap']:.2f}" for k, v in h["per_class"].items() if v["gt"])
-        print(f"[detector] held-out {h['kind']}: mAP@0.5 {h['mAP']:.3f} (COCO 101-point {h['mAP_coco101']:.3f}), "
-              f"found at score 0.5 {h['recall_at_0.5']:.3f}, images with a box {h['images_with_a_box']:.3f} "
-              f"on {h['images']} images, {h['objects']} objects: {per_class}")  # fmt: skip
-    print(f"[detector] held-out empty photo crops: a box at score 0.5 on {held_out_empty['images_with_a_box']:.3f} "
-          f"of {held_out_empty['images']}")  # fmt: skip
     print(f"[detector] wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {summary['parameters']:,} parameters) "
           f"and {out.with_suffix('.json')} in {summary['wall_seconds']:.0f}s")  # fmt: skip
     return 0
