@@ -54,15 +54,21 @@ def _cmd_run(args) -> int:
 
 def _cmd_demo(args) -> int:
     from pairforge.demo import run_demo
+    from pairforge.pipeline import outcome
 
-    run_demo(
-        out_dir=args.out,
-        runner=args.runner,
-        resume=args.resume,
-        verbose=args.verbose,
-        progress_every=args.progress_every,
-    )
-    return 0
+    try:
+        manifest = run_demo(
+            out_dir=args.out,
+            runner=args.runner,
+            resume=args.resume,
+            verbose=args.verbose,
+            progress_every=args.progress_every,
+        )
+    except KeyboardInterrupt:
+        # no --resume advice: the demo serves its corpus on a new port each time, which a resumed run's URLs miss
+        print("pairforge: interrupted; start again with: pairforge demo --out NEW_DIR", file=sys.stderr)
+        return outcome.EXIT_INTERRUPTED
+    return outcome.exit_code(manifest)  # as `pairforge run`: non-zero when no row reached a shard
 
 
 def _where(args, location: str):

@@ -1,6 +1,6 @@
 """Build the project's offline detector, ``pf-tiny-detector`` (stages/common/pfdet.py):
-a torchvision FCOS trained from scratch on composites with exact boxes
-(trainer/detection_data.py), shipped as ``pipeline/assets/pf-tiny-detector.pt``
+a torchvision FCOS trained from scratch on composites and plain product photos
+with exact boxes (trainer/detection_data.py), shipped as ``pipeline/assets/pf-tiny-detector.pt``
 with its figures in the ``.json`` beside it.
 
     python scripts/build_detector.py --ingredients build/detector/ingredients.npz
@@ -17,7 +17,12 @@ schedule's length, so a run takes about 6 minutes on one H200 whatever its
 speed (a step costs ~2-3 ms of Python and kernel launches per image in
 torchvision's per-image loss and transform code, more than its arithmetic);
 ``--steps N`` fixes the length instead. The held-out figures come from the
-saved float16 file loaded back with ``pfdet.load``: the model users get.
+saved float16 file loaded back with ``pfdet.load``: the model users get,
+on held-out composites and, apart, held-out plain product photos (the kind of
+photo the demo serves), each with the share of objects found at the
+``regions`` stage's default score threshold (0.5).
+``--evaluate FILE`` measures a saved file again (``--eval-images``
+each kind) and writes the figures into the ``.json`` beside it.
 ``--small`` is a CPU smoke test (a 0.2M-parameter model at 128 px, 40 steps).
 
 AP here is VOC's all-point interpolated AP at IoU 0.5 (``average_precision``),
@@ -103,6 +108,27 @@ def mean_ap(detections, targets, categories, iou: float = 0.5, recall_points: in
     return {"mAP": float(np.mean(aps)) if aps else float("nan"), "per_class": per_class}
 
 
+def recall_at(detections, targets, score: float = 0.5, iou: float = 0.5) -> float:
+    """The share of ground-truth boxes that a detection of their class scoring
+    at least ``score`` overlaps at IoU >= ``iou`` (each detection matches one box)."""
+    found = total = 0
+    for d, t in zip(detections, targets):
+        total += len(t["boxes"])
+        keep = d["scores"] >= score
+        boxes, labels = d["boxes"][keep], d["labels"][keep]
+        if not len(boxes) or not len(t["boxes"]):
+            continue
+        ious = box_iou(np.asarray(t["boxes"], np.float64), np.asarray(boxes, np.float64))
+        ious[t["labels"][:, None] != labels[None, :]] = 0.0
+        taken = np.zeros(len(boxes), bool)
+        for g in np.argsort(-ious.max(1), kind="mergesort"):
+            cand = np.where(taken, -1.0, ious[g])
+            j = int(np.argmax(cand))
+            if cand[j] >= iou:
+                taken[j], found = True, found + 1
+    return found / total if total else float("nan")
+
+
 def predict(model, loader, device) -> tuple[list, list]:
     """Detections and targets (numpy) for every image of ``loader``."""
     import torch
@@ -119,43 +145,76 @@ def predict(model, loader, device) -> tuple[list, list]:
     return dets, tgts
 
 
-def evaluate(model, ingr, n: int, seed: int, ccfg, device, workers: int, batch_size: int = 50) -> dict:
-    """Held-out mAP@0.5 (all-point and COCO's 101-point) on ``n`` composites."""
+def evaluate(model, ingr, n: int, seed: int, ccfg, device, workers: int, batch_size: int = 50,
+             kind: str = "composite") -> dict:  # fmt: skip
+    """Held-out mAP@0.5 (all-point and COCO's 101-point) on ``n`` images of
+    ``kind`` (``composite`` or ``plain``), the share of objects found at score
+    0.5 (``recall_at_0.5``) and of images with any box at 0.5 (``images_with_a_box``);
+    for ``empty`` photo crops (no object) only the last: false alarms."""
     from torch.utils.data import DataLoader
 
     from pairforge.trainer.detection_data import CATEGORIES, CompositeDataset, collate
 
-    data = CompositeDataset(ingr, "heldout", n, seed, ccfg)
+    data = CompositeDataset(ingr, "heldout", n, seed, ccfg, kind=kind)
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     t0 = time.perf_counter()
     dets, tgts = predict(model, loader, device)
     seconds = time.perf_counter() - t0
+    with_a_box = float(np.mean([bool((d["scores"] >= 0.5).any()) for d in dets])) if dets else 0.0
+    if kind == "empty":  # no object: only false boxes to count
+        return {"kind": kind, "images": n, "images_with_a_box": with_a_box, "seed": seed, "seconds": seconds}
     out = mean_ap(dets, tgts, CATEGORIES)
     out["mAP_coco101"] = mean_ap(dets, tgts, CATEGORIES, recall_points=101)["mAP"]
-    out.update(images=n, objects=int(sum(len(t["labels"]) for t in tgts)), seed=seed, seconds=seconds)
+    out["recall_at_0.5"] = recall_at(dets, tgts, 0.5)
+    out["images_with_a_box"] = with_a_box
+    out.update(kind=kind, images=n, objects=int(sum(len(t["labels"]) for t in tgts)), seed=seed, seconds=seconds)
     return out
 
 
+def held_out_figures(model, ingr, args, ccfg) -> dict:
+    """``held_out`` (composites), ``held_out_plain`` and ``held_out_empty``
+    on ``--eval-images`` each, printed as they come."""
+    found = {}
+    for key, kind in (("held_out", "composite"), ("held_out_plain", "plain"), ("held_out_empty", "empty")):
+        h = found[key] = evaluate(model, ingr, args.eval_images, args.seed + 1000, ccfg, args.device, args.workers,
+                                  kind=kind)  # fmt: skip
+        if kind == "empty":
+            print(f"[detector] held-out empty photo crops: a box at score 0.5 on {h['images_with_a_box']:.3f} "
+                  f"of {h['images']}", flush=True)  # fmt: skip
+            continue
+        per_class = " ".join(f"{k}={v['ap']:.2f}" for k, v in h["per_class"].items() if v["gt"])
+        print(f"[detector] held-out {kind}: mAP@0.5 {h['mAP']:.3f} (COCO 101-point {h['mAP_coco101']:.3f}), "
+              f"found at score 0.5 {h['recall_at_0.5']:.3f}, images with a box {h['images_with_a_box']:.3f} "
+              f"on {h['images']} images, {h['objects']} objects: {per_class}", flush=True)  # fmt: skip
+    return found
+
+
 def train(args, ingr, mcfg: dict, ccfg) -> tuple:
-    """Train a fresh model; returns (model, figures)."""
+    """Train a fresh model (or fine-tune ``--init``); returns (model, figures)."""
     import torch
     from torch.utils.data import DataLoader
 
     from pairforge.stages.common import pfdet
-    from pairforge.trainer.detection_data import CompositeDataset, collate
+    from pairforge.trainer.detection_data import CATEGORIES, CompositeDataset, collate
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    model = pfdet.build(mcfg).to(device).train()
+    model = pfdet.build(mcfg)
+    if getattr(args, "init", ""):  # fine-tune a saved detector of the same config (its float16 weights, as shipped)
+        start, categories, config = pfdet.load(args.init, "cpu")
+        if categories != list(CATEGORIES) or any(config.get(k) != v for k, v in mcfg.items()):
+            raise SystemExit(f"[detector] --init {args.init}: another config or categories than this build's")
+        model.load_state_dict(start.state_dict())
+    model = model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0}],
                             lr=args.lr, betas=(0.9, 0.999))  # fmt: skip
     max_steps = args.steps or args.max_steps
-    data = CompositeDataset(ingr, "train", max_steps * args.batch_size, args.seed, ccfg)
+    data = CompositeDataset(ingr, "train", max_steps * args.batch_size, args.seed, ccfg, kind="mixed")
     loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", drop_last=True,
                         prefetch_factor=4 if args.workers else None, persistent_workers=False)  # fmt: skip
@@ -212,6 +271,17 @@ def train(args, ingr, mcfg: dict, ccfg) -> tuple:
                "weight_decay": args.weight_decay, "warmup": args.warmup, "seconds": seconds,
                "steps_per_s": steps / seconds, "device": str(device), "bf16": args.bf16, "seed": args.seed,
                "torch": torch.__version__, "history": history}  # fmt: skip
+    if getattr(args, "init", ""):
+        import hashlib
+
+        blob = Path(args.init).read_bytes()
+        figures["init"] = {"file": Path(args.init).name, "sha256": hashlib.sha256(blob).hexdigest()}
+        earlier = Path(args.init).with_suffix(".json")
+        if earlier.exists():  # what the starting point was trained on, for the record
+            old = json.loads(earlier.read_text())
+            figures["init"].update({k: old["train"][k] for k in ("steps", "batch_size", "images_seen", "seconds",
+                                                                  "device") if k in old.get("train", {})})  # fmt: skip
+            figures["init"]["held_out"] = {k: old.get("held_out", {}).get(k) for k in ("mAP", "mAP_coco101")}
     return model, figures
 
 
@@ -235,11 +305,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-images", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument(
+        "--init", default="", help="a pf-tiny-detector file to fine-tune (same config) instead of training from scratch"
+    )
+    p.add_argument(
+        "--evaluate",
+        default="",
+        metavar="FILE",
+        help="only the held-out figures of a saved detector (written into the .json beside it)",
+    )
     p.add_argument("--small", action="store_true", help="a tiny model, 128 px, 40 steps: a CPU smoke test")
     args = p.parse_args(argv)
 
     from pairforge.trainer.detection_data import CATEGORIES, CompositeConfig, Ingredients, save_ingredients
 
+    if args.evaluate:  # the held-out figures of a saved detector, into the .json beside it
+        from pairforge.stages.common import pfdet
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        model, _, config = pfdet.load(args.evaluate, args.device)
+        figures = held_out_figures(model, Ingredients.load(args.ingredients), args,
+                                   CompositeConfig().scaled(config["min_size"]))  # fmt: skip
+        card = Path(args.evaluate).with_suffix(".json")
+        if card.exists():
+            summary = json.loads(card.read_text())
+            summary.update(figures, held_out_device=args.device)
+            card.write_text(json.dumps(summary, indent=1))
+            print(f"[detector] wrote the held-out figures into {card}")
+        return 0
     if not args.train:
         t0 = time.perf_counter()
         path = save_ingredients(args.ingredients, args.train_items)
@@ -262,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     model, figures = train(args, ingr, mcfg, ccfg)
     out = pfdet.save(model, mcfg, list(CATEGORIES), args.out)
     loaded, categories, config = pfdet.load(out, args.device)
-    held_out = evaluate(loaded, ingr, args.eval_images, args.seed + 1000, ccfg, args.device, args.workers)
     summary = {
         "model": "pf-tiny-detector", "file": out.name, "bytes": out.stat().st_size,
         "parameters": pfdet.parameter_count(loaded), "architecture": "torchvision FCOS, tiny residual CNN + FPN",
@@ -270,12 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         "ingredients": {"file": Path(args.ingredients).name, "fashion_train": int(len(ingr.fashion["train"][1])),
                         "fashion_t10k": int(len(ingr.fashion["t10k"][1])),
                         "photos_train": ingr.photo_names("train"), "photos_heldout": ingr.photo_names("heldout")},
-        "train": figures, "held_out": held_out, "wall_seconds": time.perf_counter() - t_start,
+        "train": figures, **held_out_figures(loaded, ingr, args, ccfg), "wall_seconds": time.perf_counter() - t_start,
     }  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    per_class = " ".join(f"{k}={v['ap']:.2f}" for k, v in held_out["per_class"].items())
-    print(f"[detector] held-out mAP@0.5 {held_out['mAP']:.3f} (COCO 101-point {held_out['mAP_coco101']:.3f}) "
-          f"on {held_out['images']} images, {held_out['objects']} objects: {per_class}")  # fmt: skip
     print(f"[detector] wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {summary['parameters']:,} parameters) "
           f"and {out.with_suffix('.json')} in {summary['wall_seconds']:.0f}s")  # fmt: skip
     return 0

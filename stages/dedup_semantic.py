@@ -85,6 +85,8 @@ class SemanticDedupStage(GlobalStage):
         return self.config.fit_sample
 
     def learn(self, sample: Batch) -> None:
+        if not batch_len(sample):  # every row was rejected before this stage: none will be bucketed either
+            return
         keys = dd.str_keys(sample["key"])
         emb, valid = unit_rows(sample[self.config.column])
         keys, emb = keys[valid], emb[valid]

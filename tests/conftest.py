@@ -29,3 +29,15 @@ def ray_local():
     if not ray.is_initialized():
         init_local(num_cpus=2, ignore_reinit_error=True, log_to_driver=False)
     yield ray
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``pairforge demo --runner local`` (every stage, in process, no Ray), run
+    once a session as a user runs it: ``(exit code, the run's folder)``. Tests
+    that change the run copy it first."""
+    from pairforge.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    rc = main(["demo", "--out", str(out), "--runner", "local"])
+    return rc, out / "run"

@@ -1,5 +1,5 @@
-"""pf-tiny-detector: its composites' boxes are exact and its splits disjoint
-(trainer/detection_data.py), the model is a plain torchvision detector that
+"""pf-tiny-detector: its composites' and plain product photos' boxes are exact
+and its splits disjoint (trainer/detection_data.py), the model is a plain torchvision detector that
 survives save/load (stages/common/pfdet.py), the training loop learns and the
 AP function agrees with pycocotools (scripts/build_detector.py), and the
 shipped file, where there is one, detects what it should."""
@@ -7,6 +7,7 @@ shipped file, where there is one, detects what it should."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 from argparse import Namespace
@@ -21,14 +22,21 @@ from pairforge.trainer.detection_data import (
     CATEGORIES,
     HELD_OUT_PHOTOS,
     CompositeConfig,
+    CompositeDataset,
     Ingredients,
     _shape_mask,
     make_composite,
+    make_empty,
+    make_plain,
+    mixed_kind,
+    picks,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET = ROOT / "pipeline" / "assets" / "pf-tiny-detector.pt"
 SMALL_CFG = CompositeConfig().scaled(128)
+#: the shipped detector on 150 held-out plain product photos (its .json has the figures on 1,000)
+PLAIN_MAP, PLAIN_RECALL = 0.8, 0.7
 
 
 def _script():
@@ -120,6 +128,75 @@ def test_splits_use_disjoint_fashion_items_and_photos(ingr):
             fashion_labels[split] |= {int(x) - 1 for x in c["labels"] if x <= 10}
     assert fashion_labels["train"] <= set(range(5)) and fashion_labels["heldout"] <= set(range(5, 10))
     assert fashion_labels["train"] and fashion_labels["heldout"]
+
+
+def test_plain_photos_box_the_item_on_a_plain_frame(ingr):
+    """Drawn at full size without JPEG, a plain photo is its background
+    everywhere but the item's pixels, and the box is the tight box of the
+    pixels more than ``mask_threshold`` of the way from the background to the
+    item's colour (give or take 3 levels: the rendering rounds). Both polarities occur."""
+    cfg = dataclasses.replace(CompositeConfig(), plain_jpeg=0.0, plain_native=(1.0, 1.0))
+    light = 0
+    for split in ("train", "heldout"):
+        for i in range(40):
+            c = make_plain(ingr, split, i, cfg=cfg)
+            img, bg = c["image"].astype(float), c["background"].astype(float)
+            assert c["image"].shape == (256, 256, 3) and len(c["boxes"]) == len(c["labels"]) == 1
+            assert 1 <= int(c["labels"][0]) <= 10  # a fashion class, never a shape
+            ch = int(np.argmax(np.abs(c["foreground"] - bg[0, 0])))  # the channel of most contrast
+            intensity = (img[..., ch] - bg[..., ch]) / (c["foreground"][ch] - bg[0, 0, ch])
+            x0, y0, x1, y1 = c["boxes"][0]
+            assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+            assert max(x1 - x0, y1 - y0) > 0.4 * 256, "a plain photo's item spans most of the frame"
+            # every pixel clearly above the threshold is inside; each edge holds one near it
+            above, near = intensity > (cfg.mask_threshold + 3) / 255, intensity > (cfg.mask_threshold - 3) / 255
+            x0, y0, x1, y1 = (int(round(float(v))) for v in c["boxes"][0])
+            assert above.sum() == above[y0:y1, x0:x1].sum() > 0, "an item pixel outside the box"
+            inner = near[y0:y1, x0:x1]
+            assert inner[0].any() and inner[-1].any() and inner[:, 0].any() and inner[:, -1].any(), "a loose box"
+            light += bg.mean() > 128
+    assert 0.4 * 80 <= light <= 0.8 * 80  # plain_light 0.6: dark items on light frames, and the other way
+
+
+def test_plain_photos_are_deterministic_and_keep_the_splits_apart(ingr):
+    a, b = make_plain(ingr, "train", 5, seed=3), make_plain(ingr, "train", 5, seed=3)
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["boxes"], b["boxes"])
+    assert not np.array_equal(a["image"], make_plain(ingr, "heldout", 5, seed=3)["image"])
+    item = np.zeros((28, 28), np.uint8)
+    item[4:24, 6:22] = 200
+    items = np.stack([item] * 20)
+    fake = Ingredients({"train": (items, np.arange(20) % 5), "t10k": (items, 5 + np.arange(20) % 5)}, ingr.photos)
+    train = {int(make_plain(fake, "train", i)["labels"][0]) - 1 for i in range(40)}
+    held = {int(make_plain(fake, "heldout", i)["labels"][0]) - 1 for i in range(40)}
+    assert train == set(range(5)) and held == set(range(5, 10))  # held-out plain photos: t10k items only
+
+
+def test_mixed_data_holds_exactly_the_plain_and_empty_shares(ingr):
+    cfg = CompositeConfig().scaled(128)
+    assert sum(picks(i, 0.3) for i in range(1000)) == 300
+    assert sum(picks(i, 0.3) for i in range(500, 510)) == 3  # spread evenly
+    kinds = [mixed_kind(i, cfg) for i in range(1000)]
+    assert (kinds.count("plain"), kinds.count("empty")) == (300, 100)
+    assert {mixed_kind(i, cfg) for i in range(500, 520)} == {"plain", "empty", "composite"}
+    make = {"composite": make_composite, "plain": make_plain, "empty": make_empty}
+    data = CompositeDataset(ingr, "train", 20, cfg=cfg, kind="mixed")
+    for i in range(20):
+        image, target = data[i]
+        want = make[mixed_kind(i, cfg)](ingr, "train", i, 0, cfg)
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), want["image"])
+        assert np.array_equal(target["boxes"].numpy(), want["boxes"])
+    with pytest.raises(ValueError, match="kind: 'photos'"):
+        CompositeDataset(ingr, "train", 1, kind="photos")
+
+
+def test_recall_at_counts_each_box_once_by_class_and_score(script):
+    t = [{"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), "labels": np.array([1, 2])}]
+    d = [{"boxes": np.array([[0, 0, 10, 10], [1, 0, 10, 10], [20, 20, 30, 30], [20, 20, 30, 30]], float),
+          "scores": np.array([0.9, 0.8, 0.4, 0.9]), "labels": np.array([1, 1, 2, 1])}]  # fmt: skip
+    # box 1 found (the duplicate finds nothing more); box 2's own-class box scores below 0.5, the other is class 1
+    assert script.recall_at(d, t, 0.5) == 0.5
+    assert script.recall_at(d, t, 0.3) == 1.0
+    assert np.isnan(script.recall_at([], [], 0.5))
 
 
 def test_ingredients_npz_round_trip(ingr, tmp_path):
@@ -246,4 +323,7 @@ def test_shipped_detector_finds_held_out_objects(script, ingr):
     ccfg = CompositeConfig().scaled(config["min_size"])
     with one_thread():
         figures = script.evaluate(model, ingr, 150, 1000, ccfg, "cpu", workers=0)
+        plain = script.evaluate(model, ingr, 150, 1000, ccfg, "cpu", workers=0, kind="plain")
     assert figures["mAP"] >= 0.6, json.dumps(figures["per_class"])
+    # plain product photos (the demo's kind): found at the regions stage's default score threshold
+    assert plain["mAP"] >= PLAIN_MAP and plain["recall_at_0.5"] >= PLAIN_RECALL, json.dumps(plain)

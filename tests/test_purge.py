@@ -1,5 +1,5 @@
 """``pairforge purge`` on a real build: the demo (every stage, in process),
-built once for the module, copied for each test. A list names one survivor
+built once for the session, copied for each test. A list names one survivor
 of a duplicate cluster, one confounder partner and a URL prefix; exactly
 those rows leave the tars, parquet, embeddings, arrays and side tables,
 become tombstones in the rejects, ``manifest verify`` passes, every other
@@ -34,12 +34,8 @@ BOOKKEEPING = ("manifest.json", "shards/sizes.json")
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from pairforge.demo import run_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    run_demo(out_dir=str(out), runner="local")
-    return out / "run"
+def demo(demo_run):
+    return demo_run[1]  # built once a session (tests/conftest.py), shared with tests/test_demo.py
 
 
 def _copy(demo, dest):

@@ -1,5 +1,5 @@
-"""Composite images with exact boxes: the training and held-out data of the
-project's offline detector (``pf-tiny-detector``, ``scripts/build_detector.py``).
+"""Images with exact boxes: the training and held-out data of the project's
+offline detector (``pf-tiny-detector``, ``scripts/build_detector.py``).
 
 No detection data set with boxes ships with a package here, so we make one
 whose labels are true by construction: Fashion-MNIST product photos and
@@ -9,21 +9,34 @@ owns each pixel, so an object's box is the tight box of the pixels of it that
 are visible in the final image: fashion items and shapes follow one rule, and
 for an unrotated circle or square it is the drawn geometry itself.
 
+Composites alone teach a detector objects that cover at most ~40% of a busy
+frame, so it found nothing on a plain catalogue shot, where one product fills
+the frame on a white or black background (the demo's product photos: boxes on
+1 of 216 kept). :func:`make_plain` makes those: one Fashion-MNIST item, either
+polarity, filling most of a plain frame, drawn at a smaller native size and
+often JPEG re-encoded before it is resized, as a small web photo reaches the
+detector. A share ``plain_fraction`` of the training images are plain ones,
+and a share ``empty_fraction`` photo crops with no object (a cat filling the
+frame is no product); held-out figures are reported for each kind apart
+(:class:`CompositeDataset`'s ``kind``; on empty crops: the share of images
+with a false box).
+
 The GPU machine that trains the detector has neither scikit-image nor Debian's
 Fashion-MNIST, so :func:`save_ingredients` writes everything the generator
 needs into one ``.npz`` (built here) and :class:`Ingredients` works from that
 file alone (numpy + PIL; torch only for :class:`CompositeDataset`).
 
-Held-out composites share nothing with training ones: they use Fashion-MNIST's
+Held-out images share nothing with training ones: they use Fashion-MNIST's
 ``t10k`` items (training uses ``train``), the photos in :data:`HELD_OUT_PHOTOS`
-(training uses the others) and another seed stream. A composite is a function
-of ``(seed, split, index)`` only, so any number of loader workers in any order
+(training uses the others) and other seed streams. An image is a function
+of ``(seed, split, kind, index)`` only, so any number of loader workers in any order
 produce the same data.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +52,11 @@ HELD_OUT_PHOTOS = ("chelsea", "coins", "grass", "page")
 #: split -> (Fashion-MNIST split, which photos)
 SPLITS = {"train": "train", "heldout": "t10k"}
 _SPLIT_CODE = {"train": 1, "heldout": 2}
+#: the plain and empty images' own seed streams
+_PLAIN_CODE = {"train": 3, "heldout": 4}
+_EMPTY_CODE = {"train": 5, "heldout": 6}
+#: what :class:`CompositeDataset` serves
+KINDS = ("composite", "plain", "empty", "mixed")
 _MAX_PHOTO_SIDE = 512
 
 
@@ -56,14 +74,25 @@ class CompositeConfig:
     shape_fraction: float = 0.3
     #: a Fashion-MNIST pixel belongs to the item above this intensity (0-255)
     mask_threshold: int = 40
+    #: the share of ``mixed`` (training) images that are plain product photos
+    plain_fraction: float = 0.3
+    #: a plain photo's item (its 28 px tile) spans this share of the frame's side
+    plain_fill: tuple[float, float] = (0.55, 1.0)
+    #: a plain photo is drawn at this share of ``size`` (the demo's 112 px of 256: 0.44), then resized
+    plain_native: tuple[float, float] = (0.25, 1.0)
+    #: the share of plain photos that are dark items on a light background (catalogue style)
+    plain_light: float = 0.6
+    #: the share of plain photos JPEG re-encoded (quality 50-95) at their native size
+    plain_jpeg: float = 0.6
+    #: the share of ``mixed`` images that are a background crop with no object: a large
+    #: object-like thing in a photo (a cat, a cup) is no product
+    empty_fraction: float = 0.1
 
     def scaled(self, size: int) -> CompositeConfig:
         """The same layout at another image size (``--small`` runs)."""
         f = size / self.size
-        return CompositeConfig(
-            size, max(8, round(self.min_object * f)), max(12, round(self.max_object * f)), self.min_objects,
-            self.max_objects, self.max_overlap, self.shape_fraction, self.mask_threshold,
-        )  # fmt: skip
+        return replace(self, size=size, min_object=max(8, round(self.min_object * f)),
+                       max_object=max(12, round(self.max_object * f)))  # fmt: skip
 
 
 class Ingredients:
@@ -237,12 +266,85 @@ def make_composite(ingr: Ingredients, split: str, index: int, seed: int = 0, cfg
     }  # fmt: skip
 
 
-class CompositeDataset:
-    """A map-style torch dataset of ``n`` composites: ``(CHW uint8 tensor,
-    {"boxes", "labels"})``; item ``i`` is ``make_composite(..., index=i)``."""
+def make_plain(ingr: Ingredients, split: str, index: int, seed: int = 0, cfg: CompositeConfig | None = None):
+    """One plain product photo: a single Fashion-MNIST item filling most of a
+    plain light or dark frame. ``{"image": HxWx3 uint8, "boxes": Kx4 float32,
+    "labels": K int64, "background": the plain frame, "foreground": the item's
+    colour at full intensity (3 floats)}`` with K = 1 (0 if the
+    item has no pixel above ``mask_threshold``). The box is the tight box of the
+    item's pixels above ``mask_threshold`` where it was drawn, scaled to ``size``."""
+    cfg = cfg or CompositeConfig()
+    rng = np.random.default_rng([seed, _PLAIN_CODE[split], index])
+    items, item_labels = ingr.fashion[SPLITS[split]]
+    j = int(rng.integers(len(items)))
+    item = items[j][:, ::-1] if rng.random() < 0.5 else items[j]
+    native = max(16, round(cfg.size * rng.uniform(*cfg.plain_native)))
+    fill, aspect = rng.uniform(*cfg.plain_fill), np.exp(rng.uniform(-0.15, 0.15))
+    tw, th = (min(native, max(8, round(native * fill * s))) for s in (aspect, 1 / aspect))
+    resample = Image.BICUBIC if rng.random() < 0.5 else Image.BILINEAR  # the demo's is bicubic
+    v = np.asarray(Image.fromarray(np.ascontiguousarray(item)).resize((tw, th), resample), np.float32)
+    y, x = int(rng.integers(0, native - th + 1)), int(rng.integers(0, native - tw + 1))
+    if rng.random() < cfg.plain_light:  # dark item on a light background
+        paper, ink = rng.uniform(205, 255), rng.uniform(0, 70)
+    else:  # Fashion-MNIST's own polarity: a light item on a dark background
+        paper, ink = rng.uniform(0, 50), rng.uniform(185, 255)
+    bg = np.clip(paper + rng.uniform(-12, 12, 3), 0, 255)
+    fg = np.clip(ink + rng.uniform(-12, 12, 3), 0, 255)
+    alpha = np.zeros((native, native), np.float32)
+    alpha[y : y + th, x : x + tw] = v / 255.0
+    im = Image.fromarray(np.round(bg + (fg - bg) * alpha[..., None]).astype(np.uint8))
+    if rng.random() < cfg.plain_jpeg:
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=int(rng.integers(50, 96)))
+        im = Image.open(buf).convert("RGB")
+    image = np.asarray(im.resize((cfg.size, cfg.size), Image.BILINEAR))
+    ys, xs = np.nonzero(v > cfg.mask_threshold)
+    f = cfg.size / native
+    boxes = np.zeros((0, 4), np.float32) if len(ys) == 0 else np.asarray(
+        [[(x + xs.min()) * f, (y + ys.min()) * f, (x + xs.max() + 1) * f, (y + ys.max() + 1) * f]], np.float32)  # fmt: skip
+    labels = np.full(len(boxes), 1 + int(item_labels[j]), np.int64)
+    background = np.broadcast_to(np.round(bg).astype(np.uint8), image.shape).copy()
+    return {"image": image, "boxes": boxes, "labels": labels, "background": background, "foreground": fg}
 
-    def __init__(self, ingr: Ingredients, split: str, n: int, seed: int = 0, cfg: CompositeConfig | None = None):
+
+def make_empty(ingr: Ingredients, split: str, index: int, seed: int = 0, cfg: CompositeConfig | None = None):
+    """A background crop with no object (``make_composite``'s keys, K = 0)."""
+    cfg = cfg or CompositeConfig()
+    rng = np.random.default_rng([seed, _EMPTY_CODE[split], index])
+    names = ingr.photo_names(split)
+    bg = _background(ingr.photos[names[int(rng.integers(len(names)))]], cfg.size, rng)
+    return {"image": bg, "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
+            "instances": np.zeros(bg.shape[:2], np.uint8), "background": bg}  # fmt: skip
+
+
+def picks(index: int, fraction: float) -> bool:
+    """Whether item ``index`` is one of a share ``fraction``: exactly that share
+    of every run of items, evenly spread (no draw: any order of loader workers
+    gives the same data)."""
+    return int((index + 1) * fraction) > int(index * fraction)
+
+
+def mixed_kind(index: int, cfg: CompositeConfig) -> str:
+    """What item ``index`` of a ``mixed`` dataset is: ``plain`` for a share
+    ``plain_fraction``, ``empty`` for ``empty_fraction``, else ``composite``."""
+    if picks(index, cfg.plain_fraction):
+        return "plain"
+    rest = index - int(index * cfg.plain_fraction)  # its place among the items that are not plain
+    return "empty" if picks(rest, cfg.empty_fraction / max(1e-9, 1 - cfg.plain_fraction)) else "composite"
+
+
+class CompositeDataset:
+    """A map-style torch dataset of ``n`` images: ``(CHW uint8 tensor,
+    {"boxes", "labels"})``. ``kind``: ``composite`` (item ``i`` is
+    ``make_composite(..., index=i)``), ``plain`` (``make_plain``) or ``mixed``
+    ``empty`` (``make_empty``) or ``mixed`` (each as :func:`mixed_kind` says)."""
+
+    def __init__(self, ingr: Ingredients, split: str, n: int, seed: int = 0, cfg: CompositeConfig | None = None,
+                 kind: str = "composite"):  # fmt: skip
+        if kind not in KINDS:
+            raise ValueError(f"kind: {kind!r} is not one of {KINDS}")
         self.ingr, self.split, self.n, self.seed, self.cfg = ingr, split, n, seed, cfg or CompositeConfig()
+        self.kind = kind
 
     def __len__(self) -> int:
         return self.n
@@ -250,7 +352,9 @@ class CompositeDataset:
     def __getitem__(self, i: int):
         import torch
 
-        c = make_composite(self.ingr, self.split, i, self.seed, self.cfg)
+        kind = mixed_kind(i, self.cfg) if self.kind == "mixed" else self.kind
+        make = {"composite": make_composite, "plain": make_plain, "empty": make_empty}[kind]
+        c = make(self.ingr, self.split, i, self.seed, self.cfg)
         image = torch.from_numpy(np.ascontiguousarray(c["image"].transpose(2, 0, 1)))
         return image, {"boxes": torch.from_numpy(c["boxes"]), "labels": torch.from_numpy(c["labels"])}
 
