@@ -34,8 +34,8 @@ def same(a, b) -> bool:
         return a.tobytes() == b.tobytes()
     if isinstance(a, np.generic):
         return a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes()
-    if isinstance(a, float):
-        return np.float64(a).tobytes() == np.float64(b).tobytes()
+    if isinstance(a, float):  # a NaN stays a NaN; its sign and payload bits are not kept (Arrow's doubles)
+        return (a != a and b != b) or np.float64(a).tobytes() == np.float64(b).tobytes()
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
