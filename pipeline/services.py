@@ -95,19 +95,13 @@ class RayGate:
         self._client().set_interval(host, seconds)
 
     def claim_robots(self, origins):
-        import ray
-
-        return ray.get(self.actor.claim_robots.remote(origins))
+        return self._client().claim_robots(origins)
 
     def robots_done(self, origin, host, outcome):
-        import ray
-
-        ray.get(self.actor.robots_done.remote(origin, host, outcome))
+        self._client().robots_done(origin, host, outcome)
 
     def stats(self, top: int = 20):
-        import ray
-
-        return ray.get(self.actor.stats.remote(top))
+        return _ActorCalls(self.actor).stats(top)
 
 
 def _head_node(ray) -> str:
