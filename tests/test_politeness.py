@@ -4,6 +4,7 @@ The run-wide bound across nodes is in tests/test_cluster_polite.py."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -213,7 +214,6 @@ def test_robots_txt_disallows_rows_without_fetching_them(image):
         urls = [sim.url(ip, "/img/a.jpg"), sim.url(ip, "/private/b.jpg")]
         out = _run(DownloadStage(Config(allow_networks=LOCAL, image_size=32)), urls)
         out_off = _run(DownloadStage(Config(allow_networks=LOCAL, image_size=32, robots_txt=False)), urls)
-    import json
 
     assert list(out["reason"]) == ["opted_out", "robots_disallowed"]  # GPTBot's group is an AI opt-out
     assert json.loads(out["detail"][1])["robots_rule"] == "Disallow: /private/"
@@ -231,3 +231,22 @@ def test_user_agent_sent_is_pairforge(image):
     (agent,) = sim.scores[ip].agents  # robots.txt and the image: the same identity
     assert agent.startswith("pairforge/") and agent.endswith("(+ops@example.org)")
     assert "Mozilla" not in agent and "img2dataset" not in agent
+
+
+def test_a_refused_address_literal_ends_its_rows_without_robots_txt(image):
+    """A URL at an IP literal the address policy refuses ends
+    ``blocked_address`` before the frontier: no request reaches the host, and
+    its robots.txt is not tried either (it was, refused at the connection,
+    and the host figured as a ``disallow_all`` robots.txt)."""
+    allowed, refused = addresses(2, second=76)
+    with HostSim({allowed: Rule(), refused: Rule()}, image) as sim:
+        urls = [sim.url(allowed, "/img/a.jpg"), sim.url(refused, "/img/b.jpg")]
+        stage = DownloadStage(Config(allow_networks=[f"{allowed}/32"], image_size=32))
+        out = _run(stage, urls)
+    figures = stage._worker.gate.stats()
+    assert figures["hosts"] == 1 and figures["robots"] == {"allow_all": 1}, figures
+    assert list(out["status"]) == [STATUS_OK, "failed"], list(out["reason"])
+    assert out["reason"][1] == "blocked_address"
+    assert json.loads(out["detail"][1])["refused"] == [[refused, "loopback"]]
+    assert sim.scores[refused].requests == 0
+    assert sim.scores[allowed].robots == 1

@@ -44,6 +44,7 @@ redirect hop at a time. The names callers use are all importable from here.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import time
 from collections.abc import Sequence
@@ -170,6 +171,23 @@ class SafeFetcher:
 
     def close(self) -> None:
         self._pm.clear()
+
+    def refused_literal(self, url) -> tuple[str, dict] | None:
+        """``("blocked_address", detail)`` when ``url``'s host is an IP
+        literal the policy refuses (the detail a fetch would give), else
+        ``None``: such a row can end before any request, robots.txt's
+        included. Names are left to the fetch, which checks every address
+        they resolve to."""
+        try:
+            host = urllib3.util.parse_url(url).host or ""
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except (ValueError, TypeError, LocationValueError):
+            return None
+        why = self.policy.refusal(ip)
+        if not why:
+            return None
+        e = BlockedAddress(host, [(str(ip), why)])
+        return "blocked_address", {"error": str(e), "host": e.host, "refused": e.refused}
 
     def fetch(self, url, max_bytes: int | None = None, truncate: bool = False) -> Fetched:
         """Download ``url``, at most ``max_bytes`` (default the fetcher's; with
