@@ -25,7 +25,13 @@ Plans per model:
   post-processing (the stage before ``stages/common/rcnn_batched.py``);
 * ``ray``: the stage through Ray Data (``pipeline.plan.map_on_actors``, the
   plan a job runs), ``--actors`` actors sharing the GPU x ``--threads``
-  batches each, the rows with their features delivered to the driver.
+  batches each, the rows with their features delivered to the driver;
+  ``ray-<A>a<T>t`` (``ray-1a2t``, ``ray-2a2t``): ``A`` actors x ``T`` threads.
+
+Every Ray plan of a model gets at least 16 batches per actor thread a pass
+(so a pass measures steady state, not its first waves): the model's batch
+size (and micro-batch, which a batch must fill) is halved until the
+largest plan has them, down to 8 rows; the header says what each got.
 
 Method as ``bench/clip_score.py``: each plan is set up and runs one untimed
 warm-up pass, then ``--passes`` timed passes in rotated order; a pass's rate
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -49,7 +56,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from bench.clip_score import header as _header  # noqa: E402
 from bench.clipbench import Clock, GpuBusy, Plan, corpus, rows_batch  # noqa: E402
+
+
+def header(args) -> str:
+    """The machine, the card and the software (``bench/clip_score.py``'s header, without its run line)."""
+    ns = argparse.Namespace(**{**vars(args), "model": args.models, "micro_batch": args.micro_batch})
+    return "\n".join(_header(ns).splitlines()[:-1])
 
 MODELS = {"mobilenet": "fasterrcnn_mobilenet_v3_large_320_fpn", "r50": "fasterrcnn_resnet50_fpn_v2"}
 
@@ -166,16 +180,25 @@ class Unbatched(InProcess):
             d.batched = False
 
 
+def ray_shape(name: str, args) -> tuple[int, int] | None:
+    """(actors, threads) of a Ray plan's name, None for another plan."""
+    if name == "ray":
+        return args.actors, args.threads
+    m = re.fullmatch(r"ray-(\d+)a(\d+)t", name)
+    return (int(m[1]), int(m[2])) if m else None
+
+
 class RayPlan(Plan):
-    def __init__(self, args, source, key, ckpt):
+    def __init__(self, args, source, key, ckpt, shape):
         self.args, self.source, self.key, self.ckpt = args, source, key, ckpt
-        self.label = f"{key}: Ray Data, {args.actors} actor(s) x {args.threads} threads, nvJPEG in the actor"
+        self.actors, self.threads = shape
+        self.label = f"{key}: Ray Data, {self.actors} actor(s) x {self.threads} threads, nvJPEG in the actor"
 
     def run(self) -> Clock:
         from pairforge.pipeline.plan import map_on_actors
         from pairforge.stages.regions import RegionsStage
 
-        st = RegionsStage(stage_config(self.args, self.key, self.ckpt, self.args.actors, self.args.threads))
+        st = RegionsStage(stage_config(self.args, self.key, self.ckpt, self.actors, self.threads))
         ds = map_on_actors(self.source, st).select_columns(["key", "num_regions", "region_feats"])
         clock = Clock()
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -210,12 +233,13 @@ def main(argv=None) -> None:
     args.naive_n = args.naive_n or (1024 if gpu else 32)
     args.batch_size = args.batch_size or (512 if gpu else 32)
     images, _ = corpus(args.n, 1024)
+    print(header(args), flush=True)
     print(
         f"corpus: {args.n} JPEGs of 256x256, {np.mean([len(b) for b in images[:1024]]) / 1024:.1f} KiB mean", flush=True
     )
     names = args.plans.split(",")
     source = None
-    if "ray" in names:
+    if any(ray_shape(x, args) for x in names):
         import pyarrow as pa
         import ray
 
@@ -226,7 +250,7 @@ def main(argv=None) -> None:
         ctx.op_resource_reservation_enabled, ctx.enable_progress_bars, ctx.wait_for_min_actors_s = False, False, 600
         rows = rows_batch(images, [""] * len(images))
         table = pa.table({c: pa.array(list(v)) if v.dtype == object else pa.array(v) for c, v in rows.items()})
-        source = ray.data.from_arrow(table).repartition(max(1, args.n // args.batch_size)).materialize()
+        source = ray.data.from_arrow(table).materialize()
     tmp = Path(tempfile.mkdtemp(prefix="pf-regions-bench-"))
     plans: list[Plan] = []
     for key in args.models.split(","):
@@ -234,19 +258,28 @@ def main(argv=None) -> None:
         confident_checkpoint(MODELS[key], args.logit_scale, ckpt, args.r50_min_size if key == "r50" else 0)
         share = args.r50_share if key == "r50" else 1.0
         mine, src = images[: max(1, int(len(images) * share))], source
-        # a pass's rate needs >= 3 batches after its first (bench.clipbench.Clock): keep >= 8
-        a = argparse.Namespace(**{**vars(args), "naive_n": max(1, int(args.naive_n * share)),
-                                  "batch_size": max(8, min(args.batch_size, len(mine) // 8))})  # fmt: skip
-        per_thread = len(mine) // a.batch_size / (args.actors * args.threads)
-        if "ray" in names and per_thread < 16:  # a pass would be a few waves: start-up, not steady state
-            want = 16 * args.actors * args.threads * a.batch_size / share
-            print(f"[bench] note: {key} on Ray Data gets {per_thread:.1f} batches per actor thread a pass; "
-                  f"its figure is not steady state below 16 (--n {int(want)} or more)", flush=True)  # fmt: skip
-        if src is not None and share < 1.0:
-            src = src.limit(len(mine)).repartition(max(1, len(mine) // a.batch_size)).materialize()
+        # a pass's rate needs >= 3 batches after its first (bench.clipbench.Clock): keep >= 8, and
+        # >= 16 per actor thread of the largest Ray plan (fewer: a pass is a few waves, start-up)
+        calls = max([a * t for a, t in filter(None, (ray_shape(x, args) for x in names))] or [1])
+        batch = args.batch_size
+        while batch > 8 and len(mine) // batch < max(8, 16 * calls):
+            batch //= 2
+        a = argparse.Namespace(**{**vars(args), "naive_n": max(1, int(args.naive_n * share)), "batch_size": batch,
+                                  "micro_batch": min(args.micro_batch, batch)})  # fmt: skip
+        per_thread = len(mine) // batch / calls
+        print(f"[bench] {key}: {len(mine)} images a pass, batch {batch}, micro-batch {a.micro_batch}, "
+              f"{per_thread:.1f} batches per actor thread of the largest Ray plan ({calls} calls at once)", flush=True)  # fmt: skip
+        if calls > 1 and per_thread < 16:
+            print(f"[bench] note: not steady state below 16 batches per actor thread (--n {int(16 * calls * 8 / share)}"
+                  " or more)", flush=True)  # fmt: skip
+        if src is not None:
+            src = source.limit(len(mine)).repartition(max(1, len(mine) // a.batch_size)).materialize()
         for name in names:
             pl = {"naive": Naive, "inproc": InProcess, "unbatched": Unbatched}.get(name)
-            pl = pl(a, mine, key, ckpt) if pl else RayPlan(a, src, key, ckpt)
+            shape = ray_shape(name, args)
+            if pl is None and shape is None:
+                raise SystemExit(f"--plans: unknown plan {name!r} (naive, inproc, unbatched, ray, ray-<A>a<T>t)")
+            pl = pl(a, mine, key, ckpt) if pl else RayPlan(a, src, key, ckpt, shape)
             pl.name = f"{key}-{name}"
             plans.append(pl)
     busy = GpuBusy().start() if gpu else None
@@ -269,6 +302,7 @@ def main(argv=None) -> None:
             )
     if busy:
         busy.stop()
+    print("\n" + header(args))
     print(f"\n{'plan':<80} {'images/s median [min-max]':>28} {'GPU busy':>9} {'x naive':>8}")
     for pl in plans:
         med, lo, hi = summary([c.rate for c in results[pl.name]])

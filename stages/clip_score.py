@@ -104,8 +104,11 @@ class Config:
     #: (kept only where they match the eager towers within 1e-3; the same kernels)
     cuda_graphs: bool = True
     #: on a GPU, ``torch.compile`` the towers first (~25 s more start-up per
-    #: actor; kept only where they match the eager towers within 1e-3)
+    #: actor; kept only where they match the eager towers within ``compile_tolerance``)
     compile: bool = False
+    #: the largest |score difference| from the eager towers (on random inputs at
+    #: set-up) with which compiled towers are kept; beyond it the stage runs eagerly
+    compile_tolerance: float = 1e-3
     #: batches one GPU actor scores at once, on threads: one decodes while
     #: another's towers run
     actor_threads: int = 2
@@ -131,6 +134,7 @@ class Config:
             ("actor_threads", self.actor_threads >= 1, ">= 1"),
             ("concurrency", 1 <= self.concurrency[0] <= self.concurrency[1], "[min, max] with 1 <= min <= max"),
             ("threshold", self.threshold is None or -1.0 <= self.threshold <= 1.0, "a cosine in [-1, 1]"),
+            ("compile_tolerance", self.compile_tolerance >= 0, ">= 0"),
         ):
             if not ok:
                 raise ValueError(f"{name}: expected {want}, got {getattr(self, name)!r}")
@@ -210,7 +214,8 @@ class ClipScoreStage(GlobalStage):
             self._loaded = ld = _clip.load(c.model, c.pretrained, device)
             if device.startswith("cuda") and c.precision == "auto":
                 self._towers = _cuda.CudaTowers(ld.model, ld.cfg, device, c.micro_batch, ld.tokenizer.context_length,
-                                                graphs=c.cuda_graphs, compile=c.compile)  # fmt: skip
+                                                graphs=c.cuda_graphs, compile=c.compile,
+                                                compile_tolerance=c.compile_tolerance)  # fmt: skip
                 log.info("clip_score: towers %s (%s)", self._towers.mode, self._towers.check)
 
     def teardown(self) -> None:
