@@ -25,13 +25,13 @@ step() {  # name, seconds, command...
 }
 for s in "$@"; do
   case $s in
-    regions-prof) step regions-r50-profile 200 python3 bench/regions_profile.py --device cuda --model r50 \
+    regions-prof) step regions-r50-profile 160 python3 bench/regions_profile.py --device cuda --model r50 \
         --plans inproc,ray-1a2t,ray-2a2t ;;
-    regions) step regions-r50 330 python3 bench/regions.py --device cuda --models r50 --r50-share 1.0 \
+    regions) step regions-r50 250 python3 bench/regions.py --device cuda --models r50 --r50-share 1.0 \
         --n 4096 --batch-size 128 --micro-batch 128 --plans inproc,ray-1a2t ;;
     regions-mobilenet) step regions-mobilenet 200 python3 bench/regions.py --device cuda --models mobilenet \
         --n 8192 --batch-size 256 --plans inproc,ray-1a2t,ray-1a4t,ray-2a2t ;;
-    clipagree) step clip-agreement 200 python3 bench/clipagree.py --device cuda --demo-rows .carry/demo_rows.parquet ;;
+    clipagree) step clip-agreement 150 python3 bench/clipagree.py --device cuda --demo-rows .carry/demo_rows.parquet ;;
     clip) step clip 420 python3 bench/clip_score.py --device cuda --compile --skip parts \
         --plans eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-2a+compiled ;;
     safety) step safety-nsfw 150 python3 bench/safety.py --device cuda --plans nsfw ;;
