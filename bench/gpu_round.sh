@@ -32,7 +32,7 @@ for s in "$@"; do
     regions-mobilenet) step regions-mobilenet 200 python3 bench/regions.py --device cuda --models mobilenet \
         --n 8192 --batch-size 256 --plans inproc,ray-1a2t,ray-1a4t,ray-2a2t ;;
     clipagree) step clip-agreement 150 python3 bench/clipagree.py --device cuda --demo-rows .carry/demo_rows.parquet ;;
-    clip) step clip 420 python3 bench/clip_score.py --device cuda --compile --skip parts \
+    clip) step clip 315 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --plans eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-2a+compiled ;;
     safety) step safety-nsfw 150 python3 bench/safety.py --device cuda --plans nsfw ;;
     *) echo "unknown step $s" ;;

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -64,6 +65,7 @@ def header(args) -> str:
     """The machine, the card and the software (``bench/clip_score.py``'s header, without its run line)."""
     ns = argparse.Namespace(**{**vars(args), "model": args.models, "micro_batch": args.micro_batch})
     return "\n".join(_header(ns).splitlines()[:-1])
+
 
 MODELS = {"mobilenet": "fasterrcnn_mobilenet_v3_large_320_fpn", "r50": "fasterrcnn_resnet50_fpn_v2"}
 
@@ -162,7 +164,14 @@ class InProcess(Plan):
             for out in pool.map(lambda b: run_stage_batch(self.stage, dict(b)), self.batches):
                 clock.tick(len(out["key"]))
                 self.k = float(np.mean(out["num_regions"]))
-        return clock.stop()
+        clock.stop()
+        if self.args.device.startswith("cuda"):  # a job's driver holds no GPU memory: nor does this one between passes
+            import torch
+
+            torch.cuda.empty_cache()
+        slots = self.stage._slots
+        self.note = f"; one detector call peaks at {(slots.peak or 0) / 2**30:.1f} GiB, {slots.slots} at once"
+        return clock
 
 
 class Unbatched(InProcess):
@@ -284,12 +293,23 @@ def main(argv=None) -> None:
             plans.append(pl)
     busy = GpuBusy().start() if gpu else None
     results: dict[str, list] = {pl.name: [] for pl in plans}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still prints the passes that ran
+    try:
+        passes(args, plans, results, busy)
+    finally:
+        if busy:
+            busy.stop()
+        table(args, plans, results)
+
+
+def passes(args, plans, results, busy) -> None:
     live = []
     for pl in plans:
         t = time.perf_counter()
         pl.setup()
         warm = pl.run()
-        print(f"warm-up: {pl.label}: {warm.rate:.0f} images/s ({time.perf_counter() - t:.1f}s)", flush=True)
+        note = getattr(pl, "note", "")
+        print(f"warm-up: {pl.label}: {warm.rate:.0f} images/s ({time.perf_counter() - t:.1f}s){note}", flush=True)
         live.append(pl)
     for r in range(args.passes):
         for pl in live[r % len(live) :] + live[: r % len(live)]:
@@ -300,17 +320,18 @@ def main(argv=None) -> None:
             print(
                 f"pass {r + 1}: {pl.label}: {c.rate:.0f} images/s, GPU busy {c.busy:.0f}%, mean K {k:.1f}", flush=True
             )
-    if busy:
-        busy.stop()
+
+
+def table(args, plans, results) -> None:
     print("\n" + header(args))
-    print(f"\n{'plan':<80} {'images/s median [min-max]':>28} {'GPU busy':>9} {'x naive':>8}")
+    print(f"\n{'plan':<80} {'images/s median [min-max]':>28} {'GPU busy':>9} {'x naive':>8} {'of inproc':>9}")
     for pl in plans:
         med, lo, hi = summary([c.rate for c in results[pl.name]])
-        base = summary([c.rate for c in results.get(pl.name.split("-")[0] + "-naive", [])])[0]
+        key = pl.name.split("-")[0]
+        base = summary([c.rate for c in results.get(f"{key}-naive", [])])[0]
+        inproc = summary([c.rate for c in results.get(f"{key}-inproc", [])])[0]
         gb = summary([c.busy for c in results[pl.name]])[0]
-        print(
-            f"{pl.label:<80} {med:>10.0f} [{lo:.0f}-{hi:.0f}] {gb:>8.0f}% {med / base if base == base else float('nan'):>7.1f}x"
-        )
+        print(f"{pl.label:<80} {med:>10.0f} [{lo:.0f}-{hi:.0f}] {gb:>8.0f}% {med / base:>7.1f}x {med / inproc:>8.0%}")
 
 
 if __name__ == "__main__":

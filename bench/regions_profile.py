@@ -140,11 +140,22 @@ class ProfiledRegions(RegionsStage):
             "kernel_us_per_image": total / rows,
             "kernels": len(kernels),
             "kernel_launches_per_image": sum(k[1] for k in kernels) / rows,
-            "top": [{"kernel": k[0][:90], "launches": k[1], "us_per_image": k[2] / rows, "share": k[2] / max(total, 1)}
-                    for k in kernels[:12]],  # fmt: skip
+            "top": [
+                {"kernel": k[0][:90], "launches": k[1], "us_per_image": k[2] / rows, "share": k[2] / max(total, 1)}
+                for k in kernels[:12]
+            ],  # fmt: skip
             "host": {k: {"calls_per_image": v[0] / rows, "ms_total": v[1] / 1e3} for k, v in sorted(host.items())},
-            "alloc": {k: mem.get(k) for k in ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free",
-                                              "reserved_bytes.all.peak", "allocated_bytes.all.peak")},  # fmt: skip
+            "alloc": {
+                k: mem.get(k)
+                for k in (
+                    "num_alloc_retries",
+                    "num_ooms",
+                    "num_device_alloc",
+                    "num_device_free",
+                    "reserved_bytes.all.peak",
+                    "allocated_bytes.all.peak",
+                )
+            },  # fmt: skip
             "detect_calls": dict(self._state["calls"]),
             "batch_latency_s": float(np.median(self._state["lat"])) if self._state["lat"] else None,
         }
@@ -183,6 +194,11 @@ def run_plan(args, name: str, images, ckpt: Path, out: Path) -> None:
         parts = [{k: v[i : i + b] for k, v in rows.items()} for i in range(0, n, b)]
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda p: run_stage_batch(stage, p), parts))
+        stage.teardown()
+        if args.device.startswith("cuda"):  # the actors of the next plans get the whole GPU, as in a job
+            import torch
+
+            torch.cuda.empty_cache()
     else:
         import pyarrow as pa
         import ray
