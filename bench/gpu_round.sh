@@ -27,13 +27,15 @@ for s in "$@"; do
   case $s in
     regions-prof) step regions-r50-profile 160 python3 bench/regions_profile.py --device cuda --model r50 \
         --plans inproc,ray-1a2t,ray-2a2t ;;
-    regions) step regions-r50 250 python3 bench/regions.py --device cuda --models r50 --r50-share 1.0 \
+    regions) step regions-r50 240 python3 bench/regions.py --device cuda --models r50 --r50-share 1.0 \
         --n 4096 --batch-size 128 --micro-batch 128 --plans inproc,ray-1a2t ;;
     regions-mobilenet) step regions-mobilenet 200 python3 bench/regions.py --device cuda --models mobilenet \
         --n 8192 --batch-size 256 --plans inproc,ray-1a2t,ray-1a4t,ray-2a2t ;;
     clipagree) step clip-agreement 150 python3 bench/clipagree.py --device cuda --demo-rows .carry/demo_rows.parquet ;;
     clip) step clip 315 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --plans eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-2a+compiled ;;
+    clip-ceilings) step clip-ceilings 75 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
+        --n 20480 --plans eager,compiled ;;
     safety) step safety-nsfw 150 python3 bench/safety.py --device cuda --plans nsfw ;;
     *) echo "unknown step $s" ;;
   esac

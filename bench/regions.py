@@ -213,7 +213,27 @@ class RayPlan(Plan):
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             clock.tick(len(batch["key"]))
             self.k = float(np.mean(batch["num_regions"]))
-        return clock.stop()
+        clock.stop()
+        if self.args.device.startswith("cuda"):
+            gpu_released()
+        return clock
+
+
+def gpu_released(timeout: float = 120.0) -> None:
+    """Wait until the actors of a finished Ray Data execution have let go of
+    the GPU: its actor pool shuts down after the last batch reaches the
+    driver, and a plan started meanwhile would find their memory taken (an
+    R50 actor holds ~51 GiB: the next in-process pass ran out of memory on an
+    H100 before this wait)."""
+    import torch
+
+    t = time.perf_counter()
+    while time.perf_counter() - t < timeout:
+        free, total = torch.cuda.mem_get_info()
+        if free >= total - torch.cuda.memory_reserved() - (2 << 30):
+            return
+        time.sleep(0.5)
+    print(f"[bench] note: GPU memory not released {timeout:.0f}s after a Ray pass", flush=True)
 
 
 def summary(values):
@@ -299,7 +319,7 @@ def main(argv=None) -> None:
     finally:
         if busy:
             busy.stop()
-        table(args, plans, results)
+        print_table(args, plans, results)
 
 
 def passes(args, plans, results, busy) -> None:
@@ -322,7 +342,7 @@ def passes(args, plans, results, busy) -> None:
             )
 
 
-def table(args, plans, results) -> None:
+def print_table(args, plans, results) -> None:
     print("\n" + header(args))
     print(f"\n{'plan':<80} {'images/s median [min-max]':>28} {'GPU busy':>9} {'x naive':>8} {'of inproc':>9}")
     for pl in plans:
