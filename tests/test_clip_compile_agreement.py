@@ -1,6 +1,6 @@
 """Compiled CLIP towers against eager ones, by the decisions the clip_score
 stage makes with their scores (``bench/clipagree.py``; the GPU figures are in
-docs/clip-compile.md): the counting itself, and the real pf-tiny scorer's
+docs/gpu.md): the counting itself, and the real pf-tiny scorer's
 towers compiled by inductor on the CPU under the GPU's bf16 autocast."""
 
 from __future__ import annotations

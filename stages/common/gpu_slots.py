@@ -3,13 +3,15 @@
 An actor runs ``actor_threads`` batches on threads so that one batch's
 decoding and host work overlap another's GPU work, and Ray may put several
 actors on one GPU (``num_gpus: 0.5``). For a light detector that is free;
-for a heavy one it is not: a Faster R-CNN R50-FPN call of 128 images at 800
-px peaks at ~22 GiB of activations, so two actors x two threads asked for
-~90 GiB of an 80 GiB H100 (and the driver of ``bench/regions.py`` held its
-own cache besides). Calls that ran out of memory fell back to one image at a
-time (the stage's per-row fallback), which kept the GPU busy doing several
-times the work per image: the Ray path measured 47 images/s against 234 in
-process on one H100 (``bench/results/regions-r50-h100-20261207.log``).
+for a heavy one it is not: a Faster R-CNN R50-FPN v2 call of 128 images at
+800 px peaks at 28 GiB of activations, so two threads hold ~56 GiB, and two
+actors x two threads would ask ~113 GiB of an 80 GiB H100. Before this
+module a call that ran out of memory fell back to one image at a time (the
+stage's per-row fallback), which kept the GPU busy doing several times the
+work per image: the Ray path measured 47 images/s against 232 in process
+on one H100, with another process's cache on the card
+(``bench/results/regions-r50-h100-20261207-before.log``; docs/gpu.md says
+what was measured and what was inferred).
 
 :class:`GpuSlots` bounds the calls in flight in a process instead: the
 first call runs alone and its peak memory is measured; from then on as many
@@ -17,11 +19,11 @@ run at once as fit in the process's share of the GPU (``num_gpus`` of the
 card's memory, less what the process already holds, with a margin for the
 caching allocator's fragmentation), at least one and at most the threads.
 A call that still runs out of memory (another process took more than its
-share) is retried once alone, after the cache is returned to the driver;
-only then is it an error (:class:`GpuMemoryError`), which names the
-settings to change. Which calls
-share the GPU changes no result: every call is the same fixed-size
-micro-batch either way (``stages.regions._chunks``).
+share) is retried once alone, after the allocator's cache is given back to
+the device; only then is it an error (:class:`GpuMemoryError`), which names
+the settings to change. Which calls share the GPU changes no result: every
+call is the same fixed-size micro-batch either way
+(``stages.regions._chunks``; tests/test_gpu_slots.py).
 """
 
 from __future__ import annotations
