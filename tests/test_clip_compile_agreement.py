@@ -60,3 +60,44 @@ def test_compiled_pf_tiny_towers_keep_the_demo_decisions_on_the_cpu():
         a = agreement(eager, other, keys, t, TOP_FRACTION)
         assert 0 < a["max_abs_diff"] < 5e-3, a  # compiled, not the same kernels; bf16-sized differences
         assert a["threshold_share"] <= MAX_SHARE and a["top_share"] <= MAX_SHARE, a
+
+
+def test_one_process_of_a_node_compiles_at_a_time(tmp_path, monkeypatch):
+    """The compile lock is the node's (a file in inductor's cache dir): while
+    another process holds it, this one waits (and then loads from inductor's
+    cache what that process compiled: inductor's part, not tested here)."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    from pairforge.stages.common.cuda_towers import node_compile_lock
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    code = (
+        "import sys\nfrom pairforge.stages.common.cuda_towers import node_compile_lock\n"
+        "with node_compile_lock():\n    print('held', flush=True)\n    sys.stdin.readline()\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": root})  # fmt: skip
+    got = threading.Event()
+
+    def take():
+        with node_compile_lock():
+            got.set()
+
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = threading.Thread(target=take)
+        waiter.start()
+        assert not got.wait(0.5)  # the other process holds it
+        holder.stdin.write("done\n")
+        holder.stdin.flush()
+        assert got.wait(30)  # released: this process takes it
+        waiter.join(5)
+        assert (tmp_path / "pairforge-compile.lock").exists()
+    finally:
+        holder.kill() if holder.poll() is None else None
+        holder.wait(10)
