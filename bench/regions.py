@@ -25,7 +25,13 @@ Plans per model:
   post-processing (the stage before ``stages/common/rcnn_batched.py``);
 * ``ray``: the stage through Ray Data (``pipeline.plan.map_on_actors``, the
   plan a job runs), ``--actors`` actors sharing the GPU x ``--threads``
-  batches each, the rows with their features delivered to the driver.
+  batches each, the rows with their features delivered to the driver;
+  ``ray-<A>a<T>t`` (``ray-1a2t``, ``ray-2a2t``): ``A`` actors x ``T`` threads.
+
+Every Ray plan of a model gets at least 16 batches per actor thread a pass
+(so a pass measures steady state, not its first waves): the model's batch
+size (and micro-batch, which a batch must fill) is halved until the
+largest plan has them, down to 8 rows; the header says what each got.
 
 Method as ``bench/clip_score.py``: each plan is set up and runs one untimed
 warm-up pass, then ``--passes`` timed passes in rotated order; a pass's rate
@@ -38,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -49,7 +57,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from bench.clip_score import header as _header  # noqa: E402
 from bench.clipbench import Clock, GpuBusy, Plan, corpus, rows_batch  # noqa: E402
+
+
+def header(args) -> str:
+    """The machine, the card and the software (``bench/clip_score.py``'s header, without its run line)."""
+    ns = argparse.Namespace(**{**vars(args), "model": args.models, "micro_batch": args.micro_batch})
+    return "\n".join(_header(ns).splitlines()[:-1])
+
 
 MODELS = {"mobilenet": "fasterrcnn_mobilenet_v3_large_320_fpn", "r50": "fasterrcnn_resnet50_fpn_v2"}
 
@@ -148,7 +164,14 @@ class InProcess(Plan):
             for out in pool.map(lambda b: run_stage_batch(self.stage, dict(b)), self.batches):
                 clock.tick(len(out["key"]))
                 self.k = float(np.mean(out["num_regions"]))
-        return clock.stop()
+        clock.stop()
+        if self.args.device.startswith("cuda"):  # a job's driver holds no GPU memory: nor does this one between passes
+            import torch
+
+            torch.cuda.empty_cache()
+        slots = self.stage._slots
+        self.note = f"; one detector call peaks at {(slots.peak or 0) / 2**30:.1f} GiB, {slots.slots} at once"
+        return clock
 
 
 class Unbatched(InProcess):
@@ -166,22 +189,51 @@ class Unbatched(InProcess):
             d.batched = False
 
 
+def ray_shape(name: str, args) -> tuple[int, int] | None:
+    """(actors, threads) of a Ray plan's name, None for another plan."""
+    if name == "ray":
+        return args.actors, args.threads
+    m = re.fullmatch(r"ray-(\d+)a(\d+)t", name)
+    return (int(m[1]), int(m[2])) if m else None
+
+
 class RayPlan(Plan):
-    def __init__(self, args, source, key, ckpt):
+    def __init__(self, args, source, key, ckpt, shape):
         self.args, self.source, self.key, self.ckpt = args, source, key, ckpt
-        self.label = f"{key}: Ray Data, {args.actors} actor(s) x {args.threads} threads, nvJPEG in the actor"
+        self.actors, self.threads = shape
+        self.label = f"{key}: Ray Data, {self.actors} actor(s) x {self.threads} threads, nvJPEG in the actor"
 
     def run(self) -> Clock:
         from pairforge.pipeline.plan import map_on_actors
         from pairforge.stages.regions import RegionsStage
 
-        st = RegionsStage(stage_config(self.args, self.key, self.ckpt, self.args.actors, self.args.threads))
+        st = RegionsStage(stage_config(self.args, self.key, self.ckpt, self.actors, self.threads))
         ds = map_on_actors(self.source, st).select_columns(["key", "num_regions", "region_feats"])
         clock = Clock()
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             clock.tick(len(batch["key"]))
             self.k = float(np.mean(batch["num_regions"]))
-        return clock.stop()
+        clock.stop()
+        if self.args.device.startswith("cuda"):
+            gpu_released()
+        return clock
+
+
+def gpu_released(timeout: float = 120.0) -> None:
+    """Wait until the actors of a finished Ray Data execution have let go of
+    the GPU: its actor pool shuts down after the last batch reaches the
+    driver, and a plan started meanwhile would find their memory taken (an
+    R50 actor holds ~51 GiB: the next in-process pass ran out of memory on an
+    H100 before this wait)."""
+    import torch
+
+    t = time.perf_counter()
+    while time.perf_counter() - t < timeout:
+        free, total = torch.cuda.mem_get_info()
+        if free >= total - torch.cuda.memory_reserved() - (2 << 30):
+            return
+        time.sleep(0.5)
+    print(f"[bench] note: GPU memory not released {timeout:.0f}s after a Ray pass", flush=True)
 
 
 def summary(values):
@@ -210,12 +262,13 @@ def main(argv=None) -> None:
     args.naive_n = args.naive_n or (1024 if gpu else 32)
     args.batch_size = args.batch_size or (512 if gpu else 32)
     images, _ = corpus(args.n, 1024)
+    print(header(args), flush=True)
     print(
         f"corpus: {args.n} JPEGs of 256x256, {np.mean([len(b) for b in images[:1024]]) / 1024:.1f} KiB mean", flush=True
     )
     names = args.plans.split(",")
     source = None
-    if "ray" in names:
+    if any(ray_shape(x, args) for x in names):
         import pyarrow as pa
         import ray
 
@@ -226,7 +279,7 @@ def main(argv=None) -> None:
         ctx.op_resource_reservation_enabled, ctx.enable_progress_bars, ctx.wait_for_min_actors_s = False, False, 600
         rows = rows_batch(images, [""] * len(images))
         table = pa.table({c: pa.array(list(v)) if v.dtype == object else pa.array(v) for c, v in rows.items()})
-        source = ray.data.from_arrow(table).repartition(max(1, args.n // args.batch_size)).materialize()
+        source = ray.data.from_arrow(table).materialize()
     tmp = Path(tempfile.mkdtemp(prefix="pf-regions-bench-"))
     plans: list[Plan] = []
     for key in args.models.split(","):
@@ -234,29 +287,49 @@ def main(argv=None) -> None:
         confident_checkpoint(MODELS[key], args.logit_scale, ckpt, args.r50_min_size if key == "r50" else 0)
         share = args.r50_share if key == "r50" else 1.0
         mine, src = images[: max(1, int(len(images) * share))], source
-        # a pass's rate needs >= 3 batches after its first (bench.clipbench.Clock): keep >= 8
-        a = argparse.Namespace(**{**vars(args), "naive_n": max(1, int(args.naive_n * share)),
-                                  "batch_size": max(8, min(args.batch_size, len(mine) // 8))})  # fmt: skip
-        per_thread = len(mine) // a.batch_size / (args.actors * args.threads)
-        if "ray" in names and per_thread < 16:  # a pass would be a few waves: start-up, not steady state
-            want = 16 * args.actors * args.threads * a.batch_size / share
-            print(f"[bench] note: {key} on Ray Data gets {per_thread:.1f} batches per actor thread a pass; "
-                  f"its figure is not steady state below 16 (--n {int(want)} or more)", flush=True)  # fmt: skip
-        if src is not None and share < 1.0:
-            src = src.limit(len(mine)).repartition(max(1, len(mine) // a.batch_size)).materialize()
+        # a pass's rate needs >= 3 batches after its first (bench.clipbench.Clock): keep >= 8, and
+        # >= 16 per actor thread of the largest Ray plan (fewer: a pass is a few waves, start-up)
+        calls = max([a * t for a, t in filter(None, (ray_shape(x, args) for x in names))] or [1])
+        batch = args.batch_size
+        while batch > 8 and len(mine) // batch < max(8, 16 * calls):
+            batch //= 2
+        a = argparse.Namespace(**{**vars(args), "naive_n": max(1, int(args.naive_n * share)), "batch_size": batch,
+                                  "micro_batch": min(args.micro_batch, batch)})  # fmt: skip
+        per_thread = len(mine) // batch / calls
+        print(f"[bench] {key}: {len(mine)} images a pass, batch {batch}, micro-batch {a.micro_batch}, "
+              f"{per_thread:.1f} batches per actor thread of the largest Ray plan ({calls} calls at once)", flush=True)  # fmt: skip
+        if calls > 1 and per_thread < 16:
+            print(f"[bench] note: not steady state below 16 batches per actor thread (--n {int(16 * calls * 8 / share)}"
+                  " or more)", flush=True)  # fmt: skip
+        if src is not None:
+            src = source.limit(len(mine)).repartition(max(1, len(mine) // a.batch_size)).materialize()
         for name in names:
             pl = {"naive": Naive, "inproc": InProcess, "unbatched": Unbatched}.get(name)
-            pl = pl(a, mine, key, ckpt) if pl else RayPlan(a, src, key, ckpt)
+            shape = ray_shape(name, args)
+            if pl is None and shape is None:
+                raise SystemExit(f"--plans: unknown plan {name!r} (naive, inproc, unbatched, ray, ray-<A>a<T>t)")
+            pl = pl(a, mine, key, ckpt) if pl else RayPlan(a, src, key, ckpt, shape)
             pl.name = f"{key}-{name}"
             plans.append(pl)
     busy = GpuBusy().start() if gpu else None
     results: dict[str, list] = {pl.name: [] for pl in plans}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still prints the passes that ran
+    try:
+        passes(args, plans, results, busy)
+    finally:
+        if busy:
+            busy.stop()
+        print_table(args, plans, results)
+
+
+def passes(args, plans, results, busy) -> None:
     live = []
     for pl in plans:
         t = time.perf_counter()
         pl.setup()
         warm = pl.run()
-        print(f"warm-up: {pl.label}: {warm.rate:.0f} images/s ({time.perf_counter() - t:.1f}s)", flush=True)
+        note = getattr(pl, "note", "")
+        print(f"warm-up: {pl.label}: {warm.rate:.0f} images/s ({time.perf_counter() - t:.1f}s){note}", flush=True)
         live.append(pl)
     for r in range(args.passes):
         for pl in live[r % len(live) :] + live[: r % len(live)]:
@@ -267,16 +340,18 @@ def main(argv=None) -> None:
             print(
                 f"pass {r + 1}: {pl.label}: {c.rate:.0f} images/s, GPU busy {c.busy:.0f}%, mean K {k:.1f}", flush=True
             )
-    if busy:
-        busy.stop()
-    print(f"\n{'plan':<80} {'images/s median [min-max]':>28} {'GPU busy':>9} {'x naive':>8}")
+
+
+def print_table(args, plans, results) -> None:
+    print("\n" + header(args))
+    print(f"\n{'plan':<80} {'images/s median [min-max]':>28} {'GPU busy':>9} {'x naive':>8} {'of inproc':>9}")
     for pl in plans:
         med, lo, hi = summary([c.rate for c in results[pl.name]])
-        base = summary([c.rate for c in results.get(pl.name.split("-")[0] + "-naive", [])])[0]
+        key = pl.name.split("-")[0]
+        base = summary([c.rate for c in results.get(f"{key}-naive", [])])[0]
+        inproc = summary([c.rate for c in results.get(f"{key}-inproc", [])])[0]
         gb = summary([c.busy for c in results[pl.name]])[0]
-        print(
-            f"{pl.label:<80} {med:>10.0f} [{lo:.0f}-{hi:.0f}] {gb:>8.0f}% {med / base if base == base else float('nan'):>7.1f}x"
-        )
+        print(f"{pl.label:<80} {med:>10.0f} [{lo:.0f}-{hi:.0f}] {gb:>8.0f}% {med / base:>7.1f}x {med / inproc:>8.0%}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from pairforge.stages.base import (
 from pairforge.stages.common import clip as _clip
 from pairforge.stages.common import detectors as _det
 from pairforge.stages.common.assets import resolve as resolve_asset
+from pairforge.stages.common.gpu_slots import GpuMemoryError, GpuSlots
 from pairforge.stages.options import options
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,9 @@ class Config:
     micro_batch: int = 64
     #: batches one GPU actor works on at once, on threads
     actor_threads: int = 2
+    #: detector calls one process runs on its GPU at once (0: as many as fit in its
+    #: share of the GPU's memory, measured on the first call; ``stages/common/gpu_slots.py``)
+    detector_calls: int = 0
     #: ``reject`` a row whose image no detector can take (``detect_error``), or ``keep`` it with K = 0
     on_error: str = "reject"
 
@@ -156,6 +160,7 @@ class Config:
         require(self.on_error in ("reject", "keep"), "on_error", self.on_error, "reject or keep")
         for name in ("batch_size", "micro_batch", "actor_threads"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        require(self.detector_calls >= 0, "detector_calls", self.detector_calls, ">= 0 (0: as many as fit)")
         require(
             self.num_gpus >= 0 and self.num_cpus > 0,
             "num_gpus/num_cpus",
@@ -224,11 +229,12 @@ class RegionsStage(Stage):
         self._detectors: list | None = None
         self._clip = None
         self._vocab: tuple[list[str], object] | None = None
+        self._slots: GpuSlots | None = None
         self._device = "cpu"
 
     def __getstate__(self):  # ship the config, never the models
         state = dict(self.__dict__)
-        state["_detectors"] = state["_clip"] = state["_vocab"] = None
+        state["_detectors"] = state["_clip"] = state["_vocab"] = state["_slots"] = None
         return state
 
     def resources(self) -> Resources:
@@ -268,6 +274,8 @@ class RegionsStage(Stage):
         limits = _det.Limits(c.max_regions, c.score_threshold, c.nms_iou)
         gpu = self._device.startswith("cuda")  # detectors under fp16 autocast (torchvision's recipe), CLIP bf16
         self._detectors = [_load(s, self._device, limits, gpu) for s in c.detectors]
+        share = c.num_gpus if 0 < c.num_gpus < 1 else 1.0
+        self._slots = GpuSlots(self._device, share, c.actor_threads, c.detector_calls)
         if "clip" in c.features or c.clip_labels != "off":
             self._clip = _clip.load(c.clip_model, c.clip_pretrained, self._device)
         if c.clip_labels != "off":
@@ -325,15 +333,24 @@ class RegionsStage(Stage):
         return [d.identity for d in self._detectors]
 
     def _detect(self, images: list, failed: dict, idx: list) -> list:
-        """Every detector on ``images``, merged; an image that makes a
-        detector raise is retried alone, and recorded in ``failed``."""
+        """Every detector on ``images``, merged, in a GPU slot of this
+        process (:class:`GpuSlots`: out of memory is retried once alone, then
+        a :class:`GpuMemoryError` naming the settings, no image's fault); an
+        image that makes a detector raise otherwise is retried alone, and
+        recorded in ``failed``."""
+        c = self.config
+        advice = (f"regions: a detector call of micro_batch={c.micro_batch} images does not fit in this process's "
+                  f"GPU memory even alone (num_gpus={c.num_gpus}): lower micro_batch, or give the actor more of the GPU")  # fmt: skip
         try:
-            return self._merge(images)
+            return self._slots.run(lambda: self._merge(images), advice)
+        except GpuMemoryError:
+            raise
         except Exception:  # noqa: BLE001 - find the images that fail alone
             out = []
             for i, t in zip(idx, images):
                 try:
-                    out.append(self._merge([t])[0])
+                    with self._slots.call():
+                        out.append(self._merge([t])[0])
                 except Exception as e:  # noqa: BLE001 - a per-row failure
                     failed[i] = f"{type(e).__name__}: {e}"
                     out.append(None)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One lent-GPU round of issue 31's measurements, as the device tool runs it:
+#   bash bench/gpu_round.sh STEP...      (from the repository root; logs under $OUT)
+# Steps: regions-prof, regions, regions-mobilenet, clipagree, clip, safety.
+# Needs the carried site (.carry/site.tar.xz: ray, open_clip, ... for Python
+# 3.12) and, for clipagree, the demo's rows (.carry/demo_rows.parquet).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/site
+T0=$(date +%s)
+if [ ! -f /tmp/site/.done ]; then
+  tar -xJf .carry/site.tar.xz -C /tmp/site && touch /tmp/site/.done
+fi
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 RAY_USAGE_STATS_ENABLED=0
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$card" in *H200*) tag=h200 ;; *H100*) tag=h100 ;; *) tag=gpu ;; esac
+echo "card: $card ($tag); untar $(( $(date +%s) - T0 ))s"
+python3 -c "import ray, open_clip, torch, torchvision; print('ray', ray.__version__, 'open_clip', open_clip.__version__, 'torch', torch.__version__, 'tv', torchvision.__version__)" || exit 3
+step() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s) at +$(( $(date +%s) - T0 ))s"
+  timeout -s TERM "$secs" "$@" > "$OUT/$name-$tag-20261207.log" 2>&1
+  echo "=== $name rc=$? at +$(( $(date +%s) - T0 ))s"
+  grep -v -E "INFO|WARNING|Warning|warn\(|^\s*$|core_worker|USDT|pynvml" "$OUT/$name-$tag-20261207.log" | tail -60
+}
+for s in "$@"; do
+  case $s in
+    regions-prof) step regions-r50-profile 160 python3 bench/regions_profile.py --device cuda --model r50 \
+        --plans inproc,ray-1a2t,ray-2a2t ;;
+    regions) step regions-r50 240 python3 bench/regions.py --device cuda --models r50 --r50-share 1.0 \
+        --n 4096 --batch-size 128 --micro-batch 128 --plans inproc,ray-1a2t ;;
+    regions-mobilenet) step regions-mobilenet 200 python3 bench/regions.py --device cuda --models mobilenet \
+        --n 8192 --batch-size 256 --plans inproc,ray-1a2t,ray-1a4t,ray-2a2t ;;
+    clipagree) step clip-agreement 150 python3 bench/clipagree.py --device cuda --demo-rows .carry/demo_rows.parquet ;;
+    clip) step clip 315 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
+        --plans eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-2a+compiled ;;
+    clip-ceilings) step clip-ceilings 75 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
+        --n 20480 --plans eager,compiled ;;
+    safety) step safety-nsfw 150 python3 bench/safety.py --device cuda --plans nsfw ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
+echo "done at +$(( $(date +%s) - T0 ))s"
