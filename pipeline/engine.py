@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -63,6 +65,10 @@ class RunSpec:
     stages: tuple[Stage, ...]
     shard_stage: Stage
     samples_per_shard: int
+    #: rows of an input shard are saved in chunks of at most this many rows ...
+    checkpoint_rows: int = 5000
+    #: ... or of the rows done in this many seconds, whichever comes first
+    checkpoint_seconds: float = 60.0
 
     @cached_property
     def positions(self) -> dict[str, int]:
@@ -160,39 +166,127 @@ def save_rows(batch: Batch, spec: RunSpec) -> Batch:
     """Leave this batch's rows in one part per shard they belong to
     (:func:`write_part`). Returns one record per part."""
     sids = np.asarray(batch["shard_id"]).astype(np.int64) if batch_len(batch) else np.zeros(0, np.int64)
-    rec = {"shard_id": [], "rows": [], "part": [], "dropped": []}
+    recs = []
     for sid in np.unique(sids):
         rows = take(batch, np.flatnonzero(sids == sid))
         name = uuid.uuid4().hex
         write_part(layout.rows_dir(spec.out, int(sid)), name, rows, spec)
-        rec["shard_id"].append(int(sid))
-        rec["rows"].append(batch_len(rows))
-        rec["part"].append(name)
-        gone = np.asarray(rows["status"], dtype=object) != STATUS_OK
-        stages, counts = np.unique(np.asarray(rows["stage"], dtype=object)[gone].astype(str), return_counts=True)
-        rec["dropped"].append(json.dumps(dict(zip(stages.tolist(), counts.tolist()))))
+        recs.append((int(sid), name, rows["status"], rows["stage"]))
+    return _records(recs)
+
+
+def _records(parts: list[tuple[int, str, np.ndarray, np.ndarray]]) -> Batch:
+    """One record per part (shard, part name, its rows' status and stage):
+    what the driver's tracker reads."""
+    dropped = []
+    for _, _, status, stage in parts:
+        gone = np.asarray(status, dtype=object) != STATUS_OK
+        stages, counts = np.unique(np.asarray(stage, dtype=object)[gone].astype(str), return_counts=True)
+        dropped.append(json.dumps(dict(zip(stages.tolist(), counts.tolist()))))
     return {
-        "shard_id": np.array(rec["shard_id"], dtype=np.int64),
-        "rows": np.array(rec["rows"], dtype=np.int64),
-        "part": np.array(rec["part"], dtype=object),
+        "shard_id": np.array([p[0] for p in parts], dtype=np.int64),
+        "rows": np.array([len(p[2]) for p in parts], dtype=np.int64),
+        "part": np.array([p[1] for p in parts], dtype=object),
         # rows rejected so far per stage, as JSON: the driver's progress line reads it
-        "dropped": np.array(rec["dropped"], dtype=object),
+        "dropped": np.array(dropped, dtype=object),
     }
+
+
+# --------------------------------------------------- checkpoints within a shard
+
+
+def saved_parts(out, shard_id: int) -> tuple[Batch, set[str]]:
+    """The parts an unfinished input shard already saved, as records (what
+    :func:`save_rows` returned for them), and the keys of their rows.
+
+    A part is saved once its fit file exists: :func:`write_part` writes the
+    rows file first, each file atomically. A rows file without its fit file
+    (a kill between the two) is removed, so the resume writes those rows again."""
+    folder = layout.rows_dir(out, shard_id)
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    rows = {n[: -len(PART_ROWS)] for n in names if n.endswith(PART_ROWS)}
+    fits = {n[: -len(PART_FIT)] for n in names if n.endswith(PART_FIT)}
+    saved = sorted(p for p in rows & fits if PART_NAME.fullmatch(p))
+    for p in sorted((rows | fits) - set(saved)):
+        if PART_NAME.fullmatch(p):
+            remove_part(folder, p)
+    recs, keys = [], set()
+    for p in saved:
+        t = storage.read_parquet(folder / f"{p}{PART_FIT}", columns=["key", "status", "stage"])
+        mine = t.column("key").to_pylist()
+        if keys.intersection(mine):  # a task Ray retried while its first try still ran: one copy of a row
+            remove_part(folder, p)
+            continue
+        status, stage = (t.column(c).to_numpy(zero_copy_only=False) for c in ("status", "stage"))
+        recs.append((int(shard_id), p, status, stage))
+        keys.update(mine)
+    return _records(recs), keys
+
+
+def pending_input(spec: RunSpec, shard_id: int, keys=None) -> tuple[Batch, Batch]:
+    """The rows of an input shard still to run, and the records of the parts
+    it already saved. With ``keys`` (the deferred retry pass, over finished
+    shards) exactly those rows, and no records."""
+    if keys is not None:
+        return read_input(spec, shard_id, keys), _records([])
+    records, done = saved_parts(spec.out, shard_id)
+    rows = read_input(spec, shard_id)
+    if done:
+        rows = take(rows, np.array([i for i, k in enumerate(rows["key"]) if str(k) not in done], dtype=np.int64))
+    return rows, records
+
+
+def checkpoints(spec: RunSpec, rows: Batch, stages, run) -> Iterator[Batch]:
+    """``rows`` through ``stages`` (``run(stage, piece)``), piece by piece,
+    yielded in chunks of :attr:`RunSpec.checkpoint_rows` rows or of the rows
+    done in :attr:`RunSpec.checkpoint_seconds`, whichever comes first: the
+    caller saves each, so a kill loses at most the chunk in flight. A piece
+    is the first stage's batch (at most a chunk), so the clock is read
+    between batches of the slow stage (the download). Stages see pieces,
+    never the whole shard: a stage's rows do not depend on their batch."""
+    n = batch_len(rows)
+    if not n:
+        return
+    size = stages[0].resources().batch_size if stages else n
+    piece = max(1, min(int(size), spec.checkpoint_rows))
+    chunk, got, t0 = [], 0, time.monotonic()
+    for lo in range(0, n, piece):
+        b = take(rows, np.arange(lo, min(lo + piece, n)))
+        for st in stages:
+            b = run(st, b)
+        chunk.append(b)
+        got += batch_len(b)
+        if got >= spec.checkpoint_rows or time.monotonic() - t0 >= spec.checkpoint_seconds:
+            yield concat(chunk)
+            chunk, got, t0 = [], 0, time.monotonic()
+    if chunk:
+        yield concat(chunk)
 
 
 class RowsTracker:
     """On the driver: counts the rows each input shard has on disk and marks
-    the shard finished when all of them are (O(shards) state)."""
+    the shard finished when all of them are (state: the parts of the shards
+    in flight). A part reported twice (a resumed shard's saved parts, a
+    retried task) counts once."""
 
     def __init__(self, spec: RunSpec, expected: dict[int, int]):
         self.spec, self.expected = spec, expected
         self.rows: dict[int, int] = {}
         self.parts: dict[int, list[str]] = {}
         self.finished: list[int] = []
+        self._finished: set[int] = set()
 
-    def add(self, records: Batch) -> None:
-        for sid, n, part in zip(records["shard_id"], records["rows"], records["part"]):
+    def add(self, records: Batch) -> np.ndarray:
+        """Count the parts ``records`` name; returns which records were new."""
+        new = np.zeros(batch_len(records), dtype=bool)
+        for i, (sid, n, part) in enumerate(zip(records["shard_id"], records["rows"], records["part"])):
             sid = int(sid)
+            if sid in self._finished or str(part) in self.parts.get(sid, ()):
+                continue
+            new[i] = True
             self.rows[sid] = self.rows.get(sid, 0) + int(n)
             self.parts.setdefault(sid, []).append(str(part))
             want = self.expected[sid]
@@ -202,6 +296,9 @@ class RowsTracker:
                 mark = {"rows": want, "parts": sorted(self.parts.pop(sid))}
                 write_rows_mark(self.spec.out, sid, mark)
                 self.finished.append(sid)
+                self._finished.add(sid)
+                self.rows.pop(sid)
+        return new
 
 
 def write_rows_mark(out, shard_id: int, mark: dict) -> None:

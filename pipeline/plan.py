@@ -67,14 +67,33 @@ def run_chunked(stage: Stage, batch: Batch) -> Batch:
 
 
 def _segment(batch: dict, spec: RunSpec, stages: tuple[Stage, ...], read: bool, save: bool) -> Batch:
-    """A run of task stages over one block (with ``read``: over the input
-    shards named in it), then, with ``save``, its rows to part files."""
-    if read:
-        keys = batch["keys"] if "keys" in batch else [None] * len(batch["sid"])
-        batch = concat([engine.read_input(spec, int(s), _keys(k)) for s, k in zip(batch["sid"], keys)])
-    for st in stages:
-        batch = run_chunked(ready(st), batch)
-    return engine.save_rows(batch, spec) if save else batch
+    """A run of task stages over one block, then, with ``save``, its rows to
+    part files. With ``read``, over the rows of the input shards named in
+    the block that no saved part holds yet; with ``read`` and ``save`` (every
+    per-row stage in this task), in chunks (``engine.checkpoints``), each
+    saved as it is done, so a kill loses only the chunk in flight. Returns
+    the records of every part of those shards, the earlier ones too (the
+    driver's tracker counts a part once): one batch at the end, so a task
+    Ray retries reports its shard whole or not at all."""
+    if not read:
+        for st in stages:
+            batch = run_chunked(ready(st), batch)
+        return engine.save_rows(batch, spec) if save else batch
+    keys = batch["keys"] if "keys" in batch else [None] * len(batch["sid"])
+    out = []
+    for sid, k in zip(batch["sid"], keys):
+        rows, saved = engine.pending_input(spec, int(sid), _keys(k))
+        if not save:  # an actor stage comes next: the shard's rows go on in one block
+            for st in stages:
+                rows = run_chunked(ready(st), rows)
+            out.append(rows)
+            continue
+        out.append(saved)
+        out.extend(
+            engine.save_rows(c, spec) for c in engine.checkpoints(spec, rows, [ready(st) for st in stages], run_chunked)
+        )
+    full = [b for b in out if batch_len(b)]
+    return concat(full) if full else out[-1]
 
 
 class _StageActor:
