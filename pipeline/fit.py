@@ -28,7 +28,7 @@ import numpy as np
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.shards import to_arrow
-from pairforge.pipeline import batchfile
+from pairforge.pipeline import batchfile, taskmem
 from pairforge.pipeline.engine import RunSpec, alive_at, read_decisions, read_fit_rows
 from pairforge.stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
 
@@ -88,11 +88,12 @@ def alive_rows(spec: RunSpec, stage: GlobalStage, shard_id: int) -> Batch:
 def _sample_shard(shard_id: int, spec: RunSpec, stage: GlobalStage, cut: int) -> tuple[int, int]:
     """Leave the shard's alive rows with a key hash below ``cut`` in a file;
     returns (alive rows, sampled rows)."""
-    rows = alive_rows(spec, stage, shard_id)
-    h = key_hashes(rows["key"])
-    pick = take(rows, np.flatnonzero(h < np.uint64(cut)))
-    storage.write_atomic(_sample_dir(spec, stage) / f"{shard_id:08d}.arrow", batchfile.dumps(pick), fsync=False)
-    return len(h), batch_len(pick)
+    with taskmem.measure(spec.out, f"{stage.name}/sample_shard"):
+        rows = alive_rows(spec, stage, shard_id)
+        h = key_hashes(rows["key"])
+        pick = take(rows, np.flatnonzero(h < np.uint64(cut)))
+        storage.write_atomic(_sample_dir(spec, stage) / f"{shard_id:08d}.arrow", batchfile.dumps(pick), fsync=False)
+        return len(h), batch_len(pick)
 
 
 def _sample_dir(spec: RunSpec, stage: GlobalStage):
@@ -103,52 +104,57 @@ def _learn(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
     """In a task: the ``sample_rows`` sampled rows with the smallest key
     hashes, in key order, then ``learn`` on them (k-means over a large sample
     is no work for the driver)."""
-    parts = []
-    for path in sorted(_sample_dir(spec, stage).glob("*.arrow")):
-        parts.append(batchfile.loads(path.read_bytes(), str(path)))
-    sample = concat([p for p in parts if batch_len(p)])
-    limit = int(stage.sample_rows)
-    if batch_len(sample) > limit:
-        sample = take(sample, np.sort(np.argsort(key_hashes(sample["key"]), kind="stable")[:limit]))
-    if batch_len(sample):
-        sample = take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
-    stage.learn(sample)
-    storage.rmtree(_sample_dir(spec, stage))
-    stage._fit_sample_rows = batch_len(sample)
-    return stage
+    with taskmem.measure(spec.out, f"{stage.name}/learn"):
+        parts = []
+        for path in sorted(_sample_dir(spec, stage).glob("*.arrow")):
+            parts.append(batchfile.loads(path.read_bytes(), str(path)))
+        sample = concat([p for p in parts if batch_len(p)])
+        limit = int(stage.sample_rows)
+        if batch_len(sample) > limit:
+            sample = take(sample, np.sort(np.argsort(key_hashes(sample["key"]), kind="stable")[:limit]))
+        if batch_len(sample):
+            sample = take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
+        stage.learn(sample)
+        storage.rmtree(_sample_dir(spec, stage))
+        stage._fit_sample_rows = batch_len(sample)
+        return stage
 
 
 def _emit_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> Batch:
-    rows = alive_rows(spec, stage, shard_id)
-    out = stage.bucket_rows(rows) if batch_len(rows) else {}
-    return out if batch_len(out) else {"bucket": np.zeros(0, dtype=np.int64)}
+    with taskmem.measure(spec.out, f"{stage.name}/emit_shard"):
+        rows = alive_rows(spec, stage, shard_id)
+        out = stage.bucket_rows(rows) if batch_len(rows) else {}
+        return out if batch_len(out) else {"bucket": np.zeros(0, dtype=np.int64)}
 
 
 def _reduce(rows: Batch, spec: RunSpec, stage: GlobalStage) -> str:
     """One bucket's reduction, left in a file: the combine task reads it, so
     reduced rows never pass through the driver. Returns the file's name in
     ``reduced_dir``."""
-    out = stage.reduce_bucket(rows)
-    bucket = int(np.asarray(rows["bucket"])[0])
-    path = layout.reduced_dir(spec.out, stage.name) / f"{bucket:08d}.arrow"
-    storage.write_atomic(path, batchfile.dumps(out), fsync=False)
-    return path.name
+    with taskmem.measure(spec.out, f"{stage.name}/reduce"):
+        out = stage.reduce_bucket(rows)
+        bucket = int(np.asarray(rows["bucket"])[0])
+        path = layout.reduced_dir(spec.out, stage.name) / f"{bucket:08d}.arrow"
+        storage.write_atomic(path, batchfile.dumps(out), fsync=False)
+        return path.name
 
 
 def _combine(names: list[str], spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
-    folder = layout.reduced_dir(spec.out, stage.name)
-    reduced = []
-    for name in sorted(names):  # bucket order, whatever order the reducers finished in
-        reduced.append(batchfile.loads((folder / name).read_bytes(), str(folder / name)))
-    result = stage.combine(concat([r for r in reduced if batch_len(r)]))
-    storage.rmtree(folder)
-    return stage, store_result(spec, stage, result, shards=None)
+    with taskmem.measure(spec.out, f"{stage.name}/combine"):
+        folder = layout.reduced_dir(spec.out, stage.name)
+        reduced = []
+        for name in sorted(names):  # bucket order, whatever order the reducers finished in
+            reduced.append(batchfile.loads((folder / name).read_bytes(), str(folder / name)))
+        result = stage.combine(concat([r for r in reduced if batch_len(r)]))
+        storage.rmtree(folder)
+        return stage, store_result(spec, stage, result, shards=None)
 
 
 def _decide_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> dict:
-    rows = alive_rows(spec, stage, shard_id)
-    result = stage.decide_rows(rows) if batch_len(rows) else FitResult()
-    return store_result(spec, stage, result, shards=[shard_id], merge=True)
+    with taskmem.measure(spec.out, f"{stage.name}/decide_shard"):
+        rows = alive_rows(spec, stage, shard_id)
+        result = stage.decide_rows(rows) if batch_len(rows) else FitResult()
+        return store_result(spec, stage, result, shards=[shard_id], merge=True)
 
 
 def store_result(spec: RunSpec, stage: GlobalStage, result: FitResult, shards, merge: bool = False) -> dict:

@@ -29,17 +29,19 @@ import numpy as np
 import ray
 from ray.data.context import ShuffleStrategy
 
-from pairforge.pipeline import engine
+from pairforge.pipeline import engine, taskmem
 from pairforge.pipeline.engine import RowsTracker, RunSpec
 from pairforge.pipeline.fit import Launcher
-from pairforge.stages.base import TIMING_PREFIX, Batch, Stage, batch_len, concat, run_stage_batch, take
+from pairforge.stages.base import TIMING_PREFIX, Batch, GlobalStage, Stage, batch_len, concat, run_stage_batch, take
 
 #: tasks in flight per launcher map (the driver holds their refs, nothing else)
 MAX_IN_FLIGHT = 1000
 #: most hash partitions of a fit's shuffle (Ray Data's default is 200)
 SHUFFLE_PARTITIONS = 200
-#: the largest pickled task argument this process submitted (``bench/scale.py`` reports it)
-ARG_BYTES = {"max": 0}
+#: the largest pickled task argument this process submitted, overall and per step
+#: (``bench/scale.py`` reports them); a step's arguments shared through the
+#: object store (``ray.put`` once, fetched by every task) count as its own
+ARG_BYTES: dict = {"max": 0, "steps": {}}
 
 _READY: dict[tuple, Stage] = {}
 
@@ -75,6 +77,11 @@ def _segment(batch: dict, spec: RunSpec, stages: tuple[Stage, ...], read: bool, 
     the records of every part of those shards, the earlier ones too (the
     driver's tracker counts a part once): one batch at the end, so a task
     Ray retries reports its shard whole or not at all."""
+    with taskmem.measure(spec.out, "rows"):
+        return _run_segment(batch, spec, stages, read, save)
+
+
+def _run_segment(batch: dict, spec: RunSpec, stages: tuple[Stage, ...], read: bool, save: bool) -> Batch:
     if not read:
         for st in stages:
             batch = run_chunked(ready(st), batch)
@@ -115,8 +122,17 @@ def _cpu_prepare(batch: Batch, stage: Stage) -> Batch:
     return stage.cpu_prepare(batch)
 
 
-def _note_args(*objs) -> None:
-    ARG_BYTES["max"] = max(ARG_BYTES["max"], len(pickle.dumps(objs, protocol=5)))
+def _note_args(step: str, *objs) -> None:
+    size = len(pickle.dumps(objs, protocol=5))
+    ARG_BYTES["max"] = max(ARG_BYTES["max"], size)
+    steps = ARG_BYTES.setdefault("steps", {})
+    steps[step] = max(steps.get(step, 0), size)
+
+
+def _step(fn, kwargs: dict) -> str:
+    """A fit step's name for the figures: the stage's and the function's."""
+    stage = kwargs.get("stage")
+    return f"{stage.name}/{fn.__name__.lstrip('_')}" if stage is not None else fn.__name__.lstrip("_")
 
 
 def segments(stages) -> list[tuple[bool, tuple[Stage, ...]]]:
@@ -164,7 +180,7 @@ def map_on_actors(ds: "ray.data.Dataset", st: Stage, timing: bool = True) -> "ra
         max_concurrent_calls_per_actor=calls if calls > 1 else None,
         enable_true_multi_threading=calls > 1,
     )
-    _note_args(st)
+    _note_args(f"rows/{st.name}", st)
     return ds.map_batches(
         _actor_class(st),
         fn_constructor_kwargs={"stage": st, "timing": timing},
@@ -211,7 +227,7 @@ def rows_dataset(spec: RunSpec, shard_ids: list[int], only: dict | None = None) 
 
 def _kw(spec: RunSpec, stages, read: bool, save: bool) -> dict:
     kw = {"spec": spec, "stages": tuple(stages), "read": read, "save": save}
-    _note_args(kw)
+    _note_args("rows", kw)
     return kw
 
 
@@ -264,7 +280,8 @@ class RayLauncher(Launcher):
 
     def map(self, fn, items: list, **kwargs) -> list:
         ref = ray.put(kwargs)
-        _note_args(fn, items[:1], ref)
+        _note_args(_step(fn, kwargs), fn, items[:1], ref)
+        _note_args(_step(fn, kwargs), kwargs)  # what every task fetches
         task = ray.remote(num_cpus=self.num_cpus)(_call)
         out: dict[Any, int] = {}
         results: list = [None] * len(items)
@@ -282,7 +299,8 @@ class RayLauncher(Launcher):
         return results
 
     def call(self, fn, *args, **kwargs):
-        _note_args(fn, args, kwargs)
+        stage = next((a for a in args if isinstance(a, GlobalStage)), kwargs.get("stage"))
+        _note_args(_step(fn, {"stage": stage}), fn, args, kwargs)
         return ray.get(ray.remote(num_cpus=self.num_cpus)(fn).remote(*args, **kwargs))
 
     def shuffle(self, emit, reduce, items: list, **kwargs) -> list:
@@ -291,6 +309,7 @@ class RayLauncher(Launcher):
         if len(items) <= self.small_fit_shards:  # one task: a Ray Data shuffle costs seconds to start
             return self.call(_local_shuffle, emit, reduce, items, **kwargs)
         ref = ray.put(kwargs)
+        _note_args(_step(emit, kwargs), kwargs)  # what every emit and reduce task fetches
         ds = ray.data.from_items([{"sid": s} for s in items], override_num_blocks=len(items))
         ds = ds.map_batches(_emit_rows, fn_kwargs={"fn": emit, "kwargs": ref}, batch_size=1, batch_format="numpy")
         # partitions: enough to spread the reducers, few enough that a small fit is not all overhead
@@ -315,4 +334,5 @@ def write_shards(spec: RunSpec, shard_ids: list[int]) -> list[dict]:
 
 
 def _write_one(shard_id: int, spec: RunSpec) -> dict:
-    return engine.write_output_shard(spec, shard_id)
+    with taskmem.measure(spec.out, "write"):
+        return engine.write_output_shard(spec, shard_id)
