@@ -182,6 +182,7 @@ def write_fit_files(out: Path, n: int, per_shard: int, n_entries: int) -> list[i
                 "key": [f"{sid:05d}{i:0{w}d}" for i in range(m)],
                 "status": pa.array(["ok"] * m),
                 "stage": pa.array([""] * m),
+                "reason": pa.array([""] * m),
                 "url": [f"http://img.invalid/{first + i}.jpg" for i in range(m)],
                 "caption": [f"a synthetic photo number {first + i} of something" for i in range(m)],
                 "metadata_entries": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),

@@ -10,8 +10,9 @@ tasks and a Ray Data shuffle, ``pipeline.plan``). Per input shard:
   at most ``sample_rows`` over the whole run, so the sample does not depend
   on block order or cluster size; ``learn`` runs on it;
 * ``bucket_rows`` -> shuffle by ``bucket`` -> ``reduce_bucket``;
-* ``combine`` in one task over the reduced rows (pairs, histograms: small),
-  which writes decisions and side tables partitioned by shard;
+* ``combine`` in one task over the reduced rows (pairs, histograms), which
+  writes decisions and side tables partitioned by shard (its memory grows
+  with the pairs: ``docs/scale.md``);
 * ``decide_rows`` per shard, when the stage keeps a rule (a score cut).
 
 The driver holds the stage (config plus small learned state: a cut) and
@@ -202,9 +203,12 @@ def _reduce(rows: Batch, spec: RunSpec, stage: GlobalStage) -> str:
         return path.name
 
 
-def _combine(names: list[str], spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
+def _combine(spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
+    """``combine`` over every reduced bucket's file (listed here, not handed
+    over: the argument stays the same size however many buckets there are)."""
     with taskmem.measure(spec.out, f"{stage.name}/combine"):
         folder = layout.reduced_dir(spec.out, stage.name)
+        names = [p.name for p in folder.iterdir() if p.name.endswith(".arrow")] if folder.exists() else []
         reduced = []
         for name in sorted(names):  # bucket order, whatever order the reducers finished in
             reduced.append(batchfile.loads((folder / name).read_bytes(), str(folder / name)))
@@ -301,9 +305,9 @@ def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: li
         stage = launcher.call(_learn, spec, stage)
         info["sample_rows"] = stage.__dict__.pop("_fit_sample_rows", None)
         t = lap("learn", t)
-    reduced = launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage)
+    launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage)
     t = lap("bucket_and_reduce", t)
-    stage, counts = launcher.call(_combine, reduced, spec, stage)
+    stage, counts = launcher.call(_combine, spec, stage)
     t = lap("combine", t)
     if stage.has_decide_rows():
         for c in launcher.map(_decide_shard, shard_ids, spec=spec, stage=stage):

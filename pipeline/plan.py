@@ -9,7 +9,7 @@
   (a model, on an actor pool sized by its ``Resources``, named after the
   stage) sits in between. Its ``cpu_prepare`` runs in CPU tasks ahead of it.
 * **fits**: :class:`RayLauncher` runs ``pipeline.fit``'s per-shard steps as
-  Ray tasks, its shuffle as a Ray Data ``groupby`` of the small emitted rows,
+  Ray tasks, its shuffle through files in plain tasks (``pipeline.shuffle``),
   and ``combine`` as one task.
 * **write**: one task per output shard.
 
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.data.context import ShuffleStrategy
 
-from pairforge.pipeline import engine, taskmem
+from pairforge.manifests import storage
+from pairforge.pipeline import engine, shuffle, taskmem
 from pairforge.pipeline.engine import RowsTracker, RunSpec
 from pairforge.pipeline.fit import Launcher
 from pairforge.stages.base import TIMING_PREFIX, Batch, GlobalStage, Stage, batch_len, concat, run_stage_batch, take
@@ -131,7 +131,7 @@ def _note_args(step: str, *objs) -> None:
 
 def _step(fn, kwargs: dict) -> str:
     """A fit step's name for the figures: the stage's and the function's."""
-    stage = kwargs.get("stage")
+    stage = kwargs.get("stage") or (kwargs.get("kw") or {}).get("stage")
     return f"{stage.name}/{fn.__name__.lstrip('_')}" if stage is not None else fn.__name__.lstrip("_")
 
 
@@ -256,14 +256,6 @@ def _call(fn, item, kwargs):
     return fn(item, **ray.get(kwargs)) if isinstance(kwargs, ray.ObjectRef) else fn(item, **kwargs)
 
 
-def _emit_rows(batch: dict, fn, kwargs) -> Batch:
-    return concat([_call(fn, int(s), kwargs) for s in batch["sid"]]) or {"bucket": np.zeros(0, np.int64)}
-
-
-def _reduce_rows(rows: Batch, fn, kwargs) -> dict:
-    return {"path": np.array([_call(fn, rows, kwargs)], dtype=object)}
-
-
 def _local_shuffle(emit, reduce, items, **kwargs) -> list:
     return Launcher().shuffle(emit, reduce, items, **kwargs)
 
@@ -275,7 +267,7 @@ class RayLauncher(Launcher):
     def __init__(self, num_cpus: float = 1.0, small_fit_shards: int = 32):
         self.num_cpus = num_cpus
         #: fits over at most this many shards group their rows in one task
-        #: (tens of MB of fit rows) instead of a Ray Data shuffle
+        #: (tens of MB of fit rows) instead of a shuffle through files
         self.small_fit_shards = small_fit_shards
 
     def map(self, fn, items: list, **kwargs) -> list:
@@ -306,26 +298,19 @@ class RayLauncher(Launcher):
     def shuffle(self, emit, reduce, items: list, **kwargs) -> list:
         if not items:
             return []
-        if len(items) <= self.small_fit_shards:  # one task: a Ray Data shuffle costs seconds to start
+        if len(items) <= self.small_fit_shards:  # one task: a shuffle costs seconds to start
             return self.call(_local_shuffle, emit, reduce, items, **kwargs)
-        ref = ray.put(kwargs)
-        _note_args(_step(emit, kwargs), kwargs)  # what every emit and reduce task fetches
-        ds = ray.data.from_items([{"sid": s} for s in items], override_num_blocks=len(items))
-        ds = ds.map_batches(_emit_rows, fn_kwargs={"fn": emit, "kwargs": ref}, batch_size=1, batch_format="numpy")
         # partitions: enough to spread the reducers, few enough that a small fit is not all overhead
         parts = max(1, min(SHUFFLE_PARTITIONS, len(items), int(ray.cluster_resources().get("CPU", 1)) * 4))
-        ctx = ray.data.DataContext.get_current()
-        before = ctx.shuffle_strategy
-        # the sort-based shuffle: Ray 2.60's hash shuffle starts aggregator
-        # actors for every groupby (3-6 s a fit here, against 0.4 s)
-        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        base = shuffle.folder(kwargs["spec"], kwargs["stage"])
+        storage.rmtree(base)
         try:
-            red = ds.groupby("bucket", num_partitions=parts).map_groups(
-                _reduce_rows, fn_kwargs={"fn": reduce, "kwargs": ref}, batch_format="numpy"
-            )
-            return [str(p) for b in red.iter_batches(batch_format="numpy", batch_size=None) for p in b["path"]]
+            self.map(shuffle.emit_parts, items, emit=emit, kw=kwargs, parts=parts)
+            # every reduce task lists the shards' files itself: no list of shards in its argument
+            done = self.map(shuffle.reduce_part, list(range(parts)), reduce=reduce, kw=kwargs, parts=parts)
         finally:
-            ctx.shuffle_strategy = before
+            storage.rmtree(base)
+        return [r for rs in done for r in rs]
 
 
 def write_shards(spec: RunSpec, shard_ids: list[int]) -> list[dict]:
