@@ -257,7 +257,8 @@ def _call(fn, item, kwargs):
 
 
 def _local_shuffle(emit, reduce, items, **kwargs) -> list:
-    return Launcher().shuffle(emit, reduce, items, **kwargs)
+    with taskmem.measure(kwargs["spec"].out, f"{kwargs['stage'].name}/local_shuffle"):
+        return Launcher().shuffle(emit, reduce, items, **kwargs)
 
 
 class RayLauncher(Launcher):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from pairforge.manifests import layout, storage
-from pairforge.pipeline import batchfile
+from pairforge.pipeline import batchfile, taskmem
 from pairforge.stages.base import Batch, batch_len, concat, take
 
 MAGIC = b"PFPARTS1"
@@ -44,6 +44,11 @@ def _name(shard_id: int) -> str:
 def emit_parts(shard_id: int, emit, kw: dict, parts: int) -> int:
     """Emit one shard's rows (``emit(shard_id, **kw)``) into its parts file;
     returns the rows emitted."""
+    with taskmem.measure(kw["spec"].out, f"{kw['stage'].name}/emit_parts"):
+        return _emit_parts(shard_id, emit, kw, parts)
+
+
+def _emit_parts(shard_id: int, emit, kw: dict, parts: int) -> int:
     rows = emit(shard_id, **kw)
     n = batch_len(rows)
     part = np.asarray(rows["bucket"], dtype=np.int64) % parts if n else np.zeros(0, np.int64)
@@ -87,6 +92,11 @@ def reduce_part(p: int, reduce, kw: dict, parts: int, shard_ids: list[int] | Non
     """Partition ``p`` of every shard's parts file, grouped by bucket (buckets
     in order, rows in shard order within one), each bucket through
     ``reduce(rows, **kw)``. Returns the reduce results, in bucket order."""
+    with taskmem.measure(kw["spec"].out, f"{kw['stage'].name}/reduce_part"):
+        return _reduce_part(p, reduce, kw, parts, shard_ids)
+
+
+def _reduce_part(p: int, reduce, kw: dict, parts: int, shard_ids: list[int] | None) -> list:
     base = folder(kw["spec"], kw["stage"])
     if shard_ids is None:
         names = sorted(x.name for x in base.iterdir() if x.name.endswith(".parts"))

@@ -54,17 +54,24 @@ def folder(out):
     return layout.work_dir(out) / "taskmem"
 
 
+#: measured blocks open in this process: only the outermost one records (an inner reset would hide its peak)
+_DEPTH = [0]
+
+
 @contextmanager
 def measure(out, step: str):
-    """Record the peak memory of the ``with`` block as one task of ``step``."""
-    if not enabled():
+    """Record the peak memory of the ``with`` block as one task of ``step``
+    (inside another measured block, nothing: the outer one counts it)."""
+    if not enabled() or _DEPTH[0]:
         yield
         return
+    _DEPTH[0] += 1
     reset = _reset_peak()
     start = _status().get("VmRSS", 0)
     try:
         yield
     finally:
+        _DEPTH[0] -= 1
         peak = _status().get("VmHWM", 0)
         rec = {"step": step, "start": start, "peak": peak, "reset": reset, "pid": os.getpid()}
         path = folder(out) / f"{uuid.uuid4().hex}.json"
