@@ -36,8 +36,12 @@ from pairforge.stages.base import TIMING_PREFIX, Batch, GlobalStage, Stage, batc
 
 #: tasks in flight per launcher map (the driver holds their refs, nothing else)
 MAX_IN_FLIGHT = 1000
-#: most hash partitions of a fit's shuffle (Ray Data's default is 200)
-SHUFFLE_PARTITIONS = 200
+#: input rows per partition of a fit's shuffle: the partitions grow with the rows, so a reduce
+#: task's memory does not (about 600 B an emitted row of the dedup stages: ~60 MB a task)
+PARTITION_ROWS = 100_000
+#: most partitions of a fit's shuffle: each emit task writes this many offsets, each reduce task
+#: reads a slice of every shard's file
+SHUFFLE_PARTITIONS = 4096
 #: the largest pickled task argument this process submitted, overall and per step
 #: (``bench/scale.py`` reports them); a step's arguments shared through the
 #: object store (``ray.put`` once, fetched by every task) count as its own
@@ -301,8 +305,10 @@ class RayLauncher(Launcher):
             return []
         if len(items) <= self.small_fit_shards:  # one task: a shuffle costs seconds to start
             return self.call(_local_shuffle, emit, reduce, items, **kwargs)
-        # partitions: enough to spread the reducers, few enough that a small fit is not all overhead
-        parts = max(1, min(SHUFFLE_PARTITIONS, len(items), int(ray.cluster_resources().get("CPU", 1)) * 4))
+        # partitions: enough to spread the reducers and bound each one's rows, no more than the shards
+        rows = len(items) * kwargs["spec"].samples_per_shard
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        parts = max(1, min(SHUFFLE_PARTITIONS, len(items), max(cpus * 4, -(-rows // PARTITION_ROWS))))
         base = shuffle.folder(kwargs["spec"], kwargs["stage"])
         storage.rmtree(base)
         try:
