@@ -5,8 +5,9 @@ the in-process runner and the Ray plan (they differ only in who calls them).
    per-row part of global stages, models). :func:`save_rows` leaves each
    shard's rows in part files (images included) and, beside them, a parquet
    of the *fit columns* only (key, status, hashes, scores, embeddings): tens
-   of bytes a row. :class:`RowsTracker` marks an input shard finished when
-   all its rows are on disk, so a killed run resumes at the shard it was on.
+   of bytes a row, in chunks as they are done (``pipeline.chunks``).
+   :class:`RowsTracker` marks an input shard finished when all its rows are
+   on disk; a killed run resumes at the chunks it was on.
 2. **fits** (``pipeline.fit``): each global stage reads fit columns, never
    images, and writes its decisions partitioned by shard.
 3. **write**: :func:`write_output_shard` joins one shard's parts with that
@@ -24,9 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -172,10 +171,10 @@ def save_rows(batch: Batch, spec: RunSpec) -> Batch:
         name = uuid.uuid4().hex
         write_part(layout.rows_dir(spec.out, int(sid)), name, rows, spec)
         recs.append((int(sid), name, rows["status"], rows["stage"]))
-    return _records(recs)
+    return records(recs)
 
 
-def _records(parts: list[tuple[int, str, np.ndarray, np.ndarray]]) -> Batch:
+def records(parts: list[tuple[int, str, np.ndarray, np.ndarray]]) -> Batch:
     """One record per part (shard, part name, its rows' status and stage):
     what the driver's tracker reads."""
     dropped = []
@@ -190,80 +189,6 @@ def _records(parts: list[tuple[int, str, np.ndarray, np.ndarray]]) -> Batch:
         # rows rejected so far per stage, as JSON: the driver's progress line reads it
         "dropped": np.array(dropped, dtype=object),
     }
-
-
-# --------------------------------------------------- checkpoints within a shard
-
-
-def saved_parts(out, shard_id: int) -> tuple[Batch, set[str]]:
-    """The parts an unfinished input shard already saved, as records (what
-    :func:`save_rows` returned for them), and the keys of their rows.
-
-    A part is saved once its fit file exists: :func:`write_part` writes the
-    rows file first, each file atomically. A rows file without its fit file
-    (a kill between the two) is removed, so the resume writes those rows again."""
-    folder = layout.rows_dir(out, shard_id)
-    try:
-        names = [p.name for p in folder.iterdir()]
-    except (FileNotFoundError, NotADirectoryError):
-        names = []
-    rows = {n[: -len(PART_ROWS)] for n in names if n.endswith(PART_ROWS)}
-    fits = {n[: -len(PART_FIT)] for n in names if n.endswith(PART_FIT)}
-    saved = sorted(p for p in rows & fits if PART_NAME.fullmatch(p))
-    for p in sorted((rows | fits) - set(saved)):
-        if PART_NAME.fullmatch(p):
-            remove_part(folder, p)
-    recs, keys = [], set()
-    for p in saved:
-        t = storage.read_parquet(folder / f"{p}{PART_FIT}", columns=["key", "status", "stage"])
-        mine = t.column("key").to_pylist()
-        if keys.intersection(mine):  # a task Ray retried while its first try still ran: one copy of a row
-            remove_part(folder, p)
-            continue
-        status, stage = (t.column(c).to_numpy(zero_copy_only=False) for c in ("status", "stage"))
-        recs.append((int(shard_id), p, status, stage))
-        keys.update(mine)
-    return _records(recs), keys
-
-
-def pending_input(spec: RunSpec, shard_id: int, keys=None) -> tuple[Batch, Batch]:
-    """The rows of an input shard still to run, and the records of the parts
-    it already saved. With ``keys`` (the deferred retry pass, over finished
-    shards) exactly those rows, and no records."""
-    if keys is not None:
-        return read_input(spec, shard_id, keys), _records([])
-    records, done = saved_parts(spec.out, shard_id)
-    rows = read_input(spec, shard_id)
-    if done:
-        rows = take(rows, np.array([i for i, k in enumerate(rows["key"]) if str(k) not in done], dtype=np.int64))
-    return rows, records
-
-
-def checkpoints(spec: RunSpec, rows: Batch, stages, run) -> Iterator[Batch]:
-    """``rows`` through ``stages`` (``run(stage, piece)``), piece by piece,
-    yielded in chunks of :attr:`RunSpec.checkpoint_rows` rows or of the rows
-    done in :attr:`RunSpec.checkpoint_seconds`, whichever comes first: the
-    caller saves each, so a kill loses at most the chunk in flight. A piece
-    is the first stage's batch (at most a chunk), so the clock is read
-    between batches of the slow stage (the download). Stages see pieces,
-    never the whole shard: a stage's rows do not depend on their batch."""
-    n = batch_len(rows)
-    if not n:
-        return
-    size = stages[0].resources().batch_size if stages else n
-    piece = max(1, min(int(size), spec.checkpoint_rows))
-    chunk, got, t0 = [], 0, time.monotonic()
-    for lo in range(0, n, piece):
-        b = take(rows, np.arange(lo, min(lo + piece, n)))
-        for st in stages:
-            b = run(st, b)
-        chunk.append(b)
-        got += batch_len(b)
-        if got >= spec.checkpoint_rows or time.monotonic() - t0 >= spec.checkpoint_seconds:
-            yield concat(chunk)
-            chunk, got, t0 = [], 0, time.monotonic()
-    if chunk:
-        yield concat(chunk)
 
 
 class RowsTracker:

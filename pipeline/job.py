@@ -16,7 +16,7 @@ from pairforge.manifests import layout, storage
 from pairforge.manifests.manifest import build_manifest, write_manifest, write_sizes
 from pairforge.manifests.redact import redact_text
 from pairforge.manifests.shards import read_stats
-from pairforge.pipeline import engine, outcome, retrypass, workdir
+from pairforge.pipeline import chunks, engine, outcome, retrypass, workdir
 from pairforge.pipeline.checks import check_job, check_ray_address
 from pairforge.pipeline.checks_urls import input_warnings
 from pairforge.pipeline.config import JobConfig, resolve_stages, to_dict
@@ -217,7 +217,7 @@ def run_job(
         if not resume or layout.rows_done(out, s).exists():  # a written shard's parts have lost their images
             engine.clear_rows(out, s)
         else:
-            records, _ = engine.saved_parts(out, s)
+            records, _ = chunks.saved_parts(out, s)
             if batch_len(records):
                 saved.append(records)
     saved_rows = sum(int(r["rows"].sum()) for r in saved)

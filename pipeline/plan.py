@@ -29,7 +29,7 @@ import numpy as np
 import ray
 
 from pairforge.manifests import storage
-from pairforge.pipeline import engine, shuffle, taskmem
+from pairforge.pipeline import chunks, engine, shuffle, taskmem
 from pairforge.pipeline.engine import RowsTracker, RunSpec
 from pairforge.pipeline.fit import Launcher
 from pairforge.stages.base import TIMING_PREFIX, Batch, GlobalStage, Stage, batch_len, concat, run_stage_batch, take
@@ -93,7 +93,7 @@ def _run_segment(batch: dict, spec: RunSpec, stages: tuple[Stage, ...], read: bo
     keys = batch["keys"] if "keys" in batch else [None] * len(batch["sid"])
     out = []
     for sid, k in zip(batch["sid"], keys):
-        rows, saved = engine.pending_input(spec, int(sid), _keys(k))
+        rows, saved = chunks.pending_input(spec, int(sid), _keys(k))
         if not save:  # an actor stage comes next: the shard's rows go on in one block
             for st in stages:
                 rows = run_chunked(ready(st), rows)
@@ -101,7 +101,7 @@ def _run_segment(batch: dict, spec: RunSpec, stages: tuple[Stage, ...], read: bo
             continue
         out.append(saved)
         out.extend(
-            engine.save_rows(c, spec) for c in engine.checkpoints(spec, rows, [ready(st) for st in stages], run_chunked)
+            engine.save_rows(c, spec) for c in chunks.checkpoints(spec, rows, [ready(st) for st in stages], run_chunked)
         )
     full = [b for b in out if batch_len(b)]
     return concat(full) if full else out[-1]
