@@ -242,7 +242,10 @@ def run_job(
             try:
                 for records in saved:
                     tracker.add(records)
-                runner.run_rows(spec, [s for s in todo if s not in set(tracker.finished)], tracker)
+                whole = set(tracker.finished)  # every row saved before the kill, only the mark missing
+                run = [s for s in todo if s not in whole]
+                if run:
+                    runner.run_rows(spec, run, tracker)
             finally:
                 tracker.close()
             done = set(tracker.finished)
