@@ -182,6 +182,7 @@ def write_fit_files(out: Path, n: int, per_shard: int, n_entries: int) -> list[i
                 "key": [f"{sid:05d}{i:0{w}d}" for i in range(m)],
                 "status": pa.array(["ok"] * m),
                 "stage": pa.array([""] * m),
+                "reason": pa.array([""] * m),
                 "url": [f"http://img.invalid/{first + i}.jpg" for i in range(m)],
                 "caption": [f"a synthetic photo number {first + i} of something" for i in range(m)],
                 "metadata_entries": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
@@ -278,20 +279,26 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=20_000)
     ap.add_argument("--per-shard", type=int, default=10_000, help="rows of one fit shard")
     ap.add_argument("--skip-fit", action="store_true")
+    ap.add_argument("--skip-match", action="store_true", help="the fit only")
     ap.add_argument("--work", default=None, help="scratch folder for fit files (default: a temporary one)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     print(f"# bench/balance.py: {os.cpu_count()} CPUs, {load()}", flush=True)
     res: dict = {"matching": {}}
     wn = md.wordnet_path()
-    if wn.is_file():
+    if args.skip_match:
+        pass
+    elif wn.is_file():
         raw = md.parse_entries(wn.read_bytes(), wn.name)
         res["matching"]["wordnet"] = bench_matching("wordnet", raw, args.repeats, args.captions, 200)
     else:
         print(f"# no WordNet entries at {wn} (make setup): skipped", flush=True)
-    raw = synthetic_entries(args.synthetic_entries)
-    res["matching"]["synthetic"] = bench_matching("synthetic", raw, args.repeats, args.captions, args.naive_captions)
-    del raw
+    if not args.skip_match:
+        raw = synthetic_entries(args.synthetic_entries)
+        res["matching"]["synthetic"] = bench_matching(
+            "synthetic", raw, args.repeats, args.captions, args.naive_captions
+        )
+        del raw
     if not args.skip_fit and args.fit_sizes:
         work = Path(args.work or tempfile.mkdtemp(prefix="pf-balance-"))
         try:

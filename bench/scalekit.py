@@ -54,6 +54,11 @@ def plan_row(i: int, n: int) -> tuple[str, int]:
     return "own", i
 
 
+#: rows per parquet row group of the URL list: a reader decodes a row group at once, so its size,
+#: not the list's, bounds the memory of reading it (pyarrow's default, 1Mi rows, is ~90 MB here)
+ROW_GROUP = 65_536
+
+
 def write_urls(path: str, n: int, chunk: int = 1_000_000) -> None:
     """The URL list: row ``i`` points at ``/i.jpg``, URL copies at another row's."""
     writer = None
@@ -65,7 +70,7 @@ def write_urls(path: str, n: int, chunk: int = 1_000_000) -> None:
             urls.append(f"http://synthetic.invalid/{(i * 7919 + 13) % n if kind == 'url' else i}.jpg")
         t = pa.table({"url": urls, "caption": [f"a synthetic picture number {i % 5000}" for i in ids]})
         writer = writer or pq.ParquetWriter(path, t.schema)
-        writer.write_table(t)
+        writer.write_table(t, row_group_size=ROW_GROUP)
     writer.close()
 
 

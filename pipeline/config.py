@@ -90,6 +90,11 @@ class OutputConfig:
     dir: str
     #: rows of the URL list per shard (img2dataset's number_sample_per_shard)
     samples_per_shard: int = 10000
+    #: within an input shard, rows are saved (and safe from a kill) in chunks of at most this many
+    #: rows: a resume fetches again only the rows of chunks that were not saved
+    checkpoint_rows: int = 5000
+    #: ... or of the rows done in this many seconds, whichever comes first
+    checkpoint_seconds: float = 60.0
 
 
 @options
@@ -358,6 +363,10 @@ def _output(raw: Any, base: Path, problems: list[str]) -> OutputConfig | None:
             return None
         if out.samples_per_shard < 1:
             problems.append(f"output.samples_per_shard: expected >= 1, got {out.samples_per_shard!r}")
+        if out.checkpoint_rows < 1:
+            problems.append(f"output.checkpoint_rows: expected >= 1, got {out.checkpoint_rows!r}")
+        if not out.checkpoint_seconds > 0:
+            problems.append(f"output.checkpoint_seconds: expected > 0, got {out.checkpoint_seconds!r}")
         return dataclasses.replace(out, dir=str(_abs(base, out.dir, "output.dir")))
     except ConfigError as e:
         problems.append(str(e))

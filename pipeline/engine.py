@@ -5,8 +5,9 @@ the in-process runner and the Ray plan (they differ only in who calls them).
    per-row part of global stages, models). :func:`save_rows` leaves each
    shard's rows in part files (images included) and, beside them, a parquet
    of the *fit columns* only (key, status, hashes, scores, embeddings): tens
-   of bytes a row. :class:`RowsTracker` marks an input shard finished when
-   all its rows are on disk, so a killed run resumes at the shard it was on.
+   of bytes a row, in chunks as they are done (``pipeline.chunks``).
+   :class:`RowsTracker` marks an input shard finished when all its rows are
+   on disk; a killed run resumes at the chunks it was on.
 2. **fits** (``pipeline.fit``): each global stage reads fit columns, never
    images, and writes its decisions partitioned by shard.
 3. **write**: :func:`write_output_shard` joins one shard's parts with that
@@ -63,6 +64,10 @@ class RunSpec:
     stages: tuple[Stage, ...]
     shard_stage: Stage
     samples_per_shard: int
+    #: rows of an input shard are saved in chunks of at most this many rows ...
+    checkpoint_rows: int = 5000
+    #: ... or of the rows done in this many seconds, whichever comes first
+    checkpoint_seconds: float = 60.0
 
     @cached_property
     def positions(self) -> dict[str, int]:
@@ -160,39 +165,53 @@ def save_rows(batch: Batch, spec: RunSpec) -> Batch:
     """Leave this batch's rows in one part per shard they belong to
     (:func:`write_part`). Returns one record per part."""
     sids = np.asarray(batch["shard_id"]).astype(np.int64) if batch_len(batch) else np.zeros(0, np.int64)
-    rec = {"shard_id": [], "rows": [], "part": [], "dropped": []}
+    recs = []
     for sid in np.unique(sids):
         rows = take(batch, np.flatnonzero(sids == sid))
         name = uuid.uuid4().hex
         write_part(layout.rows_dir(spec.out, int(sid)), name, rows, spec)
-        rec["shard_id"].append(int(sid))
-        rec["rows"].append(batch_len(rows))
-        rec["part"].append(name)
-        gone = np.asarray(rows["status"], dtype=object) != STATUS_OK
-        stages, counts = np.unique(np.asarray(rows["stage"], dtype=object)[gone].astype(str), return_counts=True)
-        rec["dropped"].append(json.dumps(dict(zip(stages.tolist(), counts.tolist()))))
+        recs.append((int(sid), name, rows["status"], rows["stage"]))
+    return records(recs)
+
+
+def records(parts: list[tuple[int, str, np.ndarray, np.ndarray]]) -> Batch:
+    """One record per part (shard, part name, its rows' status and stage):
+    what the driver's tracker reads."""
+    dropped = []
+    for _, _, status, stage in parts:
+        gone = np.asarray(status, dtype=object) != STATUS_OK
+        stages, counts = np.unique(np.asarray(stage, dtype=object)[gone].astype(str), return_counts=True)
+        dropped.append(json.dumps(dict(zip(stages.tolist(), counts.tolist()))))
     return {
-        "shard_id": np.array(rec["shard_id"], dtype=np.int64),
-        "rows": np.array(rec["rows"], dtype=np.int64),
-        "part": np.array(rec["part"], dtype=object),
+        "shard_id": np.array([p[0] for p in parts], dtype=np.int64),
+        "rows": np.array([len(p[2]) for p in parts], dtype=np.int64),
+        "part": np.array([p[1] for p in parts], dtype=object),
         # rows rejected so far per stage, as JSON: the driver's progress line reads it
-        "dropped": np.array(rec["dropped"], dtype=object),
+        "dropped": np.array(dropped, dtype=object),
     }
 
 
 class RowsTracker:
     """On the driver: counts the rows each input shard has on disk and marks
-    the shard finished when all of them are (O(shards) state)."""
+    the shard finished when all of them are (state: the parts of the shards
+    in flight). A part reported twice (a resumed shard's saved parts, a
+    retried task) counts once."""
 
     def __init__(self, spec: RunSpec, expected: dict[int, int]):
         self.spec, self.expected = spec, expected
         self.rows: dict[int, int] = {}
         self.parts: dict[int, list[str]] = {}
         self.finished: list[int] = []
+        self._finished: set[int] = set()
 
-    def add(self, records: Batch) -> None:
-        for sid, n, part in zip(records["shard_id"], records["rows"], records["part"]):
+    def add(self, records: Batch) -> np.ndarray:
+        """Count the parts ``records`` name; returns which records were new."""
+        new = np.zeros(batch_len(records), dtype=bool)
+        for i, (sid, n, part) in enumerate(zip(records["shard_id"], records["rows"], records["part"])):
             sid = int(sid)
+            if sid in self._finished or str(part) in self.parts.get(sid, ()):
+                continue
+            new[i] = True
             self.rows[sid] = self.rows.get(sid, 0) + int(n)
             self.parts.setdefault(sid, []).append(str(part))
             want = self.expected[sid]
@@ -202,6 +221,9 @@ class RowsTracker:
                 mark = {"rows": want, "parts": sorted(self.parts.pop(sid))}
                 write_rows_mark(self.spec.out, sid, mark)
                 self.finished.append(sid)
+                self._finished.add(sid)
+                self.rows.pop(sid)
+        return new
 
 
 def write_rows_mark(out, shard_id: int, mark: dict) -> None:

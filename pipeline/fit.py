@@ -10,25 +10,32 @@ tasks and a Ray Data shuffle, ``pipeline.plan``). Per input shard:
   at most ``sample_rows`` over the whole run, so the sample does not depend
   on block order or cluster size; ``learn`` runs on it;
 * ``bucket_rows`` -> shuffle by ``bucket`` -> ``reduce_bucket``;
-* ``combine`` in one task over the reduced rows (pairs, histograms: small),
-  which writes decisions and side tables partitioned by shard;
+* ``combine`` in one task over the reduced rows (pairs, histograms), which
+  writes decisions and side tables partitioned by shard (its memory grows
+  with the pairs: ``docs/scale.md``);
 * ``decide_rows`` per shard, when the stage keeps a rule (a score cut).
 
-The driver holds the stage (config plus learned state: centroids, a cut), the
-sample and per-shard counts: nothing that grows with the rows.
+The driver holds the stage (config plus small learned state: a cut) and
+per-shard counts: nothing that grows with the rows. Learned arrays that grow
+with the data (centroids) are files under ``_work/fit/<stage>/learned/``,
+read by each task that needs them, never a task argument.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 import json
+import re
 import time
+import uuid
 
 import numpy as np
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.shards import to_arrow
-from pairforge.pipeline import batchfile
+from pairforge.pipeline import batchfile, taskmem
 from pairforge.pipeline.engine import RunSpec, alive_at, read_decisions, read_fit_rows
 from pairforge.stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
 
@@ -88,11 +95,12 @@ def alive_rows(spec: RunSpec, stage: GlobalStage, shard_id: int) -> Batch:
 def _sample_shard(shard_id: int, spec: RunSpec, stage: GlobalStage, cut: int) -> tuple[int, int]:
     """Leave the shard's alive rows with a key hash below ``cut`` in a file;
     returns (alive rows, sampled rows)."""
-    rows = alive_rows(spec, stage, shard_id)
-    h = key_hashes(rows["key"])
-    pick = take(rows, np.flatnonzero(h < np.uint64(cut)))
-    storage.write_atomic(_sample_dir(spec, stage) / f"{shard_id:08d}.arrow", batchfile.dumps(pick), fsync=False)
-    return len(h), batch_len(pick)
+    with taskmem.measure(spec.out, f"{stage.name}/sample_shard"):
+        rows = alive_rows(spec, stage, shard_id)
+        h = key_hashes(rows["key"])
+        pick = take(rows, np.flatnonzero(h < np.uint64(cut)))
+        storage.write_atomic(_sample_dir(spec, stage) / f"{shard_id:08d}.arrow", batchfile.dumps(pick), fsync=False)
+        return len(h), batch_len(pick)
 
 
 def _sample_dir(spec: RunSpec, stage: GlobalStage):
@@ -103,52 +111,122 @@ def _learn(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
     """In a task: the ``sample_rows`` sampled rows with the smallest key
     hashes, in key order, then ``learn`` on them (k-means over a large sample
     is no work for the driver)."""
-    parts = []
-    for path in sorted(_sample_dir(spec, stage).glob("*.arrow")):
-        parts.append(batchfile.loads(path.read_bytes(), str(path)))
-    sample = concat([p for p in parts if batch_len(p)])
-    limit = int(stage.sample_rows)
-    if batch_len(sample) > limit:
-        sample = take(sample, np.sort(np.argsort(key_hashes(sample["key"]), kind="stable")[:limit]))
-    if batch_len(sample):
-        sample = take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
-    stage.learn(sample)
-    storage.rmtree(_sample_dir(spec, stage))
-    stage._fit_sample_rows = batch_len(sample)
+    with taskmem.measure(spec.out, f"{stage.name}/learn"):
+        parts = []
+        for path in sorted(_sample_dir(spec, stage).glob("*.arrow")):
+            parts.append(batchfile.loads(path.read_bytes(), str(path)))
+        sample = concat([p for p in parts if batch_len(p)])
+        limit = int(stage.sample_rows)
+        if batch_len(sample) > limit:
+            sample = take(sample, np.sort(np.argsort(key_hashes(sample["key"]), kind="stable")[:limit]))
+        if batch_len(sample):
+            sample = take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
+        stage.learn(sample)
+        storage.rmtree(_sample_dir(spec, stage))
+        stage._fit_sample_rows = batch_len(sample)
+        _save_learned(spec, stage)
+        return stage
+
+
+#: a learned array's name (a file name under ``_work/fit/<stage>/learned/<token>/``)
+LEARNED_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+#: this process's learned arrays, read once a fit (by folder)
+_LEARNED: dict[str, dict[str, np.ndarray]] = {}
+
+
+def _learned_folder(spec: RunSpec, stage: GlobalStage, token: str):
+    return layout.fit_dir(spec.out, stage.name) / "learned" / token
+
+
+def _save_learned(spec: RunSpec, stage: GlobalStage) -> None:
+    """Write what ``learn`` fitted that grows with the data
+    (``GlobalStage.learned_arrays``) to the work folder and drop it from the
+    stage, which then names the folder: later steps' tasks read the arrays
+    from there (:func:`_with_learned`), the stage they get stays small."""
+    arrays = stage.learned_arrays()
+    if not arrays:
+        return
+    token = uuid.uuid4().hex
+    folder = _learned_folder(spec, stage, token)
+    for name, arr in arrays.items():
+        if not LEARNED_NAME.fullmatch(name):
+            raise ValueError(f"{stage.name}: learned array name {name!r}: expected 1-64 of A-Z a-z 0-9 _")
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+        storage.write_atomic(folder / f"{name}.npy", buf.getvalue(), fsync=False)
+    stage.use_learned(None)
+    stage.__dict__["_learned"] = (token, tuple(sorted(arrays)))
+
+
+def _with_learned(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
+    """A copy of ``stage`` holding its learned arrays, read from the work
+    folder once per process and fit (numbers only: ``allow_pickle=False``);
+    the caller's stage stays small (in process, it is the driver's)."""
+    got = stage.__dict__.get("_learned")
+    if got is None:
+        return stage
+    stage = copy.copy(stage)
+    token, names = got
+    folder = _learned_folder(spec, stage, token)
+    if str(folder) not in _LEARNED:
+        _LEARNED.clear()  # the arrays of one fit at a time
+        _LEARNED[str(folder)] = {
+            n: np.load(io.BytesIO((folder / f"{_checked(n)}.npy").read_bytes()), allow_pickle=False) for n in names
+        }
+    stage.use_learned(_LEARNED[str(folder)])
     return stage
 
 
+def _checked(name: str) -> str:
+    if not LEARNED_NAME.fullmatch(str(name)):
+        raise ValueError(f"learned array name {name!r}: expected 1-64 of A-Z a-z 0-9 _")
+    return name
+
+
 def _emit_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> Batch:
-    rows = alive_rows(spec, stage, shard_id)
-    out = stage.bucket_rows(rows) if batch_len(rows) else {}
-    return out if batch_len(out) else {"bucket": np.zeros(0, dtype=np.int64)}
+    with taskmem.measure(spec.out, f"{stage.name}/emit_shard"):
+        stage = _with_learned(spec, stage)
+        rows = alive_rows(spec, stage, shard_id)
+        out = stage.bucket_rows(rows) if batch_len(rows) else {}
+        return out if batch_len(out) else {"bucket": np.zeros(0, dtype=np.int64)}
 
 
 def _reduce(rows: Batch, spec: RunSpec, stage: GlobalStage) -> str:
     """One bucket's reduction, left in a file: the combine task reads it, so
     reduced rows never pass through the driver. Returns the file's name in
     ``reduced_dir``."""
-    out = stage.reduce_bucket(rows)
-    bucket = int(np.asarray(rows["bucket"])[0])
-    path = layout.reduced_dir(spec.out, stage.name) / f"{bucket:08d}.arrow"
-    storage.write_atomic(path, batchfile.dumps(out), fsync=False)
-    return path.name
+    with taskmem.measure(spec.out, f"{stage.name}/reduce"):
+        out = _with_learned(spec, stage).reduce_bucket(rows)
+        bucket = int(np.asarray(rows["bucket"])[0])
+        path = layout.reduced_dir(spec.out, stage.name) / f"{bucket:08d}.arrow"
+        storage.write_atomic(path, batchfile.dumps(out), fsync=False)
+        return path.name
 
 
-def _combine(names: list[str], spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
-    folder = layout.reduced_dir(spec.out, stage.name)
-    reduced = []
-    for name in sorted(names):  # bucket order, whatever order the reducers finished in
-        reduced.append(batchfile.loads((folder / name).read_bytes(), str(folder / name)))
-    result = stage.combine(concat([r for r in reduced if batch_len(r)]))
-    storage.rmtree(folder)
-    return stage, store_result(spec, stage, result, shards=None)
+def _combine(spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
+    """``combine`` over every reduced bucket's file (listed here, not handed
+    over: the argument stays the same size however many buckets there are)."""
+    with taskmem.measure(spec.out, f"{stage.name}/combine"):
+        folder = layout.reduced_dir(spec.out, stage.name)
+        names = [p.name for p in folder.iterdir() if p.name.endswith(".arrow")] if folder.exists() else []
+        reduced = []
+        for name in sorted(names):  # bucket order, whatever order the reducers finished in
+            reduced.append(batchfile.loads((folder / name).read_bytes(), str(folder / name)))
+        stage = _with_learned(spec, stage)
+        result = stage.combine(concat([r for r in reduced if batch_len(r)]))
+        storage.rmtree(folder)
+        counts = store_result(spec, stage, result, shards=None)
+        if "_learned" in stage.__dict__:
+            stage.use_learned(None)  # the stage goes back to the driver, and on to decide_rows: small
+        return stage, counts
 
 
 def _decide_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> dict:
-    rows = alive_rows(spec, stage, shard_id)
-    result = stage.decide_rows(rows) if batch_len(rows) else FitResult()
-    return store_result(spec, stage, result, shards=[shard_id], merge=True)
+    with taskmem.measure(spec.out, f"{stage.name}/decide_shard"):
+        stage = _with_learned(spec, stage)
+        rows = alive_rows(spec, stage, shard_id)
+        result = stage.decide_rows(rows) if batch_len(rows) else FitResult()
+        return store_result(spec, stage, result, shards=[shard_id], merge=True)
 
 
 def store_result(spec: RunSpec, stage: GlobalStage, result: FitResult, shards, merge: bool = False) -> dict:
@@ -227,9 +305,9 @@ def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: li
         stage = launcher.call(_learn, spec, stage)
         info["sample_rows"] = stage.__dict__.pop("_fit_sample_rows", None)
         t = lap("learn", t)
-    reduced = launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage)
+    launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage)
     t = lap("bucket_and_reduce", t)
-    stage, counts = launcher.call(_combine, reduced, spec, stage)
+    stage, counts = launcher.call(_combine, spec, stage)
     t = lap("combine", t)
     if stage.has_decide_rows():
         for c in launcher.map(_decide_shard, shard_ids, spec=spec, stage=stage):

@@ -16,7 +16,7 @@ from pairforge.manifests import layout, storage
 from pairforge.manifests.manifest import build_manifest, write_manifest, write_sizes
 from pairforge.manifests.redact import redact_text
 from pairforge.manifests.shards import read_stats
-from pairforge.pipeline import engine, outcome, retrypass, workdir
+from pairforge.pipeline import chunks, engine, outcome, retrypass, workdir
 from pairforge.pipeline.checks import check_job, check_ray_address
 from pairforge.pipeline.checks_urls import input_warnings
 from pairforge.pipeline.config import JobConfig, resolve_stages, to_dict
@@ -26,7 +26,7 @@ from pairforge.pipeline.progress import ProgressTracker
 from pairforge.pipeline.reader import input_files, read_index, split_input
 from pairforge.pipeline.services import Services
 from pairforge.stages import stage_class
-from pairforge.stages.base import Stage, StageError
+from pairforge.stages.base import Stage, StageError, batch_len
 
 
 class JobError(RuntimeError):
@@ -196,7 +196,14 @@ def run_job(
             _log(f"resume: removed {len(stale)} temporary file(s) an interrupted write left")
     shard_ids = sorted(index.shard_rows)
     stages, shard_stage = instantiate(job)
-    spec = RunSpec(out if storage.is_object(out) else str(out), tuple(stages), shard_stage, index.samples_per_shard)
+    spec = RunSpec(
+        out if storage.is_object(out) else str(out),
+        tuple(stages),
+        shard_stage,
+        index.samples_per_shard,
+        checkpoint_rows=job.output.checkpoint_rows,
+        checkpoint_seconds=job.output.checkpoint_seconds,
+    )
     written = [s for s in shard_ids if resume and read_stats(out, s) is not None]
     have_fit = {s for s in shard_ids if engine.rows_mark(out, s, images=False) is not None}
     waiting = [s for s in shard_ids if s not in written and engine.rows_mark(out, s) is not None]
@@ -205,11 +212,18 @@ def run_job(
         lost = [s for s in written if s not in have_fit]
         written = [s for s in written if s not in lost]
         todo = sorted(todo + lost)
+    saved = []  # the chunks unfinished shards saved before a kill: their rows are not fetched again
     for s in todo:
-        engine.clear_rows(out, s)
+        if not resume or layout.rows_done(out, s).exists():  # a written shard's parts have lost their images
+            engine.clear_rows(out, s)
+        else:
+            records, _ = chunks.saved_parts(out, s)
+            if batch_len(records):
+                saved.append(records)
+    saved_rows = sum(int(r["rows"].sum()) for r in saved)
     _log(
         f"{index.total_rows} rows in {len(shard_ids)} shards; {len(todo)} to run, {len(waiting)} with rows done, "
-        f"{len(written)} already written"
+        f"{len(written)} already written" + (f"; {saved_rows} rows of the shards to run were saved" if saved else "")
     )
     runner, launcher = _runner(job)
     ray_info: dict = {"runner": "local"}
@@ -226,10 +240,16 @@ def run_job(
         if todo:
             tracker = ProgressTracker(spec, {s: index.shard_rows[s] for s in todo}, every=progress_every)
             try:
-                runner.run_rows(spec, todo, tracker)
+                for records in saved:
+                    tracker.add(records)
+                whole = set(tracker.finished)  # every row saved before the kill, only the mark missing
+                run = [s for s in todo if s not in whole]
+                if run:
+                    runner.run_rows(spec, run, tracker)
             finally:
                 tracker.close()
-            missing = [s for s in todo if s not in tracker.finished]
+            done = set(tracker.finished)
+            missing = [s for s in todo if s not in done]
             if missing:
                 raise JobError(f"input shards {missing[:5]} did not finish their per-row pass; rerun with --resume")
         rows_seconds = time.perf_counter() - t_rows
@@ -277,6 +297,7 @@ def run_job(
         "retry_seconds": round(retry_seconds, 3),
         "resumed_shards": len(written),
         "resumed_rows_shards": len(waiting),
+        "resumed_saved_rows": saved_rows,
     }
     manifest = build_manifest(
         out,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pairforge.pipeline import engine
+from pairforge.pipeline import chunks, engine
 from pairforge.pipeline.engine import RowsTracker, RunSpec
 from pairforge.pipeline.fit import key_hashes
 from pairforge.stages.base import (
@@ -44,10 +44,11 @@ def run_rows(spec: RunSpec, shard_ids: list[int], tracker: RowsTracker, only: di
         st.setup()
     try:
         for sid in shard_ids:
-            batch = engine.read_input(spec, sid, only[sid] if only else None)
-            for st in spec.stages:
-                batch = map_stage(st, batch)
-            tracker.add(engine.save_rows(batch, spec))
+            rows, saved = chunks.pending_input(spec, sid, only[sid] if only else None)
+            if batch_len(saved):
+                tracker.add(saved)
+            for chunk in chunks.checkpoints(spec, rows, spec.stages, map_stage):
+                tracker.add(engine.save_rows(chunk, spec))
     finally:
         for st in spec.stages:
             st.teardown()

@@ -9,7 +9,7 @@
   (a model, on an actor pool sized by its ``Resources``, named after the
   stage) sits in between. Its ``cpu_prepare`` runs in CPU tasks ahead of it.
 * **fits**: :class:`RayLauncher` runs ``pipeline.fit``'s per-shard steps as
-  Ray tasks, its shuffle as a Ray Data ``groupby`` of the small emitted rows,
+  Ray tasks, its shuffle through files in plain tasks (``pipeline.shuffle``),
   and ``combine`` as one task.
 * **write**: one task per output shard.
 
@@ -27,19 +27,25 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.data.context import ShuffleStrategy
 
-from pairforge.pipeline import engine
+from pairforge.manifests import storage
+from pairforge.pipeline import chunks, engine, shuffle, taskmem
 from pairforge.pipeline.engine import RowsTracker, RunSpec
 from pairforge.pipeline.fit import Launcher
-from pairforge.stages.base import TIMING_PREFIX, Batch, Stage, batch_len, concat, run_stage_batch, take
+from pairforge.stages.base import TIMING_PREFIX, Batch, GlobalStage, Stage, batch_len, concat, run_stage_batch, take
 
 #: tasks in flight per launcher map (the driver holds their refs, nothing else)
 MAX_IN_FLIGHT = 1000
-#: most hash partitions of a fit's shuffle (Ray Data's default is 200)
-SHUFFLE_PARTITIONS = 200
-#: the largest pickled task argument this process submitted (``bench/scale.py`` reports it)
-ARG_BYTES = {"max": 0}
+#: input rows per partition of a fit's shuffle: the partitions grow with the rows, so a reduce
+#: task's memory does not (about 600 B an emitted row of the dedup stages: ~60 MB a task)
+PARTITION_ROWS = 100_000
+#: most partitions of a fit's shuffle: each emit task writes this many offsets, each reduce task
+#: reads a slice of every shard's file
+SHUFFLE_PARTITIONS = 4096
+#: the largest pickled task argument this process submitted, overall and per step
+#: (``bench/scale.py`` reports them); a step's arguments shared through the
+#: object store (``ray.put`` once, fetched by every task) count as its own
+ARG_BYTES: dict = {"max": 0, "steps": {}}
 
 _READY: dict[tuple, Stage] = {}
 
@@ -67,14 +73,38 @@ def run_chunked(stage: Stage, batch: Batch) -> Batch:
 
 
 def _segment(batch: dict, spec: RunSpec, stages: tuple[Stage, ...], read: bool, save: bool) -> Batch:
-    """A run of task stages over one block (with ``read``: over the input
-    shards named in it), then, with ``save``, its rows to part files."""
-    if read:
-        keys = batch["keys"] if "keys" in batch else [None] * len(batch["sid"])
-        batch = concat([engine.read_input(spec, int(s), _keys(k)) for s, k in zip(batch["sid"], keys)])
-    for st in stages:
-        batch = run_chunked(ready(st), batch)
-    return engine.save_rows(batch, spec) if save else batch
+    """A run of task stages over one block, then, with ``save``, its rows to
+    part files. With ``read``, over the rows of the input shards named in
+    the block that no saved part holds yet; with ``read`` and ``save`` (every
+    per-row stage in this task), in chunks (``engine.checkpoints``), each
+    saved as it is done, so a kill loses only the chunk in flight. Returns
+    the records of every part of those shards, the earlier ones too (the
+    driver's tracker counts a part once): one batch at the end, so a task
+    Ray retries reports its shard whole or not at all."""
+    with taskmem.measure(spec.out, "rows"):
+        return _run_segment(batch, spec, stages, read, save)
+
+
+def _run_segment(batch: dict, spec: RunSpec, stages: tuple[Stage, ...], read: bool, save: bool) -> Batch:
+    if not read:
+        for st in stages:
+            batch = run_chunked(ready(st), batch)
+        return engine.save_rows(batch, spec) if save else batch
+    keys = batch["keys"] if "keys" in batch else [None] * len(batch["sid"])
+    out = []
+    for sid, k in zip(batch["sid"], keys):
+        rows, saved = chunks.pending_input(spec, int(sid), _keys(k))
+        if not save:  # an actor stage comes next: the shard's rows go on in one block
+            for st in stages:
+                rows = run_chunked(ready(st), rows)
+            out.append(rows)
+            continue
+        out.append(saved)
+        out.extend(
+            engine.save_rows(c, spec) for c in chunks.checkpoints(spec, rows, [ready(st) for st in stages], run_chunked)
+        )
+    full = [b for b in out if batch_len(b)]
+    return concat(full) if full else out[-1]
 
 
 class _StageActor:
@@ -96,8 +126,17 @@ def _cpu_prepare(batch: Batch, stage: Stage) -> Batch:
     return stage.cpu_prepare(batch)
 
 
-def _note_args(*objs) -> None:
-    ARG_BYTES["max"] = max(ARG_BYTES["max"], len(pickle.dumps(objs, protocol=5)))
+def _note_args(step: str, *objs) -> None:
+    size = len(pickle.dumps(objs, protocol=5))
+    ARG_BYTES["max"] = max(ARG_BYTES["max"], size)
+    steps = ARG_BYTES.setdefault("steps", {})
+    steps[step] = max(steps.get(step, 0), size)
+
+
+def _step(fn, kwargs: dict) -> str:
+    """A fit step's name for the figures: the stage's and the function's."""
+    stage = kwargs.get("stage") or (kwargs.get("kw") or {}).get("stage")
+    return f"{stage.name}/{fn.__name__.lstrip('_')}" if stage is not None else fn.__name__.lstrip("_")
 
 
 def segments(stages) -> list[tuple[bool, tuple[Stage, ...]]]:
@@ -145,7 +184,7 @@ def map_on_actors(ds: "ray.data.Dataset", st: Stage, timing: bool = True) -> "ra
         max_concurrent_calls_per_actor=calls if calls > 1 else None,
         enable_true_multi_threading=calls > 1,
     )
-    _note_args(st)
+    _note_args(f"rows/{st.name}", st)
     return ds.map_batches(
         _actor_class(st),
         fn_constructor_kwargs={"stage": st, "timing": timing},
@@ -192,7 +231,7 @@ def rows_dataset(spec: RunSpec, shard_ids: list[int], only: dict | None = None) 
 
 def _kw(spec: RunSpec, stages, read: bool, save: bool) -> dict:
     kw = {"spec": spec, "stages": tuple(stages), "read": read, "save": save}
-    _note_args(kw)
+    _note_args("rows", kw)
     return kw
 
 
@@ -221,16 +260,9 @@ def _call(fn, item, kwargs):
     return fn(item, **ray.get(kwargs)) if isinstance(kwargs, ray.ObjectRef) else fn(item, **kwargs)
 
 
-def _emit_rows(batch: dict, fn, kwargs) -> Batch:
-    return concat([_call(fn, int(s), kwargs) for s in batch["sid"]]) or {"bucket": np.zeros(0, np.int64)}
-
-
-def _reduce_rows(rows: Batch, fn, kwargs) -> dict:
-    return {"path": np.array([_call(fn, rows, kwargs)], dtype=object)}
-
-
 def _local_shuffle(emit, reduce, items, **kwargs) -> list:
-    return Launcher().shuffle(emit, reduce, items, **kwargs)
+    with taskmem.measure(kwargs["spec"].out, f"{kwargs['stage'].name}/local_shuffle"):
+        return Launcher().shuffle(emit, reduce, items, **kwargs)
 
 
 class RayLauncher(Launcher):
@@ -240,12 +272,13 @@ class RayLauncher(Launcher):
     def __init__(self, num_cpus: float = 1.0, small_fit_shards: int = 32):
         self.num_cpus = num_cpus
         #: fits over at most this many shards group their rows in one task
-        #: (tens of MB of fit rows) instead of a Ray Data shuffle
+        #: (tens of MB of fit rows) instead of a shuffle through files
         self.small_fit_shards = small_fit_shards
 
     def map(self, fn, items: list, **kwargs) -> list:
         ref = ray.put(kwargs)
-        _note_args(fn, items[:1], ref)
+        _note_args(_step(fn, kwargs), fn, items[:1], ref)
+        _note_args(_step(fn, kwargs), kwargs)  # what every task fetches
         task = ray.remote(num_cpus=self.num_cpus)(_call)
         out: dict[Any, int] = {}
         results: list = [None] * len(items)
@@ -263,31 +296,28 @@ class RayLauncher(Launcher):
         return results
 
     def call(self, fn, *args, **kwargs):
-        _note_args(fn, args, kwargs)
+        stage = next((a for a in args if isinstance(a, GlobalStage)), kwargs.get("stage"))
+        _note_args(_step(fn, {"stage": stage}), fn, args, kwargs)
         return ray.get(ray.remote(num_cpus=self.num_cpus)(fn).remote(*args, **kwargs))
 
     def shuffle(self, emit, reduce, items: list, **kwargs) -> list:
         if not items:
             return []
-        if len(items) <= self.small_fit_shards:  # one task: a Ray Data shuffle costs seconds to start
+        if len(items) <= self.small_fit_shards:  # one task: a shuffle costs seconds to start
             return self.call(_local_shuffle, emit, reduce, items, **kwargs)
-        ref = ray.put(kwargs)
-        ds = ray.data.from_items([{"sid": s} for s in items], override_num_blocks=len(items))
-        ds = ds.map_batches(_emit_rows, fn_kwargs={"fn": emit, "kwargs": ref}, batch_size=1, batch_format="numpy")
-        # partitions: enough to spread the reducers, few enough that a small fit is not all overhead
-        parts = max(1, min(SHUFFLE_PARTITIONS, len(items), int(ray.cluster_resources().get("CPU", 1)) * 4))
-        ctx = ray.data.DataContext.get_current()
-        before = ctx.shuffle_strategy
-        # the sort-based shuffle: Ray 2.60's hash shuffle starts aggregator
-        # actors for every groupby (3-6 s a fit here, against 0.4 s)
-        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        # partitions: enough to spread the reducers and bound each one's rows, no more than the shards
+        rows = len(items) * kwargs["spec"].samples_per_shard
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        parts = max(1, min(SHUFFLE_PARTITIONS, len(items), max(cpus * 4, -(-rows // PARTITION_ROWS))))
+        base = shuffle.folder(kwargs["spec"], kwargs["stage"])
+        storage.rmtree(base)
         try:
-            red = ds.groupby("bucket", num_partitions=parts).map_groups(
-                _reduce_rows, fn_kwargs={"fn": reduce, "kwargs": ref}, batch_format="numpy"
-            )
-            return [str(p) for b in red.iter_batches(batch_format="numpy", batch_size=None) for p in b["path"]]
+            self.map(shuffle.emit_parts, items, emit=emit, kw=kwargs, parts=parts)
+            # every reduce task lists the shards' files itself: no list of shards in its argument
+            done = self.map(shuffle.reduce_part, list(range(parts)), reduce=reduce, kw=kwargs, parts=parts)
         finally:
-            ctx.shuffle_strategy = before
+            storage.rmtree(base)
+        return [r for rs in done for r in rs]
 
 
 def write_shards(spec: RunSpec, shard_ids: list[int]) -> list[dict]:
@@ -296,4 +326,5 @@ def write_shards(spec: RunSpec, shard_ids: list[int]) -> list[dict]:
 
 
 def _write_one(shard_id: int, spec: RunSpec) -> dict:
-    return engine.write_output_shard(spec, shard_id)
+    with taskmem.measure(spec.out, "write"):
+        return engine.write_output_shard(spec, shard_id)

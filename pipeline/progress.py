@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter
 
+import numpy as np
 import pyarrow.compute as pc
 
 from pairforge.manifests import layout, storage
@@ -80,7 +81,8 @@ class ProgressTracker(RowsTracker):
         self._beat.start()
 
     def add(self, records) -> None:
-        super().add(records)
+        new = super().add(records)
+        records = {k: np.asarray(v)[new] for k, v in records.items()}
         n = int(sum(int(r) for r in records["rows"]))
         with self._lock:
             self.done += n

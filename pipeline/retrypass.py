@@ -22,6 +22,7 @@ valid. A mark that says ``retried`` is never retried again, on a resume too.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import numpy as np
@@ -60,7 +61,7 @@ def plan(spec: RunSpec, shard_ids: list[int]) -> dict[int, list[str]]:
 
 
 def retry_spec(spec: RunSpec) -> RunSpec:
-    return RunSpec(spec.out, tuple(s.for_retry() for s in spec.stages), spec.shard_stage, spec.samples_per_shard)
+    return dataclasses.replace(spec, stages=tuple(s.for_retry() for s in spec.stages))
 
 
 class Parts:

@@ -52,7 +52,9 @@ def job_record(job: JobConfig) -> dict:
     rec = to_dict(job)
     for key in ("ray", "runner", "storage"):
         rec.pop(key, None)
-    rec["output"] = {k: v for k, v in rec["output"].items() if k != "dir"}
+    # the checkpoint grain is how rows are saved, not which: a resume may change it
+    how = ("dir", "checkpoint_rows", "checkpoint_seconds")
+    rec["output"] = {k: v for k, v in rec["output"].items() if k not in how}
     return json.loads(json.dumps(redact(rec), default=str))
 
 

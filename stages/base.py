@@ -342,7 +342,11 @@ class GlobalStage(Stage):
 
     1. ``learn(sample)``: optional, when ``sample_rows`` > 0: fit state on a
        sample of rows chosen by a hash of their key (k-means centroids, a
-       score window). The state travels with the stage to every later step.
+       score window). Small state travels with the stage to every later
+       step; arrays that grow with the data (centroids) are
+       ``learned_arrays``: the fit writes them to the work folder after
+       ``learn`` and each task reads them back (``use_learned``), so no
+       task argument grows with the dataset.
     2. ``bucket_rows(rows)``: per input shard, rows with an int ``bucket``
        column; rows sharing a bucket meet in one ``reduce_bucket`` call.
     3. ``reduce_bucket(rows)``: per bucket, a small result (pairs, counts).
@@ -366,6 +370,16 @@ class GlobalStage(Stage):
 
     def learn(self, sample: Batch) -> None:
         """Fit state on a sample of alive fit rows (see the class doc)."""
+
+    def learned_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays ``learn`` fitted that grow with the data, by name
+        (``[A-Za-z0-9_]``): written to the work folder (``.npy``, no
+        pickle), then dropped from the stage. Default: none."""
+        return {}
+
+    def use_learned(self, arrays: dict[str, np.ndarray] | None) -> None:
+        """Hold the arrays ``learned_arrays`` gave (read back in a task), or
+        drop them (``None``) before the stage travels."""
 
     def bucket_rows(self, rows: Batch) -> Batch:
         raise NotImplementedError

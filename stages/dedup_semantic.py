@@ -6,7 +6,10 @@ stores.
   by a hash of the key and ordered by key, so the centroids do not depend on
   the order rows arrive in).
 * ``bucket_rows``: each row goes to the bucket of its nearest centroid (or its
-  ``probes`` nearest, to also catch pairs split by a cluster border).
+  ``probes`` nearest, to also catch pairs split by a cluster border); with
+  many clusters, in two levels (coarse centroids first, ``coarse_probes``).
+  The centroids are files in the work folder (``learned_arrays``), read by
+  each task, not an argument that grows with the dataset.
 * ``reduce_bucket``: all pairs of one cluster with cosine similarity
   ``> 1 - eps``, computed block by block.
 * ``combine``: connected components over those pairs, one survivor per
@@ -28,8 +31,17 @@ import numpy as np
 
 from pairforge.stages.base import Batch, Column, FitResult, GlobalStage, Resources, batch_len, object_array
 from pairforge.stages.common import dedup as dd
-from pairforge.stages.common.knn import nearest_cells, spherical_kmeans, unit_rows
+from pairforge.stages.common.knn import (
+    coarse_cells,
+    nearest_cells,
+    nearest_cells_two_level,
+    spherical_kmeans,
+    unit_rows,
+)
 from pairforge.stages.options import options
+
+#: clusters from which rows are assigned in two levels (``coarse_probes``); below, N x k is cheap
+TWO_LEVEL_CELLS = 256
 
 
 @options
@@ -50,6 +62,10 @@ class Config:
     seed: int = 0
     #: which row of a cluster survives: ``largest``, ``first`` or ``clip_score`` (see ``common.dedup.KEEP_POLICIES``)
     keep: str = "largest"
+    #: with ``n_clusters`` >= 256, a row is compared with about sqrt(n_clusters) coarse centroids,
+    #: then with the clusters under its ``coarse_probes`` nearest (about N x sqrt(k) products, not
+    #: N x k); 0: with every centroid
+    coarse_probes: int = 8
 
 
 class SemanticDedupStage(GlobalStage):
@@ -63,9 +79,13 @@ class SemanticDedupStage(GlobalStage):
         for name in ("n_clusters", "probes", "kmeans_iters", "fit_sample"):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(config, name)!r}")
+        if config.coarse_probes < 0:
+            raise ValueError(f"coarse_probes: expected >= 0, got {config.coarse_probes!r}")
         dd.check_keep(config.keep)
         self.fit_columns = dd.fit_columns_for(config.keep, config.column)
         self.centroids: np.ndarray | None = None
+        #: coarse centroids and the coarse cell of each centroid (two-level assignment), or None
+        self.coarse: tuple[np.ndarray, np.ndarray] | None = None
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
@@ -99,6 +119,21 @@ class SemanticDedupStage(GlobalStage):
         self.centroids = spherical_kmeans(
             emb[order], self.config.n_clusters, self.config.kmeans_iters, self.config.seed
         )
+        two_level = self.config.coarse_probes and len(self.centroids) >= TWO_LEVEL_CELLS
+        self.coarse = coarse_cells(self.centroids, self.config.seed) if two_level else None
+
+    def learned_arrays(self) -> dict[str, np.ndarray]:
+        if self.centroids is None:
+            return {}
+        out = {"centroids": self.centroids}
+        if self.coarse is not None:
+            out["coarse"], out["coarse_of"] = self.coarse
+        return out
+
+    def use_learned(self, arrays: dict[str, np.ndarray] | None) -> None:
+        arrays = arrays or {}
+        self.centroids = arrays.get("centroids")
+        self.coarse = (arrays["coarse"], arrays["coarse_of"]) if "coarse" in arrays else None
 
     def bucket_rows(self, batch: Batch) -> Batch:
         if self.centroids is None:
@@ -107,7 +142,10 @@ class SemanticDedupStage(GlobalStage):
         idx = np.flatnonzero(valid)
         emb = emb[idx]
         probes = min(self.config.probes, len(self.centroids))
-        near, _ = nearest_cells(emb, self.centroids, probes)  # (n, probes), float64: the same side in any batch
+        if self.coarse is not None:
+            near, _ = nearest_cells_two_level(emb, self.centroids, *self.coarse, probes, self.config.coarse_probes)
+        else:
+            near, _ = nearest_cells(emb, self.centroids, probes)  # (n, probes), float64: the same side in any batch
         rows = np.repeat(idx, probes)
         prio = dd.row_priority(batch, self.config.keep)
         return {

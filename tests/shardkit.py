@@ -44,10 +44,11 @@ def rows(n: int, shard_id: int = 0, rejected: dict[int, str] | None = None, emb_
     return out
 
 
-def fit_on_ray(stage, rows: dict, out, width: int) -> dict:
-    """Fit a global stage with the Ray launcher over fit files laid out as a
-    run would leave them: rows go to shard ``int(key[:-width])``. Returns the
-    dropped rows (key order), like ``pipeline.local.fit_global``."""
+def fit_on_ray(stage, rows: dict, out, width: int, launcher=None) -> dict:
+    """Fit a global stage with the Ray launcher (or ``launcher``) over fit
+    files laid out as a run would leave them: rows go to shard
+    ``int(key[:-width])``. Returns the dropped rows (key order), like
+    ``pipeline.local.fit_global``."""
     import json
 
     import pyarrow.parquet as pq
@@ -75,10 +76,13 @@ def fit_on_ray(stage, rows: dict, out, width: int) -> dict:
         part = take(rows, np.flatnonzero(sids == sid))
         folder = layout.rows_dir(out, int(sid))
         folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(to_arrow(part, [c for c in spec.fit_columns if c in part], spec.schema), folder / "p.fit.parquet")
+        pq.write_table(
+            to_arrow(part, [c for c in spec.fit_columns if c in part], spec.schema), folder / "p.fit.parquet"
+        )
         layout.rows_done(out, int(sid)).write_text(json.dumps({"rows": int(np.sum(sids == sid)), "parts": ["p"]}))
     # small_fit_shards=0: through the Ray Data shuffle, as a large run would
-    run_fit(RayLauncher(small_fit_shards=0), spec, stage, [int(s) for s in np.unique(sids)], n)
+    launcher = launcher if launcher is not None else RayLauncher(small_fit_shards=0)
+    run_fit(launcher, spec, stage, [int(s) for s in np.unique(sids)], n)
     dec = concat([read_decisions(spec, stage.name, int(s)) for s in np.unique(sids)])
     if not dec:
         return {}

@@ -1,12 +1,12 @@
 """Resume at the granularity of input shards: a driver killed with SIGKILL
 half-way through the per-row pass, then ``--resume``, downloads only the
-input shards that had not finished (counted at the local HTTP server) and
-writes the same bytes as an uninterrupted run."""
+rows of input shards that had not finished (counted at the local HTTP
+server) and writes the same bytes as an uninterrupted run. The grain within
+a shard is ``tests/test_resume_chunks.py``'s."""
 
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pyarrow as pa
@@ -20,7 +20,7 @@ from pairforge.pipeline.config import load_job
 from pairforge.pipeline.engine import rows_mark
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.pipeline.job import run_job
-from pairforge.pipeline.raystart import loopback_env
+from tests.killkit import kill_session, start_driver
 from tests.shardkit import jpeg
 
 pytestmark = pytest.mark.slow
@@ -40,20 +40,6 @@ def _job_dict(urls_path, out: str) -> dict:
     }
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver, then whatever it started (its local Ray), by session id."""
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.split("\n")
-    for line in ps:
-        parts = line.split()
-        if len(parts) == 2 and int(parts[1]) == proc.pid:
-            try:
-                os.kill(int(parts[0]), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def _routes() -> dict:
     n = SHARDS * PER_SHARD  # copies at other URLs, so the global stage has work across shards
     return {f"/{i}.jpg": Route(jpeg(i % (n // 2)), "image/jpeg", delay=0.15) for i in range(n)}
@@ -65,25 +51,7 @@ def _start_driver(tmp_path, server, stderr) -> subprocess.Popen:
     urls = [server.url(f"/{i}.jpg") for i in range(n)]
     pq.write_table(pa.table({"url": urls, "caption": [f"c {i % 7}" for i in range(n)]}), tmp_path / "urls.parquet")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "cut"))))
-    env = {**os.environ, **loopback_env(), "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pairforge.cli", "run", str(tmp_path / "job.yaml")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-        text=True,
-        start_new_session=True,
-        preexec_fn=_default_sigint,
-    )
-
-
-def _default_sigint() -> None:
-    """In the child: SIGINT as a terminal delivers it. Earlier tests of the
-    session can leave the pytest process with SIGINT blocked or ignored, and
-    a child inherits both (a Python started with SIGINT ignored never raises
-    KeyboardInterrupt)."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return start_driver(tmp_path / "job.yaml", stderr)
 
 
 def test_sigkill_half_way_then_resume_downloads_only_the_rest(tmp_path, ray_local):
@@ -97,7 +65,7 @@ def test_sigkill_half_way_then_resume_downloads_only_the_rest(tmp_path, ray_loca
                     break
                 time.sleep(0.05)
         finally:
-            _kill_session(proc)
+            kill_session(proc)
         finished = [s for s in range(SHARDS) if rows_mark(cut, s) is not None]
         assert SHARDS // 2 <= len(finished) < SHARDS, (finished, (tmp_path / "driver.log").read_text()[-2000:])
         assert not layout.manifest_json(cut).exists()
@@ -106,7 +74,8 @@ def test_sigkill_half_way_then_resume_downloads_only_the_rest(tmp_path, ray_loca
         man = run_job(load_job(tmp_path / "job.yaml"), resume=True)
         resumed_hits = sum(server.hits.values()) - before
         assert man["timing"]["resumed_rows_shards"] == len(finished)
-        assert resumed_hits == (SHARDS - len(finished)) * PER_SHARD  # only the unfinished shards
+        # only the unfinished shards' rows, less those a shard saved before its mark was written
+        assert resumed_hits == (SHARDS - len(finished)) * PER_SHARD - man["timing"]["resumed_saved_rows"]
 
         run_job(load_job(_job_dict(tmp_path / "urls.parquet", str(tmp_path / "full"))))
     full = tmp_path / "full"
@@ -133,7 +102,7 @@ def test_sigint_stops_cleanly_and_resume_cleans_up(tmp_path, ray_local):
         try:
             _, err = proc.communicate(timeout=60)
         finally:
-            _kill_session(proc) if proc.poll() is None else None
+            kill_session(proc) if proc.poll() is None else None
         assert proc.returncode == 130, err[-3000:]
         last = [line for line in err.splitlines() if line.startswith("pairforge:")]
         assert last and "interrupted" in last[-1] and "--resume" in last[-1], err[-3000:]

@@ -38,7 +38,20 @@ from pairforge.stages.common.exact_search import _torch_device, best_partners, u
 
 #: rows per float64 product with the centroids
 CELL_CHUNK = 1 << 15
-__all__ = ["unit_rows", "best_partners", "spherical_kmeans", "nearest_cells", "members", "ivf_search", "calibrate"]
+#: k-means assigns its rows in blocks of at most this many similarities (rows x cells), so the
+#: learn task's memory does not grow with the cell count; below it, in one product (as before)
+KMEANS_BLOCK = 1 << 24
+__all__ = [
+    "unit_rows",
+    "best_partners",
+    "spherical_kmeans",
+    "nearest_cells",
+    "coarse_cells",
+    "nearest_cells_two_level",
+    "members",
+    "ivf_search",
+    "calibrate",
+]
 
 
 def spherical_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, device: str = "cpu") -> np.ndarray:
@@ -61,7 +74,7 @@ def spherical_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, devi
         assign_of = lambda c: torch.argmax(xp @ torch.from_numpy(c).to(tdev).T, dim=1).cpu().numpy()  # noqa: E731
     else:
         sims_to = lambda i: x @ x[i]  # noqa: E731
-        assign_of = lambda c: np.argmax(x @ c.T, axis=1)  # noqa: E731
+        assign_of = lambda c: _argmax_products(x, c)  # noqa: E731
     rng = np.random.default_rng(seed)
     picks = [int(rng.integers(n))]
     dist = np.maximum(0.0, 1.0 - sims_to(picks[0])).astype(np.float64)
@@ -85,6 +98,65 @@ def spherical_kmeans(x: np.ndarray, k: int, iters: int = 20, seed: int = 0, devi
             break
         centroids = new
     return centroids
+
+
+def _argmax_products(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``argmax(x @ c.T, axis=1)``, in blocks of rows when the product would
+    hold more than :data:`KMEANS_BLOCK` similarities."""
+    rows = max(1, KMEANS_BLOCK // max(1, len(c)))
+    if len(x) <= rows:
+        return np.argmax(x @ c.T, axis=1)
+    return np.concatenate([np.argmax(x[lo : lo + rows] @ c.T, axis=1) for lo in range(0, len(x), rows)])
+
+
+def coarse_cells(centroids: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """About ``sqrt(k)`` coarse centroids over ``k`` fine ones (spherical
+    k-means of the centroids), and the coarse cell of each fine cell: what
+    :func:`nearest_cells_two_level` searches through."""
+    k = len(centroids)
+    coarse = spherical_kmeans(np.asarray(centroids, dtype=np.float32), int(np.ceil(np.sqrt(k))), 20, seed)
+    owner, _ = nearest_cells(centroids, coarse, 1)
+    return coarse, owner[:, 0]
+
+
+def nearest_cells_two_level(
+    x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, owner: np.ndarray, probes: int, coarse_probes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`nearest_cells` among the fine cells of each row's
+    ``coarse_probes`` nearest coarse cells (:func:`coarse_cells`): about
+    ``n x (sqrt(k) + coarse_probes x sqrt(k))`` products instead of
+    ``n x k``. Approximate: a row whose nearest cell sits under a coarse
+    cell it did not probe gets the best of those it did (recall measured in
+    ``tests/test_dedup_semantic.py``); a row and its near copy compute the
+    same nearly equal products, so they land together either way. Float64
+    products, ties to the smaller id, as :func:`nearest_cells`."""
+    n, k = len(x), len(centroids)
+    probes = max(1, min(probes, k))
+    ids, sims = np.full((n, probes), -1, dtype=np.int64), np.full((n, probes), -np.inf)
+    near, _ = nearest_cells(x, coarse, coarse_probes)
+    row_of = np.repeat(np.arange(n), near.shape[1])
+    by_cell = np.argsort(near.ravel(), kind="stable")
+    cell_starts = np.searchsorted(near.ravel()[by_cell], np.arange(len(coarse) + 1))
+    fine = np.argsort(owner, kind="stable")
+    fine_starts = np.searchsorted(owner[fine], np.arange(len(coarse) + 1))
+    c64 = np.asarray(centroids, dtype=np.float64)
+    for j in range(len(coarse)):
+        rows = row_of[by_cell[cell_starts[j] : cell_starts[j + 1]]]
+        cells = fine[fine_starts[j] : fine_starts[j + 1]]
+        if not len(rows) or not len(cells):
+            continue
+        for lo in range(0, len(rows), CELL_CHUNK):
+            r = rows[lo : lo + CELL_CHUNK]
+            s = np.ascontiguousarray(x[r], dtype=np.float32).astype(np.float64) @ c64[cells].T
+            top = _top_columns(s, min(probes, len(cells)))
+            all_ids = np.concatenate([ids[r], cells[top]], axis=1)
+            all_sims = np.concatenate([sims[r], np.take_along_axis(s, top, axis=1)], axis=1)
+            order = np.lexsort((all_ids, -all_sims), axis=1)[:, :probes]
+            ids[r], sims[r] = np.take_along_axis(all_ids, order, axis=1), np.take_along_axis(all_sims, order, axis=1)
+    short = np.flatnonzero((ids < 0).any(axis=1))  # probed coarse cells that own too few fine ones
+    if len(short):
+        ids[short], sims[short] = nearest_cells(x[short], centroids, probes)
+    return ids, sims
 
 
 def nearest_cells(
