@@ -63,7 +63,9 @@ def test_sigkill_at_half_the_requests_resume_requests_only_unsaved_chunks(tmp_pa
                 time.sleep(0.01)
         finally:
             kill_session(proc)
+        time.sleep(0.5)  # requests the killed driver sent, still in the server's queue, land before the count
         killed_at = _image_hits(server)
+        before = dict(server.hits)
         assert N // 2 <= killed_at < N, (killed_at, (tmp_path / "driver.log").read_text()[-2000:])
         assert not layout.manifest_json(cut).exists()
         finished = [s for s in range(SHARDS) if rows_mark(cut, s) is not None]
@@ -71,10 +73,13 @@ def test_sigkill_at_half_the_requests_resume_requests_only_unsaved_chunks(tmp_pa
 
         man = run_job(load_job(job), resume=True)
         resumed = _image_hits(server) - killed_at
+        again = {p for p, n in server.hits.items() if p.endswith(".jpg") and n > before.get(p, 0)}
         saved = man["timing"]["resumed_saved_rows"]
         assert saved > 0
-        # exactly the rows of no finished shard and no saved chunk, and at most 55% of all
-        assert resumed == N - len(finished) * PER_SHARD - saved, (resumed, finished, saved)
+        # exactly the rows of no finished shard and no saved chunk (a row the
+        # deferred retry tried twice on a loaded machine counts once), and at
+        # most 55% of all requests
+        assert len(again) == N - len(finished) * PER_SHARD - saved, (len(again), resumed, finished, saved)
         assert resumed <= 0.55 * N, (resumed, killed_at)
         print(
             f"killed at {killed_at} of {N} requests; {len(finished)} shards finished, {saved} rows in saved chunks; "
