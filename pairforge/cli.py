@@ -13,6 +13,7 @@ pairforge report DIR [--out DIR] [--pairs N]
 pairforge stages [NAME]
 pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
 pairforge eval SET [--pretrained CKPT] [...]
+pairforge eval-index SET --out DIR [--clip-pretrained W]
 """
 
 from __future__ import annotations
@@ -428,6 +429,10 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="zero-shot accuracy of a model on a labelled image set", add_help=False)
     ev.add_argument("rest", nargs=argparse.REMAINDER)
     ev.set_defaults(fn=lambda a: __import__("pairforge.trainer.eval_cli", fromlist=["main"]).main(a.rest))
+    ei = sub.add_parser("eval-index", help="an evaluation set as a build the dedup stages decontaminate against",
+                        add_help=False)  # fmt: skip
+    ei.add_argument("rest", nargs=argparse.REMAINDER)
+    ei.set_defaults(fn=lambda a: __import__("pairforge.evalindex", fromlist=["main"]).main(a.rest))
     _with_examples(p)
     return p
 
@@ -450,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         from pairforge.trainer.eval_cli import main as eval_main
 
         return int(eval_main(argv[1:]) or 0)
+    if argv[:1] == ["eval-index"]:
+        from pairforge.evalindex import main as index_main
+
+        return int(index_main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
     from pairforge.pipeline.config import ConfigError
     from pairforge.pipeline.job import JobError

@@ -55,21 +55,27 @@ def read_class_names(path: str | Path) -> list[str]:
 
 
 def read_labelled(
-    location: str | Path, label_column: str | None = None, classes: list[str] | None = None, limit: int = 0
+    location: str | Path,
+    label_column: str | None = None,
+    classes: list[str] | None = None,
+    limit: int = 0,
+    need_labels: bool = True,
 ) -> LabelledSet:
     """The labelled set at ``location``: an ImageFolder tree, a ``.parquet``
     file (or a folder of them), or webdataset shards (a run folder, a shard
     folder, ``.tar`` files, a brace pattern). ``classes`` names the labels
     (index order); without it, an ImageFolder's folder names or the sorted
-    distinct string labels are used. ``limit``: at most that many images."""
+    distinct string labels are used. ``limit``: at most that many images.
+    ``need_labels=False`` (decontamination indexes only need the images):
+    images without a label are read too, every label is 0 and no names are checked."""
     text = str(location)
     path = Path(text)
     if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet")) and not _has_tars(path)):
-        out = _read_parquet(path, label_column, classes, limit)
+        out = _read_parquet(path, label_column, classes, limit, need_labels)
     elif path.is_dir() and not _has_tars(path) and any(p.is_dir() for p in path.iterdir()):
         out = _read_image_folder(path, classes, limit)
     else:
-        out = _read_webdataset(text, label_column, classes, limit)
+        out = _read_webdataset(text, label_column, classes, limit, need_labels)
     if not len(out):
         raise LabelledSetError(f"{location}: no labelled images")
     out.source = text
@@ -116,7 +122,9 @@ def _image_value(v, where: str) -> bytes | None:
     return None
 
 
-def _read_parquet(path: Path, label_column: str | None, classes: list[str] | None, limit: int) -> LabelledSet:
+def _read_parquet(
+    path: Path, label_column: str | None, classes: list[str] | None, limit: int, need_labels: bool = True
+) -> LabelledSet:
     import pyarrow.parquet as pq
 
     files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
@@ -124,11 +132,11 @@ def _read_parquet(path: Path, label_column: str | None, classes: list[str] | Non
     for f in files:
         names = pq.read_schema(f).names
         img_col = _pick(names, None, IMAGE_COLUMNS, str(f), "image")
-        lab_col = _pick(names, label_column, LABEL_COLUMNS, str(f), "label")
+        lab_col = _pick(names, label_column, LABEL_COLUMNS, str(f), "label") if need_labels else None
         cap_col = "caption" if "caption" in names else None
         cols = [c for c in (img_col, lab_col, cap_col, "key" if "key" in names else None) if c]
         table = pq.read_table(f, columns=cols).to_pydict()
-        for i, (img, lab) in enumerate(zip(table[img_col], table[lab_col])):
+        for i, (img, lab) in enumerate(zip(table[img_col], table[lab_col] if lab_col else [0] * len(table[img_col]))):
             data = _image_value(img, str(f))
             if data is None or lab is None:
                 continue  # a row with no image or no label says nothing about the model
@@ -141,18 +149,20 @@ def _read_parquet(path: Path, label_column: str | None, classes: list[str] | Non
                 break
         if limit and len(images) >= limit:
             break
-    labels, names = _index_labels(raw, classes, str(path))
+    labels, names = _index_labels(raw, classes, str(path)) if need_labels else ([0] * len(raw), ["?"])
     return LabelledSet(images, labels, names, keys, captions if cap_col else [])
 
 
-def _read_webdataset(location: str, label_column: str | None, classes: list[str] | None, limit: int) -> LabelledSet:
+def _read_webdataset(
+    location: str, label_column: str | None, classes: list[str] | None, limit: int, need_labels: bool = True
+) -> LabelledSet:
     from pairforge.trainer.data import IMAGE_EXTS, find_shards, shard_samples
 
     shards = find_shards([location])
     images, raw, keys, captions = [], [], [], []
     for s in shard_samples({"url": u} for u in shards):
         ext = next((e for e in IMAGE_EXTS if e in s), None)
-        lab = _sample_label(s, label_column)
+        lab = _sample_label(s, label_column) if need_labels else 0
         if ext is None or lab is None:
             continue
         images.append(s[ext])
@@ -164,7 +174,7 @@ def _read_webdataset(location: str, label_column: str | None, classes: list[str]
     if not images:
         what = f"field {label_column!r}" if label_column else "'.cls' member or 'label' field"
         raise LabelledSetError(f"{location}: no sample has an image and a {what}")
-    labels, names = _index_labels(raw, classes, location)
+    labels, names = _index_labels(raw, classes, location) if need_labels else ([0] * len(raw), ["?"])
     return LabelledSet(images, labels, names, keys, captions if any(captions) else [])
 
 
