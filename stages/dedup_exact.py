@@ -66,6 +66,9 @@ class Config:
     #: evaluation-set indexes (``pairforge eval-index``): rows with the bytes of one of
     #: their images are dropped as ``eval_contamination``
     eval_sets: tuple[str, ...] = ()
+    #: dedup the run's rows among themselves (the global fit); ``false``: drop only what
+    #: ``prior_build`` or ``eval_sets`` hold (decontamination alone, for a baseline recipe)
+    within_run: bool = True
     #: shuffle buckets per kind (rows meet by digest inside a bucket)
     buckets: int = 256
 
@@ -89,6 +92,9 @@ class ExactDedupStage(GlobalStage):
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
+
+    def needs_fit(self) -> bool:
+        return self.config.within_run
 
     def outputs(self) -> tuple[Column, ...]:
         return (Column(dd.DUPLICATE_OF, "string", nullable=True),)

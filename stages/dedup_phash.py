@@ -73,6 +73,9 @@ class Config:
     #: evaluation-set indexes (``pairforge eval-index``): rows within ``max_distance``
     #: of one of their images are dropped as ``eval_contamination``
     eval_sets: tuple[str, ...] = ()
+    #: dedup the run's rows among themselves (the global fit); ``false``: drop only what
+    #: ``prior_build`` or ``eval_sets`` hold (decontamination alone, for a baseline recipe)
+    within_run: bool = True
     #: shuffle buckets per band; raise it for billions of rows
     buckets_per_band: int = 64
     #: take each row's hash (16 hex digits) from this column, made upstream
@@ -99,6 +102,9 @@ class PerceptualDedupStage(GlobalStage):
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=256)
+
+    def needs_fit(self) -> bool:
+        return self.config.within_run
 
     def outputs(self) -> tuple[Column, ...]:
         return (Column(self.column, "string"), Column(dd.DUPLICATE_OF, "string", nullable=True))
