@@ -44,6 +44,8 @@ def planted(tmp_path_factory):
     for i, a in enumerate(train):  # the pool's own images: never a test image
         routes[f"/pool/{i}.png"] = Route(fashion_png(a), "image/png")
         kinds[f"/pool/{i}.png"] = "clean"
+    routes["/pool/dup.png"] = routes["/pool/0.png"]  # a duplicate within the pool, not of a test image
+    kinds["/pool/dup.png"] = "pool_duplicate"
     for j in range(PLANT):  # three kinds of copies of different test images
         routes[f"/copy/{j}.png"] = Route(test_images[j], "image/png")
         kinds[f"/copy/{j}.png"] = "exact"
@@ -95,6 +97,19 @@ def test_planted_test_images_are_removed_as_eval_contamination(planted):
     assert json.loads(exact[0]["detail"]) == {"kind": "sha256", "sets": sets[0]}
     assert all(r["duplicate_of"].startswith("index/") for r in removed.values())
     assert sum(1 for u in kept if kind_of[u] == "clean") == N_POOL  # the pool's own images all stay
+    assert [r["reason"] for r in rejects if kind_of[r["url"]] == "pool_duplicate"] == ["duplicate_sha256"]
+
+
+def test_within_run_false_decontaminates_without_deduping_the_pool(planted):
+    tmp, routes, kinds = planted
+    if not (tmp / "index").is_dir():  # when run alone
+        assert main(["eval-index", str(tmp / "test"), "--out", str(tmp / "index")]) == 0
+    sets = [str(tmp / "index")]
+    stages = [DedupExact(eval_sets=sets, within_run=False), DedupPhash(eval_sets=sets, within_run=False)]
+    assert not any(s.needs_fit() for s in stages)
+    rejects, kept, kind_of = _run(tmp, routes, kinds, stages, "decontaminate_only")
+    assert {r["reason"] for r in rejects} == {EVAL_CONTAMINATION}
+    assert sum(1 for u in kept if kind_of[u] in ("clean", "pool_duplicate")) == N_POOL + 1  # both copies stay
 
 
 def test_semantic_decontamination_uses_the_scorers_embeddings(planted):
