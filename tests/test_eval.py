@@ -131,3 +131,26 @@ def test_broken_image_is_counted_and_a_run_files_the_figures_for_its_report(fash
     filed = evals["fashion-test"]
     assert filed["undecodable"] == 1 and filed["images"] == N + 1
     assert sum(v["n"] for v in filed["classification"]["per_class"].values()) == N
+
+
+def test_held_out_pairs_are_the_trainers_own(fashion, tmp_path):
+    """``--pairs OUT`` scores the very pairs ``pairforge train`` held out
+    (its fraction and seed read from the checkpoint): the same n and the
+    same recall as the trainer's own report."""
+    from pairforge.trainer.corpus import CorpusConfig, build_corpus
+    from pairforge.trainer.loop import TrainConfig, train
+
+    corpus = tmp_path / "corpus"
+    build_corpus(corpus, CorpusConfig(fashion=400, scenes_one=0, scenes_count=0, scene_pairs=0, photo_variants=0,
+                                      samples_per_shard=100))  # fmt: skip
+    cfg = TrainConfig(shards=(str(corpus),), out=str(tmp_path / "train"), model="pf-micro", steps=8, batch_size=32,
+                      warmup=2, eval_fraction=0.15, eval_every=8, workers=1, seed=3, device="cpu")  # fmt: skip
+    report = train(cfg)
+    root, _, _ = fashion
+    r = _eval([str(root), "--pretrained", str(tmp_path / "train" / "checkpoint.pt"), "--pairs", str(corpus),
+               "--limit", "50"], tmp_path)  # fmt: skip
+    assert r["model"]["name"] == "pf-micro" and r["model"]["step"] == 8
+    pairs = r["held_out_pairs"]
+    assert pairs["n"] == report["metrics"]["n"] and pairs["seed"] == 3 and pairs["eval_fraction"] == 0.15
+    assert pairs["image_to_text"] == pytest.approx(report["metrics"]["image_to_text"])
+    assert "held-out pairs recall@1" in r["summary"]
