@@ -154,3 +154,25 @@ def test_held_out_pairs_are_the_trainers_own(fashion, tmp_path):
     assert pairs["n"] == report["metrics"]["n"] and pairs["seed"] == 3 and pairs["eval_fraction"] == 0.15
     assert pairs["image_to_text"] == pytest.approx(report["metrics"]["image_to_text"])
     assert "held-out pairs recall@1" in r["summary"]
+
+
+def test_the_runs_report_shows_the_filed_evaluation_escaped(tmp_path):
+    """A run folder with an ``eval/`` file: ``pairforge report`` draws the
+    Evaluation section from it, every value escaped (the file is data)."""
+    from pathlib import Path
+
+    from pairforge.manifests.report import write_report
+    from pairforge.manifests.shards import write_shard
+    from tests.shardkit import rows
+
+    write_shard(rows(3, 0), tmp_path, 0)
+    (tmp_path / "manifest.json").write_text(json.dumps({"counts": {"input": 3, "ok": 3, "rejected": 0}, "stages": []}))
+    (tmp_path / "eval").mkdir()
+    filed = {"summary": "zero-shot top-1 0.500 <b>x</b>", "model": {"name": "pf-micro", "pretrained": "ck.pt"},
+             "classification": {"per_class": {"<script>bag": {"value": 0.5, "ci95": [0.2, 0.8], "n": 10}}}}  # fmt: skip
+    (tmp_path / "eval" / "fashion.json").write_text(json.dumps(filed))
+    done = write_report(tmp_path, grid=1)
+    page = Path(done["path"]).read_text()
+    assert done["evals"] == 1 and 'id="s-eval"' in page
+    assert "zero-shot top-1 0.500 &lt;b&gt;x&lt;/b&gt;" in page and "&lt;script&gt;bag" in page and "<script>" not in page
+    assert "0.200-0.800" in page
