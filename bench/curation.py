@@ -55,19 +55,38 @@ def say(msg: str) -> None:
 
 def recipe_stages(name: str, scorer: str, index: str, entries: str, t: int) -> list:
     from pairforge.stages import (
-        Balance, BasicFilter, ClipScore, DedupExact, DedupPhash, DedupSemantic, Download, Language, MetadataMatch, Shard,
+        Balance,
+        BasicFilter,
+        ClipScore,
+        DedupExact,
+        DedupPhash,
+        DedupSemantic,
+        Download,
+        Language,
+        MetadataMatch,
+        Shard,
     )  # fmt: skip
 
     upto = RECIPES.index(name)
     dedup = upto >= RECIPES.index("+dedup")  # before it: the dedup stages only decontaminate
     stages = [
-        Download(image_size=32, timeout=20.0, retries=2, allow_networks=["127.0.0.1/32"], robots_txt=False,
-                 per_host_connections=16, thread_count=16),  # fmt: skip
+        Download(
+            image_size=32,
+            timeout=20.0,
+            retries=2,
+            allow_networks=["127.0.0.1/32"],
+            robots_txt=False,
+            per_host_connections=16,
+            thread_count=16,
+        ),  # fmt: skip
         DedupExact(eval_sets=[index], within_run=dedup),
         DedupPhash(eval_sets=[index], within_run=dedup),
     ]
     if upto >= RECIPES.index("basic"):
-        stages[1:1] = [Language(), BasicFilter(languages=["en"], min_caption_words=2, min_image_size=24, max_aspect_ratio=3.0)]
+        stages[1:1] = [
+            Language(),
+            BasicFilter(languages=["en"], min_caption_words=2, min_image_size=24, max_aspect_ratio=3.0),
+        ]
     if upto >= RECIPES.index("+clip_score"):
         stages.append(ClipScore(model=MODEL, pretrained=scorer, device="cpu", batch_size=1024, top_fraction=0.3))
     if upto >= RECIPES.index("all"):
@@ -150,7 +169,9 @@ def table(results: dict, pool_rows: int) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--pool", type=int, default=5000, help="the pool's original images (before extra rows)")
     p.add_argument("--scorer-images", type=int, default=5000, help="training images the scorer learns from")
     p.add_argument("--scorer-steps", type=int, default=160)
@@ -166,12 +187,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         args.pool, args.scorer_images, args.scorer_steps, args.steps, args.test = 400, 400, 10, 6, 300
+    import torch
+
     from pairforge.pipeline.datasets import fashion_mnist
     from pairforge.pipeline.httpserver import LocalHTTPServer
     from pairforge.trainer.labelled import read_labelled
     from pairforge.trainer.zeroshot import DEFAULT_TEMPLATES
-
-    import torch
 
     t_start = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="pf-curation-"))

@@ -124,7 +124,9 @@ def build_pool(scorer_images: int, pool: int, test: tuple[np.ndarray, np.ndarray
         for j in range(extra[name]):
             i, cls, _ = rng.choice(originals)
             routes[f"/{name}/{j}.png"] = Route(encode(render(images[i], px, aspect)), "image/png")
-            rows.append({"path": f"/{name}/{j}.png", "caption": caption("clean", cls, rng, j), "planted": name, "label": cls})
+            rows.append(
+                {"path": f"/{name}/{j}.png", "caption": caption("clean", cls, rng, j), "planted": name, "label": cls}
+            )
     timgs, tlabs = test
     for j in range(extra["test_copy"]):  # contamination: test images, as the test set has them or re-encoded
         k = rng.randrange(len(tlabs))

@@ -124,7 +124,8 @@ def evaluations(evals: list[dict]) -> str:
         if rows:
             parts.append(
                 "<table><tr><th>class</th><th>top-1</th><th>95% CI (Wilson)</th><th>images</th></tr>"
-                + "".join(rows) + "</table>"
+                + "".join(rows)
+                + "</table>"
             )
     return "".join(parts)
 

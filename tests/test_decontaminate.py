@@ -114,10 +114,15 @@ def test_within_run_false_decontaminates_without_deduping_the_pool(planted):
 
 def test_semantic_decontamination_uses_the_scorers_embeddings(planted):
     tmp, routes, kinds = planted
-    assert main(["eval-index", str(tmp / "test"), "--out", str(tmp / "sem"), "--clip-pretrained", "pf-tiny-scorer"]) == 0
+    assert (
+        main(["eval-index", str(tmp / "test"), "--out", str(tmp / "sem"), "--clip-pretrained", "pf-tiny-scorer"]) == 0
+    )
     emb = np.load(tmp / "sem" / "embeddings" / "img_emb" / "img_emb_00000.npy")
     assert emb.shape == (N_TEST, 128) and np.isfinite(emb).all()
-    stages = [ClipScore(model="pf-tiny", pretrained="pf-tiny-scorer"), DedupSemantic(eval_sets=[str(tmp / "sem")], eps=0.002)]
+    stages = [
+        ClipScore(model="pf-tiny", pretrained="pf-tiny-scorer"),
+        DedupSemantic(eval_sets=[str(tmp / "sem")], eps=0.002),
+    ]
     rejects, kept, kind_of = _run(tmp, routes, kinds, stages, "semantic")
     removed = [r for r in rejects if r["reason"] == EVAL_CONTAMINATION]
     by_kind = {k: sum(1 for r in removed if kind_of[r["url"]] == k) for k in ("exact", "reencode", "resized", "clean")}

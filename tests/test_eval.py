@@ -119,7 +119,10 @@ def test_broken_image_is_counted_and_a_run_files_the_figures_for_its_report(fash
     run = tmp_path / "run"
     run.mkdir()
     try:
-        assert main(["eval", str(root), "--pretrained", "pf-tiny-scorer", "--run", str(run), "--name", "fashion-test"]) == 0
+        assert (
+            main(["eval", str(root), "--pretrained", "pf-tiny-scorer", "--run", str(run), "--name", "fashion-test"])
+            == 0
+        )
     finally:
         (root / "bag" / "zz-broken.png").unlink()
     (run / "eval" / "junk.json").write_text("[1, 2")  # not JSON: listed with a note, never trusted
@@ -174,5 +177,7 @@ def test_the_runs_report_shows_the_filed_evaluation_escaped(tmp_path):
     done = write_report(tmp_path, grid=1)
     page = Path(done["path"]).read_text()
     assert done["evals"] == 1 and 'id="s-eval"' in page
-    assert "zero-shot top-1 0.500 &lt;b&gt;x&lt;/b&gt;" in page and "&lt;script&gt;bag" in page and "<script>" not in page
+    assert (
+        "zero-shot top-1 0.500 &lt;b&gt;x&lt;/b&gt;" in page and "&lt;script&gt;bag" in page and "<script>" not in page
+    )
     assert "0.200-0.800" in page

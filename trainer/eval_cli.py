@@ -41,17 +41,26 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pairforge eval", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="pairforge eval",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("set", help="ImageFolder tree, .parquet file/folder, or webdataset shards (run folder, .tar, brace pattern)")
-    p.add_argument("--pretrained", help="weights: a pairforge train checkpoint, a file, pf-tiny-scorer or an open_clip tag")
+    p.add_argument(
+        "set", help="ImageFolder tree, .parquet file/folder, or webdataset shards (run folder, .tar, brace pattern)"
+    )
+    p.add_argument(
+        "--pretrained", help="weights: a pairforge train checkpoint, a file, pf-tiny-scorer or an open_clip tag"
+    )
     p.add_argument("--model", help="open_clip architecture (default: the checkpoint's, else pf-tiny)")
     p.add_argument("--classes", metavar="FILE", help="class names, one a line, in label order")
     p.add_argument("--templates", metavar="FILE", help="prompt templates, one a line with {} for the class name "
                    "(default: 8 of CLIP's)")  # fmt: skip
     p.add_argument("--label-column", help="the label column (parquet) or JSON field (webdataset); default: label/cls")
     p.add_argument("--pairs", metavar="OUT", help="also retrieval recall on the held-out pairs of this build's shards")
-    p.add_argument("--eval-fraction", type=float, help="held-out share for --pairs (default: the checkpoint's, else 0.1)")
+    p.add_argument(
+        "--eval-fraction", type=float, help="held-out share for --pairs (default: the checkpoint's, else 0.1)"
+    )
     p.add_argument("--limit", type=int, default=0, help="evaluate at most N images (default: all)")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON to FILE ('-': to stdout)")

@@ -114,7 +114,7 @@ def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], where
     return found
 
 
-def _image_value(v, where: str) -> bytes | None:
+def _image_value(v) -> bytes | None:
     if isinstance(v, (bytes, bytearray)):
         return bytes(v)
     if isinstance(v, dict) and isinstance(v.get("bytes"), (bytes, bytearray)):  # Hugging Face's Image feature
@@ -137,7 +137,7 @@ def _read_parquet(
         cols = [c for c in (img_col, lab_col, cap_col, "key" if "key" in names else None) if c]
         table = pq.read_table(f, columns=cols).to_pydict()
         for i, (img, lab) in enumerate(zip(table[img_col], table[lab_col] if lab_col else [0] * len(table[img_col]))):
-            data = _image_value(img, str(f))
+            data = _image_value(img)
             if data is None or lab is None:
                 continue  # a row with no image or no label says nothing about the model
             images.append(data)

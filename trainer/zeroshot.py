@@ -28,9 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pairforge.trainer.evaluate import chance_recall, embed_images, embed_texts, meaningful_ks, recall_at_k, same_meaning
+from pairforge.trainer.evaluate import (
+    chance_recall,
+    embed_images,
+    embed_texts,
+    meaningful_ks,
+    recall_at_k,
+    same_meaning,
+)
 from pairforge.trainer.labelled import LabelledSet
-from pairforge.trainer.prep import Prep, model_images
+from pairforge.trainer.prep import Prep, canvas, model_images
 
 #: a short ensemble (a subset of CLIP's 80 ImageNet templates); CLIP's full list goes in a file (--templates)
 DEFAULT_TEMPLATES = (
@@ -101,8 +108,6 @@ def embed_set(model, spec, prep: Prep, images: Sequence[bytes], device="cpu") ->
                 bad += 1
         if not squares:
             continue
-        from pairforge.trainer.prep import canvas
-
         batch = model_images(canvas(squares), plain.image_size, "cpu")
         feats.append(embed_images(model, batch, spec, device))
         index.extend(ok_idx)
@@ -196,7 +201,13 @@ def summary_line(result: dict) -> str:
     k5 = next((k for k in c if k.startswith("top") and k != "top1"), None)
     if k5:
         line += f"; {k5} {c[k5]['value']:.3f}"
-    verdict = "above chance" if lo > c["chance"]["top1"] else "below chance" if hi < c["chance"]["top1"] else "not distinguishable from chance"
+    verdict = (
+        "above chance"
+        if lo > c["chance"]["top1"]
+        else "below chance"
+        if hi < c["chance"]["top1"]
+        else "not distinguishable from chance"
+    )
     line += f": {verdict}"
     for name, r in (("held-out", result.get("held_out_pairs")), ("set", result.get("retrieval"))):
         if r and "r@1" in r.get("image_to_text", {}):
