@@ -181,3 +181,9 @@ def test_the_runs_report_shows_the_filed_evaluation_escaped(tmp_path):
         "zero-shot top-1 0.500 &lt;b&gt;x&lt;/b&gt;" in page and "&lt;script&gt;bag" in page and "<script>" not in page
     )
     assert "0.200-0.800" in page
+
+
+def test_a_limit_on_a_folder_keeps_every_class(fashion):
+    root, _, _ = fashion
+    s = read_labelled(root, limit=20)
+    assert len(s) == 20 and sorted(np.bincount(s.labels, minlength=10).tolist()) == [2] * 10

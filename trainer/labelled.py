@@ -91,15 +91,22 @@ def _read_image_folder(root: Path, classes: list[str] | None, limit: int) -> Lab
     names = classes or [p.name.replace("_", " ") for p in folders]
     if len(names) != len(folders):
         raise LabelledSetError(f"{root}: {len(folders)} class folders but {len(names)} class names given")
+    per_class = [
+        [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        for folder in folders
+    ]
+    # round-robin over the classes, so that --limit keeps every class rather than the first few folders
+    order = [
+        (i, j) for j in range(max(map(len, per_class), default=0)) for i in range(len(folders)) if j < len(per_class[i])
+    ]
+    if limit:
+        order = sorted(order[:limit])
     out = LabelledSet([], [], list(names), [])
-    for idx, folder in enumerate(folders):
-        for f in sorted(folder.iterdir()):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                out.images.append(f.read_bytes())
-                out.labels.append(idx)
-                out.keys.append(f"{folder.name}/{f.name}")
-                if limit and len(out.images) >= limit:
-                    return out
+    for idx, j in order:
+        f = per_class[idx][j]
+        out.images.append(f.read_bytes())
+        out.labels.append(idx)
+        out.keys.append(f"{folders[idx].name}/{f.name}")
     return out
 
 
