@@ -127,7 +127,8 @@ def test_semantic_decontamination_uses_the_scorers_embeddings(planted):
     removed = [r for r in rejects if r["reason"] == EVAL_CONTAMINATION]
     by_kind = {k: sum(1 for r in removed if kind_of[r["url"]] == k) for k in ("exact", "reencode", "resized", "clean")}
     assert by_kind["exact"] + by_kind["reencode"] + by_kind["resized"] >= 3 * PLANT - 3, by_kind
-    assert by_kind["clean"] <= N_POOL // 20, by_kind  # same-class look-alikes sit close in a small model's space
+    # 0 measured at eps 0.002 (19 at eps 0.01: same-class look-alikes sit close in a small model's space)
+    assert by_kind["clean"] <= 3, by_kind
     assert all(json.loads(r["detail"])["similarity"] > 0.998 for r in removed)
 
 
