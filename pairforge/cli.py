@@ -287,6 +287,9 @@ EXAMPLES = {
     "report": "pairforge report out/\npairforge report out/ --out site/ --pairs 96",
     "purge": "pairforge purge out/ --list takedown.txt --dry-run   # what would go\n"
     "pairforge purge out/ --list takedown.txt --reason takedown",
+    "eval": "pairforge eval test/ --pretrained train/checkpoint.pt           # zero-shot top-1/top-5, per class\n"
+    "pairforge eval test/ --pretrained train/checkpoint.pt --run out/  # filed for pairforge report out/",
+    "eval-index": "pairforge eval-index test/ --out idx/test   # then dedup_exact/dedup_phash: {eval_sets: [idx/test]}",
     "stages": "pairforge stages                              # every stage, one line each\n"
     "pairforge stages clip_score                   # its options: type, default, doc",
 }

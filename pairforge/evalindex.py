@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Write an evaluation set's SHA-256, pHash and (with --clip-pretrained) image embeddings as a "
         "build the dedup stages read through their eval_sets option: pool rows that match become rejects with "
         "reason eval_contamination (docs/evaluation.md).",
+        epilog="examples:\n  pairforge eval-index test/ --out idx/test\n"
+        "  pairforge eval-index test/ --out idx/test --clip-pretrained pf-tiny-scorer   # + img_emb for dedup_semantic",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("set", help="ImageFolder tree, .parquet file/folder or webdataset shards")
     p.add_argument("--out", required=True, help="the index folder (name it in dedup_*'s eval_sets)")
