@@ -37,7 +37,7 @@ INDEX_FILE = "eval_index.json"
 
 def write_eval_index(
     location: str, out: str | Path, clip_model: str | None = None, clip_pretrained: str | None = None,
-    algorithm: str = "phash", limit: int = 0,
+    algorithm: str = "phash", limit: int = 0, device: str = "cpu",
 ) -> dict:  # fmt: skip
     """Index the images at ``location`` (an ImageFolder tree, parquet or
     webdataset, labels not needed) into ``out``; with ``clip_pretrained``,
@@ -59,7 +59,7 @@ def write_eval_index(
     rows = map_stage(PerceptualDedupStage(PhashConfig(algorithm=algorithm)), rows)
     emb = None
     if clip_pretrained:
-        stage = ClipScoreStage(ClipConfig(model=clip_model or "pf-tiny", pretrained=clip_pretrained, device="cpu"))
+        stage = ClipScoreStage(ClipConfig(model=clip_model or "pf-tiny", pretrained=clip_pretrained, device=device))
         stage.setup()
         try:
             emb = np.asarray(map_stage(stage, rows)["img_emb"], dtype=np.float16)
@@ -113,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-model", help="clip_score's model in the job (default pf-tiny)")
     p.add_argument("--clip-pretrained", help="clip_score's weights in the job: adds embeddings for dedup_semantic")
     p.add_argument("--limit", type=int, default=0, help="index at most N images")
+    p.add_argument("--device", default="cpu", help="where clip_score embeds: cpu (default), auto, cuda or cuda:N")
     args = p.parse_args(argv)
     try:
-        rec = write_eval_index(args.set, args.out, args.clip_model, args.clip_pretrained, limit=args.limit)
+        rec = write_eval_index(
+            args.set, args.out, args.clip_model, args.clip_pretrained, limit=args.limit, device=args.device
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"pairforge eval-index: error: {e}", file=sys.stderr)
         return 2
