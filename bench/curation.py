@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write every figure here")
     args = p.parse_args(argv)
     if args.tiny:
-        args.pool, args.scorer_images, args.scorer_steps, args.steps, args.test = 400, 400, 10, 6, 300
+        args.pool, args.scorer_images, args.scorer_steps, args.steps, args.test, args.batch = 400, 400, 10, 6, 300, 16
     import torch
 
     from pairforge.pipeline.datasets import fashion_mnist
