@@ -152,6 +152,11 @@ def side_table_dir(out, table: str) -> Path:
     return _root(out) / _named("side table", table)
 
 
+def eval_dir(out) -> Path:
+    """``OUT/eval``: ``pairforge eval --run OUT`` files its figures here, one JSON a set."""
+    return _root(out) / "eval"
+
+
 def side_table_parquet(out, table: str, shard_id: int) -> Path:
     return side_table_dir(out, table) / f"{shard_name(shard_id)}.parquet"
 

@@ -123,6 +123,20 @@ def _detail(s) -> dict:
     return d if isinstance(d, dict) else {}
 
 
+def read_evals(out) -> list[dict]:
+    """The figures ``pairforge eval --run OUT`` filed under ``OUT/eval/``
+    (data only: a file that is not a JSON object is listed with a note)."""
+    folder = layout.eval_dir(out)
+    found = []
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            data = {"summary": f"unreadable: {type(e).__name__}"}
+        found.append({"name": f.stem, **(data if isinstance(data, dict) else {"summary": "not a JSON object"})})
+    return found
+
+
 class Report:
     """What the page shows, gathered from one run folder (see the module doc)."""
 
@@ -143,6 +157,7 @@ class Report:
         self.samples = self.samples.sort_values("_rank", kind="stable").reset_index(drop=True)
         self.by_key = {str(k): i for i, k in enumerate(self.samples["key"])}
         self.rejected = {str(k): i for i, k in enumerate(self.rejects["key"])} if len(self.rejects) else {}
+        self.evals = read_evals(out)
         self.images: dict[str, bytes] = {}
         self.files: dict[str, bytes] = {}  # path under dest -> bytes
 
@@ -351,6 +366,7 @@ class Report:
                 "rejects": rejects,
                 "regions": regions,
                 "confounders": confounders,
+                "evals": self.evals,
             }
         )
         for rel, data in sorted(self.files.items()):
@@ -365,6 +381,7 @@ class Report:
             "reject_reasons": len(rejects),
             "regions": len(regions),
             "confounders": sum(len(g["rows"]) for g in confounders),
+            "evals": len(self.evals),
         }
 
 

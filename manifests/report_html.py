@@ -94,6 +94,42 @@ def funnel(man: dict) -> str:
     return f'<table id="funnel">{head}{"".join(rows)}</table>'
 
 
+def _num(v, fmt: str = ".3f") -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def evaluations(evals: list[dict]) -> str:
+    """``pairforge eval``'s figures filed under ``OUT/eval/``: the line a
+    person reads, then per-class top-1 accuracy with its interval."""
+    if not evals:
+        return "<p>No evaluation filed (<code>pairforge eval SET --pretrained CKPT --run OUT</code>).</p>"
+    parts = []
+    for e in evals:
+        model = e.get("model") if isinstance(e.get("model"), dict) else {}
+        parts.append(
+            f"<h3>{esc(e.get('name'))}</h3><p>{esc(e.get('summary'))}</p>"
+            f'<div class="muted">model {esc(model.get("name"))}, weights {esc(model.get("pretrained"))}; '
+            f"set {esc(e.get('set'))}</div>"
+        )
+        cls = e.get("classification") if isinstance(e.get("classification"), dict) else {}
+        per = cls.get("per_class") if isinstance(cls.get("per_class"), dict) else {}
+        rows = []
+        for name, v in per.items():
+            v = v if isinstance(v, dict) else {}
+            ci = v.get("ci95") if isinstance(v.get("ci95"), list) and len(v.get("ci95")) == 2 else [None, None]
+            rows.append(
+                f'<tr><td>{esc(name)}</td><td class="n">{_num(v.get("value"))}</td>'
+                f'<td class="n">{_num(ci[0])}-{_num(ci[1])}</td><td class="n">{esc(v.get("n"))}</td></tr>'
+            )
+        if rows:
+            parts.append(
+                "<table><tr><th>class</th><th>top-1</th><th>95% CI (Wilson)</th><th>images</th></tr>"
+                + "".join(rows)
+                + "</table>"
+            )
+    return "".join(parts)
+
+
 def crawl(man: dict) -> str:
     """Per-host figures of each download stage (the manifest's ``crawl``):
     totals, robots.txt outcomes, the deferred retry, the top hosts by rows."""
@@ -220,7 +256,7 @@ def render(ctx: dict) -> str:
         f'<a href="#{a}">{t}</a>'
         for a, t in (("s-funnel", "funnel"), ("s-pairs", "kept pairs"), ("s-plots", "histograms"),
                      ("s-rejects", "rejects"), ("s-crawl", "hosts"), ("s-regions", "regions"),
-                     ("s-confounders", "confounders"))
+                     ("s-confounders", "confounders"), ("s-eval", "evaluation"))
     )  # fmt: skip
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -238,5 +274,6 @@ def render(ctx: dict) -> str:
 <h2 id="s-crawl">Hosts</h2>{crawl(man)}
 <h2 id="s-regions">Regions</h2>{regions(ctx["regions"])}
 <h2 id="s-confounders">Confounders</h2>{confounders(ctx["confounders"])}
+<h2 id="s-eval">Evaluation</h2>{evaluations(ctx.get("evals") or [])}
 </body></html>
 """

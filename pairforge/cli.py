@@ -12,6 +12,8 @@ pairforge export coco DIR [--out FILE] [--captions FILE]
 pairforge report DIR [--out DIR] [--pairs N]
 pairforge stages [NAME]
 pairforge train OUT_DIR_OR_SHARDS --out DIR [...]
+pairforge eval SET [--pretrained CKPT] [...]
+pairforge eval-index SET --out DIR [--clip-pretrained W]
 """
 
 from __future__ import annotations
@@ -266,6 +268,7 @@ EXAMPLES = {
         "pairforge run job.yaml                        # a job file (see pipeline/example_job.yaml)\n"
         "pairforge manifest show out/                  # what a run did\n"
         "pairforge train out/ --out train/             # does the data teach image-text alignment?\n"
+        "pairforge eval test/ --pretrained train/checkpoint.pt   # zero-shot accuracy on a labelled set\n"
         "exit codes: 0 done, 1 unexpected error, 2 bad job or flag, 3 no row reached a shard,\n"
         "4 empty input, 5 Ray cluster unreachable, 130 interrupted (docs/troubleshooting.md)"
     ),
@@ -284,6 +287,9 @@ EXAMPLES = {
     "report": "pairforge report out/\npairforge report out/ --out site/ --pairs 96",
     "purge": "pairforge purge out/ --list takedown.txt --dry-run   # what would go\n"
     "pairforge purge out/ --list takedown.txt --reason takedown",
+    "eval": "pairforge eval test/ --pretrained train/checkpoint.pt           # zero-shot top-1/top-5, per class\n"
+    "pairforge eval test/ --pretrained train/checkpoint.pt --run out/  # filed for pairforge report out/",
+    "eval-index": "pairforge eval-index test/ --out idx/test   # then dedup_exact/dedup_phash: {eval_sets: [idx/test]}",
     "stages": "pairforge stages                              # every stage, one line each\n"
     "pairforge stages clip_score                   # its options: type, default, doc",
 }
@@ -423,6 +429,13 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a small CLIP on a run's shards", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=lambda a: __import__("pairforge.trainer.cli", fromlist=["main"]).main(a.rest))
+    ev = sub.add_parser("eval", help="zero-shot accuracy of a model on a labelled image set", add_help=False)
+    ev.add_argument("rest", nargs=argparse.REMAINDER)
+    ev.set_defaults(fn=lambda a: __import__("pairforge.trainer.eval_cli", fromlist=["main"]).main(a.rest))
+    ei = sub.add_parser("eval-index", help="an evaluation set as a build the dedup stages decontaminate against",
+                        add_help=False)  # fmt: skip
+    ei.add_argument("rest", nargs=argparse.REMAINDER)
+    ei.set_defaults(fn=lambda a: __import__("pairforge.evalindex", fromlist=["main"]).main(a.rest))
     _with_examples(p)
     return p
 
@@ -441,6 +454,14 @@ def main(argv: list[str] | None = None) -> int:
         from pairforge.trainer.cli import main as train_main
 
         return int(train_main(argv[1:]) or 0)
+    if argv[:1] == ["eval"]:  # as train: the evaluation owns its flags
+        from pairforge.trainer.eval_cli import main as eval_main
+
+        return int(eval_main(argv[1:]) or 0)
+    if argv[:1] == ["eval-index"]:
+        from pairforge.evalindex import main as index_main
+
+        return int(index_main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
     from pairforge.pipeline.config import ConfigError
     from pairforge.pipeline.job import JobError

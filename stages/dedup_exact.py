@@ -16,7 +16,9 @@ the survivor), ``duplicate_sha256`` (same bytes), ``duplicate_url``; a row
 that reaches the survivor only through other rows gets the reason of its own
 strongest link, and its detail says so. With ``prior_build`` set, rows whose
 digest is already in that build are dropped as ``duplicate_prior_build``
-before the fit.
+before the fit. With ``eval_sets`` (indexes written by ``pairforge
+eval-index``), rows whose image bytes are those of an evaluation image are
+dropped first, as ``eval_contamination`` (DataComp's decontamination).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pairforge.stages.base import (
     batch_len,
     concat,
     object_array,
+    ok_mask,
     reject,
 )
 from pairforge.stages.common import dedup as dd
@@ -60,6 +63,12 @@ class Config:
     keep: str = "largest"
     #: an earlier output folder: rows whose digest is already there are dropped
     prior_build: str | None = None
+    #: evaluation-set indexes (``pairforge eval-index``): rows with the bytes of one of
+    #: their images are dropped as ``eval_contamination``
+    eval_sets: tuple[str, ...] = ()
+    #: dedup the run's rows among themselves (the global fit); ``false``: drop only what
+    #: ``prior_build`` or ``eval_sets`` hold (decontamination alone, for a baseline recipe)
+    within_run: bool = True
     #: shuffle buckets per kind (rows meet by digest inside a bucket)
     buckets: int = 256
 
@@ -79,9 +88,13 @@ class ExactDedupStage(GlobalStage):
         self.kinds = tuple(k for k in KINDS if k in config.kinds)
         self.fit_columns = dd.fit_columns_for(config.keep, *(c for k in self.kinds for c in _COLUMNS[k]))
         self._prior: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        self._eval: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
+
+    def needs_fit(self) -> bool:
+        return self.config.within_run
 
     def outputs(self) -> tuple[Column, ...]:
         return (Column(dd.DUPLICATE_OF, "string", nullable=True),)
@@ -89,35 +102,34 @@ class ExactDedupStage(GlobalStage):
     def setup(self) -> None:
         if self.config.prior_build and self._prior is None:
             cols = tuple(dict.fromkeys(["key", *(c for k in self.kinds for c in _COLUMNS[k])]))
-            prior = dd.read_prior_build(self.config.prior_build, cols)
-            self._prior = {}
-            for kind in self.kinds:
-                digests = digest_column(prior, kind)
-                have = np.array([d is not None for d in digests], dtype=bool)
-                vals = np.array([d for d in digests if d is not None], dtype="S16")
-                keys = dd.str_keys(prior["key"][have])
-                order = np.lexsort((keys, vals))  # equal digests: the smallest key first
-                self._prior[kind] = (vals[order], keys[order])
+            self._prior = _digest_index(dd.read_prior_build(self.config.prior_build, cols), self.kinds)
+        if self.config.eval_sets and self._eval is None:  # an evaluation image has bytes, not a URL or caption
+            self._eval = _digest_index(dd.read_eval_sets(self.config.eval_sets, ("key", "sha256")), ("sha256",))
 
     # ------------------------------------------------------------ per row
 
     def process_batch(self, batch: Batch) -> Batch:
         out = dict(batch)
         out[dd.DUPLICATE_OF] = object_array([""] * batch_len(batch))
-        if self.config.prior_build:
+        if self.config.eval_sets or self.config.prior_build:
             self.setup()
-            self._drop_prior(out)
+        if self.config.eval_sets:
+            sets = ",".join(self.config.eval_sets)
+            self._drop_known(out, self._eval, dd.EVAL_CONTAMINATION, {"sets": sets})
+        if self.config.prior_build:
+            self._drop_known(out, self._prior, "duplicate_prior_build", {"build": self.config.prior_build})
         return out
 
-    def _drop_prior(self, out: Batch) -> None:
+    def _drop_known(self, out: Batch, index: dict, reason: str, where: dict) -> None:
+        """Reject the rows (still ok) whose digest is in ``index``."""
         n = batch_len(out)
         found = np.zeros(n, dtype=bool)
         kinds = np.full(n, "", dtype=object)
         prior_keys = np.full(n, "", dtype=object)
-        for kind in self.kinds:  # priority order: the first kind found names the row
-            vals, keys = self._prior[kind]
+        alive = ok_mask(out) if "status" in out else np.ones(n, dtype=bool)  # a row the eval sets took stays theirs
+        for kind, (vals, keys) in index.items():  # priority order: the first kind found names the row
             digests = digest_column(out, kind)
-            have = np.array([d is not None for d in digests], dtype=bool) & ~found
+            have = np.array([d is not None for d in digests], dtype=bool) & ~found & alive
             if not len(vals) or not have.any():
                 continue
             idx = np.flatnonzero(have)
@@ -128,8 +140,8 @@ class ExactDedupStage(GlobalStage):
             kinds[idx[hit]] = kind
             prior_keys[idx[hit]] = keys[pos[hit]]
         idx = np.flatnonzero(found)
-        details = [{"kind": kinds[i], "build": self.config.prior_build} for i in idx]
-        reject(out, found, self.name, "duplicate_prior_build", details)
+        details = [{"kind": kinds[i], **where} for i in idx]
+        reject(out, found, self.name, reason, details)
         for i in idx:
             out[dd.DUPLICATE_OF][i] = str(prior_keys[i])
 
@@ -209,6 +221,19 @@ class ExactDedupStage(GlobalStage):
             reasons.append(memo[combo][0])
             details.append(memo[combo][1])
         return dd.decisions(c["key"][drop], reasons, details, c["key"][c["survivor"][drop]])
+
+
+def _digest_index(rows: Batch, kinds: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per kind, the sorted digests of ``rows`` and their keys (equal digests: the smallest key first)."""
+    index = {}
+    for kind in kinds:
+        digests = digest_column(rows, kind)
+        have = np.array([d is not None for d in digests], dtype=bool)
+        vals = np.array([d for d in digests if d is not None], dtype="S16")
+        keys = dd.str_keys(rows["key"][have])
+        order = np.lexsort((keys, vals))
+        index[kind] = (vals[order], keys[order])
+    return index
 
 
 def _split(digests: bytes) -> tuple[np.ndarray, np.ndarray]:

@@ -70,6 +70,12 @@ class Config:
     #: an earlier output folder: rows within ``max_distance`` of one of its
     #: rows are dropped as ``duplicate_prior_build``
     prior_build: str | None = None
+    #: evaluation-set indexes (``pairforge eval-index``): rows within ``max_distance``
+    #: of one of their images are dropped as ``eval_contamination``
+    eval_sets: tuple[str, ...] = ()
+    #: dedup the run's rows among themselves (the global fit); ``false``: drop only what
+    #: ``prior_build`` or ``eval_sets`` hold (decontamination alone, for a baseline recipe)
+    within_run: bool = True
     #: shuffle buckets per band; raise it for billions of rows
     buckets_per_band: int = 64
     #: take each row's hash (16 hex digits) from this column, made upstream
@@ -92,9 +98,13 @@ class PerceptualDedupStage(GlobalStage):
         self.layout = dd.band_layout(config.max_distance)
         self.fit_columns = dd.fit_columns_for(config.keep, self.column)
         self._prior: dd.HammingIndex | None = None
+        self._eval: dd.HammingIndex | None = None
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=256)
+
+    def needs_fit(self) -> bool:
+        return self.config.within_run
 
     def outputs(self) -> tuple[Column, ...]:
         return (Column(self.column, "string"), Column(dd.DUPLICATE_OF, "string", nullable=True))
@@ -104,11 +114,13 @@ class PerceptualDedupStage(GlobalStage):
 
     def setup(self) -> None:
         if self.config.prior_build and self._prior is None:
-            prior = dd.read_prior_build(self.config.prior_build, ("key", self.column))
-            ok = np.array([bool(h) for h in prior[self.column]], dtype=bool)
-            self._prior = dd.HammingIndex(
-                dd.hex_to_u64(prior[self.column][ok]), prior["key"][ok], self.config.max_distance
-            )
+            self._prior = self._index(dd.read_prior_build(self.config.prior_build, ("key", self.column)))
+        if self.config.eval_sets and self._eval is None:
+            self._eval = self._index(dd.read_eval_sets(self.config.eval_sets, ("key", self.column)))
+
+    def _index(self, rows: Batch) -> dd.HammingIndex:
+        ok = np.array([bool(h) for h in rows[self.column]], dtype=bool)
+        return dd.HammingIndex(dd.hex_to_u64(rows[self.column][ok]), rows["key"][ok], self.config.max_distance)
 
     # ------------------------------------------------------------ per row
 
@@ -139,21 +151,28 @@ class PerceptualDedupStage(GlobalStage):
             [{"error": b} for b in bad if b is not False],
             status=STATUS_FAILED,
         )
-        if self.config.prior_build:
+        if self.config.eval_sets or self.config.prior_build:
             self.setup()
-            self._drop_prior(out, ~bad_mask)
+        alive = ~bad_mask
+        if self.config.eval_sets:  # first: a contaminated row is named so even if a prior build has it too
+            where = {"sets": ",".join(self.config.eval_sets)}
+            alive &= ~self._drop_near(out, alive, self._eval, dd.EVAL_CONTAMINATION, where)
+        if self.config.prior_build:
+            self._drop_near(out, alive, self._prior, "duplicate_prior_build", {"build": self.config.prior_build})
         return out
 
-    def _drop_prior(self, out: Batch, alive: np.ndarray) -> None:
+    def _drop_near(self, out: Batch, alive: np.ndarray, index: dd.HammingIndex, reason: str, where: dict) -> np.ndarray:
+        """Reject the ``alive`` rows within ``max_distance`` of a hash in ``index``; returns which."""
         idx = np.flatnonzero(alive)
-        best, dist = self._prior.nearest(dd.hex_to_u64(out[self.column][idx]))
+        best, dist = index.nearest(dd.hex_to_u64(out[self.column][idx]))
         hit = best >= 0
         mask = np.zeros(len(alive), dtype=bool)
         mask[idx[hit]] = True
-        prior_keys = self._prior.keys[best[hit]]
-        details = [{"kind": self.column, "distance": int(d), "build": self.config.prior_build} for d in dist[hit]]
-        reject(out, mask, self.name, "duplicate_prior_build", details)
-        out[dd.DUPLICATE_OF][idx[hit]] = [str(k) for k in prior_keys]
+        known = index.keys[best[hit]]
+        details = [{"kind": self.column, "distance": int(d), **where} for d in dist[hit]]
+        reject(out, mask, self.name, reason, details)
+        out[dd.DUPLICATE_OF][idx[hit]] = [str(k) for k in known]
+        return mask
 
     # ---------------------------------------------------------- global fit
 

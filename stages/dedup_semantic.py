@@ -16,6 +16,11 @@ stores.
   component by the keep policy; the others are dropped as
   ``duplicate_semantic`` with the similarity in the detail.
 
+With ``eval_sets`` (indexes written by ``pairforge eval-index`` with the
+same model as the job's ``clip_score``), a row whose embedding is within
+``eps`` of an evaluation image's is dropped before the fit as
+``eval_contamination``: copies that no hash catches (crops, recolourings).
+
 ``eps`` has no measured default for CLIP here (no weights are available in
 this project's tests): 0.05 is a conservative start (near-copies and light
 edits); the SemDeDup paper drops up to half of LAION-440M with larger
@@ -29,7 +34,17 @@ from typing import ClassVar
 
 import numpy as np
 
-from pairforge.stages.base import Batch, Column, FitResult, GlobalStage, Resources, batch_len, object_array
+from pairforge.stages.base import (
+    Batch,
+    Column,
+    FitResult,
+    GlobalStage,
+    Resources,
+    batch_len,
+    object_array,
+    ok_mask,
+    reject,
+)
 from pairforge.stages.common import dedup as dd
 from pairforge.stages.common.knn import (
     coarse_cells,
@@ -66,6 +81,9 @@ class Config:
     #: then with the clusters under its ``coarse_probes`` nearest (about N x sqrt(k) products, not
     #: N x k); 0: with every centroid
     coarse_probes: int = 8
+    #: evaluation-set indexes (``pairforge eval-index``, embeddings by the job's scorer): rows
+    #: within ``eps`` of one of their images are dropped as ``eval_contamination``
+    eval_sets: tuple[str, ...] = ()
 
 
 class SemanticDedupStage(GlobalStage):
@@ -86,6 +104,11 @@ class SemanticDedupStage(GlobalStage):
         self.centroids: np.ndarray | None = None
         #: coarse centroids and the coarse cell of each centroid (two-level assignment), or None
         self.coarse: tuple[np.ndarray, np.ndarray] | None = None
+        self._eval: tuple[np.ndarray, np.ndarray] | None = None
+
+    def setup(self) -> None:
+        if self.config.eval_sets and self._eval is None:
+            self._eval = dd.read_eval_embeddings(self.config.eval_sets, self.config.column)
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
@@ -96,7 +119,33 @@ class SemanticDedupStage(GlobalStage):
     def process_batch(self, batch: Batch) -> Batch:
         out = dict(batch)
         out[dd.DUPLICATE_OF] = object_array([""] * batch_len(batch))
+        if self.config.eval_sets and batch_len(batch):
+            self.setup()
+            self._drop_eval(out)
         return out
+
+    def _drop_eval(self, out: Batch) -> None:
+        keys, ref = self._eval
+        emb, valid = unit_rows(out[self.config.column])
+        idx = np.flatnonzero(valid & ok_mask(out))
+        if not len(idx) or not len(ref):
+            return
+        if ref.shape[1] != emb.shape[1]:
+            raise ValueError(
+                f"eval_sets: {self.config.column} has {emb.shape[1]} dims, the eval index {ref.shape[1]}: "
+                "index the set with the job's clip_score model"
+            )
+        sims = emb[idx].astype(np.float32) @ ref.T
+        best = sims.argmax(axis=1)
+        top = sims[np.arange(len(idx)), best].astype(np.float64)
+        hit = top > 1.0 - self.config.eps
+        mask = np.zeros(batch_len(out), dtype=bool)
+        mask[idx[hit]] = True
+        where = ",".join(self.config.eval_sets)
+        details = [{"kind": self.config.column, "similarity": round(float(t), 6), "eps": self.config.eps, "sets": where}
+                   for t in top[hit]]  # fmt: skip
+        reject(out, mask, self.name, dd.EVAL_CONTAMINATION, details)
+        out[dd.DUPLICATE_OF][idx[hit]] = [str(keys[b]) for b in best[hit]]
 
     # ---------------------------------------------------------- global fit
 

@@ -9,4 +9,7 @@ say in numbers whether the data teaches image-text alignment.
 * :mod:`trainer.corpus`    the offline scorer's training corpus
 * :mod:`trainer.scenes`    generated compositional scenes and Winoground-style pairs
 * :mod:`trainer.cli`       ``main(argv)`` behind ``pairforge train``
+* :mod:`trainer.labelled`  labelled image sets (ImageFolder, parquet, webdataset) for evaluation
+* :mod:`trainer.zeroshot`  zero-shot accuracy with Wilson intervals, retrieval recall
+* :mod:`trainer.eval_cli`  ``main(argv)`` behind ``pairforge eval``
 """

@@ -19,6 +19,9 @@ from pairforge.stages.base import Batch, FitResult, object_array
 
 #: The column every dropped row gets: the key of the row it duplicates.
 DUPLICATE_OF = "duplicate_of"
+#: The reason of a row that matches an evaluation set (``eval_sets``): DataComp
+#: removed such rows from its pool so that zero-shot figures measure generalisation
+EVAL_CONTAMINATION = "eval_contamination"
 
 #: Keep policies: which row of a duplicate cluster survives, and the columns
 #: each reads. Every policy ranks rows by a priority (higher survives), ties
@@ -327,7 +330,45 @@ class HammingIndex:
 # ---------------------------------------------------------- prior builds
 
 
-def read_prior_build(out_dir: str, columns: tuple[str, ...]) -> Batch:
+def read_eval_sets(dirs: tuple[str, ...], columns: tuple[str, ...]) -> Batch:
+    """The ``columns`` of every row of each evaluation-set index (a folder in
+    a build's layout, written by ``pairforge eval-index``), with each key
+    prefixed by its folder's name so a match names the set. The same reader
+    as a prior build's: a missing folder or column is a job error."""
+    parts = []
+    for d in dirs:
+        rows = read_prior_build(d, columns, what="eval_sets")
+        rows["key"] = object_array([f"{os.path.basename(os.path.normpath(d))}/{k}" for k in rows["key"]])
+        parts.append(rows)
+    return {c: np.concatenate([p[c] for p in parts]) for c in columns}
+
+
+def read_eval_embeddings(dirs: tuple[str, ...], column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and unit float32 embeddings ``column`` of evaluation-set indexes
+    (``embeddings/<column>/<column>_SSSSS.npy`` beside ``shards/SSSSS.parquet``,
+    as a build stores them)."""
+    keys, embs = [], []
+    for d in dirs:
+        name = os.path.basename(os.path.normpath(d))
+        for f in sorted(glob.glob(os.path.join(d, "shards", "*.parquet"))):
+            sid = os.path.basename(f).split(".")[0]
+            npy = os.path.join(d, "embeddings", column, f"{column}_{sid}.npy")
+            if not os.path.exists(npy):
+                raise ValueError(f"eval_sets: {d!r} has no {column} embeddings ({npy}); write the index with a model")
+            import pyarrow.parquet as pq
+
+            k = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+            e = np.load(npy, allow_pickle=False).astype(np.float32)
+            if len(e) != len(k):
+                raise ValueError(f"eval_sets: {npy} holds {len(e)} rows for {len(k)} in {f}")
+            keys.extend(f"{name}/{x}" for x in k)
+            embs.append(e)
+    emb = np.concatenate(embs) if embs else np.zeros((0, 0), dtype=np.float32)
+    norm = np.linalg.norm(emb, axis=1, keepdims=True) if len(emb) else np.ones((0, 1))
+    return object_array(keys), emb / np.maximum(norm, 1e-12)
+
+
+def read_prior_build(out_dir: str, columns: tuple[str, ...], what: str = "prior_build") -> Batch:
     """The ``columns`` of every row in ``out_dir/shards/*.parquet`` (an
     earlier build). Raises ``ValueError`` if the folder has no shards or a
     shard lacks a column: a misconfigured prior build is a job error, not a
@@ -337,13 +378,13 @@ def read_prior_build(out_dir: str, columns: tuple[str, ...]) -> Batch:
 
     files = sorted(glob.glob(os.path.join(out_dir, "shards", "*.parquet")))
     if not files:
-        raise ValueError(f"prior_build: no shards/*.parquet under {out_dir!r}")
+        raise ValueError(f"{what}: no shards/*.parquet under {out_dir!r}")
     tables = []
     for f in files:
         names = pq.read_schema(f).names
         missing = [c for c in columns if c not in names]
         if missing:
-            raise ValueError(f"prior_build: {f} has no column {missing[0]!r}")
+            raise ValueError(f"{what}: {f} has no column {missing[0]!r}")
         tables.append(pq.read_table(f, columns=list(columns)))
     table = pa.concat_tables(tables)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
