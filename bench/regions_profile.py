@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from bench.clipbench import corpus, rows_batch  # noqa: E402
-from bench.regions import MODELS, confident_checkpoint  # noqa: E402
-from pairforge.stages.regions import Config, DetectorSpec, RegionsStage  # noqa: E402
+from bench.regions import MODELS, confident_checkpoint, stage_config  # noqa: E402
+from pairforge.stages.regions import Config, RegionsStage  # noqa: E402
 
 #: host calls that wait for the GPU (the CUDA runtime's names, as the profiler records them)
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
@@ -164,17 +164,8 @@ class ProfiledRegions(RegionsStage):
 
 
 def config(args, ckpt: Path, actors: int, threads: int) -> Config:
-    gpu = args.device.startswith("cuda")
-    return Config(
-        detectors=(DetectorSpec(MODELS[args.model], str(ckpt)),),
-        device=args.device,
-        num_gpus=(1.0 / actors) if gpu else 0.0,
-        num_cpus=2.0 if gpu else 1.0,
-        concurrency=(actors, actors),
-        batch_size=args.batch_size,
-        micro_batch=args.micro_batch,
-        actor_threads=threads,
-    )
+    """The stage as ``bench/regions.py`` configures it (the model at its own size)."""
+    return stage_config(argparse.Namespace(**{**vars(args), "r50_min_size": 0}), args.model, ckpt, actors, threads)
 
 
 def run_plan(args, name: str, images, ckpt: Path, out: Path) -> None:
