@@ -19,9 +19,10 @@ pairforge eval-index SET --out DIR [--clip-pretrained W]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from pairforge import cli_outputs as outputs
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home on import
 
@@ -71,161 +72,6 @@ def _cmd_demo(args) -> int:
         print("pairforge: interrupted; start again with: pairforge demo --out NEW_DIR", file=sys.stderr)
         return outcome.EXIT_INTERRUPTED
     return outcome.exit_code(manifest)  # as `pairforge run`: non-zero when no row reached a shard
-
-
-def _where(args, location: str):
-    """A run folder or object-storage URI (``s3://bucket/run``), with the
-    storage options given on the command line (``--endpoint-url``, ``--region``)."""
-    from pairforge.manifests import storage
-    from pairforge.pipeline.config import ConfigError
-
-    try:
-        cfg = storage.StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
-        return storage.path(location, cfg)
-    except ValueError as e:
-        raise ConfigError(f"{location}: {e}") from None
-
-
-def _cmd_show(args) -> int:
-    from pairforge.manifests import storage
-    from pairforge.manifests.manifest import read_manifest
-    from pairforge.manifests.summary import summary_lines
-
-    where = _where(args, args.dir)
-    man = read_manifest(where)
-    if args.json:
-        print(json.dumps(man, indent=1))
-        return 0
-    location = str(where) if storage.is_object(where) else os.path.abspath(args.dir)
-    print("\n".join(summary_lines(man, location)))
-    return 0
-
-
-def _cmd_verify(args) -> int:
-    from pairforge.manifests.manifest import verify
-
-    problems = verify(_where(args, args.dir))
-    if problems:
-        print(f"FAILED: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
-        for p in problems[:50]:
-            print(f"  - {p}", file=sys.stderr)
-        if len(problems) > 50:
-            print(f"  ... and {len(problems) - 50} more", file=sys.stderr)
-        return 1
-    print(f"OK: {args.dir} is whole (every file's checksum matches; every input row is in a shard or a reject)")
-    return 0
-
-
-def _cmd_diff(args) -> int:
-    from pairforge.manifests.diff import diff_runs, format_diff
-
-    d = diff_runs(_where(args, args.old), _where(args, args.new))
-    print(json.dumps(d, indent=1) if args.json else format_diff(d))
-    return 1 if d["changed"] else 0
-
-
-def _cmd_purge(args) -> int:
-    import tempfile
-
-    from pairforge.manifests import storage
-    from pairforge.manifests.purge import PurgeError, pending_plan, purge
-    from pairforge.pipeline.config import ConfigError
-    from pairforge.stages.common.blocklist import Blocklists, ListConfig, ListError
-
-    where = _where(args, args.dir)
-    if not args.lists and pending_plan(where) is None:
-        raise ConfigError("purge: --list: expected at least one list file")
-    with tempfile.TemporaryDirectory(prefix="pairforge-purge-") as tmp:
-        configs, origins = [], {}
-        for i, loc in enumerate(args.lists):
-            src = _where(args, loc)
-            local = str(src)
-            if storage.is_object(src):  # a list on object storage is read once, here
-                local = os.path.join(tmp, f"{i}-{src.name}")
-                with open(local, "wb") as f:
-                    f.write(src.read_bytes())
-                origins[local] = loc
-            try:
-                name = ListConfig(path=src.name).list_name if local != str(src) else ""
-                opts = {"kind": args.kind, "column": args.column, "reason": args.reason}
-                configs.append(ListConfig(path=local, name=name, max_distance=args.max_distance, **opts))
-            except ValueError as e:
-                raise ConfigError(f"purge: {e}") from None
-        try:
-            result = purge(where, Blocklists(configs), dry_run=args.dry_run, workers=args.workers, origins=origins)
-        except (ListError, PurgeError, ValueError) as e:
-            for line in str(e).splitlines():
-                print(f"pairforge: error: {line}", file=sys.stderr)
-            return 2
-    if args.json:
-        print(json.dumps(result, indent=1, default=str))
-        return 0
-    for line in _purge_lines(args.dir, result, args.dry_run):
-        print(line)
-    return 0
-
-
-def _purge_lines(where: str, result: dict, dry_run: bool) -> list[str]:
-    def counts(e: dict) -> str:
-        kinds = ", ".join(f"{k} {c.get('samples', 0)}+{c.get('rejects', 0)}" for k, c in e["by_kind"].items())
-        tables = ", ".join(f"{t} {n}" for t, n in e["side_tables"].items()) or "none"
-        return f"{e['samples']} samples and {e['rejects']} reject rows (by kind, samples+rejects: {kinds}); side-table rows: {tables}"
-
-    lines = []
-    if result.get("pending"):
-        lines.append(
-            f"an interrupted purge ({result['pending']}) is pending: a purge without --dry-run finishes it first"
-        )
-    if result["resumed"]:
-        lines.append(f"finished the interrupted purge {result['resumed']['id']}: {counts(result['resumed'])}")
-    plan = result["plan"]
-    if plan is not None:
-        for note in plan.get("notes", []):
-            lines.append(f"note: {note}")
-        if not plan["shards"]:
-            lines.append(f"nothing to purge: no row of {where} matches the lists")
-        elif dry_run:
-            e = plan["summary"]
-            lines.append(f"dry run: would remove {counts(e)} from {len(plan['shards'])} shard(s); nothing changed")
-        else:
-            e = result["purge"]
-            lines.append(f"purged {counts(e)} in {len(e['shards'])} shard(s); the manifest records purge {e['id']}")
-            if e["removed_files"]:
-                lines.append(
-                    f"removed views that quoted purged rows (regenerate them): {', '.join(e['removed_files'])}"
-                )
-    return lines
-
-
-def _cmd_export_coco(args) -> int:
-    from pairforge.manifests.coco import export_coco
-    from pairforge.manifests.regions import RegionsError
-
-    try:
-        done = export_coco(args.dir, args.out, args.captions)
-    except RegionsError as e:
-        print(f"pairforge: error: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {done['path']}: {done['images']} images, {done['annotations']} boxes in "
-        f"{done['categories']} categories; {done['captions_path']}: {done['captions']} captions"
-    )
-    return 0
-
-
-def _cmd_report(args) -> int:
-    from pairforge.manifests.report import ReportError, write_report
-
-    try:
-        done = write_report(args.dir, args.out, args.pairs)
-    except ReportError as e:
-        print(f"pairforge: error: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {done['path']}: {done['pairs']} pairs, {done['plots']} histograms, {done['reject_reasons']} reject "
-        f"reasons, {done['regions']} images with regions, {done['confounders']} confounders"
-    )
-    return 0
 
 
 def _cmd_stages(args) -> int:
@@ -359,17 +205,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--json", action="store_true", help="print the whole manifest")
     _storage_flags(s)
-    s.set_defaults(fn=_cmd_show)
+    s.set_defaults(fn=outputs.cmd_show)
     v = msub.add_parser("verify", help="recompute checksums and check the row accounting")
     v.add_argument("dir", help="the run's folder, or its s3:// / gs:// prefix")
     _storage_flags(v)
-    v.set_defaults(fn=_cmd_verify)
+    v.set_defaults(fn=outputs.cmd_verify)
     df = msub.add_parser("diff", help="what changed between two runs (exit 1 if anything did)", description=_diff_doc())
     df.add_argument("old")
     df.add_argument("new")
     df.add_argument("--json", action="store_true", help="the differences as JSON")
     _storage_flags(df)
-    df.set_defaults(fn=_cmd_diff)
+    df.set_defaults(fn=outputs.cmd_diff)
 
     pg = sub.add_parser(
         "purge",
@@ -406,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     pg.add_argument("--workers", type=int, default=8, help="shards read and written at once (default 8)")
     pg.add_argument("--json", action="store_true", help="the purge record (or the dry run's counts) as JSON")
     _storage_flags(pg)
-    pg.set_defaults(fn=_cmd_purge)
+    pg.set_defaults(fn=outputs.cmd_purge)
 
     e = sub.add_parser("export", help="write a run's shards in another tool's format")
     esub = e.add_subparsers(dest="ecmd", required=True)
@@ -414,13 +260,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("dir")
     c.add_argument("--out", metavar="FILE", help="the detection file (default: DIR/coco.json)")
     c.add_argument("--captions", metavar="FILE", help="the captions file (default: DIR/coco_captions.json)")
-    c.set_defaults(fn=_cmd_export_coco)
+    c.set_defaults(fn=outputs.cmd_export_coco)
 
     rp = sub.add_parser("report", help="an HTML page of a run: funnel, pairs, histograms, rejects, regions")
     rp.add_argument("dir")
     rp.add_argument("--out", metavar="DIR", help="the report's folder (default: DIR/report)")
     rp.add_argument("--pairs", type=int, default=48, metavar="N", help="kept pairs in the grid (default 48)")
-    rp.set_defaults(fn=_cmd_report)
+    rp.set_defaults(fn=outputs.cmd_report)
 
     st = sub.add_parser("stages", help="the stages, and every option of one (type, default, doc)")
     st.add_argument("name", nargs="?", help="a stage's name (download, clip_score, ...)")
