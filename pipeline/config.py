@@ -393,7 +393,10 @@ def _abs(base: Path, p: str, where: str) -> Path | str:
         if storage.is_object(loc):
             return p
         p = str(loc)
-    q = Path(p).expanduser()
+    try:
+        q = Path(p).expanduser()
+    except RuntimeError:  # "~name" of no user on this machine
+        raise ConfigError(f"{where}: {p!r}: no home folder for {p.split('/', 1)[0]!r} on this machine") from None
     return q if q.is_absolute() else (base / q)
 
 
