@@ -314,6 +314,7 @@ class DownloadStage(Stage):
             pool=w.threads,
             threads=self.config.thread_count,
             fetch=w.fetcher.fetch,
+            refuse=w.fetcher.refused_host,
             finish=self._finish,
             fail=self._fail,
             retries=self.config.retries,
@@ -321,17 +322,13 @@ class DownloadStage(Stage):
             fail_down_fast=not retry_pass,
             count_rows=not retry_pass,
         )
-        # a URL on a list, or at an address literal the policy refuses, is
-        # never fetched (nor its robots.txt)
-        matches = w.lists.match_urls(list(urls)) if w.lists is not None else [None] * n
-        decided = [self._decided(u, m) for u, m in zip(urls, matches)]
+        decided = None
+        if w.lists is not None:  # a URL on a list is never fetched
+            decided = [
+                None if m is None else self._fail(u, m.reason, {"url": u, **m.detail})
+                for u, m in zip(urls, w.lists.match_urls(list(urls)))
+            ]
         return self._write(batch, frontier.run(list(urls), decided))
-
-    def _decided(self, url, listed):
-        if listed is not None:
-            return self._fail(url, listed.reason, {"url": url, **listed.detail})
-        refused = self._worker.fetcher.refused_literal(url)
-        return None if refused is None else self._fail(url, refused[0], {"url": url, **refused[1]})
 
     # ------------------------------------------------------------ per row
 

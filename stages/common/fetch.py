@@ -172,16 +172,16 @@ class SafeFetcher:
     def close(self) -> None:
         self._pm.clear()
 
-    def refused_literal(self, url) -> tuple[str, dict] | None:
-        """``("blocked_address", detail)`` when ``url``'s host is an IP
+    def refused_host(self, host: str) -> tuple[str, dict] | None:
+        """``("blocked_address", detail)`` when ``host`` (a URL's host, as
+        :func:`~stages.common.frontier.host_and_origin` gives it) is an IP
         literal the policy refuses (the detail a fetch would give), else
-        ``None``: such a row can end before any request, robots.txt's
+        ``None``: its rows can end before any request, robots.txt's
         included. Names are left to the fetch, which checks every address
         they resolve to."""
         try:
-            host = urllib3.util.parse_url(url).host or ""
             ip = ipaddress.ip_address(host.strip("[]"))
-        except (ValueError, TypeError, LocationValueError):
+        except ValueError:
             return None
         why = self.policy.refusal(ip)
         if not why:

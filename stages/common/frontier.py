@@ -89,6 +89,7 @@ class Frontier:
         fetch: Callable,
         finish: Callable,
         fail: Callable,
+        refuse: Callable | None = None,
         robots=None,
         retries: int = 0,
         backoff: float = 1.0,
@@ -99,6 +100,7 @@ class Frontier:
     ):
         self.gate, self.pool, self.threads = gate, pool, threads
         self._fetch, self._finish, self._fail = fetch, finish, fail
+        self._refuse = refuse  # host -> (reason, detail) of rows that end unfetched (an address literal refused)
         self.robots, self.retries, self.backoff = robots, retries, backoff
         self.fail_down_fast, self.count_rows, self.poll = fail_down_fast, count_rows, poll
         self._rng = random.Random(seed)
@@ -120,6 +122,7 @@ class Frontier:
         self.queued = 0  # submitted to the pool, not started
         self._lock = threading.Lock()  # queues' pops and ``running``: threads hand rows over too
         rows: dict[str, int] = {}
+        refusals: dict[str, tuple | None] = {}
         for i, url in enumerate(urls):
             host, origin = host_and_origin(url)
             job = _Job(i, url, host, origin)
@@ -127,6 +130,8 @@ class Frontier:
                 self._done(job, decided[i])
             elif host is None:  # no request will be made: the fetcher names the problem
                 self._submit(self._run_row, job)
+            elif (refused := self._refused(host, refusals)) is not None:  # not even its robots.txt
+                self._done(job, self._fail(url, refused[0], {"url": url, **refused[1]}))
             else:
                 rows[host] = rows.get(host, 0) + 1
                 self._place(job)
@@ -138,6 +143,14 @@ class Frontier:
         finally:
             self.gate.close(self.threads)
         return self.results
+
+    def _refused(self, host: str, seen: dict) -> tuple | None:
+        """``refuse(host)``, asked once per host of the batch."""
+        if self._refuse is None:
+            return None
+        if host not in seen:
+            seen[host] = self._refuse(host)
+        return seen[host]
 
     # ------------------------------------------------------------ the loop
 
