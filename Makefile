@@ -33,7 +33,7 @@ $(VENV)/share/pairforge/wordnet_entries.txt: $(VENV)/.installed /usr/share/wordn
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet
 
-# a headless browser: tests/test_report.py loads `pairforge report`'s page in it (Debian's chromium)
+# a headless browser: tests/manifests/test_report.py loads `pairforge report`'s page in it (Debian's chromium)
 /usr/bin/chromium:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium

@@ -91,7 +91,7 @@ def recipe_stages(name: str, scorer: str, index: str, entries: str, t: int) -> l
         stages.append(ClipScore(model=MODEL, pretrained=scorer, device="cpu", batch_size=1024, top_fraction=0.3))
     if upto >= RECIPES.index("all"):
         # eps: a small model puts same-class look-alikes close (pf-tiny-scorer: re-encodes above 0.998, most
-        # look-alikes below, tests/test_decontaminate.py); this 32 px scorer is smaller still, so tighter
+        # look-alikes below, tests/pipeline/test_decontaminate.py); this 32 px scorer is smaller still, so tighter
         stages.append(DedupSemantic(eps=0.0005, n_clusters=20, eval_sets=[index]))
     if upto >= RECIPES.index("+balance"):
         stages += [MetadataMatch(entries=entries, word_boundaries=True), Balance(t=t)]

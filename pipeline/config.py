@@ -258,7 +258,7 @@ def decode_once(specs: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
     threads took of each stored image right after encoding it, instead of
     going over every stored image again in a pass of its own; it is the
     hash ``dedup_phash`` computes (``stages.common.phash``), so the
-    decisions are the same (``tests/test_resize.py``). Download writes it
+    decisions are the same (``tests/stages/test_resize.py``). Download writes it
     into ``dedup_phash``'s own column (``phash``), which ``dedup_phash``
     then checks and keeps: the shards hold the hash once.
     Explicit settings win: a ``hash_column`` or a ``perceptual_hash`` the

@@ -32,7 +32,7 @@ on ``PYTHONPATH``. Its ``sitecustomize.py`` acts in the dashboard head only: it
 replaces those two network calls of ``usage_lib`` with no-ops that log a line
 to ``dashboard.log`` (and makes the dashboard exit if Ray's code changed so
 that it can no longer). Being an environment variable, it reaches ``ray start``
-subprocesses and everything they start. ``tests/test_no_egress.py`` proves it
+subprocesses and everything they start. ``tests/pipeline/test_no_egress.py`` proves it
 in a private network namespace.
 
 Only the process that *starts* a Ray node matters; a driver that connects to a

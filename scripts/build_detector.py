@@ -28,7 +28,7 @@ each kind) and writes the figures into the ``.json`` beside it.
 AP here is VOC's all-point interpolated AP at IoU 0.5 (``average_precision``),
 with COCO's matching (each detection, best score first, takes the unmatched
 ground-truth box it overlaps most); ``recall_points=101`` gives COCO's
-interpolation, which tests/test_pfdet.py checks against pycocotools.
+interpolation, which tests/stages/test_pfdet.py checks against pycocotools.
 """
 
 from __future__ import annotations

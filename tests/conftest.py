@@ -4,7 +4,7 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Object storage in the tests is a moto S3 server on 127.0.0.1 (tests/test_object_storage.py).
+# Object storage in the tests is a moto S3 server on 127.0.0.1 (tests/pipeline/test_object_storage.py).
 # Set here, at import, so that every process of the session has them, the session's Ray
 # workers included (they inherit this environment when Ray starts, as a cluster's nodes
 # have theirs): dummy credentials and a region, so that no AWS SDK client looks for them

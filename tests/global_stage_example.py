@@ -1,6 +1,6 @@
 """A whole global stage written with only the public contract
 (``stages.base``, ``stages.options``), as a user would: drop rows whose
-caption an earlier key has. ``tests/test_global_contract.py`` counts its
+caption an earlier key has. ``tests/stages/test_global_contract.py`` counts its
 lines and runs it; a job names it ``tests.global_stage_example:CaptionDedup``
 (this module is importable by Ray workers, a test module is not)."""
 

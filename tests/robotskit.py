@@ -1,4 +1,4 @@
-"""Helpers for tests/test_robots.py: loopback servers posing as many hosts
+"""Helpers for tests/stages/test_robots.py: loopback servers posing as many hosts
 (each its own 127.0.23.x address and listening socket), the fetch that
 :func:`stages.common.robots.fetch_robots` takes, built on the project's
 SafeFetcher, and a directory store like the one the pipeline keeps in a

@@ -4,7 +4,7 @@ regions stage included (issue 28, finding 7: the shipped detector boxed 6 of
 ``pairforge run``'s codes (``pipeline/outcome.py``, docs/troubleshooting.md).
 
 The whole demo is built once a session (``demo_run`` in tests/conftest.py,
-shared with tests/test_purge.py). The exit codes of a failed demo are checked
+shared with tests/manifests/test_purge.py). The exit codes of a failed demo are checked
 on a real run of a small corpus of URLs that all fail, served by the demo's
 own server: seconds, no Ray.
 """

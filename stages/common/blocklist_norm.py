@@ -12,7 +12,7 @@ line goes through) and a column function over Arrow arrays: a list of a
 million URLs or a batch of rows is normalised by pyarrow's kernels (RE2
 regexes, string functions) in C++, and only the values the simple pattern
 does not cover (user info, IPv6 hosts, non-ASCII hosts, white space) go
-through the scalar function. ``tests/test_blocklist.py`` holds the two to
+through the scalar function. ``tests/stages/test_blocklist.py`` holds the two to
 the same answers.
 """
 

@@ -9,7 +9,7 @@ large face is as unreadable as a small one), and the blurred pixels are
 blended in through a mask that is 1 over the face box and falls linearly
 to 0 across the margin (no hard seam for a detector to key on). Blurring
 reads the original pixels for every box, so overlapping faces do not blur
-each other twice. ``tests/test_safety_faces.py`` checks that MTCNN, which
+each other twice. ``tests/stages/test_safety_faces.py`` checks that MTCNN, which
 found the faces before, finds none after.
 
 The image is encoded again in its own format (``image_ext``) with OpenCV,

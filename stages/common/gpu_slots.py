@@ -23,7 +23,7 @@ share) is retried once alone, after the allocator's cache is given back to
 the device; only then is it an error (:class:`GpuMemoryError`), which names
 the settings to change. Which calls share the GPU changes no result: every
 call is the same fixed-size micro-batch either way
-(``stages.regions._chunks``; tests/test_gpu_slots.py).
+(``stages.regions._chunks``; tests/stages/test_gpu_slots.py).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def nearest_cells_two_level(
     ``n x (sqrt(k) + coarse_probes x sqrt(k))`` products instead of
     ``n x k``. Approximate: a row whose nearest cell sits under a coarse
     cell it did not probe gets the best of those it did (recall measured in
-    ``tests/test_dedup_semantic.py``); a row and its near copy compute the
+    ``tests/stages/test_dedup_semantic.py``); a row and its near copy compute the
     same nearly equal products, so they land together either way. Float64
     products, ties to the smaller id, as :func:`nearest_cells`."""
     n, k = len(x), len(centroids)

@@ -24,7 +24,7 @@ swaps again in ``blobFromImage``, so the network sees BGR. The network was
 trained on RGB (Ultralytics' convention), and on scikit-image's astronaut it
 is surer of the face's class fed RGB (FACE_FEMALE 0.81 against FACE_MALE
 0.17) than fed BGR (0.72 against 0.49, what ``NudeDetector.detect`` returns),
-so the stage feeds RGB. ``tests/test_safety_nsfw.py`` holds both facts.
+so the stage feeds RGB. ``tests/stages/test_safety_nsfw.py`` holds both facts.
 
 Images go to the network in chunks of ``micro_batch``, the last padded with
 copies of its last image, so an image's score does not depend on the rows

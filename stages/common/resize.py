@@ -24,8 +24,8 @@ only one thread of a process may use it at a time. Here:
   (OpenCV releases the GIL while it decodes, resizes and encodes).
 
 Without a reduced decode the output bytes are identical to img2dataset's
-(``tests/test_resize.py`` checks this on real photos); with one, the pixels
-are within ``tests/test_resize.py``'s PSNR bound of img2dataset's and the
+(``tests/stages/test_resize.py`` checks this on real photos); with one, the pixels
+are within ``tests/stages/test_resize.py``'s PSNR bound of img2dataset's and the
 sizes identical. Images outside the fast path (16-bit, CMYK, palette PNG
 with transparency, anything OpenCV decodes to an unusual layout) go through
 img2dataset's own ``Resizer`` unchanged, serialised by a lock.

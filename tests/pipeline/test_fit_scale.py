@@ -19,7 +19,7 @@ from pairforge.stages.base import GlobalStage, object_array
 from pairforge.stages.common.knn import coarse_cells, nearest_cells, nearest_cells_two_level, spherical_kmeans
 from pairforge.stages.dedup_semantic import TWO_LEVEL_CELLS, Config, SemanticDedupStage
 from tests.shardkit import fit_on_ray
-from tests.test_dedup_semantic import embedded
+from tests.stages.test_dedup_semantic import embedded
 
 
 class RecordingLauncher(Launcher):

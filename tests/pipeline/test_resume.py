@@ -2,7 +2,7 @@
 half-way through the per-row pass, then ``--resume``, downloads only the
 rows of input shards that had not finished (counted at the local HTTP
 server) and writes the same bytes as an uninterrupted run. The grain within
-a shard is ``tests/test_resume_chunks.py``'s."""
+a shard is ``tests/pipeline/test_resume_chunks.py``'s."""
 
 import os
 import signal

@@ -27,7 +27,7 @@ from pairforge.pipeline.job import run_job
 from pairforge.pipeline.reader import split_input
 from tests import shardkit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _job(tmp_path, name: str, stages=("shard",), **input_opts):

@@ -4,7 +4,7 @@ and says with what score, threshold and model; top_fraction keeps exactly
 the top share (ties broken by key), is exact from a sample of the fit rows
 and says when a sample misled it, and its fit sends histograms, not rows,
 outside the window around the cut. The scores themselves:
-tests/test_clip_score.py."""
+tests/stages/test_clip_score.py."""
 
 import hashlib
 import json

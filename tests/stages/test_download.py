@@ -4,7 +4,7 @@ rows of images that download (sizes, resize modes, encodings), the failures
 (HTTP errors, timeouts, bad URLs, bodies that do not decode, the resizer's
 size filters), every row accounted for, and details that read the same in
 every run. What the stage refuses to fetch (addresses, redirects, caps,
-opt-outs): tests/test_download_policy.py."""
+opt-outs): tests/stages/test_download_policy.py."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import pytest
 from pairforge.pipeline import checks
 from pairforge.pipeline.config import ConfigError, load_job
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCORER = ROOT / "pipeline" / "assets" / "pf-tiny-scorer.pt"
 
 #: name -> (stages, strings the error line must hold)

@@ -3,7 +3,7 @@ servers that trickle their status line, headers or body, or never answer,
 must cost no more than the deadline; an allow-list entry must not admit the
 6to4 or Teredo addresses that embed it; a null URL and a NaN URL must read
 apart in the rejects. Content codings and compression bombs (finding 3):
-tests/test_fetch_hostile_codings.py."""
+tests/stages/test_fetch_hostile_codings.py."""
 
 from __future__ import annotations
 

@@ -131,6 +131,6 @@ def test_every_bad_value_of_a_stage_is_named_and_only_those():
 
 
 def test_a_tilde_path_of_no_user_is_a_config_error():
-    # hypothesis found it (tests/test_fuzz_inputs.py): Path("~0").expanduser() raises RuntimeError
+    # hypothesis found it (tests/pipeline/test_fuzz_inputs.py): Path("~0").expanduser() raises RuntimeError
     with pytest.raises(ConfigError, match=r"input.paths: '~0': no home folder"):
         load_job({"input": "~0", "output": {"dir": "out"}, "stages": ["shard"]})

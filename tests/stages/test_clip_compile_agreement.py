@@ -79,7 +79,7 @@ def test_one_process_of_a_node_compiles_at_a_time(tmp_path, monkeypatch):
         "import sys\nfrom pairforge.stages.common.cuda_towers import node_compile_lock\n"
         "with node_compile_lock():\n    print('held', flush=True)\n    sys.stdin.readline()\n"
     )
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": root})  # fmt: skip
     got = threading.Event()

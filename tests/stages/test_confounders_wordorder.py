@@ -3,7 +3,7 @@ rows with (``stages.common.wordorder``): a hand-checked table of caption
 styles, each caption's confounder or the reason it is skipped, so that a
 change to the rules shows as a changed line; every rewrite keeps the
 caption's words and changes their order; and the trainer's generated scene
-pairs are among the rewrites. The stage itself: tests/test_confounders.py."""
+pairs are among the rewrites. The stage itself: tests/stages/test_confounders.py."""
 
 from collections import Counter
 

@@ -2,7 +2,7 @@
 skips, groups, the split, order independence), planted scenes through the
 real scorer, and a local job whose side table ``manifest verify`` checks.
 The word-order rules on a hand-checked table of caption styles:
-tests/test_confounders_wordorder.py."""
+tests/stages/test_confounders_wordorder.py."""
 
 from collections import Counter
 

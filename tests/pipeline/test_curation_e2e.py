@@ -18,7 +18,7 @@ from pairforge.manifests.manifest import read_manifest, verify
 from pairforge.pipeline.config import load_job
 from pairforge.pipeline.job import run_job
 from pairforge.stages.common import balancing
-from tests.test_object_storage import BUCKET, s3  # noqa: F401 - the moto server fixture
+from tests.pipeline.test_object_storage import BUCKET, s3  # noqa: F401 - the moto server fixture
 
 N, ENTRIES, T = 900, 40, 25
 

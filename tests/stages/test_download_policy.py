@@ -5,7 +5,7 @@ no say), redirects to such addresses, redirect loops and redirects to other
 schemes, bodies past the byte cap, images past the pixel cap (read from the
 header only, before a decompression bomb is decoded), and images whose
 X-Robots-Tag opts out (read as img2dataset reads it). Every other outcome:
-tests/test_download.py."""
+tests/stages/test_download.py."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 corpus with planted boilerplate: "image", "IMG_2041.JPG" and "click to
 enlarge" shared by 50 images each are dropped as ``caption_shared``, a
 caption shared by 3 images is kept; the fit runs as the runners run it, over
-in-memory shards (``tests/test_balance.py``'s ``fit``)."""
+in-memory shards (``tests/stages/test_balance.py``'s ``fit``)."""
 
 import json
 from collections import Counter

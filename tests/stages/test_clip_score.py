@@ -4,7 +4,7 @@ a direct open_clip computation's, a row's score does not depend on its batch
 that does not decode fails alone; its config and the nvimgcodec decoder's
 checks; and Ray's actor pool, with and without CPU prefetch, gives the
 in-process results. Filtering by threshold and top_fraction:
-tests/test_clip_score_filter.py."""
+tests/stages/test_clip_score_filter.py."""
 
 import io
 

@@ -32,7 +32,7 @@ from pairforge.trainer.detection_data import (
     picks,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ASSET = ROOT / "pipeline" / "assets" / "pf-tiny-detector.pt"
 SMALL_CFG = CompositeConfig().scaled(128)
 #: the shipped detector on 150 held-out plain product photos (its .json has the figures on 1,000)

@@ -92,7 +92,7 @@ def test_batches_with_hard_negatives_take_the_eager_step_on_the_same_state():
 @cuda
 def test_the_training_loop_replays_its_graph_and_keeps_its_curve(tmp_path):
     from bench.trainkit import write_shards
-    from tests.test_trainer import QUICK
+    from tests.trainer.test_trainer import QUICK
 
     write_shards(tmp_path / "corpus", 640, 160, 64)  # scikit-image's photos: no dataset package needed
     kw = {**QUICK, "device": "cuda", "steps": 12, "eval_every": 12, "hard_negatives": False}

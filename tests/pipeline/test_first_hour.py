@@ -28,7 +28,7 @@ from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.pipeline.open_clip_local import hub_unreachable
 from tests.shardkit import jpeg
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 N = 6
 
 #: runs ``pairforge ARGS`` in this fresh process and says what happened

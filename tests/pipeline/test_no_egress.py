@@ -18,7 +18,7 @@ there is recorded. The child then
 Steps 2 and 3 must record nothing. The PID namespace ends every process the
 child started when it exits.
 
-Without the fix (``PAIRFORGE_EGRESS_UNFIXED=1 pytest tests/test_no_egress.py``:
+Without the fix (``PAIRFORGE_EGRESS_UNFIXED=1 pytest tests/pipeline/test_no_egress.py``:
 step 2 is a plain ``ray.init(num_cpus=1, include_dashboard=False)``, step 3 a
 ``ray start`` with only ``RAY_USAGE_STATS_ENABLED=0``) the test fails; measured
 with Ray 2.60: step 2 made 3 requests (GET 169.254.169.254/metadata/instance,
@@ -39,7 +39,7 @@ import pytest
 
 from pairforge.pipeline.raystart import SITE_DIR, apply_loopback_env, loopback_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc"]
 # $1: a folder for the hosts file; the rest: the command to run in the namespaces
 SETUP = """set -e

@@ -17,7 +17,7 @@ import torch
 from pairforge.stages.base import run_stage_batch
 from pairforge.stages.common.gpu_slots import GpuMemoryError, GpuSlots, is_out_of_memory
 from pairforge.stages.regions import Config, RegionsStage
-from tests.test_regions import _jpeg, _rows
+from tests.stages.test_regions import _jpeg, _rows
 
 
 def test_no_more_calls_at_once_than_slots():

@@ -286,7 +286,7 @@ def test_bad_lists_and_no_list_are_clear_errors(demo, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def s3():
-    """moto's S3 server on a free loopback port, with one bucket (as tests/test_object_storage.py)."""
+    """moto's S3 server on a free loopback port, with one bucket (as tests/pipeline/test_object_storage.py)."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

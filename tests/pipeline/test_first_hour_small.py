@@ -24,7 +24,7 @@ from pairforge.pipeline.job import run_job
 from pairforge.stages.common.assets import SHIPPED, resolve
 from tests.shardkit import jpeg
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

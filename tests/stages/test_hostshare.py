@@ -2,7 +2,7 @@
 clients (one per process in a run, several in one process here, each with
 its own sync threads) against one ShareGate, first by its calls, then as
 the download stage's gate against loopback hosts that count what they got.
-On Ray, tests/test_cluster.py runs the same gate as an actor on two nodes."""
+On Ray, tests/pipeline/test_cluster.py runs the same gate as an actor on two nodes."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ gives back the image; bodies that do not inflate are decode errors, not
 retried; compression bombs (nested, chunked, one behind a redirect) must
 cost no more than the byte cap in bytes and a stated bound in memory, which
 a fresh interpreter measures. The deadline and the allow-list:
-tests/test_fetch_hostile.py."""
+tests/stages/test_fetch_hostile.py."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.stages.common.fetch import SafeFetcher
 from tests.fetchkit import IMAGE, LOCAL, TIMEOUT, encoded_routes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------ bombs
