@@ -68,6 +68,7 @@ from pairforge.stages.base import (
 from pairforge.stages.common import clip as _clip
 from pairforge.stages.common import cuda_towers as _cuda
 from pairforge.stages.common import gpudecode as _gpudecode
+from pairforge.stages.common import tower_compile as _compile
 from pairforge.stages.common.topfraction import BINS, TopFraction  # noqa: F401 (BINS: tests read it here)
 from pairforge.stages.options import options
 
@@ -110,6 +111,11 @@ class Config:
     #: first actor of a node, its kernels cached for the others; kept only where
     #: they match the eager towers within ``compile_tolerance``)
     compile: bool = False
+    #: how the compiled towers round: ``eager`` (bf16 where eager rounds, linear
+    #: biases inside the matmul, layer norms as the eager kernel), ``casts``
+    #: (only the rounding) or ``fast`` (inductor's defaults); see
+    #: :mod:`stages.common.tower_compile` and docs/gpu.md
+    compile_numerics: str = "eager"
     #: the largest |score difference| from the eager towers (on random inputs at
     #: set-up) with which compiled towers are kept, else the stage runs eagerly: a
     #: guard against a broken compile (bf16 rounding: ViT-B-32 1.6e-3 to 2.1e-3;
@@ -128,6 +134,8 @@ class Config:
     def __post_init__(self):
         if self.image_decode not in _clip.DECODERS:
             raise ValueError(f"image_decode: expected one of {_clip.DECODERS}, got {self.image_decode!r}")
+        if self.compile_numerics not in _compile.NUMERICS:
+            raise ValueError(f"compile_numerics: expected one of {_compile.NUMERICS}, got {self.compile_numerics!r}")
         if self.precision not in ("auto", "fp32"):
             raise ValueError(f"precision: expected 'auto' or 'fp32', got {self.precision!r}")
         if self.top_fraction is not None and not 0.0 <= self.top_fraction <= 1.0:
@@ -221,7 +229,8 @@ class ClipScoreStage(GlobalStage):
             if device.startswith("cuda") and c.precision == "auto":
                 self._towers = _cuda.CudaTowers(ld.model, ld.cfg, device, c.micro_batch, ld.tokenizer.context_length,
                                                 graphs=c.cuda_graphs, compile=c.compile,
-                                                compile_tolerance=c.compile_tolerance)  # fmt: skip
+                                                compile_tolerance=c.compile_tolerance,
+                                                numerics=c.compile_numerics)  # fmt: skip
                 log.info("clip_score: towers %s (%s)", self._towers.mode, self._towers.check)
 
     def teardown(self) -> None:

@@ -18,19 +18,17 @@ Every forward pass sees exactly ``micro_batch`` rows (see
 :mod:`stages.common.clip` for why) and replays a CUDA graph captured from the
 eager towers (the same kernels, scores identical to eager; kept only if a
 check at set-up agrees within 1e-3). ``compile`` adds ``torch.compile``
-(faster towers; kept within ``compile_tolerance`` of eager: bf16 rounding
-alone puts ViT-B-32 1.6e-3 to 2.1e-3 away, and what that does to the
-stage's decisions is in docs/gpu.md). The compile runs under a lock of the
-node (:func:`node_compile_lock`): the first actor pays it (~25-35 s), the
+with inductor switched to eager's bf16 rounding (``numerics``, see
+:mod:`stages.common.tower_compile`; kept within ``compile_tolerance`` of
+eager, and what the rest does to the stage's decisions is in docs/gpu.md).
+The compile runs under a lock of the node: the first actor pays it, the
 others load its kernels from inductor's on-disk cache. Several threads may
 score batches at once: one decodes while another's towers run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 import time
 
@@ -38,6 +36,7 @@ import numpy as np
 
 from pairforge.stages.common import gpudecode
 from pairforge.stages.common.clip import chunks, decode_cpu, decode_tensors, padded, resize_crop, size_hw
+from pairforge.stages.common.tower_compile import compiled, node_compile_lock
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ class CudaTowers:
 
     def __init__(self, model, cfg: dict, device: str, micro_batch: int, context_length: int,
                  graphs: bool = True, compile: bool = False, tolerance: float = 1e-3,
-                 compile_tolerance: float = 1e-3):  # fmt: skip
+                 compile_tolerance: float = 1e-3, numerics: str = "eager"):  # fmt: skip
         import torch
 
         self.device, self.mb, self.cfg = torch.device(device), int(micro_batch), cfg
@@ -133,7 +132,7 @@ class CudaTowers:
         if compile:
             t = time.perf_counter()
             with node_compile_lock():  # the node's other actors wait, then load what this one compiled
-                self._try("compiled", lambda: compiled(forward), compile_tolerance, graphs)
+                self._try("compiled", lambda: compiled(forward, model, numerics), compile_tolerance, graphs)
             self.check["compile_s"] = round(time.perf_counter() - t, 1)
         if graphs and self.mode == "eager":
             self._try("graphs", lambda: forward, tolerance, True)
@@ -293,53 +292,6 @@ def tower_forward(model, cfg: dict, device):
         return img, txt, (img * txt).sum(-1)
 
     return forward
-
-
-def compiled(forward):
-    """``torch.compile`` with inductor rounding each fused op's output to
-    bf16/fp16 as eager does (``emulate_precision_casts``). Without it the
-    fused kernels keep fp32 intermediates, which is no less accurate but
-    drifts further from the eager towers' scores."""
-    import torch
-    import torch._inductor.config as inductor
-
-    if hasattr(inductor, "emulate_precision_casts"):
-        inductor.emulate_precision_casts = True
-    return torch.compile(forward, dynamic=False)
-
-
-@contextlib.contextmanager
-def node_compile_lock():
-    """Held while this process compiles the towers: one process of a node at
-    a time. Inductor keeps what it compiled in an on-disk cache of the node
-    (the FX graph and autotuning caches under its cache dir, on by
-    default), so actors that start together would each pay the full
-    compile; with the lock the first compiles and the others, once it is
-    done, load its kernels from the cache (seconds). Where the cache dir
-    cannot take a lock file, nothing is held."""
-    import fcntl
-
-    try:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-        folder = cache_dir()
-    except Exception:  # another torch layout: its default place
-        import tempfile
-
-        folder = os.path.join(tempfile.gettempdir(), "torchinductor_" + (os.environ.get("USER") or "user"))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        f = open(os.path.join(folder, "pairforge-compile.lock"), "a")  # noqa: SIM115 - held across the yield
-    except OSError as e:
-        log.warning("clip_score: no compile lock in %s (%s); compiling without it", folder, e)
-        yield
-        return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Pending:
