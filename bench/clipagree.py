@@ -3,6 +3,7 @@ towers make?
 
     python bench/clipagree.py --device cuda                 # the bench corpus and the demo's rows, one GPU (~2 min)
     python bench/clipagree.py --device cpu --n 512 --sets demo   # the towers' forward on the CPU (bf16 autocast)
+    python bench/clipagree.py --device cuda --settings eager,casts,fast   # each compile_numerics setting
 
 ``torch.compile``'s towers score within a few 1e-3 of the eager ones in
 bf16 (fused kernels round in other places), too much for a bit-for-bit
@@ -20,7 +21,12 @@ On a GPU the scores come from the stage itself (nvJPEG, CUDA graphs: eager
 towers, or compiled + graphs) over the same rows; on the CPU from the
 towers' forward (:func:`stages.common.cuda_towers.tower_forward`, bf16
 autocast) eager and compiled, since the stage runs fp32 there.
-``--demo-rows FILE`` reads the demo's rows from a parquet file (``--save-demo
+``--settings`` names the stage's ``compile_numerics`` settings to compare
+with eager (``eager``: inductor rounds as eager does; ``casts``; ``fast``:
+inductor's defaults; :mod:`stages.common.tower_compile`); on a GPU each
+line also gives the compiled towers' rate on ready tensors against the
+eager towers' (CUDA graphs) in the same process, the speed the setting
+keeps. ``--demo-rows FILE`` reads the demo's rows from a parquet file (``--save-demo
 FILE`` writes one), for machines without the demo's datasets.
 """
 
@@ -140,9 +146,11 @@ def save_demo(path: str) -> None:
 # ------------------------------------------------------------------ scores
 
 
-def stage_scores(images, captions, model: str, pretrained: str, device: str, compile: bool, batch: int = 2048):
+def stage_scores(images, captions, model: str, pretrained: str, device: str, compile: bool, batch: int = 2048,
+                 numerics: str = "eager"):  # fmt: skip
     """The clip_score stage's scores over the rows on a GPU, eager towers
-    (CUDA graphs of them) or compiled (kept whatever their difference)."""
+    (CUDA graphs of them) or compiled with ``numerics`` (kept whatever their
+    difference), and the towers' rate on ready tensors."""
     import torch
 
     from bench.clipbench import rows_batch
@@ -150,7 +158,7 @@ def stage_scores(images, captions, model: str, pretrained: str, device: str, com
     from pairforge.stages.clip_score import ClipScoreStage
 
     torch.manual_seed(0)  # the same random weights for both
-    cfg = {"compile": compile} | ({"compile_tolerance": float("inf")} if compile else {})
+    cfg = {"compile": compile} | ({"compile_tolerance": float("inf"), "compile_numerics": numerics} if compile else {})
     st = ClipScoreStage(pretrained=pretrained, model=model, device=device, batch_size=batch, micro_batch=256,
                         image_decode="nvjpeg", **cfg)  # fmt: skip
     t = time.perf_counter()
@@ -160,23 +168,52 @@ def stage_scores(images, captions, model: str, pretrained: str, device: str, com
     for a in range(0, len(images), batch):
         rows = rows_batch(images[a : a + batch], captions[a : a + batch], a)
         out.append(run_stage_batch(st, rows)["clip_score"])
+    rate = tower_rate(st._towers, st._loaded.tokenizer, captions) if st._towers is not None else float("nan")
     print(f"   {model} ({pretrained}) towers {mode}, check {st._towers.check if st._towers else {}}, "
-          f"{time.perf_counter() - t:.1f}s", flush=True)  # fmt: skip
-    return np.concatenate(out).astype(np.float32), mode
+          f"{time.perf_counter() - t:.1f}s, towers on ready tensors {rate:.0f} pairs/s", flush=True)  # fmt: skip
+    st.teardown()
+    return np.concatenate(out).astype(np.float32), rate
 
 
-def forward_scores(images, captions, model: str, pretrained: str, device: str, compile: bool, micro_batch: int = 64):
+def tower_rate(towers, tokenizer, captions, batch: int = 2048, steps: int = 10, passes: int = 3) -> float:
+    """Pairs/s of ``towers`` on ready device tensors (random pixels, real
+    tokens; two batches in flight, as an actor's two threads): the median of
+    ``passes`` timed passes of ``steps`` batches after a warm-up."""
+    import torch
+
+    g = torch.Generator(device=towers.device).manual_seed(0)
+    pix = [torch.randint(0, 256, (batch, *towers.shape_img[1:]), dtype=torch.uint8, device=towers.device,
+                         generator=g) for _ in range(2)]  # fmt: skip
+    tok = [tokenizer(captions[i * batch : (i + 1) * batch]).to(towers.device) for i in range(2)]
+    rates = []
+    for r in range(passes + 1):
+        t, pending = time.perf_counter(), []
+        for k in range(steps):
+            pending.append(towers.enqueue(pix[k % 2], tok[k % 2]))
+            if len(pending) > 2:
+                pending.pop(0).wait()
+        for q in pending:
+            q.wait()
+        if r:  # the first pass warms up
+            rates.append(steps * batch / (time.perf_counter() - t))
+    return float(np.median(rates))
+
+
+def forward_scores(images, captions, model: str, pretrained: str, device: str, compile: bool, micro_batch: int = 64,
+                   numerics: str = "eager"):  # fmt: skip
     """The towers' forward (bf16 autocast) over the rows, on any device:
-    eager, or ``torch.compile``'d as the stage compiles it."""
+    eager, or ``torch.compile``'d as the stage compiles it with
+    ``numerics``."""
     import torch
 
     from pairforge.stages.common import clip as _clip
-    from pairforge.stages.common.cuda_towers import compiled, tower_forward
+    from pairforge.stages.common.cuda_towers import tower_forward
+    from pairforge.stages.common.tower_compile import compiled
 
     torch.manual_seed(0)
     ld = _clip.load(model, pretrained, device)
     fn = tower_forward(ld.model, ld.cfg, device)
-    fn = compiled(fn) if compile else fn
+    fn = compiled(fn, ld.model, numerics) if compile else fn
     tensors, errors = _clip.decode_cpu(images, device, 1)
     good = [i for i, e in enumerate(errors) if e is None]
     pixels = _clip.resize_crop([tensors[i] for i in good], ld.cfg)
@@ -189,15 +226,20 @@ def forward_scores(images, captions, model: str, pretrained: str, device: str, c
             s = fn(_clip.padded(pixels[a:b], micro_batch), _clip.padded(tokens[a:b], micro_batch))[2][: b - a]
             out.append(s.float().cpu().numpy())
     scores[good] = np.concatenate(out)
-    return scores, "compiled" if compile else "eager"
+    return scores, float("nan")
 
 
-def measure(images, captions, model: str, pretrained: str, device: str, thresholds) -> list[dict]:
+def measure(images, captions, model: str, pretrained: str, device: str, thresholds, settings) -> list[tuple]:
+    """(setting, agreement at each threshold, compiled rate / eager rate) per
+    ``compile_numerics`` setting, against one eager scoring of the rows."""
     score = stage_scores if device.startswith("cuda") else forward_scores
-    eager, _ = score(images, captions, model, pretrained, device, False)
-    other, mode = score(images, captions, model, pretrained, device, True)
+    eager, eager_rate = score(images, captions, model, pretrained, device, False)
     keys = np.array([f"{i:09d}" for i in range(len(images))])
-    return [agreement(eager, other, keys, t, TOP_FRACTION) for t in thresholds]
+    out = []
+    for setting in settings:
+        other, rate = score(images, captions, model, pretrained, device, True, numerics=setting)
+        out.append((setting, [agreement(eager, other, keys, t, TOP_FRACTION) for t in thresholds], rate / eager_rate))
+    return out
 
 
 def main(argv=None) -> None:
@@ -206,6 +248,7 @@ def main(argv=None) -> None:
     p.add_argument("--sets", default="bench,demo")
     p.add_argument("--n", type=int, default=None, help="bench rows (default 40960 on a GPU, 512 on the CPU)")
     p.add_argument("--unique", type=int, default=1024)
+    p.add_argument("--settings", default="eager", help="compile_numerics settings to compare (comma list)")
     p.add_argument("--demo-rows", default=None, help="the demo's rows as parquet (image, caption)")
     p.add_argument("--save-demo", default=None, help="write the demo's rows here and stop")
     args = p.parse_args(argv)
@@ -231,8 +274,11 @@ def main(argv=None) -> None:
             from pairforge.demo import SCORER_CHECKPOINT
 
             pretrained = str(SCORER_CHECKPOINT)
-        for a in measure(images, captions, model, pretrained, args.device, cuts):
-            print(describe(f"{name} ({model}, {args.device})", a), flush=True)
+        for setting, found, speed in measure(images, captions, model, pretrained, args.device, cuts,
+                                             args.settings.split(",")):  # fmt: skip
+            for a in found:
+                print(describe(f"{name} ({model}, {args.device}, compile_numerics {setting})", a)
+                      + (f"; compiled towers {speed:.2f}x eager's rate" if speed == speed else ""), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -216,7 +216,8 @@ class Ceiling(Plan):
         self.label = {"eager": "ceiling: towers on ready tensors, eager",
                       "graphs": "ceiling: towers on ready tensors, CUDA graphs",
                       "compiled": "ceiling: towers on ready tensors, compiled+graphs"}[mode]  # fmt: skip
-        self.label += f" (micro-batch {args.micro_batch})"
+        self.label += f" (micro-batch {args.micro_batch}"
+        self.label += f", {getattr(args, 'compile_numerics', 'eager')} numerics)" if mode == "compiled" else ")"
 
     def setup(self) -> None:
         import torch
@@ -240,7 +241,8 @@ class Ceiling(Plan):
             # keeps compiled towers only within 1e-3
             self.towers = CudaTowers(net, cfg, a.device, a.micro_batch, tokenizer.context_length,
                                     graphs=self.mode != "eager", compile=self.mode == "compiled",
-                                    compile_tolerance=float("inf"))  # fmt: skip
+                                    compile_tolerance=float("inf"),
+                                    numerics=getattr(a, "compile_numerics", "eager"))  # fmt: skip
             self.achieved = self.towers.mode
             print(f"   {self.label}: towers ran as {self.towers.mode}, check vs eager {self.towers.check}", flush=True)
         else:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU round of issue 31's measurements, as the device tool runs it:
 #   bash bench/gpu_round.sh STEP...      (from the repository root; logs under $OUT)
-# Steps: regions-prof, regions, regions-mobilenet, clipagree, clip, safety.
+# Steps: regions-prof, regions, regions-small, regions-mobilenet, clipagree, clip, clip-default, clip-both,
+# clip-ceilings, safety.
 # Needs the carried site (.carry/site.tar.xz: ray, open_clip, ... for Python
 # 3.12) and, for clipagree, the demo's rows (.carry/demo_rows.parquet).
 set -u
@@ -29,11 +30,19 @@ for s in "$@"; do
         --plans inproc,ray-1a2t,ray-2a2t ;;
     regions) step regions-r50 240 python3 bench/regions.py --device cuda --models r50 --r50-share 1.0 \
         --n 4096 --batch-size 128 --micro-batch 128 --plans inproc,ray-1a2t ;;
+    regions-small) step regions-r50 200 python3 bench/regions.py --device cuda --models r50 --r50-share 1.0 \
+        --n 2048 --batch-size 64 --micro-batch 64 --plans inproc,ray-1a2t ;;
     regions-mobilenet) step regions-mobilenet 200 python3 bench/regions.py --device cuda --models mobilenet \
         --n 8192 --batch-size 256 --plans inproc,ray-1a2t,ray-1a4t,ray-2a2t ;;
-    clipagree) step clip-agreement 150 python3 bench/clipagree.py --device cuda --demo-rows .carry/demo_rows.parquet ;;
+    clipagree) step clip-agreement 200 python3 bench/clipagree.py --device cuda --settings eager,casts \
+        --demo-rows .carry/demo_rows.parquet ;;
     clip) step clip 315 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --plans eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-2a+compiled ;;
+    clip-default|clip-both) mkdir -p "$OUT/raystats"
+        if [ "$s" = clip-default ]; then plans=eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-1a4t
+        else plans=eager,compiled,ray-nvjpeg-2a+eager,ray-nvjpeg-2a+compiled; fi
+        step clip 330 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement --budget-s 250 \
+            --ray-stats "$OUT/raystats" --plans $plans ;;
     clip-ceilings) step clip-ceilings 75 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 20480 --plans eager,compiled ;;
     safety) step safety-nsfw 150 python3 bench/safety.py --device cuda --plans nsfw ;;

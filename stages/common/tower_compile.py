@@ -83,39 +83,54 @@ _op = None
 
 def eager_layer_norm_op():
     """``pairforge::eager_layer_norm``: layer norm as autocast runs it in
-    eager mode (inputs cast to fp32, the fp32 kernel, fp32 out), as an
-    operator inductor cannot see into, so it calls the eager kernel instead
-    of fusing its own. A registered operator, unlike a custom decomposition
-    table, leaves inductor's FX graph cache usable (the key names it)."""
+    eager mode, as an operator inductor cannot see into, so it calls the
+    eager kernel instead of fusing its own. ``upcast``: autocast's policy
+    for layer norm on this device (CUDA: inputs cast to fp32, fp32 out; the
+    CPU: the input's dtype). A registered operator, unlike a custom
+    decomposition table, leaves inductor's FX graph cache usable (the key
+    names it)."""
     global _op
     if _op is None:
         import torch
         import torch.nn.functional as F
 
-        schema = "(Tensor x, Tensor? weight, Tensor? bias, int[] shape, float eps) -> Tensor"
+        schema = "(Tensor x, Tensor? weight, Tensor? bias, int[] shape, float eps, bool upcast) -> Tensor"
 
         @torch.library.custom_op("pairforge::eager_layer_norm", mutates_args=(), schema=schema)
-        def eager_layer_norm(x, weight, bias, shape, eps):
+        def eager_layer_norm(x, weight, bias, shape, eps, upcast):
             with torch.autocast(x.device.type, enabled=False):
-                w = None if weight is None else weight.float()
-                b = None if bias is None else bias.float()
-                return F.layer_norm(x.float(), shape, w, b, eps)
+                if upcast:
+                    x = x.float()
+                    weight = None if weight is None else weight.float()
+                    bias = None if bias is None else bias.float()
+                return F.layer_norm(x, shape, weight, bias, eps)
 
         @eager_layer_norm.register_fake
-        def _(x, weight, bias, shape, eps):
-            return torch.empty_like(x, dtype=torch.float32)
+        def _(x, weight, bias, shape, eps, upcast):
+            return torch.empty_like(x, dtype=torch.float32 if upcast else x.dtype)
 
         _op = eager_layer_norm
     return _op
 
 
-def route_norms(model) -> int:
-    """Point the forward of each layer norm of ``model`` that autocast runs
-    in fp32 (``torch.nn.LayerNorm`` and open_clip's ``LayerNorm`` and
-    ``LayerNormFp32``, which cast the result back to the input's dtype) at
-    :func:`eager_layer_norm_op`; the same kernel on the same fp32 inputs, so
-    the eager towers' results do not change. Outside autocast (fp32 towers)
-    a norm runs as before. Returns how many were routed."""
+def autocast_upcasts_layer_norm(device_type: str, dtype) -> bool:
+    """Whether autocast on ``device_type`` runs layer norm in fp32 (CUDA
+    does; the CPU keeps the input's dtype), asked of torch itself."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.zeros((1, 2), dtype=dtype, device=device_type)
+    with torch.inference_mode(), torch.autocast(device_type, dtype=dtype):
+        return F.layer_norm(x, (2,)).dtype == torch.float32
+
+
+def route_norms(model, dtype=None) -> int:
+    """Point the forward of each layer norm of ``model`` (``torch.nn.LayerNorm``
+    and open_clip's ``LayerNorm`` and ``LayerNormFp32``, which cast the result
+    back to the input's dtype) at :func:`eager_layer_norm_op` while autocast
+    (``dtype``, bf16 by default) is on: the same kernel on the same inputs
+    as autocast gives it, so the eager towers' results do not change.
+    Outside autocast a norm runs as before. Returns how many were routed."""
     import types
 
     import torch
@@ -127,6 +142,9 @@ def route_norms(model) -> int:
         classes |= {getattr(oct, n): True for n in ("LayerNorm", "LayerNormFp32") if hasattr(oct, n)}
     except ImportError:
         pass
+    params = list(model.parameters())
+    device_type = params[0].device.type if params else "cpu"
+    upcast = autocast_upcasts_layer_norm(device_type, dtype or torch.bfloat16)
     op, n = eager_layer_norm_op(), 0
     for m in model.modules():
         cast_back = classes.get(type(m))
@@ -137,7 +155,10 @@ def route_norms(model) -> int:
         def forward(self, x, _plain=plain, _cast_back=cast_back):
             if not torch.is_autocast_enabled(x.device.type):
                 return _plain(x)
-            y = op(x, self.weight, self.bias, list(self.normalized_shape), float(self.eps))
+            if _cast_back and type(self).__name__ == "LayerNormFp32":
+                x32 = op(x.float(), self.weight, self.bias, list(self.normalized_shape), float(self.eps), upcast)
+                return x32.to(x.dtype)
+            y = op(x, self.weight, self.bias, list(self.normalized_shape), float(self.eps), upcast)
             return y.to(x.dtype) if _cast_back else y
 
         m.forward = types.MethodType(forward, m)
