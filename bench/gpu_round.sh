@@ -40,8 +40,8 @@ for s in "$@"; do
         --plans eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-2a+compiled ;;
     clip-default|clip-both) mkdir -p "$OUT/raystats"
         if [ "$s" = clip-default ]; then plans=eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-1a4t
-        else plans=eager,compiled,ray-nvjpeg-2a+compiled,ray-nvjpeg-1a4t+compiled,ray-nvjpeg-2a+eager; fi
-        step clip 420 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement --budget-s 300 \
+        else plans=eager,compiled,ray-nvjpeg-2a+compiled,ray-nvjpeg-1a4t+compiled; fi
+        step clip 340 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement --budget-s 230 \
             --ray-stats "$OUT/raystats" --plans $plans ;;
     clip-ceilings) step clip-ceilings 75 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 20480 --plans eager,compiled ;;
