@@ -30,8 +30,12 @@ while the towers of the previous chunk run, every forward pass replays a
 CUDA graph captured at ``micro_batch`` rows (kept only within 1e-3 of the
 eager towers), and ``compile: true`` adds ``torch.compile`` (kept within
 ``compile_tolerance``; compiled once per node, the other actors load its
-kernels from inductor's cache). Compiled towers stay opt-in: on one H100
-they changed 0.41% of the top-30% decisions on the bench corpus (docs/gpu.md).
+kernels from inductor's cache). ``compile_numerics: eager`` (the default)
+makes inductor round as the eager towers do (:mod:`stages.common.tower_compile`;
+on the CPU the scores then match eager within 2e-7). Compiled towers stay
+opt-in until a GPU shows that they keep the decisions: inductor's rounding
+alone changed 0.41% of the top-30% decisions on the bench corpus on one H100,
+and the ``eager`` numerics have not been measured on a GPU yet (docs/gpu.md).
 Under Ray an actor scores ``actor_threads`` batches at once on threads.
 
 ``cpu_prefetch: true`` tokenises in plain Ray CPU tasks ahead of the actors
