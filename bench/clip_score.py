@@ -141,7 +141,7 @@ class RayPlan(Plan):
 
         compile = {"compiled": True, "eager": False}.get(extra, Config(pretrained="random").compile)
         self.cfg["compile"] = compile
-        what += (f", compiled towers ({a.compile_numerics} numerics)" if compile else ", eager towers (graphs)")
+        what += f", compiled towers ({a.compile_numerics} numerics)" if compile else ", eager towers (graphs)"
         what += "" if extra else " [the default]"
         if compile:
             self.cfg["compile_numerics"] = a.compile_numerics
