@@ -47,6 +47,11 @@ def test_numerics_settings_name_inductors_switches():
     assert settings("fast")[:2] == ({}, False) and not missing
     with pytest.raises(ValueError, match="compile_numerics.*'exact'"):
         settings("exact")
+    from pairforge.stages.clip_score import Config
+
+    assert Config(pretrained="random").compile_numerics == "eager"
+    with pytest.raises(ValueError, match="compile_numerics.*'exact'"):  # at the config, before any model loads
+        Config(pretrained="random", compile_numerics="exact")
 
 
 def _pf_tiny_inputs(rows: int):
