@@ -96,7 +96,6 @@ def eager_layer_norm_op():
 
         schema = "(Tensor x, Tensor? weight, Tensor? bias, int[] shape, float eps, bool upcast) -> Tensor"
 
-        @torch.library.custom_op("pairforge::eager_layer_norm", mutates_args=(), schema=schema)
         def eager_layer_norm(x, weight, bias, shape, eps, upcast):
             with torch.autocast(x.device.type, enabled=False):
                 if upcast:
@@ -105,10 +104,16 @@ def eager_layer_norm_op():
                     bias = None if bias is None else bias.float()
                 return F.layer_norm(x, shape, weight, bias, eps)
 
-        @eager_layer_norm.register_fake
-        def _(x, weight, bias, shape, eps, upcast):
+        def fake(x, weight, bias, shape, eps, upcast):
             return torch.empty_like(x, dtype=torch.float32 if upcast else x.dtype)
 
+        if hasattr(torch.ops.pairforge, "eager_layer_norm"):  # this module imported under a second name
+            _op = torch.ops.pairforge.eager_layer_norm.default
+            return _op
+        eager_layer_norm = torch.library.custom_op("pairforge::eager_layer_norm", mutates_args=(), schema=schema)(
+            eager_layer_norm
+        )
+        eager_layer_norm.register_fake(fake)
         _op = eager_layer_norm
     return _op
 
