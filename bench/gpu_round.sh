@@ -39,10 +39,10 @@ for s in "$@"; do
     clip) step clip 315 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --plans eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-2a+compiled ;;
     clip-default|clip-both) mkdir -p "$OUT/raystats"
-        if [ "$s" = clip-default ]; then plans=eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-1a4t
-        else plans=eager,compiled,ray-nvjpeg-2a+compiled,ray-nvjpeg-1a4t+compiled; fi
+        if [ "$s" = clip-default ]; then plans=eager,compiled,ray-nvjpeg-2a,ray-nvjpeg-1a4t head=ray-nvjpeg-2a
+        else plans=eager,compiled,ray-nvjpeg-2a+compiled,ray-nvjpeg-1a4t+compiled head=ray-nvjpeg-2a+compiled; fi
         step clip 340 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement --budget-s 230 \
-            --ray-stats "$OUT/raystats" --plans $plans ;;
+            --ray-stats "$OUT/raystats" --plans $plans --headline $head ;;
     clip-ceilings) step clip-ceilings 75 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 20480 --plans eager,compiled ;;
     safety) step safety-nsfw 150 python3 bench/safety.py --device cuda --plans nsfw ;;
