@@ -52,7 +52,7 @@ from pairforge.manifests import storage
 from pairforge.manifests.storage import StorageConfig
 
 # the names of the column and open_clip modules are re-exported: callers import them from here
-from pairforge.pipeline.checks_columns import KNOWN_PRODUCERS, MAX_SCHEMA_FILES, check_columns, input_columns, producers  # noqa: F401
+from pairforge.pipeline.checks_columns import MAX_SCHEMA_FILES, check_columns, input_columns, producers  # noqa: F401
 from pairforge.pipeline.config import ConfigError, CustomOptions, JobConfig, field_error
 from pairforge.pipeline.open_clip_local import (  # noqa: F401
     ROUTE_PROBES,
@@ -66,10 +66,6 @@ from pairforge.pipeline.open_clip_local import (  # noqa: F401
 from pairforge.stages.base import Stage
 from pairforge.stages.common.assets import resolve as resolve_asset
 
-#: stages whose ``model`` / ``pretrained`` options name open_clip weights
-OPEN_CLIP_STAGES = ("clip_score",)
-
-
 def check_job(job: JobConfig) -> list[str]:
     """Every problem of ``job`` in one :class:`ConfigError` (a line each);
     returns the warnings (one line each) when there is none."""
@@ -81,9 +77,9 @@ def check_job(job: JobConfig) -> list[str]:
     for where, st in stages:
         if st is None:
             continue
-        if st.name in OPEN_CLIP_STAGES and hasattr(st.config, "model"):
+        if st.open_clip_options:  # the stage names open_clip weights (Stage.open_clip_options)
             before = len(problems)
-            check_open_clip(where, st.config, problems, warnings)
+            check_open_clip(where, st.config, problems, warnings, st.open_clip_options)
             if len(problems) > before:
                 bad.add(where)
         prior = getattr(st.config, "prior_build", None)
@@ -247,25 +243,31 @@ def _check_bucket(root) -> list[str]:
 # ------------------------------------------------------------------ open_clip
 
 
-def check_open_clip(where: str, cfg, problems: list[str], warnings: list[str]) -> None:
-    """``cfg.model`` and ``cfg.pretrained`` against open_clip's registries and
-    the local caches, as ``stages.common.clip.load`` will resolve them."""
-    model, pretrained = cfg.model, getattr(cfg, "pretrained", None)
+def check_open_clip(
+    where: str, cfg, problems: list[str], warnings: list[str], options: tuple[str, str] = ("model", "pretrained")
+) -> None:
+    """The ``cfg`` options ``options`` names, an open_clip model and its
+    weights (a stage's ``open_clip_options``), against open_clip's
+    registries and the local caches, as ``stages.common.clip.load`` will
+    resolve them; each line names the option."""
+    model_key, weights_key = options
+    model, pretrained = getattr(cfg, model_key), getattr(cfg, weights_key, None)
     if model.startswith("local-dir:"):
         folder = Path(model[len("local-dir:") :]).expanduser()
         if not (folder / "open_clip_config.json").is_file():
-            problems.append(f"{where}.model: {model!r}: no open_clip_config.json in {str(folder.resolve())!r}")
+            problems.append(f"{where}.{model_key}: {model!r}: no open_clip_config.json in {str(folder.resolve())!r}")
         return
     if model.startswith("hf-hub:"):
-        _check_hub_model(where, model, problems, warnings)
+        _check_hub_model(f"{where}.{model_key}", model, problems, warnings)
         return
     names = open_clip_models()
     if model not in names:
-        problems.append(f"{where}.model: {model!r} is not an open_clip model{_did_you_mean(model, names)}")
+        problems.append(f"{where}.{model_key}: {model!r} is not an open_clip model{_did_you_mean(model, names)}")
         return
+    where = f"{where}.{weights_key}"
     if pretrained is None or pretrained == "random":
         if pretrained == "random":
-            warnings.append(f"{where}.pretrained: 'random' weights: scores mean nothing (benchmarks only)")
+            warnings.append(f"{where}: 'random' weights: scores mean nothing (benchmarks only)")
         return
     if os.path.isfile(resolve_asset(pretrained)):  # a file, or a shipped asset's short name (pf-tiny-scorer)
         return
@@ -274,7 +276,7 @@ def check_open_clip(where: str, cfg, problems: list[str], warnings: list[str]) -
     if not tag_cfg:
         if _looks_like_path(pretrained):
             problems.append(
-                f"{where}.pretrained: no file {pretrained!r} (from {os.getcwd()!r}: {os.path.abspath(pretrained)!r})"
+                f"{where}: no file {pretrained!r} (from {os.getcwd()!r}: {os.path.abspath(pretrained)!r})"
             )
             return
         tags = reg.list_pretrained_tags_by_model(model)
@@ -282,7 +284,7 @@ def check_open_clip(where: str, cfg, problems: list[str], warnings: list[str]) -
             f"its tags: {', '.join(tags)}" if tags else f"open_clip has no weights for {model}: give a checkpoint file"
         )
         problems.append(
-            f"{where}.pretrained: {pretrained!r} is neither a file nor an open_clip tag of {model!r} "
+            f"{where}: {pretrained!r} is neither a file nor an open_clip tag of {model!r} "
             f"({known}){_did_you_mean(pretrained, tags)}"
         )
         return
@@ -292,13 +294,13 @@ def check_open_clip(where: str, cfg, problems: list[str], warnings: list[str]) -
     offline = offline_reason()
     if offline:
         problems.append(
-            f"{where}.pretrained: {pretrained!r}: the weights of {model} are not on this machine and cannot be "
+            f"{where}: {pretrained!r}: the weights of {model} are not on this machine and cannot be "
             f"downloaded ({offline}): fetch {source} where there is a network and give the file "
             f"(pretrained: /path/to/weights), or use the shipped model (model: pf-tiny, pretrained: pf-tiny-scorer)"
         )
     else:
         warnings.append(
-            f"{where}.pretrained: {model} {pretrained!r} is not in the local cache; each worker downloads it from "
+            f"{where}: {model} {pretrained!r} is not in the local cache; each worker downloads it from "
             f"{source} (with no network, give a local file: pretrained: /path/to/weights; HF_HUB_OFFLINE=1 fails here)"
         )
 
@@ -308,7 +310,7 @@ def _check_hub_model(where: str, model: str, problems: list[str], warnings: list
     if _hub_cached(repo, "open_clip_config.json"):
         return
     offline = offline_reason()
-    line = f"{where}.model: {model!r} is not in the Hugging Face cache"
+    line = f"{where}: {model!r} is not in the Hugging Face cache"
     if offline:
         problems.append(f"{line} and cannot be downloaded ({offline}): download it elsewhere and use local-dir:/path")
     else:

@@ -18,15 +18,6 @@ from pairforge.pipeline.config import ConfigError, JobConfig, input_entries
 from pairforge.pipeline.inputlimits import InputError, InputLimits, check_column_count
 from pairforge.stages.base import IDENTITY_COLUMNS, Stage
 
-#: built-in stages that cannot be built from defaults alone (cheaply), and what they declare
-KNOWN_PRODUCERS = {
-    "clip_score": "clip_score",
-    "img_emb": "clip_score",
-    "text_emb": "clip_score",
-    # metadata_match reads its entries file when built (WordNet's, if make setup installed it)
-    "metadata_entries": "metadata_match",
-    "num_metadata_entries": "metadata_match",
-}
 #: input files whose columns are read here; the reader checks the others as it streams them
 MAX_SCHEMA_FILES = 200
 
@@ -132,20 +123,13 @@ def check_columns(stages: list[tuple[str, Stage | None]], available: set[str]) -
 
 @functools.lru_cache(maxsize=1)
 def producers() -> dict[str, str]:
-    """Column -> the built-in stage that declares it (stages that build from
-    their defaults, plus :data:`KNOWN_PRODUCERS`)."""
-    from pairforge.pipeline.config import build
+    """Column -> the built-in stage that declares it (each stage's
+    :meth:`~stages.base.Stage.column_names`; the first in ``STAGES`` order
+    where two do)."""
     from pairforge.stages import STAGES, stage_class
 
-    out = dict(KNOWN_PRODUCERS)
+    out: dict[str, str] = {}
     for name in STAGES:
-        if name in KNOWN_PRODUCERS.values():
-            continue
-        try:
-            cls = stage_class(name)
-            st = cls(build(cls.Config, {}, name))
-            for c in st.outputs():
-                out.setdefault(c.name, name)
-        except (ConfigError, ValueError, TypeError):
-            continue
+        for col in stage_class(name).column_names():
+            out.setdefault(col, name)
     return out

@@ -238,7 +238,7 @@ def stage_specs(raw: Any, problems: list[str] | None = None) -> tuple[StageSpec,
         raise ConfigError("\n".join(problems))
     if len(problems) > before or any(s is None for s in specs):
         return ()
-    return decode_once(tuple(specs))
+    return share_decodes(tuple(specs))
 
 
 def _as_item(item: Any, spec_name) -> Any:
@@ -253,31 +253,37 @@ def _item_name(item: Any) -> str | None:
     return item if isinstance(item, str) else item.get("name") if isinstance(item, dict) else None
 
 
-def decode_once(specs: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
-    """A ``dedup_phash`` after ``download`` reads the hash that download's
-    threads took of each stored image right after encoding it, instead of
-    going over every stored image again in a pass of its own; it is the
-    hash ``dedup_phash`` computes (``stages.common.phash``), so the
-    decisions are the same (``tests/stages/test_resize.py``). Download writes it
-    into ``dedup_phash``'s own column (``phash``), which ``dedup_phash``
-    then checks and keeps: the shards hold the hash once.
-    Explicit settings win: a ``hash_column`` or a ``perceptual_hash`` the
-    job gives is left as it is."""
-    names = [s.name for s in specs]
-    if "download" not in names:
-        return specs
-    first = names.index("download")
-    down = specs[first].config
+def share_decodes(specs: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
+    """Each stage that would decode every image again for a value of its own
+    (:meth:`~stages.base.Stage.wants_decoded`: ``dedup_phash``'s hash) gets
+    it from the first stage before it that can compute it as it stores the
+    images (:meth:`~stages.base.Stage.give_decoded`: ``download``), and
+    reads it from that column (:meth:`~stages.base.Stage.take_decoded`).
+    Explicit settings win: the stages say none is wanted or given where the
+    job set it. A custom stage not imported yet (:class:`CustomOptions`)
+    takes no part."""
+    from pairforge.stages import stage_class
+
+    def cls_of(spec: StageSpec) -> type[Stage] | None:
+        if isinstance(spec.config, CustomOptions):
+            return None
+        try:
+            return stage_class(spec.name)
+        except ValueError:
+            return None
+
+    classes = [cls_of(s) for s in specs]
     out = list(specs)
-    for i, spec in enumerate(specs[first + 1 :], first + 1):
-        cfg = spec.config
-        if spec.name != "dedup_phash" or cfg.hash_column is not None:
+    for j, cls in enumerate(classes):
+        value = cls.wants_decoded(out[j].config) if cls is not None else None
+        if value is None:
             continue
-        if down.perceptual_hash not in (None, cfg.algorithm):
-            continue
-        down = dataclasses.replace(down, perceptual_hash=cfg.algorithm)
-        out[i] = StageSpec(spec.name, dataclasses.replace(cfg, hash_column=cfg.algorithm))
-    out[first] = StageSpec("download", down)
+        for i in range(j):
+            given = classes[i].give_decoded(out[i].config, value) if classes[i] is not None else None
+            if given is not None:
+                out[i] = StageSpec(out[i].name, given)
+                out[j] = StageSpec(out[j].name, cls.take_decoded(out[j].config, value))
+                break
     return tuple(out)
 
 
@@ -435,4 +441,6 @@ def resolve_stages(job: JobConfig) -> JobConfig:
         except ValueError as e:
             raise ConfigError(f"stages[{i}]: {e}") from None
         specs[i] = StageSpec(spec.name, build(cls.Config, dict(spec.config.options), f"stages[{i}]({spec.name})"))
-    return dataclasses.replace(job, stages=tuple(specs)) if specs != list(job.stages) else job
+    if specs == list(job.stages):
+        return job
+    return dataclasses.replace(job, stages=share_decodes(tuple(specs)))  # now the custom stages take part

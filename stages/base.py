@@ -219,9 +219,56 @@ class Stage(metaclass=_StageType):
     #: ``True`` when ``setup`` loads heavy state (a model): the Ray runner
     #: keeps it in a pool of actors sized by :meth:`resources`
     runs_on_actors: ClassVar[bool] = False
+    #: the names of the columns this stage can add, for a stage that is not
+    #: built cheaply from its defaults (an option without one, a file read when
+    #: built); ``None``: those of the stage built from its defaults. The job
+    #: check names the stage that makes a column a job lacks from these
+    #: (:meth:`column_names`), without building it
+    declares_columns: ClassVar[tuple[str, ...] | None] = None
+    #: the options naming open_clip weights, ``(model, pretrained)``: the job
+    #: check resolves them against open_clip's registries and this machine's
+    #: caches before a run (``pipeline.checks.check_open_clip``); ``None``: none
+    open_clip_options: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, config: Any):
         self.config = config
+
+    @classmethod
+    def column_names(cls) -> tuple[str, ...]:
+        """The columns this stage can add: :attr:`declares_columns`, else the
+        outputs of the stage built from its defaults; none when it cannot be."""
+        if cls.declares_columns is not None:
+            return tuple(cls.declares_columns)
+        try:
+            return tuple(c.name for c in cls().outputs())
+        except (ValueError, TypeError):  # ConfigError too: an option without a default
+            return ()
+
+    @classmethod
+    def wants_decoded(cls, config: Any) -> str | None:
+        """A value this stage, as ``config`` sets it, would compute from each
+        image's decoded pixels that the stage storing the images can compute
+        while it has them decoded anyway (a perceptual hash: ``phash``),
+        sparing a decode pass of this stage's own. The job loader offers it to
+        the stages before this one (:meth:`give_decoded`, the first that takes
+        it computes it) and then sets this one to read it
+        (:meth:`take_decoded`). Default: none; also none where the job says
+        where it comes from already."""
+        return None
+
+    @classmethod
+    def take_decoded(cls, config: Any, value: str) -> Any:
+        """``config`` reading ``value`` (:meth:`wants_decoded`) from the
+        column of that name, which an earlier stage fills. Default: ``config``."""
+        return config
+
+    @classmethod
+    def give_decoded(cls, config: Any, value: str) -> Any | None:
+        """``config`` also computing ``value`` (another stage's
+        :meth:`wants_decoded`) into the column of that name as it stores each
+        image, for the stages after it; ``None`` when it cannot (it stores no
+        images, or computes another such value already). Default: ``None``."""
+        return None
 
     @classmethod
     def configure(cls, config: Any = None, /, **options) -> Any:

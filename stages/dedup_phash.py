@@ -35,6 +35,7 @@ collisions rare up to many millions of rows (see ``bench/dedup.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import numpy as np
@@ -99,6 +100,20 @@ class PerceptualDedupStage(GlobalStage):
         self.fit_columns = dd.fit_columns_for(config.keep, self.column)
         self._prior: dd.HammingIndex | None = None
         self._eval: dd.HammingIndex | None = None
+
+    @classmethod
+    def wants_decoded(cls, config: Config) -> str | None:
+        """The hash, when the job gives no ``hash_column``: a ``download``
+        before this stage takes it of each image it stores, right after
+        encoding it (``stages.common.phash``, the hash this stage computes, so
+        the decisions are the same: ``tests/stages/test_resize.py``), into this
+        stage's own column (``phash``), which this stage then checks and
+        keeps: the shards hold the hash once."""
+        return config.algorithm if config.hash_column is None else None
+
+    @classmethod
+    def take_decoded(cls, config: Config, value: str) -> Config:
+        return dataclasses.replace(config, hash_column=value)
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=256)

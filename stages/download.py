@@ -34,6 +34,7 @@ wants: docs/stages.md (download).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -268,6 +269,16 @@ class DownloadStage(Stage):
             Column("http_status", "scalar", "int64", default=0),
             *((Column(self.hash_column, "string"),) if self.config.perceptual_hash else ()),
         )
+
+    @classmethod
+    def give_decoded(cls, config: Config, value: str) -> Config | None:
+        """A perceptual hash a later stage wants (``dedup_phash``): taken by
+        the threads that encode each stored image, right after encoding it,
+        so the stored images are not decoded again for it; unless this job
+        has download compute another one already."""
+        if value not in HASHES or config.perceptual_hash not in (None, value):
+            return None
+        return dataclasses.replace(config, perceptual_hash=value)
 
     @property
     def hash_column(self) -> str:

@@ -59,6 +59,8 @@ class Config:
 class MetadataMatchStage(Stage):
     name: ClassVar[str] = "metadata_match"
     Config = Config
+    # built, it reads its entries file (WordNet's, if ``make setup`` installed it)
+    declares_columns: ClassVar[tuple[str, ...]] = (ENTRIES_COLUMN, COUNT_COLUMN)
 
     def __init__(self, config: Config):
         super().__init__(config)

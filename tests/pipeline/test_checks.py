@@ -225,7 +225,8 @@ def test_offline_is_told_without_a_request(monkeypatch):
 
 def test_the_registries_read_without_open_clip_match_open_clip():
     """The light readers of open_clip's registries (no torch import) agree
-    with open_clip itself, and KNOWN_PRODUCERS with what clip_score declares."""
+    with open_clip itself, and the columns clip_score declares without being
+    built (``declares_columns``, for the job check's hints) with its outputs."""
     light_models = checks.open_clip_models()
     light_tags = checks.pretrained_registry().list_pretrained()
     code = (
@@ -239,7 +240,10 @@ def test_the_registries_read_without_open_clip_match_open_clip():
     models, tags, cols = json.loads(out.stdout.strip().splitlines()[-1])
     assert list(light_models) == models
     assert [list(t) for t in light_tags] == tags
-    assert {c for c, s in checks.KNOWN_PRODUCERS.items() if s == "clip_score"} == set(cols)
+    from pairforge.stages.clip_score import ClipScoreStage
+
+    assert set(ClipScoreStage.column_names()) == set(cols)
+    assert {c for c, s in checks.producers().items() if s == "clip_score"} == set(cols)
 
 
 def test_the_demo_job_passes(tmp_path):
