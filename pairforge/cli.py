@@ -27,6 +27,41 @@ from pairforge import cli_outputs as outputs
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home on import
 
 
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C (SIGINT): its message says what is on disk
+    and how to go on; the exit status is 130."""
+
+
+def _leave_interrupted(message: str) -> None:
+    """Say why, leave Ray, and end the process with 130 at once, without
+    the interpreter's teardown.
+
+    Why not return: an interrupt can land anywhere in Ray Data's driver
+    code, and what it leaves half-made is torn down at interpreter exit,
+    after Ray is shut down. Then the streaming executor's ``__del__`` prints
+    tracebacks (a ``WaitBlockPrefetcher`` interrupted before it had its
+    ``_condition``), a stats call starts a new local Ray, and finalisation
+    beside Ray's native threads has ended in SIGSEGV or SIGINT instead of
+    130 (``tests/test_resume.py`` interrupts the command at several
+    moments). Every file of a run is written under a temporary name and
+    renamed, so nothing of the run's needs that teardown."""
+    from pairforge.pipeline.outcome import EXIT_INTERRUPTED
+    from pairforge.pipeline.raystart import shutdown
+
+    try:
+        print(message, file=sys.stderr)
+        shutdown()
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C while leaving: leave all the same
+        pass
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - a closed pipe: nothing more to say
+                pass
+        os._exit(EXIT_INTERRUPTED)
+
+
 def _cmd_run(args) -> int:
     from pairforge.pipeline import outcome
     from pairforge.pipeline.config import load_job
@@ -46,12 +81,10 @@ def _cmd_run(args) -> int:
         from pairforge.pipeline.job import run_state
 
         # every file is written under a temporary name and renamed, so what is there is whole
-        print(
+        raise Interrupted(
             f"pairforge: interrupted; {run_state(job.output.dir, job.storage)}. Nothing is half-written; "
-            f"finish with: pairforge run {args.job} --resume",
-            file=sys.stderr,
-        )
-        return outcome.EXIT_INTERRUPTED
+            f"finish with: pairforge run {args.job} --resume"
+        ) from None
     return outcome.exit_code(manifest)  # non-zero when no row reached a shard
 
 
@@ -69,8 +102,7 @@ def _cmd_demo(args) -> int:
         )
     except KeyboardInterrupt:
         # no --resume advice: the demo serves its corpus on a new port each time, which a resumed run's URLs miss
-        print("pairforge: interrupted; start again with: pairforge demo --out NEW_DIR", file=sys.stderr)
-        return outcome.EXIT_INTERRUPTED
+        raise Interrupted("pairforge: interrupted; start again with: pairforge demo --out NEW_DIR") from None
     return outcome.exit_code(manifest)  # as `pairforge run`: non-zero when no row reached a shard
 
 
@@ -295,6 +327,11 @@ def _diff_doc() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. ``argv`` ``None``: the process's own (the console
+    script, ``python -m pairforge.cli``), and an interrupted run ends the
+    process at once (:func:`_leave_interrupted`); with a list (a test, a
+    caller of one's own), an interrupted run returns 130."""
+    command = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # the trainer owns its flags (--help included)
         from pairforge.trainer.cli import main as train_main
@@ -314,6 +351,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.fn(args) or 0)
+    except Interrupted as e:
+        if command:
+            _leave_interrupted(str(e))
+        from pairforge.pipeline.outcome import EXIT_INTERRUPTED
+
+        print(e, file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, JobError, FileNotFoundError) as e:
         from pairforge.manifests.redact import redact_text
 

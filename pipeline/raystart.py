@@ -95,6 +95,16 @@ def init_local(num_cpus: int | None = None, **kwargs):
     return ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
+def shutdown() -> None:
+    """Leave Ray if this process is in it (and stop the local Ray it
+    started); nothing when Ray was never imported or initialised."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def _say_token_auth() -> None:
     """Token auth for the local Ray, said explicitly.
 
