@@ -66,6 +66,7 @@ from pairforge.pipeline.open_clip_local import (  # noqa: F401
 from pairforge.stages.base import Stage
 from pairforge.stages.common.assets import resolve as resolve_asset
 
+
 def check_job(job: JobConfig) -> list[str]:
     """Every problem of ``job`` in one :class:`ConfigError` (a line each);
     returns the warnings (one line each) when there is none."""
@@ -275,9 +276,7 @@ def check_open_clip(
     tag_cfg = reg.get_pretrained_cfg(model, pretrained)
     if not tag_cfg:
         if _looks_like_path(pretrained):
-            problems.append(
-                f"{where}: no file {pretrained!r} (from {os.getcwd()!r}: {os.path.abspath(pretrained)!r})"
-            )
+            problems.append(f"{where}: no file {pretrained!r} (from {os.getcwd()!r}: {os.path.abspath(pretrained)!r})")
             return
         tags = reg.list_pretrained_tags_by_model(model)
         known = (
