@@ -9,8 +9,8 @@ segment, ``pipeline.local``) cuts its shard into chunks
 (:func:`checkpoints`: ``RunSpec.checkpoint_rows`` rows or
 ``checkpoint_seconds``, whichever comes first) and saves each as a part
 (``engine.save_rows``); :func:`pending_input` gives a resumed (or retried)
-task the rows no saved part holds, and the records of the saved ones, which
-the driver's tracker counts once. The output does not depend on the chunks:
+task the rows no saved part holds (``pipeline.resume.saved_parts``), and the
+records of the saved ones, which the driver's tracker counts once. The output does not depend on the chunks:
 a shard's rows are sorted by key when it is written.
 """
 
@@ -21,40 +21,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pairforge.manifests import layout, storage
-from pairforge.pipeline.engine import PART_FIT, PART_NAME, PART_ROWS, RunSpec, read_input, records, remove_part
+from pairforge.pipeline.engine import RunSpec, read_input
+from pairforge.pipeline.resume import records, saved_parts
 from pairforge.stages.base import Batch, batch_len, concat, take
-
-
-def saved_parts(out, shard_id: int) -> tuple[Batch, set[str]]:
-    """The parts an unfinished input shard already saved, as records (what
-    :func:`save_rows` returned for them), and the keys of their rows.
-
-    A part is saved once its fit file exists: :func:`write_part` writes the
-    rows file first, each file atomically. A rows file without its fit file
-    (a kill between the two) is removed, so the resume writes those rows again."""
-    folder = layout.rows_dir(out, shard_id)
-    try:
-        names = [p.name for p in folder.iterdir()]
-    except (FileNotFoundError, NotADirectoryError):
-        names = []
-    rows = {n[: -len(PART_ROWS)] for n in names if n.endswith(PART_ROWS)}
-    fits = {n[: -len(PART_FIT)] for n in names if n.endswith(PART_FIT)}
-    saved = sorted(p for p in rows & fits if PART_NAME.fullmatch(p))
-    for p in sorted((rows | fits) - set(saved)):
-        if PART_NAME.fullmatch(p):
-            remove_part(folder, p)
-    recs, keys = [], set()
-    for p in saved:
-        t = storage.read_parquet(folder / f"{p}{PART_FIT}", columns=["key", "status", "stage"])
-        mine = t.column("key").to_pylist()
-        if keys.intersection(mine):  # a task Ray retried while its first try still ran: one copy of a row
-            remove_part(folder, p)
-            continue
-        status, stage = (t.column(c).to_numpy(zero_copy_only=False) for c in ("status", "stage"))
-        recs.append((int(shard_id), p, status, stage))
-        keys.update(mine)
-    return records(recs), keys
 
 
 def pending_input(spec: RunSpec, shard_id: int, keys=None) -> tuple[Batch, Batch]:

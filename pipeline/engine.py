@@ -6,8 +6,9 @@ the in-process runner and the Ray plan (they differ only in who calls them).
    shard's rows in part files (images included) and, beside them, a parquet
    of the *fit columns* only (key, status, hashes, scores, embeddings): tens
    of bytes a row, in chunks as they are done (``pipeline.chunks``).
-   :class:`RowsTracker` marks an input shard finished when all its rows are
-   on disk; a killed run resumes at the chunks it was on.
+   ``pipeline.resume``'s :class:`RowsTracker` marks an input shard finished
+   when all its rows are on disk; a killed run resumes at the chunks it was
+   on (every mark is read and written there).
 2. **fits** (``pipeline.fit``): each global stage reads fit columns, never
    images, and writes its decisions partitioned by shard.
 3. **write**: :func:`write_output_shard` joins one shard's parts with that
@@ -24,7 +25,6 @@ writes the same ``_work``, and a resume finds its marks there either way.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,6 +37,21 @@ from pairforge.manifests.shards import to_arrow, write_shard
 from pairforge.manifests.storage import ObjectPath
 from pairforge.pipeline import batchfile
 from pairforge.pipeline.batches import table_to_batch
+
+# the parts' names and the marks are the resume's (pipeline.resume); importable from here too
+from pairforge.pipeline.resume import (  # noqa: F401
+    PART_FIT,
+    PART_NAME,
+    PART_ROWS,
+    RowsTracker,
+    checked_name,
+    clear_rows,
+    part_files,
+    records,
+    remove_part,
+    rows_mark,
+    write_rows_mark,
+)
 from pairforge.stages.base import (
     STATUS_DROPPED,
     STATUS_OK,
@@ -118,31 +133,13 @@ def read_input(spec: RunSpec, shard_id: int, keys=None) -> Batch:
     return take(rows, np.array([i for i, k in enumerate(rows["key"]) if str(k) in want], dtype=np.int64))
 
 
-#: a part's rows file and its fit-columns file, beside each other in ``rows_dir``
-PART_ROWS, PART_FIT = ".rows.arrow", ".fit.parquet"
-#: a part's name: what ``save_rows`` gives (a uuid's hex) or another writer's of the same alphabet
-PART_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def _checked_name(name: str) -> str:
-    if not isinstance(name, str) or not PART_NAME.fullmatch(name):
-        raise ValueError(f"part name {name!r}: expected 1-64 of A-Z a-z 0-9 _ -")
-    return name
-
-
-def part_files(name: str, images: bool = True) -> list[str]:
-    """The file names of part ``name``: its fit file and, with ``images``,
-    its rows file (removed once its shard is written)."""
-    return [f"{name}{PART_FIT}"] + ([f"{name}{PART_ROWS}"] if images else [])
-
-
 def write_part(folder, name: str, rows: Batch, spec: RunSpec) -> None:
     """Leave ``rows`` in part ``name`` (:data:`PART_NAME`) under ``folder`` (a ``rows_dir``):
     every column exactly (bytes, ragged and object columns round-trip) as
     an Arrow IPC file (``pipeline.batchfile``: reading it runs no code), and
     the run's fit columns beside it as parquet. Writing a part again
     replaces it whole (each file is written atomically)."""
-    _checked_name(name)
+    checked_name(name)
     fit_cols = [c for c in spec.fit_columns if c in rows]
     storage.write_atomic(folder / f"{name}{PART_ROWS}", batchfile.dumps(rows), fsync=False)
     storage.write_parquet(folder / f"{name}{PART_FIT}", to_arrow(rows, fit_cols, spec.schema))
@@ -150,15 +147,8 @@ def write_part(folder, name: str, rows: Batch, spec: RunSpec) -> None:
 
 def read_part(folder, name: str) -> Batch:
     """The rows :func:`write_part` left in part ``name`` under ``folder``."""
-    path = folder / f"{_checked_name(name)}{PART_ROWS}"
+    path = folder / f"{checked_name(name)}{PART_ROWS}"
     return batchfile.loads(path.read_bytes(), str(path))
-
-
-def remove_part(folder, name: str, fit: bool = True) -> None:
-    """Remove part ``name``'s rows file (and, with ``fit``, its fit file)."""
-    (folder / f"{_checked_name(name)}{PART_ROWS}").unlink(missing_ok=True)
-    if fit:
-        (folder / f"{name}{PART_FIT}").unlink(missing_ok=True)
 
 
 def save_rows(batch: Batch, spec: RunSpec) -> Batch:
@@ -172,91 +162,6 @@ def save_rows(batch: Batch, spec: RunSpec) -> Batch:
         write_part(layout.rows_dir(spec.out, int(sid)), name, rows, spec)
         recs.append((int(sid), name, rows["status"], rows["stage"]))
     return records(recs)
-
-
-def records(parts: list[tuple[int, str, np.ndarray, np.ndarray]]) -> Batch:
-    """One record per part (shard, part name, its rows' status and stage):
-    what the driver's tracker reads."""
-    dropped = []
-    for _, _, status, stage in parts:
-        gone = np.asarray(status, dtype=object) != STATUS_OK
-        stages, counts = np.unique(np.asarray(stage, dtype=object)[gone].astype(str), return_counts=True)
-        dropped.append(json.dumps(dict(zip(stages.tolist(), counts.tolist()))))
-    return {
-        "shard_id": np.array([p[0] for p in parts], dtype=np.int64),
-        "rows": np.array([len(p[2]) for p in parts], dtype=np.int64),
-        "part": np.array([p[1] for p in parts], dtype=object),
-        # rows rejected so far per stage, as JSON: the driver's progress line reads it
-        "dropped": np.array(dropped, dtype=object),
-    }
-
-
-class RowsTracker:
-    """On the driver: counts the rows each input shard has on disk and marks
-    the shard finished when all of them are (state: the parts of the shards
-    in flight). A part reported twice (a resumed shard's saved parts, a
-    retried task) counts once."""
-
-    def __init__(self, spec: RunSpec, expected: dict[int, int]):
-        self.spec, self.expected = spec, expected
-        self.rows: dict[int, int] = {}
-        self.parts: dict[int, list[str]] = {}
-        self.finished: list[int] = []
-        self._finished: set[int] = set()
-
-    def add(self, records: Batch) -> np.ndarray:
-        """Count the parts ``records`` name; returns which records were new."""
-        new = np.zeros(batch_len(records), dtype=bool)
-        for i, (sid, n, part) in enumerate(zip(records["shard_id"], records["rows"], records["part"])):
-            sid = int(sid)
-            if sid in self._finished or str(part) in self.parts.get(sid, ()):
-                continue
-            new[i] = True
-            self.rows[sid] = self.rows.get(sid, 0) + int(n)
-            self.parts.setdefault(sid, []).append(str(part))
-            want = self.expected[sid]
-            if self.rows[sid] > want:
-                raise RuntimeError(f"input shard {sid}: {self.rows[sid]} rows saved, expected {want}")
-            if self.rows[sid] == want:
-                mark = {"rows": want, "parts": sorted(self.parts.pop(sid))}
-                write_rows_mark(self.spec.out, sid, mark)
-                self.finished.append(sid)
-                self._finished.add(sid)
-                self.rows.pop(sid)
-        return new
-
-
-def write_rows_mark(out, shard_id: int, mark: dict) -> None:
-    """Write an input shard's finished mark (what :func:`rows_mark` reads), atomically."""
-    layout.atomic_write_bytes(layout.rows_done(out, shard_id), json.dumps(mark).encode())
-
-
-def rows_mark(out, shard_id: int, images: bool = True) -> dict | None:
-    """The finished mark of an input shard's rows, or ``None`` if the shard
-    has not finished its per-row pass (or, with ``images``, its image parts
-    are gone because its shard was written)."""
-    try:
-        mark = json.loads(layout.rows_done(out, shard_id).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if not _valid_mark(mark):
-        return None
-    folder = layout.rows_dir(out, shard_id)
-    need = [f for p in mark["parts"] for f in part_files(p, images)]
-    return mark if all((folder / n).exists() for n in need) else None
-
-
-def _valid_mark(mark) -> bool:
-    """A mark read from ``_work`` names parts by safe names only: a planted
-    ``../`` never becomes a path that is read or deleted."""
-    if not isinstance(mark, dict) or not isinstance(mark.get("parts"), list) or type(mark.get("rows")) is not int:
-        return False
-    return all(isinstance(p, str) and PART_NAME.fullmatch(p) for p in mark["parts"])
-
-
-def clear_rows(out, shard_id: int) -> None:
-    """Forget an unfinished per-row pass of one input shard."""
-    storage.rmtree(layout.rows_dir(out, shard_id))
 
 
 def read_fit_rows(spec: RunSpec, shard_id: int, columns) -> Batch:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import json
 import re
 import time
 import uuid
@@ -35,7 +34,7 @@ import numpy as np
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.shards import to_arrow
-from pairforge.pipeline import batchfile, taskmem
+from pairforge.pipeline import batchfile, resume, taskmem
 from pairforge.pipeline.engine import RunSpec, alive_at, read_decisions, read_fit_rows
 from pairforge.stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
 
@@ -319,12 +318,5 @@ def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: li
                 counts["counters"][name] = counts["counters"].get(name, 0) + int(n)
         t = lap("decide_rows", t)
     info.update(counts, seconds=round(time.perf_counter() - t0, 3), steps=steps)
-    layout.atomic_write_bytes(layout.fit_done(spec.out, stage.name), json.dumps(info, sort_keys=True).encode())
+    resume.write_fit_mark(spec.out, stage.name, info)
     return info
-
-
-def fit_mark(out, stage: str) -> dict | None:
-    try:
-        return json.loads(layout.fit_done(out, stage).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

@@ -6,7 +6,6 @@ the fit or the output shard where the last one stopped."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -15,18 +14,26 @@ from datetime import datetime, timezone
 from pairforge.manifests import layout, storage
 from pairforge.manifests.manifest import build_manifest, write_manifest, write_sizes
 from pairforge.manifests.redact import redact_text
-from pairforge.manifests.shards import read_stats
-from pairforge.pipeline import chunks, engine, outcome, retrypass, workdir
+from pairforge.pipeline import outcome, retrypass, workdir
 from pairforge.pipeline.checks import check_job, check_ray_address
 from pairforge.pipeline.checks_urls import input_warnings
 from pairforge.pipeline.config import JobConfig, resolve_stages, to_dict
 from pairforge.pipeline.engine import RunSpec
-from pairforge.pipeline.fit import Launcher, fit_mark, run_fit
+from pairforge.pipeline.fit import Launcher, run_fit
 from pairforge.pipeline.progress import ProgressTracker
-from pairforge.pipeline.reader import input_files, read_index, split_input
+from pairforge.pipeline.reader import read_index, split_input
+from pairforge.pipeline.resume import (  # noqa: F401 - run_state: the CLI says it when a run is interrupted
+    fit_mark,
+    job_change,
+    plan_shards,
+    remove_temp_files,
+    run_state,
+    shard_written,
+    write_job_record,
+)
 from pairforge.pipeline.services import Services
 from pairforge.stages import stage_class
-from pairforge.stages.base import Stage, StageError, batch_len
+from pairforge.stages.base import Stage, StageError
 
 
 class JobError(RuntimeError):
@@ -95,41 +102,6 @@ def _job_record(job: JobConfig) -> dict:
     return workdir.job_record(job)
 
 
-def _check_resume(out, job: JobConfig, index) -> None:
-    """Refuse a resume of another job, before anything is written: the job's
-    settings against ``_work/job.json``, its URL lists against the index."""
-    path = layout.job_record(out)
-    if path.exists():
-        old, new = json.loads(path.read_text()), _job_record(job)
-        if old != new:
-            changed = _changed_keys(old, new)
-            raise JobError(
-                f"{out}: the job changed since the interrupted run ({'; '.join(changed[:5])}); resume needs the "
-                "same job (nothing was changed on disk)"
-            )
-    files = input_files(job.input, job.storage)
-    was = [{k: f.get(k) for k in ("path", "format", "rows")} for f in index.files]
-    if files != was or index.samples_per_shard != job.output.samples_per_shard:
-        diff = [f"{a['path']}: {a['rows']} -> {b['rows']} rows" for a, b in zip(was, files) if a != b]
-        if len(was) != len(files):
-            diff.append(f"{len(was)} -> {len(files)} files")
-        raise JobError(
-            f"{out}: the URL lists changed since the interrupted run ({'; '.join(diff[:5])}); resume needs the same "
-            "input (nothing was changed on disk)"
-        )
-
-
-def _changed_keys(old, new, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for each setting that differs (stages by position)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [
-            line for k in sorted(set(old) | set(new)) for line in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
-        ]
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [line for i, (a, b) in enumerate(zip(old, new)) for line in _changed_keys(a, b, f"{prefix}{i}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
 def _runner(job: JobConfig):
     if job.runner == "local":
         from pairforge.pipeline import local
@@ -175,7 +147,9 @@ def run_job(
         raise JobError(f"{out} already holds a run; pass --resume to finish it, or choose a new output folder")
     index = read_index(out) if resume else None
     if index is not None:  # checked before anything is written: a refused resume leaves the run as it was
-        _check_resume(out, job, index)
+        change = job_change(out, job, index)
+        if change:
+            raise JobError(change)
     try:  # _work is this job's, or empty (or cleaned on request): before anything is written there
         workdir.bind_work(out, _job_record(job), resume=resume, clean=clean_work)
     except workdir.WorkFolderError as e:
@@ -185,15 +159,13 @@ def run_job(
     if index.total_rows == 0:
         files = ", ".join(f"{f['path']} ({f['rows']} rows)" for f in index.files)
         raise EmptyInput(f"input: the URL lists hold no rows: {files}; nothing to run")
-    layout.atomic_write_bytes(layout.job_record(out), json.dumps(_job_record(job), sort_keys=True).encode())
+    write_job_record(out, job)
     for warning in input_warnings(job, out):
         _log(f"warning: {warning}")
     if resume:
-        stale = layout.temp_files(out)
-        for tmp in stale:
-            tmp.unlink(missing_ok=True)
+        stale = remove_temp_files(out)
         if stale:
-            _log(f"resume: removed {len(stale)} temporary file(s) an interrupted write left")
+            _log(f"resume: removed {stale} temporary file(s) an interrupted write left")
     shard_ids = sorted(index.shard_rows)
     stages, shard_stage = instantiate(job)
     spec = RunSpec(
@@ -204,23 +176,9 @@ def run_job(
         checkpoint_rows=job.output.checkpoint_rows,
         checkpoint_seconds=job.output.checkpoint_seconds,
     )
-    written = [s for s in shard_ids if resume and read_stats(out, s) is not None]
-    have_fit = {s for s in shard_ids if engine.rows_mark(out, s, images=False) is not None}
-    waiting = [s for s in shard_ids if s not in written and engine.rows_mark(out, s) is not None]
-    todo = [s for s in shard_ids if s not in written and s not in waiting]
-    if todo and spec.fitted:  # fits will rerun: every written shard needs its fit files
-        lost = [s for s in written if s not in have_fit]
-        written = [s for s in written if s not in lost]
-        todo = sorted(todo + lost)
-    saved = []  # the chunks unfinished shards saved before a kill: their rows are not fetched again
-    for s in todo:
-        if not resume or layout.rows_done(out, s).exists():  # a written shard's parts have lost their images
-            engine.clear_rows(out, s)
-        else:
-            records, _ = chunks.saved_parts(out, s)
-            if batch_len(records):
-                saved.append(records)
-    saved_rows = sum(int(r["rows"].sum()) for r in saved)
+    marks = plan_shards(out, shard_ids, resume, refits=bool(spec.fitted))
+    written, waiting, todo = marks.written, marks.waiting, marks.todo
+    saved, saved_rows = marks.saved, marks.saved_rows  # the chunks saved before a kill: not fetched again
     _log(
         f"{index.total_rows} rows in {len(shard_ids)} shards; {len(todo)} to run, {len(waiting)} with rows done, "
         f"{len(written)} already written" + (f"; {saved_rows} rows of the shards to run were saved" if saved else "")
@@ -284,7 +242,7 @@ def run_job(
 
     all_stats = []
     for sid in shard_ids:
-        st = read_stats(out, sid)
+        st = shard_written(out, sid)
         if st is None:
             raise JobError(f"shard {layout.shard_name(sid)} was not written; rerun with --resume")
         all_stats.append(st)
@@ -363,20 +321,6 @@ def _stage_error(out, e: StageError) -> str:
     # the fields, not str(e): under Ray the exception's text is Ray's whole traceback
     line = f"stage {e.stage} failed on {where}: {e.error} (trace in {log}; a stage should reject a bad row, not raise)"
     return redact_text(line)
-
-
-def run_state(out_dir, config: storage.StorageConfig | None = None) -> str:
-    """What an interrupted run left on disk, in one line."""
-    from pairforge.pipeline.reader import read_index
-
-    out = storage.path(out_dir, config)
-    index = read_index(out)
-    if index is None:
-        return "no input shard was written yet"
-    sids = sorted(index.shard_rows)
-    rows = sum(engine.rows_mark(out, s, images=False) is not None for s in sids)
-    shards = sum(read_stats(out, s) is not None for s in sids)
-    return f"{rows} of {len(sids)} input shards have their rows on disk, {shards} of {len(sids)} shards are written"
 
 
 def with_overrides(job: JobConfig, **output) -> JobConfig:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from pairforge.pipeline import chunks, engine
-from pairforge.pipeline.engine import RowsTracker, RunSpec
+from pairforge.pipeline.engine import RunSpec
 from pairforge.pipeline.fit import key_hashes
+from pairforge.pipeline.resume import RowsTracker
 from pairforge.stages.base import (
     Batch,
     FitResult,

@@ -30,8 +30,9 @@ import ray
 
 from pairforge.manifests import storage
 from pairforge.pipeline import chunks, engine, shuffle, taskmem
-from pairforge.pipeline.engine import RowsTracker, RunSpec
+from pairforge.pipeline.engine import RunSpec
 from pairforge.pipeline.fit import Launcher
+from pairforge.pipeline.resume import RowsTracker
 from pairforge.stages.base import TIMING_PREFIX, Batch, GlobalStage, Stage, batch_len, concat, run_stage_batch, take
 
 #: tasks in flight per launcher map (the driver holds their refs, nothing else)

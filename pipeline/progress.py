@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pairforge.manifests import layout, storage
-from pairforge.pipeline.engine import RowsTracker, RunSpec
+from pairforge.pipeline.engine import RunSpec
+from pairforge.pipeline.resume import RowsTracker
 
 #: seconds between progress lines when stderr is not a terminal
 DEFAULT_EVERY = 30.0

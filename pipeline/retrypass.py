@@ -28,7 +28,7 @@ import uuid
 import numpy as np
 
 from pairforge.manifests import layout
-from pairforge.pipeline import engine
+from pairforge.pipeline import engine, resume
 from pairforge.pipeline.engine import RunSpec
 from pairforge.stages.base import STATUS_OK, Batch, Stage, batch_len, concat, take
 
@@ -44,7 +44,7 @@ def plan(spec: RunSpec, shard_ids: list[int]) -> dict[int, list[str]]:
     stages = {s.name: s for s in spec.stages}
     out: dict[int, list[str]] = {}
     for sid in shard_ids:
-        mark = engine.rows_mark(spec.out, sid)
+        mark = resume.rows_mark(spec.out, sid)
         if mark is None or "retried" in mark:
             continue
         rows = engine.read_fit_rows(spec, sid, ())
@@ -56,7 +56,7 @@ def plan(spec: RunSpec, shard_ids: list[int]) -> dict[int, list[str]]:
         if keys:
             out[sid] = keys
         else:
-            engine.write_rows_mark(spec.out, sid, {**mark, "retried": {}})
+            resume.write_rows_mark(spec.out, sid, {**mark, "retried": {}})
     return out
 
 
@@ -81,7 +81,7 @@ def merge(shard_id: int, spec: RunSpec, retried: dict) -> dict:
     Returns its counts per first reason: ``tried``, ``recovered``, and the
     reasons the rest failed with in the end."""
     folder = layout.rows_dir(spec.out, shard_id)
-    mark = engine.rows_mark(spec.out, shard_id)
+    mark = resume.rows_mark(spec.out, shard_id)
     if mark is None or "retried" in mark:
         return mark.get("retried", {}) if mark else {}
     new_parts = retried.get(shard_id, [])
@@ -109,11 +109,11 @@ def merge(shard_id: int, spec: RunSpec, retried: dict) -> dict:
         name = uuid.uuid4().hex
         engine.write_part(folder, name, rows, spec)
         names.append(name)
-    engine.write_rows_mark(spec.out, shard_id, {**mark, "parts": sorted(names), "retried": counts})
+    resume.write_rows_mark(spec.out, shard_id, {**mark, "parts": sorted(names), "retried": counts})
     for p in set(mark["parts"]) - set(names):
-        engine.remove_part(folder, p)
+        resume.remove_part(folder, p)
     for p in new_parts:
-        engine.remove_part(folder, p)
+        resume.remove_part(folder, p)
     return counts
 
 
@@ -130,7 +130,7 @@ def totals(out, shard_ids: list[int]) -> dict:
     """The retry counts of every shard's mark added up, per first reason."""
     total: dict[str, dict] = {}
     for sid in shard_ids:
-        mark = engine.rows_mark(out, sid, images=False)
+        mark = resume.rows_mark(out, sid, images=False)
         for reason, c in ((mark or {}).get("retried") or {}).items():
             t = total.setdefault(reason, {"tried": 0, "recovered": 0, "failed": {}})
             t["tried"] += c["tried"]

@@ -20,7 +20,7 @@ The fingerprint guards against mistakes, not against someone who can write
 under ``OUT``: they can write a matching ``run.json`` too. What keeps
 them from running code is that nothing under ``OUT`` is code (no pickle:
 ``pipeline.batchfile``) and every path read from there is checked
-(``pipeline.engine.rows_mark``); see docs/security.md.
+(``pipeline.resume.rows_mark``); see docs/security.md.
 """
 
 from __future__ import annotations
