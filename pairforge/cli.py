@@ -42,7 +42,7 @@ def _leave_interrupted(message: str) -> None:
     tracebacks (a ``WaitBlockPrefetcher`` interrupted before it had its
     ``_condition``), a stats call starts a new local Ray, and finalisation
     beside Ray's native threads has ended in SIGSEGV or SIGINT instead of
-    130 (``tests/test_resume.py`` interrupts the command at several
+    130 (``tests/pipeline/test_resume.py`` interrupts the command at several
     moments). Every file of a run is written under a temporary name and
     renamed, so nothing of the run's needs that teardown."""
     from pairforge.pipeline.outcome import EXIT_INTERRUPTED

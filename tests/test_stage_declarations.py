@@ -122,7 +122,7 @@ def test_an_unknown_hash_is_the_stages_error_not_a_crash_of_the_loader(tmp_path)
 def test_declared_column_names_are_what_the_built_stages_declare(tmp_path):
     """A stage that declares its columns without being built
     (``declares_columns``) declares what it outputs once built; the others'
-    names come from building them. clip_score's: tests/test_checks.py (it
+    names come from building them. clip_score's: tests/pipeline/test_checks.py (it
     needs open_clip's registry)."""
     entries = tmp_path / "entries.txt"
     entries.write_text("dog\ncat\n")
