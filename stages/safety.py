@@ -18,9 +18,10 @@ Per row, on **one decode** of the stored image shared by every signal:
   row's ``sha256`` stays the original download's. Stages after this one
   (``clip_score``, ``regions``) see the blurred image.
 
-The ONNX models run on ONNX Runtime's CUDA provider when the worker has a
-GPU and onnxruntime-gpu is installed, else on the CPU with ``num_cpus``
-threads; MTCNN runs on torch's device. A missing model file or package is
+The ONNX models run on ONNX Runtime (its CUDA provider with onnxruntime-gpu)
+or converted to torch (``engine``, :mod:`stages.common.nets`): on a GPU
+worker without onnxruntime-gpu, ``engine: auto`` runs them in torch, fp16;
+on the CPU with ``num_cpus`` threads. MTCNN runs on torch's device. A missing model file or package is
 one line before Ray starts (:meth:`SafetyStage.check`). An image that cannot
 be decoded fails the row with ``decode_error``.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import io
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -45,6 +47,7 @@ from pairforge.stages.base import (
     require,
 )
 from pairforge.stages.common import blur as _blur
+from pairforge.stages.common import nets as _nets
 from pairforge.stages.common import nsfw as _nsfw
 from pairforge.stages.common import onnx as _onnx
 from pairforge.stages.common import textdet as _text
@@ -87,9 +90,15 @@ class Config:
     blur_quality: int = 95
     #: ``auto`` (a GPU when the worker has one), ``cpu``, ``cuda``, ``cuda:N``
     device: str = "auto"
+    #: what runs the ONNX models: ``onnxruntime``, ``torch`` (the files converted by onnx2torch),
+    #: ``auto`` (onnxruntime-gpu's CUDA provider, else torch on a GPU, else onnxruntime on the CPU)
+    engine: str = "auto"
+    #: the torch engine's arithmetic on a GPU: ``fp16``, ``bf16``, ``fp32``; ``auto``: fp16 on a GPU, fp32 on the CPU
+    precision: str = "auto"
     #: GPUs each actor asks Ray for; 0.5 puts two actors on one GPU
     num_gpus: float = 0.0
-    #: CPUs per actor, and the ONNX Runtime / torch threads it uses
+    #: CPUs per actor, and the ONNX Runtime / torch threads it uses (and, above 1, the threads
+    #: that decode and letterbox images for a GPU)
     num_cpus: float = 1.0
     #: actors in the pool (min, max)
     concurrency: tuple[int, int] = (1, 1)
@@ -115,6 +124,12 @@ class Config:
         require(1 <= self.blur_quality <= 100, "blur_quality", self.blur_quality, "1..100")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device", self.device,
                 "auto, cpu, cuda or cuda:N")  # fmt: skip
+        require(self.engine in _nets.ENGINES, "engine", self.engine, f"one of {_nets.ENGINES}")
+        require(self.precision in _nets.PRECISIONS, "precision", self.precision, f"one of {_nets.PRECISIONS}")
+        require(self.engine != "onnxruntime" or self.precision in ("auto", "fp32"), "precision", self.precision,
+                "auto or fp32 with engine: onnxruntime (half precision is the torch engine's)")  # fmt: skip
+        require(self.device != "cpu" or self.precision in ("auto", "fp32"), "precision", self.precision,
+                "auto or fp32 with device: cpu")  # fmt: skip
         for name in ("batch_size", "micro_batch"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         require(self.num_gpus >= 0 and self.num_cpus > 0, "num_gpus/num_cpus", (self.num_gpus, self.num_cpus),
@@ -166,8 +181,8 @@ class SafetyStage(Stage):
         if c.text:
             wanted.append(("text_model", c.text_model, _text.PACKAGE, _text.MODEL_FILE, _text.PIP))
         problems = [p for w in wanted if (p := _onnx.model_problem(*w))]
-        if wanted and _onnx.package_dir("onnxruntime") is None:
-            problems.append(f"{wanted[0][0]}: the package 'onnxruntime' is not installed (pip install onnxruntime==1.32.0)")
+        if wanted and (p := _nets.engine_problem("engine", c.engine)):
+            problems.append(p)
         if c.blur_faces and _onnx.package_dir("facenet_pytorch") is None:
             problems.append("blur_faces: the package 'facenet-pytorch' (MTCNN) is not installed")
         return problems
@@ -182,20 +197,23 @@ class SafetyStage(Stage):
         c = self.config
         device = _clip.pick_device(c.device)
         threads = max(1, int(c.num_cpus))
-        onnx_device = device
-        if device.startswith("cuda") and c.device == "auto" and _onnx.CUDA not in _available_providers():
-            log.warning("safety: a GPU but no onnxruntime CUDA provider (onnxruntime-gpu): the ONNX models run on the CPU")
-            onnx_device = "cpu"
+        engine, net_device = _nets.choose(c.engine, device, c.device)
         models: dict = {"identity": {}}
-        if c.nsfw:
-            path = _onnx.resolve(c.nsfw_model, _nsfw.PACKAGE, _nsfw.MODEL_FILE)
-            models["nsfw"] = _nsfw.NsfwDetector(_onnx.session(path, onnx_device, threads), tuple(c.nsfw_classes),
-                                                c.nsfw_size, c.micro_batch)  # fmt: skip
-            models["identity"]["nsfw"] = {"model": path.rsplit("/", 1)[-1], "sha256": _clip.file_sha256(path)}
-        if c.text:
-            path = _onnx.resolve(c.text_model, _text.PACKAGE, _text.MODEL_FILE)
-            models["text"] = _text.TextDetector(_onnx.session(path, onnx_device, threads), c.text_size, c.micro_batch)
-            models["identity"]["text"] = {"model": path.rsplit("/", 1)[-1], "sha256": _clip.file_sha256(path)}
+        # decode, letterbox and DB post-processing in threads (cv2 and PIL let go of the GIL), so
+        # that a GPU is fed by more than one core; on the CPU the engines' own threads use the cores
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="safety") if threads > 1 and net_device != "cpu" else None
+        models["pool"] = pool
+        for key, on, option, module in (("nsfw", c.nsfw, c.nsfw_model, _nsfw), ("text", c.text, c.text_model, _text)):
+            if not on:
+                continue
+            path = _onnx.resolve(option, module.PACKAGE, module.MODEL_FILE)
+            net = _nets.open_net(path, engine, net_device, threads, c.precision)
+            if key == "nsfw":
+                models[key] = _nsfw.NsfwDetector(net, tuple(c.nsfw_classes), c.nsfw_size, c.micro_batch, pool)
+            else:
+                models[key] = _text.TextDetector(net, c.text_size, c.micro_batch, pool=pool)
+            models["identity"][key] = {"model": path.rsplit("/", 1)[-1], "sha256": _clip.file_sha256(path),
+                                       "engine": f"{net.engine} {net_device} {net.precision}"}  # fmt: skip
         if c.blur_faces:
             import torch
 
@@ -208,6 +226,8 @@ class SafetyStage(Stage):
         self._models = models
 
     def teardown(self) -> None:
+        if self._models and self._models.get("pool") is not None:
+            self._models["pool"].shutdown(wait=False)
         self._models = None
 
     def process_batch(self, batch: Batch) -> Batch:
@@ -215,7 +235,7 @@ class SafetyStage(Stage):
         c, m = self.config, self._models
         n = batch_len(batch)
         out = dict(batch)
-        decoded, errors = decode(batch["image"])
+        decoded, errors = decode(batch["image"], m["pool"])
         good = [i for i in range(n) if decoded[i] is not None]
         images = [decoded[i] for i in good]
         drop_nsfw = drop_text = np.zeros(n, dtype=bool)
@@ -280,27 +300,21 @@ class SafetyStage(Stage):
         out["image"] = images
 
 
-def decode(images) -> tuple[list, list[str | None]]:
+def decode(images, pool=None) -> tuple[list, list[str | None]]:
     """Each image as ``H x W x 3`` uint8 RGB (grey, palette, CMYK and alpha
-    images converted, alpha dropped), or ``None`` and what was wrong."""
+    images converted, alpha dropped), or ``None`` and what was wrong;
+    in ``pool``'s threads when one is given."""
+    results = list((pool.map if pool is not None else map)(_decode_one, images))
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def _decode_one(data) -> tuple[np.ndarray | None, str | None]:
     from PIL import Image
 
-    out: list = []
-    errors: list[str | None] = []
-    for data in images:
-        try:
-            if not isinstance(data, (bytes, bytearray)) or not data:
-                raise ValueError("no image bytes")
-            with Image.open(io.BytesIO(data)) as im:
-                out.append(np.array(im.convert("RGB")))
-            errors.append(None)
-        except Exception as e:  # noqa: BLE001 - any undecodable input is a per-row failure
-            out.append(None)
-            errors.append(f"{type(e).__name__}: {e}")
-    return out, errors
-
-
-def _available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return list(ort.get_available_providers())
+    try:
+        if not isinstance(data, (bytes, bytearray)) or not data:
+            raise ValueError("no image bytes")
+        with Image.open(io.BytesIO(data)) as im:
+            return np.array(im.convert("RGB")), None
+    except Exception as e:  # noqa: BLE001 - any undecodable input is a per-row failure
+        return None, f"{type(e).__name__}: {e}"

@@ -26,6 +26,11 @@ is surer of the face's class fed RGB (FACE_FEMALE 0.81 against FACE_MALE
 0.17) than fed BGR (0.72 against 0.49, what ``NudeDetector.detect`` returns),
 so the stage feeds RGB. ``tests/stages/test_safety_nsfw.py`` holds both facts.
 
+**The engines** (:mod:`stages.common.nets`): ONNX Runtime runs the file as
+it is; the torch engine runs it converted by onnx2torch, on the CPU or a GPU
+(fp16 there). Both get the same letterboxed ``uint8`` images and their
+raw output goes through the same :func:`score_rows`.
+
 Images go to the network in chunks of ``micro_batch``, the last padded with
 copies of its last image, so an image's score does not depend on the rows
 it shared a batch with.
@@ -36,6 +41,8 @@ from __future__ import annotations
 import ast
 
 import numpy as np
+
+from pairforge.stages.common.nets import Normalise
 
 #: nudenet 3.4.2's classes, in the model's output order (its metadata ``names``)
 LABELS = (
@@ -52,30 +59,49 @@ UNSAFE = (
 PACKAGE, MODEL_FILE, PIP = "nudenet", "320n.onnx", "nudenet==3.4.2 onnxruntime==1.32.0"
 
 
-def prepare(rgb: np.ndarray, size: int) -> np.ndarray:
-    """An ``H x W x 3`` uint8 RGB image as the network's ``[3, size, size]``
-    float32 input (padded square, bilinear resize, 0..1)."""
+#: blobFromImage's scale: pixels to 0..1
+NORM = Normalise(1.0 / 255.0)
+
+
+def letterbox(rgb: np.ndarray, size: int) -> np.ndarray:
+    """An ``H x W x 3`` uint8 RGB image padded square with black at its
+    bottom and right and resized to ``size`` x ``size`` (bilinear): uint8."""
     import cv2
 
     h, w = rgb.shape[:2]
     side = max(h, w)
     square = cv2.copyMakeBorder(rgb, 0, side - h, 0, side - w, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-    resized = cv2.resize(square, (size, size), interpolation=cv2.INTER_LINEAR)
-    return np.ascontiguousarray(resized.transpose(2, 0, 1), dtype=np.float32) * np.float32(1.0 / 255.0)  # blobFromImage's scale
+    return cv2.resize(square, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def prepare(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The network's ``[3, size, size]`` float32 input of one image, as the
+    ONNX Runtime engine computes it (the torch engine: the same arithmetic)."""
+    return NORM.numpy(letterbox(rgb, size)[None])[0]
+
+
+def score_rows(pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """**The score rule**, from the raw output's rows of the chosen classes
+    (``[images, classes, anchors]``): per image the best score of any anchor
+    in any of them, and the index of the class that gave it."""
+    per_class = pred.max(axis=2)  # [images, classes]: best anchor per class
+    best = per_class.argmax(axis=1)
+    return per_class[np.arange(len(per_class)), best].astype(np.float32), best
 
 
 class NsfwDetector:
-    """Scores images with an open session of the NudeNet model."""
+    """Scores images with the NudeNet model, on any engine's net
+    (:mod:`stages.common.nets`). ``pool``: an executor whose ``map``
+    letterboxes images in threads (default: in this thread)."""
 
-    def __init__(self, session, classes: tuple[str, ...] = UNSAFE, size: int = 320, micro_batch: int = 16):
-        self.session, self.size, self.micro_batch = session, int(size), int(micro_batch)
-        self.labels = model_labels(session)
+    def __init__(self, net, classes: tuple[str, ...] = UNSAFE, size: int = 320, micro_batch: int = 16, pool=None):
+        self.net, self.size, self.micro_batch, self.pool = net, int(size), int(micro_batch), pool
+        self.labels = model_labels(net.metadata)
         unknown = [c for c in classes if c not in self.labels]
         if unknown:
             raise ValueError(f"nsfw_classes: {unknown} are not classes of this model ({', '.join(self.labels)})")
         self.classes = tuple(classes)
         self._rows = np.array([4 + self.labels.index(c) for c in classes], dtype=np.int64)
-        self._input = session.get_inputs()[0].name
 
     def scores(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
         """Per image (``H x W x 3`` uint8 RGB): the NSFW score (float32) and
@@ -85,24 +111,23 @@ class NsfwDetector:
         top = [""] * n
         if not n or not len(self._rows):
             return out, top
+        boxed = (self.pool.map if self.pool is not None else map)(lambda im: letterbox(im, self.size), images)
         for a in range(0, n, self.micro_batch):
             b = min(a + self.micro_batch, n)
-            x = np.stack([prepare(images[i], self.size) for i in range(a, b)])
+            x = np.stack([next(boxed) for _ in range(a, b)])  # the pool letterboxes the next chunk meanwhile
             if b - a < self.micro_batch:  # a fixed batch: the same arithmetic whatever the neighbours
                 x = np.concatenate([x, np.repeat(x[-1:], self.micro_batch - (b - a), axis=0)])
-            (pred,) = self.session.run(None, {self._input: x})
-            per_class = pred[: b - a, self._rows, :].max(axis=2)  # [images, classes]: best anchor per class
-            best = per_class.argmax(axis=1)
-            out[a:b] = per_class[np.arange(b - a), best]
+            score, best = score_rows(self.net(x, NORM, self._rows)[: b - a])
+            out[a:b] = score
             for j, k in enumerate(best):
                 top[a + j] = self.classes[k] if out[a + j] > 0 else ""
         return out, top
 
 
-def model_labels(session) -> tuple[str, ...]:
+def model_labels(metadata: dict) -> tuple[str, ...]:
     """The class names an Ultralytics export stores in its metadata
     (``{0: 'NAME', ...}``, read as a literal, never run), or :data:`LABELS`."""
-    names = session.get_modelmeta().custom_metadata_map.get("names")
+    names = metadata.get("names")
     if not names:
         return LABELS
     try:

@@ -27,6 +27,10 @@ What this module does, and where it differs from rapidocr's ``TextDetector``:
 * **the share** (``text_area``): the boxes filled into a mask of the image's
   own size, overlaps counted once, divided by its area.
 
+Both engines (:mod:`stages.common.nets`: ONNX Runtime, or the file converted
+to torch) get the same letterboxed ``uint8`` images and their probability
+maps go through the same :func:`boxes_from_map`.
+
 Boxes are four corners (clockwise from the top-left one, x then y),
 normalised to the image's width and height; rotated text gives rotated
 quadrilaterals, not axis-aligned boxes.
@@ -37,6 +41,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from pairforge.stages.common.nets import Normalise
 
 PACKAGE, MODEL_FILE = "rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx"
 PIP = "--no-deps rapidocr-onnxruntime==1.4.4 (with onnxruntime==1.32.0)"
@@ -54,19 +60,29 @@ class DBParams:
     min_side: float = 3.0
 
 
-def prepare(rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """``H x W x 3`` uint8 RGB -> the network's ``[3, size, size]`` float32
-    input (see the module doc) and the image's ``(h, w)`` inside it."""
+#: rapidocr's mean and std of 0.5: pixels to -1..1
+NORM = Normalise(1.0 / 127.5, -1.0)
+
+
+def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``H x W x 3`` uint8 RGB -> ``size x size x 3`` uint8 **BGR**, the
+    image resized so its longer side is ``size`` and padded with black at the
+    bottom and right, and the image's ``(h, w)`` inside it."""
     import cv2
 
     h, w = rgb.shape[:2]
     scale = size / max(h, w)
     rh, rw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
-    canvas = np.zeros((size, size, 3), dtype=np.float32)
-    bgr = cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_LINEAR)[:, :, ::-1]
-    canvas[:rh, :rw] = bgr.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    canvas[rh:, :] = canvas[:, rw:] = -1.0  # black padding, as the network sees black
-    return np.ascontiguousarray(canvas.transpose(2, 0, 1)), (rh, rw)
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)  # black padding: -1 once normalised
+    canvas[:rh, :rw] = cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_LINEAR)[:, :, ::-1]
+    return canvas, (rh, rw)
+
+
+def prepare(rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``H x W x 3`` uint8 RGB -> the network's ``[3, size, size]`` float32
+    input (see the module doc) and the image's ``(h, w)`` inside it."""
+    canvas, inside = letterbox(rgb, size)
+    return NORM.numpy(canvas[None])[0], inside
 
 
 def boxes_from_map(prob: np.ndarray, p: DBParams = DBParams()) -> np.ndarray:
@@ -127,27 +143,33 @@ def area_share(quads: np.ndarray, h: int, w: int) -> float:
 
 
 class TextDetector:
-    """PP-OCRv4's detector with an open session (see the module doc)."""
+    """PP-OCRv4's detector on any engine's net (:mod:`stages.common.nets`;
+    see the module doc). ``pool``: an executor whose ``map`` letterboxes and
+    post-processes images in threads (default: in this thread)."""
 
-    def __init__(self, session, size: int = 320, micro_batch: int = 16, params: DBParams = DBParams()):
+    def __init__(self, net, size: int = 320, micro_batch: int = 16, params: DBParams = DBParams(), pool=None):
         if size < 32 or size % 32:
             raise ValueError(f"text_size: expected a multiple of 32, >= 32, got {size!r}")
-        self.session, self.size, self.micro_batch, self.params = session, int(size), int(micro_batch), params
-        self._input = session.get_inputs()[0].name
+        self.net, self.size, self.micro_batch, self.params, self.pool = net, int(size), int(micro_batch), params, pool
 
     def detect(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         """Per ``H x W x 3`` uint8 RGB image: its text boxes (``K x 4 x 2``
         float32, normalised) and the share of its area they cover."""
+        pmap = self.pool.map if self.pool is not None else map
+        boxed = pmap(lambda im: letterbox(im, self.size), images)
         out: list[tuple[np.ndarray, float]] = []
         for a in range(0, len(images), self.micro_batch):
             chunk = images[a : a + self.micro_batch]
-            prepared = [prepare(im, self.size) for im in chunk]
+            prepared = [next(boxed) for _ in chunk]  # the pool letterboxes the next chunk meanwhile
             x = np.stack([p[0] for p in prepared])
             if len(chunk) < self.micro_batch:  # a fixed batch: the same arithmetic whatever the neighbours
                 x = np.concatenate([x, np.repeat(x[-1:], self.micro_batch - len(chunk), axis=0)])
-            (pred,) = self.session.run(None, {self._input: x})
-            for im, (_, (rh, rw)), prob in zip(chunk, prepared, pred[:, 0]):
-                quads = boxes_from_map(prob[:rh, :rw], self.params)
-                quads = np.clip(quads / np.array([rw, rh], np.float32), 0.0, 1.0).astype(np.float32)
-                out.append((quads, area_share(quads, *im.shape[:2])))
+            pred = self.net(x, NORM)
+            out.extend(pmap(self._boxes, chunk, [p[1] for p in prepared], pred[:, 0]))
         return out
+
+    def _boxes(self, image: np.ndarray, inside: tuple[int, int], prob: np.ndarray) -> tuple[np.ndarray, float]:
+        rh, rw = inside
+        quads = boxes_from_map(prob[:rh, :rw], self.params)
+        quads = np.clip(quads / np.array([rw, rh], np.float32), 0.0, 1.0).astype(np.float32)
+        return quads, area_share(quads, *image.shape[:2])

@@ -14,6 +14,7 @@ from PIL import Image
 
 from pairforge.pipeline.datasets import fashion_mnist, skimage_photos
 from pairforge.stages.base import STATUS_OK, fresh_rows, object_array, run_stage_batch
+from pairforge.stages.common import nets as _nets
 from pairforge.stages.common import nsfw as _nsfw
 from pairforge.stages.common import onnx as _onnx
 from pairforge.stages.safety import Config, SafetyStage
@@ -26,7 +27,7 @@ NOT_A_PHOTO = "colorwheel"
 
 @pytest.fixture(scope="module")
 def session():
-    return _onnx.session(_onnx.resolve("", _nsfw.PACKAGE, _nsfw.MODEL_FILE), "cpu", 1)
+    return _nets.OrtNet(_onnx.resolve("", _nsfw.PACKAGE, _nsfw.MODEL_FILE), "cpu", 1)
 
 
 @pytest.fixture(scope="module")

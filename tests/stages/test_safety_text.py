@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pairforge.pipeline.datasets import skimage_photos
 from pairforge.stages.base import STATUS_OK, fresh_rows, object_array, run_stage_batch
+from pairforge.stages.common import nets as _nets
 from pairforge.stages.common import onnx as _onnx
 from pairforge.stages.common import textdet as _text
 from pairforge.stages.safety import Config, SafetyStage
@@ -30,7 +31,7 @@ HAS_TEXT = ("page", "text", "clock")
 
 @pytest.fixture(scope="module")
 def detector():
-    return _text.TextDetector(_onnx.session(_onnx.resolve("", _text.PACKAGE, _text.MODEL_FILE), "cpu", 1), 256, 8)
+    return _text.TextDetector(_nets.OrtNet(_onnx.resolve("", _text.PACKAGE, _text.MODEL_FILE), "cpu", 1), 256, 8)
 
 
 @pytest.fixture(scope="module")
