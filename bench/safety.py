@@ -1,8 +1,10 @@
 """What each safety and quality signal costs on the CPU, next to what the
-download pass itself costs per image, measured in one run.
+download pass itself costs per image, measured in one run; and with
+``--gpu``, what NSFW and text cost on one GPU (:mod:`bench.safety_gpu`).
 
     python bench/safety.py             # 256 images, 20,000 captions, 3 timed passes
     python bench/safety.py --quick     # a smoke run (64 images, 1 pass)
+    python bench/safety.py --gpu       # the GPU plans (4,096 images), next to the CPU engine
 
 Plans, each on 256 px JPEGs (real photos, ``bench/download.py``'s) and
 one CPU core (ONNX Runtime and torch with one thread), timed with the
@@ -125,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-size", type=int, default=256, help="the text detector's input side")
     p.add_argument("--threads", type=int, default=16, help="download threads")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--gpu", action="store_true", help="the GPU plans instead, with their own options (bench/safety_gpu.py)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu" in argv:
+        from bench.safety_gpu import main as gpu_main
+
+        return gpu_main([a for a in argv if a != "--gpu"])
     args = p.parse_args(argv)
     n, n_cap, passes = (64, 2000, 1) if args.quick else (args.n, args.captions, args.passes)
 
