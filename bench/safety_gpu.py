@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         "gpu text fp16": (stage(nsfw=False, precision="fp16", text_size=args.text_size, **gpu), images),
         "gpu both fp16": (stage(precision="fp16", text_size=args.text_size, **gpu), images),
     }
-    print("engines: " + "; ".join(f"{k}: {st._models['identity']}" for k, (st, _) in stages.items() if k in ("cpu nsfw", "gpu nsfw fp16")))
+    print(
+        "engines: "
+        + "; ".join(
+            f"{k}: {st._models['identity']}" for k, (st, _) in stages.items() if k in ("cpu nsfw", "gpu nsfw fp16")
+        )
+    )
     plans = {name: (len(imgs), lambda st=st, imgs=imgs: run(st, imgs)) for name, (st, imgs) in stages.items()}
     net = _nets.open_net(_nsfw_path(), "torch", args.device, args.threads, "fp16")
     rows_of = np.array([4 + _nsfw.LABELS.index(c) for c in _nsfw.UNSAFE])

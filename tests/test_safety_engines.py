@@ -45,7 +45,9 @@ def model(mod) -> str:
 
 
 def nets(mod, device="cpu", precision="fp32"):
-    return _nets.open_net(model(mod), "onnxruntime", "cpu", 1), _nets.open_net(model(mod), "torch", device, 1, precision)
+    return _nets.open_net(model(mod), "onnxruntime", "cpu", 1), _nets.open_net(
+        model(mod), "torch", device, 1, precision
+    )
 
 
 def jpegs(images, side=256) -> list[bytes]:
@@ -155,6 +157,8 @@ def test_a_gpu_in_half_precision_stays_within_tolerance(images, precision):
     ta = _text.TextDetector(cpu, 256, 8).detect(images)
     tb = _text.TextDetector(gpu, 256, 8).detect(images)
     nsfw_diff, text_diff = np.abs(a - b).max(), max(abs(x[1] - y[1]) for x, y in zip(ta, tb))
-    print(f"\n{precision} on {torch.cuda.get_device_name()}: nsfw max |diff| {nsfw_diff:.2e}, text area {text_diff:.2e}")
+    print(
+        f"\n{precision} on {torch.cuda.get_device_name()}: nsfw max |diff| {nsfw_diff:.2e}, text area {text_diff:.2e}"
+    )
     tol = HALF_TOL.get(precision, (FP32_TOL, FP32_TOL))
     assert nsfw_diff < tol[0] and text_diff < tol[1]

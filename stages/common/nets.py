@@ -125,7 +125,9 @@ def choose(engine: str, device: str, configured: str = "auto") -> tuple[str, str
         return engine, device
     if engine == "onnxruntime" or not gpu:
         if gpu and not ort_gpu and configured == "auto":
-            log.warning("safety: a GPU but no onnxruntime CUDA provider (onnxruntime-gpu): the ONNX models run on the CPU")
+            log.warning(
+                "safety: a GPU but no onnxruntime CUDA provider (onnxruntime-gpu): the ONNX models run on the CPU"
+            )
             return "onnxruntime", "cpu"
         if engine == "auto" and _onnx.package_dir("onnxruntime") is None and torch_ready():
             return "torch", device
@@ -136,7 +138,9 @@ def choose(engine: str, device: str, configured: str = "auto") -> tuple[str, str
         return "torch", device
     if configured != "auto":
         return "onnxruntime", device  # device: cuda asked for: onnxruntime's error names the package
-    log.warning("safety: a GPU but neither onnxruntime-gpu nor onnx2torch (%s): the ONNX models run on the CPU", TORCH_PIP)
+    log.warning(
+        "safety: a GPU but neither onnxruntime-gpu nor onnx2torch (%s): the ONNX models run on the CPU", TORCH_PIP
+    )
     return "onnxruntime", "cpu"
 
 
