@@ -46,7 +46,7 @@ def load(path: str):
     from onnx2torch import convert
 
     # onnx2torch's Slice indexes with a list of slices, which torch (2.11-2.14) still reads as a tuple
-    # and warns about at every worker's first call; tests/test_safety_engines.py compares the results
+    # and warns about at every worker's first call; tests/stages/test_safety_engines.py compares the results
     # with ONNX Runtime's, so a torch that changes the meaning fails there, not silently
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
     model = onnx.load(path)
@@ -54,7 +54,7 @@ def load(path: str):
     metadata = {p.key: p.value for p in model.metadata_props}
     with warnings.catch_warnings():
         # onnx2torch warns that its converted Resize/Slice "may differ" from ONNX's in corner cases;
-        # tests/test_safety_engines.py compares the outputs with ONNX Runtime's instead
+        # tests/stages/test_safety_engines.py compares the outputs with ONNX Runtime's instead
         warnings.simplefilter("ignore")
         module = convert(model)
     return module.eval(), metadata
