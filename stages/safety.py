@@ -20,7 +20,7 @@ Per row, on **one decode** of the stored image shared by every signal:
 
 The ONNX models run on ONNX Runtime (its CUDA provider with onnxruntime-gpu)
 or converted to torch (``engine``, :mod:`stages.common.nets`): on a GPU
-worker without onnxruntime-gpu, ``engine: auto`` runs them in torch, fp16;
+worker without onnxruntime-gpu, ``engine: auto`` runs them in torch;
 on the CPU with ``num_cpus`` threads. MTCNN runs on torch's device. A missing model file or package is
 one line before Ray starts (:meth:`SafetyStage.check`). An image that cannot
 be decoded fails the row with ``decode_error``.
@@ -93,7 +93,7 @@ class Config:
     #: what runs the ONNX models: ``onnxruntime``, ``torch`` (the files converted by onnx2torch),
     #: ``auto`` (onnxruntime-gpu's CUDA provider, else torch on a GPU, else onnxruntime on the CPU)
     engine: str = "auto"
-    #: the torch engine's arithmetic on a GPU: ``fp16``, ``bf16``, ``fp32``; ``auto``: fp16 on a GPU, fp32 on the CPU
+    #: the torch engine's arithmetic on a GPU: ``fp16``, ``bf16``, ``fp32``; ``auto``: fp32 (docs/safety.md says why)
     precision: str = "auto"
     #: GPUs each actor asks Ray for; 0.5 puts two actors on one GPU
     num_gpus: float = 0.0

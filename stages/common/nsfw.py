@@ -28,7 +28,7 @@ so the stage feeds RGB. ``tests/stages/test_safety_nsfw.py`` holds both facts.
 
 **The engines** (:mod:`stages.common.nets`): ONNX Runtime runs the file as
 it is; the torch engine runs it converted by onnx2torch, on the CPU or a GPU
-(fp16 there). Both get the same letterboxed ``uint8`` images and their
+(fp32; fp16 or bf16 on a GPU if asked). Both get the same letterboxed ``uint8`` images and their
 raw output goes through the same :func:`score_rows`.
 
 Images go to the network in chunks of ``micro_batch``, the last padded with
