@@ -10,9 +10,10 @@ tasks and a Ray Data shuffle, ``pipeline.plan``). Per input shard:
   at most ``sample_rows`` over the whole run, so the sample does not depend
   on block order or cluster size; ``learn`` runs on it;
 * ``bucket_rows`` -> shuffle by ``bucket`` -> ``reduce_bucket``;
-* ``combine`` in one task over the reduced rows (pairs, histograms), which
-  writes decisions and side tables partitioned by shard (its memory grows
-  with the pairs: ``docs/scale.md``);
+* ``combine``: for a stage with ``link_keys`` (dedup), once per partition
+  of whole connected components of its links (``pipeline.components``);
+  else in one task over the reduced rows (histograms, score windows); it
+  writes decisions and side tables partitioned by shard;
 * ``decide_rows`` per shard, when the stage keeps a rule (a score cut).
 
 The driver holds the stage (config plus small learned state: a cut) and
@@ -34,12 +35,16 @@ import numpy as np
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.shards import to_arrow
-from pairforge.pipeline import batchfile, resume, taskmem
+from pairforge.pipeline import batchfile, components, resume, taskmem
 from pairforge.pipeline.engine import RunSpec, alive_at, read_decisions, read_fit_rows
 from pairforge.stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
 
 #: hash-sample over-draw: the first cut takes about this many times the rows needed
 SAMPLE_SLACK = 1.2
+#: input rows per partition of a fit's shuffle and of its component passes: the partitions grow
+#: with the rows, so a task's memory does not (about 600 B an emitted row of the dedup stages:
+#: ~60 MB a task)
+PARTITION_ROWS = 100_000
 
 
 class Launcher:
@@ -50,6 +55,11 @@ class Launcher:
 
     def call(self, fn, *args, **kwargs):
         return fn(*args, **kwargs)
+
+    def partitions(self, spec: RunSpec, shards: int) -> int:
+        """How many partitions the steps after the shuffle (the component
+        passes of ``pipeline.components``) cut their rows into."""
+        return max(1, min(shards, -(-shards * spec.samples_per_shard // PARTITION_ROWS)))
 
     def shuffle(self, emit, reduce, items: list, **kwargs) -> list:
         """``emit(item)`` -> rows with ``bucket``; ``reduce(rows of one
@@ -282,9 +292,13 @@ def take_sample(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids
     return sampled
 
 
-def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: list[int], total: int) -> dict:
+def run_fit(
+    launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: list[int], total: int, single_combine: bool = False
+) -> dict:
     """Fit ``stage`` over every shard's fit files and store its decisions.
-    Returns the fit's counters (also written as its done mark)."""
+    Returns the fit's counters (also written as its done mark).
+    ``single_combine``: run ``combine`` in one task even where the stage
+    could run it per component (the reference the tests compare with)."""
     t0 = time.perf_counter()
     storage.rmtree(layout.fit_dir(spec.out, stage.name))
     for table in stage.side_tables():
@@ -306,7 +320,12 @@ def run_fit(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: li
         t = lap("learn", t)
     launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage)
     t = lap("bucket_and_reduce", t)
-    stage, counts = launcher.call(_combine, spec, stage)
+    if stage.has_link_keys() and not stage.side_tables() and not stage.has_decide_rows() and not single_combine:
+        counts, info["components"] = components.combine_by_component(
+            launcher, spec, stage, launcher.partitions(spec, len(shard_ids))
+        )
+    else:
+        stage, counts = launcher.call(_combine, spec, stage)
     t = lap("combine", t)
     if stage.has_decide_rows():
         for c in launcher.map(_decide_shard, shard_ids, spec=spec, stage=stage):

@@ -31,15 +31,12 @@ import ray
 from pairforge.manifests import storage
 from pairforge.pipeline import chunks, engine, shuffle, taskmem
 from pairforge.pipeline.engine import RunSpec
-from pairforge.pipeline.fit import Launcher
+from pairforge.pipeline.fit import PARTITION_ROWS, Launcher
 from pairforge.pipeline.resume import RowsTracker
 from pairforge.stages.base import TIMING_PREFIX, Batch, GlobalStage, Stage, batch_len, concat, run_stage_batch, take
 
 #: tasks in flight per launcher map (the driver holds their refs, nothing else)
 MAX_IN_FLIGHT = 1000
-#: input rows per partition of a fit's shuffle: the partitions grow with the rows, so a reduce
-#: task's memory does not (about 600 B an emitted row of the dedup stages: ~60 MB a task)
-PARTITION_ROWS = 100_000
 #: most partitions of a fit's shuffle: each emit task writes this many offsets, each reduce task
 #: reads a slice of every shard's file
 SHUFFLE_PARTITIONS = 4096
@@ -301,15 +298,20 @@ class RayLauncher(Launcher):
         _note_args(_step(fn, {"stage": stage}), fn, args, kwargs)
         return ray.get(ray.remote(num_cpus=self.num_cpus)(fn).remote(*args, **kwargs))
 
+    def partitions(self, spec: RunSpec, shards: int) -> int:
+        """Enough to spread the tasks and bound each one's rows, no more than the shards."""
+        if shards <= self.small_fit_shards:
+            return 1
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        rows = shards * spec.samples_per_shard
+        return max(1, min(SHUFFLE_PARTITIONS, shards, max(cpus * 4, -(-rows // PARTITION_ROWS))))
+
     def shuffle(self, emit, reduce, items: list, **kwargs) -> list:
         if not items:
             return []
         if len(items) <= self.small_fit_shards:  # one task: a shuffle costs seconds to start
             return self.call(_local_shuffle, emit, reduce, items, **kwargs)
-        # partitions: enough to spread the reducers and bound each one's rows, no more than the shards
-        rows = len(items) * kwargs["spec"].samples_per_shard
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        parts = max(1, min(SHUFFLE_PARTITIONS, len(items), max(cpus * 4, -(-rows // PARTITION_ROWS))))
+        parts = self.partitions(kwargs["spec"], len(items))
         base = shuffle.folder(kwargs["spec"], kwargs["stage"])
         storage.rmtree(base)
         try:

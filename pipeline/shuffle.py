@@ -52,6 +52,13 @@ def _emit_parts(shard_id: int, emit, kw: dict, parts: int) -> int:
     rows = emit(shard_id, **kw)
     n = batch_len(rows)
     part = np.asarray(rows["bucket"], dtype=np.int64) % parts if n else np.zeros(0, np.int64)
+    write_parts(folder(kw["spec"], kw["stage"]) / _name(shard_id), rows, part, parts)
+    return n
+
+
+def write_parts(path, rows: Batch, part: np.ndarray, parts: int) -> None:
+    """Write ``rows`` as a parts file: row ``i`` in partition ``part[i]``
+    (``0 <= part < parts``), rows of a partition in their order here."""
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(parts + 1))
     chunks, offsets = [], [0]
@@ -61,12 +68,10 @@ def _emit_parts(shard_id: int, emit, kw: dict, parts: int) -> int:
         chunks.append(data)
         offsets.append(offsets[-1] + len(data))
     tail = np.asarray(offsets, dtype="<i8").tobytes() + MAGIC
-    path = folder(kw["spec"], kw["stage"]) / _name(shard_id)
     storage.write_atomic(path, b"".join(chunks) + tail, fsync=False)
-    return n
 
 
-def _read_partition(path, p: int, parts: int) -> Batch:
+def read_partition(path, p: int, parts: int) -> Batch:
     """Partition ``p`` of a parts file: the footer, then only its bytes."""
     tail = 8 * (parts + 1) + len(MAGIC)
     with path.open("rb") as f:
@@ -102,7 +107,7 @@ def _reduce_part(p: int, reduce, kw: dict, parts: int, shard_ids: list[int] | No
         names = sorted(x.name for x in base.iterdir() if x.name.endswith(".parts"))
     else:
         names = [_name(s) for s in sorted(shard_ids)]
-    rows = concat([b for b in (_read_partition(base / n, p, parts) for n in names) if batch_len(b)])
+    rows = concat([b for b in (read_partition(base / n, p, parts) for n in names) if batch_len(b)])
     if not batch_len(rows):
         return []
     rows = take(rows, np.argsort(np.asarray(rows["bucket"], dtype=np.int64), kind="stable"))

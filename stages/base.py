@@ -283,7 +283,10 @@ class GlobalStage(Stage):
        column; rows sharing a bucket meet in one ``reduce_bucket`` call.
     3. ``reduce_bucket(rows)``: per bucket, a small result (pairs, counts).
     4. ``combine(reduced)``: all reduced rows -> a :class:`FitResult`; it may
-       also keep a rule on the stage (a score cut) for step 5.
+       also keep a rule on the stage (a score cut) for step 5. A stage whose
+       ``combine`` decides each connected component of its links on its
+       own (dedup) says so with ``link_keys``: then ``combine`` runs once per
+       partition of whole components, never over every reduced row at once.
     5. ``decide_rows(rows)``: optional, per input shard after ``combine``:
        decisions from that rule for the shard's alive rows.
 
@@ -321,6 +324,20 @@ class GlobalStage(Stage):
 
     def combine(self, reduced: Batch) -> FitResult:
         raise NotImplementedError
+
+    def link_keys(self, reduced: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """Optional: per reduced row, two row keys it links (the same key
+        twice for a row that links none). Rows whose keys are connected,
+        directly or through other rows, form a *component*; a stage that
+        defines this promises that ``combine`` decides each component on its
+        own (the decisions of a component's keys depend only on that
+        component's reduced rows) and keeps no rule for ``decide_rows``, so
+        the fit may run ``combine`` once per partition of whole components
+        (``pipeline.components``) instead of once over every reduced row."""
+        raise NotImplementedError
+
+    def has_link_keys(self) -> bool:
+        return type(self).link_keys is not GlobalStage.link_keys
 
     def has_decide_rows(self) -> bool:
         return type(self).decide_rows is not GlobalStage.decide_rows

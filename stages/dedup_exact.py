@@ -184,6 +184,19 @@ class ExactDedupStage(GlobalStage):
             "priority": np.asarray(group["priority"], dtype=np.float64)[keep],
         }
 
+    def link_keys(self, reduced: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """Star links: the smallest key of each (kind, digest) group to every
+        member (a group is whole in one bucket, so in one reduced file)."""
+        kind = np.asarray(reduced["kind"], dtype=np.int64)
+        hi, lo = np.asarray(reduced["hi"], dtype=np.uint64), np.asarray(reduced["lo"], dtype=np.uint64)
+        keys = dd.str_keys(reduced["key"])
+        order = np.lexsort((keys, lo, hi, kind))
+        run = _runs(kind[order], hi[order], lo[order])
+        first = order[np.r_[True, run[1:] != run[:-1]]] if len(run) else order
+        gid = np.empty(len(order), dtype=np.int64)
+        gid[order] = run
+        return keys[first[gid]], keys
+
     def combine(self, reduced: Batch) -> FitResult:
         if not reduced or not batch_len(reduced):
             return dd.no_decisions()

@@ -254,6 +254,10 @@ class PerceptualDedupStage(GlobalStage):
             "distance": np.concatenate(dists),
         }
 
+    def link_keys(self, reduced: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """A reduced row is one verified pair: it links its two keys."""
+        return dd.str_keys(reduced["key_a"]), dd.str_keys(reduced["key_b"])
+
     def combine(self, reduced: Batch) -> FitResult:
         if not reduced or not batch_len(reduced):
             return dd.no_decisions()
