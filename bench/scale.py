@@ -141,6 +141,7 @@ def run_size(n: int, work: Path, spill: SpillMeter) -> dict:
         "kept": man["counts"]["ok"],
         "dropped": {s["name"]: sum(s["dropped"].values()) for s in man["stages"] if s["dropped"]},
         "fit_s": {f["stage"]: f["steps"] for f in man["fits"]},
+        "components": {f["stage"]: f["components"] for f in man["fits"] if f.get("components")},
         "task_memory": taskmem.largest(out),
         "step_args": dict(plan.ARG_BYTES["steps"]),
     }
@@ -236,7 +237,7 @@ def main() -> None:
                 f"(private {_mb(best['driver_peak_private'])}); "
                 f"spilled {_mb(best['spilled'])} of {_mb(best['image_bytes'])} image bytes; "
                 f"largest task argument {best['max_task_arg']:,} B; kept {best['kept']:,}; dropped {best['dropped']}; "
-                f"fit seconds {best['fit_s']}",
+                f"fit seconds {best['fit_s']}; components {best['components']}",
                 flush=True,
             )
             _print_steps(best)

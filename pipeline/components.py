@@ -96,7 +96,7 @@ def _edges(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------ tasks
 
 
-def _links(task: int, spec, stage, parts: int) -> int:
+def _cc_links(task: int, spec, stage, parts: int) -> int:
     with taskmem.measure(spec.out, f"{stage.name}/cc_links"):
         folder_r = layout.reduced_dir(spec.out, stage.name)
         names = sorted(p.name for p in folder_r.iterdir() if p.name.endswith(".arrow")) if folder_r.exists() else []
@@ -119,7 +119,7 @@ def _links(task: int, spec, stage, parts: int) -> int:
         return n
 
 
-def _large_star(p: int, spec, stage, parts: int, src: str, dst: str) -> tuple[bool, int]:
+def _cc_large_star(p: int, spec, stage, parts: int, src: str, dst: str) -> tuple[bool, int]:
     """Every neighbour larger than ``u`` is hooked onto the smallest node of
     ``u``'s neighbourhood. Returns whether the input was a star forest (then
     the labels of partition ``p`` are written) and the edges read."""
@@ -140,7 +140,7 @@ def _large_star(p: int, spec, stage, parts: int, src: str, dst: str) -> tuple[bo
         return star, len(u)
 
 
-def _small_star(p: int, spec, stage, parts: int, src: str, dst: str) -> int:
+def _cc_small_star(p: int, spec, stage, parts: int, src: str, dst: str) -> int:
     """At its larger end, every edge's smaller neighbours (and ``u`` itself)
     are hooked onto the smallest of them. Returns the edges read."""
     with taskmem.measure(spec.out, f"{stage.name}/cc_small_star"):
@@ -160,7 +160,7 @@ def _small_star(p: int, spec, stage, parts: int, src: str, dst: str) -> int:
         return int(down.sum())
 
 
-def _route(p: int, spec, stage, parts: int) -> int:
+def _cc_route(p: int, spec, stage, parts: int) -> int:
     with taskmem.measure(spec.out, f"{stage.name}/cc_route"):
         rows = _read(spec, stage, "rows", p, parts)
         path = folder(spec, stage) / "labels" / f"{p:08d}.arrow"
@@ -198,7 +198,7 @@ def _combine(q: int, spec, stage, parts: int) -> dict:
         return {"rows": batch_len(rows), "counters": dict(result.counters)}
 
 
-def _store(r: int, spec, stage, parts: int) -> dict:
+def _cc_store(r: int, spec, stage, parts: int) -> dict:
     with taskmem.measure(spec.out, f"{stage.name}/cc_store"):
         dec = _read(spec, stage, "decided", r, parts)
         return fit.store_result(spec, stage, FitResult(dec), shards=None)
@@ -214,11 +214,11 @@ def combine_by_component(launcher, spec, stage, parts: int) -> tuple[dict, dict]
     base = folder(spec, stage)
     storage.rmtree(base)
     kw = dict(spec=spec, stage=stage, parts=parts)
-    launcher.map(_links, list(range(parts)), **kw)
+    launcher.map(_cc_links, list(range(parts)), **kw)
     storage.rmtree(layout.reduced_dir(spec.out, stage.name))
     src, passes = "links", 0
     while True:
-        got = launcher.map(_large_star, list(range(parts)), src=src, dst=f"pass{passes:03d}l", **kw)
+        got = launcher.map(_cc_large_star, list(range(parts)), src=src, dst=f"pass{passes:03d}l", **kw)
         storage.rmtree(base / src)
         passes += 1
         if all(star for star, _ in got):
@@ -227,15 +227,15 @@ def combine_by_component(launcher, spec, stage, parts: int) -> tuple[dict, dict]
         if passes >= MAX_PASSES:
             raise RuntimeError(f"{stage.name}: components did not converge in {MAX_PASSES} passes")
         src, dst = f"pass{passes - 1:03d}l", f"pass{passes - 1:03d}s"
-        launcher.map(_small_star, list(range(parts)), src=src, dst=dst, **kw)
+        launcher.map(_cc_small_star, list(range(parts)), src=src, dst=dst, **kw)
         storage.rmtree(base / src)
         src = dst
-    launcher.map(_route, list(range(parts)), **kw)
+    launcher.map(_cc_route, list(range(parts)), **kw)
     storage.rmtree(base / "rows")
     storage.rmtree(base / "labels")
     combined = launcher.map(_combine, list(range(parts)), **kw)
     storage.rmtree(base / "route")
-    stored = launcher.map(_store, list(range(parts)), **kw)
+    stored = launcher.map(_cc_store, list(range(parts)), **kw)
     storage.rmtree(base)
     counts = {"decisions": 0, "dropped": 0, "tables": {}, "counters": {}}
     for c in stored:
