@@ -62,3 +62,25 @@ def test_null_urls_and_captions_become_empty_rows_not_losses(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no file matches"):
         split_input(InputConfig(paths=(str(tmp_path / "*.csv"),)), tmp_path / "o", 10)
+
+
+def test_a_parquet_url_list_is_read_a_row_group_at_a_time(tmp_path):
+    """Issue 30: the reader's Arrow memory is about one row group, not the
+    file (pyarrow's pre-buffering read ahead every row group's bytes)."""
+    import os
+
+    from pairforge.pipeline.reader import iter_batches
+
+    path = tmp_path / "urls.parquet"
+    groups, per = 24, 20_000
+    with pq.ParquetWriter(path, pa.schema([("url", pa.string())]), compression="none") as w:
+        for g in range(groups):  # random text: each group's bytes are its own
+            urls = [f"http://h/{os.urandom(16).hex()}.jpg" for _ in range(per)]
+            w.write_table(pa.table({"url": urls}), row_group_size=per)
+    group_bytes = os.path.getsize(path) / groups
+    peak, rows = 0, 0
+    for batch in iter_batches(path, "parquet"):
+        rows += batch.num_rows
+        peak = max(peak, pa.total_allocated_bytes())
+    assert rows == groups * per
+    assert peak < 6 * group_bytes, (peak, group_bytes)  # the whole file is 24 groups
