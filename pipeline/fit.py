@@ -320,10 +320,10 @@ def run_fit(
         t = lap("learn", t)
     launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage)
     t = lap("bucket_and_reduce", t)
-    if stage.has_link_keys() and not stage.side_tables() and not stage.has_decide_rows() and not single_combine:
-        counts, info["components"] = components.combine_by_component(
-            launcher, spec, stage, launcher.partitions(spec, len(shard_ids))
-        )
+    parts = launcher.partitions(spec, len(shard_ids))
+    by_component = stage.has_link_keys() and not stage.side_tables() and not stage.has_decide_rows()
+    if by_component and parts > 1 and not single_combine:  # one partition: that is the single task
+        counts, info["components"] = components.combine_by_component(launcher, spec, stage, parts)
     else:
         stage, counts = launcher.call(_combine, spec, stage)
     t = lap("combine", t)
