@@ -113,9 +113,7 @@ def _cc_links(task: int, spec, stage, parts: int) -> int:
         _write_edges(_file(spec, stage, "links", task), nodes[leaf], nodes[label[leaf]], parts)
         if n:
             rows[NODE] = ha
-        shuffle.write_parts(
-            _file(spec, stage, "rows", task), rows, (ha % np.uint64(parts)).astype(np.int64), parts
-        )
+        shuffle.write_parts(_file(spec, stage, "rows", task), rows, (ha % np.uint64(parts)).astype(np.int64), parts)
         return n
 
 
@@ -133,7 +131,9 @@ def _cc_large_star(p: int, spec, stage, parts: int, src: str, dst: str) -> tuple
         star = bool(np.all(degree[leaf] == 1))
         if star:
             labels = {NODE: centre[leaf], LABEL: smallest[leaf]}
-            storage.write_atomic(folder(spec, stage) / "labels" / f"{p:08d}.arrow", batchfile.dumps(labels), fsync=False)
+            storage.write_atomic(
+                folder(spec, stage) / "labels" / f"{p:08d}.arrow", batchfile.dumps(labels), fsync=False
+            )
         m = np.minimum(smallest, centre)[np.cumsum(first) - 1]
         up = v > u
         _write_edges(_file(spec, stage, dst, p), v[up], m[up], parts)

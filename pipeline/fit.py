@@ -293,7 +293,12 @@ def take_sample(launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids
 
 
 def run_fit(
-    launcher: Launcher, spec: RunSpec, stage: GlobalStage, shard_ids: list[int], total: int, single_combine: bool = False
+    launcher: Launcher,
+    spec: RunSpec,
+    stage: GlobalStage,
+    shard_ids: list[int],
+    total: int,
+    single_combine: bool = False,
 ) -> dict:
     """Fit ``stage`` over every shard's fit files and store its decisions.
     Returns the fit's counters (also written as its done mark).

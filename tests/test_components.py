@@ -64,7 +64,9 @@ def lay_out(rows: dict, out, stage, width: int) -> tuple[RunSpec, list[int]]:
         part = take(rows, np.flatnonzero(sids == sid))
         folder = layout.rows_dir(out, int(sid))
         folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(to_arrow(part, [c for c in spec.fit_columns if c in part], spec.schema), folder / "p.fit.parquet")
+        pq.write_table(
+            to_arrow(part, [c for c in spec.fit_columns if c in part], spec.schema), folder / "p.fit.parquet"
+        )
         layout.rows_done(out, int(sid)).write_text(json.dumps({"rows": int(np.sum(sids == sid)), "parts": ["p"]}))
     return spec, [int(s) for s in np.unique(sids)]
 
@@ -192,7 +194,11 @@ def scale_rows(n: int, per_shard: int = 10_000) -> dict:
     for i in range(n):
         kind, _ = plan_row(i, n)
         urls.append(f"http://synthetic.invalid/{(i * 7919 + 13) % n if kind == 'url' else i}.jpg")
-    batch = {"key": keys, "url": object_array(urls), "caption": object_array([f"a picture {i % 5000}" for i in range(n)])}
+    batch = {
+        "key": keys,
+        "url": object_array(urls),
+        "caption": object_array([f"a picture {i % 5000}" for i in range(n)]),
+    }
     out = SyntheticRows(Config(rows=n, samples_per_shard=per_shard)).process_batch(batch)
     out = {c: v for c, v in out.items() if c != "image"}
     out.update(status=object_array(["ok"] * n), stage=object_array([""] * n), reason=object_array([""] * n))

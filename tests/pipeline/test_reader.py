@@ -74,7 +74,7 @@ def test_a_parquet_url_list_is_read_a_row_group_at_a_time(tmp_path):
     path = tmp_path / "urls.parquet"
     groups, per = 24, 20_000
     with pq.ParquetWriter(path, pa.schema([("url", pa.string())]), compression="none") as w:
-        for g in range(groups):  # random text: each group's bytes are its own
+        for _ in range(groups):  # random text: each group's bytes are its own
             urls = [f"http://h/{os.urandom(16).hex()}.jpg" for _ in range(per)]
             w.write_table(pa.table({"url": urls}), row_group_size=per)
     group_bytes = os.path.getsize(path) / groups
