@@ -33,7 +33,7 @@ row that the row links). Steps, each ``parts`` tasks, each a parts file
 4. ``combine``: task ``q`` runs the stage's ``combine`` over the rows of
    partition ``q`` (whole components) and writes the decisions by shard;
 5. ``store``: task ``r`` writes the decisions of the shards in partition
-   ``r`` (``pipeline.fit.store_result``): one writer per shard file.
+   ``r`` (``pipeline.fitstore.store_result``): one writer per shard file.
 
 Two keys hashing alike only merge two components into one partition,
 which changes no decision (``combine`` clusters by the keys themselves).
@@ -45,7 +45,7 @@ from __future__ import annotations
 import numpy as np
 
 from pairforge.manifests import layout, storage
-from pairforge.pipeline import batchfile, fit, shuffle, taskmem
+from pairforge.pipeline import batchfile, fitstore, shuffle, taskmem
 from pairforge.stages.base import Batch, FitResult, batch_len, concat
 from pairforge.stages.common import dedup as dd
 
@@ -72,7 +72,7 @@ def _read(spec, stage, step: str, p: int, parts: int) -> Batch:
 
 def node_ids(keys) -> np.ndarray:
     """A 64-bit id per row key (blake2b of its text)."""
-    return fit.key_hashes(dd.str_keys(keys))
+    return fitstore.key_hashes(dd.str_keys(keys))
 
 
 def _write_edges(path, u: np.ndarray, v: np.ndarray, parts: int) -> None:
@@ -189,7 +189,7 @@ def _combine(q: int, spec, stage, parts: int) -> dict:
         if not batch_len(rows):
             shuffle.write_parts(_file(spec, stage, "decided", q), {}, np.zeros(0, np.int64), parts)
             return {"rows": 0, "counters": {}}
-        result = fit._with_learned(spec, stage).combine(rows)
+        result = fitstore.with_learned(spec, stage).combine(rows)
         if result.tables:
             raise ValueError(f"{stage.name}: combine per component writes no side tables")
         dec = result.decisions
@@ -201,7 +201,7 @@ def _combine(q: int, spec, stage, parts: int) -> dict:
 def _cc_store(r: int, spec, stage, parts: int) -> dict:
     with taskmem.measure(spec.out, f"{stage.name}/cc_store"):
         dec = _read(spec, stage, "decided", r, parts)
-        return fit.store_result(spec, stage, FitResult(dec), shards=None)
+        return fitstore.store_result(spec, stage, FitResult(dec), shards=None)
 
 
 # ------------------------------------------------------------------ driver
@@ -210,7 +210,7 @@ def _cc_store(r: int, spec, stage, parts: int) -> dict:
 def combine_by_component(launcher, spec, stage, parts: int) -> tuple[dict, dict]:
     """Run ``stage.combine`` per partition of whole components over the
     reduced bucket files; store the decisions. Returns the counts (as
-    ``fit.store_result``) and the component passes' figures."""
+    ``fitstore.store_result``) and the component passes' figures."""
     base = folder(spec, stage)
     storage.rmtree(base)
     kw = dict(spec=spec, stage=stage, parts=parts)

@@ -24,19 +24,14 @@ read by each task that needs them, never a task argument.
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import io
-import re
 import time
-import uuid
 
 import numpy as np
 
 from pairforge.manifests import layout, storage
-from pairforge.manifests.shards import to_arrow
-from pairforge.pipeline import batchfile, components, resume, taskmem
+from pairforge.pipeline import batchfile, components, fitstore, resume, taskmem
 from pairforge.pipeline.engine import RunSpec, alive_at, read_decisions, read_fit_rows
+from pairforge.pipeline.fitstore import key_hashes
 from pairforge.stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
 
 #: hash-sample over-draw: the first cut takes about this many times the rows needed
@@ -71,13 +66,6 @@ class Launcher:
         g = np.asarray(rows["bucket"], dtype=np.int64)
         starts = np.concatenate([[0], np.flatnonzero(g[1:] != g[:-1]) + 1, [len(g)]])
         return [reduce({k: v[a:b] for k, v in rows.items()}, **kwargs) for a, b in zip(starts[:-1], starts[1:])]
-
-
-def key_hashes(keys) -> np.ndarray:
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "big") for k in keys],
-        dtype=np.uint64,
-    )
 
 
 # ------------------------------------------------------------- per-shard steps
@@ -133,68 +121,13 @@ def _learn(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
         stage.learn(sample)
         storage.rmtree(_sample_dir(spec, stage))
         stage._fit_sample_rows = batch_len(sample)
-        _save_learned(spec, stage)
+        fitstore.save_learned(spec, stage)
         return stage
-
-
-#: a learned array's name (a file name under ``_work/fit/<stage>/learned/<token>/``)
-LEARNED_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
-#: this process's learned arrays, read once a fit (by folder)
-_LEARNED: dict[str, dict[str, np.ndarray]] = {}
-
-
-def _learned_folder(spec: RunSpec, stage: GlobalStage, token: str):
-    return layout.fit_dir(spec.out, stage.name) / "learned" / token
-
-
-def _save_learned(spec: RunSpec, stage: GlobalStage) -> None:
-    """Write what ``learn`` fitted that grows with the data
-    (``GlobalStage.learned_arrays``) to the work folder and drop it from the
-    stage, which then names the folder: later steps' tasks read the arrays
-    from there (:func:`_with_learned`), the stage they get stays small."""
-    arrays = stage.learned_arrays()
-    if not arrays:
-        return
-    token = uuid.uuid4().hex
-    folder = _learned_folder(spec, stage, token)
-    for name, arr in arrays.items():
-        if not LEARNED_NAME.fullmatch(name):
-            raise ValueError(f"{stage.name}: learned array name {name!r}: expected 1-64 of A-Z a-z 0-9 _")
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-        storage.write_atomic(folder / f"{name}.npy", buf.getvalue(), fsync=False)
-    stage.use_learned(None)
-    stage.__dict__["_learned"] = (token, tuple(sorted(arrays)))
-
-
-def _with_learned(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
-    """A copy of ``stage`` holding its learned arrays, read from the work
-    folder once per process and fit (numbers only: ``allow_pickle=False``);
-    the caller's stage stays small (in process, it is the driver's)."""
-    got = stage.__dict__.get("_learned")
-    if got is None:
-        return stage
-    stage = copy.copy(stage)
-    token, names = got
-    folder = _learned_folder(spec, stage, token)
-    if str(folder) not in _LEARNED:
-        _LEARNED.clear()  # the arrays of one fit at a time
-        _LEARNED[str(folder)] = {
-            n: np.load(io.BytesIO((folder / f"{_checked(n)}.npy").read_bytes()), allow_pickle=False) for n in names
-        }
-    stage.use_learned(_LEARNED[str(folder)])
-    return stage
-
-
-def _checked(name: str) -> str:
-    if not LEARNED_NAME.fullmatch(str(name)):
-        raise ValueError(f"learned array name {name!r}: expected 1-64 of A-Z a-z 0-9 _")
-    return name
 
 
 def _emit_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> Batch:
     with taskmem.measure(spec.out, f"{stage.name}/emit_shard"):
-        stage = _with_learned(spec, stage)
+        stage = fitstore.with_learned(spec, stage)
         rows = alive_rows(spec, stage, shard_id)
         out = stage.bucket_rows(rows) if batch_len(rows) else {}
         return out if batch_len(out) else {"bucket": np.zeros(0, dtype=np.int64)}
@@ -205,7 +138,7 @@ def _reduce(rows: Batch, spec: RunSpec, stage: GlobalStage) -> str:
     reduced rows never pass through the driver. Returns the file's name in
     ``reduced_dir``."""
     with taskmem.measure(spec.out, f"{stage.name}/reduce"):
-        out = _with_learned(spec, stage).reduce_bucket(rows)
+        out = fitstore.with_learned(spec, stage).reduce_bucket(rows)
         bucket = int(np.asarray(rows["bucket"])[0])
         path = layout.reduced_dir(spec.out, stage.name) / f"{bucket:08d}.arrow"
         storage.write_atomic(path, batchfile.dumps(out), fsync=False)
@@ -221,10 +154,10 @@ def _combine(spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
         reduced = []
         for name in sorted(names):  # bucket order, whatever order the reducers finished in
             reduced.append(batchfile.loads((folder / name).read_bytes(), str(folder / name)))
-        stage = _with_learned(spec, stage)
+        stage = fitstore.with_learned(spec, stage)
         result = stage.combine(concat([r for r in reduced if batch_len(r)]))
         storage.rmtree(folder)
-        counts = store_result(spec, stage, result, shards=None)
+        counts = fitstore.store_result(spec, stage, result, shards=None)
         if "_learned" in stage.__dict__:
             stage.use_learned(None)  # the stage goes back to the driver, and on to decide_rows: small
         return stage, counts
@@ -232,47 +165,10 @@ def _combine(spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
 
 def _decide_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> dict:
     with taskmem.measure(spec.out, f"{stage.name}/decide_shard"):
-        stage = _with_learned(spec, stage)
+        stage = fitstore.with_learned(spec, stage)
         rows = alive_rows(spec, stage, shard_id)
         result = stage.decide_rows(rows) if batch_len(rows) else FitResult()
-        return store_result(spec, stage, result, shards=[shard_id], merge=True)
-
-
-def store_result(spec: RunSpec, stage: GlobalStage, result: FitResult, shards, merge: bool = False) -> dict:
-    """Write a fit result partitioned by shard: decisions under
-    ``_work/fit/<stage>/decisions``, side tables under ``OUT/<table>``."""
-    counts = {"decisions": 0, "dropped": 0, "tables": {}, "counters": dict(result.counters)}
-    parts = [("decisions", result.decisions)] + sorted(result.tables.items())
-    for table, batch in parts:
-        if not batch_len(batch):
-            continue
-        if table != "decisions" and table not in stage.side_tables():
-            raise ValueError(f"{stage.name}: side table {table!r} is not declared in side_tables()")
-        link = "key" if table == "decisions" else stage.side_tables()[table][0]
-        sids = spec.shard_of(batch[link])
-        for sid in np.unique(sids):
-            part = take(batch, np.flatnonzero(sids == sid))
-            path = (
-                layout.decisions_parquet(spec.out, stage.name, int(sid))
-                if table == "decisions"
-                else layout.side_table_parquet(spec.out, table, int(sid))
-            )
-            if merge and path.exists():
-                from pairforge.pipeline.batches import table_to_batch
-
-                part = concat([table_to_batch(storage.read_parquet(path)), part])
-            part = take(part, np.argsort(part[link].astype(str), kind="stable"))
-            _write_parquet(path, part, spec)
-        if table == "decisions":
-            counts["decisions"] += batch_len(batch)
-            counts["dropped"] += int(np.sum(np.asarray(batch["reason"], dtype=object) != ""))
-        else:
-            counts["tables"][table] = counts["tables"].get(table, 0) + batch_len(batch)
-    return counts
-
-
-def _write_parquet(path, batch: Batch, spec: RunSpec) -> None:
-    storage.write_parquet(path, to_arrow(batch, list(batch), spec.schema), compression="zstd")
+        return fitstore.store_result(spec, stage, result, shards=[shard_id], merge=True)
 
 
 # ------------------------------------------------------------------ the fit
