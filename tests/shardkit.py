@@ -44,21 +44,17 @@ def rows(n: int, shard_id: int = 0, rejected: dict[int, str] | None = None, emb_
     return out
 
 
-def fit_on_ray(stage, rows: dict, out, width: int, launcher=None) -> dict:
-    """Fit a global stage with the Ray launcher (or ``launcher``) over fit
-    files laid out as a run would leave them: rows go to shard
-    ``int(key[:-width])``. Returns the dropped rows (key order), like
-    ``pipeline.local.fit_global``."""
+def lay_out(rows: dict, out, stage, width: int):
+    """Fit files as a run leaves them, rows going to shard
+    ``int(key[:-width])``: returns the run's ``RunSpec`` and the shard ids."""
     import json
 
     import pyarrow.parquet as pq
 
     from pairforge.manifests import layout
     from pairforge.manifests.shards import to_arrow
-    from pairforge.pipeline.engine import RunSpec, read_decisions
-    from pairforge.pipeline.fit import run_fit
-    from pairforge.pipeline.plan import RayLauncher
-    from pairforge.stages.base import concat, take
+    from pairforge.pipeline.engine import RunSpec
+    from pairforge.stages.base import take
     from pairforge.stages.shard import Config as ShardConfig
     from pairforge.stages.shard import ShardStage
 
@@ -80,10 +76,23 @@ def fit_on_ray(stage, rows: dict, out, width: int, launcher=None) -> dict:
             to_arrow(part, [c for c in spec.fit_columns if c in part], spec.schema), folder / "p.fit.parquet"
         )
         layout.rows_done(out, int(sid)).write_text(json.dumps({"rows": int(np.sum(sids == sid)), "parts": ["p"]}))
+    return spec, [int(s) for s in np.unique(sids)]
+
+
+def fit_on_ray(stage, rows: dict, out, width: int, launcher=None) -> dict:
+    """Fit a global stage with the Ray launcher (or ``launcher``) over fit
+    files laid out as a run would leave them (:func:`lay_out`). Returns the
+    dropped rows (key order), like ``pipeline.local.fit_global``."""
+    from pairforge.pipeline.engine import read_decisions
+    from pairforge.pipeline.fit import run_fit
+    from pairforge.pipeline.plan import RayLauncher
+    from pairforge.stages.base import concat, take
+
+    spec, sids = lay_out(rows, out, stage, width)
     # small_fit_shards=0: through the Ray Data shuffle, as a large run would
     launcher = launcher if launcher is not None else RayLauncher(small_fit_shards=0)
-    run_fit(launcher, spec, stage, [int(s) for s in np.unique(sids)], n)
-    dec = concat([read_decisions(spec, stage.name, int(s)) for s in np.unique(sids)])
+    run_fit(launcher, spec, stage, sids, len(rows["key"]))
+    dec = concat([read_decisions(spec, stage.name, s) for s in sids])
     if not dec:
         return {}
     drop = np.flatnonzero(np.asarray(dec["reason"], dtype=object) != "")

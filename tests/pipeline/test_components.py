@@ -14,18 +14,14 @@ In process (``pipeline.fit.Launcher``, the runner of local jobs), with more
 partitions than a laptop's run would pick so that components do cross
 partitions; one test runs the same through Ray tasks."""
 
-import json
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pairforge.manifests import layout
-from pairforge.manifests.shards import to_arrow
-from pairforge.pipeline.engine import RunSpec
 from pairforge.pipeline.fit import Launcher, run_fit
 from pairforge.pipeline.local import map_stage
-from pairforge.stages.base import object_array, take
+from pairforge.stages.base import object_array
 from pairforge.stages.common import dedup as dd
 from pairforge.stages.dedup_exact import Config as ExactConfig
 from pairforge.stages.dedup_exact import ExactDedupStage
@@ -33,9 +29,8 @@ from pairforge.stages.dedup_phash import Config as PhashConfig
 from pairforge.stages.dedup_phash import PerceptualDedupStage
 from pairforge.stages.dedup_semantic import Config as SemanticConfig
 from pairforge.stages.dedup_semantic import SemanticDedupStage
-from pairforge.stages.shard import Config as ShardConfig
-from pairforge.stages.shard import ShardStage
 from tests.planted import build_planted, pixel_embedding
+from tests.shardkit import lay_out
 
 
 class Partitioned(Launcher):
@@ -46,29 +41,6 @@ class Partitioned(Launcher):
 
     def partitions(self, spec, shards):
         return self.parts
-
-
-def lay_out(rows: dict, out, stage, width: int) -> tuple[RunSpec, list[int]]:
-    """Fit files as a run leaves them: key ``{shard}{index:0W}``."""
-    keys = np.asarray(rows["key"]).astype(str)
-    n = len(keys)
-    rows = {
-        **rows,
-        "status": object_array(["ok"] * n),
-        "stage": object_array([""] * n),
-        "reason": object_array([""] * n),
-    }
-    sids = np.array([int(k[:-width]) for k in keys])
-    spec = RunSpec(str(out), (stage,), ShardStage(ShardConfig()), 10**width)
-    for sid in np.unique(sids):
-        part = take(rows, np.flatnonzero(sids == sid))
-        folder = layout.rows_dir(out, int(sid))
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(
-            to_arrow(part, [c for c in spec.fit_columns if c in part], spec.schema), folder / "p.fit.parquet"
-        )
-        layout.rows_done(out, int(sid)).write_text(json.dumps({"rows": int(np.sum(sids == sid)), "parts": ["p"]}))
-    return spec, [int(s) for s in np.unique(sids)]
 
 
 def decisions_of(make_stage, rows: dict, out, width: int, launcher, single: bool) -> tuple[dict, dict]:
