@@ -275,7 +275,8 @@ def run_job(
         } or {"deferred_retry": retrypass.totals(out, shard_ids)}
     path = write_manifest(out, manifest)
     _log(f"shards: {layout.shards_dir(out)}  manifest: {path}")
-    _log(outcome.summary(manifest, timing["wall_seconds"], len(all_stats)))  # the last line says what happened
+    # the last line says what happened
+    _log(outcome.summary(manifest, timing["wall_seconds"], len(all_stats), outcome.advice_of(spec.stages)))
     return manifest
 
 

@@ -30,31 +30,6 @@ EXIT_UNREACHABLE = 5
 #: interrupted (Ctrl-C); ``--resume`` finishes the run
 EXIT_INTERRUPTED = 130
 
-#: what to do about a reject reason that ends many runs: (stage, reason) -> advice
-ADVICE = {
-    ("download", "blocked_address"): (
-        "the URLs point at loopback or private addresses, which download refuses; for a server of your own, "
-        "allow its network: download's allow_networks: ['127.0.0.0/8']"
-    ),
-    (
-        "download",
-        "connection_error",
-    ): "the hosts refused or dropped the connections: are they up, and reachable from the workers?",
-    (
-        "download",
-        "timeout",
-    ): "the hosts did not answer in time: raise download's timeout, or check the workers' network",
-    ("download", "invalid_url"): "the url column does not hold http(s) URLs: check input.url_col",
-    ("download", "decode_error"): "the URLs answer with something that is not an image (an HTML page?)",
-    ("download", "image_too_small"): "the images are smaller than download's min_image_size",
-    ("basic_filter", "caption_too_short"): (
-        "captions are shorter than basic_filter's min_caption_words / min_caption_chars (an empty caption "
-        "column? check input.caption_col)"
-    ),
-    ("basic_filter", "image_too_small"): "images are smaller than basic_filter's min_image_size (DataComp: 200)",
-    ("clip_score", "clip_score_below_threshold"): "clip_score's threshold is above most pairs' scores",
-}
-
 #: more than this share of the rows rejected: the last line says why
 REJECTED_SHARE = 0.5
 
@@ -65,9 +40,16 @@ def top_reasons(manifest: dict, n: int = 3) -> list[tuple[str, str, int]]:
     return sorted(found, key=lambda t: (-t[2], t[0], t[1]))[:n]
 
 
-def summary(manifest: dict, seconds: float, shards: int) -> str:
+def advice_of(stages) -> dict[tuple[str, str], str]:
+    """(stage, reason) -> advice, from what each stage declares
+    (``Stage.reject_advice``)."""
+    return {(st.name, reason): text for st in stages for reason, text in st.reject_advice.items()}
+
+
+def summary(manifest: dict, seconds: float, shards: int, advice: dict[tuple[str, str], str] | None = None) -> str:
     """The run's last line: samples, rejects and, when more than half of the
-    rows were rejected, the top reasons and what to do about the first."""
+    rows were rejected, the top reasons and what to do about the first
+    (``advice``: :func:`advice_of` the run's stages)."""
     c = manifest["counts"]
     line = f"done in {seconds:.1f}s: {c['ok']} samples in {shards} shards, {c['rejected']} rejected"
     nulls = sum(int(f.get("null_captions", 0)) for f in manifest.get("input", {}).get("files", []))
@@ -79,9 +61,9 @@ def summary(manifest: dict, seconds: float, shards: int) -> str:
     reasons = top_reasons(manifest)
     if reasons:
         line += " (" + ", ".join(f"{stage}/{reason} {n}" for stage, reason, n in reasons) + ")"
-        advice = ADVICE.get(reasons[0][:2])
-        if advice:
-            line += f": {advice}"
+        hint = (advice or {}).get(reasons[0][:2])
+        if hint:
+            line += f": {hint}"
     if c["ok"] == 0:
         line += f". No row reached a shard (exit {EXIT_NO_SAMPLES}); every row is in rejects/"
     return line

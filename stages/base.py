@@ -114,6 +114,10 @@ class Stage(metaclass=_StageType):
     #: check resolves them against open_clip's registries and this machine's
     #: caches before a run (``pipeline.checks.check_open_clip``); ``None``: none
     open_clip_options: ClassVar[tuple[str, str] | None] = None
+    #: what to do about a reject reason of this stage that ends many runs:
+    #: reason -> one line of advice, which a run's last line gives when that
+    #: reason leads a run that rejected most of its rows (``pipeline.outcome``)
+    reject_advice: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any):
         self.config = config

@@ -63,6 +63,11 @@ class Config:
 class BasicFilterStage(Stage):
     name: ClassVar[str] = "basic_filter"
     Config = Config
+    reject_advice: ClassVar[dict[str, str]] = {
+        "caption_too_short": "captions are shorter than basic_filter's min_caption_words / min_caption_chars "
+        "(an empty caption column? check input.caption_col)",
+        "image_too_small": "images are smaller than basic_filter's min_image_size (DataComp: 200)",
+    }
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)

@@ -164,6 +164,9 @@ class ClipScoreStage(GlobalStage):
     fit_columns: ClassVar[tuple[str, ...]] = ("key", "clip_score")
     sample_rows: ClassVar[int] = 100_000
     Config = Config
+    reject_advice: ClassVar[dict[str, str]] = {
+        "clip_score_below_threshold": "clip_score's threshold is above most pairs' scores"
+    }
     # ``pretrained`` has no default: the job check cannot build it to learn its columns
     declares_columns: ClassVar[tuple[str, ...]] = ("clip_score", "img_emb", "text_emb")
     open_clip_options: ClassVar[tuple[str, str]] = ("model", "pretrained")

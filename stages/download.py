@@ -244,6 +244,15 @@ class _Row:
 class DownloadStage(Stage):
     name = "download"
     Config = Config
+    reject_advice = {
+        "blocked_address": "the URLs point at loopback or private addresses, which download refuses; for a server "
+        "of your own, allow its network: download's allow_networks: ['127.0.0.0/8']",
+        "connection_error": "the hosts refused or dropped the connections: are they up, and reachable from the workers?",
+        "timeout": "the hosts did not answer in time: raise download's timeout, or check the workers' network",
+        "invalid_url": "the url column does not hold http(s) URLs: check input.url_col",
+        "decode_error": "the URLs answer with something that is not an image (an HTML page?)",
+        "image_too_small": "the images are smaller than download's min_image_size",
+    }
 
     def __init__(self, config: Config):
         super().__init__(config)

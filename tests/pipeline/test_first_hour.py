@@ -26,6 +26,8 @@ from pairforge.pipeline import outcome
 from pairforge.pipeline.checks_urls import literal_address, url_warning
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.pipeline.open_clip_local import hub_unreachable
+from pairforge.stages.basic_filter import BasicFilterStage
+from pairforge.stages.download import DownloadStage
 from tests.shardkit import jpeg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,8 +182,12 @@ def test_the_last_line_names_reasons_only_when_most_rows_were_rejected():
     assert outcome.summary(few, 1.0, 2) == "done in 1.0s: 60 samples in 2 shards, 40 rejected"
     assert outcome.exit_code(few) == 0
     most = manifest(10, {"caption_too_short": 50, "timeout": 40})
-    line = outcome.summary(most, 1.0, 2)
+    # the advice comes from what the stages declare, not from pipeline/
+    advice = outcome.advice_of([DownloadStage(), BasicFilterStage()])
+    line = outcome.summary(most, 1.0, 2, advice)
     assert "(basic_filter/caption_too_short 50, download/timeout 40): captions are shorter" in line
+    bare = outcome.summary(most, 1.0, 2)
+    assert line.startswith(bare) and "captions are shorter" not in bare
     assert outcome.exit_code(most) == 0 and "exit 3" not in line
     assert outcome.exit_code(manifest(0, {"timeout": 5})) == 3
 
