@@ -53,7 +53,7 @@ from pairforge.manifests.storage import StorageConfig
 
 # the names of the column and open_clip modules are re-exported: callers import them from here
 from pairforge.pipeline.checks_columns import MAX_SCHEMA_FILES, check_columns, input_columns, producers  # noqa: F401
-from pairforge.pipeline.config import ConfigError, CustomOptions, JobConfig, field_error
+from pairforge.pipeline.config import ConfigError, JobConfig, field_error
 from pairforge.pipeline.open_clip_local import (  # noqa: F401
     ROUTE_PROBES,
     _hub_cached,
@@ -63,6 +63,7 @@ from pairforge.pipeline.open_clip_local import (  # noqa: F401
     open_clip_models,
     pretrained_registry,
 )
+from pairforge.pipeline.stagelist import CustomOptions
 from pairforge.stages.base import Stage
 from pairforge.stages.common.assets import resolve as resolve_asset
 

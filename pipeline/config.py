@@ -30,9 +30,7 @@ import yaml
 from pairforge.manifests import storage
 from pairforge.manifests.storage import StorageConfig
 from pairforge.pipeline.inputlimits import InputLimits
-
-# the stage list's names are importable from here: a job is built and read through this module
-from pairforge.pipeline.stagelist import CustomOptions, StageSpec, share_decodes, stage_specs  # noqa: F401
+from pairforge.pipeline.stagelist import CustomOptions, StageSpec, share_decodes, stage_specs
 
 # the builder's names are re-exported: stages' tests and pipeline.checks import them from here
 from pairforge.stages.options import (  # noqa: F401

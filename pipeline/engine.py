@@ -37,20 +37,13 @@ from pairforge.manifests.shards import to_arrow, write_shard
 from pairforge.manifests.storage import ObjectPath
 from pairforge.pipeline import batchfile
 from pairforge.pipeline.batches import table_to_batch
-
-# the parts' names and the marks are the resume's (pipeline.resume); importable from here too
-from pairforge.pipeline.resume import (  # noqa: F401
+from pairforge.pipeline.resume import (
     PART_FIT,
-    PART_NAME,
     PART_ROWS,
-    RowsTracker,
     checked_name,
-    clear_rows,
-    part_files,
     records,
     remove_part,
     rows_mark,
-    write_rows_mark,
 )
 from pairforge.stages.base import (
     STATUS_DROPPED,

@@ -24,10 +24,10 @@ import yaml
 from pairforge.manifests import layout
 from pairforge.manifests.manifest import read_manifest, verify
 from pairforge.pipeline.config import load_job
-from pairforge.pipeline.engine import rows_mark
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.pipeline.job import run_job
 from pairforge.pipeline.raystart import loopback_env
+from pairforge.pipeline.resume import rows_mark
 from tests.hostsim import HostSim, Rule, addresses
 from tests.shardkit import jpeg
 

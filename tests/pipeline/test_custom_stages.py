@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pairforge.pipeline.checks import check_job
-from pairforge.pipeline.config import ConfigError, CustomOptions, load_job, to_dict
+from pairforge.pipeline.config import ConfigError, load_job, to_dict
 from pairforge.pipeline.job import run_job
+from pairforge.pipeline.stagelist import CustomOptions
 
 MODULE = """
 import pathlib

@@ -27,10 +27,10 @@ from pairforge.manifests import layout, storage
 from pairforge.manifests.manifest import read_manifest, verify
 from pairforge.pipeline.checks import check_job
 from pairforge.pipeline.config import ConfigError, load_job
-from pairforge.pipeline.engine import rows_mark
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.pipeline.job import run_job
 from pairforge.pipeline.raystart import loopback_env
+from pairforge.pipeline.resume import rows_mark
 from tests.shardkit import jpeg
 
 BUCKET = "pairforge-test"

@@ -19,9 +19,9 @@ import yaml
 from pairforge.manifests import layout
 from pairforge.manifests.manifest import verify
 from pairforge.pipeline.config import load_job
-from pairforge.pipeline.engine import rows_mark
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.pipeline.job import run_job
+from pairforge.pipeline.resume import rows_mark
 from tests.killkit import kill_session, start_driver
 from tests.shardkit import jpeg
 

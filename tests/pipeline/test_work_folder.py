@@ -16,7 +16,7 @@ import pytest
 from pairforge.cli import main as cli_main
 from pairforge.manifests import layout
 from pairforge.manifests.shards import to_arrow
-from pairforge.pipeline import engine, workdir
+from pairforge.pipeline import engine, resume, workdir
 from pairforge.pipeline.config import load_job
 from pairforge.pipeline.engine import RunSpec
 from pairforge.pipeline.job import JobError, run_job
@@ -57,9 +57,9 @@ def _plant(tmp_path, out, names=("x",), data: bytes | None = None):
     rows = {"key": np.array(["00000", "00001"], dtype=object), "status": np.array(["ok"] * 2, dtype=object)}
     rows["stage"] = np.array(["", ""], dtype=object)
     for name in names:
-        for suffix in (".pkl", engine.PART_ROWS):
+        for suffix in (".pkl", resume.PART_ROWS):
             (folder / f"{name}{suffix}").write_bytes(evil)
-        pq.write_table(to_arrow(rows, list(rows)), folder / f"{name}{engine.PART_FIT}")
+        pq.write_table(to_arrow(rows, list(rows)), folder / f"{name}{resume.PART_FIT}")
     layout.rows_done(out, 0).write_text(json.dumps({"rows": 2, "parts": list(names)}))
 
 
@@ -154,7 +154,7 @@ def test_a_mark_naming_unsafe_parts_is_not_a_finished_shard(tmp_path, parts):
     folder = layout.rows_dir(out, 0)
     folder.mkdir(parents=True)
     layout.rows_done(out, 0).write_text(json.dumps({"rows": 1, "parts": parts}))
-    assert engine.rows_mark(out, 0, images=False) is None
+    assert resume.rows_mark(out, 0, images=False) is None
 
 
 def test_part_names_are_checked_on_write_and_read(tmp_path):
