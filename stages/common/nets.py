@@ -55,6 +55,16 @@ class Normalise:
         return (x + self.shift if self.shift else x).contiguous()
 
 
+def fixed_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """``x`` (``[n, ...]``, ``n <= size``) padded to ``size`` rows with copies
+    of its last: every call of a net gets the same batch shape, so an
+    image's result does not depend on how many neighbours it had (the
+    caller keeps the first ``n`` rows of the output)."""
+    if len(x) >= size:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+
+
 class OrtNet:
     """An ONNX Runtime session."""
 

@@ -42,7 +42,7 @@ import ast
 
 import numpy as np
 
-from pairforge.stages.common.nets import Normalise
+from pairforge.stages.common.nets import Normalise, fixed_batch
 
 #: nudenet 3.4.2's classes, in the model's output order (its metadata ``names``)
 LABELS = (
@@ -115,8 +115,7 @@ class NsfwDetector:
         for a in range(0, n, self.micro_batch):
             b = min(a + self.micro_batch, n)
             x = np.stack([next(boxed) for _ in range(a, b)])  # the pool letterboxes the next chunk meanwhile
-            if b - a < self.micro_batch:  # a fixed batch: the same arithmetic whatever the neighbours
-                x = np.concatenate([x, np.repeat(x[-1:], self.micro_batch - (b - a), axis=0)])
+            x = fixed_batch(x, self.micro_batch)
             score, best = score_rows(self.net(x, NORM, self._rows)[: b - a])
             out[a:b] = score
             for j, k in enumerate(best):

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pairforge.stages.common.nets import Normalise
+from pairforge.stages.common.nets import Normalise, fixed_batch
 
 PACKAGE, MODEL_FILE = "rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx"
 PIP = "--no-deps rapidocr-onnxruntime==1.4.4 (with onnxruntime==1.32.0)"
@@ -161,10 +161,7 @@ class TextDetector:
         for a in range(0, len(images), self.micro_batch):
             chunk = images[a : a + self.micro_batch]
             prepared = [next(boxed) for _ in chunk]  # the pool letterboxes the next chunk meanwhile
-            x = np.stack([p[0] for p in prepared])
-            if len(chunk) < self.micro_batch:  # a fixed batch: the same arithmetic whatever the neighbours
-                x = np.concatenate([x, np.repeat(x[-1:], self.micro_batch - len(chunk), axis=0)])
-            pred = self.net(x, NORM)
+            pred = self.net(fixed_batch(np.stack([p[0] for p in prepared]), self.micro_batch), NORM)
             out.extend(pmap(self._boxes, chunk, [p[1] for p in prepared], pred[:, 0]))
         return out
 
