@@ -92,6 +92,10 @@ def eager_layer_norm_op():
     global _op
     if _op is None:
         import torch
+
+        if hasattr(torch.ops.pairforge, "eager_layer_norm"):  # registered by this module under its other name
+            _op = torch.ops.pairforge.eager_layer_norm.default
+            return _op
         import torch.nn.functional as F
 
         schema = "(Tensor x, Tensor? weight, Tensor? bias, int[] shape, float eps, bool upcast) -> Tensor"
@@ -107,9 +111,6 @@ def eager_layer_norm_op():
         def fake(x, weight, bias, shape, eps, upcast):
             return torch.empty_like(x, dtype=torch.float32 if upcast else x.dtype)
 
-        if hasattr(torch.ops.pairforge, "eager_layer_norm"):  # this module imported under a second name
-            _op = torch.ops.pairforge.eager_layer_norm.default
-            return _op
         eager_layer_norm = torch.library.custom_op("pairforge::eager_layer_norm", mutates_args=(), schema=schema)(
             eager_layer_norm
         )
