@@ -238,11 +238,9 @@ def combine_by_component(launcher, spec, stage, parts: int) -> tuple[dict, dict]
     stored = launcher.map(_cc_store, list(range(parts)), **kw)
     storage.rmtree(base)
     counts = {"decisions": 0, "dropped": 0, "tables": {}, "counters": {}}
-    for c in stored:
-        counts["decisions"] += c["decisions"]
-        counts["dropped"] += c["dropped"]
+    for c in stored:  # the stored decisions (no side tables: see fit.run_fit)
+        fitstore.add_counts(counts, {"decisions": c["decisions"], "dropped": c["dropped"]})
     for c in combined:
-        for name, n in c["counters"].items():
-            counts["counters"][name] = counts["counters"].get(name, 0) + int(n)
+        fitstore.add_counts(counts, {"counters": c["counters"]})
     info = {"parts": parts, "passes": passes, "largest_partition_rows": max((c["rows"] for c in combined), default=0)}
     return counts, info

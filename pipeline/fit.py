@@ -230,12 +230,7 @@ def run_fit(
     t = lap("combine", t)
     if stage.has_decide_rows():
         for c in launcher.map(_decide_shard, shard_ids, spec=spec, stage=stage):
-            counts["decisions"] += c["decisions"]
-            counts["dropped"] += c["dropped"]
-            for tb, n in c["tables"].items():
-                counts["tables"][tb] = counts["tables"].get(tb, 0) + n
-            for name, n in c["counters"].items():
-                counts["counters"][name] = counts["counters"].get(name, 0) + int(n)
+            fitstore.add_counts(counts, c)
         t = lap("decide_rows", t)
     info.update(counts, seconds=round(time.perf_counter() - t0, 3), steps=steps)
     resume.write_fit_mark(spec.out, stage.name, info)

@@ -90,6 +90,17 @@ def _checked(name: str) -> str:
     return name
 
 
+def add_counts(total: dict, more: dict) -> dict:
+    """Add the counts of one step's task (what :func:`store_result` returns,
+    or any of its keys) into ``total``, in place; returns ``total``."""
+    total["decisions"] += int(more.get("decisions", 0))
+    total["dropped"] += int(more.get("dropped", 0))
+    for key in ("tables", "counters"):
+        for name, n in more.get(key, {}).items():
+            total[key][name] = total[key].get(name, 0) + int(n)
+    return total
+
+
 def store_result(spec: RunSpec, stage: GlobalStage, result: FitResult, shards, merge: bool = False) -> dict:
     """Write a fit result partitioned by shard: decisions under
     ``_work/fit/<stage>/decisions``, side tables under ``OUT/<table>``."""
