@@ -98,10 +98,7 @@ def _edges(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
 
 def _cc_links(task: int, spec, stage, parts: int) -> int:
     with taskmem.measure(spec.out, f"{stage.name}/cc_links"):
-        folder_r = layout.reduced_dir(spec.out, stage.name)
-        names = sorted(p.name for p in folder_r.iterdir() if p.name.endswith(".arrow")) if folder_r.exists() else []
-        mine = names[task::parts]
-        rows = concat([b for b in (batchfile.loads((folder_r / n).read_bytes(), n) for n in mine) if batch_len(b)])
+        rows = fitstore.read_reduced(fitstore.reduced_files(spec, stage)[task::parts])
         n = batch_len(rows)
         a, b = stage.link_keys(rows) if n else (np.zeros(0, str), np.zeros(0, str))
         if len(a) != n or len(b) != n:

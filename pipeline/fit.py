@@ -149,14 +149,10 @@ def _combine(spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
     """``combine`` over every reduced bucket's file (listed here, not handed
     over: the argument stays the same size however many buckets there are)."""
     with taskmem.measure(spec.out, f"{stage.name}/combine"):
-        folder = layout.reduced_dir(spec.out, stage.name)
-        names = [p.name for p in folder.iterdir() if p.name.endswith(".arrow")] if folder.exists() else []
-        reduced = []
-        for name in sorted(names):  # bucket order, whatever order the reducers finished in
-            reduced.append(batchfile.loads((folder / name).read_bytes(), str(folder / name)))
+        reduced = fitstore.read_reduced(fitstore.reduced_files(spec, stage))
         stage = fitstore.with_learned(spec, stage)
-        result = stage.combine(concat([r for r in reduced if batch_len(r)]))
-        storage.rmtree(folder)
+        result = stage.combine(reduced)
+        storage.rmtree(layout.reduced_dir(spec.out, stage.name))
         counts = fitstore.store_result(spec, stage, result, shards=None)
         if "_learned" in stage.__dict__:
             stage.use_learned(None)  # the stage goes back to the driver, and on to decide_rows: small

@@ -24,6 +24,7 @@ import numpy as np
 
 from pairforge.manifests import layout, storage
 from pairforge.manifests.shards import to_arrow
+from pairforge.pipeline import batchfile
 from pairforge.pipeline.engine import RunSpec
 from pairforge.stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
 
@@ -88,6 +89,19 @@ def _checked(name: str) -> str:
     if not LEARNED_NAME.fullmatch(str(name)):
         raise ValueError(f"learned array name {name!r}: expected 1-64 of A-Z a-z 0-9 _")
     return name
+
+
+def reduced_files(spec: RunSpec, stage: GlobalStage) -> list:
+    """The reduced buckets' files of ``stage``, in bucket order (whatever
+    order the reducers finished in)."""
+    folder = layout.reduced_dir(spec.out, stage.name)
+    names = [p.name for p in folder.iterdir() if p.name.endswith(".arrow")] if folder.exists() else []
+    return [folder / name for name in sorted(names)]
+
+
+def read_reduced(paths) -> Batch:
+    """The rows of reduced buckets' files, in the order given."""
+    return concat([b for b in (batchfile.loads(p.read_bytes(), str(p)) for p in paths) if batch_len(b)])
 
 
 def add_counts(total: dict, more: dict) -> dict:
