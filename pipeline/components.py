@@ -46,7 +46,7 @@ import numpy as np
 
 from pairforge.manifests import layout, storage
 from pairforge.pipeline import batchfile, fitstore, shuffle, taskmem
-from pairforge.stages.base import Batch, FitResult, batch_len, concat
+from pairforge.stages.base import Batch, FitResult, batch_len
 from pairforge.stages.common import dedup as dd
 
 #: a safety stop: large-star / small-star converges in O(log^2 n) passes
@@ -65,9 +65,7 @@ def _file(spec, stage, step: str, task: int):
 
 def _read(spec, stage, step: str, p: int, parts: int) -> Batch:
     """Partition ``p`` of every parts file of ``step``, in task order."""
-    base = folder(spec, stage) / step
-    names = sorted(x.name for x in base.iterdir() if x.name.endswith(".parts")) if base.exists() else []
-    return concat([b for b in (shuffle.read_partition(base / n, p, parts) for n in names) if batch_len(b)])
+    return shuffle.gather(folder(spec, stage) / step, p, parts)
 
 
 def node_ids(keys) -> np.ndarray:

@@ -93,6 +93,14 @@ def read_partition(path, p: int, parts: int) -> Batch:
         return batchfile.loads(f.read(hi - lo), f"{path} partition {p}")
 
 
+def gather(base, p: int, parts: int, names: list[str] | None = None) -> Batch:
+    """Partition ``p`` of the parts files ``names`` under ``base`` (default:
+    every one there, in name order), in that order."""
+    if names is None:
+        names = sorted(x.name for x in base.iterdir() if x.name.endswith(".parts")) if base.exists() else []
+    return concat([b for b in (read_partition(base / n, p, parts) for n in names) if batch_len(b)])
+
+
 def reduce_part(p: int, reduce, kw: dict, parts: int, shard_ids: list[int] | None = None) -> list:
     """Partition ``p`` of every shard's parts file, grouped by bucket (buckets
     in order, rows in shard order within one), each bucket through
@@ -102,12 +110,8 @@ def reduce_part(p: int, reduce, kw: dict, parts: int, shard_ids: list[int] | Non
 
 
 def _reduce_part(p: int, reduce, kw: dict, parts: int, shard_ids: list[int] | None) -> list:
-    base = folder(kw["spec"], kw["stage"])
-    if shard_ids is None:
-        names = sorted(x.name for x in base.iterdir() if x.name.endswith(".parts"))
-    else:
-        names = [_name(s) for s in sorted(shard_ids)]
-    rows = concat([b for b in (read_partition(base / n, p, parts) for n in names) if batch_len(b)])
+    names = None if shard_ids is None else [_name(s) for s in sorted(shard_ids)]
+    rows = gather(folder(kw["spec"], kw["stage"]), p, parts, names)
     if not batch_len(rows):
         return []
     rows = take(rows, np.argsort(np.asarray(rows["bucket"], dtype=np.int64), kind="stable"))
