@@ -37,7 +37,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np
 
 from pairforge.pipeline.local import fit_global
-from pairforge.stages.base import concat, fresh_rows, object_array, take
+from pairforge.stages.base import Learned, concat, fresh_rows, object_array, take
 from pairforge.stages.common import dedup as dd
 from pairforge.stages.dedup_phash import DEFAULT_MAX_DISTANCE, Config, PerceptualDedupStage
 
@@ -69,12 +69,13 @@ def stage_only(stage: PerceptualDedupStage, rows: dict) -> dict:
     the dropped rows of the decisions (as ``fit_global`` returns them)."""
     n = len(rows["key"])
     step = 1 << 16
-    cands = concat([stage.bucket_rows(take(rows, np.arange(i, min(i + step, n)))) for i in range(0, n, step)])
+    none = Learned()  # dedup_phash learns nothing from a sample
+    cands = concat([stage.bucket_rows(take(rows, np.arange(i, min(i + step, n))), none) for i in range(0, n, step)])
     order = np.argsort(cands["bucket"], kind="stable")
     g = cands["bucket"][order]
     cuts = np.flatnonzero(np.r_[True, g[1:] != g[:-1], True])
-    reduced = [stage.reduce_bucket(take(cands, order[a:b])) for a, b in itertools.pairwise(cuts)]
-    dec = stage.combine(concat(reduced)).decisions
+    reduced = [stage.reduce_bucket(take(cands, order[a:b]), none) for a, b in itertools.pairwise(cuts)]
+    dec = stage.combine(concat(reduced), none).decisions
     return take(dec, np.flatnonzero(dec["reason"] != "")) if dec else {}
 
 

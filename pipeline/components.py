@@ -11,8 +11,8 @@ are found in a few passes over an edge table in the work folder, and
 ``combine`` runs once per partition of whole components; since it decides
 each component on its own, the decisions are those of the single task.
 
-A stage opts in with ``GlobalStage.link_keys`` (two row keys per reduced
-row that the row links). Steps, each ``parts`` tasks, each a parts file
+A stage opts in with ``GlobalStage.link_columns`` (the two columns of its
+reduced rows holding the row keys each reduced row links). Steps, each ``parts`` tasks, each a parts file
 (``pipeline.shuffle``) under ``_work/fit/<stage>/components``:
 
 1. ``links``: task ``i`` reads every ``parts``-th reduced bucket file, turns
@@ -98,10 +98,10 @@ def _cc_links(task: int, spec, stage, parts: int) -> int:
     with taskmem.measure(spec.out, f"{stage.name}/cc_links"):
         rows = fitstore.read_reduced(fitstore.reduced_files(spec, stage)[task::parts])
         n = batch_len(rows)
-        a, b = stage.link_keys(rows) if n else (np.zeros(0, str), np.zeros(0, str))
-        if len(a) != n or len(b) != n:
-            raise ValueError(f"{stage.name}: link_keys gave {len(a)}/{len(b)} keys for {n} reduced rows")
-        ha, hb = node_ids(a), node_ids(b)
+        missing = [c for c in stage.link_columns if c not in rows] if n else []
+        if missing:
+            raise ValueError(f"{stage.name}: link_columns: the reduced rows have no column {missing[0]!r}")
+        ha, hb = (node_ids(rows[c]) if n else np.zeros(0, np.uint64) for c in stage.link_columns)
         nodes, inv = np.unique(np.concatenate([ha, hb]), return_inverse=True)
         label = dd.components(inv[:n], inv[n:], len(nodes))  # nodes ascend: the smallest index is the smallest id
         leaf = np.flatnonzero(label != np.arange(len(nodes)))
@@ -175,7 +175,7 @@ def _cc_route(p: int, spec, stage, parts: int) -> int:
         return len(node)
 
 
-def _combine(q: int, spec, stage, parts: int) -> dict:
+def _combine(q: int, spec, stage, parts: int, learned: fitstore.LearnedFiles) -> dict:
     """``combine`` over the whole components of partition ``q``; decisions
     written by shard. Returns its counters and rows."""
     with taskmem.measure(spec.out, f"{stage.name}/combine"):
@@ -184,9 +184,9 @@ def _combine(q: int, spec, stage, parts: int) -> dict:
         if not batch_len(rows):
             shuffle.write_parts(_file(spec, stage, "decided", q), {}, np.zeros(0, np.int64), parts)
             return {"rows": 0, "counters": {}}
-        result = fitstore.with_learned(spec, stage).combine(rows)
-        if result.tables:
-            raise ValueError(f"{stage.name}: combine per component writes no side tables")
+        result = stage.combine(rows, fitstore.load_learned(spec, stage, learned))
+        if result.tables or result.rule is not None:
+            raise ValueError(f"{stage.name}: combine per component (link_columns) returns no side tables and no rule")
         dec = result.decisions
         sids = spec.shard_of(dec["key"]) if batch_len(dec) else np.zeros(0, np.int64)
         shuffle.write_parts(_file(spec, stage, "decided", q), dec, sids % parts, parts)
@@ -202,10 +202,11 @@ def _cc_store(r: int, spec, stage, parts: int) -> dict:
 # ------------------------------------------------------------------ driver
 
 
-def combine_by_component(launcher, spec, stage, parts: int) -> tuple[dict, dict]:
+def combine_by_component(launcher, spec, stage, learned: fitstore.LearnedFiles, parts: int) -> tuple[dict, dict]:
     """Run ``stage.combine`` per partition of whole components over the
-    reduced bucket files; store the decisions. Returns the counts (as
-    ``fitstore.store_result``) and the component passes' figures."""
+    reduced bucket files, with what ``learn`` returned (``learned``); store
+    the decisions. Returns the counts (as ``fitstore.store_result``) and the
+    component passes' figures."""
     base = folder(spec, stage)
     storage.rmtree(base)
     kw = dict(spec=spec, stage=stage, parts=parts)
@@ -228,7 +229,7 @@ def combine_by_component(launcher, spec, stage, parts: int) -> tuple[dict, dict]
     launcher.map(_cc_route, list(range(parts)), **kw)
     storage.rmtree(base / "rows")
     storage.rmtree(base / "labels")
-    combined = launcher.map(_combine, list(range(parts)), **kw)
+    combined = launcher.map(_combine, list(range(parts)), learned=learned, **kw)
     storage.rmtree(base / "route")
     stored = launcher.map(_cc_store, list(range(parts)), **kw)
     storage.rmtree(base)

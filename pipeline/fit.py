@@ -10,16 +10,18 @@ tasks and a Ray Data shuffle, ``pipeline.plan``). Per input shard:
   at most ``sample_rows`` over the whole run, so the sample does not depend
   on block order or cluster size; ``learn`` runs on it;
 * ``bucket_rows`` -> shuffle by ``bucket`` -> ``reduce_bucket``;
-* ``combine``: for a stage with ``link_keys`` (dedup), once per partition
+* ``combine``: for a stage with ``link_columns`` (dedup), once per partition
   of whole connected components of its links (``pipeline.components``);
   else in one task over the reduced rows (histograms, score windows); it
   writes decisions and side tables partitioned by shard;
-* ``decide_rows`` per shard, when the stage keeps a rule (a score cut).
+* ``decide_rows`` per shard, when ``combine`` returned a rule (a score cut).
 
-The driver holds the stage (config plus small learned state: a cut) and
-per-shard counts: nothing that grows with the rows. Learned arrays that grow
-with the data (centroids) are files under ``_work/fit/<stage>/learned/``,
-read by each task that needs them, never a task argument.
+What ``learn`` returned goes to every later step, and the rule ``combine``
+returned to every ``decide_rows`` task, as ``fitstore.LearnedFiles``: their
+values, and their arrays (centroids, sets of hashes) as files under
+``_work/fit/<stage>/``, read by each task that needs them, never a task
+argument. The stage is never changed: the driver holds it (its config),
+those small handles and per-shard counts, nothing that grows with the rows.
 """
 
 from __future__ import annotations
@@ -104,66 +106,62 @@ def _sample_dir(spec: RunSpec, stage: GlobalStage):
     return layout.fit_dir(spec.out, stage.name) / "sample"
 
 
-def _learn(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
-    """In a task: the ``sample_rows`` sampled rows with the smallest key
-    hashes, in key order, then ``learn`` on them (k-means over a large sample
-    is no work for the driver)."""
+def _learn(spec: RunSpec, stage: GlobalStage) -> tuple[fitstore.LearnedFiles, int]:
+    """In a task: ``learn`` on the ``sample_rows`` sampled rows with the
+    smallest key hashes, in key order (k-means over a large sample is no
+    work for the driver). Returns what it learnt, its arrays in files, and
+    the rows it learnt from."""
     with taskmem.measure(spec.out, f"{stage.name}/learn"):
         parts = []
         for path in sorted(_sample_dir(spec, stage).glob("*.arrow")):
             parts.append(batchfile.loads(path.read_bytes(), str(path)))
-        sample = concat([p for p in parts if batch_len(p)])
-        limit = int(stage.sample_rows)
-        if batch_len(sample) > limit:
-            sample = take(sample, np.sort(np.argsort(key_hashes(sample["key"]), kind="stable")[:limit]))
-        if batch_len(sample):
-            sample = take(sample, np.argsort(sample["key"].astype(str), kind="stable"))
-        stage.learn(sample)
+        sample = fitstore.hash_sample(concat([p for p in parts if batch_len(p)]), int(stage.sample_rows))
+        learned = fitstore.store_learned(spec, stage, stage.learn(sample), "learned")
         storage.rmtree(_sample_dir(spec, stage))
-        stage._fit_sample_rows = batch_len(sample)
-        fitstore.save_learned(spec, stage)
-        return stage
+        return learned, batch_len(sample)
 
 
-def _emit_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> Batch:
+def _emit_shard(shard_id: int, spec: RunSpec, stage: GlobalStage, learned: fitstore.LearnedFiles) -> Batch:
     with taskmem.measure(spec.out, f"{stage.name}/emit_shard"):
-        stage = fitstore.with_learned(spec, stage)
         rows = alive_rows(spec, stage, shard_id)
-        out = stage.bucket_rows(rows) if batch_len(rows) else {}
+        out = stage.bucket_rows(rows, fitstore.load_learned(spec, stage, learned)) if batch_len(rows) else {}
         return out if batch_len(out) else {"bucket": np.zeros(0, dtype=np.int64)}
 
 
-def _reduce(rows: Batch, spec: RunSpec, stage: GlobalStage) -> str:
+def _reduce(rows: Batch, spec: RunSpec, stage: GlobalStage, learned: fitstore.LearnedFiles) -> str:
     """One bucket's reduction, left in a file: the combine task reads it, so
     reduced rows never pass through the driver. Returns the file's name in
     ``reduced_dir``."""
     with taskmem.measure(spec.out, f"{stage.name}/reduce"):
-        out = fitstore.with_learned(spec, stage).reduce_bucket(rows)
+        out = stage.reduce_bucket(rows, fitstore.load_learned(spec, stage, learned))
         bucket = int(np.asarray(rows["bucket"])[0])
         path = layout.reduced_dir(spec.out, stage.name) / f"{bucket:08d}.arrow"
         storage.write_atomic(path, batchfile.dumps(out), fsync=False)
         return path.name
 
 
-def _combine(spec: RunSpec, stage: GlobalStage) -> tuple[GlobalStage, dict]:
+def _combine(
+    spec: RunSpec, stage: GlobalStage, learned: fitstore.LearnedFiles
+) -> tuple[dict, fitstore.LearnedFiles | None]:
     """``combine`` over every reduced bucket's file (listed here, not handed
-    over: the argument stays the same size however many buckets there are)."""
+    over: the argument stays the same size however many buckets there are).
+    Returns the stored result's counts and its rule, if any (its arrays in
+    files: the rule goes on to every ``decide_rows`` task)."""
     with taskmem.measure(spec.out, f"{stage.name}/combine"):
         reduced = fitstore.read_reduced(fitstore.reduced_files(spec, stage))
-        stage = fitstore.with_learned(spec, stage)
-        result = stage.combine(reduced)
+        result = stage.combine(reduced, fitstore.load_learned(spec, stage, learned))
         storage.rmtree(layout.reduced_dir(spec.out, stage.name))
         counts = fitstore.store_result(spec, stage, result, shards=None)
-        if "_learned" in stage.__dict__:
-            stage.use_learned(None)  # the stage goes back to the driver, and on to decide_rows: small
-        return stage, counts
+        rule = None if result.rule is None else fitstore.store_learned(spec, stage, result.rule, "rule")
+        return counts, rule
 
 
-def _decide_shard(shard_id: int, spec: RunSpec, stage: GlobalStage) -> dict:
+def _decide_shard(shard_id: int, spec: RunSpec, stage: GlobalStage, rule: fitstore.LearnedFiles) -> dict:
     with taskmem.measure(spec.out, f"{stage.name}/decide_shard"):
-        stage = fitstore.with_learned(spec, stage)
         rows = alive_rows(spec, stage, shard_id)
-        result = stage.decide_rows(rows) if batch_len(rows) else FitResult()
+        result = stage.decide_rows(rows, fitstore.load_learned(spec, stage, rule)) if batch_len(rows) else FitResult()
+        if result.rule is not None:
+            raise ValueError(f"{stage.name}: decide_rows returns decisions, not a rule")
         return fitstore.store_result(spec, stage, result, shards=[shard_id], merge=True)
 
 
@@ -209,23 +207,24 @@ def run_fit(
         return now
 
     t = t0
+    learned = fitstore.NOTHING_LEARNED
     if stage.sample_rows:
         take_sample(launcher, spec, stage, shard_ids, total)
         t = lap("sample", t)
-        stage = launcher.call(_learn, spec, stage)
-        info["sample_rows"] = stage.__dict__.pop("_fit_sample_rows", None)
+        learned, info["sample_rows"] = launcher.call(_learn, spec, stage)
         t = lap("learn", t)
-    launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage)
+    launcher.shuffle(_emit_shard, _reduce, shard_ids, spec=spec, stage=stage, learned=learned)
     t = lap("bucket_and_reduce", t)
     parts = launcher.partitions(spec, len(shard_ids))
-    by_component = stage.has_link_keys() and not stage.side_tables() and not stage.has_decide_rows()
+    by_component = stage.link_columns is not None and not stage.side_tables()
+    rule = None
     if by_component and parts > 1 and not single_combine:  # one partition: that is the single task
-        counts, info["components"] = components.combine_by_component(launcher, spec, stage, parts)
+        counts, info["components"] = components.combine_by_component(launcher, spec, stage, learned, parts)
     else:
-        stage, counts = launcher.call(_combine, spec, stage)
+        counts, rule = launcher.call(_combine, spec, stage, learned)
     t = lap("combine", t)
-    if stage.has_decide_rows():
-        for c in launcher.map(_decide_shard, shard_ids, spec=spec, stage=stage):
+    if rule is not None:
+        for c in launcher.map(_decide_shard, shard_ids, spec=spec, stage=stage, rule=rule):
             fitstore.add_counts(counts, c)
         t = lap("decide_rows", t)
     info.update(counts, seconds=round(time.perf_counter() - t0, 3), steps=steps)

@@ -1,12 +1,15 @@
 """What a fit keeps in the work folder and reads back, shared by its steps
 (``pipeline.fit``) and the component passes (``pipeline.components``):
 
-* learned arrays (``GlobalStage.learned_arrays``) as ``.npy`` files under
-  ``_work/fit/<stage>/learned/<token>/``, read once per process by each task
-  that needs them, never carried in a task argument;
+* what was learnt (``stages.fitting.Learned``: ``learn``'s, and the rule
+  ``combine`` returns for ``decide_rows``), its arrays as ``.npy`` files
+  under ``_work/fit/<stage>/learned/<token>/`` and ``.../rule/<token>/``,
+  read once per process by each task that needs them, never carried in a
+  task argument;
 * a fit result stored partitioned by shard: decisions under
   ``_work/fit/<stage>/decisions``, side tables under ``OUT/<table>``;
-* the key hash the hash sample and the component ids are made of.
+* the key hash the hash sample and the component ids are made of, and the
+  hash sample itself.
 
 Why a module of its own: both the fit's steps and the component passes
 need them, and neither imports the other's driver code.
@@ -14,11 +17,11 @@ need them, and neither imports the other's driver code.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import re
 import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,7 +29,8 @@ from pairforge.manifests import layout, storage
 from pairforge.manifests.shards import to_arrow
 from pairforge.pipeline import batchfile
 from pairforge.pipeline.engine import RunSpec
-from pairforge.stages.base import Batch, FitResult, GlobalStage, batch_len, concat, take
+from pairforge.stages.base import Batch, FitResult, GlobalStage, Learned, batch_len, concat, take
+from pairforge.stages.fitting import ARRAY_NAME
 
 
 def key_hashes(keys) -> np.ndarray:
@@ -36,59 +40,78 @@ def key_hashes(keys) -> np.ndarray:
     )
 
 
-#: a learned array's name (a file name under ``_work/fit/<stage>/learned/<token>/``)
-LEARNED_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
-#: this process's learned arrays, read once a fit (by folder)
-_LEARNED: dict[str, dict[str, np.ndarray]] = {}
+#: this process's arrays of learnt things, read once a fit step (by folder): a learn
+#: step's and a rule's at most
+_ARRAYS: dict[str, dict[str, np.ndarray]] = {}
+_KEEP_FOLDERS = 2
+#: the folder a learnt thing's arrays are written to: ``learned`` or ``rule``, a token
+_TOKEN = re.compile(r"(learned|rule)/[0-9a-f]{32}")
 
 
-def learned_folder(spec: RunSpec, stage: GlobalStage, token: str):
-    return layout.fit_dir(spec.out, stage.name) / "learned" / token
+@dataclass(frozen=True)
+class LearnedFiles:
+    """A :class:`~stages.fitting.Learned` as fit tasks are handed it: its
+    values, and where its arrays were written (``folder``, under
+    ``_work/fit/<stage>/``; ``None``: it has none). Small whatever the
+    arrays' size: each task reads them itself (:func:`load_learned`)."""
+
+    values: dict = field(default_factory=dict)
+    folder: str | None = None
+    arrays: tuple[str, ...] = ()
 
 
-def save_learned(spec: RunSpec, stage: GlobalStage) -> None:
-    """Write what ``learn`` fitted that grows with the data
-    (``GlobalStage.learned_arrays``) to the work folder and drop it from the
-    stage, which then names the folder: later steps' tasks read the arrays
-    from there (:func:`with_learned`), the stage they get stays small."""
-    arrays = stage.learned_arrays()
-    if not arrays:
-        return
-    token = uuid.uuid4().hex
-    folder = learned_folder(spec, stage, token)
-    for name, arr in arrays.items():
-        if not LEARNED_NAME.fullmatch(name):
-            raise ValueError(f"{stage.name}: learned array name {name!r}: expected 1-64 of A-Z a-z 0-9 _")
+#: what a stage without a ``learn`` step hands its later steps
+NOTHING_LEARNED = LearnedFiles()
+
+
+def store_learned(spec: RunSpec, stage: GlobalStage, learned: Learned, kind: str) -> LearnedFiles:
+    """Write ``learned``'s arrays to ``_work/fit/<stage>/<kind>/<token>/``
+    as ``.npy`` (numbers only, no pickle); ``kind``: ``learned`` (``learn``'s)
+    or ``rule`` (``combine``'s)."""
+    if not isinstance(learned, Learned):
+        raise TypeError(f"{stage.name}: expected a Learned, got {type(learned).__name__}")
+    if not learned.arrays:
+        return LearnedFiles(dict(learned.values))
+    rel = f"{kind}/{uuid.uuid4().hex}"
+    folder = layout.fit_dir(spec.out, stage.name) / rel
+    for name, arr in learned.arrays.items():
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
         storage.write_atomic(folder / f"{name}.npy", buf.getvalue(), fsync=False)
-    stage.use_learned(None)
-    stage.__dict__["_learned"] = (token, tuple(sorted(arrays)))
+    return LearnedFiles(dict(learned.values), rel, tuple(sorted(learned.arrays)))
 
 
-def with_learned(spec: RunSpec, stage: GlobalStage) -> GlobalStage:
-    """A copy of ``stage`` holding its learned arrays, read from the work
-    folder once per process and fit (numbers only: ``allow_pickle=False``);
-    the caller's stage stays small (in process, it is the driver's)."""
-    got = stage.__dict__.get("_learned")
-    if got is None:
-        return stage
-    stage = copy.copy(stage)
-    token, names = got
-    folder = learned_folder(spec, stage, token)
-    if str(folder) not in _LEARNED:
-        _LEARNED.clear()  # the arrays of one fit at a time
-        _LEARNED[str(folder)] = {
-            n: np.load(io.BytesIO((folder / f"{_checked(n)}.npy").read_bytes()), allow_pickle=False) for n in names
-        }
-    stage.use_learned(_LEARNED[str(folder)])
-    return stage
+def load_learned(spec: RunSpec, stage: GlobalStage, files: LearnedFiles) -> Learned:
+    """The :class:`Learned` :func:`store_learned` wrote, its arrays read
+    once per process (``allow_pickle=False``: nothing in the output folder
+    is trusted as code)."""
+    if files.folder is None:
+        return Learned(files.values)
+    if not _TOKEN.fullmatch(files.folder):
+        raise ValueError(f"{stage.name}: learned folder {files.folder!r}: expected learned/<hex> or rule/<hex>")
+    folder = layout.fit_dir(spec.out, stage.name) / files.folder
+    key = str(folder)
+    if key not in _ARRAYS:
+        while len(_ARRAYS) >= _KEEP_FOLDERS:
+            _ARRAYS.pop(next(iter(_ARRAYS)))  # the oldest: an earlier fit's
+        arrays = {}
+        for name in files.arrays:
+            if not ARRAY_NAME.fullmatch(str(name)):
+                raise ValueError(f"{stage.name}: learned array name {name!r}: expected 1-64 of A-Z a-z 0-9 _")
+            arrays[name] = np.load(io.BytesIO((folder / f"{name}.npy").read_bytes()), allow_pickle=False)
+        _ARRAYS[key] = arrays
+    return Learned(files.values, _ARRAYS[key])
 
 
-def _checked(name: str) -> str:
-    if not LEARNED_NAME.fullmatch(str(name)):
-        raise ValueError(f"learned array name {name!r}: expected 1-64 of A-Z a-z 0-9 _")
-    return name
+def hash_sample(rows: Batch, limit: int) -> Batch:
+    """The ``limit`` rows of ``rows`` with the smallest key hashes (all of
+    them when fewer), in key order: ``learn``'s sample, whatever the order
+    or the grouping of the rows it is drawn from."""
+    if batch_len(rows) > limit:
+        rows = take(rows, np.argsort(key_hashes(rows["key"]), kind="stable")[:limit])
+    if batch_len(rows):
+        rows = take(rows, np.argsort(np.asarray(rows["key"]).astype(str), kind="stable"))
+    return rows
 
 
 def reduced_files(spec: RunSpec, stage: GlobalStage) -> list:

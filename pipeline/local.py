@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from pairforge.pipeline import chunks, engine
+from pairforge.pipeline import chunks, engine, fitstore
 from pairforge.pipeline.engine import RunSpec
-from pairforge.pipeline.fit import key_hashes
+from pairforge.pipeline.fit import Launcher
 from pairforge.pipeline.resume import RowsTracker
 from pairforge.stages.base import (
     Batch,
     FitResult,
     GlobalStage,
+    Learned,
     Stage,
     batch_len,
     concat,
@@ -34,7 +35,8 @@ def map_stage(stage: Stage, batch: Batch) -> Batch:
     n = batch_len(batch)
     size = max(1, stage.resources().batch_size)
     chunks = (take(batch, np.arange(i, min(i + size, n))) for i in range(0, n, size))
-    return concat([run_stage_batch(stage, stage.cpu_prepare(c) if stage.has_cpu_prepare() else c) for c in chunks])
+    prepare = stage.resources().cpu_prepare
+    return concat([run_stage_batch(stage, stage.cpu_prepare(c) if prepare else c) for c in chunks])
 
 
 def run_rows(spec: RunSpec, shard_ids: list[int], tracker: RowsTracker, only: dict | None = None) -> None:
@@ -63,29 +65,37 @@ def write_shards(spec: RunSpec, shard_ids: list[int]) -> list[dict]:
 
 
 def fit_result(stage: GlobalStage, rows: Batch) -> FitResult:
-    """``learn`` (on the rows with the smallest key hashes, like a run) ->
-    ``bucket_rows`` -> group -> ``reduce_bucket`` -> ``combine`` (->
-    ``decide_rows``) over ``rows`` (ok rows, fit columns)."""
+    """The fit's steps over ``rows`` (ok rows, fit columns) in this process,
+    as ``pipeline.fit`` runs them over a run's files: ``learn`` on the rows
+    with the smallest key hashes (``fitstore.hash_sample``), ``bucket_rows``
+    in chunks, grouped by bucket (``fit.Launcher.shuffle``), ``reduce_bucket``,
+    ``combine``, and ``decide_rows`` when ``combine`` returned a rule. The
+    result holds every decision and table, the counters of both steps summed,
+    and the rule."""
     if not batch_len(rows):
         return FitResult()
     rows = take(rows, np.argsort(np.asarray(rows["key"]).astype(str), kind="stable"))
-    if stage.sample_rows:
-        pick = np.sort(np.argsort(key_hashes(rows["key"]), kind="stable")[: int(stage.sample_rows)])
-        stage.learn(take(rows, pick))
+    learned = stage.learn(fitstore.hash_sample(rows, int(stage.sample_rows))) if stage.sample_rows else Learned()
     size = max(stage.resources().batch_size, 1 << 16)
     n = batch_len(rows)
-    cands = concat([stage.bucket_rows(take(rows, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
-    reduced = []
-    if batch_len(cands):
-        cands = take(cands, np.argsort(cands["bucket"], kind="stable"))
-        g = cands["bucket"]
-        starts = np.concatenate([[0], np.flatnonzero(g[1:] != g[:-1]) + 1, [len(g)]])
-        reduced = [stage.reduce_bucket({k: v[a:b] for k, v in cands.items()}) for a, b in zip(starts[:-1], starts[1:])]
-    result = stage.combine(concat([r for r in reduced if batch_len(r)]))
-    if stage.has_decide_rows():
-        more = stage.decide_rows(rows)
-        result = FitResult(concat([result.decisions, more.decisions]), {**result.tables, **more.tables})
-    return result
+    reduced = Launcher().shuffle(
+        lambda i: stage.bucket_rows(take(rows, np.arange(i, min(i + size, n))), learned),
+        lambda group: stage.reduce_bucket(group, learned),
+        list(range(0, n, size)),
+    )
+    result = stage.combine(concat([r for r in reduced if batch_len(r)]), learned)
+    if result.rule is None:
+        return result
+    more = stage.decide_rows(rows, result.rule)
+    counters = dict(result.counters)
+    for name, count in more.counters.items():
+        counters[name] = counters.get(name, 0) + count
+    return FitResult(
+        concat([result.decisions, more.decisions]),
+        {**result.tables, **more.tables},
+        counters,
+        result.rule,
+    )
 
 
 def fit_global(stage: GlobalStage, rows: Batch) -> Batch:

@@ -167,11 +167,12 @@ def map_on_actors(ds: "ray.data.Dataset", st: Stage, timing: bool = True) -> "ra
 
     All it needs is the stage's ``Resources``: CPUs, GPUs, batch size, pool
     size, ``actor_calls`` (batches one actor works on at once, on threads:
-    Ray Data's ``enable_true_multi_threading``) and ``prepare_memory`` (the
-    ``memory`` request of a prepare task)."""
+    Ray Data's ``enable_true_multi_threading``), ``cpu_prepare`` (whether
+    prepare tasks run) and ``prepare_memory`` (the ``memory`` request of a
+    prepare task)."""
     res = st.resources()
     common = dict(batch_format="numpy", zero_copy_batch=False, batch_size=res.batch_size)
-    if st.has_cpu_prepare():
+    if res.cpu_prepare:
         mem = _prepare_memory(st)
         ds = ds.map_batches(_cpu_prepare, fn_kwargs={"stage": st}, num_cpus=1, memory=mem, **common)
     lo, hi = res.concurrency

@@ -26,8 +26,9 @@ frequency is the number of rows that hold it. Captions and tokens travel as
 * ``reduce_bucket``: per bucket, the sums; captions over the limit and every
   token pass on;
 * ``combine``: the captions over the limit, and the count of the token at
-  rank ``rare_token_rank`` (ties at the cut are frequent); it keeps the
-  smaller of the frequent and the rare token sets for ``decide_rows``.
+  rank ``rare_token_rank`` (ties at the cut are frequent); its rule for
+  ``decide_rows`` holds those captions and the smaller of the frequent and
+  the rare token sets (hashes, as arrays: they grow with the data).
 """
 
 from __future__ import annotations
@@ -39,7 +40,17 @@ from typing import ClassVar
 
 import numpy as np
 
-from pairforge.stages.base import Batch, FitResult, GlobalStage, Resources, batch_len, concat, object_array, require
+from pairforge.stages.base import (
+    Batch,
+    FitResult,
+    GlobalStage,
+    Learned,
+    Resources,
+    batch_len,
+    concat,
+    object_array,
+    require,
+)
 from pairforge.stages.common.metadata import normalize
 from pairforge.stages.options import options
 
@@ -101,17 +112,8 @@ def _lookup(sorted_keys: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 class AlignTextStage(GlobalStage):
     name: ClassVar[str] = "align_text"
-    fit_columns: ClassVar[tuple[str, ...]] = ("key", "caption")
+    fit_columns = ("key", "caption")
     Config = Config
-
-    def __init__(self, config: Config):
-        super().__init__(config)
-        #: what ``combine`` found (see the module doc)
-        self.shared: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.uint64), np.zeros(0, np.int64))
-        self.token_set = np.zeros(0, np.uint64)
-        self.token_set_is_rare = True  # an empty rare set: no token is rare
-        self.token_min_count = 0
-        self.fitted = False
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
@@ -125,7 +127,7 @@ class AlignTextStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
-    def bucket_rows(self, rows: Batch) -> Batch:
+    def bucket_rows(self, rows: Batch, learned: Learned) -> Batch:
         c, parts = self.config, []
         forms = [caption_form(x) for x in rows["caption"]]
         if c.max_caption_images is not None:
@@ -140,7 +142,7 @@ class AlignTextStage(GlobalStage):
         b = np.int64(kind * self.config.buckets) + (h % np.uint64(self.config.buckets)).astype(np.int64)
         return {"bucket": b, "kind": np.full(len(h), kind, np.int64), "hash": h, "count": n.astype(np.int64)}
 
-    def reduce_bucket(self, group: Batch) -> Batch:
+    def reduce_bucket(self, group: Batch, learned: Learned) -> Batch:
         kind = int(np.asarray(group["kind"])[0])
         h, inv = np.unique(np.asarray(group["hash"], dtype=np.uint64), return_inverse=True)
         n = np.bincount(inv, weights=np.asarray(group["count"], dtype=np.float64)).astype(np.int64)
@@ -149,46 +151,50 @@ class AlignTextStage(GlobalStage):
             h, n = h[over], n[over]
         return {"kind": np.full(len(h), kind, np.int64), "hash": h, "count": n}
 
-    def combine(self, reduced: Batch) -> FitResult:
+    def combine(self, reduced: Batch, learned: Learned) -> FitResult:
+        """The counters; the rule: the shared captions' hashes (sorted) and
+        row counts, the token set and whether it holds the rare tokens (an
+        empty rare set: no token is rare) or the frequent ones, and the count
+        a token needs to be frequent (0: the rule is off)."""
         c = self.config
         kind = np.asarray(reduced.get("kind", np.zeros(0)), dtype=np.int64)
         h = np.asarray(reduced.get("hash", np.zeros(0)), dtype=np.uint64)
         n = np.asarray(reduced.get("count", np.zeros(0)), dtype=np.int64)
         cap = kind == CAPTIONS
         order = np.argsort(h[cap], kind="stable")
-        self.shared = (h[cap][order], n[cap][order])
+        arrays = {"shared": h[cap][order], "shared_rows": n[cap][order], "token_set": np.zeros(0, np.uint64)}
+        values = {"token_set_is_rare": True, "token_min_count": 0}
         counters = {"captions_shared": int(cap.sum()), "rows_with_shared_captions": int(n[cap].sum())}
         tok = kind == TOKENS
         if c.rare_token_rank is not None:
             th, tn = h[tok], n[tok]
             counters["tokens"] = len(th)
             if len(th) > c.rare_token_rank:
-                self.token_min_count = int(np.sort(tn)[::-1][c.rare_token_rank - 1])
-                frequent = tn >= self.token_min_count
-                self.token_set_is_rare = int((~frequent).sum()) < int(frequent.sum())
-                self.token_set = np.sort(th[~frequent] if self.token_set_is_rare else th[frequent])
+                min_count = int(np.sort(tn)[::-1][c.rare_token_rank - 1])
+                frequent = tn >= min_count
+                is_rare = int((~frequent).sum()) < int(frequent.sum())
+                arrays["token_set"] = np.sort(th[~frequent] if is_rare else th[frequent])
+                values = {"token_set_is_rare": is_rare, "token_min_count": min_count}
                 counters["rare_tokens"] = int((~frequent).sum())
-                counters["token_min_count"] = self.token_min_count
+                counters["token_min_count"] = min_count
             else:
                 counters["rare_tokens"] = 0
-        self.fitted = True
-        return FitResult(counters=counters)
+        return FitResult(counters=counters, rule=Learned(values, arrays))
 
-    def decide_rows(self, rows: Batch) -> FitResult:
-        if not self.fitted:
-            return FitResult()
+    def decide_rows(self, rows: Batch, rule: Learned) -> FitResult:
         c = self.config
         keys, reasons, details = [], [], []
         forms = [caption_form(x) for x in rows["caption"]]
-        shared, at = _lookup(self.shared[0], hash64(forms))
+        shared_rows = rule.arrays["shared_rows"]
+        shared, at = _lookup(rule.arrays["shared"], hash64(forms))
         for i, form in enumerate(forms):
             if shared[i]:
                 why, detail = (
                     "caption_shared",
-                    {"images": int(self.shared[1][at[i]]), "max_caption_images": c.max_caption_images},
+                    {"images": int(shared_rows[at[i]]), "max_caption_images": c.max_caption_images},
                 )
             else:
-                why, detail = self._token_rules(form)
+                why, detail = self._token_rules(form, rule)
             if why:
                 keys.append(str(rows["key"][i]))
                 reasons.append(why)
@@ -198,17 +204,18 @@ class AlignTextStage(GlobalStage):
             counters={"rows_seen": batch_len(rows)},
         )
 
-    def _token_rules(self, form: str) -> tuple[str, dict]:
+    def _token_rules(self, form: str, rule: Learned) -> tuple[str, dict]:
         c = self.config
         uni, toks = tokens(form, c.bigrams)
-        if c.rare_token_rank is not None and self.token_min_count:
-            found, _ = _lookup(self.token_set, hash64(toks))
-            rare = found if self.token_set_is_rare else ~found
+        min_count = rule.values["token_min_count"]
+        if c.rare_token_rank is not None and min_count:
+            found, _ = _lookup(rule.arrays["token_set"], hash64(toks))
+            rare = found if rule.values["token_set_is_rare"] else ~found
             if rare.any():
                 words = [t for t, r in zip(toks, rare) if r][:5]
                 return "rare_token", {
                     "tokens": words,
-                    "min_count": self.token_min_count,
+                    "min_count": min_count,
                     "rare_token_rank": c.rare_token_rank,
                 }
         if c.min_unigrams is not None and len(uni) < c.min_unigrams:

@@ -9,8 +9,9 @@ at equal size. Here, over every row still alive at this stage (after
 1. **count** rows per entry (the ragged ``metadata_entries`` column):
    ``bucket_rows`` counts each input shard's entries, ``reduce_bucket`` sums
    the per-shard counts of the entries in one bucket, ``combine`` holds one
-   count per entry used (never a row list) and keeps the entries over ``t``;
-2. **sample** per shard (``decide_rows``): a row is kept if any of its
+   count per entry used (never a row list) and returns the entries over
+   ``t`` with their counts as its rule;
+2. **sample** per shard (``decide_rows`` by that rule): a row is kept if any of its
    entries selects it, entry ``e`` selecting each of its rows with
    probability ``min(1, t / c_e)``; a row with an entry at or under ``t`` is
    always kept. Each draw is a hash of the row's URL and caption, the entry
@@ -34,7 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from pairforge.stages.base import Batch, FitResult, GlobalStage, Resources, batch_len, object_array, require
+from pairforge.stages.base import Batch, FitResult, GlobalStage, Learned, Resources, batch_len, object_array, require
 from pairforge.stages.common import balancing as bal
 from pairforge.stages.options import options
 
@@ -68,10 +69,6 @@ class BalanceStage(GlobalStage):
     def __init__(self, config: Config):
         super().__init__(config)
         self.fit_columns = ("key", "url", "caption", config.entries_column)
-        #: what ``combine`` found: the entries over t (sorted ids) and their counts
-        self.head: tuple[np.ndarray, np.ndarray] | None = None
-        #: entries whose count after is counted by id (the head and the top ones)
-        self.tracked = np.zeros(0, dtype=np.int64)
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
@@ -81,7 +78,7 @@ class BalanceStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
-    def bucket_rows(self, rows: Batch) -> Batch:
+    def bucket_rows(self, rows: Batch, learned: Learned) -> Batch:
         r, e = bal.flatten(rows[self.config.entries_column])
         entry, count = np.unique(e, return_counts=True)
         unmatched = batch_len(rows) - len(np.unique(r))
@@ -90,12 +87,16 @@ class BalanceStage(GlobalStage):
         count = np.concatenate([[unmatched, batch_len(rows)], count]).astype(np.int64)
         return {"bucket": np.maximum(entry, 0) % self.config.buckets, "entry": entry, "count": count}
 
-    def reduce_bucket(self, group: Batch) -> Batch:
+    def reduce_bucket(self, group: Batch, learned: Learned) -> Batch:
         entry, inv = np.unique(np.asarray(group["entry"], dtype=np.int64), return_inverse=True)
         count = np.bincount(inv, weights=np.asarray(group["count"], dtype=np.float64)).astype(np.int64)
         return {"entry": entry, "count": count}
 
-    def combine(self, reduced: Batch) -> FitResult:
+    def combine(self, reduced: Batch, learned: Learned) -> FitResult:
+        """The counts per entry; the rule: the entries over ``t`` (sorted
+        ids, ``head_ids``) and their counts (``head_counts``), and the
+        entries whose count after is counted by id (``tracked``: the head
+        and the top ones)."""
         t = self.config.t
         entry = np.asarray(reduced.get("entry", np.zeros(0)), dtype=np.int64)
         count = np.asarray(reduced.get("count", np.zeros(0)), dtype=np.int64)
@@ -104,10 +105,11 @@ class BalanceStage(GlobalStage):
         used = entry >= 0
         entry, count = entry[used], count[used]
         over = count > t
-        self.head = (entry[over], count[over])  # entry ids are sorted (np.unique)
         top = np.lexsort((entry, -count))[: self.config.top_entries]
         order = np.lexsort((entry[over], -count[over]))[: bal.MAX_TRACKED]
-        self.tracked = np.union1d(entry[top], entry[over][order])
+        tracked = np.union1d(entry[top], entry[over][order])
+        # entry ids are sorted (np.unique)
+        rule = Learned(arrays={"head_ids": entry[over], "head_counts": count[over], "tracked": tracked})
         counters = {
             "t": t,
             "rows": rows,
@@ -118,15 +120,13 @@ class BalanceStage(GlobalStage):
         }
         bins, n = np.unique(bal.log_bin(count), return_counts=True)
         counters.update({f"hist_before:{b}": int(k) for b, k in zip(bins.tolist(), n.tolist())})
-        tracked = np.isin(entry, self.tracked)
-        counters.update({f"before:{i}": int(c) for i, c in zip(entry[tracked].tolist(), count[tracked].tolist())})
-        return FitResult(counters=counters)
+        is_tracked = np.isin(entry, tracked)
+        counters.update({f"before:{i}": int(c) for i, c in zip(entry[is_tracked].tolist(), count[is_tracked].tolist())})
+        return FitResult(counters=counters, rule=rule)
 
-    def decide_rows(self, rows: Batch) -> FitResult:
-        if self.head is None:
-            return FitResult()
+    def decide_rows(self, rows: Batch, rule: Learned) -> FitResult:
         n = batch_len(rows)
-        head_ids, head_counts = self.head
+        head_ids, head_counts = rule.arrays["head_ids"], rule.arrays["head_counts"]
         r, e = bal.flatten(rows[self.config.entries_column])
         pos = np.minimum(np.searchsorted(head_ids, e), max(len(head_ids) - 1, 0))
         is_head = (head_ids[pos] == e) if len(head_ids) else np.zeros(len(e), dtype=bool)
@@ -147,7 +147,7 @@ class BalanceStage(GlobalStage):
             chosen = bal.draws(hashes[r[draw]], e[draw]) < thr[pos[draw]]
             keep[r[draw][chosen]] = True
         counters = {"kept": int(keep.sum())}
-        kept_pairs = keep[r] & np.isin(e, self.tracked)
+        kept_pairs = keep[r] & np.isin(e, rule.arrays["tracked"])
         ids, k = np.unique(e[kept_pairs], return_counts=True)
         counters.update({f"after:{i}": int(c) for i, c in zip(ids.tolist(), k.tolist())})
         drop = np.flatnonzero(~keep)

@@ -3,7 +3,8 @@
 A stage is a class with a frozen ``Config`` that maps a batch of rows to the
 same rows with the columns it declares added (:class:`Stage`); a global stage
 (:class:`GlobalStage`) also decides over the whole dataset in a small
-map-reduce whose result is data (:class:`FitResult`). What rows and columns
+map-reduce whose steps hand each other data (:class:`Learned`,
+:class:`FitResult`, :mod:`stages.fitting`). What rows and columns
 are (the identity columns, :class:`Column`, :class:`Resources`) is
 :mod:`stages.declarations`; how a stage is applied to a batch
 (:func:`run_stage_batch`) is :mod:`stages.per_row`; the batch helpers are
@@ -15,7 +16,10 @@ columns it reads that others must provide (:meth:`Stage.inputs`), which
 ``pipeline.checks`` holds against the URL list and the earlier stages'
 outputs before a run starts; and what else ``pipeline/`` must know of it
 (:attr:`Stage.declares_columns`, :attr:`Stage.open_clip_options`,
-:meth:`Stage.wants_decoded`), so that ``pipeline/`` names no stage.
+:meth:`Stage.wants_decoded`, :meth:`Stage.check`), so that ``pipeline/``
+names no stage. What a runner must know to run a stage is declared as data
+(:meth:`Stage.resources`, :attr:`GlobalStage.link_columns`, a fit's
+``FitResult.rule``): no runner asks whether a method was overridden.
 
 Stages never import ``ray`` and never import each other. A stage sees only the
 rows that are still ``ok``; :func:`run_stage_batch` passes the others through.
@@ -27,10 +31,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Any, ClassVar
-
-import numpy as np
 
 from pairforge.stages.batch import (  # noqa: F401 - the helpers are part of what stages import from here
     STATUS_DROPPED,
@@ -58,6 +60,7 @@ from pairforge.stages.declarations import (  # noqa: F401 - as the batch helpers
     Resources,
     stage_columns,
 )
+from pairforge.stages.fitting import FitResult, Learned  # noqa: F401 - the fit's data, part of the contract
 from pairforge.stages.options import ConfigError, build, field_error
 from pairforge.stages.options_doc import options_text
 from pairforge.stages.per_row import StageError, run_stage_batch  # noqa: F401 - as the batch helpers
@@ -242,113 +245,84 @@ class Stage(metaclass=_StageType):
         tasks ahead of the actor pool, so the actors (one per GPU share)
         keep to the accelerator. It adds columns named ``SCRATCH_PREFIX*``
         for ``process_batch`` to read; they are dropped after it. Rows in any
-        status reach it and it must not fail on them. Default: nothing."""
+        status reach it and it must not fail on them. The runners call it only
+        where :meth:`resources` says so (``Resources.cpu_prepare``).
+        Default: nothing."""
         return batch
-
-    def has_cpu_prepare(self) -> bool:
-        return type(self).cpu_prepare is not Stage.cpu_prepare
 
     def process_batch(self, batch: Batch) -> Batch:
         raise NotImplementedError
-
-
-@dataclass
-class FitResult:
-    """What a global stage's fit decides, as data.
-
-    ``decisions``: a batch with ``key``, ``reason`` (``""``: the row stays,
-    only columns are set), ``detail`` (JSON or dict), optionally ``survivor``
-    (bool: this kept row represents dropped duplicates), and any of the stage's
-    declared output columns to set on those rows. ``tables``: side tables,
-    name -> rows (see :meth:`GlobalStage.side_tables`). ``counters``: named
-    counts (rows per kind, skips per reason) the manifest sums under the fit.
-    """
-
-    decisions: Batch = field(default_factory=dict)
-    tables: dict[str, Batch] = field(default_factory=dict)
-    counters: dict[str, int] = field(default_factory=dict)
 
 
 class GlobalStage(Stage):
     """A stage whose decision needs the whole dataset (dedup, top-fraction,
     confounders). Its per-row part is ``process_batch``; its fit is a small
     map-reduce over the ``fit_columns`` of the rows still alive at its place
-    in the stage list (never their images), each step a pure method, so the
-    runners can spread it over tasks:
+    in the stage list (never their images). Each step is a method that takes
+    what the steps before it returned and changes nothing on the stage, so
+    the runners can spread the steps over tasks:
 
-    1. ``learn(sample)``: optional, when ``sample_rows`` > 0: fit state on a
-       sample of rows chosen by a hash of their key (k-means centroids, a
-       score window). Small state travels with the stage to every later
-       step; arrays that grow with the data (centroids) are
-       ``learned_arrays``: the fit writes them to the work folder after
-       ``learn`` and each task reads them back (``use_learned``), so no
-       task argument grows with the dataset.
-    2. ``bucket_rows(rows)``: per input shard, rows with an int ``bucket``
-       column; rows sharing a bucket meet in one ``reduce_bucket`` call.
-    3. ``reduce_bucket(rows)``: per bucket, a small result (pairs, counts).
-    4. ``combine(reduced)``: all reduced rows -> a :class:`FitResult`; it may
-       also keep a rule on the stage (a score cut) for step 5. A stage whose
-       ``combine`` decides each connected component of its links on its
-       own (dedup) says so with ``link_keys``: then ``combine`` runs once per
-       partition of whole components, never over every reduced row at once.
-    5. ``decide_rows(rows)``: optional, per input shard after ``combine``:
-       decisions from that rule for the shard's alive rows.
+    1. ``learn(sample) -> Learned``: only when ``sample_rows`` > 0, on a
+       sample of that many rows chosen by a hash of their key, in key order
+       (k-means centroids, a score window).
+    2. ``bucket_rows(rows, learned)``: per input shard, rows with an int
+       ``bucket`` column; rows sharing a bucket meet in one ``reduce_bucket``.
+    3. ``reduce_bucket(rows, learned)``: per bucket, a small result (pairs, counts).
+    4. ``combine(reduced, learned) -> FitResult``: all reduced rows ->
+       decisions, side tables, counters, and optionally a ``rule``.
+    5. ``decide_rows(rows, rule) -> FitResult``: only when ``combine``
+       returned a rule, per input shard: decisions for the shard's alive
+       rows by that rule (a score cut), so no decision list for the whole
+       dataset is made in one place.
+
+    ``learned`` is ``Learned()`` (empty) when the stage has no ``learn`` step.
+    A stage whose ``combine`` merges links between rows into clusters and
+    decides each cluster on its own (dedup) declares ``link_columns``; then
+    ``combine`` runs once per partition of whole connected components, never
+    over every reduced row at once.
 
     Decisions are stored partitioned by shard and joined by each shard's own
     writer; nothing per row goes through the driver.
     """
 
-    fit_columns: ClassVar[tuple[str, ...]] = ("key",)
-    #: rows of the hash sample ``learn`` gets; 0: no ``learn`` step
-    sample_rows: ClassVar[int] = 0
+    #: the columns of the alive rows the fit reads (``key`` among them); a stage
+    #: whose columns follow its options sets them from its config when built
+    fit_columns: tuple[str, ...] = ("key",)
+    #: rows of the hash sample ``learn`` gets; 0: no ``learn`` step. Like
+    #: ``fit_columns``, data: set from the config when built where it depends on it
+    sample_rows: int = 0
+    #: two columns of the reduced rows holding row keys that each reduced row
+    #: links (the same key twice: it links none). Rows whose keys are connected,
+    #: directly or through other rows, form a *component*. Declaring them
+    #: promises that ``combine`` decides each component on its own (the
+    #: decisions of a component's keys depend only on its reduced rows), returns
+    #: no rule and the stage writes no side tables: the fit may then run
+    #: ``combine`` once per partition of whole components
+    #: (``pipeline.components``). ``None``: ``combine`` sees every reduced row.
+    link_columns: ClassVar[tuple[str, str] | None] = None
 
     def needs_fit(self) -> bool:
         """Whether this configuration needs the global pass at all (a
         threshold-only clip_score does not). Default: yes."""
         return True
 
-    def learn(self, sample: Batch) -> None:
-        """Fit state on a sample of alive fit rows (see the class doc)."""
+    def learn(self, sample: Batch) -> Learned:
+        """What the later steps need from a sample of the alive fit rows
+        (see the class doc). Default: nothing."""
+        return Learned()
 
-    def learned_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays ``learn`` fitted that grow with the data, by name
-        (``[A-Za-z0-9_]``): written to the work folder (``.npy``, no
-        pickle), then dropped from the stage. Default: none."""
-        return {}
-
-    def use_learned(self, arrays: dict[str, np.ndarray] | None) -> None:
-        """Hold the arrays ``learned_arrays`` gave (read back in a task), or
-        drop them (``None``) before the stage travels."""
-
-    def bucket_rows(self, rows: Batch) -> Batch:
+    def bucket_rows(self, rows: Batch, learned: Learned) -> Batch:
         raise NotImplementedError
 
-    def reduce_bucket(self, rows: Batch) -> Batch:
+    def reduce_bucket(self, rows: Batch, learned: Learned) -> Batch:
         raise NotImplementedError
 
-    def combine(self, reduced: Batch) -> FitResult:
+    def combine(self, reduced: Batch, learned: Learned) -> FitResult:
         raise NotImplementedError
 
-    def link_keys(self, reduced: Batch) -> tuple[np.ndarray, np.ndarray]:
-        """Optional: per reduced row, two row keys it links (the same key
-        twice for a row that links none). Rows whose keys are connected,
-        directly or through other rows, form a *component*; a stage that
-        defines this promises that ``combine`` decides each component on its
-        own (the decisions of a component's keys depend only on that
-        component's reduced rows) and keeps no rule for ``decide_rows``, so
-        the fit may run ``combine`` once per partition of whole components
-        (``pipeline.components``) instead of once over every reduced row."""
-        raise NotImplementedError
-
-    def has_link_keys(self) -> bool:
-        return type(self).link_keys is not GlobalStage.link_keys
-
-    def has_decide_rows(self) -> bool:
-        return type(self).decide_rows is not GlobalStage.decide_rows
-
-    def decide_rows(self, rows: Batch) -> FitResult:
-        """Per shard, after ``combine`` (see the class doc). Default: nothing."""
-        return FitResult()
+    def decide_rows(self, rows: Batch, rule: Learned) -> FitResult:
+        """Per shard, when ``combine`` returned a ``rule`` (see the class doc)."""
+        raise NotImplementedError(f"{self.name}: combine returned a rule, but the stage has no decide_rows")
 
     def side_tables(self) -> dict[str, tuple[str, ...]]:
         """Side tables this stage writes: name (a folder under ``OUT``) ->

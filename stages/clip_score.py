@@ -64,6 +64,7 @@ from pairforge.stages.base import (
     Column,
     FitResult,
     GlobalStage,
+    Learned,
     Resources,
     batch_len,
     object_array,
@@ -161,8 +162,8 @@ class Config:
 class ClipScoreStage(GlobalStage):
     name: ClassVar[str] = "clip_score"
     runs_on_actors: ClassVar[bool] = True
-    fit_columns: ClassVar[tuple[str, ...]] = ("key", "clip_score")
-    sample_rows: ClassVar[int] = 100_000
+    fit_columns = ("key", "clip_score")
+    sample_rows = 100_000
     Config = Config
     reject_advice: ClassVar[dict[str, str]] = {
         "clip_score_below_threshold": "clip_score's threshold is above most pairs' scores"
@@ -175,8 +176,7 @@ class ClipScoreStage(GlobalStage):
         super().__init__(config)
         self._loaded: _clip.Loaded | None = None
         self._towers: _cuda.CudaTowers | None = None
-        self._identity: dict | None = None
-        self._top = TopFraction(config.top_fraction)  # the fit's window and cut
+        self._top = TopFraction(config.top_fraction)  # the top-fraction fit's steps
         self._emb_dim: int | None = None
 
     def __getstate__(self):  # ship config and fit state, never the model
@@ -192,6 +192,7 @@ class ClipScoreStage(GlobalStage):
             batch_size=c.batch_size,
             concurrency=c.concurrency,
             actor_calls=c.actor_threads if self._on_gpu() else 1,
+            cpu_prepare=c.cpu_prefetch,
             prepare_memory=self._prepare_memory(),
         )
 
@@ -219,9 +220,7 @@ class ClipScoreStage(GlobalStage):
         """Name, pretrained and checkpoint sha256 of the scorer."""
         if self._loaded is not None:
             return self._loaded.identity
-        if self._identity is None:
-            self._identity = _clip.model_identity(self.config.model, self.config.pretrained)
-        return self._identity
+        return _clip.model_identity(self.config.model, self.config.pretrained)  # the hash is cached per process
 
     # ------------------------------------------------------------ per row
 
@@ -256,9 +255,6 @@ class ClipScoreStage(GlobalStage):
         (then prepare only tokenises)."""
         d = self.config.image_decode
         return d in ("nvjpeg", "nvimgcodec") or (d == "auto" and self._on_gpu())
-
-    def has_cpu_prepare(self) -> bool:
-        return self.config.cpu_prefetch
 
     def _prepare_memory(self) -> int:
         """Bytes of memory a ``cpu_prepare`` task needs: the worker with torch
@@ -399,36 +395,23 @@ class ClipScoreStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
-    @property
-    def _window(self) -> tuple[int, int] | None:
-        """The histogram bins [lo, hi] ``learn`` chose."""
-        return self._top.window
+    def learn(self, sample: Batch) -> Learned:
+        """The score window around the estimated cut."""
+        return self._top.learn(sample)
 
-    @property
-    def _cut(self) -> dict | None:
-        """What ``combine`` found; ``decide_rows`` applies it."""
-        return self._top.cut
+    def bucket_rows(self, batch: Batch, learned: Learned) -> Batch:
+        return self._top.bucket_rows(batch, learned)
 
-    def learn(self, sample: Batch) -> None:
-        """Choose the score window around the estimated cut."""
-        self._top.learn(sample)
-
-    def bucket_rows(self, batch: Batch) -> Batch:
-        return self._top.bucket_rows(batch)
-
-    def reduce_bucket(self, group: Batch) -> Batch:
+    def reduce_bucket(self, group: Batch, learned: Learned) -> Batch:
         return self._top.reduce_bucket(group)
 
-    def combine(self, reduced: Batch) -> FitResult:
-        """Find the cut row; decisions are made per shard by :meth:`decide_rows`."""
-        fit = self._top.combine(reduced)
-        if self._top.cut is not None:
-            self.model_id()  # hash the checkpoint once, here, not in every decide task
-        return fit
+    def combine(self, reduced: Batch, learned: Learned) -> FitResult:
+        """The cut row, as the rule :meth:`decide_rows` applies per shard,
+        with the scorer's identity (the checkpoint is hashed once, here, not
+        in every decide task)."""
+        return self._top.combine(reduced, {"model": self.model_id()})
 
-    def decide_rows(self, rows: Batch) -> FitResult:
+    def decide_rows(self, rows: Batch, rule: Learned) -> FitResult:
         """Per shard after the fit: drop the alive rows ranked below the cut
         (``clip_score_below_top_fraction``)."""
-        if self._top.cut is None or not batch_len(rows):
-            return FitResult()
-        return self._top.decide_rows(rows, {"model": self.model_id()})
+        return self._top.decide_rows(rows, rule)

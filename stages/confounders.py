@@ -53,7 +53,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from pairforge.stages.base import Batch, FitResult, GlobalStage, Resources, batch_len, concat, object_array
+from pairforge.stages.base import Batch, FitResult, GlobalStage, Learned, Resources, batch_len, concat, object_array
 from pairforge.stages.common import dedup as dd
 from pairforge.stages.common import knn
 from pairforge.stages.common import wordorder as wo
@@ -152,9 +152,7 @@ class ConfounderStage(GlobalStage):
         super().__init__(config)
         c = config
         self.fit_columns = tuple(dict.fromkeys(("key", c.caption_column, c.image_column, c.text_column)))
-        self.cells: dict[str, np.ndarray] = {}
-        self.margins: dict[str, float] = {}  # per space: how far beyond its nearest cell a row joins
-        self.calibration: dict[str, knn.Calibration] = {}
+        self.sample_rows = c.fit_sample
 
     def resources(self) -> Resources:
         return Resources(num_cpus=1, batch_size=4096)
@@ -167,10 +165,6 @@ class ConfounderStage(GlobalStage):
 
     # ---------------------------------------------------------- the fit
 
-    @property
-    def sample_rows(self) -> int:  # type: ignore[override]
-        return self.config.fit_sample
-
     def _swaps(self) -> bool:
         return any(k in self.config.kinds for k in ("swap_image", "swap_text"))
 
@@ -181,15 +175,18 @@ class ConfounderStage(GlobalStage):
         has_caption = np.array([bool(wo.words(c)) for c in rows[self.config.caption_column]], dtype=bool)
         return img, txt, ok_i & ok_t & has_caption
 
-    def learn(self, sample: Batch) -> None:
-        self.cells, self.margins, self.calibration = {}, {}, {}
+    def learn(self, sample: Batch) -> Learned:
+        """Per space searched (``image``, ``text``): its k-means cells
+        (``arrays["cells_<space>"]``), the margin within which a row joins
+        more cells than its nearest (``values["margins"][space]``) and what
+        the calibration found on the sample (``values["calibration"]``)."""
         if not self._swaps() or not batch_len(sample):
-            return
+            return Learned()
         order = np.argsort(dd.str_keys(sample["key"]), kind="stable")
         sample = {k: v[order] for k, v in sample.items()}
         img, txt, ok = self._embeddings(sample)
         if not ok.any():
-            return
+            return Learned()
         c = self.config
         hashes = key_hashes(sample["key"])
         rows = int(ok.sum()) * self._population(hashes) / len(hashes)  # the dataset's swappable rows
@@ -203,16 +200,19 @@ class ConfounderStage(GlobalStage):
         # swap_image searches image embeddings, swap_text text embeddings, each with its bounds
         spaces = {"image": (img, txt, c.max_text_similarity, np.inf, c.seed),
                   "text": (txt, img, c.max_image_similarity, c.max_text_similarity, c.seed + 1)}  # fmt: skip
+        cells, margins, calibration = {}, {}, {}
         for space, (p, s, bound, top, seed) in spaces.items():
             if f"swap_{space}" not in c.kinds:
                 continue
-            self.cells[space] = knn.spherical_kmeans(p[pick], k, c.kmeans_iters, seed, c.device)
+            cells[f"cells_{space}"] = knn.spherical_kmeans(p[pick], k, c.kmeans_iters, seed, c.device)
             if c.target_recall > 0:
                 cal = knn.calibrate(
-                    p[ok], self.cells[space], c.probes, c.target_recall, c.query_probes, s[ok], bound, group,
+                    p[ok], cells[f"cells_{space}"], c.probes, c.target_recall, c.query_probes, s[ok], bound, group,
                     top, c.device, c.calibration_queries, seed,
                 )  # fmt: skip
-                self.margins[space], self.calibration[space] = cal.margin, cal
+                margins[space] = float(cal.margin)
+                calibration[space] = {"recall": float(cal.recall), "cells_per_row": float(cal.cells_per_row)}
+        return Learned({"margins": margins, "calibration": calibration}, cells)
 
     def _population(self, hashes: np.ndarray) -> float:
         """Alive rows in the dataset, from the hash sample: all of them when
@@ -223,35 +223,36 @@ class ConfounderStage(GlobalStage):
             return float(len(hashes))
         return max(float(len(hashes)), len(hashes) * 2.0**64 / (float(hashes.max()) + 1.0))
 
-    def _offsets(self) -> tuple[int, int, int]:
+    @staticmethod
+    def _offsets(learned: Learned) -> tuple[int, int, int]:
         """First bucket of the image cells, the text cells and the caption buckets."""
-        n_img = len(self.cells.get("image", ()))
-        n_txt = len(self.cells.get("text", ()))
+        n_img = len(learned.arrays.get("cells_image", ()))
+        n_txt = len(learned.arrays.get("cells_text", ()))
         return 0, n_img, n_img + n_txt
 
-    def _caption_buckets(self) -> int:
-        _, _, base = self._offsets()
+    def _caption_buckets(self, learned: Learned) -> int:
+        _, _, base = self._offsets(learned)
         return self.config.caption_buckets or max(1, base)
 
-    def bucket_rows(self, rows: Batch) -> Batch:
+    def bucket_rows(self, rows: Batch, learned: Learned) -> Batch:
         c = self.config
         keys = dd.str_keys(rows["key"])
         caps = object_array([str(x) if x is not None else "" for x in rows[c.caption_column]])
         img_raw = np.asarray(rows[c.image_column])
         txt_raw = np.asarray(rows[c.text_column])
         img, txt, ok = self._embeddings(rows)
-        o_img, o_txt, o_cap = self._offsets()
+        o_img, o_txt, o_cap = self._offsets(learned)
         parts = []  # (row indices, bucket, home)
-        m = self._caption_buckets()
+        m = self._caption_buckets(learned)
         parts.append(
             (np.arange(len(keys)), np.array([o_cap + _hash(wo.bag(x)) % m for x in caps]), np.ones(len(keys), bool))
         )
         for space, emb, base in (("image", img, o_img), ("text", txt, o_txt)):
-            if space not in self.cells:
+            if f"cells_{space}" not in learned.arrays:
                 continue
             idx = np.flatnonzero(ok)
-            near, sims = knn.nearest_cells(emb[idx], self.cells[space], c.probes, c.device)
-            joined = knn.members(sims, self.margins.get(space, np.inf), c.query_probes)
+            near, sims = knn.nearest_cells(emb[idx], learned.arrays[f"cells_{space}"], c.probes, c.device)
+            joined = knn.members(sims, learned.values["margins"].get(space, np.inf), c.query_probes)
             home = np.zeros(near.shape, dtype=bool)
             home[:, : c.query_probes] = True  # the cells the row looks in
             parts.append((np.repeat(idx, joined.sum(axis=1)), base + near[joined], home[joined]))
@@ -266,10 +267,10 @@ class ConfounderStage(GlobalStage):
             "swappable": ok[at],
         }
 
-    def reduce_bucket(self, rows: Batch) -> Batch:
+    def reduce_bucket(self, rows: Batch, learned: Learned) -> Batch:
         keys, first = np.unique(dd.str_keys(rows["key"]), return_index=True)  # key order: ties go to the smaller key
         rows = {k: np.asarray(v)[first] for k, v in rows.items()}
-        _, o_txt, o_cap = self._offsets()
+        _, o_txt, o_cap = self._offsets(learned)
         bucket = int(rows["bucket"][0])
         if bucket >= o_cap:
             return self._join(keys, rows)
@@ -339,7 +340,7 @@ class ConfounderStage(GlobalStage):
         )
         return _concat(out)
 
-    def combine(self, reduced: Batch) -> FitResult:
+    def combine(self, reduced: Batch, learned: Learned) -> FitResult:
         if not batch_len(reduced):
             return FitResult()
         c = self.config
@@ -364,12 +365,14 @@ class ConfounderStage(GlobalStage):
         # counts per kind made and per kind and reason skipped, for the manifest's fit entry
         counters = Counter(f"made:{k}" for k in table["kind"])
         counters.update(f"skipped:{k}:{why}" for k, why in zip(skips["kind"], skips["reason"]))
-        for space, cells in self.cells.items():  # the search's cells and what calibration promised (per mille)
-            counters[f"search:{space}:cells"] = len(cells)
-            if space in self.calibration:
-                cal = self.calibration[space]
-                counters[f"search:{space}:sample_recall_permille"] = int(round(1000 * cal.recall))
-                counters[f"search:{space}:cells_per_row_permille"] = int(round(1000 * cal.cells_per_row))
+        for space in ("image", "text"):  # the search's cells and what calibration promised (per mille)
+            if f"cells_{space}" not in learned.arrays:
+                continue
+            counters[f"search:{space}:cells"] = len(learned.arrays[f"cells_{space}"])
+            cal = learned.values["calibration"].get(space)
+            if cal is not None:
+                counters[f"search:{space}:sample_recall_permille"] = int(round(1000 * cal["recall"]))
+                counters[f"search:{space}:cells_per_row_permille"] = int(round(1000 * cal["cells_per_row"]))
         return FitResult(tables={TABLE: table, SKIPS: skips}, counters=dict(sorted(counters.items())))
 
 

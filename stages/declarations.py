@@ -153,6 +153,9 @@ class Resources:
     #: batches one actor works on at once, on threads of its own (Ray Data's true
     #: multi-threading: the stage must be thread-safe); ignored for tasks
     actor_calls: int = 1
+    #: run the stage's ``cpu_prepare`` before ``process_batch`` (under Ray: in plain
+    #: CPU tasks ahead of an actor pool); ``False``: the runners never call it
+    cpu_prepare: bool = False
     #: bytes of memory one ``cpu_prepare`` task needs (its Ray ``memory`` request,
     #: capped at the cluster's memory per CPU); ``None``: no request
     prepare_memory: int | None = None

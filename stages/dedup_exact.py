@@ -36,6 +36,7 @@ from pairforge.stages.base import (
     Column,
     FitResult,
     GlobalStage,
+    Learned,
     Resources,
     batch_len,
     concat,
@@ -76,6 +77,8 @@ class Config:
 class ExactDedupStage(GlobalStage):
     name: ClassVar[str] = "dedup_exact"
     Config = Config
+    #: the smallest key of each (kind, digest) group to every member (``reduce_bucket``)
+    link_columns = ("first_key", "key")
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -147,7 +150,7 @@ class ExactDedupStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
-    def bucket_rows(self, batch: Batch) -> Batch:
+    def bucket_rows(self, batch: Batch, learned: Learned) -> Batch:
         prio = dd.row_priority(batch, self.config.keep)
         keys = dd.str_keys(batch["key"])
         parts = []
@@ -168,36 +171,32 @@ class ExactDedupStage(GlobalStage):
             )
         return concat(parts) if any(len(p["key"]) for p in parts) else parts[0]
 
-    def reduce_bucket(self, group: Batch) -> Batch:
+    def reduce_bucket(self, group: Batch, learned: Learned) -> Batch:
+        """The rows whose digest another row shares, each with the smallest
+        key of its (kind, digest) group (``first_key``: a group is whole in
+        one bucket). ``first_key`` -> ``key`` are the stage's links: a star
+        per group (``link_columns``)."""
         kind = np.asarray(group["kind"], dtype=np.int64)
         hi, lo = np.asarray(group["hi"], dtype=np.uint64), np.asarray(group["lo"], dtype=np.uint64)
         order = np.lexsort((lo, hi, kind))
         kind, hi, lo = kind[order], hi[order], lo[order]
         run = _runs(kind, hi, lo)
         size = np.bincount(run)
-        keep = order[size[run] > 1]  # rows whose digest is shared
+        shared = size[run] > 1
+        keep = order[shared]  # rows whose digest is shared
+        keys = dd.str_keys(group["key"])[order]
+        by_key = np.lexsort((keys, run))  # within each run, by key: the first is the smallest
+        first = by_key[np.r_[True, run[by_key][1:] != run[by_key][:-1]]] if len(run) else by_key
         return {
             "kind": np.asarray(group["kind"], dtype=np.int64)[keep],
             "hi": np.asarray(group["hi"], dtype=np.uint64)[keep],
             "lo": np.asarray(group["lo"], dtype=np.uint64)[keep],
             "key": np.asarray(group["key"])[keep],
+            "first_key": keys[first][run][shared],
             "priority": np.asarray(group["priority"], dtype=np.float64)[keep],
         }
 
-    def link_keys(self, reduced: Batch) -> tuple[np.ndarray, np.ndarray]:
-        """Star links: the smallest key of each (kind, digest) group to every
-        member (a group is whole in one bucket, so in one reduced file)."""
-        kind = np.asarray(reduced["kind"], dtype=np.int64)
-        hi, lo = np.asarray(reduced["hi"], dtype=np.uint64), np.asarray(reduced["lo"], dtype=np.uint64)
-        keys = dd.str_keys(reduced["key"])
-        order = np.lexsort((keys, lo, hi, kind))
-        run = _runs(kind[order], hi[order], lo[order])
-        first = order[np.r_[True, run[1:] != run[:-1]]] if len(run) else order
-        gid = np.empty(len(order), dtype=np.int64)
-        gid[order] = run
-        return keys[first[gid]], keys
-
-    def combine(self, reduced: Batch) -> FitResult:
+    def combine(self, reduced: Batch, learned: Learned) -> FitResult:
         if not reduced or not batch_len(reduced):
             return dd.no_decisions()
         kind = np.asarray(reduced["kind"], dtype=np.int64)

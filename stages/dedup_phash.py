@@ -46,6 +46,7 @@ from pairforge.stages.base import (
     Column,
     FitResult,
     GlobalStage,
+    Learned,
     Resources,
     batch_len,
     object_array,
@@ -87,6 +88,8 @@ class Config:
 class PerceptualDedupStage(GlobalStage):
     name: ClassVar[str] = "dedup_phash"
     Config = Config
+    #: a reduced row is one verified pair: it links its two keys
+    link_columns = ("key_a", "key_b")
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -191,7 +194,7 @@ class PerceptualDedupStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
-    def bucket_rows(self, batch: Batch) -> Batch:
+    def bucket_rows(self, batch: Batch, learned: Learned) -> Batch:
         valid = np.array([bool(h) for h in batch[self.column]], dtype=bool)
         hashes = dd.hex_to_u64(batch[self.column][valid])
         keys = batch["key"][valid]
@@ -210,7 +213,7 @@ class PerceptualDedupStage(GlobalStage):
             "priority": prio[rep],
         }
 
-    def reduce_bucket(self, group: Batch) -> Batch:
+    def reduce_bucket(self, group: Batch, learned: Learned) -> Batch:
         band = np.asarray(group["band"], dtype=np.int64)
         bval = np.asarray(group["bval"], dtype=np.uint64)
         h = np.asarray(group["hash"], dtype=np.uint64)
@@ -254,11 +257,7 @@ class PerceptualDedupStage(GlobalStage):
             "distance": np.concatenate(dists),
         }
 
-    def link_keys(self, reduced: Batch) -> tuple[np.ndarray, np.ndarray]:
-        """A reduced row is one verified pair: it links its two keys."""
-        return dd.str_keys(reduced["key_a"]), dd.str_keys(reduced["key_b"])
-
-    def combine(self, reduced: Batch) -> FitResult:
+    def combine(self, reduced: Batch, learned: Learned) -> FitResult:
         if not reduced or not batch_len(reduced):
             return dd.no_decisions()
         c = dd.cluster_pairs(reduced["key_a"], reduced["key_b"], reduced["prio_a"], reduced["prio_b"])

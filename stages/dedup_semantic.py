@@ -8,8 +8,9 @@ stores.
 * ``bucket_rows``: each row goes to the bucket of its nearest centroid (or its
   ``probes`` nearest, to also catch pairs split by a cluster border); with
   many clusters, in two levels (coarse centroids first, ``coarse_probes``).
-  The centroids are files in the work folder (``learned_arrays``), read by
-  each task, not an argument that grows with the dataset.
+  The centroids are what ``learn`` returns (``Learned.arrays``): files in
+  the work folder, read by each task, not an argument that grows with the
+  dataset.
 * ``reduce_bucket``: all pairs of one cluster with cosine similarity
   ``> 1 - eps``, computed block by block.
 * ``combine``: connected components over those pairs, one survivor per
@@ -39,6 +40,7 @@ from pairforge.stages.base import (
     Column,
     FitResult,
     GlobalStage,
+    Learned,
     Resources,
     batch_len,
     object_array,
@@ -89,6 +91,8 @@ class Config:
 class SemanticDedupStage(GlobalStage):
     name: ClassVar[str] = "dedup_semantic"
     Config = Config
+    #: a reduced row is one verified pair: it links its two keys
+    link_columns = ("key_a", "key_b")
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -101,9 +105,7 @@ class SemanticDedupStage(GlobalStage):
             raise ValueError(f"coarse_probes: expected >= 0, got {config.coarse_probes!r}")
         dd.check_keep(config.keep)
         self.fit_columns = dd.fit_columns_for(config.keep, config.column)
-        self.centroids: np.ndarray | None = None
-        #: coarse centroids and the coarse cell of each centroid (two-level assignment), or None
-        self.coarse: tuple[np.ndarray, np.ndarray] | None = None
+        self.sample_rows = config.fit_sample
         self._eval: tuple[np.ndarray, np.ndarray] | None = None
 
     def setup(self) -> None:
@@ -149,13 +151,12 @@ class SemanticDedupStage(GlobalStage):
 
     # ---------------------------------------------------------- global fit
 
-    @property
-    def sample_rows(self) -> int:  # type: ignore[override]
-        return self.config.fit_sample
-
-    def learn(self, sample: Batch) -> None:
+    def learn(self, sample: Batch) -> Learned:
+        """The k-means centroids (``centroids``) and, with many of them, the
+        coarse centroids and the coarse cell of each centroid (``coarse``,
+        ``coarse_of``: the two-level assignment)."""
         if not batch_len(sample):  # every row was rejected before this stage: none will be bucketed either
-            return
+            return Learned()
         keys = dd.str_keys(sample["key"])
         emb, valid = unit_rows(sample[self.config.column])
         keys, emb = keys[valid], emb[valid]
@@ -165,36 +166,25 @@ class SemanticDedupStage(GlobalStage):
         if not len(keys):
             raise ValueError("dedup_semantic: no valid embeddings to cluster")
         order = np.argsort(keys, kind="stable")
-        self.centroids = spherical_kmeans(
-            emb[order], self.config.n_clusters, self.config.kmeans_iters, self.config.seed
-        )
-        two_level = self.config.coarse_probes and len(self.centroids) >= TWO_LEVEL_CELLS
-        self.coarse = coarse_cells(self.centroids, self.config.seed) if two_level else None
+        centroids = spherical_kmeans(emb[order], self.config.n_clusters, self.config.kmeans_iters, self.config.seed)
+        arrays = {"centroids": centroids}
+        if self.config.coarse_probes and len(centroids) >= TWO_LEVEL_CELLS:
+            arrays["coarse"], arrays["coarse_of"] = coarse_cells(centroids, self.config.seed)
+        return Learned(arrays=arrays)
 
-    def learned_arrays(self) -> dict[str, np.ndarray]:
-        if self.centroids is None:
-            return {}
-        out = {"centroids": self.centroids}
-        if self.coarse is not None:
-            out["coarse"], out["coarse_of"] = self.coarse
-        return out
-
-    def use_learned(self, arrays: dict[str, np.ndarray] | None) -> None:
-        arrays = arrays or {}
-        self.centroids = arrays.get("centroids")
-        self.coarse = (arrays["coarse"], arrays["coarse_of"]) if "coarse" in arrays else None
-
-    def bucket_rows(self, batch: Batch) -> Batch:
-        if self.centroids is None:
-            raise RuntimeError("dedup_semantic: learn() must run before bucket_rows()")
+    def bucket_rows(self, batch: Batch, learned: Learned) -> Batch:
+        centroids = learned.arrays.get("centroids")
+        if centroids is None:
+            raise RuntimeError("dedup_semantic: bucket_rows needs the centroids learn() returns")
         emb, valid = unit_rows(batch[self.config.column])
         idx = np.flatnonzero(valid)
         emb = emb[idx]
-        probes = min(self.config.probes, len(self.centroids))
-        if self.coarse is not None:
-            near, _ = nearest_cells_two_level(emb, self.centroids, *self.coarse, probes, self.config.coarse_probes)
+        probes = min(self.config.probes, len(centroids))
+        if "coarse" in learned.arrays:
+            coarse = (learned.arrays["coarse"], learned.arrays["coarse_of"])
+            near, _ = nearest_cells_two_level(emb, centroids, *coarse, probes, self.config.coarse_probes)
         else:
-            near, _ = nearest_cells(emb, self.centroids, probes)  # (n, probes), float64: the same side in any batch
+            near, _ = nearest_cells(emb, centroids, probes)  # (n, probes), float64: the same side in any batch
         rows = np.repeat(idx, probes)
         prio = dd.row_priority(batch, self.config.keep)
         return {
@@ -204,7 +194,7 @@ class SemanticDedupStage(GlobalStage):
             "emb": np.repeat(emb, probes, axis=0),
         }
 
-    def reduce_bucket(self, group: Batch) -> Batch:
+    def reduce_bucket(self, group: Batch, learned: Learned) -> Batch:
         keys, first = np.unique(dd.str_keys(group["key"]), return_index=True)
         emb = np.asarray(group["emb"], dtype=np.float32)[first]
         prio = np.asarray(group["priority"], dtype=np.float64)[first]
@@ -234,11 +224,7 @@ class SemanticDedupStage(GlobalStage):
             "similarity": sim[hit],
         }
 
-    def link_keys(self, reduced: Batch) -> tuple[np.ndarray, np.ndarray]:
-        """A reduced row is one verified pair: it links its two keys."""
-        return dd.str_keys(reduced["key_a"]), dd.str_keys(reduced["key_b"])
-
-    def combine(self, reduced: Batch) -> FitResult:
+    def combine(self, reduced: Batch, learned: Learned) -> FitResult:
         if not reduced or not batch_len(reduced):
             return dd.no_decisions()
         c = dd.cluster_pairs(reduced["key_a"], reduced["key_b"], reduced["prio_a"], reduced["prio_b"])

@@ -17,6 +17,7 @@ from pairforge.stages.base import (
     Column,
     FitResult,
     GlobalStage,
+    Learned,
     Resources,
     Stage,
     batch_len,
@@ -81,7 +82,7 @@ class LinkStage(GlobalStage):
     (a side table), and sets ``partner`` and ``rank`` on kept rows."""
 
     name: ClassVar[str] = "link_test"
-    fit_columns: ClassVar[tuple[str, ...]] = ("key", "n_boxes")
+    fit_columns = ("key", "n_boxes")
     Config = LinkConfig
 
     def outputs(self) -> tuple[Column, ...]:
@@ -93,7 +94,7 @@ class LinkStage(GlobalStage):
     def process_batch(self, batch: Batch) -> Batch:
         return dict(batch)
 
-    def bucket_rows(self, rows: Batch) -> Batch:
+    def bucket_rows(self, rows: Batch, learned: Learned) -> Batch:
         keys = np.asarray(rows["key"]).astype(str)
         return {
             "bucket": np.array([int(k) % self.config.buckets for k in keys], dtype=np.int64),
@@ -101,10 +102,10 @@ class LinkStage(GlobalStage):
             "n_boxes": np.asarray(rows["n_boxes"], dtype=np.int64),
         }
 
-    def reduce_bucket(self, rows: Batch) -> Batch:
+    def reduce_bucket(self, rows: Batch, learned: Learned) -> Batch:
         return {"key": rows["key"], "n_boxes": rows["n_boxes"]}
 
-    def combine(self, reduced: Batch) -> FitResult:
+    def combine(self, reduced: Batch, learned: Learned) -> FitResult:
         if not batch_len(reduced):
             return FitResult()
         order = np.argsort(np.asarray(reduced["key"]).astype(str), kind="stable")

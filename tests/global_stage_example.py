@@ -29,12 +29,12 @@ class CaptionDedup(GlobalStage):
     def process_batch(self, batch):
         return batch  # no per-row work: the decision needs every row
 
-    def bucket_rows(self, rows):
+    def bucket_rows(self, rows, learned):
         caps = [" ".join(str(c).lower().split()) for c in rows["caption"]]
         bucket = [int.from_bytes(hashlib.blake2b(c.encode(), digest_size=4).digest(), "big") for c in caps]
         return {"key": rows["key"], "caption": object_array(caps), "bucket": np.array(bucket) % self.config.buckets}
 
-    def reduce_bucket(self, rows):
+    def reduce_bucket(self, rows, learned):
         first, keys, details = {}, [], []
         for key, cap in sorted(zip(rows["key"].astype(str), rows["caption"])):
             if cap in first:
@@ -43,7 +43,7 @@ class CaptionDedup(GlobalStage):
             first.setdefault(cap, key)
         return {"key": object_array(keys), "detail": object_array(details)}
 
-    def combine(self, reduced):
+    def combine(self, reduced, learned):
         n = batch_len(reduced)
         keys, details = reduced.get("key", object_array([])), reduced.get("detail", object_array([]))
         return FitResult({"key": keys, "reason": object_array(["duplicate_caption"] * n), "detail": details},

@@ -10,18 +10,19 @@ stage that ranks rows by one score column.
 Rows are ranked by (score desc, key asc): ties are broken by key, so exactly
 ``k = round(top_fraction * N)`` rows are kept and the result does not depend
 on how rows were batched. The steps (:class:`TopFraction`'s methods, called
-by the stage's :class:`stages.base.GlobalStage` methods of the same names):
+by the stage's :class:`stages.base.GlobalStage` methods of the same names;
+each returns what the next one takes, ``stages.fitting.Learned``):
 
 1. ``learn(sample)`` finds a score window that holds the cut with a wide
-   margin (from a hash sample's quantiles).
+   margin (from a hash sample's quantiles): ``values["window"]``.
 2. ``bucket_rows`` emits a histogram (:data:`BINS` bins over [-1, 1]) of its
    shard, plus ``(key, score)`` for the rows inside the window only.
 3. ``reduce_bucket`` sums the histogram bins; window rows pass through.
 4. ``combine`` finds the bin holding the k-th row from the histogram and the
-   exact cut row among the window rows of that bin. It keeps the cut and
-   returns no key-named decisions.
-5. ``decide_rows(rows)`` runs per shard after the fit: a row is kept iff it
-   ranks at or above the cut (a rule per shard replaces a 70M-entry
+   exact cut row among the window rows of that bin. It returns the cut as
+   its rule (``values["cut"]``) and no key-named decisions.
+5. ``decide_rows(rows, rule)`` runs per shard after the fit: a row is kept
+   iff it ranks at or above the cut (a rule per shard replaces a 70M-entry
    decision list at 100M rows and DataComp's 30%).
 
 If the sample misled ``learn`` (the cut fell outside the window), combine
@@ -37,7 +38,7 @@ import math
 
 import numpy as np
 
-from pairforge.stages.base import Batch, FitResult, batch_len, object_array
+from pairforge.stages.base import Batch, FitResult, Learned, batch_len, object_array
 
 log = logging.getLogger(__name__)
 
@@ -55,39 +56,36 @@ def _bins(scores: np.ndarray) -> np.ndarray:
 
 
 class TopFraction:
-    """The fit state of one stage: the histogram window ``learn`` chose
-    (bins ``[lo, hi]``) and the cut ``combine`` found, which
-    ``decide_rows`` applies. ``top_fraction`` ``None``: no fit (every step
-    is empty). ``score`` names the score column (and the detail's key for a
-    row's score), ``reason`` the rejects' reason."""
+    """The top-fraction fit's steps for one stage; it holds their settings
+    only (what the fit finds is returned, never kept). ``top_fraction``
+    ``None``: no fit (every step is empty). ``score`` names the score column
+    (and the detail's key for a row's score), ``reason`` the rejects' reason."""
 
     def __init__(self, top_fraction: float | None, score: str = "clip_score",
                  reason: str = "clip_score_below_top_fraction", name: str = "clip_score"):  # fmt: skip
         self.top_fraction = top_fraction
         self.score, self.reason, self.name = score, reason, name
-        self.window: tuple[int, int] | None = None  # histogram bins [lo, hi] learn chose
-        self.cut: dict | None = None  # what combine found; decide_rows applies it
 
-    def learn(self, sample: Batch) -> None:
-        """Choose the score window around the estimated cut (see module doc)."""
-        self.cut = None
+    def learn(self, sample: Batch) -> Learned:
+        """The histogram bins ``[lo, hi]`` that hold the estimated cut (see
+        the module doc), as ``values["window"]``; none without a sample."""
         f = self.top_fraction
         s = np.sort(np.asarray(sample.get(self.score, []), dtype=np.float32))[::-1]
         if f is None or not len(s):
-            self.window = None
-            return
+            return Learned()
         m = len(s)
         margin = WINDOW_SIGMAS * math.sqrt(f * (1 - f) * m) + WINDOW_SHARE * m + 1
         hi_rank, lo_rank = int(max(0, f * m - margin)), int(min(m - 1, f * m + margin))
-        self.window = (int(_bins(s[lo_rank : lo_rank + 1])[0]), int(_bins(s[hi_rank : hi_rank + 1])[0]))
+        window = [int(_bins(s[lo_rank : lo_rank + 1])[0]), int(_bins(s[hi_rank : hi_rank + 1])[0])]
+        return Learned({"window": window})
 
-    def bucket_rows(self, batch: Batch) -> Batch:
+    def bucket_rows(self, batch: Batch, learned: Learned) -> Batch:
         if self.top_fraction is None:
             return {}
         s = np.asarray(batch[self.score], dtype=np.float32)
         b = _bins(s)
         hist_bins, counts = np.unique(b, return_counts=True)
-        lo, hi = self.window if self.window is not None else (BINS, -1)
+        lo, hi = learned.values.get("window") or (BINS, -1)
         inside = np.flatnonzero((b >= lo) & (b <= hi))
         nh, nw = len(hist_bins), len(inside)
         return {
@@ -109,11 +107,11 @@ class TopFraction:
             "key": object_array([""]),
         }
 
-    def combine(self, reduced: Batch) -> FitResult:
-        """Find the cut row (kept as :attr:`cut`); decisions are made per
-        shard by :meth:`decide_rows`."""
+    def combine(self, reduced: Batch, detail: dict | None = None) -> FitResult:
+        """The cut row as the rule (``values["cut"]``; ``detail``: more
+        entries for every reject's detail, as ``values["detail"]``);
+        decisions are made per shard by :meth:`decide_rows`."""
         f = self.top_fraction
-        self.cut = None
         if f is None or not reduced or not batch_len(reduced):
             return FitResult()
         groups = np.asarray(reduced["bucket"], dtype=np.int64)
@@ -142,15 +140,14 @@ class TopFraction:
                 edge = float(np.float32(-1.0 + 2.0 * c / BINS))
                 log.warning("%s: top_fraction cut outside the sampled window; cutting at %.5f", self.name, edge)
                 cut.update(score=edge, key=None, exact=False)
-        self.cut = cut
-        return FitResult()
+        return FitResult(rule=Learned({"cut": cut, "detail": dict(detail or {})}))
 
-    def decide_rows(self, rows: Batch, detail: dict | None = None) -> FitResult:
-        """Per shard after the fit: drop the alive rows ranked below the cut.
-        Each reject's detail (JSON, sorted keys) holds the cut score as
-        ``threshold``, ``top_fraction``, ``exact``, the row's score, and
-        ``detail``'s entries (the stage's ``model``)."""
-        cut = self.cut
+    def decide_rows(self, rows: Batch, rule: Learned) -> FitResult:
+        """Per shard after the fit: drop the alive rows ranked below the
+        rule's cut. Each reject's detail (JSON, sorted keys) holds the cut
+        score as ``threshold``, ``top_fraction``, ``exact``, the row's score,
+        and the rule's ``detail`` entries (the stage's ``model``)."""
+        cut = rule.values.get("cut")
         if cut is None or not batch_len(rows):
             return FitResult()
         s = np.asarray(rows[self.score], dtype=np.float32)
@@ -161,7 +158,8 @@ class TopFraction:
         else:
             keep = (s > cs) | ((s == cs) & (keys <= cut["key"]))
         drop = np.flatnonzero(~keep)
-        common = {"threshold": float(cs), "top_fraction": cut["top_fraction"], "exact": cut["exact"], **(detail or {})}
+        common = {"threshold": float(cs), "top_fraction": cut["top_fraction"], "exact": cut["exact"],
+                  **rule.values.get("detail", {})}  # fmt: skip
         details = [json.dumps({**common, self.score: float(s[i])}, sort_keys=True) for i in drop]
         return FitResult(
             {

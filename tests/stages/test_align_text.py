@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pairforge.stages.align_text import AlignTextStage, Config, caption_form
-from pairforge.stages.base import batch_len, concat, object_array, take
+from pairforge.stages.base import Learned, batch_len, concat, object_array, take
 
 BOILERPLATE = ("image", "IMG_2041.JPG", "click to enlarge")
 WORDS = "red blue green dog cat bird on the a grass sofa big small old new wooden table near river".split()
@@ -31,19 +31,26 @@ def corpus(seed: int = 0) -> tuple[dict, list[str]]:
     return rows, caps
 
 
-def fit(stage, rows: dict, shards: int) -> dict:
-    """key -> (reason, detail) of the rows the fit drops, over ``shards`` shards."""
+def fit_rule(stage, rows: dict, shards: int) -> tuple[dict, Learned]:
+    """key -> (reason, detail) of the rows the fit drops, over ``shards``
+    shards, and the rule ``combine`` returned."""
     parts = [take(rows, idx) for idx in np.array_split(np.arange(batch_len(rows)), shards)]
-    emitted = concat([stage.bucket_rows(p) for p in parts])
+    emitted = concat([stage.bucket_rows(p, Learned()) for p in parts])
     order = np.argsort(emitted["bucket"], kind="stable")
     emitted = take(emitted, order)
     cuts = np.flatnonzero(np.diff(emitted["bucket"])) + 1
-    stage.combine(concat([stage.reduce_bucket(take(emitted, g)) for g in np.split(np.arange(len(order)), cuts)]))
+    groups = np.split(np.arange(len(order)), cuts)
+    rule = stage.combine(concat([stage.reduce_bucket(take(emitted, g), Learned()) for g in groups]), Learned()).rule
     out = {}
     for p in parts:
-        d = stage.decide_rows(p).decisions
+        d = stage.decide_rows(p, rule).decisions
         out.update({k: (r, json.loads(x)) for k, r, x in zip(d["key"], d["reason"], d["detail"])})
-    return out
+    return out, rule
+
+
+def fit(stage, rows: dict, shards: int) -> dict:
+    """key -> (reason, detail) of the rows the fit drops (:func:`fit_rule`)."""
+    return fit_rule(stage, rows, shards)[0]
 
 
 def test_boilerplate_shared_by_50_images_is_dropped_and_one_shared_by_3_kept():
@@ -69,7 +76,7 @@ def test_boilerplate_shared_by_50_images_is_dropped_and_one_shared_by_3_kept():
 def test_rare_tokens_are_those_outside_the_top_rank_counted_over_the_dataset():
     rows, caps = corpus()
     stage = AlignTextStage(Config(rare_token_rank=len(WORDS), bigrams=False, max_caption_images=None))
-    dropped = fit(stage, rows, shards=3)
+    dropped, rule = fit_rule(stage, rows, shards=3)
     # the top len(WORDS) unigrams: WORDS themselves (each in hundreds of captions); "no17" is in one
     for k, cap in zip(rows["key"], caps):
         r = dropped.get(k)
@@ -77,7 +84,7 @@ def test_rare_tokens_are_those_outside_the_top_rank_counted_over_the_dataset():
             assert r is not None and r[0] == "rare_token" and r[1]["tokens"] == [cap.split()[-1]], (cap, r)
             assert r[1]["min_count"] > 1 and r[1]["rare_token_rank"] == len(WORDS)
     # the stage keeps the smaller side: here the 19 frequent tokens, not the ~2,000 rare ones
-    assert not stage.token_set_is_rare and len(stage.token_set) == len(WORDS)
+    assert not rule.values["token_set_is_rare"] and len(rule.arrays["token_set"]) == len(WORDS)
     boiler = [r for k, cap in zip(rows["key"], caps) if caption_form(cap) == "image" for r in [dropped.get(k)]]
     assert boiler and all(r[0] == "rare_token" and r[1]["tokens"] == ["image"] for r in boiler)
     none = fit(AlignTextStage(Config(rare_token_rank=10**8, max_caption_images=None)), rows, shards=2)

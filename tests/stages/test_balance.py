@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from pairforge.stages.balance import BalanceStage, Config
-from pairforge.stages.base import batch_len, concat, object_array, take
+from pairforge.stages.base import Learned, batch_len, concat, object_array, take
 from pairforge.stages.common import balancing as bal
 
 N, ENTRIES, T = 100_000, 2000, 1000
@@ -45,22 +45,30 @@ def corpus(per_row: int, seed: int = 0) -> dict:
     }
 
 
-def fit(stage: BalanceStage, rows: dict, shards: int) -> tuple[set, dict]:
-    """The fit's steps over ``shards`` in-memory shards: (kept keys, summed counters)."""
+def fit_rule(stage: BalanceStage, rows: dict, shards: int) -> tuple[set, dict, Learned]:
+    """The fit's steps over ``shards`` in-memory shards: (kept keys, summed
+    counters, the rule ``combine`` returned)."""
     parts = [take(rows, idx) for idx in np.array_split(np.arange(batch_len(rows)), shards)]
-    emitted = concat([stage.bucket_rows(p) for p in parts])
+    emitted = concat([stage.bucket_rows(p, Learned()) for p in parts])
     order = np.argsort(emitted["bucket"], kind="stable")
     emitted = take(emitted, order)
     cuts = np.flatnonzero(np.diff(emitted["bucket"])) + 1
-    reduced = concat([stage.reduce_bucket(take(emitted, g)) for g in np.split(np.arange(len(order)), cuts)])
-    counters = dict(stage.combine(reduced).counters)
+    reduced = concat([stage.reduce_bucket(take(emitted, g), Learned()) for g in np.split(np.arange(len(order)), cuts)])
+    result = stage.combine(reduced, Learned())
+    counters = dict(result.counters)
     dropped = set()
     for p in parts:
-        res = stage.decide_rows(p)
+        res = stage.decide_rows(p, result.rule)
         dropped |= set(res.decisions["key"].tolist()) if batch_len(res.decisions) else set()
         for k, v in res.counters.items():
             counters[k] = counters.get(k, 0) + v
-    return set(rows["key"].tolist()) - dropped, counters
+    return set(rows["key"].tolist()) - dropped, counters, result.rule
+
+
+def fit(stage: BalanceStage, rows: dict, shards: int) -> tuple[set, dict]:
+    """:func:`fit_rule`'s kept keys and counters."""
+    kept, counters, _ = fit_rule(stage, rows, shards)
+    return kept, counters
 
 
 def per_entry(rows: dict, keys: set | None = None) -> np.ndarray:
@@ -130,11 +138,11 @@ def test_kept_rows_depend_on_neither_shards_nor_keys(single):
 def test_decisions_say_which_entries_over_t_failed_to_select_the_row():
     rows = corpus(per_row=1, seed=2)
     stage = BalanceStage(Config(t=T))
-    fit(stage, take(rows, np.arange(20_000)), shards=2)
-    res = stage.decide_rows(take(rows, np.arange(200)))
+    _, _, rule = fit_rule(stage, take(rows, np.arange(20_000)), shards=2)
+    res = stage.decide_rows(take(rows, np.arange(200)), rule)
     assert set(res.decisions["reason"]) == {"balance_not_sampled"}
     d = json.loads(res.decisions["detail"][0])
-    head_ids, head_counts = stage.head
+    head_ids, head_counts = rule.arrays["head_ids"], rule.arrays["head_counts"]
     assert d["t"] == T and d["entries"] and all(c > T for c in d["counts"])
     assert dict(zip(head_ids.tolist(), head_counts.tolist()))[d["entries"][0]] == d["counts"][0]
 
@@ -146,10 +154,10 @@ def test_rows_without_entries_are_dropped_or_kept_as_asked():
         [np.zeros(0, np.int32) if i % 10 == 0 else x for i, x in enumerate(rows["metadata_entries"])]
     )
     stage = BalanceStage(Config(t=100))
-    kept, counters = fit(stage, rows, shards=2)
+    kept, counters, rule = fit_rule(stage, rows, shards=2)
     empty = {k for i, k in enumerate(rows["key"]) if i % 10 == 0}
     assert not (empty & kept) and counters["rows_without_entries"] == 300
-    res = stage.decide_rows(take(rows, np.arange(10)))
+    res = stage.decide_rows(take(rows, np.arange(10)), rule)
     assert dict(zip(res.decisions["key"], res.decisions["reason"]))[rows["key"][0]] == "no_metadata_match"
     kept_all, _ = fit(BalanceStage(Config(t=100, keep_unmatched=True)), rows, shards=2)
     assert empty <= kept_all and kept_all - empty == kept

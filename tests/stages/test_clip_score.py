@@ -197,7 +197,7 @@ def test_cpu_prefetch_gives_the_libjpeg_scores(trained_ckpt):
     rows["image"][3] = b"not an image"
     direct = local_map(stage(trained_ckpt, image_decode="libjpeg"), dict(rows))
     pre_stage = stage(trained_ckpt, image_decode="libjpeg", cpu_prefetch=True)
-    assert pre_stage.has_cpu_prepare() and not stage(trained_ckpt).has_cpu_prepare()
+    assert pre_stage.resources().cpu_prepare and not stage(trained_ckpt).resources().cpu_prepare
     pre = local_map(pre_stage, dict(rows))
     assert not [c for c in pre if c.startswith("__pf_")]
     assert list(pre["reason"]) == list(direct["reason"]) and pre["reason"][3] == "decode_error"

@@ -44,10 +44,10 @@ def test_threshold_keeps_matches_drops_shuffled_with_score_threshold_and_model(t
     assert d["threshold"] == t and abs(d["clip_score"] - s[1]) < 1e-6 and d["clip_score"] < t
 
 
-def finalize(st, batch):
-    """Apply the rule ``combine`` left on the stage (``decide_rows``) to the ok rows of ``batch``."""
+def finalize(st, rule, batch):
+    """Apply the rule ``combine`` returned (``decide_rows``) to the ok rows of ``batch``."""
     ok = np.flatnonzero(ok_rows(batch))
-    dec = st.decide_rows({"key": batch["key"][ok], "clip_score": batch["clip_score"][ok]}).decisions
+    dec = st.decide_rows({"key": batch["key"][ok], "clip_score": batch["clip_score"][ok]}, rule).decisions
     out = dict(batch)
     if batch_len(dec):
         mask = np.isin(out["key"].astype(str), dec["key"].astype(str))
@@ -88,14 +88,16 @@ def test_top_fraction_breaks_ties_by_key(trained_ckpt):
 
 
 def fit_with_sample(st, rows, sample, size=10):
-    """The fit steps with ``learn`` fed a chosen sample (a run samples by key hash)."""
-    st.learn(sample)
+    """The fit steps with ``learn`` fed a chosen sample (a run samples by key
+    hash); returns the rule ``combine`` returned."""
+    learned = st.learn(sample)
     n = batch_len(rows)
-    cands = concat([st.bucket_rows(take(rows, np.arange(i, min(i + size, n)))) for i in range(0, n, size)])
+    cands = concat([st.bucket_rows(take(rows, np.arange(i, min(i + size, n))), learned) for i in range(0, n, size)])
     groups = defaultdict(list)
     for i, g in enumerate(cands["bucket"]):
         groups[int(g)].append(i)
-    st.combine(concat([st.reduce_bucket(take(cands, np.asarray(ix))) for _, ix in sorted(groups.items())]))
+    reduced = concat([st.reduce_bucket(take(cands, np.asarray(ix)), learned) for _, ix in sorted(groups.items())])
+    return st.combine(reduced, learned).rule
 
 
 def test_top_fraction_is_exact_from_a_sample_and_says_when_a_sample_misled(trained_ckpt, caplog):
@@ -104,13 +106,13 @@ def test_top_fraction_is_exact_from_a_sample_and_says_when_a_sample_misled(train
     scored = map_stage(st, rows)
     fit = {"key": scored["key"], "clip_score": scored["clip_score"]}
     k = int(np.floor(0.3 * len(rows["key"]) + 0.5))
-    fit_with_sample(st, fit, take(fit, np.arange(0, len(fit["key"]), 3)))
-    assert st._cut["exact"] and ok_rows(finalize(st, dict(scored))).sum() == k
+    rule = fit_with_sample(st, fit, take(fit, np.arange(0, len(fit["key"]), 3)))
+    assert rule.values["cut"]["exact"] and ok_rows(finalize(st, rule, dict(scored))).sum() == k
     low = take(fit, np.argsort(fit["clip_score"])[:10])  # a sample of the worst rows only
     with caplog.at_level(logging.WARNING):
-        fit_with_sample(st, fit, low)
-    out = finalize(st, dict(scored))
-    assert not st._cut["exact"] and "outside the sampled window" in caplog.text
+        rule = fit_with_sample(st, fit, low)
+    out = finalize(st, rule, dict(scored))
+    assert not rule.values["cut"]["exact"] and "outside the sampled window" in caplog.text
     assert ok_rows(out).sum() >= k and json.loads(out["detail"][~ok_rows(out)][0])["exact"] is False
 
 
@@ -122,15 +124,15 @@ def test_fit_sends_histograms_not_rows_outside_the_window():
         "clip_score": rng.normal(0.3, 0.05, n).astype(np.float32),
     }
     st = ClipScoreStage(Config(pretrained="unused.pt", top_fraction=0.3))
-    st.learn(take(fit, np.arange(0, n, 4)))  # a sample, as a run gives
-    c = st.bucket_rows(fit)
+    learned = st.learn(take(fit, np.arange(0, n, 4)))  # a sample, as a run gives
+    c = st.bucket_rows(fit, learned)
     windowed = c["bucket"] >= BINS
     assert 0 < windowed.sum() < n / 5  # per-row data only near the cut
     assert c["count"][~windowed].sum() == n  # every row in the histogram
-    red = st.reduce_bucket(take(c, np.flatnonzero(c["bucket"] == c["bucket"][0])))
+    red = st.reduce_bucket(take(c, np.flatnonzero(c["bucket"] == c["bucket"][0])), learned)
     assert batch_len(red) == 1 and red["count"][0] == c["count"][0]
-    st.combine(concat([c]))  # a single batch's candidates need no reduction to be exact
-    keep = finalize(st, fresh_rows(fit["key"], **{c: v for c, v in fit.items() if c != "key"}))
+    rule = st.combine(concat([c]), learned).rule  # a single batch's candidates need no reduction to be exact
+    keep = finalize(st, rule, fresh_rows(fit["key"], **{c: v for c, v in fit.items() if c != "key"}))
     kept = np.sort(fit["clip_score"][keep["status"] == STATUS_OK])
     assert len(kept) == 6000 and kept[0] == np.sort(fit["clip_score"])[-6000]
     assert not fit_global(ClipScoreStage(Config(pretrained="unused.pt")), fit)  # no top_fraction: no fit

@@ -113,14 +113,19 @@ def _fit_in_chunks(stage, rows, chunk):
     from pairforge.pipeline.fit import key_hashes
 
     rows = take(rows, np.argsort(np.asarray(rows["key"]).astype(str), kind="stable"))
-    stage.learn(take(rows, np.sort(np.argsort(key_hashes(rows["key"]), kind="stable")[: stage.sample_rows])))
+    learned = stage.learn(
+        take(rows, np.sort(np.argsort(key_hashes(rows["key"]), kind="stable")[: stage.sample_rows]))
+    )
     n = len(rows["key"])
-    emitted = concat([stage.bucket_rows(take(rows, np.arange(i, min(i + chunk, n)))) for i in range(0, n, chunk)])
+    emitted = concat(
+        [stage.bucket_rows(take(rows, np.arange(i, min(i + chunk, n))), learned) for i in range(0, n, chunk)]
+    )
     emitted = take(emitted, np.argsort(emitted["bucket"], kind="stable"))
     reduced = [
-        stage.reduce_bucket(take(emitted, np.flatnonzero(emitted["bucket"] == b))) for b in np.unique(emitted["bucket"])
+        stage.reduce_bucket(take(emitted, np.flatnonzero(emitted["bucket"] == b)), learned)
+        for b in np.unique(emitted["bucket"])
     ]
-    return stage.combine(concat([r for r in reduced if r])).tables
+    return stage.combine(concat([r for r in reduced if r]), learned).tables
 
 
 def test_same_tables_for_any_row_order_and_chunking():
@@ -144,7 +149,7 @@ def test_config_checks():
             Config(**bad)
     st = ConfounderStage(Config(kinds=("word_order",)))
     res = fit_result(st, _pair_rows())
-    assert set(res.tables[TABLE]["kind"]) == {"word_order"} and not st.cells  # no k-means when no swaps
+    assert set(res.tables[TABLE]["kind"]) == {"word_order"} and not st.learn(_pair_rows()).arrays  # no k-means
 
 
 # ------------------------------------------------------------ planted scenes, real scorer

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pairforge.pipeline.local import fit_global, fit_result, run_global
-from pairforge.stages.base import STATUS_DROPPED, STATUS_FAILED, object_array, take
+from pairforge.stages.base import STATUS_DROPPED, STATUS_FAILED, Learned, object_array, take
 from pairforge.stages.common import dedup as dd
 from pairforge.stages.dedup_phash import Config, PerceptualDedupStage
 from tests.planted import build_planted, evaluate, run_kind
@@ -64,11 +64,11 @@ def test_fit_finds_exactly_the_all_pairs_clusters(d, buckets):
 def test_reduce_reports_each_verified_pair_once():
     rows = synthetic(2000, seed=9, max_flip=2)
     stage = PerceptualDedupStage(Config(max_distance=2, buckets_per_band=4))
-    cands = stage.bucket_rows(rows)
+    cands = stage.bucket_rows(rows, Learned())
     assert cands["priority"].dtype == np.float64
     pairs = []
     for g in np.unique(cands["bucket"]):
-        out = stage.reduce_bucket(take(cands, np.flatnonzero(cands["bucket"] == g)))
+        out = stage.reduce_bucket(take(cands, np.flatnonzero(cands["bucket"] == g)), Learned())
         assert np.all(out["distance"] <= 2)
         assert np.array_equal(out["distance"], dd.popcount(out["hash_a"] ^ out["hash_b"]))
         pairs += [tuple(sorted(p)) for p in zip(out["key_a"], out["key_b"])]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pairforge.pipeline.local import fit_global, run_global
-from pairforge.stages.base import STATUS_DROPPED, object_array, take
+from pairforge.stages.base import STATUS_DROPPED, Learned, object_array, take
 from pairforge.stages.common import dedup as dd
 from pairforge.stages.dedup_semantic import Config, SemanticDedupStage, spherical_kmeans
 from tests.planted import build_planted, evaluate, pixel_embedding, run_kind
@@ -108,10 +108,9 @@ def test_kmeans_is_deterministic_and_unit_length():
 def test_bucket_rows_need_learn():
     rows = embedded(n=20)
     with pytest.raises(RuntimeError, match="learn"):
-        SemanticDedupStage(Config()).bucket_rows(rows)
+        SemanticDedupStage(Config()).bucket_rows(rows, Learned())
     stage = SemanticDedupStage(Config(n_clusters=3))
-    stage.learn(rows)
-    assert set(stage.bucket_rows(rows)["bucket"]) <= {0, 1, 2}
+    assert set(stage.bucket_rows(rows, stage.learn(rows))["bucket"]) <= {0, 1, 2}
 
 
 @pytest.mark.slow

@@ -102,6 +102,7 @@ def test_cells_follow_the_dataset_rows_not_the_sample():
     rows = fit_rows(40_000, dim=8, seed=1)
     pick = np.sort(np.argsort(key_hashes(rows["key"]), kind="stable")[:2000])
     st = ConfounderStage(Config(fit_sample=2000, rows_per_cell=1000, kinds=("swap_image",), calibration_queries=200))
-    st.learn({k: v[pick] for k, v in rows.items()})
-    assert 36 <= len(st.cells["image"]) <= 44
-    assert st.calibration["image"].recall >= 0.97 and 1.0 <= st.calibration["image"].cells_per_row <= 16
+    learned = st.learn({k: v[pick] for k, v in rows.items()})
+    assert 36 <= len(learned.arrays["cells_image"]) <= 44
+    cal = learned.values["calibration"]["image"]
+    assert cal["recall"] >= 0.97 and 1.0 <= cal["cells_per_row"] <= 16
