@@ -110,12 +110,10 @@ def test_word_order_links_partners_groups_and_splits_them_together():
 def _fit_in_chunks(stage, rows, chunk):
     """``pipeline.local.fit_result`` with ``bucket_rows`` over chunks of
     ``chunk`` rows, as shards of another size would give them."""
-    from pairforge.pipeline.fit import key_hashes
+    from pairforge.pipeline.fitstore import hash_sample
 
     rows = take(rows, np.argsort(np.asarray(rows["key"]).astype(str), kind="stable"))
-    learned = stage.learn(
-        take(rows, np.sort(np.argsort(key_hashes(rows["key"]), kind="stable")[: stage.sample_rows]))
-    )
+    learned = stage.learn(hash_sample(rows, stage.sample_rows))
     n = len(rows["key"])
     emitted = concat(
         [stage.bucket_rows(take(rows, np.arange(i, min(i + chunk, n))), learned) for i in range(0, n, chunk)]
