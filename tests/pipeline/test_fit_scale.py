@@ -1,9 +1,10 @@
 """Issue 30, the fit's parts that grew with the dataset, in process:
 
-* centroids as data: after ``learn``, ``dedup_semantic``'s centroids are
-  files in the work folder, read by each task; the stage every later step
-  gets (its argument) stays small, and the decisions are those of the fit
-  that kept them on the stage;
+* centroids as data: ``learn`` returns ``dedup_semantic``'s centroids
+  (``Learned.arrays``), which the fit writes to files in the work folder,
+  read by each task; the stage and what was learnt, as every later step
+  gets them (its arguments), stay small, and the decisions are those of the
+  in-process fit, which hands the centroids over in memory;
 * two-level assignment: probing every coarse cell is the exact nearest
   cell, and with the default probes the decisions stay within the recall
   ``docs/scale.md`` states of assigning every row to every centroid."""
@@ -23,15 +24,19 @@ from tests.stages.test_dedup_semantic import embedded
 
 
 class RecordingLauncher(Launcher):
-    """The in-process launcher, noting the pickled size of the stage each step is handed."""
+    """The in-process launcher, noting the pickled size of the stage each
+    step is handed, and of what was learnt (``learned``)."""
 
     def __init__(self):
         self.stage_bytes: list[tuple[str, int]] = []
+        self.learned_bytes: list[tuple[str, int]] = []
 
     def _note(self, fn, args, kwargs):
         stage = next((a for a in (*args, *kwargs.values()) if isinstance(a, GlobalStage)), None)
         if stage is not None:
             self.stage_bytes.append((fn.__name__, len(pickle.dumps(stage))))
+        if "learned" in kwargs or len(args) > 2:
+            self.learned_bytes.append((fn.__name__, len(pickle.dumps(kwargs.get("learned", args[2:])))))
 
     def map(self, fn, items, **kwargs):
         self._note(fn, (), kwargs)
@@ -59,7 +64,7 @@ def test_centroids_are_files_read_by_tasks_not_carried_by_the_stage(tmp_path):
     cfg = Config(eps=0.01, n_clusters=300, kmeans_iters=5)  # >= TWO_LEVEL_CELLS: coarse cells too
     launcher = RecordingLauncher()
     got = fit_on_ray(SemanticDedupStage(cfg), rows, tmp_path, width=3, launcher=launcher)
-    want = fit_global(SemanticDedupStage(cfg), rows)  # the centroids stay on the stage there
+    want = fit_global(SemanticDedupStage(cfg), rows)  # the centroids in memory there
     assert len(want["key"]) > 100
     assert list(got["key"]) == list(want["key"]) and list(got["duplicate_of"]) == list(want["duplicate_of"])
 
@@ -70,6 +75,8 @@ def test_centroids_are_files_read_by_tasks_not_carried_by_the_stage(tmp_path):
     after = [(fn, size) for fn, size in launcher.stage_bytes if fn not in ("_sample_shard", "_learn")]
     assert {fn for fn, _ in after} >= {"_emit_shard", "_combine"}, launcher.stage_bytes
     assert all(size < centroids.nbytes / 10 for _, size in after), (launcher.stage_bytes, centroids.nbytes)
+    assert {fn for fn, _ in launcher.learned_bytes} >= {"_emit_shard", "_combine"}, launcher.learned_bytes
+    assert all(size < 1000 for _, size in launcher.learned_bytes), launcher.learned_bytes
 
 
 def test_two_level_probing_every_coarse_cell_is_the_exact_nearest_cell():
