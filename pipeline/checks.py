@@ -84,13 +84,6 @@ def check_job(job: JobConfig) -> list[str]:
             check_open_clip(where, st.config, problems, warnings, st.open_clip_options)
             if len(problems) > before:
                 bad.add(where)
-        prior = getattr(st.config, "prior_build", None)
-        if prior and storage.is_uri(prior) and not str(prior).startswith("file://"):
-            problems.append(
-                f"{where}.prior_build: {prior!r}: an earlier build on object storage is not read yet; give a local copy of its shards/*.parquet"
-            )
-        elif prior and not any((Path(prior) / "shards").glob("*.parquet")):
-            problems.append(f"{where}.prior_build: {prior!r} holds no shards/*.parquet (not the OUT of an earlier run)")
     if job.ray.num_cpus is not None and job.ray.num_cpus < 1:
         problems.append(f"ray.num_cpus: expected >= 1 (or null: all of this machine's), got {job.ray.num_cpus!r}")
     problems += _check_output(job.output.dir, job.storage)

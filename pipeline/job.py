@@ -160,14 +160,14 @@ def run_job(
         files = ", ".join(f"{f['path']} ({f['rows']} rows)" for f in index.files)
         raise EmptyInput(f"input: the URL lists hold no rows: {files}; nothing to run")
     write_job_record(out, job)
-    for warning in input_warnings(job, out):
-        _log(f"warning: {warning}")
     if resume:
         stale = remove_temp_files(out)
         if stale:
             _log(f"resume: removed {stale} temporary file(s) an interrupted write left")
     shard_ids = sorted(index.shard_rows)
     stages, shard_stage = instantiate(job)
+    for warning in input_warnings(stages, out):
+        _log(f"warning: {warning}")
     spec = RunSpec(
         out if storage.is_object(out) else str(out),
         tuple(stages),

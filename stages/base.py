@@ -233,6 +233,16 @@ class Stage(metaclass=_StageType):
         not load a model or import a heavy package. Default: nothing."""
         return []
 
+    def input_warnings(self, rows: Batch, where: str) -> list[str]:
+        """Warnings about the URL lists, from their first rows (as the
+        reader wrote them), on the driver before the run: what will make
+        many rows fail at this stage and which option would change it
+        (``download``: addresses it refuses and the ``allow_networks`` that
+        admits them). ``where``: this stage's place in the job
+        (``stages[0](download)``), for the option a line names. No network
+        request, no model. Default: none."""
+        return []
+
     def setup(self) -> None:
         """Load heavy state once per worker (models, clients)."""
 

@@ -102,6 +102,10 @@ class ExactDedupStage(GlobalStage):
     def outputs(self) -> tuple[Column, ...]:
         return (Column(dd.DUPLICATE_OF, "string", nullable=True),)
 
+    def check(self, declared: dict) -> list[str]:
+        """``prior_build`` is a local earlier run's output folder."""
+        return dd.check_prior_build(self.config.prior_build)
+
     def setup(self) -> None:
         if self.config.prior_build and self._prior is None:
             cols = tuple(dict.fromkeys(["key", *(c for k in self.kinds for c in _COLUMNS[k])]))

@@ -130,6 +130,10 @@ class PerceptualDedupStage(GlobalStage):
     def inputs(self) -> tuple[str, ...]:
         return (self.config.hash_column or "image", *self.fit_columns)
 
+    def check(self, declared: dict) -> list[str]:
+        """``prior_build`` is a local earlier run's output folder."""
+        return dd.check_prior_build(self.config.prior_build)
+
     def setup(self) -> None:
         if self.config.prior_build and self._prior is None:
             self._prior = self._index(dd.read_prior_build(self.config.prior_build, ("key", self.column)))

@@ -52,6 +52,7 @@ from pairforge.stages.base import (
     reject,
     require,
 )
+from pairforge.stages.common.address_warning import url_warning
 from pairforge.stages.common.blocklist import Blocklists
 from pairforge.stages.common.download_worker import limits_of, worker_for
 from pairforge.stages.common.fetch import AddressPolicy, Fetched, transient
@@ -303,6 +304,14 @@ class DownloadStage(Stage):
             for i, c in enumerate(self.config.lists)
             if "://" not in c.path and not os.path.isfile(c.path)
         ]
+
+    def input_warnings(self, rows: Batch, where: str) -> list[str]:
+        """URLs of literal addresses (and ``localhost``) that ``allow_networks``
+        leaves out (:mod:`stages.common.address_warning`)."""
+        if "url" not in rows:
+            return []
+        line = url_warning(list(rows["url"]), self.config.allow_networks, where)
+        return [line] if line else []
 
     def services(self) -> dict:
         return {"host_gate": limits_of(self.config), "work_store": "robots"}

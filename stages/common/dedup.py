@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -366,6 +367,26 @@ def read_eval_embeddings(dirs: tuple[str, ...], column: str) -> tuple[np.ndarray
     emb = np.concatenate(embs) if embs else np.zeros((0, 0), dtype=np.float32)
     norm = np.linalg.norm(emb, axis=1, keepdims=True) if len(emb) else np.ones((0, 1))
     return object_array(keys), emb / np.maximum(norm, 1e-12)
+
+
+#: a location with a scheme (``s3://``, ``gs://``, ``file://``): ``manifests.storage``'s rule
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_prior_build(prior: str | None) -> list[str]:
+    """The job check's lines about a ``prior_build`` option (a stage's
+    ``check``): it must be a local folder that holds an earlier run's
+    ``shards/*.parquet``. Reads nothing but the folder's listing."""
+    if not prior:
+        return []
+    if _URI.match(prior) and not prior.startswith("file://"):
+        return [
+            f"prior_build: {prior!r}: an earlier build on object storage is not read yet; "
+            "give a local copy of its shards/*.parquet"
+        ]
+    if not glob.glob(os.path.join(glob.escape(prior), "shards", "*.parquet")):
+        return [f"prior_build: {prior!r} holds no shards/*.parquet (not the OUT of an earlier run)"]
+    return []
 
 
 def read_prior_build(out_dir: str, columns: tuple[str, ...], what: str = "prior_build") -> Batch:

@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 from pairforge.pipeline import outcome
-from pairforge.pipeline.checks_urls import literal_address, url_warning
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.pipeline.open_clip_local import hub_unreachable
 from pairforge.stages.basic_filter import BasicFilterStage
+from pairforge.stages.common.address_warning import literal_address, url_warning
 from pairforge.stages.download import DownloadStage
 from tests.shardkit import jpeg
 

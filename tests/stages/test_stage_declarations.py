@@ -1,10 +1,12 @@
 """What ``pipeline/`` knows of a stage it learns from the stage itself
 (issue 27): the open_clip check follows the options a stage names
 (``Stage.open_clip_options``), the job check's "add a ... stage" hint the
-columns a stage declares (``Stage.column_names``), and a shared decode the
+columns a stage declares (``Stage.column_names``), a shared decode the
 stages that want and give one (``Stage.wants_decoded`` / ``give_decoded`` /
-``take_decoded``). Stages of one's own show that nothing in ``pipeline/``
-names a built-in stage for it."""
+``take_decoded``), the warnings about the URL lists' first rows the stages
+that read them (``Stage.input_warnings``), and the check of an earlier build
+the stages that read one (``Stage.check``). Stages of one's own show that
+nothing in ``pipeline/`` names a built-in stage for it."""
 
 from __future__ import annotations
 
@@ -140,3 +142,62 @@ def test_declared_column_names_are_what_the_built_stages_declare(tmp_path):
             assert cls.column_names() == tuple(c.name for c in st.outputs()), name
     made = producers()
     assert (made["metadata_entries"], made["img_emb"], made["phash"]) == ("metadata_match", "clip_score", "dedup_phash")
+
+
+@options
+class CaptionWatchConfig:
+    #: the shortest caption this stage keeps
+    min_chars: int = 5
+
+
+class CaptionWatch(Stage):
+    """Warns, before a run, when the URL lists' captions are mostly too short for it."""
+
+    name = "caption_watch"
+    Config = CaptionWatchConfig
+
+    def input_warnings(self, rows, where):
+        short = sum(len(str(c)) < self.config.min_chars for c in rows["caption"])
+        return [f"{short} short captions; lower {where}.min_chars"] if short > len(rows["caption"]) // 2 else []
+
+    def process_batch(self, batch):
+        return batch
+
+
+def test_the_url_lists_first_rows_reach_every_stage_that_warns_about_them(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pairforge.pipeline.checks_urls import input_warnings
+    from pairforge.pipeline.config import InputConfig
+    from pairforge.pipeline.reader import split_input
+
+    urls = [f"http://127.0.0.1/{i}.jpg" for i in range(6)] + ["http://example.com/x.jpg"]
+    pq.write_table(pa.table({"url": urls, "caption": ["a", "b", "c", "d", "e", "a dog", "x"]}), tmp_path / "u.parquet")
+    out = tmp_path / "out"
+    split_input(InputConfig(paths=(str(tmp_path / "u.parquet"),)), out, 3)
+    stages = [DownloadStage(DownloadStage.Config()), CaptionWatch(), DownloadStage(allow_networks=["127.0.0.0/8"])]
+    got = input_warnings(stages, out)
+    assert len(got) == 2, got  # the second download allows loopback: nothing to say
+    assert got[0].startswith("6 of the first 7 URLs point at addresses download refuses: loopback 6")
+    assert "stages[0](download).allow_networks: ['127.0.0.0/8']" in got[0]
+    assert got[1] == "6 short captions; lower stages[1](caption_watch).min_chars"
+
+
+def test_a_prior_build_is_checked_by_the_stage_that_reads_it(tmp_path):
+    from pairforge.pipeline.checks import check_stages
+
+    for name in ("dedup_exact", "dedup_phash"):
+        st = stage_class(name)(prior_build=str(tmp_path))
+        assert check_stages([("stages[0]", st)]) == [
+            f"stages[0].prior_build: {str(tmp_path)!r} holds no shards/*.parquet (not the OUT of an earlier run)"
+        ]
+        (tmp_path / "shards").mkdir(exist_ok=True)
+        (tmp_path / "shards" / "00000.parquet").write_bytes(b"")
+        assert check_stages([("stages[0]", st)]) == []
+        (tmp_path / "shards" / "00000.parquet").unlink()
+    st = stage_class("dedup_exact")(prior_build="gs://bucket/old")
+    assert check_stages([("stages[2](dedup_exact)", st)]) == [
+        "stages[2](dedup_exact).prior_build: 'gs://bucket/old': an earlier build on object storage is not read yet; "
+        "give a local copy of its shards/*.parquet"
+    ]
