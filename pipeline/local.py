@@ -4,7 +4,9 @@ by unit tests and ``runner: local`` jobs.
 
 :func:`fit_result` and :func:`run_global` are the same fit steps on an
 in-memory batch, for unit tests of a global stage without a run folder;
-:func:`run_global` applies the decisions with the run's own join.
+:func:`run_global` (and :func:`join_result`, for a result made otherwise)
+applies the decisions with the run's own join, the one function that
+applies decisions in both runners (``engine.join_decisions``).
 """
 
 from __future__ import annotations
@@ -113,8 +115,14 @@ def run_global(stage: GlobalStage, batch: Batch) -> Batch:
     as it was."""
     ok = take(batch, np.flatnonzero(ok_mask(batch))) if batch_len(batch) else {}
     rows = {c: ok[c] for c in stage.fit_columns} if ok else {}
-    dec = fit_result(stage, rows).decisions
-    if not batch_len(dec):
+    return join_result(stage, batch, fit_result(stage, rows))
+
+
+def join_result(stage: GlobalStage, batch: Batch, result: FitResult) -> Batch:
+    """``batch`` with the decisions of ``result`` (a fit of ``stage``, or one
+    step of it: ``decide_rows`` on some rows) applied by the run's own join
+    (``engine.join_decisions``); the caller's batch stays as it was."""
+    if not batch_len(result.decisions):
         return batch
     spec = RunSpec("", (stage,), ShardStage(), samples_per_shard=1)
-    return engine.join_decisions(batch, spec, {stage.name: dec})[0]
+    return engine.join_decisions(batch, spec, {stage.name: result.decisions})[0]

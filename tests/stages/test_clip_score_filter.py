@@ -13,8 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from pairforge.pipeline.local import fit_global, map_stage
-from pairforge.stages.base import STATUS_OK, batch_len, concat, fresh_rows, object_array, reject, take
+from pairforge.pipeline.local import fit_global, join_result, map_stage
+from pairforge.stages.base import STATUS_OK, batch_len, concat, fresh_rows, object_array, take
 from pairforge.stages.clip_score import BINS, ClipScoreStage, Config
 from tests import clipkit
 from tests.clipkit import ok_rows, planted, run_top_fraction, stage
@@ -45,14 +45,11 @@ def test_threshold_keeps_matches_drops_shuffled_with_score_threshold_and_model(t
 
 
 def finalize(st, rule, batch):
-    """Apply the rule ``combine`` returned (``decide_rows``) to the ok rows of ``batch``."""
+    """Apply the rule ``combine`` returned (``decide_rows``) to the ok rows of
+    ``batch``, with the run's own join."""
     ok = np.flatnonzero(ok_rows(batch))
-    dec = st.decide_rows({"key": batch["key"][ok], "clip_score": batch["clip_score"][ok]}, rule).decisions
-    out = dict(batch)
-    if batch_len(dec):
-        mask = np.isin(out["key"].astype(str), dec["key"].astype(str))
-        reject(out, mask, st.name, "clip_score_below_top_fraction", [json.loads(d) for d in dec["detail"]])
-    return out
+    decided = st.decide_rows({"key": batch["key"][ok], "clip_score": batch["clip_score"][ok]}, rule)
+    return join_result(st, batch, decided)
 
 
 def test_top_fraction_keeps_exactly_the_top_share(trained_ckpt):
