@@ -188,15 +188,15 @@ class ExactDedupStage(GlobalStage):
         size = np.bincount(run)
         shared = size[run] > 1
         keep = order[shared]  # rows whose digest is shared
-        keys = dd.str_keys(group["key"])[order]
-        by_key = np.lexsort((keys, run))  # within each run, by key: the first is the smallest
+        by_key = np.lexsort((dd.str_keys(group["key"])[order], run))  # within each run, by key
         first = by_key[np.r_[True, run[by_key][1:] != run[by_key][:-1]]] if len(run) else by_key
+        keys = np.asarray(group["key"])  # as the key column is (its bytes in the reduced files)
         return {
             "kind": np.asarray(group["kind"], dtype=np.int64)[keep],
             "hi": np.asarray(group["hi"], dtype=np.uint64)[keep],
             "lo": np.asarray(group["lo"], dtype=np.uint64)[keep],
-            "key": np.asarray(group["key"])[keep],
-            "first_key": keys[first][run][shared],
+            "key": keys[keep],
+            "first_key": keys[order[first]][run][shared],
             "priority": np.asarray(group["priority"], dtype=np.float64)[keep],
         }
 
