@@ -179,7 +179,7 @@ class ClipScoreStage(GlobalStage):
         self._top = TopFraction(config.top_fraction)  # the top-fraction fit's steps
         self._emb_dim: int | None = None
 
-    def __getstate__(self):  # ship config and fit state, never the model
+    def __getstate__(self):  # ship the config, never the model
         state = dict(self.__dict__)
         state["_loaded"] = state["_towers"] = None
         return state
