@@ -16,7 +16,7 @@ from __future__ import annotations
 from pairforge.manifests import layout, storage
 from pairforge.pipeline.batches import table_to_batch
 from pairforge.pipeline.reader import read_index
-from pairforge.stages.base import Batch, Stage, concat
+from pairforge.stages.base import Batch, Stage, batch_len, concat
 
 #: rows looked at (the first input shards'): enough to see a pattern, cheap to read
 SAMPLE_ROWS = 10_000
@@ -44,6 +44,8 @@ def input_warnings(stages: list[Stage], out) -> list[str]:
     (``Stage.input_warnings``), in stage order; ``stages[i]`` is named
     ``stages[i](<name>)`` in them."""
     rows = first_rows(out)
+    if not batch_len(rows):
+        return []
     lines: list[str] = []
     for i, st in enumerate(stages):
         lines.extend(st.input_warnings(rows, f"stages[{i}]({st.name})"))

@@ -235,8 +235,9 @@ class Stage(metaclass=_StageType):
 
     def input_warnings(self, rows: Batch, where: str) -> list[str]:
         """Warnings about the URL lists, from their first rows (as the
-        reader wrote them), on the driver before the run: what will make
-        many rows fail at this stage and which option would change it
+        reader wrote them: ``url``, ``caption``, the identity columns, any
+        other column of the lists), on the driver before the run: what will
+        make many rows fail at this stage and which option would change it
         (``download``: addresses it refuses and the ``allow_networks`` that
         admits them). ``where``: this stage's place in the job
         (``stages[0](download)``), for the option a line names. No network
