@@ -153,7 +153,7 @@ class RayPlan(Plan):
 
         ds = map_on_actors(self.source, ClipScoreStage(stage_config(self.args, **self.cfg)))
         ds = ds.select_columns(["key", "clip_score"])
-        clock = Clock()
+        clock = Clock(min_batches=max(3, 4 * self.cfg["actors"] * self.cfg["threads"]))
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             clock.tick(len(batch["key"]))
         clock.stop()
@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
                 results[pl.name].append(c)
                 print(f"pass {r + 1}: {pl.label}: {c.rate:.0f} pairs/s, GPU busy {c.busy:.0f}%, "
                       f"{c.cores:.1f} cores busy, wall {c.end - c.start:.1f}s", flush=True)  # fmt: skip
+                if c.batches < c.min_batches:
+                    print(f"   ({c.batches} batches after the first, {c.min_batches} needed for a rate at this "
+                          f"plan's concurrency: raise --n or lower --batch-size)", flush=True)  # fmt: skip
     finally:
         if busy:
             busy.stop()
