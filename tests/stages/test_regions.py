@@ -4,6 +4,7 @@ direct ``torchvision.ops.roi_align``, awkward images (no boxes, tiny, grey,
 CMYK, undecodable), a detector failing on one image, and the shard files:
 features as arrays aligned with the parquet rows and as tar members."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -18,6 +19,10 @@ from pairforge.stages.base import STATUS_OK, fresh_rows, object_array, run_stage
 from pairforge.stages.regions import Config, DetectorSpec, RegionsStage
 
 MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+#: images a detector call: a call of fewer is still padded with copies of
+#: its last image (``regions._chunks``), at a 32nd of the default's (64)
+#: forward passes, which took these tests ~35 s each on 2 CPU cores
+MICRO = 2
 
 
 def _jpeg(arr, mode=None) -> bytes:
@@ -39,7 +44,8 @@ def _rows(images: list) -> dict:
 @pytest.fixture(scope="module")
 def stage():
     torch.manual_seed(0)  # random weights: the same model in every test of this module
-    st = RegionsStage(Config(detectors=(DetectorSpec(MODEL, "random", min_size=256, max_size=512),), score_threshold=0.0))
+    spec = DetectorSpec(MODEL, "random", min_size=256, max_size=512)
+    st = RegionsStage(Config(detectors=(spec,), score_threshold=0.0, micro_batch=MICRO))
     st.setup()
     return st
 
@@ -96,7 +102,8 @@ def test_roi_features_equal_a_direct_roi_align(stage, images):
 
 
 def test_no_boxes_above_the_threshold_is_k_zero(images):
-    st = RegionsStage(Config(detectors=(DetectorSpec(MODEL, "random", min_size=256, max_size=512),), score_threshold=1.0))
+    spec = DetectorSpec(MODEL, "random", min_size=256, max_size=512)
+    st = RegionsStage(Config(detectors=(spec,), score_threshold=1.0, micro_batch=MICRO))
     out = run_stage_batch(st, _rows(images[:3]))
     assert list(out["num_regions"]) == [0, 0, 0] and list(out["status"]) == [STATUS_OK] * 3
     assert all(f.shape == (0, 256) for f in out["region_feats"])
@@ -121,11 +128,12 @@ def test_a_detector_failure_is_a_per_row_status():
     rng = np.random.default_rng(1)
     imgs = [_jpeg(rng.integers(0, 255, s, dtype=np.uint8)) for s in ((64, 96, 3), (80, 80, 3), (70, 50, 3))]
     spec = DetectorSpec(MODEL, "random", min_size=128, max_size=256)
-    out = run_stage_batch(FailsOnSquares(Config(detectors=(spec,), score_threshold=0.0)), _rows(imgs))
+    cfg = Config(detectors=(spec,), score_threshold=0.0, micro_batch=MICRO)
+    out = run_stage_batch(FailsOnSquares(cfg), _rows(imgs))
     assert list(out["status"]) == ["ok", "failed", "ok"] and out["reason"][1] == "detect_error"
     k = list(out["num_regions"])  # random weights: K depends on the init, but never on the failing row
     assert "square images" in out["detail"][1] and k[1] == 0 and k[0] > 0 and k[2] > 0
-    kept = run_stage_batch(FailsOnSquares(Config(detectors=(spec,), score_threshold=0.0, on_error="keep")), _rows(imgs))
+    kept = run_stage_batch(FailsOnSquares(dataclasses.replace(cfg, on_error="keep")), _rows(imgs))
     assert list(kept["status"]) == ["ok"] * 3 and kept["num_regions"][1] == 0 and kept["num_regions"][0] > 0
 
 
