@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     base_rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", a.base], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True).stdout
     print(f"base {a.base} ({base_rev.stdout.strip()}): {' '.join(base_tests)}")
-    print(f"new  working tree at {head.stdout.strip()}{' (uncommitted changes)' if dirty.strip() else ''}: {' '.join(a.tests)}")
+    print(
+        f"new  working tree at {head.stdout.strip()}{' (uncommitted changes)' if dirty.strip() else ''}: {' '.join(a.tests)}"
+    )
     print(f"{a.passes} timed passes after an untimed warm-up (pytest --collect-only); cpus {os.cpu_count()}")
     with tempfile.TemporaryDirectory(prefix="pf-base-") as tmp:
         sides = {"base": (export(a.base, Path(tmp)), base_tests), "new": (ROOT, a.tests)}
@@ -103,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 bad = c.get("failed", 0) + c.get("error", 0)
                 failed[side] += bad
                 after = os.getloadavg()
-                print(f"pass {p + 1} {side:4}: {wall:7.2f} s wall, {c}; load {load[0]:.2f} -> {after[0]:.2f}", flush=True)
+                print(
+                    f"pass {p + 1} {side:4}: {wall:7.2f} s wall, {c}; load {load[0]:.2f} -> {after[0]:.2f}", flush=True
+                )
                 if bad or not c:
                     print(tail)
     print(f"\n{'test (setup + call + teardown, s)':<100} {'median [min-max]':>22}")
