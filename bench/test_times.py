@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     base_tests = a.base_tests.split() if a.base_tests else a.tests
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     base_rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", a.base], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True).stdout
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout
     print(f"base {a.base} ({base_rev.stdout.strip()}): {' '.join(base_tests)}")
     print(
         f"new  working tree at {head.stdout.strip()}{' (uncommitted changes)' if dirty.strip() else ''}: {' '.join(a.tests)}"
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for nodeid, xs in sorted(times[side].items(), key=lambda kv: -statistics.median(kv[1])):
             other = times["new" if side == "base" else "base"].get(nodeid)
             ratio = ""
-            if side == "new" and other:
+            if side == "new" and other and statistics.median(other) > 0:
                 ratio = f"  new/base {statistics.median(xs) / statistics.median(other):.2f}"
             print(f"{nodeid[-100:]:<100} {spread(xs):>22}{ratio}")
     print()
