@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pytest-args", default="", help="more pytest arguments for both sides, e.g. '-k regions'")
     ap.add_argument("tests", nargs="+", help="test paths or node ids, relative to the tree root")
     a = ap.parse_args(argv)
-    extra = a.pytest_args.split()
+    extra = shlex.split(a.pytest_args)
     base_tests = a.base_tests.split() if a.base_tests else a.tests
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     base_rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", a.base], capture_output=True, text=True)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 for nodeid, s in per.items():
                     times[side][nodeid].append(s)
                 counts[side] = c
-                bad = c.get("failed", 0) + c.get("error", 0)
+                bad = c.get("failed", 0) + c.get("error", 0) + (not c.get("passed"))  # nothing ran: not a figure
                 failed[side] += bad
                 after = os.getloadavg()
                 print(
