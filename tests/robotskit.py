@@ -1,8 +1,9 @@
-"""Helpers for tests/stages/test_robots.py: loopback servers posing as many hosts
-(each its own 127.0.23.x address and listening socket), the fetch that
+"""Helpers for the robots.txt tests (tests/stages/test_robots_rules.py,
+test_robots_fetch.py): loopback servers posing as many hosts (each its own
+127.0.23.x address and listening socket), the fetch that
 :func:`stages.common.robots.fetch_robots` takes, built on the project's
-SafeFetcher, and a directory store like the one the pipeline keeps in a
-run's work dir."""
+SafeFetcher, a directory store like the one the pipeline keeps in a run's
+work dir, and the rules file both read."""
 
 from __future__ import annotations
 
@@ -16,9 +17,32 @@ import pytest
 
 from pairforge.pipeline.httpserver import LocalHTTPServer, Route
 from pairforge.stages.common.fetch import SafeFetcher
+from pairforge.stages.common.robots import RobotsFile, fetch_robots
 
 #: every trickle in these tests is cut by this deadline, never by the timeout
 DEADLINE, TIMEOUT = 1.5, 5.0
+
+RULES = """\
+# a site that lets only pairforge in, and not everywhere
+User-agent: *
+Disallow: /
+
+User-agent: PairForge
+Disallow: /private/
+Allow: /private/public/
+Disallow: /*.gif$
+Disallow: /tmp*/cache
+Allow: /tie
+Disallow: /tie
+Disallow: /fish$
+Disallow: /%7Ejoe/
+Disallow: /caf\u00e9/
+Disallow: /a%2Fb
+Crawl-delay: 2.5
+
+User-agent: pair
+Disallow: /pair-only/
+"""
 
 _addresses = (f"127.0.23.{n}" for n in itertools.count(1))
 _lock = threading.Lock()
@@ -43,6 +67,20 @@ def site():
     yield make
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def get():
+    """A :class:`SafeGet`, closed after the test."""
+    g = SafeGet()
+    yield g
+    g.close()
+
+
+def fetched(site, get, routes) -> tuple[RobotsFile, LocalHTTPServer]:
+    """robots.txt of a new host serving ``routes``, and the host."""
+    server = site(routes)
+    return fetch_robots(get, origin(server)), server
 
 
 def closed_port_origin() -> str:

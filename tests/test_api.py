@@ -5,12 +5,16 @@ a job file's are, stage objects, a job from objects, option docs in
 
 import dataclasses
 import json
+import os
 import pydoc
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 import pairforge
@@ -116,7 +120,7 @@ def test_stages_command_lists_every_option(capsys):
 def test_a_job_from_objects_is_the_job_the_yaml_makes(tmp_path, monkeypatch):
     from pairforge.demo import demo_job
 
-    (tmp_path / "job.yaml").write_text(DEMO_YAML.format(cpus=__import__("os").cpu_count()))
+    (tmp_path / "job.yaml").write_text(DEMO_YAML.format(cpus=os.cpu_count()))
     from_yaml = load_job(tmp_path / "job.yaml")
     from_objects = demo_job(tmp_path / "input" / "urls.parquet", tmp_path / "run", runner="local")
     assert from_objects == from_yaml
@@ -167,22 +171,46 @@ stages:
 
 
 @pytest.mark.slow
-def test_the_demo_job_from_objects_writes_the_bytes_of_the_yaml_run(tmp_path):
+def test_the_demo_job_from_objects_writes_the_bytes_of_the_yaml_run(tmp_path, demo_run):
+    """``pairforge demo`` runs the demo's job built from objects
+    (``demo_job``); the session runs it once (``demo_run``, which other tests
+    read too), and here the YAML of the same job runs on the same URL list,
+    its corpus served again on the port its URLs name (URLs are in the
+    shards' bytes). Should that port be taken meanwhile, the job from objects
+    runs here too, beside the YAML, on a new port."""
     from pairforge.demo import build_corpus, demo_job, write_url_list
+    from pairforge.manifests.manifest import read_manifest
     from pairforge.pipeline.httpserver import LocalHTTPServer
 
+    rc, object_run = demo_run
+    assert rc == 0
+    urls = object_run.parent / "input" / "urls.parquet"
+    port = urlsplit(pq.read_table(urls, columns=["url"]).column(0)[0].as_py()).port
+    (tmp_path / "job.yaml").write_text(DEMO_YAML.format(cpus=os.cpu_count()))
+    (tmp_path / "input").mkdir()
     routes, rows = build_corpus()
-    (tmp_path / "job.yaml").write_text(DEMO_YAML.format(cpus=2))
-    with LocalHTTPServer(routes) as server:
+    try:
+        server = LocalHTTPServer(routes, port=port)
+        shutil.copy(urls, tmp_path / "input" / "urls.parquet")
+    except OSError:
+        server = LocalHTTPServer(routes)
         write_url_list(server, rows, tmp_path / "input" / "urls.parquet")
+        object_run = None
+    with server:
         from_yaml = pairforge.run(tmp_path / "job.yaml")
-        from_objects = pairforge.run(demo_job(tmp_path / "input" / "urls.parquet", tmp_path / "objects", "local"))
-    assert from_yaml["counts"] == from_objects["counts"] and from_yaml["counts"]["rejected"] > 0
-    yaml_run, object_run = tmp_path / "run", tmp_path / "objects"
+        if object_run is None:
+            object_run = tmp_path / "objects"
+            pairforge.run(demo_job(tmp_path / "input" / "urls.parquet", object_run, "local"))
+    assert from_yaml["counts"] == read_manifest(object_run)["counts"] and from_yaml["counts"]["rejected"] > 0
+    yaml_run = tmp_path / "run"
 
-    def written(run: Path) -> list[Path]:  # the data files: not the manifest, timings or the work folder
+    def written(run: Path) -> list[Path]:  # the data files: not the manifest, timings, the work folder or the report
         names = (p.relative_to(run) for p in run.rglob("*") if p.is_file())
-        return sorted(p for p in names if p.parts[0] != "_work" and p.name != "manifest.json" and "_stats" not in p.name)
+        return sorted(
+            p
+            for p in names
+            if p.parts[0] not in ("_work", "report") and p.name != "manifest.json" and "_stats" not in p.name
+        )
 
     files = written(yaml_run)
     assert {f.parts[0] for f in files} >= {"shards", "rejects", "embeddings", "arrays", "confounders"}

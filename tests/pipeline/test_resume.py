@@ -42,9 +42,11 @@ def _job_dict(urls_path, out: str) -> dict:
     }
 
 
-def _routes() -> dict:
+def _routes(delay: float = 0.15) -> dict:
+    """The images, each answered after ``delay`` s: slow enough for the driver
+    to be cut mid-run; the resumes and the reference runs take them at once."""
     n = SHARDS * PER_SHARD  # copies at other URLs, so the global stage has work across shards
-    return {f"/{i}.jpg": Route(jpeg(i % (n // 2)), "image/jpeg", delay=0.15) for i in range(n)}
+    return {f"/{i}.jpg": Route(jpeg(i % (n // 2)), "image/jpeg", delay=delay) for i in range(n)}
 
 
 def _start_driver(tmp_path, server, stderr) -> subprocess.Popen:
@@ -72,6 +74,7 @@ def test_sigkill_half_way_then_resume_downloads_only_the_rest(tmp_path, ray_loca
         assert SHARDS // 2 <= len(finished) < SHARDS, (finished, (tmp_path / "driver.log").read_text()[-2000:])
         assert not layout.manifest_json(cut).exists()
 
+        server.routes.update(_routes(delay=0.0))
         before = sum(server.hits.values())
         man = run_job(load_job(tmp_path / "job.yaml"), resume=True)
         resumed_hits = sum(server.hits.values()) - before
@@ -154,6 +157,7 @@ def test_sigint_stops_cleanly_and_resume_cleans_up(tmp_path, ray_local):
             stale = layout.shards_dir(cut) / ".00003.tar.tmp-4242"  # as an interrupted write leaves it
             stale.parent.mkdir(parents=True, exist_ok=True)
             stale.write_bytes(b"half")
+            server.routes.update(_routes(delay=0.0))
             run_job(load_job(tmp_path / "in_flight" / "job.yaml"), resume=True)
             assert not stale.exists()
             assert verify(cut) == []
