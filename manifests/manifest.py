@@ -17,6 +17,8 @@ import tarfile
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
+import pyarrow as pa
+
 from pairforge.manifests import layout, storage
 from pairforge.manifests.redact import redact
 from pairforge.manifests.sources import count_sources, verify_sources
@@ -273,9 +275,13 @@ def verify(out_dir) -> list[str]:
         tar, par, rej = layout.shard_tar(out, sid), layout.shard_parquet(out, sid), layout.rejects_parquet(out, sid)
         if not (tar.exists() and par.exists() and rej.exists()):
             continue
-        tar_keys = _tar_keys(tar)
-        par_keys = storage.read_parquet(par, columns=["key"]).column("key").to_pylist()
-        rej_keys = storage.read_parquet(rej, columns=["key"]).column("key").to_pylist()
+        try:  # a cut or garbage file is a problem to report, not a reason to stop looking
+            tar_keys = _tar_keys(tar)
+            par_keys = storage.read_parquet(par, columns=["key"]).column("key").to_pylist()
+            rej_keys = storage.read_parquet(rej, columns=["key"]).column("key").to_pylist()
+        except (tarfile.TarError, pa.ArrowException, OSError, KeyError) as e:
+            problems.append(f"shard {sh['name']}: its files cannot be read ({type(e).__name__}: {e})")
+            continue
         if sorted(tar_keys) != sorted(par_keys):
             problems.append(
                 f"shard {sh['name']}: tar and parquet hold different keys ({len(tar_keys)} vs {len(par_keys)})"

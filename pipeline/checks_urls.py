@@ -36,7 +36,12 @@ def first_rows(out, limit: int = SAMPLE_ROWS) -> Batch:
         part = table_to_batch(table.slice(0, limit - n))
         parts.append(part)
         n += table.num_rows
-    return concat(parts)
+    if not parts:
+        return {}
+    # the columns every part has: lists of several sources may differ in
+    # their extra columns (a ``license`` in one), never in url and caption
+    common = [c for c in parts[0] if all(c in p for p in parts[1:])]
+    return concat([{c: p[c] for c in common} for p in parts])
 
 
 def input_warnings(stages: list[Stage], out) -> list[str]:

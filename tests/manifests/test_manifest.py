@@ -56,6 +56,25 @@ def test_verify_catches_an_altered_tar(run_dir, capsys):
     assert "checksum mismatch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["cut", "garbage"])
+def test_verify_reports_an_unreadable_tar_and_goes_on(run_dir, capsys, damage):
+    """A cut or garbage shard is a problem line (a tar cut after a member
+    reads as fewer keys; garbage cannot be read at all), and the other shards
+    are still checked: ``verify`` does not stop with the reader's exception."""
+    tar = layout.shard_tar(run_dir, 1)
+    data = tar.read_bytes()
+    tar.write_bytes(data[:1100] if damage == "cut" else b"\x00\xff not a tar " * 400)
+    par = layout.shard_parquet(run_dir, 2)
+    pq.write_table(pq.read_table(par).slice(0, 2), par)  # a problem in a later shard, seen too
+    problems = verify(run_dir)
+    said = "its files cannot be read" if damage == "garbage" else "tar and parquet hold different keys"
+    assert any(p.startswith(f"shard 00001: {said}") for p in problems), problems
+    assert any("shards/00001.tar: checksum mismatch" in p for p in problems)
+    assert any(p.startswith("shard 00002: 2 parquet rows, manifest says 3") for p in problems), problems
+    assert cli_main(["manifest", "verify", str(run_dir)]) == 1
+    assert said in capsys.readouterr().err
+
+
 def test_verify_catches_lost_rows(run_dir):
     rej = layout.rejects_parquet(run_dir, 2)
     par = layout.shard_parquet(run_dir, 2)
