@@ -59,7 +59,7 @@ from pairforge.stages.common import clip as _clip
 from pairforge.stages.common import detectors as _det
 from pairforge.stages.common.assets import resolve as resolve_asset
 from pairforge.stages.common.gpu_slots import GpuMemoryError, GpuSlots
-from pairforge.stages.common.regions_options import BACKENDS, FEATURES, Config, DetectorSpec  # noqa: F401 (the stage's options, importable here)
+from pairforge.stages.common.regions_options import Config, DetectorSpec
 
 log = logging.getLogger(__name__)
 #: labels are fixed-width strings (longer names are cut): Ray Data's tensor
