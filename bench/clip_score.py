@@ -16,18 +16,22 @@ Plans (``--plans``, comma separated; default: all that apply):
   eagerly, replayed from CUDA graphs, ``torch.compile`` + graphs
 * ``naive``: torch DataLoader (PIL + open_clip's preprocess, ``--workers``
   workers), tokenise in the loop, both towers eagerly: what a user writes
-* ``inproc1``, ``inproc2``: the stage in this process from JPEG bytes (nvJPEG
-  on a GPU), one batch at a time, or two at once on two threads (what one
-  actor does, without Ray)
+* ``inproc1``, ``inproc2``, ``inprocN``: the stage in this process from JPEG
+  bytes (nvJPEG on a GPU), N batches at once on N threads (what one actor
+  does, without Ray; on a GPU the tokens are made ahead, untimed, as a Ray
+  plan's CPU tasks do); ``inprocN-libjpeg``: libjpeg on ``--actor-cpus``
+  threads
 * ``ray-*``: the stage through Ray Data (``pipeline.plan.map_on_actors``, the
   plan a job runs) from JPEG bytes in the object store: ``ray-nvjpeg`` one
   actor, ``--actor-threads`` batches at once, nvJPEG in the actor, CPU tasks
   tokenise ahead of it; ``ray-nvjpeg-2a`` two such actors sharing the GPU
   (``pipeline/example_job.yaml``; the headline); ``ray-nvjpeg-1t`` one actor, one batch at a time;
   ``ray-nvimgcodec``, ``ray-nvimgcodec-2a``, ``-1t``: the same with ``image_decode: nvimgcodec``
-  (the hardware JPEG engines; needs nvidia-nvimgcodec-cu13); ``ray-libjpeg`` ``--prefetch-actors`` actors with
-  CPU tasks decoding (libjpeg), resizing and tokenising ahead of them (the
-  plan this project recommended before); a ``+compiled`` suffix (``ray-nvjpeg-2a+compiled``)
+  (the hardware JPEG engines; needs nvidia-nvimgcodec-cu13); ``ray-libjpeg-<A>a<T>t``: libjpeg on ``--actor-cpus``
+  threads of each actor, the resize on the GPU, tokens in CPU tasks;
+  ``ray-libjpeg``: ``--prefetch-actors`` actors with CPU tasks decoding,
+  resizing and tokenising ahead of them on a CPU-only machine (on a GPU the
+  actors decode, on one CPU thread each); a ``+compiled`` suffix (``ray-nvjpeg-2a+compiled``)
   runs that plan with the stage's ``compile: true``
 
 Method: every plan is set up (models loaded, graphs captured; untimed), runs
@@ -78,20 +82,28 @@ from bench.clipbench import (  # noqa: E402
 
 
 class InProcess(Plan):
-    """The stage from JPEG bytes in this process, ``threads`` batches at once."""
+    """The stage from JPEG bytes in this process, ``threads`` batches at once;
+    ``decode``: nvJPEG on a GPU (PIL on the CPU) or ``libjpeg`` on
+    ``--actor-cpus`` threads."""
 
-    def __init__(self, args, images, captions, threads: int):
+    def __init__(self, args, images, captions, threads: int, decode: str = ""):
         self.args, self.threads = args, threads
-        self.decode = "nvjpeg" if args.device.startswith("cuda") else "pil"
+        self.decode = decode or ("nvjpeg" if args.device.startswith("cuda") else "pil")
+        self.cpus = args.actor_cpus if decode == "libjpeg" else os.cpu_count()
         b = args.batch_size
         self.batches = [rows_batch(images[i : i + b], captions[i : i + b], i) for i in range(0, len(images), b)]
-        self.label = f"stage in process, {self.decode}, {threads} batch(es) at once"
+        self.label = f"stage in process, {self.decode}"
+        self.label += f" on {self.cpus} threads" if decode == "libjpeg" else ""
+        self.label += f", {threads} batch(es) at once" + (", tokens ahead" if args.device.startswith("cuda") else "")
 
     def setup(self) -> None:
         from pairforge.stages.clip_score import ClipScoreStage
 
-        self.stage = ClipScoreStage(stage_config(self.args, self.decode, cpus=os.cpu_count(), threads=self.threads))
+        self.stage = ClipScoreStage(stage_config(self.args, self.decode, cpus=self.cpus, threads=self.threads))
         self.stage.setup()
+        # on a GPU, tokens made ahead as the CPU tasks of a Ray plan do (untimed: other cores there)
+        gpu = self.args.device.startswith("cuda")
+        self.ready = [self.stage.cpu_prepare(dict(b)) for b in self.batches] if gpu else self.batches
 
     def run(self) -> Clock:
         from concurrent.futures import ThreadPoolExecutor
@@ -100,11 +112,11 @@ class InProcess(Plan):
 
         clock = Clock()
         if self.threads == 1:
-            for batch in self.batches:
+            for batch in self.ready:
                 clock.tick(len(run_stage_batch(self.stage, dict(batch))["key"]))
         else:
             with ThreadPoolExecutor(self.threads) as pool:
-                for out in pool.map(lambda b: run_stage_batch(self.stage, dict(b)), self.batches):
+                for out in pool.map(lambda b: run_stage_batch(self.stage, dict(b)), self.ready):
                     clock.tick(len(out["key"]))
         return clock.stop()
 
@@ -120,7 +132,13 @@ class RayPlan(Plan):
             raise ValueError(f"unknown Ray plan {self.name!r} (suffixes: +compiled, +eager)")
         decoder, _, shape = name.removeprefix("ray-").partition("-")
         grid = re.fullmatch(r"(\d+)a(\d+)t", shape)
-        if decoder in ("nvjpeg", "nvimgcodec") and (shape in ("", "2a", "1t", "noprefetch") or grid):
+        if decoder == "libjpeg" and grid:  # libjpeg on the actor's CPU threads, the resize on the GPU
+            actors, threads = int(grid[1]), int(grid[2])
+            self.cfg = dict(decode="libjpeg", actors=actors, cpus=a.actor_cpus, threads=threads, prefetch=True)
+            what = (f"{actors} actor{'s' * (actors > 1)} x {threads} thread{'s' * (threads > 1)}"
+                    + (f" ({a.gpus}/{actors} GPU each)" if actors > 1 else "")
+                    + f", libjpeg on {a.actor_cpus} CPUs in the actor, tokens in CPU tasks")  # fmt: skip
+        elif decoder in ("nvjpeg", "nvimgcodec") and (shape in ("", "2a", "1t", "noprefetch") or grid):
             if grid:
                 actors, threads = int(grid[1]), int(grid[2])
             else:
@@ -131,7 +149,7 @@ class RayPlan(Plan):
             what = (f"{actors} actor{'s' * (actors > 1)} x {threads} thread{'s' * (threads > 1)}"
                     + (f" ({a.gpus}/{actors} GPU each)" if actors > 1 else "") + f", {dec} in the actor"
                     + (", tokens in CPU tasks" if prefetch else ", tokens in the actor too"))  # fmt: skip
-        elif name == "ray-libjpeg":
+        elif name == "ray-libjpeg":  # on a GPU: the actor decodes on one CPU thread (see the stage's cpu_prepare)
             self.cfg = dict(decode="libjpeg", actors=a.prefetch_actors, cpus=1, threads=1, prefetch=True)
             what = f"{a.prefetch_actors} actors x 1 CPU, libjpeg decode + resize + tokens in CPU tasks"
         else:
@@ -225,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the naive loop")
     p.add_argument("--actor-threads", type=int, default=2)
     p.add_argument("--compile-numerics", default="eager", help="compile_numerics of the compiled ceiling and plans")
+    p.add_argument("--actor-cpus", type=int, default=8, help="CPUs (decode threads) of libjpeg plans")
     p.add_argument("--prefetch-actors", type=int, default=None, help="actors of ray-libjpeg (default 3; 1 on the CPU)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the Ray plans share")
     p.add_argument("--parts-n", type=int, default=8192, help="rows for the per-part rates")
@@ -257,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     default = ["eager", "graphs"] if gpu else ["eager"]
     default += ["compiled"] if gpu and args.compile else []
     default += ["naive", "inproc2"] if gpu else ["naive", "inproc1"]
-    default += ["ray-nvjpeg", "ray-nvjpeg-2a", "ray-libjpeg"] if gpu else ["ray-libjpeg"]
+    default += ["ray-nvjpeg", "ray-nvjpeg-2a", "ray-libjpeg-1a4t"] if gpu else ["ray-libjpeg"]
     names = [x for x in args.plans.split(",") if x] or default
 
     if "parts" not in skip:
@@ -293,8 +312,9 @@ def main(argv: list[str] | None = None) -> None:
             plans.append(Ceiling(args, images, captions, name))
         elif name == "naive":
             plans.append(Naive(args, images, captions))
-        elif name.startswith("inproc"):
-            plans.append(InProcess(args, images, captions, int(name[len("inproc") :] or 1)))
+        elif name.startswith("inproc"):  # inproc2, inproc4-libjpeg
+            threads, _, decode = name[len("inproc") :].partition("-")
+            plans.append(InProcess(args, images, captions, int(threads or 1), decode))
         else:
             plans.append(RayPlan(args, source, name))
         plans[-1].name = name
