@@ -39,10 +39,10 @@ the 0.1% the project allows (docs/gpu.md). ``compile: false`` is eager.
 Under Ray an actor scores ``actor_threads`` batches at once on threads.
 
 ``cpu_prefetch: true`` tokenises in plain Ray CPU tasks ahead of the actors
-(:meth:`cpu_prepare`), and unless the actors decode on the GPU also decodes
-(libjpeg), resizes and crops there; with GPU decoding the object store
-carries only the encoded bytes and the tokens to the GPU actors (the
-measured plans are in docs/benchmarks.md, *clip_score on one GPU*).
+(:meth:`cpu_prepare`), and for actors without a GPU also decodes (libjpeg),
+resizes and crops there; GPU actors decode themselves, so the object store
+carries only the encoded bytes and the tokens to them (the measured plans
+are in docs/gpu.md and docs/benchmarks.md).
 
 The top-fraction fit (``learn`` ... ``decide_rows``) is
 :class:`stages.common.topfraction.TopFraction`: rows rank by (score desc, key
@@ -105,9 +105,9 @@ class Config:
     image_decode: str = "auto"
     #: threads for PIL/libjpeg decoding and nvImageCodec's host work; 0: ``num_cpus``
     decode_threads: int = 0
-    #: tokenise in CPU tasks ahead of the actors and, unless the actors decode
-    #: on the GPU, decode (libjpeg), resize and crop there too; in process:
-    #: the same functions, before ``process_batch``
+    #: tokenise in CPU tasks ahead of the actors and, for actors without a
+    #: GPU, decode (libjpeg), resize and crop there too; in process: the same
+    #: functions, before ``process_batch``
     cpu_prefetch: bool = False
     #: on a GPU, replay the towers from CUDA graphs captured at ``micro_batch``
     #: (kept only where they match the eager towers within 1e-3; the same kernels)
