@@ -46,8 +46,8 @@ for s in "$@"; do
     clip-threads) step clip-threads 270 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 40960 --batch-size 1024 --budget-s 210 --plans compiled,ray-nvjpeg-1a4t+compiled,ray-nvjpeg-1a8t+compiled \
         --headline ray-nvjpeg-1a8t+compiled ;;
-    clip-feed) step clip-feed 560 python3 bench/clip_score.py --device cuda --compile --skip agreement \
-        --parts-n 8192 --n 40960 --batch-size 1024 --passes 3 --budget-s 440 --actor-cpus 10 \
+    clip-feed) step clip-feed 500 python3 bench/clip_score.py --device cuda --compile --skip agreement \
+        --parts-n 8192 --n 40960 --batch-size 1024 --passes 3 --budget-s 370 --actor-cpus 10 \
         --plans compiled,inproc4-libjpeg,ray-libjpeg-1a4t,ray-nvjpeg-1a4t --headline ray-libjpeg-1a4t ;;
     clip-ceilings) step clip-ceilings 75 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 20480 --plans eager,compiled ;;
