@@ -27,11 +27,9 @@ Plans (``--plans``, comma separated; default: all that apply):
   tokenise ahead of it; ``ray-nvjpeg-2a`` two such actors sharing the GPU
   (``pipeline/example_job.yaml``; the headline); ``ray-nvjpeg-1t`` one actor, one batch at a time;
   ``ray-nvimgcodec``, ``ray-nvimgcodec-2a``, ``-1t``: the same with ``image_decode: nvimgcodec``
-  (the hardware JPEG engines; needs nvidia-nvimgcodec-cu13); ``ray-libjpeg-<A>a<T>t``: libjpeg on ``--actor-cpus``
-  threads of each actor, the resize on the GPU, tokens in CPU tasks;
-  ``ray-libjpeg``: ``--prefetch-actors`` actors with CPU tasks decoding,
-  resizing and tokenising ahead of them on a CPU-only machine (on a GPU the
-  actors decode, on one CPU thread each); a ``+compiled`` suffix (``ray-nvjpeg-2a+compiled``)
+  (the hardware JPEG engines; needs nvidia-nvimgcodec-cu13); ``ray-libjpeg``
+  ``--prefetch-actors`` actors with CPU tasks decoding (libjpeg), resizing
+  and tokenising ahead of them; a ``+compiled`` suffix (``ray-nvjpeg-2a+compiled``)
   runs that plan with the stage's ``compile: true``
 
 Method: every plan is set up (models loaded, graphs captured; untimed), runs
@@ -44,7 +42,9 @@ too). A Ray pass starts its CPU tasks only once its actors are up
 (``wait_for_min_actors_s``): no plan gets CPU work done outside its timed
 window while its actors start. GPU busy is NVML's utilisation (the share of time a kernel ran),
 sampled every 0.1 s over the same window; CPU busy is /proc/stat's busy
-cores over it. The table gives the median and min-max over the timed passes
+cores over it, and "stolen" the cores' worth of time the host of a virtual
+machine took from its vCPUs (a lent GPU machine is one: a host that steals
+slows every plan's CPU work, not the ceilings). The table gives the median and min-max over the timed passes
 and the ratios of the medians to ``naive`` and to ``eager``, all from this run.
 """
 
@@ -102,8 +102,14 @@ class InProcess(Plan):
         self.stage = ClipScoreStage(stage_config(self.args, self.decode, cpus=self.cpus, threads=self.threads))
         self.stage.setup()
         # on a GPU, tokens made ahead as the CPU tasks of a Ray plan do (untimed: other cores there)
+        from pairforge.stages.clip_score import TOKENS
+        from pairforge.stages.common.clip import tokenizer
+
+        tok = tokenizer(self.args.model)
         gpu = self.args.device.startswith("cuda")
-        self.ready = [self.stage.cpu_prepare(dict(b)) for b in self.batches] if gpu else self.batches
+        self.ready = (
+            [dict(b, **{TOKENS: tok(list(b["caption"])).numpy()}) for b in self.batches] if gpu else self.batches
+        )
 
     def run(self) -> Clock:
         from concurrent.futures import ThreadPoolExecutor
@@ -132,13 +138,7 @@ class RayPlan(Plan):
             raise ValueError(f"unknown Ray plan {self.name!r} (suffixes: +compiled, +eager)")
         decoder, _, shape = name.removeprefix("ray-").partition("-")
         grid = re.fullmatch(r"(\d+)a(\d+)t", shape)
-        if decoder == "libjpeg" and grid:  # libjpeg on the actor's CPU threads, the resize on the GPU
-            actors, threads = int(grid[1]), int(grid[2])
-            self.cfg = dict(decode="libjpeg", actors=actors, cpus=a.actor_cpus, threads=threads, prefetch=True)
-            what = (f"{actors} actor{'s' * (actors > 1)} x {threads} thread{'s' * (threads > 1)}"
-                    + (f" ({a.gpus}/{actors} GPU each)" if actors > 1 else "")
-                    + f", libjpeg on {a.actor_cpus} CPUs in the actor, tokens in CPU tasks")  # fmt: skip
-        elif decoder in ("nvjpeg", "nvimgcodec") and (shape in ("", "2a", "1t", "noprefetch") or grid):
+        if decoder in ("nvjpeg", "nvimgcodec") and (shape in ("", "2a", "1t", "noprefetch") or grid):
             if grid:
                 actors, threads = int(grid[1]), int(grid[2])
             else:
@@ -149,7 +149,7 @@ class RayPlan(Plan):
             what = (f"{actors} actor{'s' * (actors > 1)} x {threads} thread{'s' * (threads > 1)}"
                     + (f" ({a.gpus}/{actors} GPU each)" if actors > 1 else "") + f", {dec} in the actor"
                     + (", tokens in CPU tasks" if prefetch else ", tokens in the actor too"))  # fmt: skip
-        elif name == "ray-libjpeg":  # on a GPU: the actor decodes on one CPU thread (see the stage's cpu_prepare)
+        elif name == "ray-libjpeg":
             self.cfg = dict(decode="libjpeg", actors=a.prefetch_actors, cpus=1, threads=1, prefetch=True)
             what = f"{a.prefetch_actors} actors x 1 CPU, libjpeg decode + resize + tokens in CPU tasks"
         else:
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the naive loop")
     p.add_argument("--actor-threads", type=int, default=2)
     p.add_argument("--compile-numerics", default="eager", help="compile_numerics of the compiled ceiling and plans")
-    p.add_argument("--actor-cpus", type=int, default=8, help="CPUs (decode threads) of libjpeg plans")
+    p.add_argument("--actor-cpus", type=int, default=8, help="decode threads of inprocN-libjpeg")
     p.add_argument("--prefetch-actors", type=int, default=None, help="actors of ray-libjpeg (default 3; 1 on the CPU)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the Ray plans share")
     p.add_argument("--parts-n", type=int, default=8192, help="rows for the per-part rates")
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     default = ["eager", "graphs"] if gpu else ["eager"]
     default += ["compiled"] if gpu and args.compile else []
     default += ["naive", "inproc2"] if gpu else ["naive", "inproc1"]
-    default += ["ray-nvjpeg", "ray-nvjpeg-2a", "ray-libjpeg-1a4t"] if gpu else ["ray-libjpeg"]
+    default += ["ray-nvjpeg", "ray-nvjpeg-2a", "ray-libjpeg"] if gpu else ["ray-libjpeg"]
     names = [x for x in args.plans.split(",") if x] or default
 
     if "parts" not in skip:
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                 c.busy = busy.mean(c.t0, c.end) if busy else float("nan")
                 results[pl.name].append(c)
                 print(f"pass {r + 1}: {pl.label}: {c.rate:.0f} pairs/s, GPU busy {c.busy:.0f}%, "
-                      f"{c.cores:.1f} cores busy, wall {c.end - c.start:.1f}s", flush=True)  # fmt: skip
+                      f"{c.cores:.1f} cores busy, {c.stolen:.1f} stolen, wall {c.end - c.start:.1f}s", flush=True)  # fmt: skip
                 if c.batches < c.min_batches:
                     print(f"   ({c.batches} batches after the first, {c.min_batches} needed for a rate at this "
                           f"plan's concurrency: raise --n or lower --batch-size)", flush=True)  # fmt: skip
@@ -370,7 +370,7 @@ def report(args, plans: list[Plan], results: dict, busy) -> None:
     print(f"GPU busy from {busy.source if busy else '-'}; ratios are of medians, all measured in this run\n")
     w = max([len(p.label) for p in plans] + [10])
     print(f"{'plan':<{w}} {'median':>8} {'min-max':>13} {'passes':>6} {'x naive':>8} {'of eager':>8} {'of comp.':>8} "
-          f"{'GPU busy':>8} {'cores':>6} {'wall s':>7}")  # fmt: skip
+          f"{'GPU busy':>8} {'cores':>6} {'stolen':>6} {'wall s':>7}")  # fmt: skip
     table = {}
     for pl in plans:
         cs = results[pl.name]
@@ -380,14 +380,15 @@ def report(args, plans: list[Plan], results: dict, busy) -> None:
         m, lo, hi = summary([c.rate for c in cs])
         b = summary([c.busy for c in cs])[0]
         cores = summary([c.cores for c in cs])[0]
+        stolen = summary([c.stolen for c in cs])[0]
         wall = summary([c.end - c.start for c in cs])[0]
         xn = m / base if base else float("nan")
         xc = m / top if top else float("nan")
         xk = m / comp if comp else float("nan")
         print(f"{pl.label:<{w}} {m:>8.0f} {f'{lo:.0f}-{hi:.0f}':>13} {len(cs):>6} {xn:>8.2f} {xc:>8.1%} {xk:>8.1%} "
-              f"{b:>7.0f}% {cores:>6.1f} {wall:>7.1f}")  # fmt: skip
+              f"{b:>7.0f}% {cores:>6.1f} {stolen:>6.1f} {wall:>7.1f}")  # fmt: skip
         table[pl.name] = {"label": pl.label, "median": m, "min": lo, "max": hi, "passes": [c.rate for c in cs],
-                          "gpu_busy": b, "cores": cores, "wall_s": wall}  # fmt: skip
+                          "gpu_busy": b, "cores": cores, "stolen": stolen, "wall_s": wall}  # fmt: skip
     head = table.get(args.headline)
     if head:
         m, b = head["median"], head["gpu_busy"]

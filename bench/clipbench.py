@@ -101,15 +101,18 @@ class GpuBusy:
         return float(np.mean(s)) if s else float("nan")
 
 
-def cpu_busy_seconds() -> float:
-    """Busy CPU seconds of the whole machine so far (/proc/stat), or NaN."""
+def cpu_busy_seconds() -> np.ndarray:
+    """(busy, stolen) CPU seconds of the whole machine so far (/proc/stat),
+    or NaNs. Stolen time (a virtual machine's vCPUs waiting for the host)
+    is not busy: a host that steals leaves the CPU work of a plan slower."""
     try:
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:]]
         idle = v[3] + (v[4] if len(v) > 4 else 0)
-        return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        steal = v[7] if len(v) > 7 else 0
+        return np.array([sum(v[:8]) - idle - steal, steal], dtype=float) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError):
-        return float("nan")
+        return np.full(2, np.nan)
 
 
 class Clock:
@@ -147,7 +150,18 @@ class Clock:
 
     @property
     def cores(self) -> float:
-        return (self.cpu_end - self.cpu_t0) / max(self.end - self.t0, 1e-9) if self.t0 is not None else float("nan")
+        """Busy cores over the timed window (stolen time excluded)."""
+        return self._per_s(0)
+
+    @property
+    def stolen(self) -> float:
+        """Cores' worth of time the host stole from this machine's vCPUs over the timed window."""
+        return self._per_s(1)
+
+    def _per_s(self, k: int) -> float:
+        if self.t0 is None:
+            return float("nan")
+        return float((self.cpu_end[k] - self.cpu_t0[k]) / max(self.end - self.t0, 1e-9))
 
 
 def sync(device: str) -> None:

@@ -39,10 +39,10 @@ the 0.1% the project allows (docs/gpu.md). ``compile: false`` is eager.
 Under Ray an actor scores ``actor_threads`` batches at once on threads.
 
 ``cpu_prefetch: true`` tokenises in plain Ray CPU tasks ahead of the actors
-(:meth:`cpu_prepare`), and for actors without a GPU also decodes (libjpeg),
-resizes and crops there; GPU actors decode themselves, so the object store
-carries only the encoded bytes and the tokens to them (the measured plans
-are in docs/gpu.md and docs/benchmarks.md).
+(:meth:`cpu_prepare`), and unless the actors decode on the GPU also decodes
+(libjpeg), resizes and crops there; with GPU decoding the object store
+carries only the encoded bytes and the tokens to the GPU actors (the
+measured plans are in docs/gpu.md and docs/benchmarks.md).
 
 The options and their checks are :mod:`stages.common.clip_options`.
 
@@ -174,13 +174,11 @@ class ClipScoreStage(GlobalStage):
         the prepare tasks may have none)."""
         return self.config.num_gpus > 0 or self.config.device.startswith("cuda")
 
-    def _actor_decodes(self) -> bool:
-        """Whether the actors decode (then prepare only tokenises): always on
-        a GPU (nvJPEG or nvImageCodec on the device, libjpeg or PIL on the
-        actor's CPU threads, the resize on the device: shipping decoded
-        pixels from CPU tasks kept the GPU 36% busy), and with the GPU
-        decoders anywhere."""
-        return self._on_gpu() or self.config.image_decode in ("nvjpeg", "nvimgcodec")
+    def _gpu_decode(self) -> bool:
+        """Whether the actors decode on the GPU, with nvJPEG or nvImageCodec
+        (then prepare only tokenises)."""
+        d = self.config.image_decode
+        return d in ("nvjpeg", "nvimgcodec") or (d == "auto" and self._on_gpu())
 
     def _prepare_memory(self) -> int:
         """Bytes of memory a ``cpu_prepare`` task needs: the worker with torch
@@ -188,7 +186,7 @@ class ClipScoreStage(GlobalStage):
         resize and the crop when it decodes."""
         # measured (Ray's max USS per task) on 256 px JPEGs at batch 2048: 1.1 GiB
         # tokenising, 5.1 GiB decoding and resizing too
-        per_row = 96 << 10 if self._actor_decodes() else 3 << 20
+        per_row = 96 << 10 if self._gpu_decode() else 3 << 20
         return (5 << 28) + self.config.batch_size * per_row
 
     def cpu_prepare(self, batch: Batch) -> Batch:
@@ -198,7 +196,7 @@ class ClipScoreStage(GlobalStage):
         captions = [c if isinstance(c, str) else "" for c in batch["caption"]]
         out = dict(batch)
         out[TOKENS] = _clip.tokenizer(self.config.model)(captions).numpy()
-        if self._actor_decodes():
+        if self._gpu_decode():
             return out
         n = batch_len(batch)
         cfg = _clip.pixel_cfg(self.config.model)

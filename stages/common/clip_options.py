@@ -37,9 +37,9 @@ class Config:
     image_decode: str = "auto"
     #: threads for PIL/libjpeg decoding and nvImageCodec's host work; 0: ``num_cpus``
     decode_threads: int = 0
-    #: tokenise in CPU tasks ahead of the actors and, for actors without a
-    #: GPU, decode (libjpeg), resize and crop there too; in process: the same
-    #: functions, before ``process_batch``
+    #: tokenise in CPU tasks ahead of the actors and, unless the actors decode
+    #: on the GPU, decode (libjpeg), resize and crop there too; in process:
+    #: the same functions, before ``process_batch``
     cpu_prefetch: bool = False
     #: on a GPU, replay the towers from CUDA graphs captured at ``micro_batch``
     #: (kept only where they match the eager towers within 1e-3; the same kernels)

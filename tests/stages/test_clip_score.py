@@ -150,18 +150,6 @@ def test_nvimgcodec_prefetch_only_tokenises():
     assert TOKENS in out and PIXELS not in out  # the actors decode: only bytes and tokens travel
 
 
-@pytest.mark.parametrize("decode", ["libjpeg", "pil", "auto"])
-def test_prefetch_for_gpu_actors_only_tokenises(decode):
-    """GPU actors decode themselves (libjpeg/PIL on their CPU threads, the
-    resize on the GPU); only actors without a GPU get pixels from the tasks."""
-    rows, _ = planted(1)
-    gpu = ClipScoreStage(Config(pretrained="unused.pt", model="pf-tiny", image_decode=decode, cpu_prefetch=True,
-                                num_gpus=0.5))  # fmt: skip
-    out = gpu.cpu_prepare(dict(rows))
-    assert TOKENS in out and PIXELS not in out
-    cpu = ClipScoreStage(Config(pretrained="unused.pt", model="pf-tiny", image_decode=decode, cpu_prefetch=True))
-    assert PIXELS in cpu.cpu_prepare(dict(rows))
-
 
 # --------------------------------------------------------------------- Ray
 
