@@ -2,7 +2,7 @@
 # One lent-GPU round of issue 31's measurements, as the device tool runs it:
 #   bash bench/gpu_round.sh STEP...      (from the repository root; logs under $OUT)
 # Steps: regions-prof, regions, regions-small, regions-mobilenet, clipagree, clip, clip-default, clip-both,
-# clip-threads, clip-feed, clip-host, clip-ceilings, safety.
+# clip-threads, clip-host, clip-ceilings, safety.
 # Needs the carried site (.carry/site.tar.xz: ray, open_clip, ... for Python
 # 3.12) and, for clipagree, the demo's rows (.carry/demo_rows.parquet).
 set -u
@@ -46,9 +46,6 @@ for s in "$@"; do
     clip-threads) step clip-threads 270 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 40960 --batch-size 1024 --budget-s 210 --plans compiled,ray-nvjpeg-1a4t+compiled,ray-nvjpeg-1a8t+compiled \
         --headline ray-nvjpeg-1a8t+compiled ;;
-    clip-feed) step clip-feed 500 python3 bench/clip_score.py --device cuda --compile --skip agreement \
-        --parts-n 8192 --n 40960 --batch-size 1024 --passes 3 --budget-s 370 --actor-cpus 10 \
-        --plans compiled,inproc4-libjpeg,ray-libjpeg-1a4t,ray-nvjpeg-1a4t --headline ray-libjpeg-1a4t ;;
     clip-host) step clip-host 220 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 40960 --batch-size 2048 --passes 2 --budget-s 130 --plans compiled,inproc4,ray-nvjpeg-1a4t \
         --headline ray-nvjpeg-1a4t ;;
