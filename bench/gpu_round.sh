@@ -2,15 +2,19 @@
 # One lent-GPU round of issue 31's measurements, as the device tool runs it:
 #   bash bench/gpu_round.sh STEP...      (from the repository root; logs under $OUT)
 # Steps: regions-prof, regions, regions-small, regions-mobilenet, clipagree, clip, clip-default, clip-both,
-# clip-threads, clip-host, clip-ceilings, safety.
+# clip-threads, clip-host, clip-nvimg, clip-ceilings, safety.
 # Needs the carried site (.carry/site.tar.xz: ray, open_clip, ... for Python
-# 3.12) and, for clipagree, the demo's rows (.carry/demo_rows.parquet).
+# 3.12), for clipagree the demo's rows (.carry/demo_rows.parquet) and for
+# clip-nvimg nvImageCodec's wheels (.carry/nvimg.tar.xz, docs/gpu.md).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/site
 T0=$(date +%s)
 if [ ! -f /tmp/site/.done ]; then
   tar -xJf .carry/site.tar.xz -C /tmp/site && touch /tmp/site/.done
+fi
+if [ -f .carry/nvimg.tar.xz ] && [ ! -f /tmp/site/.nvimg ]; then  # nvImageCodec + nvJPEG wheels, unzipped
+  tar -xJf .carry/nvimg.tar.xz -C /tmp/site && touch /tmp/site/.nvimg
 fi
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 RAY_USAGE_STATS_ENABLED=0
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -49,6 +53,9 @@ for s in "$@"; do
     clip-host) step clip-host 220 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 40960 --batch-size 2048 --passes 2 --budget-s 130 --plans compiled,inproc4,ray-nvjpeg-1a4t \
         --headline ray-nvjpeg-1a4t ;;
+    clip-nvimg) step clip-nvimg 300 python3 bench/clip_score.py --device cuda --compile --skip agreement \
+        --parts-n 8192 --n 40960 --batch-size 2048 --passes 3 --budget-s 220 \
+        --plans compiled,ray-nvimgcodec-1a4t,ray-nvjpeg-1a4t --headline ray-nvimgcodec-1a4t ;;
     clip-ceilings) step clip-ceilings 75 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 20480 --plans eager,compiled ;;
     safety) step safety-nsfw 150 python3 bench/safety.py --device cuda --plans nsfw ;;
