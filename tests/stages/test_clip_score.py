@@ -150,7 +150,6 @@ def test_nvimgcodec_prefetch_only_tokenises():
     assert TOKENS in out and PIXELS not in out  # the actors decode: only bytes and tokens travel
 
 
-
 # --------------------------------------------------------------------- Ray
 
 
