@@ -143,6 +143,22 @@ def test_nvimgcodec_fails_at_setup_saying_what_is_missing(monkeypatch):
     assert cuda._loaded is None
 
 
+@pytest.mark.parametrize("threads", [1, 3, 16])
+def test_threaded_cpu_decode_keeps_every_image_in_its_place(threads):
+    """decode_cpu hands each thread a slice of the images: the result is in
+    input order and pixel for pixel what one decode per image gives, failures
+    included, whatever the threads (more threads than images too)."""
+    rng = np.random.default_rng(3)
+    images = [encoded(draw(c, "circle", rng, size=(40 + 8 * i, 48)), "PNG" if i % 4 == 3 else "JPEG")
+              for i, c in enumerate(["red", "green", "blue", "red", "green", "blue", "red"])]  # fmt: skip
+    images[2] = b"not an image"
+    tensors, errors = _clip.decode_cpu(images, "cpu", threads)
+    assert [e is not None for e in errors] == [i == 2 for i in range(len(images))]
+    for data, t in zip(images, tensors):
+        one, _ = _clip.decode_tensors([data], "cpu")
+        assert (t is None and one[0] is None) or torch.equal(t, one[0])
+
+
 def test_nvimgcodec_prefetch_only_tokenises():
     rows, _ = planted(1)
     st = ClipScoreStage(Config(pretrained="unused.pt", model="pf-tiny", image_decode="nvimgcodec", cpu_prefetch=True))
