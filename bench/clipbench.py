@@ -129,7 +129,6 @@ class Clock:
         self.min_batches = min_batches
         self.t0 = self.end = None
         self.rows = self.batches = 0
-        self.cpu0 = cpu_busy_seconds()
         self.cpu_t0 = self.cpu_end = None
 
     def tick(self, rows: int) -> None:

@@ -31,13 +31,12 @@ class InProcess(Plan):
         self.label += f", {threads} batch(es) at once" + (", tokens ahead" if args.device.startswith("cuda") else "")
 
     def setup(self) -> None:
-        from pairforge.stages.clip_score import ClipScoreStage
+        from pairforge.stages.clip_score import TOKENS, ClipScoreStage
+        from pairforge.stages.common.clip import tokenizer
 
         self.stage = ClipScoreStage(stage_config(self.args, self.decode, cpus=self.cpus, threads=self.threads))
         self.stage.setup()
         # on a GPU, tokens made ahead as the CPU tasks of a Ray plan do (untimed: other cores there)
-        from pairforge.stages.clip_score import TOKENS
-        from pairforge.stages.common.clip import tokenizer
 
         tok = tokenizer(self.args.model)
         gpu = self.args.device.startswith("cuda")
@@ -98,18 +97,25 @@ class RayPlan(Plan):
         if compile:
             self.cfg["compile_numerics"] = a.compile_numerics
         self.label = f"Ray Data: {what}"
+        # batches a rate needs: 4 per batch in flight (see Clock)
+        self.min_batches = max(3, 4 * self.cfg["actors"] * self.cfg["threads"])
+        self._windows: list[Clock] = []  # --ray-windows: the passes the warm-up's execution measured
 
-    def run(self) -> Clock:
-        if self.args.ray_windows:
-            if not getattr(self, "_windows", None):  # the warm-up call runs them all
-                self._windows = self._run_windows()
-            return self._windows.pop(0)
+    def _scored(self, source):
+        """``source`` through the stage as a job runs it, keys and scores out."""
         from pairforge.pipeline.plan import map_on_actors
         from pairforge.stages.clip_score import ClipScoreStage
 
-        ds = map_on_actors(self.source, ClipScoreStage(stage_config(self.args, **self.cfg)))
-        ds = ds.select_columns(["key", "clip_score"])
-        clock = Clock(min_batches=max(3, 4 * self.cfg["actors"] * self.cfg["threads"]))
+        ds = map_on_actors(source, ClipScoreStage(stage_config(self.args, **self.cfg)))
+        return ds.select_columns(["key", "clip_score"])
+
+    def run(self) -> Clock:
+        if self.args.ray_windows:
+            if not self._windows:  # the warm-up call runs them all
+                self._windows = self._run_windows()
+            return self._windows.pop(0)
+        ds = self._scored(self.source)
+        clock = Clock(min_batches=self.min_batches)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             clock.tick(len(batch["key"]))
         clock.stop()
@@ -124,23 +130,17 @@ class RayPlan(Plan):
         first is the warm-up): one actor start for all the passes. A window's
         rate is its rows over the time from the last batch of the window
         before to its own last batch, so no start-up is in any of them."""
-        from pairforge.pipeline.plan import map_on_actors
-        from pairforge.stages.clip_score import ClipScoreStage
-
         a = self.args
         src = self.source
         for _ in range(a.passes):
             src = src.union(self.source)
-        ds = map_on_actors(src, ClipScoreStage(stage_config(a, **self.cfg)))
-        ds = ds.select_columns(["key", "clip_score"])
-        need = max(3, 4 * self.cfg["actors"] * self.cfg["threads"])
-        windows, clock, seen = [], Clock(min_batches=need), 0
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        windows, clock, seen = [], Clock(min_batches=self.min_batches), 0
+        for batch in self._scored(src).iter_batches(batch_format="numpy", batch_size=None):
             clock.tick(len(batch["key"]))
             seen += len(batch["key"])
             if seen >= (len(windows) + 1) * a.n:  # this window ends here, the next starts
                 windows.append(clock.stop())
-                clock = Clock(min_batches=need)
+                clock = Clock(min_batches=self.min_batches)
                 clock.t0, clock.cpu_t0 = windows[-1].end, windows[-1].cpu_end
         if clock.rows:
             windows.append(clock.stop())
