@@ -27,7 +27,9 @@ Plans (``--plans``, comma separated; default: all that apply):
   tokenise ahead of it; ``ray-nvjpeg-2a`` two such actors sharing the GPU
   (``pipeline/example_job.yaml``; the headline); ``ray-nvjpeg-1t`` one actor, one batch at a time;
   ``ray-nvimgcodec``, ``ray-nvimgcodec-2a``, ``-1t``: the same with ``image_decode: nvimgcodec``
-  (the hardware JPEG engines; needs nvidia-nvimgcodec-cu13); ``ray-libjpeg``
+  (the hardware JPEG engines; needs nvidia-nvimgcodec-cu13); ``ray-nvimgmix-*``: nvImageCodec with
+  ``--nvimg-mix`` as its backends (the engines with a share of each batch on the
+  hybrid decoder, CPU Huffman on ``--nvimg-threads`` threads); ``ray-libjpeg``
   ``--prefetch-actors`` actors with CPU tasks decoding (libjpeg), resizing
   and tokenising ahead of them; a ``+compiled`` suffix (``ray-nvjpeg-2a+compiled``)
   runs that plan with the stage's ``compile: true``
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile-numerics", default="eager", help="compile_numerics of the compiled ceiling and plans")
     p.add_argument("--actor-cpus", type=int, default=8, help="decode threads of inprocN-libjpeg")
     p.add_argument("--prefetch-actors", type=int, default=None, help="actors of ray-libjpeg (default 3; 1 on the CPU)")
+    p.add_argument("--nvimg-mix", default="HW_GPU_ONLY:0.8:adaptive,HYBRID_CPU_GPU",
+                   help="nvimgcodec_backends of the ray-nvimgmix plans")
+    p.add_argument("--nvimg-threads", type=int, default=3, help="decode_threads of the ray-nvimgmix plans")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the Ray plans share")
     p.add_argument("--parts-n", type=int, default=8192, help="rows for the per-part rates")
     p.add_argument("--skip", default="", help="comma list of: parts,agreement")

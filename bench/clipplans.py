@@ -71,14 +71,18 @@ class RayPlan(Plan):
             raise ValueError(f"unknown Ray plan {self.name!r} (suffixes: +compiled, +eager)")
         decoder, _, shape = name.removeprefix("ray-").partition("-")
         grid = re.fullmatch(r"(\d+)a(\d+)t", shape)
-        if decoder in ("nvjpeg", "nvimgcodec") and (shape in ("", "2a", "1t", "noprefetch") or grid):
+        if decoder in ("nvjpeg", "nvimgcodec", "nvimgmix") and (shape in ("", "2a", "1t", "noprefetch") or grid):
             if grid:
                 actors, threads = int(grid[1]), int(grid[2])
             else:
                 actors, threads = (2 if shape == "2a" else 1), (1 if shape == "1t" else a.actor_threads)
             prefetch = shape != "noprefetch"
             self.cfg = dict(decode=decoder, actors=actors, cpus=1, threads=threads, prefetch=prefetch)
-            dec = {"nvjpeg": "nvJPEG", "nvimgcodec": "nvImageCodec (hardware JPEG engines)"}[decoder]
+            dec = {"nvjpeg": "nvJPEG", "nvimgcodec": "nvImageCodec (hardware JPEG engines)",
+                   "nvimgmix": f"nvImageCodec {a.nvimg_mix} on {a.nvimg_threads} host threads per actor thread"}[decoder]
+            if decoder == "nvimgmix":  # the engines with a share of each batch on another backend
+                self.cfg.update(decode="nvimgcodec", nvimgcodec_backends=tuple(a.nvimg_mix.split(",")),
+                                decode_threads=a.nvimg_threads)  # fmt: skip
             what = (f"{actors} actor{'s' * (actors > 1)} x {threads} thread{'s' * (threads > 1)}"
                     + (f" ({a.gpus}/{actors} GPU each)" if actors > 1 else "") + f", {dec} in the actor"
                     + (", tokens in CPU tasks" if prefetch else ", tokens in the actor too"))  # fmt: skip

@@ -55,7 +55,7 @@ for s in "$@"; do
         --headline ray-nvjpeg-1a4t ;;
     clip-nvimg) step clip-nvimg 330 python3 bench/clip_score.py --device cuda --compile --skip agreement \
         --parts-n 8192 --n 40960 --batch-size 2048 --passes 3 --budget-s 250 --ray-windows \
-        --plans compiled,ray-nvimgcodec-1a4t,ray-nvjpeg-1a4t,ray-nvjpeg-2a --headline ray-nvimgcodec-1a4t ;;
+        --plans compiled,ray-nvimgmix-1a4t,ray-nvimgcodec-1a4t,ray-nvjpeg-1a4t --headline ray-nvimgmix-1a4t ;;
     clip-ceilings) step clip-ceilings 75 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 20480 --plans eager,compiled ;;
     safety) step safety-nsfw 150 python3 bench/safety.py --device cuda --plans nsfw ;;

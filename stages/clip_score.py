@@ -277,7 +277,7 @@ class ClipScoreStage(GlobalStage):
 
         if self._towers is not None and (pix is not None or decoder != "pil"):
             self._emb_dim = self._towers.dim
-            return self._towers.score(images, pix, errors, tokens, decoder, threads)
+            return self._towers.score(images, pix, errors, tokens, decoder, threads, c.nvimgcodec_backends)
 
         def transform(x):
             return _clip.normalize(x, ld.cfg)
@@ -289,7 +289,7 @@ class ClipScoreStage(GlobalStage):
             if decoder == "nvjpeg":
                 tensors, errors = _clip.decode_tensors(images, ld.device)
             elif decoder == "nvimgcodec":
-                tensors, errors = _gpudecode.decode_tensors(images, ld.device, threads)
+                tensors, errors = _gpudecode.decode_tensors(images, ld.device, threads, c.nvimgcodec_backends)
             else:
                 tensors, errors = _clip.decode_cpu(images, ld.device, threads)
             good = [i for i, t in enumerate(tensors) if t is not None]

@@ -10,6 +10,7 @@ its whole user-facing surface and the stage's code is the scoring path;
 from __future__ import annotations
 
 from pairforge.stages.common import clip as _clip
+from pairforge.stages.common import gpudecode as _gpudecode
 from pairforge.stages.common import tower_compile as _compile
 from pairforge.stages.options import options
 
@@ -35,6 +36,11 @@ class Config:
     micro_batch: int = 128
     #: ``auto``, ``pil``, ``nvjpeg``, ``nvimgcodec`` or ``libjpeg`` (see the module doc)
     image_decode: str = "auto"
+    #: nvImageCodec's backends, tried in order, each ``KIND``, ``KIND:SHARE``
+    #: (that share of a batch, the rest to the next) or ``KIND:SHARE:adaptive``
+    #: (a starting share nvImageCodec moves to keep both busy); see
+    #: :func:`stages.common.gpudecode.parse_backends`
+    nvimgcodec_backends: tuple[str, ...] = _gpudecode.BACKENDS
     #: threads for PIL/libjpeg decoding and nvImageCodec's host work; 0: ``num_cpus``
     decode_threads: int = 0
     #: tokenise in CPU tasks ahead of the actors and, unless the actors decode
@@ -72,6 +78,7 @@ class Config:
     def __post_init__(self):
         if self.image_decode not in _clip.DECODERS:
             raise ValueError(f"image_decode: expected one of {_clip.DECODERS}, got {self.image_decode!r}")
+        _gpudecode.parse_backends(self.nvimgcodec_backends)  # raises, naming the bad entry
         if self.compile_numerics not in _compile.NUMERICS:
             raise ValueError(f"compile_numerics: expected one of {_compile.NUMERICS}, got {self.compile_numerics!r}")
         if self.precision not in ("auto", "fp32"):

@@ -61,11 +61,11 @@ def thread_stream(device: str):
     return per[key]
 
 
-def decode_cuda(images: list, device: str, cfg: dict, decoder: str = "nvjpeg", threads: int = 1):
+def decode_cuda(images: list, device: str, cfg: dict, decoder: str = "nvjpeg", threads: int = 1, backends=None):
     """nvJPEG (torchvision's batched decode on the SMs, via
     :func:`decode_tensors`; ``nvimgcodec``: the hardware JPEG engines, via
     :func:`stages.common.gpudecode.decode_tensors` with ``threads`` host
-    threads; or ``libjpeg`` on ``threads`` CPU threads, via
+    threads and ``backends`` (its default list where None); or ``libjpeg`` on ``threads`` CPU threads, via
     :func:`decode_cpu`) + :func:`resize_crop` on this thread's stream.
     Returns uint8 ``[n, 3, S, S]`` pixels on ``device`` (zeros where an image
     failed) and per-row errors. When it returns, the pixels are ready: the
@@ -79,7 +79,7 @@ def decode_cuda(images: list, device: str, cfg: dict, decoder: str = "nvjpeg", t
         if decoder == "nvjpeg":
             tensors, errors = decode_tensors(images, device)
         elif decoder == "nvimgcodec":
-            tensors, errors = gpudecode.decode_tensors(images, device, threads)
+            tensors, errors = gpudecode.decode_tensors(images, device, threads, backends or gpudecode.BACKENDS)
         else:
             tensors, errors = decode_cpu(images, device, threads)
         good = [i for i, t in enumerate(tensors) if t is not None]
@@ -240,11 +240,11 @@ class CudaTowers:
         # keep the inputs alive until the towers have read them
         return Pending(done, host, (pixels, tokens, pix, tok, out))
 
-    def score(self, images: list, pix, pix_errors, tokens, decoder: str = "nvjpeg", threads: int = 1):
+    def score(self, images: list, pix, pix_errors, tokens, decoder: str = "nvjpeg", threads: int = 1, backends=None):
         """Scores (float32; NaN where the image failed), image and text
         embeddings (float16; zeros where it failed) and per-row decode errors
         of a batch: per chunk of :data:`DECODE_ROWS` rows, decode and resize
-        (``decoder`` ``nvjpeg``, ``nvimgcodec`` or ``libjpeg`` via :func:`decode_cuda`; or
+        (``decoder`` ``nvjpeg``, ``nvimgcodec`` (with ``backends``) or ``libjpeg`` via :func:`decode_cuda`; or
         ``pix``/``pix_errors``, prefetched uint8 pixels), then queue both
         towers without waiting, so the next chunk decodes while the GPU runs
         this one's towers; wait once at the end. ``tokens()`` gives the
@@ -258,7 +258,7 @@ class CudaTowers:
             if pix is not None:
                 p, e = np.ascontiguousarray(pix[a:b]), list(pix_errors[a:b])
             else:
-                p, e = decode_cuda(images[a:b], self.device_name, self.cfg, decoder, threads)
+                p, e = decode_cuda(images[a:b], self.device_name, self.cfg, decoder, threads, backends)
             if tok is None:
                 tok = tokens()
             pending.append(self.enqueue(p, tok[a:b]))

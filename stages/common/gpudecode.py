@@ -52,9 +52,45 @@ log = logging.getLogger(__name__)
 PACKAGE = "nvidia-nvimgcodec-cu13"
 #: nvImageCodec backend kinds, tried in this order for each image
 BACKENDS = ("HW_GPU_ONLY", "GPU_ONLY", "HYBRID_CPU_GPU")
+#: nvImageCodec's BackendKind names (checked without importing it)
+KINDS = ("HW_GPU_ONLY", "GPU_ONLY", "HYBRID_CPU_GPU", "CPU_ONLY")
 
 _lock = threading.Lock()
 _decoders: dict[tuple, "NvImgDecoder"] = {}
+
+
+def parse_backends(specs) -> tuple[tuple[str, float, bool], ...]:
+    """``KIND``, ``KIND:SHARE`` or ``KIND:SHARE:adaptive`` per backend, in the
+    order they are tried, as (kind, load hint, adaptive). SHARE is the
+    fraction of a batch nvImageCodec gives that backend (its ``load_hint``;
+    the rest falls to the next), fixed, or with ``adaptive`` a starting point
+    that nvImageCodec moves to keep both backends busy
+    (``ADAPTIVE_MINIMIZE_IDLE_TIME``). Why: the hardware engines alone decode
+    fewer of the bench's JPEGs a second than the compiled towers score on an
+    H200 (~12,000 against ~15,000), so a share of each batch has to go to a
+    decoder beside them. Raises ValueError naming the bad entry."""
+    if isinstance(specs, str):
+        specs = [s for s in specs.split(",") if s.strip()]
+    out = []
+    for spec in specs:
+        kind, *rest = str(spec).strip().split(":")
+        share, adaptive = 1.0, False
+        try:
+            if rest:
+                share = float(rest[0])
+            if len(rest) == 2 and rest[1] == "adaptive":
+                adaptive = True
+            elif len(rest) > 1:
+                raise ValueError
+        except ValueError:
+            share = -1.0
+        if kind not in KINDS or not 0.0 < share <= 1.0:
+            raise ValueError(f"nvimgcodec_backends: {spec!r}: expected KIND, KIND:SHARE or KIND:SHARE:adaptive "
+                             f"with KIND one of {list(KINDS)} and 0 < SHARE <= 1")  # fmt: skip
+        out.append((kind, share, adaptive))
+    if not out:
+        raise ValueError("nvimgcodec_backends: expected at least one backend")
+    return tuple(out)
 
 
 def load():
@@ -73,7 +109,8 @@ def load():
 
 class NvImgDecoder:
     """Batched nvImageCodec decoding to uint8 ``[3, H, W]`` torch tensors on
-    ``device``. ``backends``: nvImageCodec ``BackendKind`` names, in order.
+    ``device``. ``backends``: nvImageCodec ``BackendKind`` names, in order, each
+    optionally with its share of a batch (:func:`parse_backends`).
     ``options``: nvImageCodec's decoder options string (for example
     ``":fancy_upsampling=1"``). ``cpu_threads``: the host threads of each
     Decoder's executor (parsing, Huffman for the hybrid backend). ``planar``:
@@ -93,10 +130,11 @@ class NvImgDecoder:
             self.device_id, backends = nv.NVIMGCODEC_DEVICE_CPU_ONLY, ("CPU_ONLY",)
         else:
             raise ValueError(f"nvimgcodec: device {device!r} is neither cuda nor cpu")
-        if not backends or not all(hasattr(nv.BackendKind, b) for b in backends):
+        parsed = parse_backends(backends)
+        if not all(hasattr(nv.BackendKind, b) for b, _, _ in parsed):
             raise ValueError(f"nvimgcodec: backends {list(backends)}: expected names of "
                              f"{list(nv.BackendKind.__members__)}")  # fmt: skip
-        self.device, self.backends, self.options = dev, tuple(backends), options
+        self.device, self.backends, self.options = dev, parsed, options
         self.cpu_threads, self.planar = max(1, int(cpu_threads)), planar
         fmt = nv.SampleFormat.P_RGB if planar else nv.SampleFormat.I_RGB
         self.params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB, sample_format=fmt)
@@ -107,10 +145,17 @@ class NvImgDecoder:
         """This thread's own nvImageCodec Decoder (made on first use)."""
         d = getattr(self._local, "decoder", None)
         if d is None:
-            kinds = [self.nv.Backend(getattr(self.nv.BackendKind, b)) for b in self.backends]
             d = self._local.decoder = self.nv.Decoder(device_id=self.device_id, max_num_cpu_threads=self.cpu_threads,
-                                                      backends=kinds, options=self.options)  # fmt: skip
+                                                      backends=self.backend_list(), options=self.options)  # fmt: skip
         return d
+
+    def backend_list(self) -> list:
+        """The nvImageCodec Backends a Decoder is made with, shares included."""
+        nv = self.nv
+        policy = nv.LoadHintPolicy
+        return [nv.Backend(getattr(nv.BackendKind, kind), load_hint=share,
+                           load_hint_policy=policy.ADAPTIVE_MINIMIZE_IDLE_TIME if adaptive else policy.FIXED)
+                for kind, share, adaptive in self.backends]  # fmt: skip
 
     def decode(self, images: list) -> tuple[list, list[str | None]]:
         """Per image a uint8 ``[3, H, W]`` tensor on the device or None, and
@@ -198,14 +243,15 @@ class NvImgDecoder:
         return t
 
 
-def decode_tensors(images: list, device: str, threads: int = 2) -> tuple[list, list[str | None]]:
+def decode_tensors(images: list, device: str, threads: int = 2, backends=BACKENDS) -> tuple[list, list[str | None]]:
     """:func:`stages.common.clip.decode_tensors` with nvImageCodec: ``[3, H,
     W]`` uint8 tensors on ``device`` (None where a row failed) and errors,
-    by the process's decoder for (device, threads), made once."""
+    by the process's decoder for (device, threads, backends), made once."""
+    key = (str(device), threads, tuple(backends))
     with _lock:
-        dec = _decoders.get((str(device), threads))
+        dec = _decoders.get(key)
         if dec is None:
-            dec = _decoders[(str(device), threads)] = NvImgDecoder(device, cpu_threads=threads)
+            dec = _decoders[key] = NvImgDecoder(device, backends=backends, cpu_threads=threads)
     return dec.decode(images)
 
 

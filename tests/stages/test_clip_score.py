@@ -19,6 +19,7 @@ from pairforge.pipeline.local import map_stage, run_global
 from pairforge.stages.base import STATUS_OK, concat, take
 from pairforge.stages.clip_score import PIXELS, TOKENS, ClipScoreStage, Config
 from pairforge.stages.common import clip as _clip
+from pairforge.stages.common import gpudecode
 from tests import clipkit
 from tests.clipkit import draw, encoded, planted, rows_of, run_top_fraction, stage
 
@@ -122,6 +123,12 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="s.image_decode: expected one of .*'nvimgcodec'.*, got 'gpu'"):
         build(Config, {"pretrained": "x.pt", "image_decode": "gpu"}, "s")
     assert build(Config, {"pretrained": "x.pt", "image_decode": "nvimgcodec"}, "s").image_decode == "nvimgcodec"
+    mix = build(Config, {"pretrained": "x.pt", "nvimgcodec_backends": ["HW_GPU_ONLY:0.8:adaptive", "HYBRID_CPU_GPU"]}, "s")
+    assert mix.nvimgcodec_backends == ("HW_GPU_ONLY:0.8:adaptive", "HYBRID_CPU_GPU")
+    assert gpudecode.parse_backends(mix.nvimgcodec_backends) == (("HW_GPU_ONLY", 0.8, True), ("HYBRID_CPU_GPU", 1.0, False))
+    for bad in (["HW_GPU_ONLY:1.5"], ["HW_GPU_ONLY:0.5:later"], ["FAST"], []):
+        with pytest.raises(ConfigError, match="s.nvimgcodec_backends: .*expected"):
+            build(Config, {"pretrained": "x.pt", "nvimgcodec_backends": bad}, "s")
     with pytest.raises(ConfigError, match="top_fraction"):
         build(Config, {"pretrained": "x.pt", "top_fraction": 30}, "s")
     st = ClipScoreStage(Config(pretrained="x.pt", num_gpus=0.5, concurrency=(2, 2)))

@@ -42,5 +42,13 @@ def test_check_says_there_is_no_hardware_decoding_off_a_gpu():
 
 
 def test_unknown_backend_is_refused_by_name():
-    with pytest.raises(ValueError, match="backends \\['FAST'\\]: expected names of .*HW_GPU_ONLY"):
+    with pytest.raises(ValueError, match="'FAST': expected KIND.*HW_GPU_ONLY"):
         gpudecode.NvImgDecoder("cuda:0", backends=("FAST",))
+
+
+def test_backend_shares_reach_nvimgcodec():
+    dec = gpudecode.NvImgDecoder("cuda:0", backends=("HW_GPU_ONLY:0.7:adaptive", "HYBRID_CPU_GPU:0.5"))
+    got = [(b.backend_kind, round(b.load_hint, 3), b.load_hint_policy) for b in dec.backend_list()]
+    nv = nvimgcodec
+    assert got == [(nv.BackendKind.HW_GPU_ONLY, 0.7, nv.LoadHintPolicy.ADAPTIVE_MINIMIZE_IDLE_TIME),
+                   (nv.BackendKind.HYBRID_CPU_GPU, 0.5, nv.LoadHintPolicy.FIXED)]  # fmt: skip
