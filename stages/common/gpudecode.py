@@ -101,7 +101,7 @@ def load():
     except (ImportError, OSError) as e:
         raise ImportError(
             f"image_decode: nvimgcodec needs the {PACKAGE} package, plus nvidia-nvjpeg (libnvjpeg.so.13) for its "
-            f"GPU decoders: pip install {PACKAGE} nvidia-nvjpeg; or use image_decode: nvjpeg "
+            f"GPU decoders: pip install 'pairforge[nvimgcodec]' (or {PACKAGE} nvidia-nvjpeg); or use image_decode: nvjpeg "
             f"({type(e).__name__}: {e})"
         ) from e
     return nvimgcodec
