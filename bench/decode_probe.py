@@ -19,6 +19,9 @@ Decoders:
   ``-reuse``: each call decodes into the previous call's buffers (no allocation)
 * ``nvimgcodec``: the stage's backend list (hardware, CUDA, hybrid)
 * ``nvimgcodec-gpu`` (CUDA decoder, GPU Huffman), ``nvimgcodec-hybrid`` (CPU Huffman)
+* ``nvimgcodec-mix``: ``--mix`` as the backends (by default the engines take
+  ~80% of each batch, adaptively, and the hybrid decoder the rest): the
+  candidate ``nvimgcodec_backends`` for 90% of the compiled ceiling (docs/gpu.md)
 * ``pil``: PIL on ``--cpu-threads`` threads to host arrays, the CPU reference
 * ``stage:nvjpeg``, ``stage:nvimgcodec``: :func:`stages.common.cuda_towers.decode_cuda`,
   decode plus the GPU resize and crop to 224 px, what an actor runs per chunk
@@ -64,7 +67,8 @@ from bench.clipbench import corpus  # noqa: E402
 
 HW_ONLY = ("nvimgcodec-hw", "nvimgcodec-hw-planar", "nvimgcodec-hw-fancy", "nvimgcodec-hw-reuse")
 #: decoders timed again under the matmul load (the CPU reference uses no SMs)
-UNDER_LOAD = ("torchvision", "nvimgcodec-hw", "nvimgcodec", "nvimgcodec-gpu", "stage:nvjpeg", "stage:nvimgcodec")
+UNDER_LOAD = ("torchvision", "nvimgcodec-hw", "nvimgcodec-mix", "nvimgcodec-hybrid", "nvimgcodec", "nvimgcodec-gpu",
+              "stage:nvjpeg", "stage:nvimgcodec")  # fmt: skip
 
 
 def fmt(rates: list[float]) -> str:
@@ -146,8 +150,10 @@ def make_decoders(args, failed: dict) -> dict:
 
         gpudecode.load()
     except ImportError as e:
+        have_nvimgcodec = False
         print(f"nvimgcodec: NOT AVAILABLE ({e}); its rows are skipped", flush=True)
     else:
+        have_nvimgcodec = True
         variants = {
             "nvimgcodec-hw": dict(backends=("HW_GPU_ONLY",)),
             "nvimgcodec-hw-planar": dict(backends=("HW_GPU_ONLY",), planar=True),
@@ -156,8 +162,11 @@ def make_decoders(args, failed: dict) -> dict:
             "nvimgcodec": dict(),
             "nvimgcodec-gpu": dict(backends=("GPU_ONLY",)),
             "nvimgcodec-hybrid": dict(backends=("HYBRID_CPU_GPU",)),
+            "nvimgcodec-mix": dict(backends=tuple(args.mix.split(","))),
         }
         for name, kw in variants.items():
+            if args.decoders and name not in args.decoders:
+                continue
             dec = gpudecode.NvImgDecoder(device, cpu_threads=args.nv_threads, **kw)
 
             def fn(batch, dec=dec, name=name, last: dict = {}):  # noqa: B006 (one dict per variant, by design)
@@ -184,11 +193,11 @@ def make_decoders(args, failed: dict) -> dict:
 
         cfg = pixel_cfg("ViT-B-32")
         out["stage:nvjpeg"] = lambda batch: decode_cuda(batch, device, cfg, "nvjpeg")[0]
-        if "nvimgcodec" in out:
+        if have_nvimgcodec:
             out["stage:nvimgcodec"] = lambda batch: decode_cuda(batch, device, cfg, "nvimgcodec", args.nv_threads)[0]
     except Exception as e:  # open_clip missing, say: the decode rows still run
         print(f"stage rows skipped ({type(e).__name__}: {e})", flush=True)
-    return out
+    return {k: v for k, v in out.items() if k in args.decoders} if args.decoders else out
 
 
 def pixel_check(fn, images: list) -> dict:
@@ -223,8 +232,11 @@ def main(argv=None) -> None:
     p.add_argument("--cpu-threads", type=int, default=16, help="threads of the PIL reference")
     p.add_argument("--nv-threads", type=int, default=2, help="host threads of each nvImageCodec Decoder")
     p.add_argument("--budget-s", type=float, default=150, help="start no new decoder's passes after this")
+    p.add_argument("--mix", default="HW_GPU_ONLY:0.8:adaptive,HYBRID_CPU_GPU", help="backends of nvimgcodec-mix")
+    p.add_argument("--decoders", default="", help="comma list: only these rows (default: all)")
     p.add_argument("--json", help="also write the JSON here")
     args = p.parse_args(argv)
+    args.decoders = set(filter(None, args.decoders.split(",")))
     t_start = time.perf_counter()
 
     import torch

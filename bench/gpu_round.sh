@@ -2,7 +2,7 @@
 # One lent-GPU round of issue 31's measurements, as the device tool runs it:
 #   bash bench/gpu_round.sh STEP...      (from the repository root; logs under $OUT)
 # Steps: regions-prof, regions, regions-small, regions-mobilenet, clipagree, clip, clip-default, clip-both,
-# clip-threads, clip-host, clip-nvimg, clip-ceilings, safety.
+# clip-threads, clip-host, clip-nvimg, decode-mix, clip-ceilings, safety.
 # Needs the carried site (.carry/site.tar.xz: ray, open_clip, ... for Python
 # 3.12), for clipagree the demo's rows (.carry/demo_rows.parquet) and for
 # clip-nvimg nvImageCodec's wheels (.carry/nvimg.tar.xz, docs/gpu.md).
@@ -56,6 +56,8 @@ for s in "$@"; do
     clip-nvimg) step clip-nvimg 330 python3 bench/clip_score.py --device cuda --compile --skip agreement \
         --parts-n 8192 --n 40960 --batch-size 2048 --passes 3 --budget-s 250 --ray-windows \
         --plans compiled,ray-nvimgmix-1a4t,ray-nvimgcodec-1a4t,ray-nvjpeg-1a4t --headline ray-nvimgmix-1a4t ;;
+    decode-mix) step decode-mix 150 python3 bench/decode_probe.py --n 10240 --nv-threads 8 --budget-s 110 \
+        --decoders torchvision,nvimgcodec-hw,nvimgcodec-hybrid,nvimgcodec-mix,stage:nvjpeg ;;
     clip-ceilings) step clip-ceilings 75 python3 bench/clip_score.py --device cuda --compile --skip parts,agreement \
         --n 20480 --plans eager,compiled ;;
     safety) step safety-nsfw 150 python3 bench/safety.py --device cuda --plans nsfw ;;
