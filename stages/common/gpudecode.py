@@ -39,6 +39,7 @@ batching and fallbacks can be tested without a GPU; the stage never uses it.
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import threading
@@ -97,7 +98,7 @@ def load():
     """Import ``nvidia.nvimgcodec``. If it cannot be imported, raise an
     ImportError that names the package to install."""
     try:
-        from nvidia import nvimgcodec
+        nvimgcodec = importlib.import_module("nvidia.nvimgcodec")
     except (ImportError, OSError) as e:
         raise ImportError(
             f"image_decode: nvimgcodec needs the {PACKAGE} package, plus nvidia-nvjpeg (libnvjpeg.so.13) for its "
