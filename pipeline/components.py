@@ -12,7 +12,8 @@ are found in a few passes over an edge table in the work folder, and
 each component on its own, the decisions are those of the single task.
 
 A stage opts in with ``GlobalStage.link_columns`` (the two columns of its
-reduced rows holding the row keys each reduced row links). Steps, each ``parts`` tasks, each a parts file
+reduced rows whose values each reduced row links: row keys, or an integer
+that stands for a group, as ``dedup_exact``'s digest does). Steps, each ``parts`` tasks, each a parts file
 (``pipeline.shuffle``) under ``_work/fit/<stage>/components``:
 
 1. ``links``: task ``i`` reads every ``parts``-th reduced bucket file, turns
@@ -68,9 +69,20 @@ def _read(spec, stage, step: str, p: int, parts: int) -> Batch:
     return shuffle.gather(folder(spec, stage) / step, p, parts)
 
 
-def node_ids(keys) -> np.ndarray:
-    """A 64-bit id per row key (blake2b of its text)."""
-    return fitstore.key_hashes(dd.str_keys(keys))
+def node_ids(values) -> np.ndarray:
+    """A 64-bit id per value of a link column: blake2b of a key's text, or
+    for an integer column (a digest, say) its value through splitmix64's
+    finaliser, so that ids spread over the partitions whatever the integers.
+    An integer and a key may share an id: that merges two components, which
+    changes no decision (see the module doc)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        with np.errstate(over="ignore"):
+            z = arr.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            return z ^ (z >> np.uint64(31))
+    return fitstore.key_hashes(dd.str_keys(arr))
 
 
 def _write_edges(path, u: np.ndarray, v: np.ndarray, parts: int) -> None:

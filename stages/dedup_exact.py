@@ -77,8 +77,10 @@ class Config:
 class ExactDedupStage(GlobalStage):
     name: ClassVar[str] = "dedup_exact"
     Config = Config
-    #: the smallest key of each (kind, digest) group to every member (``reduce_bucket``)
-    link_columns = ("first_key", "key")
+    #: each member to its group's digest (its high 64 bits): a star per (kind, digest)
+    #: group; two groups sharing ``hi`` only share a component, and ``combine``
+    #: decides by the whole digest
+    link_columns = ("hi", "key")
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -176,10 +178,9 @@ class ExactDedupStage(GlobalStage):
         return concat(parts) if any(len(p["key"]) for p in parts) else parts[0]
 
     def reduce_bucket(self, group: Batch, learned: Learned) -> Batch:
-        """The rows whose digest another row shares, each with the smallest
-        key of its (kind, digest) group (``first_key``: a group is whole in
-        one bucket). ``first_key`` -> ``key`` are the stage's links: a star
-        per group (``link_columns``)."""
+        """The rows whose digest another row shares (a group is whole in one
+        bucket). ``hi`` -> ``key`` are the stage's links: a star per group
+        (``link_columns``), with no column beyond what ``combine`` reads."""
         kind = np.asarray(group["kind"], dtype=np.int64)
         hi, lo = np.asarray(group["hi"], dtype=np.uint64), np.asarray(group["lo"], dtype=np.uint64)
         order = np.lexsort((lo, hi, kind))
@@ -188,15 +189,11 @@ class ExactDedupStage(GlobalStage):
         size = np.bincount(run)
         shared = size[run] > 1
         keep = order[shared]  # rows whose digest is shared
-        by_key = np.lexsort((dd.str_keys(group["key"])[order], run))  # within each run, by key
-        first = by_key[np.r_[True, run[by_key][1:] != run[by_key][:-1]]] if len(run) else by_key
-        keys = np.asarray(group["key"])  # as the key column is (its bytes in the reduced files)
         return {
             "kind": np.asarray(group["kind"], dtype=np.int64)[keep],
             "hi": np.asarray(group["hi"], dtype=np.uint64)[keep],
             "lo": np.asarray(group["lo"], dtype=np.uint64)[keep],
-            "key": keys[keep],
-            "first_key": keys[order[first]][run][shared],
+            "key": np.asarray(group["key"])[keep],  # as the key column is (its bytes in the reduced files)
             "priority": np.asarray(group["priority"], dtype=np.float64)[keep],
         }
 

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pairforge.manifests import layout
+from pairforge.pipeline import components, fitstore
 from pairforge.pipeline.fit import Launcher, run_fit
 from pairforge.pipeline.local import map_stage
 from pairforge.stages.base import object_array
@@ -134,6 +135,29 @@ def test_one_partition_runs_the_single_combine_task(tmp_path):
     make = lambda: PerceptualDedupStage(PhashConfig(max_distance=2, buckets_per_band=8))  # noqa: E731
     _, info = decisions_of(make, rows, tmp_path, 2, Partitioned(1), single=False)
     assert "components" not in info and info["dropped"] > 300
+
+
+def test_node_ids_of_integers_spread_and_of_keys_hash_their_text():
+    """Integer link values (dedup_exact's digest) become ids that spread over
+    the partitions even when the integers do not (consecutive, or all
+    multiples of the partition count); keys keep their text hash."""
+    for ints in (np.arange(6000, dtype=np.uint64), np.arange(0, 6000 * 6, 6, dtype=np.int64)):
+        ids = components.node_ids(ints)
+        assert ids.dtype == np.uint64 and len(np.unique(ids)) == len(ints)
+        per_part = np.bincount((ids % np.uint64(6)).astype(np.int64), minlength=6)
+        assert per_part.min() > 800, per_part  # 1,000 each on average
+        assert np.array_equal(ids, components.node_ids(ints))  # the same ids in every task
+    keys = object_array(["000000001", "000000002"])
+    assert list(components.node_ids(keys)) == list(fitstore.key_hashes(["000000001", "000000002"]))
+
+
+def test_exact_reduced_rows_carry_only_what_combine_reads():
+    stage = ExactDedupStage(ExactConfig(buckets=1))
+    rows = {"kind": np.zeros(3, np.int64), "hi": np.array([5, 5, 7], np.uint64), "lo": np.array([1, 1, 2], np.uint64),
+            "key": object_array(["b", "a", "c"]), "priority": np.zeros(3)}  # fmt: skip
+    out = stage.reduce_bucket(rows, None)
+    assert sorted(out) == ["hi", "key", "kind", "lo", "priority"] and sorted(out["key"]) == ["a", "b"]
+    assert set(stage.link_columns) <= set(out)
 
 
 # --------------------------------------------------------- planted set
