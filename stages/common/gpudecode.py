@@ -16,7 +16,9 @@ with nvJPEG, so ``auto`` stays nvJPEG and this path is opt-in.
 How: a batch is decoded in one ``Decoder.decode`` call, with the backends
 tried in order hardware, CUDA (GPU Huffman), hybrid (CPU Huffman), so a JPEG
 the engines refuse (they decode baseline JPEGs only) still decodes on the
-GPU. The call is given the calling thread's current torch stream
+GPU. ``nvimgcodec_backends`` can instead give a backend a share of each
+batch (:func:`parse_backends`), so that the engines and the hybrid decoder
+work on one batch side by side. The call is given the calling thread's current torch stream
 (``cuda_stream``): nvImageCodec allocates the output there (stream-ordered)
 and orders the decode before whatever that stream runs next. The pixels
 reach torch with no host copy (DLPack, else ``__cuda_array_interface__``)
