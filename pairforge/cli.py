@@ -326,6 +326,18 @@ def _diff_doc() -> str:
     )
 
 
+def _stacks_on_signal() -> None:
+    """``kill -USR2 PID`` prints every thread's Python stack to stderr and
+    the command goes on (as Scrapy's SIGUSR2 does): what a run that seems
+    stuck is waiting for, without a debugger. Only for the process's own
+    command line, not where ``main()`` is called in a caller's process."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR2"):  # POSIX
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line. ``argv`` ``None``: the process's own (the console
     script, ``python -m pairforge.cli``), and an interrupted run ends the
@@ -333,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     caller of one's own), an interrupted run returns 130."""
     command = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    if command:
+        _stacks_on_signal()
     if argv[:1] == ["train"]:  # the trainer owns its flags (--help included)
         from pairforge.trainer.cli import main as train_main
 

@@ -125,7 +125,12 @@ def _interrupt(tmp_path, server, name: str, after: float | None = None, requests
         assert proc.poll() is None, ("the run ended before it could be interrupted", "".join(lines)[-3000:])
         assert sum(server.hits.values()) - hits0 < SHARDS * PER_SHARD, "the run fetched everything first"
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # say where the driver is stuck (pairforge.cli: SIGUSR2 prints stacks)
+            os.kill(proc.pid, signal.SIGUSR2)
+            time.sleep(3)
+            raise AssertionError((name, "still running 60 s after SIGINT", "".join(lines)[-6000:])) from None
     finally:
         kill_session(proc) if proc.poll() is None else None
     reader.join(10)
