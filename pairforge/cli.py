@@ -326,18 +326,6 @@ def _diff_doc() -> str:
     )
 
 
-def _stacks_on_signal() -> None:
-    """``kill -USR2 PID`` prints every thread's Python stack to stderr and
-    the command goes on (as Scrapy's SIGUSR2 does): what a run that seems
-    stuck is waiting for, without a debugger. Only for the process's own
-    command line, not where ``main()`` is called in a caller's process."""
-    import faulthandler
-    import signal
-
-    if hasattr(signal, "SIGUSR2"):  # POSIX
-        faulthandler.register(signal.SIGUSR2, all_threads=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line. ``argv`` ``None``: the process's own (the console
     script, ``python -m pairforge.cli``), and an interrupted run ends the
@@ -346,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     command = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if command:
-        _stacks_on_signal()
+        from pairforge import cli_signals
+
+        cli_signals.install()
     if argv[:1] == ["train"]:  # the trainer owns its flags (--help included)
         from pairforge.trainer.cli import main as train_main
 
