@@ -78,6 +78,9 @@ def _cmd_run(args) -> int:
             progress_every=args.progress_every,
         )
     except KeyboardInterrupt:
+        from pairforge import cli_signals
+
+        cli_signals.leaving()  # the interrupt is in hand: not delivered again
         from pairforge.pipeline.job import run_state
 
         # every file is written under a temporary name and renamed, so what is there is whole
@@ -101,6 +104,9 @@ def _cmd_demo(args) -> int:
             progress_every=args.progress_every,
         )
     except KeyboardInterrupt:
+        from pairforge import cli_signals
+
+        cli_signals.leaving()  # the interrupt is in hand: not delivered again
         # no --resume advice: the demo serves its corpus on a new port each time, which a resumed run's URLs miss
         raise Interrupted("pairforge: interrupted; start again with: pairforge demo --out NEW_DIR") from None
     return outcome.exit_code(manifest)  # as `pairforge run`: non-zero when no row reached a shard
@@ -336,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if command:
         from pairforge import cli_signals
 
-        cli_signals.install()
+        cli_signals.install(interrupts=argv[:1] in (["run"], ["demo"]))
     if argv[:1] == ["train"]:  # the trainer owns its flags (--help included)
         from pairforge.trainer.cli import main as train_main
 

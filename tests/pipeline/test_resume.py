@@ -140,6 +140,8 @@ def _interrupt(tmp_path, server, name: str, after: float | None = None, requests
     assert last and "interrupted" in last[-1] and "--resume" in last[-1], err[-3000:]
     # what Ray Data's executor printed when torn down at interpreter exit ("Exception ignored in ...")
     assert "Traceback" not in err and "Exception ignored" not in err, (name, err[-3000:])
+    # the command left by itself, not through its 30 s watchdog (pairforge.cli_signals), whose stacks say where it hung
+    assert "still running" not in err, (name, err[-6000:])
 
 
 def test_sigint_stops_cleanly_and_resume_cleans_up(tmp_path, ray_local):
