@@ -72,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from bench.clipbench import (  # noqa: E402
+    NVIMG_MIX,
     Ceiling,
     Clock,
     GpuBusy,
@@ -148,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile-numerics", default="eager", help="compile_numerics of the compiled ceiling and plans")
     p.add_argument("--actor-cpus", type=int, default=8, help="decode threads of inprocN-libjpeg")
     p.add_argument("--prefetch-actors", type=int, default=None, help="actors of ray-libjpeg (default 3; 1 on the CPU)")
-    p.add_argument("--nvimg-mix", default="HW_GPU_ONLY:0.8:adaptive,HYBRID_CPU_GPU",
-                   help="nvimgcodec_backends of the ray-nvimgmix plans")
+    p.add_argument("--nvimg-mix", default=NVIMG_MIX, help="nvimgcodec_backends of the ray-nvimgmix plans")
     p.add_argument("--nvimg-threads", type=int, default=3, help="decode_threads of the ray-nvimgmix plans")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the Ray plans share")
     p.add_argument("--parts-n", type=int, default=8192, help="rows for the per-part rates")

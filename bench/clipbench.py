@@ -101,6 +101,11 @@ class GpuBusy:
         return float(np.mean(s)) if s else float("nan")
 
 
+#: the candidate nvimgcodec_backends of the bench's mix plans and probe rows (docs/gpu.md):
+#: the hardware engines take ~80% of each batch, adaptively, the hybrid decoder the rest
+NVIMG_MIX = "HW_GPU_ONLY:0.8:adaptive,HYBRID_CPU_GPU"
+
+
 def cpu_busy_seconds() -> np.ndarray:
     """(busy, stolen) CPU seconds of the whole machine so far (/proc/stat),
     or NaNs. Stolen time (a virtual machine's vCPUs waiting for the host)

@@ -63,7 +63,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from bench.clipbench import corpus  # noqa: E402
+from bench.clipbench import NVIMG_MIX, corpus  # noqa: E402
 
 HW_ONLY = ("nvimgcodec-hw", "nvimgcodec-hw-planar", "nvimgcodec-hw-fancy", "nvimgcodec-hw-reuse")
 #: decoders timed again under the matmul load (the CPU reference uses no SMs)
@@ -232,7 +232,7 @@ def main(argv=None) -> None:
     p.add_argument("--cpu-threads", type=int, default=16, help="threads of the PIL reference")
     p.add_argument("--nv-threads", type=int, default=2, help="host threads of each nvImageCodec Decoder")
     p.add_argument("--budget-s", type=float, default=150, help="start no new decoder's passes after this")
-    p.add_argument("--mix", default="HW_GPU_ONLY:0.8:adaptive,HYBRID_CPU_GPU", help="backends of nvimgcodec-mix")
+    p.add_argument("--mix", default=NVIMG_MIX, help="backends of nvimgcodec-mix")
     p.add_argument("--decoders", default="", help="comma list: only these rows (default: all)")
     p.add_argument("--json", help="also write the JSON here")
     args = p.parse_args(argv)
