@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+from pairforge.pipeline.outcome import EXIT_INTERRUPTED
+
 #: seconds the command may take to leave after Ctrl-C before it is ended with 130 anyway
 LEAVE_AFTER_INTERRUPT_S = 30.0
 #: seconds after which an interrupt the command has not taken in hand is delivered again
@@ -47,12 +49,12 @@ def install(interrupts: bool) -> None:
       ignored" and lost, and the run went on to its end (exit 0) in
       ``tests/pipeline/test_resume.py``; so until the command calls
       :func:`leaving`, the watchdog delivers the interrupt again every
-      :data:`REDELIVER_S`, and such a lost interrupt is not reported. If the process is still there
-      :data:`LEAVE_AFTER_INTERRUPT_S` after Ctrl-C (leaving hangs), it prints
-      the stacks and ends with 130; so does a second Ctrl-C while leaving,
-      at once. Every file of a run is written under a
-      temporary name and renamed, so ``--resume`` finishes such a run as any
-      interrupted one."""
+      :data:`REDELIVER_S`, and such a lost interrupt is not reported. If the
+      process is still there :data:`LEAVE_AFTER_INTERRUPT_S` after Ctrl-C
+      (leaving hangs), it prints the stacks and ends with 130; so does a
+      second Ctrl-C while leaving, at once. Every file of a run is written
+      under a temporary name and renamed, so ``--resume`` finishes such a run
+      as any interrupted one."""
     if hasattr(signal, "SIGUSR2"):  # POSIX
         faulthandler.register(signal.SIGUSR2, all_threads=True)
     if not interrupts or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
@@ -66,8 +68,6 @@ def install(interrupts: bool) -> None:
             elif not _leaving.wait(min(REDELIVER_S, left)):
                 # the last one was lost: again, as a signal to the main thread, so that a blocking call returns
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-        from pairforge.pipeline.outcome import EXIT_INTERRUPTED
-
         args = sys.argv[1:]
         resume = f"; finish with: pairforge {' '.join(args)} --resume" if args[:1] == ["run"] else ""
         try:
@@ -91,8 +91,6 @@ def install(interrupts: bool) -> None:
 
     def on_sigint(signum, frame):
         if _leaving.is_set():  # a second Ctrl-C while leaving: now
-            from pairforge.pipeline.outcome import EXIT_INTERRUPTED
-
             os._exit(EXIT_INTERRUPTED)
         if not any(t.name == "pairforge-interrupt-watchdog" for t in threading.enumerate()):
             threading.Thread(target=watchdog, name="pairforge-interrupt-watchdog", daemon=True).start()
