@@ -77,17 +77,12 @@ def parse_backends(specs) -> tuple[tuple[str, float, bool], ...]:
     out = []
     for spec in specs:
         kind, *rest = str(spec).strip().split(":")
-        share, adaptive = 1.0, False
+        adaptive = rest[1:] == ["adaptive"]
         try:
-            if rest:
-                share = float(rest[0])
-            if len(rest) == 2 and rest[1] == "adaptive":
-                adaptive = True
-            elif len(rest) > 1:
-                raise ValueError
+            share = float(rest[0]) if rest else 1.0
         except ValueError:
-            share = -1.0
-        if kind not in KINDS or not 0.0 < share <= 1.0:
+            share = float("nan")  # fails the range check below
+        if kind not in KINDS or len(rest) > 1 + adaptive or not 0.0 < share <= 1.0:
             raise ValueError(f"nvimgcodec_backends: {spec!r}: expected KIND, KIND:SHARE or KIND:SHARE:adaptive "
                              f"with KIND one of {list(KINDS)} and 0 < SHARE <= 1")  # fmt: skip
         out.append((kind, share, adaptive))
